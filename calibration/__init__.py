@@ -1,0 +1,1 @@
+"""Checkpoint reading, MLP discovery, observers, scales and int8 weight quantization."""

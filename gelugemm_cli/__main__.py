@@ -1,0 +1,3 @@
+from gelugemm_cli.app import main
+
+main()

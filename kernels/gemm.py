@@ -1,0 +1,465 @@
+"""Fused GEMM + bias + GELU in Triton: out = act(a @ B + bias), float32 accumulation.
+
+This is the float half of the op: GEMM1 runs with `activation="erf"` or `"tanh"`, GEMM2
+with `activation="none"`. `a` is fp16, bf16 or fp32; the weight has a's dtype and is read
+in place in either layout (`out_in`: nn.Linear's [N, K]; `in_out`: Conv1D's [K, N]).
+
+Two kernels share one epilogue (`_bias_act`):
+
+- `_gemm_tma_kernel`, the Hopper path: a persistent grid (one program per SM walking
+  output tiles in grouped order) that loads and stores through TMA tensor descriptors.
+  It needs unit stride along the last dim and 16-byte aligned rows.
+- `_gemm_strided_kernel`: any strides and alignment, one program per output tile. It is
+  also the decode path (M <= 16): there the cost is reading the weight once, and a
+  tile-per-program grid with small N tiles keeps every SM streaming weight bytes.
+
+`gemm_bias_act` is the launcher: it flattens leading dims, checks shapes, dtypes,
+strides and devices, picks the kernel, and allocates the output.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.errors import LaunchError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACTIVATIONS = ("none", "erf", "tanh")
+# At or below this many rows a GEMM is bound by reading its weight: use the decode path.
+DECODE_MAX_M = 16
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for the row count: nearby token counts share one tuned config."""
+    for bound in (16, 64, 256, 1024, 4096):
+        if m <= bound:
+            return bound
+    return 16384
+
+
+# ---------------------------------------------------------------------------------------
+# Shared device functions
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M row blocks walk the N tiles together, so the band of the
+    # weight they share is still in L2 when the next row block reads it.
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % tiles_per_group) % group_rows
+    pid_n = (tile_id % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # DOT_F32 upcasts the tiles first. The launcher sets it only for bf16 under the CPU
+    # interpreter, whose bf16 tl.dot returns garbage: every other step of the bf16
+    # kernel (loads, masks, epilogue, the bf16 store) still runs as on the GPU.
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gelu(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "erf":
+        # exact GELU: 0.5 * x * (1 + erf(x / sqrt(2)))
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "tanh":
+        # tanh GELU: 0.5 * x * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3),
+        # which equals x * sigmoid(2u); written with sigmoid because libdevice's tanh
+        # does not run under the interpreter.
+        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    return x
+
+
+@triton.jit
+def _bias_act(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    return _gelu(acc, ACTIVATION)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs: keyed by m_bucket(M); the CPU interpreter gets one small config that makes
+# odd test shapes cross several tiles in each dim.
+# ---------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8, **extra):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, **extra},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+STRIDED_CONFIGS = {
+    # decode: stream the weight; small N tiles give enough programs to fill the SMs
+    16: [
+        _cfg(16, 32, 256, 4, 4),
+        _cfg(16, 64, 128, 4, 5),
+        _cfg(16, 64, 256, 4, 4),
+        _cfg(16, 128, 128, 4, 4),
+    ],
+    64: [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(32, 64, 128, 4, 4), _cfg(64, 64, 32, 4, 3)],
+    "large": [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 128, 32, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 256, 64, 8, 3),
+    ],
+}
+
+# Each list ends or starts with a config small enough for fp32 tiles' shared memory.
+TMA_CONFIGS = {
+    64: [_cfg(64, 64, 128, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 4, 3), _cfg(64, 64, 32, 4, 3)],
+    256: [_cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 4), _cfg(64, 128, 32, 4, 3)],
+    "large": [
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(128, 128, 64, 8, 4),
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(128, 256, 64, 8, 4),
+    ],
+}
+
+
+def _all_configs(table):
+    if interpreting():
+        return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
+    return [c for cfgs in table.values() for c in cfgs]
+
+
+def _prune_for(table):
+    # Bench only the configs written for this M bucket: the smallest table key at or
+    # above it, else the "large" list.
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return configs
+        bucket = named_args["M_BUCKET"]
+        sizes = [k for k in table if k != "large" and k >= bucket]
+        wanted = table[min(sizes)] if sizes else table["large"]
+        keys = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in wanted}
+        return [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in keys]
+
+    return prune
+
+
+def _autotune_kwargs():
+    # Autotune results persist in Triton's cache dir where this Triton supports it, so a
+    # second process skips the search.
+    import inspect
+
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_all_configs(STRIDED_CONFIGS),
+    key=["M_BUCKET", "N", "K", "stride_bk", "stride_bn"],
+    prune_configs_by={"early_config_prune": _prune_for(STRIDED_CONFIGS)},
+    **_autotune_kwargs(),
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _gemm_strided_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows and columns past the edge read row/column 0 (in bounds) and are dropped by the
+    # store mask, which keeps M and N masks out of the main loop.
+    rows = tl.where(offs_m < M, offs_m, 0)
+    cols = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - ki * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    out = _bias_act(acc, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(
+    configs=_all_configs(TMA_CONFIGS),
+    key=["M_BUCKET", "N", "K", "B_IS_NK"],
+    prune_configs_by={"early_config_prune": _prune_for(TMA_CONFIGS)},
+    **_autotune_kwargs(),
+)
+@triton.jit
+def _gemm_tma_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_b, stride_cm,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, B_IS_NK: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # B_IS_NK: the weight is stored [N, K] (nn.Linear), read as [BLOCK_N, BLOCK_K] tiles
+    # and transposed in registers; otherwise it is [K, N] (Conv1D), read as is.
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_IS_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            if B_IS_NK:
+                b = b_desc.load([off_n, ki * BLOCK_K]).T
+            else:
+                b = b_desc.load([ki * BLOCK_K, off_n])
+            acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+        out = _bias_act(acc, bias_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, ACTIVATION)
+        # TMA clips the store at the tensor's edge: no mask needed.
+        c_desc.store([off_m, off_n], out.to(c_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_programs(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: one per SM (4 under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _alloc_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+
+
+_allocator_set = False
+
+
+def _ensure_tma_allocator() -> None:
+    # Device-side tensor descriptors are written to a global scratch buffer that Triton
+    # asks the host to allocate.
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(_alloc_scratch)
+        _allocator_set = True
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, or on the CPU under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def _tma_supported(device: torch.device) -> bool:
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if device.type == "cpu":
+        return interpreting()
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_aligned(t: torch.Tensor, major_stride: int) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and (major_stride * size) % 16 == 0
+
+
+def weight_strides(w: torch.Tensor, weight_layout: str) -> tuple[int, int]:
+    """(stride along K, stride along N) of a weight stored in `weight_layout`."""
+    if weight_layout == "out_in":
+        return w.stride(1), w.stride(0)
+    if weight_layout == "in_out":
+        return w.stride(0), w.stride(1)
+    raise LaunchError(f"weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}")
+
+
+def weight_shape(w: torch.Tensor, weight_layout: str) -> tuple[int, int]:
+    """(K, N) of a weight stored in `weight_layout`."""
+    if w.dim() != 2:
+        raise LaunchError(f"weight must be 2-D, got shape {tuple(w.shape)}")
+    return (w.shape[1], w.shape[0]) if weight_layout == "out_in" else (w.shape[0], w.shape[1])
+
+
+def check_operands(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight_layout: str, name: str = "weight"):
+    """Shape and device checks shared by every launcher; returns (K, N)."""
+    k, n = weight_shape(w, weight_layout)
+    if k == 0 or n == 0:
+        raise LaunchError(f"{name} has an empty dim: {tuple(w.shape)}")
+    if a.dim() < 1 or a.shape[-1] != k:
+        raise LaunchError(
+            f"input's last dim is {a.shape[-1] if a.dim() else 'missing'} but {name} "
+            f"{tuple(w.shape)} ({weight_layout}) expects {k}"
+        )
+    if w.device != a.device:
+        raise LaunchError(f"input is on {a.device} but {name} is on {w.device}")
+    if bias is not None:
+        if bias.shape != (n,):
+            raise LaunchError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.device != a.device:
+            raise LaunchError(f"input is on {a.device} but bias is on {bias.device}")
+        if not bias.dtype.is_floating_point:
+            raise LaunchError(f"bias must be floating point, got {bias.dtype}")
+    if not triton_can_run(a.device):
+        raise LaunchError(f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU); input is on {a.device}")
+    return k, n
+
+
+def _output(out: torch.Tensor | None, shape: tuple, a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The [M, N] buffer a launcher writes: the caller's `out`, checked, or a new one."""
+    dtype = dtype or a.dtype
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=a.device).reshape(-1, shape[-1])
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != a.device or not out.is_contiguous():
+        raise LaunchError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {a.device}; "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return out.reshape(-1, shape[-1])
+
+
+def gemm_bias_act(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str = "none",
+    weight_layout: str = "out_in",
+    allow_tf32: bool = False,
+    path: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(a @ W^T + bias) for a of shape [..., K]; returns [..., N] in a's dtype.
+
+    activation: "none", "erf" (exact GELU) or "tanh" (approximate GELU).
+    weight_layout: "out_in" for W stored [N, K], "in_out" for W stored [K, N].
+    allow_tf32: let fp32 inputs use TF32 tensor cores (about 1e-3 relative error).
+    path: "auto", "tma" or "strided"; "tma" raises if the TMA path cannot take the inputs.
+    out: a contiguous [..., N] tensor of a's dtype to write into (else one is allocated).
+    """
+    if activation not in ACTIVATIONS:
+        raise LaunchError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {a.dtype}")
+    if w.dtype != a.dtype:
+        raise LaunchError(f"weight dtype {w.dtype} differs from input dtype {a.dtype}")
+    k, n = check_operands(a, w, bias, weight_layout)
+    stride_bk, stride_bn = weight_strides(w, weight_layout)
+
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, k)  # a view where strides allow; the kernels take any row stride
+    m = a2.shape[0]
+    out = _output(out, (*lead, n), a)
+    if m == 0:
+        return out.reshape(*lead, n)
+
+    common = dict(
+        HAS_BIAS=bias is not None,
+        ACTIVATION=activation,
+        DOT_F32=interpreting() and a.dtype == torch.bfloat16,
+        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+    )
+    bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
+
+    use_tma = path == "tma" or (path == "auto" and m > DECODE_MAX_M)
+    if use_tma:
+        tma_ok = (
+            _tma_supported(a.device)
+            and a2.stride(1) == 1
+            and (stride_bk == 1 or stride_bn == 1)
+            and _tma_aligned(a2, a2.stride(0))
+            and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
+            and _tma_aligned(out, out.stride(0))
+        )
+        if not tma_ok and path == "tma":
+            raise LaunchError("the TMA path needs an SM90+ GPU, unit inner strides and 16-byte aligned rows")
+        use_tma = tma_ok
+    elif path not in ("auto", "strided"):
+        raise LaunchError(f"path must be 'auto', 'tma' or 'strided', got {path!r}")
+
+    if use_tma:
+        _ensure_tma_allocator()
+        b_is_nk = stride_bk == 1
+        sms = num_programs(a.device)
+
+        def grid(meta):
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            return (min(sms, tiles),)
+
+        _gemm_tma_kernel[grid](
+            a2, w, out, bias_arg,
+            m, n, k, m_bucket(m),
+            a2.stride(0), stride_bn if b_is_nk else stride_bk, out.stride(0),
+            B_IS_NK=b_is_nk, NUM_SMS=sms, **common,
+        )  # fmt: skip
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _gemm_strided_kernel[grid](
+            a2, w, out, bias_arg,
+            m, n, k, m_bucket(m),
+            a2.stride(0), a2.stride(1), stride_bk, stride_bn, out.stride(0),
+            **common,
+        )  # fmt: skip
+    return out.reshape(*lead, n)

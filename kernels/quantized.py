@@ -1,0 +1,64 @@
+"""The int8 weight the op takes: int8 values and the float32 scales that dequantize them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.errors import LaunchError
+
+
+@dataclass
+class QuantizedWeight:
+    """W ~= data * scale, symmetric int8 in [-127, 127].
+
+    data: int8, in the checkpoint's layout ([N, K] for out_in, [K, N] for in_out).
+    scale: float32, [N] per output channel, or [N, K / group_size] per group along K.
+    group_size: None for per-channel scales.
+    input_scale: w8a8 only, a float32 scalar: the static scale of this GEMM's int8 input
+        (x for GEMM1, the GELU output for GEMM2). None quantizes the input per token at run time.
+    output_scale: w8a8 GEMM1 only, a float32 scalar: the scale the GELU output is
+        requantized to, in the GEMM's epilogue, so GEMM2 reads int8.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    group_size: int | None = None
+    input_scale: torch.Tensor | None = None
+    output_scale: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.data.dtype != torch.int8 or self.data.dim() != 2:
+            raise LaunchError(f"quantized weight data must be a 2-D int8 tensor, got {self.data.dtype} {tuple(self.data.shape)}")
+        if self.scale.dtype != torch.float32:
+            raise LaunchError(f"weight scale must be float32, got {self.scale.dtype}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def granularity(self) -> str:
+        return "per-channel" if self.group_size is None else f"group:{self.group_size}"
+
+    def dequantize(self, weight_layout: str = "out_in", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight these int8 values stand for, in the same layout."""
+        w = self.data.to(torch.float32)
+        if weight_layout == "in_out":
+            w = w.t()  # now [N, K]
+        if self.group_size is None:
+            w = w * self.scale[:, None]
+        else:
+            w = w * self.scale.repeat_interleave(self.group_size, dim=1)[:, : w.shape[1]]
+        if weight_layout == "in_out":
+            w = w.t()
+        return w.to(dtype)
+
+    def to(self, device) -> "QuantizedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(move(self.data), move(self.scale), self.group_size, move(self.input_scale), move(self.output_scale))

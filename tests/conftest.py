@@ -1,0 +1,63 @@
+"""Shared test setup: the device, per-dtype tolerances (written once), poisoned outputs.
+
+Without CUDA the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set
+here before anything imports Triton), on small shapes. Tests marked `gpu` run the same
+checks at real sizes and are skipped without CUDA.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# Relative Frobenius error ||out - ref|| / ||ref|| allowed per compute dtype.
+# Against float64: dominated by rounding the intermediate and the output once each to
+# the dtype (fp16: 2^-11, bf16: 2^-8 per element), with headroom for fp32 accumulation
+# over K up to 16384. Against the torch reference in the same dtype the two differ only
+# in summation order and the odd rounding flip of the intermediate.
+TOL_VS_FLOAT64 = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+TOL_VS_REFERENCE = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+# fp32 inputs with allow_tf32: operands rounded to 10 mantissa bits.
+TOL_TF32 = 5e-3
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN or Inf anywhere in out gives inf."""
+    out = out.double()
+    ref = ref.double().to(out.device)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
+    """An output buffer full of NaN (int8: -128, outside the symmetric range), so an
+    element a kernel fails to write cannot pass as a result."""
+    if dtype == torch.int8:
+        return torch.full(shape, -128, dtype=dtype, device=device)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, generator=None, device=DEVICE) -> torch.Tensor:
+    return (torch.randn(*shape, generator=generator, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Every test draws fresh random inputs; the seed is printed so a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")
+    yield seed
+
+
+def pytest_collection_modifyitems(config, items):
+    # `gpu`-marked tests are skipped without CUDA with a visible reason.
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

@@ -1,0 +1,137 @@
+"""kernels/gemm.py: the fused GEMM + bias + GELU kernels against float64 and the torch reference.
+
+On CPU these run in Triton's interpreter on small odd shapes. bf16 there: the
+interpreter's bf16 tl.dot returns garbage, so the launcher sets DOT_F32, which upcasts
+the two bf16 tiles right before the dot; every other step of the bf16 kernel (bf16
+loads, masks, bias, GELU, the bf16 store) runs as compiled for the GPU, and the GPU
+tests below cover the bf16 dot itself.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from kernels.errors import LaunchError
+from kernels.gemm import gemm_bias_act
+from kernels.reference import linear_reference
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (leading dims, K, N): M=1, M=37, batch dims; K and N multiples of no block size.
+# The TMA path needs 16-byte aligned rows, so its shapes keep K and N multiples of 8.
+STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100), ((19,), 130, 7)]
+TMA_SHAPES = [((1,), 72, 40), ((37,), 72, 40), ((2, 21), 136, 56)]
+
+
+def make_weight(k, n, dtype, layout):
+    w = randn(n, k, dtype=dtype, scale=1 / math.sqrt(k))
+    return w if layout == "out_in" else w.t().contiguous()
+
+
+def check_against_references(out, x, w, b, activation, layout):
+    exact = linear_reference(x.double(), w.double(), None if b is None else b.double(), activation=activation, weight_layout=layout)
+    ref = linear_reference(x, w, b, activation=activation, weight_layout=layout)
+    assert out.shape == exact.shape
+    assert rel_err(out, exact) < TOL_VS_FLOAT64[x.dtype]
+    assert rel_err(out, ref) < TOL_VS_REFERENCE[x.dtype]
+
+
+def run_case(path, lead, k, n, dtype, layout, activation, with_bias=True):
+    x = randn(*lead, k, dtype=dtype)
+    w = make_weight(k, n, dtype, layout)
+    b = randn(n, dtype=dtype) if with_bias else None
+    out = poisoned((*lead, n), dtype)
+    got = gemm_bias_act(x, w, b, activation=activation, weight_layout=layout, path=path, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    check_against_references(out, x, w, b, activation, layout)
+
+
+@pytest.mark.parametrize("activation", ["none", "erf", "tanh"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n", STRIDED_SHAPES)
+def test_strided_kernel(lead, k, n, dtype, layout, activation):
+    run_case("strided", lead, k, n, dtype, layout, activation)
+
+
+@pytest.mark.parametrize("activation", ["none", "erf", "tanh"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
+def test_tma_kernel(lead, k, n, dtype, layout, activation):
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an SM90+ GPU")
+    run_case("tma", lead, k, n, dtype, layout, activation)
+
+
+@pytest.mark.parametrize("path", ["strided", "auto"])
+def test_without_bias(path):
+    run_case(path, (37,), 72, 40, torch.float16, "out_in", "erf", with_bias=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_input_and_weight(dtype):
+    # x: every other column of a wider tensor; w: a transposed view of the other layout;
+    # x2: a transposed (column-major) input. All are read in place.
+    k, n, m = 40, 24, 19
+    x = randn(m, 2 * k, dtype=dtype)[:, ::2]
+    w = randn(k, n, dtype=dtype, scale=1 / math.sqrt(k)).t()  # [n, k] with stride (1, n)
+    b = randn(n, dtype=dtype)
+    for layout, weight in (("out_in", w), ("in_out", w.t()[:, :])):
+        out = poisoned((m, n), dtype)
+        gemm_bias_act(x, weight, b, activation="tanh", weight_layout=layout, out=out)
+        check_against_references(out, x, weight, b, "tanh", layout)
+    x2 = randn(k, m, dtype=dtype).t()
+    out = poisoned((m, n), dtype)
+    gemm_bias_act(x2, w, b, activation="erf", out=out)
+    check_against_references(out, x2, w, b, "erf", "out_in")
+
+
+def test_tf32_only_when_asked():
+    k, n, m = 72, 40, 37
+    x, w, b = randn(m, k), make_weight(k, n, torch.float32, "out_in"), randn(n)
+    exact = linear_reference(x.double(), w.double(), b.double(), activation="erf")
+    assert rel_err(gemm_bias_act(x, w, b, activation="erf"), exact) < TOL_VS_FLOAT64[torch.float32]
+    assert rel_err(gemm_bias_act(x, w, b, activation="erf", allow_tf32=True), exact) < TOL_TF32
+
+
+def test_launcher_rejects_bad_operands_before_launch():
+    x = randn(4, 32, dtype=torch.float16)
+    w = make_weight(32, 16, torch.float16, "out_in")
+    with pytest.raises(LaunchError, match="last dim is 31"):
+        gemm_bias_act(x[:, :31], w)
+    with pytest.raises(LaunchError, match="differs from input dtype"):
+        gemm_bias_act(x, w.float())
+    with pytest.raises(LaunchError, match="bias must have shape"):
+        gemm_bias_act(x, w, randn(17, dtype=torch.float16))
+    with pytest.raises(LaunchError, match="activation"):
+        gemm_bias_act(x, w, activation="relu")
+    with pytest.raises(LaunchError, match="input dtype"):
+        gemm_bias_act(x.to(torch.int32), w)
+    with pytest.raises(LaunchError, match="out must be"):
+        gemm_bias_act(x, w, out=poisoned((4, 15), torch.float16))
+    # K=33 fp16 rows are not 16-byte aligned: the TMA path says so instead of launching.
+    with pytest.raises(LaunchError, match="TMA path"):
+        gemm_bias_act(randn(4, 33, dtype=torch.float16), make_weight(33, 16, torch.float16, "out_in"), path="tma")
+
+
+def test_empty_rows_launch_nothing():
+    w = make_weight(32, 16, torch.float16, "out_in")
+    assert gemm_bias_act(randn(0, 32, dtype=torch.float16), w).shape == (0, 16)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: real sizes
+# ---------------------------------------------------------------------------------------
+
+REAL_SHAPES = [(768, 3072), (4096, 16384)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 128, 2048])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d,f", REAL_SHAPES)
+def test_gemm1_real_sizes(d, f, dtype, m):
+    for layout in ("out_in", "in_out"):
+        run_case("auto", (m,), d, f, dtype, layout, "erf")

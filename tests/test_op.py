@@ -1,0 +1,102 @@
+"""kernels/op.py: backend choice at construction, the whole MLP through each backend."""
+
+import math
+
+import pytest
+import torch
+
+import kernels.op as op_module
+from conftest import DEVICE, HAS_CUDA, TOL_VS_FLOAT64, TOL_VS_REFERENCE, randn, rel_err
+from kernels.errors import BackendUnavailable, LaunchError
+from kernels.op import FusedMLP, MLPConfig
+from kernels.reference import mlp_reference
+
+FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def mlp_weights(d, f, dtype, layout="out_in", bias2=True):
+    w1 = randn(f, d, dtype=dtype, scale=1 / math.sqrt(d))
+    w2 = randn(d, f, dtype=dtype, scale=1 / math.sqrt(f))
+    if layout == "in_out":
+        w1, w2 = w1.t().contiguous(), w2.t().contiguous()
+    b1 = randn(f, dtype=dtype, scale=0.5)
+    b2 = randn(d, dtype=dtype, scale=0.5) if bias2 else None
+    return w1, b1, w2, b2
+
+
+def test_auto_picks_torch_off_cuda_and_says_why():
+    op = FusedMLP(MLPConfig(), device="cpu")
+    assert op.backend == "torch"
+    assert "no CUDA device" in op.backend_reason
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_auto_picks_triton_on_cuda():
+    assert FusedMLP(MLPConfig(), device="cuda").backend == "triton"
+
+
+def test_triton_where_it_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setattr(op_module, "triton_can_run", lambda device: False)
+    with pytest.raises(BackendUnavailable, match="needs a CUDA device"):
+        FusedMLP(MLPConfig(backend="triton"), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "field,value", [("dtype", "fp8"), ("gelu", "relu"), ("weight_layout", "nk"), ("backend", "cuda")]
+)
+def test_config_rejects_unknown_values(field, value):
+    with pytest.raises(LaunchError, match=field):
+        MLPConfig(**{field: value})
+
+
+@pytest.mark.parametrize("bias2", [True, False])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+@pytest.mark.parametrize("dtype", list(FLOAT))
+def test_triton_mlp_matches_torch_backend_and_float64(dtype, gelu, layout, bias2):
+    tdtype = FLOAT[dtype]
+    w1, b1, w2, b2 = mlp_weights(40, 72, tdtype, layout, bias2)
+    x = randn(3, 7, 40, dtype=tdtype)
+    cfg = dict(dtype=dtype, gelu=gelu, weight_layout=layout)
+    fused = FusedMLP(MLPConfig(backend="triton", **cfg), device=DEVICE)
+    plain = FusedMLP(MLPConfig(backend="torch", **cfg), device=DEVICE)
+    assert (fused.backend, plain.backend) == ("triton", "torch")
+    y = fused(x, w1, b1, w2, b2)
+    exact = mlp_reference(*(t.double() if t is not None else None for t in (x, w1, b1, w2, b2)), gelu_flavour=gelu, weight_layout=layout)
+    assert y.shape == (3, 7, 40) and y.dtype == tdtype
+    assert rel_err(y, exact) < TOL_VS_FLOAT64[tdtype]
+    assert rel_err(y, plain(x, w1, b1, w2, b2)) < TOL_VS_REFERENCE[tdtype]
+
+
+def test_wrong_gelu_flavour_is_visible():
+    # The two GELUs differ by up to ~1e-3 absolute; the MLP output must show it, so a
+    # checkpoint run with the wrong flavour cannot pass as the right one.
+    w1, b1, w2, b2 = mlp_weights(64, 256, torch.float32)
+    x = randn(32, 64) * 3
+    erf = FusedMLP(MLPConfig(dtype="fp32", gelu="erf", backend="torch"))(x, w1, b1, w2, b2)
+    tanh = FusedMLP(MLPConfig(dtype="fp32", gelu="tanh", backend="torch"))(x, w1, b1, w2, b2)
+    assert rel_err(tanh, erf) > 10 * TOL_VS_FLOAT64[torch.float32]
+
+
+def test_forward_rejects_mismatched_dtype():
+    w1, b1, w2, b2 = mlp_weights(16, 32, torch.float32)
+    op = FusedMLP(MLPConfig(dtype="fp16", backend="torch"), device="cpu")
+    with pytest.raises(LaunchError, match="configured for fp16"):
+        op(randn(2, 16, device="cpu"), w1.cpu(), b1.cpu(), w2.cpu(), b2.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 128, 2048])
+@pytest.mark.parametrize("dtype", list(FLOAT))
+@pytest.mark.parametrize("d,f", [(768, 3072), (4096, 16384)])
+def test_whole_mlp_real_sizes(d, f, dtype, m):
+    tdtype = FLOAT[dtype]
+    w1, b1, w2, b2 = mlp_weights(d, f, tdtype)
+    x = randn(m, d, dtype=tdtype)
+    y = FusedMLP(MLPConfig(dtype=dtype, backend="triton"), device="cuda")(x, w1, b1, w2, b2)
+    exact = mlp_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double())
+    ref = mlp_reference(x, w1, b1, w2, b2)
+    err64, err_ref = rel_err(y, exact), rel_err(y, ref)
+    print(f"GPU-ERR whole-mlp d={d} f={f} dtype={dtype} M={m} vs_float64={err64:.3e} vs_torch_ref={err_ref:.3e}")
+    assert err64 < TOL_VS_FLOAT64[tdtype]
+    assert err_ref < TOL_VS_REFERENCE[tdtype]
