@@ -20,6 +20,9 @@ class QuantizedWeight:
         (x for GEMM1, the GELU output for GEMM2). None quantizes the input per token at run time.
     output_scale: w8a8 GEMM1 only, a float32 scalar: the scale the GELU output is
         requantized to, in the GEMM's epilogue, so GEMM2 reads int8.
+    smooth_scale: w8a8 GEMM1 only, float32 [K] or None: SmoothQuant migration. The
+        stored weight was multiplied by it along K, so the input is divided by it
+        (per input channel) before it is quantized.
     """
 
     data: torch.Tensor
@@ -27,6 +30,7 @@ class QuantizedWeight:
     group_size: int | None = None
     input_scale: torch.Tensor | None = None
     output_scale: torch.Tensor | None = None
+    smooth_scale: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.data.dtype != torch.int8 or self.data.dim() != 2:
@@ -61,4 +65,7 @@ class QuantizedWeight:
 
     def to(self, device) -> "QuantizedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedWeight(move(self.data), move(self.scale), self.group_size, move(self.input_scale), move(self.output_scale))
+        return QuantizedWeight(
+            move(self.data), move(self.scale), self.group_size,
+            move(self.input_scale), move(self.output_scale), move(self.smooth_scale),
+        )  # fmt: skip
