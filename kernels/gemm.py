@@ -243,6 +243,7 @@ def _gemm_tma_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, B_IS_NK: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, EPILOGUE_SUBTILE: tl.constexpr = False,
 ):  # fmt: skip
     # B_IS_NK: the weight is stored [N, K] (nn.Linear), read as [BLOCK_N, BLOCK_K] tiles
     # and transposed in registers; otherwise it is [K, N] (Conv1D), read as is.
@@ -251,12 +252,20 @@ def _gemm_tma_kernel(
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
-    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    # EPILOGUE_SUBTILE stores the tile as two [BLOCK_M, BLOCK_N / 2] halves: half the
+    # shared memory for the output staging buffer, which leaves room for a deeper pipeline.
+    if EPILOGUE_SUBTILE:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N // 2])
+    else:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    out_dtype = c_ptr.dtype.element_ty
 
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+    for tile_id in tl.range(
+        tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -268,9 +277,18 @@ def _gemm_tma_kernel(
             else:
                 b = b_desc.load([ki * BLOCK_K, off_n])
             acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
-        out = _bias_act(acc, bias_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, ACTIVATION)
-        # TMA clips the store at the tensor's edge: no mask needed.
-        c_desc.store([off_m, off_n], out.to(c_ptr.dtype.element_ty))
+        # TMA clips stores at the tensor's edge: no mask needed.
+        if EPILOGUE_SUBTILE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            offs_n = off_n + tl.arange(0, BLOCK_N // 2)
+            out0 = _bias_act(acc0, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
+            c_desc.store([off_m, off_n], out0.to(out_dtype))
+            out1 = _bias_act(acc1, bias_ptr, offs_n + BLOCK_N // 2, N, HAS_BIAS, ACTIVATION)
+            c_desc.store([off_m, off_n + BLOCK_N // 2], out1.to(out_dtype))
+        else:
+            out = _bias_act(acc, bias_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, ACTIVATION)
+            c_desc.store([off_m, off_n], out.to(out_dtype))
 
 
 # ---------------------------------------------------------------------------------------

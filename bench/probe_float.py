@@ -1,0 +1,144 @@
+"""Kernel-development probe for the float path (not the user-facing benchmark: that is
+`gelugemm bench`). Times gelugemm's GEMM1, GEMM2 and whole MLP against torch eager and
+cuBLASLt's GELU epilogue on the standard shapes, with a wide or narrow config space,
+and prints which config the autotuner kept per M bucket with the timings of the others.
+
+    python bench/probe_float.py --wide --dtype fp16 --json $OUT/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import gemm
+from kernels.op import FusedMLP, MLPConfig
+
+DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def wide_tma_configs():
+    cfg = gemm._cfg
+    out = []
+    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                             (128, 128, 128, 8, 3), (128, 256, 128, 8, 2)]:
+        for extra in [{}, {"EPILOGUE_SUBTILE": True}, {"FLATTEN": True}, {"WARP_SPECIALIZE": True}]:
+            out.append(cfg(bm, bn, bk, w, s, **extra))
+    return out
+
+
+def compiles(kern, cfg, run):
+    """True when this config compiles and runs here (WS and flatten depend on the Triton version)."""
+    saved = kern.configs
+    kern.configs = [cfg]
+    kern.cache.clear()
+    try:
+        run()
+        torch.cuda.synchronize()
+        return True
+    except Exception as exc:  # noqa: BLE001 - a probe: report and drop the config
+        print("DROP", cfg, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return False
+    finally:
+        kern.configs = saved
+        kern.cache.clear()
+
+
+def widen():
+    x = torch.randn(256, 512, device="cuda", dtype=torch.float16)
+    w = torch.randn(1024, 512, device="cuda", dtype=torch.float16)
+    ok = [c for c in wide_tma_configs() if compiles(gemm._gemm_tma_kernel, c, lambda: gemm.gemm_bias_act(x, w, activation="erf", path="tma"))]
+    gemm.TMA_CONFIGS["large"][:] = ok
+    gemm.STRIDED_CONFIGS[16][:] = [gemm._cfg(16, bn, bk, w, s) for bn, bk, w, s in [
+        (16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4), (64, 256, 8, 3),
+        (128, 128, 4, 4), (32, 256, 4, 6)]]
+    for kern, table in ((gemm._gemm_tma_kernel, gemm.TMA_CONFIGS), (gemm._gemm_strided_kernel, gemm.STRIDED_CONFIGS)):
+        kern.configs = [c for cfgs in table.values() for c in cfgs]
+
+
+def bench_ms(fn, warmup=50, rep=300):
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def rotating(make, count):
+    sets = [make() for _ in range(count)]
+    state = {"i": 0}
+
+    def next_set():
+        state["i"] = (state["i"] + 1) % count
+        return sets[state["i"]]
+
+    return next_set
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--wide", action="store_true")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--shapes", default="768x3072,4096x16384")
+    ap.add_argument("--tokens", default="1,16,128,2048,8192")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.wide:
+        widen()
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    rows = []
+    for dtype_name in args.dtype.split(","):
+        dt = DT[dtype_name]
+        for shape in args.shapes.split(","):
+            d, f = map(int, shape.split("x"))
+            wbytes = 2 * d * f * 2
+            nsets = max(1, min(8, (3 * l2) // wbytes + 1))
+
+            def make():
+                w1 = torch.randn(f, d, device="cuda", dtype=dt) / d**0.5
+                w2 = torch.randn(d, f, device="cuda", dtype=dt) / f**0.5
+                return w1, torch.randn(f, device="cuda", dtype=dt) * 0.1, w2, torch.randn(d, device="cuda", dtype=dt) * 0.1
+
+            weights = rotating(make, nsets)
+            op = FusedMLP(MLPConfig(dtype=dtype_name, backend="triton"), device="cuda")
+            for m in map(int, args.tokens.split(",")):
+                x = torch.randn(m, d, device="cuda", dtype=dt)
+                h = torch.randn(m, f, device="cuda", dtype=dt)
+                t0 = time.time()
+                w1, b1, w2, b2 = weights()
+                op(x, w1, b1, w2, b2)  # autotune
+                tune_s = time.time() - t0
+                impls = {
+                    "gelugemm": lambda: op(x, *weights()),
+                    "gelugemm_gemm1": lambda: gemm.gemm_bias_act(x, weights()[0], weights()[1], activation="erf"),
+                    "gelugemm_gemm2": lambda: gemm.gemm_bias_act(h, weights()[2], weights()[3]),
+                    "eager": lambda: (lambda w: F.linear(F.gelu(F.linear(x, w[0], w[1])), w[2], w[3]))(weights()),
+                    "cublaslt_tanh": lambda: (lambda w: torch.addmm(w[3], torch._addmm_activation(w[1], x, w[0].t(), use_gelu=True), w[2].t()))(weights()),
+                }
+                res = {name: bench_ms(fn) * 1e3 for name, fn in impls.items()}
+                flops = 4 * m * d * f
+                row = dict(dtype=dtype_name, d=d, f=f, M=m, tune_s=round(tune_s, 1), **{k: round(v, 1) for k, v in res.items()},
+                           tflops=round(flops / res["gelugemm"] / 1e6, 1))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    # which configs won
+    winners = {}
+    for kname, kern in (("tma", gemm._gemm_tma_kernel), ("strided", gemm._gemm_strided_kernel)):
+        for key, cfg in kern.cache.items():
+            winners[f"{kname} {key}"] = str(cfg)
+        timings = getattr(kern, "configs_timings", None)
+        if timings:
+            print(kname, "last timings:", {str(c): t for c, t in timings.items()})
+    for k, v in winners.items():
+        print("BEST", k, v)
+    if args.json:
+        json.dump({"rows": rows, "winners": winners}, open(args.json, "w"), indent=1)
+    print()
+    print(f"{'dtype':5} {'d':>5} {'M':>5} {'ours':>8} {'g1':>8} {'g2':>8} {'eager':>8} {'cublt':>8} {'TF/s':>6}")
+    for r in rows:
+        print(f"{r['dtype']:5} {r['d']:5} {r['M']:5} {r['gelugemm']:8.1f} {r['gelugemm_gemm1']:8.1f} {r['gelugemm_gemm2']:8.1f} {r['eager']:8.1f} {r['cublaslt_tanh']:8.1f} {r['tflops']:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
