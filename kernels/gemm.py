@@ -151,6 +151,11 @@ def _all_configs(table):
     return [c for cfgs in table.values() for c in cfgs]
 
 
+def autotune_enabled() -> bool:
+    """GELUGEMM_AUTOTUNE=0 skips the search and takes each bucket's first config."""
+    return os.environ.get("GELUGEMM_AUTOTUNE", "1") not in ("", "0")
+
+
 def _prune_for(table):
     # Bench only the configs written for this M bucket: the smallest table key at or
     # above it, else the "large" list.
@@ -160,6 +165,8 @@ def _prune_for(table):
         bucket = named_args["M_BUCKET"]
         sizes = [k for k in table if k != "large" and k >= bucket]
         wanted = table[min(sizes)] if sizes else table["large"]
+        if not autotune_enabled():
+            wanted = wanted[:1]
         keys = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in wanted}
         return [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in keys]
 

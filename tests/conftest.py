@@ -56,6 +56,15 @@ def fresh_seed():
     yield seed
 
 
+@pytest.fixture(autouse=True)
+def quick_configs_for_small_shapes(request, monkeypatch):
+    """Small-shape tests take each bucket's first kernel config (no autotuning search,
+    which would compile every config for every odd shape); `gpu` tests at real sizes
+    autotune as users do."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setenv("GELUGEMM_AUTOTUNE", "0")
+
+
 def pytest_collection_modifyitems(config, items):
     # `gpu`-marked tests are skipped without CUDA with a visible reason.
     for item in items:
