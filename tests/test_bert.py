@@ -283,3 +283,42 @@ def test_minilm_paraphrases_are_closer_than_unrelated_sentences(minilm):
         ],
     )
     assert a @ b > a @ c + 0.3 and a @ b > b @ c + 0.3
+
+
+# ---- the committed samples (samples/capture_minilm.py) -----------------------------------
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def test_samples_hold_real_mlp_inputs_in_the_calib_format():
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights = load_file(str(SAMPLES / "minilm-mlp.safetensors"))
+    activations = load_file(str(SAMPLES / "minilm-calib.safetensors"))
+    with safe_open(str(SAMPLES / "minilm-calib.safetensors"), framework="pt") as f:
+        record = json.loads(f.metadata()["source"])
+    assert record["calibrate"].startswith("rows 0-1535:") and record["verify"].startswith("rows 1536-2047:")
+    assert json.loads((SAMPLES / "config.json").read_text())["hidden_act"] == "gelu"
+
+    assert list(activations) == [mlp_key(0), mlp_key(5)]
+    for key, x in activations.items():
+        norm = key.replace("intermediate.dense", "attention.output.LayerNorm")
+        assert x.shape == (2048, 384) and x.dtype == torch.float16
+        assert weights[f"{key}.weight"].shape == (1536, 384) and weights[f"{norm}.weight"].shape == (384,)
+        # Each row is that LayerNorm's output, gamma * z + beta with z of zero mean and unit
+        # variance across channels: undo the affine part and check (fp16 rounding aside).
+        z = (x.double() - weights[f"{norm}.bias"].double()) / weights[f"{norm}.weight"].double()
+        assert z.mean(dim=1).abs().max() < 1e-3
+        assert (z.var(dim=1, unbiased=False) - 1).abs().max() < 5e-3
+
+
+def test_samples_line_up_with_the_quantize_conventions():
+    checkpoint = pytest.importorskip("calibration.checkpoint")
+    data = pytest.importorskip("calibration.data")
+    # quantize finds both MLPs, the LayerNorm feeding each, and the erf GELU from config.json.
+    layers = checkpoint.find_mlps(SAMPLES / "minilm-mlp.safetensors")
+    assert [layer.fc1 for layer in layers] == [mlp_key(0), mlp_key(5)]
+    assert all(layer.gelu == "erf" and layer.norm is not None for layer in layers)
+    # verify's held-out slice of the --calib file is exactly the rows taken from the verify lines.
+    assert data.split_rows(2048, "calibrate") == (0, 1536) and data.split_rows(2048, "verify") == (1536, 2048)
