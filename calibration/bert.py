@@ -38,7 +38,7 @@ from torch import nn
 
 # config.json's `hidden_act` -> the GELU flavour names used across gelugemm ("erf" exact,
 # "tanh" approximation), the same mapping the quantize command applies.
-HIDDEN_ACT_TO_GELU = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+HIDDEN_ACT_TO_GELU = {"gelu": "erf", "gelu_python": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
 # sentence-transformers truncates all-MiniLM-L6-v2's input at 256 word pieces
 # (sentence_bert_config.json); used when that file is absent.
