@@ -1,0 +1,70 @@
+"""Resident memory of this process, for quantize's report (Linux /proc; getrusage elsewhere).
+
+Two numbers, because safetensors maps the checkpoint into memory: pages of the file
+that were read count as resident (RssFile) though the kernel can drop them at will.
+
+- peak_rss: the kernel's high-water mark of all resident memory (VmHWM), reset when
+  the meter starts where the kernel allows it (`scope` says "this run"), else the
+  process's peak so far ("process"). It includes the mapped checkpoint pages.
+- peak_anon: the largest anonymous (heap: tensors, interpreter) resident memory seen at
+  the sample points, i.e. what the run itself allocated, without file pages.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile in bytes; {} where /proc is not there."""
+    fields = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        return {}
+    return fields
+
+
+def _reset_high_water_mark() -> bool:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryMeter:
+    """Start it before the work, `sample()` where memory peaks, read `facts()` at the end."""
+
+    def __init__(self):
+        self.scope = "this run" if _reset_high_water_mark() else "process"
+        status = _proc_status()
+        self.start_rss = status.get("VmRSS")
+        self.start_anon = status.get("RssAnon")
+        self.peak_anon = self.start_anon
+
+    def sample(self) -> None:
+        anon = _proc_status().get("RssAnon")
+        if anon is not None and (self.peak_anon is None or anon > self.peak_anon):
+            self.peak_anon = anon
+
+    def facts(self) -> dict[str, int | str | None]:
+        self.sample()
+        peak = _proc_status().get("VmHWM")
+        if peak is None:
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+        return {
+            "start_rss_bytes": self.start_rss,
+            "peak_rss_bytes": peak,
+            "peak_rss_scope": self.scope,
+            "start_anon_bytes": self.start_anon,
+            "peak_anon_bytes": self.peak_anon,
+        }

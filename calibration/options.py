@@ -1,0 +1,76 @@
+"""What `quantize` was asked to do, checked once, with the names the CLI, JSON and metadata share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from calibration.errors import OptionError
+from calibration.observers import parse_method
+from calibration.smooth import check_alpha
+
+SCHEMES = ("w8a16", "w8a8")
+GRANULARITIES = ("per-channel", "group:N")
+
+
+def parse_granularity(granularity: str) -> int | None:
+    """"per-channel" -> None, "group:N" -> N (a group of N input channels shares a scale)."""
+    if granularity == "per-channel":
+        return None
+    name, _, value = granularity.partition(":")
+    if name == "group" and value.isdigit() and int(value) > 0:
+        return int(value)
+    raise OptionError(f"--granularity must be per-channel or group:N with N > 0; got {granularity!r}")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Options of `quantize_checkpoint`; the defaults are the CLI's.
+
+    scheme: w8a16 (int8 weights) or w8a8 (int8 weights, static int8 activation scales).
+    granularity: weight scales "per-channel" or "group:N" along the input dim.
+    method: w8a8 only: the activation observer (max | percentile:P | mse); None is max.
+    smooth: w8a8 only: SmoothQuant alpha in [0, 1], or None for no smoothing.
+    calib, tokens, seed: w8a8 only: the calibration inputs (see calibration.data).
+    layers: regex restricting which MLPs are quantized; the rest are copied unchanged.
+    gelu: "erf" | "tanh" to override config.json and the family default.
+    force: replace an existing output file.
+    """
+
+    scheme: str = "w8a16"
+    granularity: str = "per-channel"
+    method: str | None = None
+    smooth: float | None = None
+    calib: Path | None = None
+    tokens: int | None = None
+    seed: int = 0
+    layers: str | None = None
+    gelu: str | None = None
+    force: bool = False
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise OptionError(f"--scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        parse_granularity(self.granularity)
+        if self.method is not None:
+            parse_method(self.method)
+        if self.smooth is not None:
+            check_alpha(self.smooth)
+        if self.tokens is not None and self.tokens < 1:
+            raise OptionError(f"--tokens must be at least 1; got {self.tokens}")
+        if self.scheme == "w8a16":
+            # Weight scales come from the weights alone: these would be silently ignored.
+            given = [flag for flag, value in (
+                ("--method", self.method), ("--smooth", self.smooth), ("--calib", self.calib), ("--tokens", self.tokens),
+            ) if value is not None]  # fmt: skip
+            if given:
+                raise OptionError(f"{', '.join(given)} set activation scales, which w8a16 does not have; use --scheme w8a8")
+
+    @property
+    def group_size(self) -> int | None:
+        return parse_granularity(self.granularity)
+
+    @property
+    def observer(self) -> str | None:
+        """The activation observer, canonical; None for w8a16."""
+        return parse_method(self.method or "max") if self.scheme == "w8a8" else None

@@ -1,0 +1,39 @@
+"""SmoothQuant: move activation outliers into GEMM1's weight, per input channel j.
+
+    s_j = max|x_j|^alpha / max|W1[:, j]|^(1 - alpha)
+    x @ W1^T == (x / s) @ (W1 * s)^T
+
+W1 is multiplied by s along K before it is quantized, and the kernel divides x by s
+before quantizing it. With a = max|x_j| and w = max|W1[:, j]|, the smoothed maxima are
+a / s = a^(1-alpha) w^(1-alpha) and w * s = a^alpha w^alpha: alpha = 0.5 balances them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from calibration.errors import OptionError
+
+# The SmoothQuant reference clamps both maxima and s itself at 1e-5, so an all-zero
+# channel of x or W1 cannot give a zero or infinite s.
+_FLOOR = 1e-5
+
+
+def check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise OptionError(f"--smooth ALPHA must be in [0, 1]; got {alpha}")
+    return alpha
+
+
+def smooth_scale(x: torch.Tensor, w1: torch.Tensor, alpha: float, weight_layout: str = "out_in") -> torch.Tensor:
+    """s [K] float32 from calibration inputs x [tokens, K] and W1 in its stored layout."""
+    check_alpha(alpha)
+    x_absmax = x.to(torch.float32).abs().amax(dim=0).clamp_min(_FLOOR)
+    w_absmax = w1.to(torch.float32).abs().amax(dim=0 if weight_layout == "out_in" else 1).clamp_min(_FLOOR)
+    return (x_absmax.pow(alpha) / w_absmax.pow(1 - alpha)).clamp_min(_FLOOR)
+
+
+def fold_into_weight(w1: torch.Tensor, s: torch.Tensor, weight_layout: str = "out_in") -> torch.Tensor:
+    """W1 * s along K, in W1's layout, float32."""
+    w = w1.to(torch.float32)
+    return w * s[None, :] if weight_layout == "out_in" else w * s[:, None]
