@@ -8,6 +8,15 @@ The implementation is picked at construction, by dtype and device: the fused Tri
 kernels on CUDA, the torch reference elsewhere. With `backend="auto"` the choice and
 its reason are on the object (`op.backend`, `op.backend_reason`) for callers to report;
 asking for `backend="triton"` where Triton cannot run raises instead of switching.
+
+The int8 schemes take `QuantizedWeight`s (int8 data with their scales):
+
+    op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", input_quant="static"))
+    y = op(x, w1_q, b1, w2_q, b2)      # x and y bf16; int8 between the GEMMs
+
+w8a16 dequantizes the weights inside the GEMMs; w8a8 quantizes x (per token, or with
+w1.input_scale), requantizes GELU's output with w1.output_scale inside GEMM1's epilogue,
+and GEMM2 reads that int8 intermediate at the same scale. A missing scale is an error.
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import torch
 
 from kernels import reference
 from kernels.errors import BackendUnavailable, LaunchError
-from kernels.gemm import gemm_bias_act, triton_can_run
+from kernels.gemm import gemm_bias_act, triton_can_run, weight_shape
 from kernels.quantized import QuantizedWeight
+from kernels.w8a8 import quantize_activations, w8a8_linear
+from kernels.w8a16 import check_weight_scales, w8a16_linear
 
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 INT8_DTYPES = ("w8a16", "w8a8")
@@ -111,6 +122,34 @@ class FusedMLP:
         if x.device.type != self.device.type:
             raise LaunchError(f"op was built for {self.device} but input is on {x.device}")
 
+    def _check_int8(self, x, w1, w2):
+        cfg = self.config
+        if x.dtype != cfg.torch_dtype:
+            raise LaunchError(
+                f"op is configured for {cfg.dtype} with {cfg.activation_dtype} activations but input is {x.dtype}"
+            )
+        for name, w in (("w1", w1), ("w2", w2)):
+            if not isinstance(w, QuantizedWeight):
+                raise LaunchError(f"{name} must be a QuantizedWeight for {cfg.dtype}, got {type(w).__name__}")
+            k, n = weight_shape(w.data, cfg.weight_layout)
+            check_weight_scales(w, k, n, name)
+        if w2.smooth_scale is not None or (cfg.dtype == "w8a16" and w1.smooth_scale is not None):
+            raise LaunchError("a SmoothQuant smooth_scale applies to w8a8's GEMM1 input only (w1)")
+        if cfg.dtype == "w8a16":
+            return
+        for name, w in (("w1", w1), ("w2", w2)):
+            if w.group_size is not None:
+                raise LaunchError(f"w8a8 takes per-channel weight scales; {name} has {w.granularity}")
+        if w1.output_scale is None:
+            raise LaunchError("w8a8 needs w1.output_scale, the calibrated scale GELU's output is requantized to")
+        if cfg.input_quant == "static" and w1.input_scale is None:
+            raise LaunchError("input_quant='static' needs w1.input_scale, the calibrated scale of x")
+        # GEMM2 reads the intermediate at w1.output_scale; a separate w2.input_scale must agree
+        # (compared on the device: a host sync, so only when they are different tensors).
+        if w2.input_scale is not None and w2.input_scale is not w1.output_scale:
+            if not torch.equal(w2.input_scale.reshape(-1).cpu(), w1.output_scale.reshape(-1).cpu()):
+                raise LaunchError("w2.input_scale differs from w1.output_scale, the scale GEMM1 requantizes to")
+
     def forward(self, x, w1, b1, w2, b2=None) -> torch.Tensor:
         self._check_device(x)
         cfg = self.config
@@ -123,6 +162,24 @@ class FusedMLP:
             kw = dict(weight_layout=cfg.weight_layout, allow_tf32=cfg.allow_tf32)
             h = gemm_bias_act(x, w1, b1, activation=cfg.gelu, **kw)
             return gemm_bias_act(h, w2, b2, activation="none", **kw)
-        raise LaunchError(f"dtype {cfg.dtype} is not implemented yet")
+
+        self._check_int8(x, w1, w2)
+        layout = cfg.weight_layout
+        if cfg.dtype == "w8a16":
+            if self.backend == "torch":
+                return reference.w8a16_mlp_reference(x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout)
+            h = w8a16_linear(x, w1, b1, activation=cfg.gelu, weight_layout=layout)
+            return w8a16_linear(h, w2, b2, weight_layout=layout)
+
+        # w8a8: three launches, int8 between each: quantize x, GEMM1 + bias + GELU
+        # requantized to int8, GEMM2 dequantized to x's dtype.
+        if self.backend == "torch":
+            return reference.w8a8_mlp_reference(
+                x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, input_quant=cfg.input_quant
+            )
+        static_scale = w1.input_scale if cfg.input_quant == "static" else None
+        xq, x_scale = quantize_activations(x, static_scale, smooth_scale=w1.smooth_scale)
+        h = w8a8_linear(xq, x_scale, w1, b1, activation=cfg.gelu, weight_layout=layout, output_scale=w1.output_scale)
+        return w8a8_linear(h, w1.output_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
 
     __call__ = forward

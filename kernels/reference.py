@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from kernels.quantized import QuantizedWeight
+
 GELU_FLAVOURS = ("erf", "tanh")
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 
@@ -86,3 +88,136 @@ def mlp_reference(
     dtype = dtype or x.dtype
     h = linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, dtype=dtype)
     return linear_reference(h, w2, b2, weight_layout=weight_layout, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# int8 schemes, step by step: the same quantized function the int8 kernels compute, with
+# the same float32 operations in the same order, so a kernel can be checked exactly.
+# ---------------------------------------------------------------------------------------
+
+INT8_MAX = 127  # symmetric int8: values in [-127, 127]
+# Dynamic per-token quantization floors a row's absmax here, so an all-zero row still
+# gets a finite, non-zero scale (its values quantize to 0 whatever the scale).
+MIN_ABSMAX = 1e-12
+
+
+def round_to_int8(v: torch.Tensor) -> torch.Tensor:
+    """int8 = round_half_even(clamp(v, -127, 127)) of a float32 tensor."""
+    return torch.round(v.clamp(-INT8_MAX, INT8_MAX)).to(torch.int8)
+
+
+def quantize_activation_reference(
+    x: torch.Tensor, scale: torch.Tensor | None = None, smooth_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of x [..., K]: returns (q int8 [..., K], scale float32).
+
+    smooth_scale [K]: SmoothQuant; x is divided by it per input channel first.
+    scale None: dynamic, one scale per token, absmax(row) / 127 (absmax floored at
+        MIN_ABSMAX), shape [...]. Else the given static one-element scale, returned as is.
+    q = round_half_even(clamp(x * (1 / scale), -127, 127)), all in float32.
+    """
+    v = x.float()
+    if smooth_scale is not None:
+        v = v / smooth_scale.float()
+    if scale is None:
+        scale = v.abs().amax(dim=-1).clamp_min(MIN_ABSMAX) / INT8_MAX
+        inv_scale = (1.0 / scale)[..., None]
+    else:
+        inv_scale = 1.0 / scale.float().reshape(())
+    return round_to_int8(v * inv_scale), scale
+
+
+def w8a8_linear_reference(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: QuantizedWeight,
+    bias: torch.Tensor | None,
+    *,
+    activation: str = "none",
+    weight_layout: str = "out_in",
+    output_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """One w8a8 GEMM on an int8 input xq [..., K] with its scale (per token [...] or one element).
+
+    w: a QuantizedWeight with per-channel scales.
+    acc = xq @ Wq^T in exact integer arithmetic (float64 holds every partial sum exactly:
+    |acc| <= 127^2 K < 2^53), then in float32: acc * x_scale[m] * w_scale[n] + bias, GELU;
+    then with `output_scale` requantized to int8 (GEMM1: round_half_even(clamp(v * (1 /
+    output_scale)))), else rounded to out_dtype (GEMM2).
+    """
+    acc = xq.double() @ as_out_in(w.data, weight_layout).double().t()
+    out = acc.float()
+    # per token: one scale per row; static: one for all (the two agree when there is one row)
+    out = out * (x_scale.float().reshape(()) if x_scale.numel() == 1 else x_scale.float()[..., None])
+    out = out * w.scale
+    if bias is not None:
+        out = out + bias.float()
+    if activation != "none":
+        out = gelu(out, activation)
+    if output_scale is not None:
+        return round_to_int8(out * (1.0 / output_scale.float().reshape(())))
+    return out.to(out_dtype)
+
+
+def w8a8_mlp_reference(
+    x: torch.Tensor,
+    w1: QuantizedWeight,
+    b1: torch.Tensor | None,
+    w2: QuantizedWeight,
+    b2: torch.Tensor | None = None,
+    *,
+    gelu_flavour: str = "erf",
+    weight_layout: str = "out_in",
+    input_quant: str = "dynamic",
+) -> torch.Tensor:
+    """The w8a8 MLP step by step: quantize x, GEMM1 requantized to int8, GEMM2 to x's dtype.
+
+    Static input quantization uses w1.input_scale; GELU's output is requantized with
+    w1.output_scale, which is then GEMM2's input scale.
+    """
+    xq, x_scale = quantize_activation_reference(
+        x, w1.input_scale if input_quant == "static" else None, w1.smooth_scale
+    )
+    h = w8a8_linear_reference(
+        xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, output_scale=w1.output_scale
+    )
+    return w8a8_linear_reference(h, w1.output_scale, w2, b2, weight_layout=weight_layout, out_dtype=x.dtype)
+
+
+def w8a16_linear_reference(
+    x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, *, activation: str = "none", weight_layout: str = "out_in"
+) -> torch.Tensor:
+    """One w8a16 GEMM: act(x @ dequant(W)^T + bias) in float32, rounded to x's dtype.
+
+    Per-channel scales: acc = x @ Wq^T (integer weights), then acc * scale[n], as the
+    kernel's epilogue does. Per-group scales: W = Wq * scale[n, k // G] in float32,
+    rounded once to x's dtype (the kernel's dequantized tile), then the matmul.
+    """
+    q = as_out_in(w.data, weight_layout).float()  # [N, K]
+    if w.group_size is None:
+        out = (x.float() @ q.t()) * w.scale
+    else:
+        k = q.shape[1]
+        scale = w.scale.repeat_interleave(w.group_size, dim=1)[:, :k]
+        out = x.float() @ (q * scale).to(x.dtype).float().t()
+    if bias is not None:
+        out = out + bias.float()
+    if activation != "none":
+        out = gelu(out, activation)
+    return out.to(x.dtype)
+
+
+def w8a16_mlp_reference(
+    x: torch.Tensor,
+    w1: QuantizedWeight,
+    b1: torch.Tensor | None,
+    w2: QuantizedWeight,
+    b2: torch.Tensor | None = None,
+    *,
+    gelu_flavour: str = "erf",
+    weight_layout: str = "out_in",
+) -> torch.Tensor:
+    """The w8a16 MLP step by step: GEMM1 + bias + GELU rounded to x's dtype, then GEMM2 + bias."""
+    h = w8a16_linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout)
+    return w8a16_linear_reference(h, w2, b2, weight_layout=weight_layout)
