@@ -114,8 +114,19 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8, **extra):
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
+# Decode (M <= 16) through TMA, swap-AB, split-K; see _gemm_decode_kernel.
+DECODE_CONFIGS = {
+    16: [
+        _cfg(16, 64, 256, 4, 4),
+        _cfg(16, 64, 128, 4, 6),
+        _cfg(16, 128, 128, 4, 4),
+        _cfg(16, 128, 256, 4, 3),
+        _cfg(16, 64, 512, 4, 3),
+    ],
+}
+
 STRIDED_CONFIGS = {
-    # decode: stream the weight; small N tiles give enough programs to fill the SMs
+    # decode without TMA: stream the weight; small N tiles give enough programs
     16: [
         _cfg(16, 32, 256, 4, 4),
         _cfg(16, 64, 128, 4, 5),
@@ -151,6 +162,17 @@ def _all_configs(table):
     return [c for cfgs in table.values() for c in cfgs]
 
 
+# Hopper gives a block 227 KB of shared memory, less a little for barriers.
+_SMEM_BUDGET = 226 * 1024
+
+
+def _smem_bytes(config: triton.Config, a_bytes: int, b_bytes: int) -> int:
+    """Estimated shared memory: the pipelined A and B tiles plus the output staging tile."""
+    kw = config.kwargs
+    per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] * a_bytes + kw["BLOCK_K"] * kw["BLOCK_N"] * b_bytes
+    return per_stage * config.num_stages + kw["BLOCK_M"] * kw["BLOCK_N"] * a_bytes
+
+
 def autotune_enabled() -> bool:
     """GELUGEMM_AUTOTUNE=0 skips the search and takes each bucket's first config."""
     return os.environ.get("GELUGEMM_AUTOTUNE", "1") not in ("", "0")
@@ -165,10 +187,14 @@ def _prune_for(table):
         bucket = named_args["M_BUCKET"]
         sizes = [k for k in table if k != "large" and k >= bucket]
         wanted = table[min(sizes)] if sizes else table["large"]
-        if not autotune_enabled():
-            wanted = wanted[:1]
+        a_bytes = named_args["a_ptr"].element_size()
+        b_bytes = named_args["b_ptr"].element_size()
         keys = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in wanted}
-        return [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in keys]
+        keep = [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in keys]
+        # fp32 tiles take twice the shared memory of fp16 ones: drop configs that cannot fit.
+        fits = [c for c in keep if _smem_bytes(c, a_bytes, b_bytes) <= _SMEM_BUDGET]
+        keep = fits or sorted(keep, key=lambda c: _smem_bytes(c, a_bytes, b_bytes))[:1]
+        return keep if autotune_enabled() else keep[:1]
 
     return prune
 
@@ -298,6 +324,83 @@ def _gemm_tma_kernel(
             c_desc.store([off_m, off_n], out.to(out_dtype))
 
 
+def _decode_split_k(args) -> int:
+    # Enough programs for about two per SM: GEMM2 of a decode step has few N tiles and a
+    # long K, so its K range is split, keeping at least four K tiles per split for the
+    # pipeline to work with.
+    tiles_n = triton.cdiv(args["N"], args["BLOCK_N"])
+    k_tiles = triton.cdiv(args["K"], args["BLOCK_K"])
+    want = triton.cdiv(2 * args["NUM_SMS"], tiles_n)
+    return max(1, min(want, k_tiles // 4))
+
+
+@triton.autotune(
+    configs=_all_configs(DECODE_CONFIGS),
+    key=["M_BUCKET", "N", "K", "B_IS_NK"],
+    prune_configs_by={"early_config_prune": _prune_for(DECODE_CONFIGS)},
+    **_autotune_kwargs(),
+)
+@triton.heuristics({"SPLIT_K": _decode_split_k})
+@triton.jit
+def _gemm_decode_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, partial_ptr, arrivals_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_b, stride_cm,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, B_IS_NK: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    # Decode: M <= BLOCK_M rows, so the cost is streaming the weight once. Swap AB:
+    # out^T = W @ a^T puts a weight tile on the MMA's wide side and the few tokens on its
+    # narrow side. Program (pid_n, pid_k) covers BLOCK_N outputs over the pid_k-th share
+    # of K; the weight arrives through TMA, several tiles in flight.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_IS_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    off_n = pid_n * BLOCK_N
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * k_per_split
+    k_last = tl.minimum(k_first + k_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for ki in range(k_first, k_last):
+        a = a_desc.load([0, ki * BLOCK_K])
+        if B_IS_NK:
+            w = b_desc.load([off_n, ki * BLOCK_K])
+        else:
+            w = b_desc.load([ki * BLOCK_K, off_n]).T
+        acc = _dot(w, a.T, acc, DOT_F32, INPUT_PRECISION)
+
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        # Serial split-K: each split writes its partial sum; the last split to arrive for
+        # this N tile (counted by an acq_rel atomic, so the other partials are visible)
+        # adds them up, runs the epilogue, and zeroes the counter for the next launch.
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
+        slots = partial_ptr + pid_n * (SPLIT_K * BLOCK_N * BLOCK_M)
+        tl.store(slots + pid_k * (BLOCK_N * BLOCK_M) + tile, acc)
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for split in range(SPLIT_K):
+                total += tl.load(slots + split * (BLOCK_N * BLOCK_M) + tile, cache_modifier=".cg")
+            tl.store(arrivals_ptr + pid_n, 0)
+            out = _bias_act(total.T, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        out = _bias_act(acc.T, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
 # ---------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------
@@ -329,6 +432,25 @@ def _ensure_tma_allocator() -> None:
     if not _allocator_set:
         triton.set_allocator(_alloc_scratch)
         _allocator_set = True
+
+
+_split_k_workspaces: dict = {}
+
+
+def _split_k_workspace(device: torch.device, partial_elems: int, tiles: int):
+    """(fp32 partial sums, int32 arrival counters) for split-K decode.
+
+    One pair per device and stream, kept between launches: launches on one stream run in
+    order and each leaves its counters at zero, so the buffers need no clearing."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    partial, arrivals = _split_k_workspaces.get(key, (None, None))
+    if partial is None or partial.numel() < partial_elems:
+        partial = torch.empty(max(partial_elems, 1 << 16), dtype=torch.float32, device=device)
+    if arrivals is None or arrivals.numel() < tiles:
+        arrivals = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    _split_k_workspaces[key] = (partial, arrivals)
+    return partial, arrivals
 
 
 def triton_can_run(device: torch.device) -> bool:
@@ -445,38 +567,24 @@ def gemm_bias_act(
     )
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
 
-    use_tma = path == "tma" or (path == "auto" and m > DECODE_MAX_M)
-    if use_tma:
-        tma_ok = (
-            _tma_supported(a.device)
-            and a2.stride(1) == 1
-            and (stride_bk == 1 or stride_bn == 1)
-            and _tma_aligned(a2, a2.stride(0))
-            and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
-            and _tma_aligned(out, out.stride(0))
-        )
-        if not tma_ok and path == "tma":
-            raise LaunchError("the TMA path needs an SM90+ GPU, unit inner strides and 16-byte aligned rows")
-        use_tma = tma_ok
-    elif path not in ("auto", "strided"):
-        raise LaunchError(f"path must be 'auto', 'tma' or 'strided', got {path!r}")
+    if path not in ("auto", "tma", "decode", "strided"):
+        raise LaunchError(f"path must be 'auto', 'tma', 'decode' or 'strided', got {path!r}")
+    tma_ok = (
+        _tma_supported(a.device)
+        and a2.stride(1) == 1
+        and (stride_bk == 1 or stride_bn == 1)
+        and _tma_aligned(a2, a2.stride(0))
+        and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
+        and _tma_aligned(out, out.stride(0))
+    )
+    if path in ("tma", "decode") and not tma_ok:
+        raise LaunchError(f"the {path} path needs TMA: an SM90+ GPU, unit inner strides and 16-byte aligned rows")
+    if path == "decode" and m > DECODE_MAX_M:
+        raise LaunchError(f"the decode path takes at most {DECODE_MAX_M} rows, got {m}")
+    if path == "auto":
+        path = ("decode" if m <= DECODE_MAX_M else "tma") if tma_ok else "strided"
 
-    if use_tma:
-        _ensure_tma_allocator()
-        b_is_nk = stride_bk == 1
-        sms = num_programs(a.device)
-
-        def grid(meta):
-            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-            return (min(sms, tiles),)
-
-        _gemm_tma_kernel[grid](
-            a2, w, out, bias_arg,
-            m, n, k, m_bucket(m),
-            a2.stride(0), stride_bn if b_is_nk else stride_bk, out.stride(0),
-            B_IS_NK=b_is_nk, NUM_SMS=sms, **common,
-        )  # fmt: skip
-    else:
+    if path == "strided":
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -487,4 +595,28 @@ def gemm_bias_act(
             a2.stride(0), a2.stride(1), stride_bk, stride_bn, out.stride(0),
             **common,
         )  # fmt: skip
+        return out.reshape(*lead, n)
+
+    _ensure_tma_allocator()
+    b_is_nk = stride_bk == 1
+    sms = num_programs(a.device)
+    tma_args = (m, n, k, m_bucket(m), a2.stride(0), stride_bn if b_is_nk else stride_bk, out.stride(0))
+    if path == "tma":
+
+        def grid(meta):
+            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+        _gemm_tma_kernel[grid](a2, w, out, bias_arg, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common)
+    else:
+        # Sized for any config (BLOCK_N, BLOCK_K >= 32): BLOCK_N * BLOCK_M fp32 per split
+        # of each N tile, at most one split per 4 K tiles.
+        tiles_n = triton.cdiv(n, 32)
+        partial, arrivals = _split_k_workspace(a.device, tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        _gemm_decode_kernel[grid](
+            a2, w, out, bias_arg, partial, arrivals, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common
+        )
     return out.reshape(*lead, n)
