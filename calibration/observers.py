@@ -43,7 +43,8 @@ def parse_method(method: str) -> str:
 
 def _percentile_absmax(a: torch.Tensor, p: float) -> float:
     # kthvalue, not torch.quantile, which refuses inputs over 2^24 elements.
-    k = max(1, math.ceil(p / 100 * a.numel()))
+    # Rounded before the ceiling: 99.9 / 100 * 20000 is 19980.000000000004 in floating point.
+    k = max(1, math.ceil(round(p / 100 * a.numel(), 6)))
     return a.kthvalue(k).values.item()
 
 

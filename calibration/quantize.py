@@ -190,12 +190,12 @@ def quantize_checkpoint(
     source: str | Path,
     output: str | Path | None = None,
     options: QuantizeOptions | None = None,
-    progress: Callable[[MLPLayer], None] | None = None,
+    progress: Callable[[int, int, MLPLayer], None] | None = None,
 ) -> QuantizeReport:
     """Quantize the MLPs of `source` and write the whole checkpoint to `output`.
 
     output: None writes `<name>.int8.safetensors` beside the source.
-    progress: called with each MLP once it is written (for a progress bar).
+    progress: called as progress(done, total, layer) once each MLP is written (a progress bar).
     """
     started = time.perf_counter()
     meter = MemoryMeter()
@@ -220,7 +220,7 @@ def quantize_checkpoint(
         copied = [name for name in plan if name in infos and name not in mlp_names]
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for layer in layers:
+            for done, layer in enumerate(layers, 1):
                 w1, b1, w2, b2 = read_mlp(ckpt, layer)
                 x, calibrated_on = None, None
                 if w8a8:
@@ -246,7 +246,7 @@ def quantize_checkpoint(
                 if b2 is not None:
                     yield layer.b2, b2
                 if progress is not None:
-                    progress(layer)
+                    progress(done, len(layers), layer)
             for name in copied:
                 tensor = ckpt.get_tensor(name)
                 meter.sample()

@@ -34,6 +34,13 @@ def _root(
 
 
 # Commands, each a thin module over the library.
+from gelugemm_cli import quantize  # noqa: E402
+
+app.command("quantize")(quantize.quantize)
+
+from gelugemm_cli import bench  # noqa: E402
+
+app.command("bench")(bench.bench)
 
 
 def main() -> None:

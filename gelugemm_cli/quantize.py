@@ -1,0 +1,96 @@
+"""`gelugemm quantize`: find the MLPs of a checkpoint, calibrate, write an int8 checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from calibration.options import QuantizeOptions
+from calibration.quantize import QuantizeReport, quantize_checkpoint
+from gelugemm_cli.common import console, err_console, user_errors, write_json
+
+
+def quantize(
+    checkpoint: Path = typer.Argument(..., help="A safetensors checkpoint (fp32, fp16 or bf16)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Output file [default: CHECKPOINT.int8.safetensors beside it]."),
+    scheme: str = typer.Option("w8a16", help="w8a16 (int8 weights) or w8a8 (int8 weights and activations)."),
+    granularity: str = typer.Option("per-channel", help="Weight scales: per-channel, or group:N along the input dim."),
+    method: str | None = typer.Option(None, help="w8a8 activation observer: max, percentile:P or mse [default: max]."),
+    smooth: float | None = typer.Option(None, help="w8a8: SmoothQuant migration strength ALPHA in [0, 1]."),
+    calib: Path | None = typer.Option(None, help="w8a8: safetensors of activations, fc1 prefix -> [tokens, d_model]."),
+    tokens: int | None = typer.Option(None, help="w8a8: calibration rows [default: 512 synthetic, or all of --calib's calibrate split]."),
+    seed: int = typer.Option(0, help="w8a8: seed of the synthetic calibration inputs."),
+    layers: str | None = typer.Option(None, help="Quantize only the MLPs whose fc1 or fc2 prefix matches this regex."),
+    gelu: str | None = typer.Option(None, help="erf or tanh, overriding config.json [default: from config.json or the family]."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+):
+    """Quantize the GELU MLPs of CHECKPOINT to int8 and write the whole checkpoint."""
+    with user_errors():
+        options = QuantizeOptions(scheme, granularity, method, smooth, calib, tokens, seed, layers, gelu, force)
+        out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=out, transient=True) as bar:  # fmt: skip
+            task = bar.add_task(f"quantizing {checkpoint.name} ({scheme})", total=None)
+            progress = lambda done, total, layer: bar.update(task, completed=done, total=total)  # noqa: E731
+            report = quantize_checkpoint(checkpoint, output, options, progress=progress)
+        render(report, out)
+        if json_path is not None:
+            write_json(json_path, report.to_dict())
+
+
+def _short(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _block(fc1: str, fc2: str) -> str:
+    """The part two prefixes share, cut at a dot: `encoder.layer.0` for its two GEMMs."""
+    common = os.path.commonprefix([fc1, fc2])
+    return common[: common.rfind(".")] if "." in common else ""
+
+
+def render(report: QuantizeReport, out: Console) -> None:
+    """One row per quantized GEMM, then the file-level facts."""
+    table = Table(box=box.SIMPLE_HEAD, title=f"{report.scheme} {report.granularity}, GELU {report.gelu} ({report.gelu_source})")
+    table.add_column("MLP", overflow="fold")
+    table.add_column("GEMM", overflow="fold")
+    for column in ("shape", "weight scale", "rel. err", "max err (steps)", "in scale", "out scale"):
+        table.add_column(column, justify="right")
+    for layer in report.layers:
+        block = _block(layer.fc1.prefix, layer.fc2.prefix)
+        for i, linear in enumerate((layer.fc1, layer.fc2)):
+            table.add_row(
+                block if i == 0 else "",
+                linear.prefix[len(block):].lstrip("."),
+                "x".join(map(str, linear.shape)),
+                f"{linear.weight_scale_min:.2g}..{linear.weight_scale_max:.2g}",
+                f"{linear.rel_frobenius:.2e}",
+                f"{linear.max_abs_steps:.3f}",
+                _short(linear.input_scale),
+                _short(linear.output_scale),
+            )
+    out.print(table)
+    if report.scheme == "w8a8":
+        smooth = f", SmoothQuant alpha {report.smooth}" if report.smooth is not None else ""
+        source = report.calibration
+        on = (f"{source['path']} ({source['split']} split)" if source["kind"] == "file"
+              else f"{source['tokens']} synthetic tokens per MLP from its LayerNorm's weight and bias, seed {source['seed']}")  # fmt: skip
+        out.print(f"activation scales: {report.method}{smooth}; calibrated on {on}", highlight=False)
+    mem = report.memory
+    mib = lambda b: "?" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
+    out.print(
+        f"wrote {report.output} ({mib(report.output_bytes)}, from {mib(report.source_bytes)}; "
+        f"{len(report.layers)} MLPs quantized, {report.tensors_copied} tensors copied) in {report.seconds:.1f} s",
+        highlight=False,
+    )
+    out.print(
+        f"peak memory: {mib(mem['peak_rss_bytes'])} resident ({mem['peak_rss_scope']}; {mib(mem['start_rss_bytes'])} at start, "
+        f"mapped checkpoint pages included), heap {mib(mem['peak_anon_bytes'])} ({mib(mem['start_anon_bytes'])} at start)",
+        highlight=False,
+    )
