@@ -1,0 +1,311 @@
+"""`gelugemm bench`: time gelugemm's op against torch eager, cuBLASLt, torch.compile and naive int8.
+
+The work is `kernels.bench.run_bench`; this module parses the options, shows progress,
+and renders the one result as a Rich table, JSON (`--json`) and a PNG (`--plot`).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gelugemm_cli.common import console, err_console, state, user_errors, write_json
+from kernels import peers
+from kernels.bench import (
+    BENCH_DTYPES,
+    DEFAULT_SHAPES,
+    DEFAULT_TOKENS,
+    QUICK_TOKENS,
+    BenchResult,
+    BenchRow,
+    MLPShape,
+    checkpoint_gelu,
+    checkpoint_mlp_shapes,
+    run_bench,
+)
+from kernels.errors import GelugemmError
+
+DEFAULT_WARMUP_MS, DEFAULT_REP_MS = 25.0, 100.0
+QUICK_WARMUP_MS, QUICK_REP_MS = 5.0, 20.0
+
+
+# ---- options ---------------------------------------------------------------------------------
+
+
+def parse_names(text: str, allowed: tuple, what: str) -> list[str]:
+    """'a,b' -> ['a', 'b'], each one of `allowed`; 'none' -> []."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name not in allowed:
+            raise GelugemmError(f"unknown {what} {name!r} (one of {', '.join(allowed)})")
+    if not names:
+        raise GelugemmError(f"no {what} given")
+    return list(dict.fromkeys(names))
+
+
+def parse_shape(text: str) -> MLPShape:
+    """'4096,16384' (or '4096x16384') -> MLPShape(d_model=4096, d_ff=16384)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        d, f = (int(p) for p in parts)
+    except ValueError:
+        raise GelugemmError(f"--shape takes d_model,d_ff, e.g. 4096,16384; got {text!r}") from None
+    if d <= 0 or f <= 0:
+        raise GelugemmError(f"--shape takes two positive integers; got {text!r}")
+    return MLPShape(d, f)
+
+
+def parse_tokens(text: str) -> list[int]:
+    """'1,16,128' -> [1, 16, 128]."""
+    try:
+        tokens = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise GelugemmError(f"--tokens takes positive integers, e.g. 1,16,2048; got {text!r}") from None
+    if not tokens or min(tokens) <= 0:
+        raise GelugemmError(f"--tokens takes positive integers, e.g. 1,16,2048; got {text!r}")
+    return list(dict.fromkeys(tokens))
+
+
+def require_matplotlib() -> None:
+    """Fail before the run, not after it, when --plot cannot be written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        # (no square brackets: the error line is printed as Rich markup)
+        raise GelugemmError("--plot needs matplotlib (the plot extra): pip install matplotlib") from None
+
+
+# ---- progress --------------------------------------------------------------------------------
+
+STAGES = {"ceilings": "device ceilings", "prepare": "autotune, compile, check", "time": "timing"}
+
+
+@contextmanager
+def progress_bar():
+    """A Rich progress bar on stderr (stdout stays clean for --json -), as run_bench's callback."""
+    columns = (TextColumn("{task.description:<26}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("[dim]{task.fields[label]}"))  # fmt: skip
+    with Progress(*columns, console=err_console) as bar:
+        tasks = {}
+
+        def report(stage: str, done: int, total: int, label: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(STAGES.get(stage, stage), total=total, label="")
+            bar.update(tasks[stage], completed=done, total=total, label=label)
+
+        yield report
+
+
+# ---- rendering -------------------------------------------------------------------------------
+
+
+def _impl_label(row: BenchRow, run_gelu: str) -> str:
+    label = f"[bold]{row.impl}[/bold]" if row.impl == "gelugemm" else row.impl
+    if row.gelu != run_gelu:
+        label += f" ({row.gelu})"
+    if row.impl in peers.FLOAT_PEERS and row.weights != row.dtype:
+        label += f" [dim]{row.weights}[/dim]"  # a float peer in an int8 group
+    return label
+
+
+def _fmt(value, spec: str, empty: str = "") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def bench_table(result: BenchResult) -> Table:
+    """One row per (shape, dtype, M, impl); gelugemm first in each group, then its peers."""
+    info = result.info
+    c = info.ceilings
+    int8 = f", int8 {c.int8_tops:.0f} TOP/s" if c.int8_tops else ""
+    table = Table(
+        title=f"gelugemm bench · {info.device} · torch {info.torch} · triton {info.triton}",
+        caption=(
+            f"ceilings: bf16 matmul {c.matmul_tflops:.0f} TFLOP/s{int8}, copy {c.copy_gbps:.0f} GB/s · "
+            f"floor = max(FLOPs/matmul, bytes/copy), B = bytes-bound, F = FLOPs-bound · "
+            f"×: gelugemm's speedup over the row (same GELU) · cuBLASLt GELU checked: {info.cublaslt_gelu or 'n/a'} · "
+            f"{info.date}"
+        ),
+        caption_justify="left",
+    )
+    for name, justify in (("shape", "left"), ("dtype", "left"), ("M", "right"), ("impl", "left"),
+                          ("µs", "right"), ("±%", "right"), ("TFLOP/s", "right"), ("GB/s", "right"),
+                          ("floor µs", "right"), ("% floor", "right"), ("gelugemm ×", "right"),
+                          ("rel err", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)
+
+    groups: dict[tuple, list[BenchRow]] = {}
+    for row in result.rows:
+        groups.setdefault((row.d_model, row.d_ff, row.dtype, row.tokens), []).append(row)
+    for (d, f, dtype, m), rows in groups.items():
+        for i, row in enumerate(rows):
+            first = i == 0
+            if row.time_us is not None:
+                spread = (row.p80_us - row.p20_us) / row.time_us * 100
+                timing = (f"{row.time_us:,.1f}", f"{spread:.0f}", _fmt(row.tflops, ".1f"), _fmt(row.gbps, ",.0f"))
+            else:
+                timing = (f"[dim]{row.status}[/dim]", "", "", "")
+            if row.speedup is None:
+                speedup = ""
+            else:
+                colour = "green" if row.speedup >= 1 else "red"
+                speedup = f"[{colour}]{row.speedup:.2f}×[/{colour}]"
+            if row.relerr is None:
+                relerr = ""
+            elif row.status == "wrong":
+                relerr = f"[bold red]✗ {row.relerr:.1e}[/bold red]"
+            else:
+                relerr = f"{row.relerr:.1e}"
+            table.add_row(
+                f"{d}×{f}" if first else "", dtype if first else "", str(m) if first else "",
+                _impl_label(row, info.gelu), *timing,
+                f"{row.floor_us:,.1f} {row.floor_bound[0].upper()}" if first else "",
+                _fmt(row.pct_of_floor, ".0f"), speedup, relerr,
+                end_section=i == len(rows) - 1,
+            )  # fmt: skip
+    return table
+
+
+def problems(result: BenchResult) -> list[str]:
+    """One line per distinct failure, unavailable impl or note, for under the table."""
+    lines = []
+    for row in result.rows:
+        if row.status == "wrong":
+            line = (f"[red]{row.impl} {row.dtype} {row.d_model}×{row.d_ff} M={row.tokens}: relative error "
+                    f"{row.relerr:.2e} over the limit {row.relerr_limit:.0e}[/red]")  # fmt: skip
+        elif row.status in ("error", "unavailable"):
+            colour = "red" if row.status == "error" else "yellow"
+            line = f"[{colour}]{row.impl} {row.dtype}: {row.status}: {row.error}[/{colour}]"
+        else:
+            continue
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def write_speedup_plot(result: BenchResult, path: Path) -> None:
+    """PNG: speedup over torch eager by token count, one panel per (shape, dtype), a line per impl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, dict[str, dict[int, float]]] = {}
+    eager: dict[tuple, float] = {}
+    for row in result.rows:
+        if row.time_us is None:
+            continue
+        panel = (row.d_model, row.d_ff, row.dtype)
+        if row.impl == "eager":
+            eager[(*panel, row.tokens)] = row.time_us
+        label = row.impl + (f" ({row.gelu})" if row.gelu != result.info.gelu else "")
+        panels.setdefault(panel, {}).setdefault(label, {})[row.tokens] = row.time_us
+    panels = {p: lines for p, lines in panels.items() if any(k[:3] == p for k in eager)}
+    if not panels:
+        raise GelugemmError("--plot needs eager rows to compare with: keep 'eager' in --peers")
+
+    shapes = sorted({p[:2] for p in panels})
+    dtypes = [d for d in BENCH_DTYPES if any(p[2] == d for p in panels)]
+    fig, axes = plt.subplots(len(shapes), len(dtypes), figsize=(4.2 * len(dtypes), 3.4 * len(shapes)),
+                             squeeze=False, sharex=True)  # fmt: skip
+    for r, shape in enumerate(shapes):
+        for c, dtype in enumerate(dtypes):
+            ax = axes[r][c]
+            ax.set_title(f"{shape[0]}×{shape[1]} {dtype}", fontsize=10)
+            ax.axhline(1.0, color="grey", lw=0.8)
+            for label, times in sorted(panels.get((*shape, dtype), {}).items()):
+                if label.startswith("eager"):
+                    continue
+                ms = sorted(m for m in times if (*shape, dtype, m) in eager)
+                ys = [eager[(*shape, dtype, m)] / times[m] for m in ms]
+                ours = label.startswith("gelugemm")
+                ax.plot(ms, ys, marker="o", lw=2.2 if ours else 1.0, ls="-" if ours else "--", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens M")
+            ax.set_ylabel("speedup over eager (×)")
+            ax.legend(fontsize=7)
+    info = result.info
+    fig.suptitle(f"{info.device} · torch {info.torch} · triton {info.triton} · {info.date}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def bench(
+    checkpoint: Optional[Path] = typer.Argument(
+        None, help="A safetensors checkpoint: benchmark the shapes of its MLP layers. Without one: 768×3072 and 4096×16384."
+    ),
+    dtype: str = typer.Option(",".join(BENCH_DTYPES), "--dtype", help="Comma-separated dtypes: fp16, bf16, w8a16, w8a8."),
+    shape: Optional[List[str]] = typer.Option(
+        None, "--shape", help="d_model,d_ff to benchmark (repeatable); replaces the checkpoint's and the default shapes."
+    ),
+    tokens: Optional[str] = typer.Option(
+        None, "--tokens", help="Comma-separated token counts M. (default 1,16,128,2048,8192; with --quick 1,128,2048)"
+    ),
+    peer_names: str = typer.Option(
+        ",".join(peers.PEERS), "--peers",
+        help="Comma-separated peers, or 'none': eager, cublaslt, compile (float); dequant (w8a16), int_mm (w8a8).",
+    ),  # fmt: skip
+    gelu: Optional[str] = typer.Option(None, "--gelu", help="erf or tanh. (default: what the checkpoint's config.json says, else erf)"),
+    activation_dtype: str = typer.Option("fp16", "--activation-dtype", help="x and y of the int8 rows: fp16 or bf16."),
+    warmup_ms: Optional[float] = typer.Option(None, "--warmup-ms", help="Warm-up per timing, in ms. (default 25; with --quick 5)"),
+    rep_ms: Optional[float] = typer.Option(None, "--rep-ms", help="Repeats per timing, in ms. (default 100; with --quick 20)"),
+    quick: bool = typer.Option(False, "--quick", help="Fewer token counts and shorter timings: a smoke run."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-' for stdout)."),
+    plot_path: Optional[Path] = typer.Option(
+        None, "--plot", help="Write a PNG of speedup over torch eager by token count (needs matplotlib)."
+    ),
+):
+    """Time gelugemm's fused MLP against torch eager, cuBLASLt's GELU epilogue, torch.compile and naive int8."""
+    with user_errors():
+        dtypes = parse_names(dtype, BENCH_DTYPES, "dtype")
+        chosen_peers = parse_names(peer_names, peers.PEERS, "peer")
+        token_counts = parse_tokens(tokens) if tokens else list(QUICK_TOKENS if quick else DEFAULT_TOKENS)
+        if gelu is not None and gelu not in ("erf", "tanh"):
+            raise GelugemmError(f"--gelu must be erf or tanh; got {gelu!r}")
+        if plot_path is not None:
+            require_matplotlib()
+        if shape:
+            shapes = list(dict.fromkeys(parse_shape(s) for s in shape))
+        elif checkpoint is not None:
+            shapes = checkpoint_mlp_shapes(checkpoint)
+        else:
+            shapes = list(DEFAULT_SHAPES)
+        if gelu is None:
+            gelu = (checkpoint_gelu(checkpoint) if checkpoint is not None else None) or "erf"
+
+        with progress_bar() as report:
+            result = run_bench(
+                shapes, dtypes, token_counts, chosen_peers,
+                gelu=gelu, activation_dtype=activation_dtype,
+                warmup_ms=warmup_ms if warmup_ms is not None else (QUICK_WARMUP_MS if quick else DEFAULT_WARMUP_MS),
+                rep_ms=rep_ms if rep_ms is not None else (QUICK_REP_MS if quick else DEFAULT_REP_MS),
+                progress=report, command=shlex.join(sys.argv), raise_errors=state["debug"],
+            )  # fmt: skip
+
+        if json_path is not None:
+            write_json(json_path, result.to_dict())
+        out = err_console if str(json_path) == "-" else console
+        out.print(bench_table(result))
+        for line in problems(result):
+            out.print(line, highlight=False)
+        if plot_path is not None:
+            write_speedup_plot(result, plot_path)
+        failed = result.failed("gelugemm")
+        if failed:
+            err_console.print(
+                f"[bold red]error:[/bold red] {len(failed)} gelugemm rows failed their correctness check or crashed",
+                highlight=False,
+            )
+            raise typer.Exit(1)

@@ -1,0 +1,708 @@
+"""Side-by-side timings of gelugemm's op and what users run instead (the peers in kernels/peers.py).
+
+    result = run_bench([MLPShape(4096, 16384)], dtypes=["fp16"], tokens=[1, 2048])
+    result.rows[0].time_us, result.rows[0].pct_of_floor, result.to_dict()
+
+One run, on one CUDA device:
+
+1. Ceilings, measured first on this device: a bf16 matmul (8192^3), an int8 one through
+   torch._int_mm, and a device-to-device copy of 1 GiB (bytes read + written).
+2. Every (shape, dtype, token count M, impl) is called once before anything is timed:
+   Triton autotunes, torch.compile compiles, and the output is checked against a float64
+   MLP on a slice of rows (the same weights the impl reads, dequantized for int8).
+3. Each impl is timed with CUDA events around every call, after warm-up; the median is
+   reported. Inputs and weights are rotated over enough copies that between two uses of
+   one buffer the op streams at least ROTATE_OVER_L2 x the L2 size, so every call reads
+   them from device memory; where one call's bytes exceed that (d=4096: 268 MB of fp16
+   weights), a single set is L2-cold by size.
+
+Per row: time, TFLOP/s (TOP/s for w8a8), GB/s over the minimum bytes (x, weights with
+their scales, biases and y, each once), percent of the roofline floor
+max(FLOPs / matmul ceiling, bytes / copy bandwidth), gelugemm's speedup over the row's
+impl, and the relative error against float64.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+
+from kernels import peers
+from kernels.errors import BackendUnavailable, GelugemmError
+from kernels.op import FusedMLP, MLPConfig
+from kernels.reference import mlp_reference
+
+BENCH_DTYPES = ("fp16", "bf16", "w8a16", "w8a8")
+INT8_DTYPES = ("w8a16", "w8a8")
+ACTIVATION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ACTIVATION_BYTES = 2  # fp16 and bf16: x, biases and y of every row
+GELU_FLAVOURS = ("erf", "tanh")
+IMPLS = ("gelugemm",) + peers.PEERS
+DEFAULT_TOKENS = (1, 16, 128, 2048, 8192)
+QUICK_TOKENS = (1, 128, 2048)
+
+# A buffer is reused only after the op has streamed this many L2s of other bytes.
+ROTATE_OVER_L2 = 3
+MAX_ROTATION_SETS = 64
+FALLBACK_L2_BYTES = 50 * 2**20  # where torch does not report the L2 size
+CHECK_ROWS = 64  # rows of the output compared with float64
+
+# ||out - ref|| / ||ref|| allowed against the float64 MLP on the impl's own weights, by
+# what the impl rounds: the fp16/bf16 intermediate and output (K up to 16384), or for
+# w8a8 also x and the GELU output quantized to int8 (about 1% each).
+RELERR_LIMITS = {"fp16": 5e-3, "bf16": 3e-2, "w8a8": 8e-2}
+
+CEILING_MATMUL_N = 8192
+CEILING_COPY_BYTES = 2**30
+
+
+class MLPShape(NamedTuple):
+    d_model: int
+    d_ff: int
+
+    def __str__(self) -> str:
+        return f"{self.d_model}x{self.d_ff}"
+
+
+DEFAULT_SHAPES = (MLPShape(768, 3072), MLPShape(4096, 16384))
+
+
+# ---- the arithmetic: FLOPs, bytes, roofline ------------------------------------------------
+
+
+def mlp_flops(m: int, shape: MLPShape) -> int:
+    """Multiply-adds of both GEMMs, two operations each: 2*M*d*f per GEMM (bias and GELU not counted)."""
+    return 4 * m * shape.d_model * shape.d_ff
+
+
+def mlp_min_bytes(m: int, shape: MLPShape, dtype: str) -> int:
+    """The fewest bytes the MLP must move: x, both weights (int8: 1 byte + a float32 scale
+    per output channel), both biases and y, each once. x, biases and y are 2-byte floats
+    (fp16 or bf16, the activation dtype of int8 rows); the intermediate can stay on chip."""
+    d, f = shape
+    if dtype in INT8_DTYPES:
+        weights = 2 * d * f * 1 + (f + d) * 4
+    else:
+        weights = 2 * d * f * ACTIVATION_BYTES
+    return weights + (f + d) * ACTIVATION_BYTES + 2 * m * d * ACTIVATION_BYTES
+
+
+@dataclass
+class Ceilings:
+    """Rates measured on the device at the start of the run."""
+
+    matmul_tflops: float  # bf16, also the float ceiling for fp16 and w8a16 (same tensor-core rate)
+    int8_tops: float | None  # torch._int_mm; None where it cannot run
+    copy_gbps: float  # device-to-device copy, bytes read + written
+
+    def compute_rate(self, dtype: str) -> float:
+        """Operations per second of the unit that runs this dtype's GEMMs."""
+        if dtype == "w8a8" and self.int8_tops:
+            return self.int8_tops * 1e12
+        return self.matmul_tflops * 1e12
+
+
+def roofline_floor_us(flops: int, nbytes: int, ceilings: Ceilings, dtype: str) -> tuple[float, str]:
+    """(floor in microseconds, 'flops' or 'bytes'): the larger of compute time and memory time."""
+    compute_us = flops / ceilings.compute_rate(dtype) * 1e6
+    memory_us = nbytes / (ceilings.copy_gbps * 1e9) * 1e6
+    return (compute_us, "flops") if compute_us >= memory_us else (memory_us, "bytes")
+
+
+def rotation_sets(call_bytes: int, l2_bytes: int) -> int:
+    """How many copies of the inputs and weights to rotate over so that each is L2-cold when reused."""
+    return max(1, min(MAX_ROTATION_SETS, math.ceil(ROTATE_OVER_L2 * l2_bytes / max(call_bytes, 1))))
+
+
+def relerr_limit(dtype: str, impl: str, activation_dtype: str = "fp16") -> float:
+    """The error an impl of this row may have against float64 on its own weights."""
+    if dtype == "w8a8" and impl in ("gelugemm", "int_mm"):
+        return RELERR_LIMITS["w8a8"]
+    return RELERR_LIMITS[activation_dtype if dtype in INT8_DTYPES else dtype]
+
+
+# ---- shapes from a checkpoint ------------------------------------------------------------------
+
+# (first linear, second linear, layout) name suffixes of the MLP in the model families we read.
+# "out_in" is nn.Linear's [d_ff, d_model] for the first linear; "in_out" is GPT-2's Conv1D.
+MLP_NAME_PATTERNS = (
+    ("intermediate.dense.weight", "output.dense.weight", "out_in"),  # BERT, RoBERTa, ViT (HF)
+    ("mlp.c_fc.weight", "mlp.c_proj.weight", "in_out"),  # GPT-2
+    ("mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight", "out_in"),  # GPT-NeoX, Pythia, Falcon
+    ("mlp.fc1.weight", "mlp.fc2.weight", "out_in"),  # ViT (timm), CLIP
+    ("mlp.fc_in.weight", "mlp.fc_out.weight", "out_in"),  # GPT-J
+)
+
+
+def checkpoint_mlp_shapes(path: str | Path) -> list[MLPShape]:
+    """The distinct (d_model, d_ff) of the MLP layers in a safetensors checkpoint, read from
+    tensor names and shapes (no tensor is loaded). Raises GelugemmError if there are none."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise GelugemmError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes_by_name = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise GelugemmError(f"cannot read {path} as safetensors: {exc}") from None
+
+    found = []
+    for name, w1_shape in shapes_by_name.items():
+        for first, second, layout in MLP_NAME_PATTERNS:
+            if not name.endswith(first) or len(w1_shape) != 2:
+                continue
+            w2_shape = shapes_by_name.get(name[: -len(first)] + second)
+            if w2_shape is None:
+                continue
+            d, f = (w1_shape[1], w1_shape[0]) if layout == "out_in" else w1_shape
+            expected_w2 = (d, f) if layout == "out_in" else (f, d)
+            if tuple(w2_shape) != expected_w2:
+                raise GelugemmError(f"{path}: {name} is {w1_shape} but its second linear is {w2_shape}, not {expected_w2}")
+            found.append(MLPShape(int(d), int(f)))
+    if not found:
+        families = ", ".join(first for first, _, _ in MLP_NAME_PATTERNS)
+        raise GelugemmError(f"no MLP layers found in {path} (looked for tensors named *{{{families}}})")
+    return sorted(set(found))
+
+
+def checkpoint_gelu(path: str | Path) -> str | None:
+    """The GELU flavour the checkpoint's config.json (beside it) names, or None if it names none."""
+    import json
+
+    from calibration.bert import HIDDEN_ACT_TO_GELU
+
+    config_path = Path(path).parent / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    act = config.get("hidden_act") or config.get("activation_function")  # BERT-style, GPT-2-style
+    return HIDDEN_ACT_TO_GELU.get(act)
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+    reps: int
+
+
+def median_time(call: Callable[[int], object], n_sets: int, warmup_ms: float, rep_ms: float,
+                min_reps: int = 10, max_reps: int = 20_000) -> Timing:  # fmt: skip
+    """Median over repeats of one call's time, measured with CUDA events around each call.
+
+    `call(i)` runs the op on rotation set i. Like triton.testing.do_bench, warm-up and
+    repeats are given in milliseconds and turned into counts from a first estimate; unlike
+    it, nothing flushes L2 between calls (rotation keeps the data cold, and a flush leaves
+    dirty lines that the timed call would pay to write back). Events around each call see
+    what a Python caller sees, launch gaps included.
+    """
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    call(0)
+    torch.cuda.synchronize()
+    start.record()
+    for i in range(5):
+        call(i % n_sets)
+    end.record()
+    end.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-4)
+    for i in range(max(1, int(warmup_ms / estimate_ms))):
+        call(i % n_sets)
+    reps = max(min_reps, min(max_reps, int(rep_ms / estimate_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for i in range(reps):
+        starts[i].record()
+        call(i % n_sets)
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return Timing(statistics.median(times), quantiles[0], quantiles[3], reps)
+
+
+def measure_ceilings(device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> Ceilings:
+    """Matmul, int8 and copy rates of this device, on random data (never zeros: they run faster)."""
+    n = CEILING_MATMUL_N
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = median_time(lambda i: torch.mm(a, b), 1, warmup_ms, rep_ms)
+    matmul_tflops = 2 * n**3 / (t.median_us * 1e-6) / 1e12
+    del a, b
+
+    int8_tops = None
+    if hasattr(torch, "_int_mm"):
+        a8 = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+        w8 = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+        # W stored [N, K] and passed transposed, as the int_mm peer calls it.
+        t = median_time(lambda i: torch._int_mm(a8, w8.t()), 1, warmup_ms, rep_ms)
+        int8_tops = 2 * n**3 / (t.median_us * 1e-6) / 1e12
+        del a8, w8
+
+    src = torch.empty(CEILING_COPY_BYTES, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = median_time(lambda i: dst.copy_(src), 1, warmup_ms, rep_ms)
+    copy_gbps = 2 * CEILING_COPY_BYTES / (t.median_us * 1e-6) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return Ceilings(matmul_tflops, int8_tops, copy_gbps)
+
+
+# ---- the result: one object, rendered as a table or written as JSON ---------------------------
+
+
+@dataclass
+class BenchRow:
+    """One (shape, dtype, M, impl) measurement and what it means against the floor and gelugemm."""
+
+    d_model: int
+    d_ff: int
+    dtype: str  # the row's group: fp16 | bf16 | w8a16 | w8a8
+    tokens: int  # M
+    impl: str  # gelugemm | eager | cublaslt | compile | dequant | int_mm
+    gelu: str  # the GELU this impl computed: erf | tanh
+    weights: str  # what the impl reads: fp16 | bf16 | int8
+    status: str  # ok | wrong (error past the limit; still timed) | unavailable | error
+    flops: int
+    min_bytes: int
+    floor_us: float
+    floor_bound: str  # flops | bytes
+    time_us: float | None = None  # median
+    p20_us: float | None = None
+    p80_us: float | None = None
+    reps: int | None = None
+    rotation_sets: int | None = None
+    tflops: float | None = None  # TOP/s for w8a8
+    gbps: float | None = None  # min_bytes / time
+    pct_of_floor: float | None = None  # floor / time * 100
+    speedup: float | None = None  # gelugemm's: this impl's time / gelugemm's time
+    speedup_vs: str | None = None  # the gelugemm row it is taken against, e.g. "gelugemm tanh"
+    relerr: float | None = None  # ||out - ref|| / ||ref|| against float64 on CHECK_ROWS rows
+    relerr_limit: float | None = None
+    note: str | None = None
+    error: str | None = None
+
+    @property
+    def shape(self) -> MLPShape:
+        return MLPShape(self.d_model, self.d_ff)
+
+
+@dataclass
+class RunInfo:
+    device: str
+    capability: str
+    sm_count: int
+    l2_bytes: int
+    torch: str
+    triton: str
+    cuda: str | None
+    gelugemm: str
+    date: str
+    ceilings: Ceilings
+    gelu: str  # the GELU asked for; cuBLASLt rows and their gelugemm twins are tanh
+    activation_dtype: str  # x and y of the int8 rows
+    cublaslt_gelu: str | None  # checked on the device: tanh | erf | unknown
+    warmup_ms: float
+    rep_ms: float
+    command: str | None = None
+    method: str = (
+        "CUDA events around each call, median over repeats after warm-up; inputs and weights "
+        f"rotated so each buffer is reused only after {ROTATE_OVER_L2}x L2 of other bytes; "
+        "autotuning and torch.compile done before timing; relerr against a float64 MLP on the "
+        "impl's own weights (dequantized for int8)."
+    )
+
+
+@dataclass
+class BenchResult:
+    info: RunInfo
+    rows: list[BenchRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"info": asdict(self.info), "rows": [asdict(r) for r in self.rows]}
+
+    def failed(self, impl: str | None = "gelugemm") -> list[BenchRow]:
+        """Rows (of one impl, or all with None) that ran wrong or crashed."""
+        return [r for r in self.rows if r.status in ("wrong", "error") and (impl is None or r.impl == impl)]
+
+
+def fill_metrics(row: BenchRow) -> None:
+    """Throughput and floor fraction from the row's time (None where it was not timed)."""
+    if row.time_us is None:
+        return
+    seconds = row.time_us * 1e-6
+    row.tflops = row.flops / seconds / 1e12
+    row.gbps = row.min_bytes / seconds / 1e9
+    row.pct_of_floor = row.floor_us / row.time_us * 100
+
+
+def fill_speedups(rows: list[BenchRow]) -> None:
+    """gelugemm's speedup over every other row of its (shape, dtype, M) group.
+
+    Each peer is compared with the gelugemm row of the same GELU flavour (the cuBLASLt
+    epilogue is tanh-only), else with the group's first gelugemm row, said in speedup_vs.
+    """
+    groups: dict[tuple, list[BenchRow]] = {}
+    for row in rows:
+        groups.setdefault((row.d_model, row.d_ff, row.dtype, row.tokens), []).append(row)
+    for group in groups.values():
+        ours = {r.gelu: r for r in group if r.impl == "gelugemm" and r.time_us}
+        for row in group:
+            if row.impl == "gelugemm" or not row.time_us or not ours:
+                continue
+            base = ours.get(row.gelu) or next(iter(ours.values()))
+            row.speedup = row.time_us / base.time_us
+            row.speedup_vs = f"gelugemm {base.gelu}"
+
+
+# ---- running it -----------------------------------------------------------------------------
+
+Progress = Callable[[str, int, int, str], None]  # (stage, done, total, label)
+
+
+def _no_progress(stage: str, done: int, total: int, label: str) -> None:
+    pass
+
+
+def require_cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(f"bench needs a CUDA GPU; torch {torch.__version__} sees none")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype) -> None:
+    """Raise GelugemmError on anything run_bench cannot run, before any device work."""
+    if not shapes:
+        raise GelugemmError("no shapes to benchmark")
+    for shape in shapes:
+        if len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise GelugemmError(f"a shape is two positive integers d_model,d_ff; got {tuple(shape)}")
+    if not dtypes:
+        raise GelugemmError("no dtypes to benchmark")
+    for name, values, allowed in (("dtype", dtypes, BENCH_DTYPES), ("peer", peer_names, peers.PEERS)):
+        for value in values:
+            if value not in allowed:
+                raise GelugemmError(f"unknown {name} {value!r} (one of {', '.join(allowed)})")
+    if not tokens or not all(isinstance(m, int) and m > 0 for m in tokens):
+        raise GelugemmError(f"token counts must be positive integers; got {list(tokens)}")
+    if gelu not in GELU_FLAVOURS:
+        raise GelugemmError(f"gelu must be erf or tanh; got {gelu!r}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise GelugemmError(f"activation dtype must be fp16 or bf16; got {activation_dtype!r}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+@dataclass
+class _Case:
+    """One impl on one workload: what it reads, how to build it, and what it measured."""
+
+    shape: MLPShape
+    m: int
+    impl: str
+    gelu: str
+    weights: str  # the weight sets it reads: "fp16" | "bf16" (float) or "w8a16" | "w8a8" (int8)
+    n_sets: int  # rotation sets
+    build: Callable[[], Callable]  # -> fn(x, w1, b1, w2, b2) -> y
+    relerr_limit: float
+    note: str | None = None
+    call: Callable[[int], torch.Tensor] | None = None  # fn on rotation set i, bound in _prepare
+    status: str = "pending"
+    relerr: float | None = None
+    timing: Timing | None = None
+    error: str | None = None
+
+
+class _Workloads:
+    """The random inputs and weights of one run, made on first use and rotated by index.
+
+    Float weights are drawn per set; int8 weights are the per-channel quantization of the
+    float set with the same index, so float peers and int8 impls see the same matrices.
+    """
+
+    def __init__(self, device: torch.device, activation_dtype: str):
+        self.device = device
+        self.activation_dtype = activation_dtype
+        self._float: dict = {}
+        self._int8: dict = {}
+        self._x: dict = {}
+        self._refs: dict = {}
+        self._output_scales: dict = {}
+
+    def _randn(self, *shape, dtype, scale=1.0):
+        return (torch.randn(*shape, device=self.device, dtype=torch.float32) * scale).to(dtype)
+
+    def x_dtype(self, weights: str) -> torch.dtype:
+        return ACTIVATION_DTYPES[self.activation_dtype if weights in INT8_DTYPES else weights]
+
+    def float_weights(self, shape: MLPShape, dtype: torch.dtype, n: int) -> list[tuple]:
+        sets = self._float.setdefault((shape, dtype), [])
+        d, f = shape
+        while len(sets) < n:
+            sets.append((
+                self._randn(f, d, dtype=dtype, scale=d**-0.5), self._randn(f, dtype=dtype, scale=0.5),
+                self._randn(d, f, dtype=dtype, scale=f**-0.5), self._randn(d, dtype=dtype, scale=0.5),
+            ))  # fmt: skip
+        return sets
+
+    def output_scale(self, shape: MLPShape, dtype: torch.dtype) -> torch.Tensor:
+        """w8a8's static scale for the GELU output: its amax over 256 random tokens / 127."""
+        key = (shape, dtype)
+        if key not in self._output_scales:
+            w1, b1, _, _ = self.float_weights(shape, dtype, 1)[0]
+            x = self._randn(256, shape.d_model, dtype=torch.float32)
+            h = torch.nn.functional.gelu(x @ w1.float().t() + b1.float())
+            self._output_scales[key] = (h.abs().amax() / 127.0).reshape(())
+        return self._output_scales[key]
+
+    def int8_weights(self, shape: MLPShape, dtype: str, n: int) -> list[tuple]:
+        act = ACTIVATION_DTYPES[self.activation_dtype]
+        sets = self._int8.setdefault((shape, dtype), [])
+        for w1, b1, w2, b2 in self.float_weights(shape, act, n)[len(sets) : n]:
+            q1, q2 = peers.quantize_per_channel(w1), peers.quantize_per_channel(w2)
+            if dtype == "w8a8":
+                q1.output_scale = self.output_scale(shape, act)
+            sets.append((q1, b1, q2, b2))
+        return sets
+
+    def weight_sets(self, shape: MLPShape, weights: str, n: int) -> list[tuple]:
+        if weights in INT8_DTYPES:
+            return self.int8_weights(shape, weights, n)
+        return self.float_weights(shape, ACTIVATION_DTYPES[weights], n)
+
+    def inputs(self, shape: MLPShape, dtype: torch.dtype, m: int, n: int) -> list[torch.Tensor]:
+        sets = self._x.setdefault((shape, dtype, m), [])
+        while len(sets) < n:
+            sets.append(self._randn(m, shape.d_model, dtype=dtype))
+        return sets
+
+    def bind(self, case: _Case) -> Callable[[int], torch.Tensor]:
+        """case's impl as call(i) on rotation set i, with every buffer looked up beforehand so
+        that the timed call does nothing but run the impl."""
+        fn = case.build()
+        n = case.n_sets
+        xs = self.inputs(case.shape, self.x_dtype(case.weights), case.m, n)
+        args = [(x, *w) for x, w in zip(xs, self.weight_sets(case.shape, case.weights, n))]
+
+        def call(i: int) -> torch.Tensor:
+            return fn(*args[i % n])
+
+        return call
+
+    def relerr(self, case: _Case, out: torch.Tensor) -> float:
+        """||out - ref|| / ||ref|| on up to CHECK_ROWS rows of call(0)'s output, ref in float64."""
+        rows, ref = self._reference(case.shape, case.m, case.weights, case.gelu)
+        out = out[rows].to(torch.float64)
+        if not torch.isfinite(out).all():
+            return float("inf")
+        return ((out - ref).norm() / ref.norm()).item()
+
+    def _reference(self, shape, m, weights, gelu) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (shape, m, weights, gelu)
+        if key not in self._refs:
+            # Rows spread over all of M, so a wrong tile far from the first one shows.
+            rows = torch.linspace(0, m - 1, min(m, CHECK_ROWS), device=self.device).round().long().unique()
+            x = self.inputs(shape, self.x_dtype(weights), m, 1)[0][rows]
+            w1, b1, w2, b2 = self.weight_sets(shape, weights, 1)[0]
+            if weights in INT8_DTYPES:
+                w1, w2 = w1.dequantize(dtype=torch.float64), w2.dequantize(dtype=torch.float64)
+            f64 = lambda t: t.to(torch.float64)  # noqa: E731
+            ref = mlp_reference(f64(x), f64(w1), f64(b1), f64(w2), f64(b2), gelu_flavour=gelu, dtype=torch.float64)
+            self._refs[key] = (rows, ref)
+        return self._refs[key]
+
+
+def _gelugemm_op(dtype: str, gelu: str, activation_dtype: str, device: torch.device) -> FusedMLP:
+    config = MLPConfig(dtype=dtype, gelu=gelu, backend="triton", activation_dtype=activation_dtype)
+    return FusedMLP(config, device=device)
+
+
+def _plan(shape, dtype, m, peer_names, gelu, activation_dtype, l2_bytes, device) -> list[tuple[tuple, _Case]]:
+    """(identity key, case) for every impl of one (shape, dtype, M) group, gelugemm first.
+
+    Float peers of an int8 group run on float weights in the activation dtype; their key
+    leaves the group's dtype out, so the fp16 group's measurement is reused, not repeated.
+    """
+    float_weights = activation_dtype if dtype in INT8_DTYPES else dtype
+
+    def case(impl, flavour, weights, build, note=None) -> _Case:
+        n_sets = rotation_sets(mlp_min_bytes(m, shape, weights), l2_bytes)
+        return _Case(shape, m, impl, flavour, weights, n_sets, build, relerr_limit(dtype, impl, activation_dtype), note)
+
+    plans = []
+    # gelugemm in the GELU asked for, and in tanh too when the tanh-only cuBLASLt peer is
+    # in the run, so that its speedup compares like with like.
+    flavours = [gelu] + (["tanh"] if gelu != "tanh" and "cublaslt" in peer_names else [])
+    for flavour in flavours:
+        build = functools.partial(_gelugemm_op, dtype, flavour, activation_dtype, device)
+        plans.append(((shape, dtype, m, "gelugemm", flavour), case("gelugemm", flavour, dtype, build)))
+
+    for peer in peer_names:
+        if peer == "eager":
+            build = lambda: functools.partial(peers.eager_mlp, gelu=gelu)  # noqa: E731
+            plans.append(((shape, float_weights, m, peer), case(peer, gelu, float_weights, build)))
+        elif peer == "cublaslt":
+            note = "cuBLASLt's GELU epilogue is tanh"
+            plans.append(((shape, float_weights, m, peer), case(peer, "tanh", float_weights, lambda: peers.cublaslt_mlp, note)))
+        elif peer == "compile":
+            build = functools.partial(peers.compiled_mlp, gelu)
+            plans.append(((shape, float_weights, m, peer), case(peer, gelu, float_weights, build)))
+        elif peers.INT8_PEERS[peer] == dtype:
+            fn = peers.dequant_mlp if peer == "dequant" else peers.int_mm_mlp
+            build = lambda fn=fn: functools.partial(fn, gelu=gelu)  # noqa: E731
+            note = None
+            if peer == "int_mm" and m <= 16:
+                note = f"x padded to {peers.INT_MM_MIN_ROWS} rows: torch._int_mm needs more than 16"
+            plans.append(((shape, dtype, m, peer), case(peer, gelu, dtype, build, note)))
+    return plans
+
+
+def run_bench(
+    shapes: list[MLPShape] = DEFAULT_SHAPES,
+    dtypes: list[str] = BENCH_DTYPES,
+    tokens: list[int] = DEFAULT_TOKENS,
+    peer_names: list[str] = peers.PEERS,
+    *,
+    gelu: str = "erf",
+    activation_dtype: str = "fp16",
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    progress: Progress | None = None,
+    command: str | None = None,
+    raise_errors: bool = False,
+) -> BenchResult:
+    """Time gelugemm's op and its peers on every (shape, dtype, M); see the module docstring.
+
+    progress(stage, done, total, label) is called as the run goes; stages are
+    "ceilings", "prepare" (autotune, compile, check) and "time".
+    A case that fails is kept as a row with its error (raise_errors=True re-raises it);
+    a gelugemm dtype whose kernels are not there yet is a row with status "unavailable".
+    """
+    validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype)
+    shapes = [MLPShape(*s) for s in shapes]
+    device = require_cuda()
+    report = progress or _no_progress
+    with torch.inference_mode(), peers.dynamo_patch():
+        report("ceilings", 0, 1, "matmul, int8, copy")
+        ceilings = measure_ceilings(device, warmup_ms, max(rep_ms, 100.0))
+        report("ceilings", 1, 1, "matmul, int8, copy")
+        info = _run_info(device, ceilings, gelu, activation_dtype, warmup_ms, rep_ms, command, peer_names)
+
+        groups = []  # ((shape, dtype, m), [case keys])
+        cases: dict[tuple, _Case] = {}
+        for shape in shapes:
+            for dtype in dtypes:
+                for m in tokens:
+                    plans = _plan(shape, dtype, m, peer_names, gelu, activation_dtype, info.l2_bytes, device)
+                    for key, case in plans:
+                        cases.setdefault(key, case)
+                    groups.append(((shape, dtype, m), [key for key, _ in plans]))
+
+        work = _Workloads(device, activation_dtype)
+        for done, (key, case) in enumerate(cases.items()):
+            report("prepare", done, len(cases), _label(key))
+            _prepare(case, work, raise_errors)
+        report("prepare", len(cases), len(cases), "done")
+
+        timed = [(key, case) for key, case in cases.items() if case.status in ("ok", "wrong")]
+        for done, (key, case) in enumerate(timed):
+            report("time", done, len(timed), _label(key))
+            try:
+                case.timing = median_time(case.call, case.n_sets, warmup_ms, rep_ms)
+            except Exception as exc:
+                if raise_errors:
+                    raise
+                case.status, case.error = "error", _one_line(exc)
+        report("time", len(timed), len(timed), "done")
+
+    rows = []
+    for (shape, dtype, m), keys in groups:
+        flops, nbytes = mlp_flops(m, shape), mlp_min_bytes(m, shape, dtype)
+        floor_us, bound = roofline_floor_us(flops, nbytes, ceilings, dtype)
+        for key in keys:
+            c = cases[key]
+            t = c.timing
+            row = BenchRow(
+                shape.d_model, shape.d_ff, dtype, m, c.impl, c.gelu,
+                "int8" if c.weights in INT8_DTYPES else c.weights, c.status, flops, nbytes, floor_us, bound,
+                time_us=t and t.median_us, p20_us=t and t.p20_us, p80_us=t and t.p80_us, reps=t and t.reps,
+                rotation_sets=c.n_sets, relerr=c.relerr, relerr_limit=c.relerr_limit, note=c.note, error=c.error,
+            )  # fmt: skip
+            fill_metrics(row)
+            rows.append(row)
+    fill_speedups(rows)
+    return BenchResult(info, rows)
+
+
+def _label(key: tuple) -> str:
+    shape, dtype, m, impl, *flavour = key
+    return f"{shape} {dtype} M={m} {impl}" + (" (tanh)" if flavour == ["tanh"] else "")
+
+
+def _prepare(case: _Case, work: _Workloads, raise_errors: bool) -> None:
+    """Bind the buffers, make the first call (autotune, compile) and check it; sets case.status."""
+    try:
+        case.call = work.bind(case)
+        out = case.call(0)
+        torch.cuda.synchronize()
+        case.relerr = work.relerr(case, out)
+        case.status = "ok" if case.relerr <= case.relerr_limit else "wrong"
+    except GelugemmError as exc:
+        # The op refusing a config (a dtype whose kernels have not landed) is not a crash.
+        if raise_errors:
+            raise
+        case.status, case.error = "unavailable", str(exc)
+    except Exception as exc:
+        if raise_errors:
+            raise
+        case.status, case.error = "error", _one_line(exc)
+
+
+def _run_info(device, ceilings, gelu, activation_dtype, warmup_ms, rep_ms, command, peer_names) -> RunInfo:
+    import importlib.metadata
+
+    import triton
+
+    props = torch.cuda.get_device_properties(device)
+    try:
+        version = importlib.metadata.version("gelugemm")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    cublaslt = None
+    if "cublaslt" in peer_names:
+        cublaslt = peers.cublaslt_gelu_flavour(device, torch.float16)
+    return RunInfo(
+        device=props.name,
+        capability="{}.{}".format(*torch.cuda.get_device_capability(device)),
+        sm_count=props.multi_processor_count,
+        l2_bytes=int(getattr(props, "L2_cache_size", 0) or FALLBACK_L2_BYTES),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        gelugemm=version,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        ceilings=ceilings,
+        gelu=gelu,
+        activation_dtype=activation_dtype,
+        cublaslt_gelu=cublaslt,
+        warmup_ms=warmup_ms,
+        rep_ms=rep_ms,
+        command=command,
+    )

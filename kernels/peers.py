@@ -1,0 +1,161 @@
+"""What users run instead of gelugemm's op: the MLP through torch, cuBLASLt and torch.compile.
+
+Every peer computes  y = GELU(x @ W1^T + b1) @ W2^T + b2  with nn.Linear's [out, in]
+weights, takes the same arguments as `FusedMLP` (x, w1, b1, w2, b2) and returns y in x's
+dtype, so the benchmark can time them side by side on the same inputs.
+
+    eager     F.linear, F.gelu, F.linear in the float dtype
+    cublaslt  torch._addmm_activation(b1, x, W1^T, use_gelu=True), then addmm: cuBLASLt's
+              GEMM with a bias+GELU epilogue. That epilogue is the tanh approximation
+              (CUBLASLT_EPILOGUE_GELU_BIAS; torch's non-Lt fallback calls gelu(..., "tanh")
+              too), so this peer is tanh GELU whatever the run asks for:
+              `cublaslt_gelu_flavour` checks that on the device.
+    compile   torch.compile of `eager` (static shapes)
+    dequant   w8a16 the naive way: dequantize the int8 weights in torch on every call,
+              then the eager MLP
+    int_mm    w8a8 through torch._int_mm: per-token dynamic int8 quantization of x, int8
+              GEMM, dequantize, bias, GELU, requantize, int8 GEMM, dequantize, bias
+
+The int8 helpers (`quantize_per_channel`, `quantize_per_token`) are the plain symmetric
+schemes the int8 kernels take: W ~= data * scale, int8 in [-127, 127].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.quantized import QuantizedWeight
+from kernels.reference import gelu as reference_gelu
+
+FLOAT_PEERS = ("eager", "cublaslt", "compile")
+INT8_PEERS = {"dequant": "w8a16", "int_mm": "w8a8"}  # peer -> the one dtype it runs for
+PEERS = FLOAT_PEERS + tuple(INT8_PEERS)
+
+# torch._int_mm refuses inputs of 16 rows or fewer; the peer pads x to this many.
+INT_MM_MIN_ROWS = 32
+
+
+def _approximate(gelu: str) -> str:
+    return "tanh" if gelu == "tanh" else "none"
+
+
+# ---- float peers ------------------------------------------------------------------------
+
+
+def eager_mlp(x, w1, b1, w2, b2, gelu: str = "erf"):
+    """The MLP as three torch calls, in x's dtype."""
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=_approximate(gelu)), w2, b2)
+
+
+def cublaslt_mlp(x, w1, b1, w2, b2):
+    """GEMM1 with cuBLASLt's bias+GELU epilogue (tanh GELU), then GEMM2 with its bias."""
+    h = torch._addmm_activation(b1, x, w1.t(), use_gelu=True)
+    return torch.addmm(b2, h, w2.t())
+
+
+def compiled_mlp(gelu: str = "erf"):
+    """torch.compile of the eager MLP for one GELU flavour; compiles on its first call."""
+    approximate = _approximate(gelu)
+
+    def mlp(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+    # dynamic=False: one specialised graph per token count, as a serving stack with fixed
+    # batch shapes would compile it (and no switch to dynamic shapes on the second M).
+    return torch.compile(mlp, dynamic=False)
+
+
+def dynamo_recompile_limits() -> dict:
+    """torch._dynamo settings that keep every (shape, M) of one run compiled.
+
+    All `compiled_mlp` closures share one code object, so their graphs count against one
+    recompile limit (8 by default); past it dynamo falls back to eager without a word, and
+    the 'compile' rows would time eager. The names differ across torch versions.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+    return {name: 4096 for name in names if hasattr(config, name)}
+
+
+def dynamo_patch():
+    """A context manager that raises dynamo's recompile limits for its duration."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(**dynamo_recompile_limits())
+
+
+def cublaslt_gelu_flavour(device, dtype: torch.dtype = torch.float16) -> str:
+    """'tanh' or 'erf': which GELU torch._addmm_activation(use_gelu=True) applies on this device.
+
+    Pre-activations are put in [-3.5, -2.5], where the two GELUs differ by about 6% (they
+    agree within 2e-4 elsewhere, under fp16 rounding), and the output is compared with
+    both, computed in float64 from the same rounded inputs.
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(64, 64, generator=g) * 0.1).to(device, dtype)
+    w = (torch.randn(128, 64, generator=g) * 0.01).to(device, dtype)
+    b = (torch.rand(128, generator=g) - 3.5).to(device, dtype)
+    out = torch._addmm_activation(b, x, w.t(), use_gelu=True).double()
+    pre = torch.addmm(b.double(), x.double(), w.double().t())
+    errors = {}
+    for flavour in ("erf", "tanh"):
+        ref = reference_gelu(pre, flavour)
+        errors[flavour] = ((out - ref).norm() / ref.norm()).item()
+    best = min(errors, key=errors.get)
+    # The other flavour sits ~6e-2 away; a result far from both is neither. (In bf16 the
+    # pre-activation may be rounded before the GELU, which blurs the two: check in fp16.)
+    return best if errors[best] < 2e-2 else "unknown"
+
+
+# ---- int8 helpers and peers -------------------------------------------------------------
+
+
+def quantize_per_channel(w: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8 per output channel of an [out, in] weight: scale = amax(row) / 127."""
+    scale = (w.float().abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    data = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(data=data, scale=scale)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of x: (int8 [M, K], float32 scale [M, 1])."""
+    scale = (x.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequant_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
+    """w8a16 the naive way: rebuild both float weights in torch, then the eager MLP."""
+    w1 = q1.data.to(x.dtype) * q1.scale.to(x.dtype)[:, None]
+    w2 = q2.data.to(x.dtype) * q2.scale.to(x.dtype)[:, None]
+    return eager_mlp(x, w1, b1, w2, b2, gelu)
+
+
+def _int_mm(a_int8: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """a @ W^T in int32 through torch._int_mm, padding a past its 16-row minimum."""
+    m = a_int8.shape[0]
+    if m < INT_MM_MIN_ROWS:
+        a_int8 = F.pad(a_int8, (0, 0, 0, INT_MM_MIN_ROWS - m))
+    return torch._int_mm(a_int8, w.data.t())[:m]
+
+
+def int_mm_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
+    """w8a8 with torch._int_mm and the (de)quantization steps as separate torch ops.
+
+    The GELU output is requantized with q1.output_scale where it is set (the calibrated
+    scale the fused kernel uses), else per token.
+    """
+    xq, x_scale = quantize_per_token(x)
+    h = _int_mm(xq, q1).float() * x_scale * q1.scale + b1.float()
+    h = F.gelu(h, approximate=_approximate(gelu))
+    if q1.output_scale is not None:
+        h_scale = q1.output_scale.float()
+        hq = torch.round(h / h_scale).clamp_(-127, 127).to(torch.int8)
+    else:
+        hq, h_scale = quantize_per_token(h)
+    y = _int_mm(hq, q2).float() * h_scale * q2.scale
+    if b2 is not None:
+        y = y + b2.float()
+    return y.to(x.dtype)
