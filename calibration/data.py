@@ -44,20 +44,30 @@ def split_rows(total: int, split: str) -> tuple[int, int]:
     return (0, cut) if split == "calibrate" else (cut, total)
 
 
+def _calibration_shape(handle, calib: str | Path, layer: MLPLayer) -> tuple[int, ...]:
+    if layer.fc1 not in handle.keys():
+        have = ", ".join(sorted(handle.keys())[:6])
+        raise CheckpointError(f"{calib} has no tensor {layer.fc1!r} (the key of each MLP is its fc1 prefix); it holds: {have}")
+    shape = tuple(handle.get_slice(layer.fc1).get_shape())
+    if len(shape) != 2 or shape[1] != layer.d_model:
+        raise CheckpointError(f"{calib}: {layer.fc1} has shape {list(shape)}, expected [tokens, {layer.d_model}]")
+    return shape
+
+
+def check_calibration_file(calib: str | Path, layers: list[MLPLayer]) -> None:
+    """Fail early, from the header alone, if a calibration file lacks any layer's rows."""
+    with open_checkpoint(calib) as handle:
+        for layer in layers:
+            split_rows(_calibration_shape(handle, calib, layer)[0], "calibrate")
+
+
 def file_inputs(calib: str | Path, layer: MLPLayer, *, split: str = "calibrate", tokens: int | None = None) -> torch.Tensor:
     """One layer's rows of a calibration file's split (the first `tokens` of them), float32."""
     with open_checkpoint(calib) as handle:
-        if layer.fc1 not in handle.keys():
-            have = ", ".join(sorted(handle.keys())[:6])
-            raise CheckpointError(f"{calib} has no tensor {layer.fc1!r} (the key of each MLP is its fc1 prefix); it holds: {have}")
-        sl = handle.get_slice(layer.fc1)
-        shape = tuple(sl.get_shape())
-        if len(shape) != 2 or shape[1] != layer.d_model:
-            raise CheckpointError(f"{calib}: {layer.fc1} has shape {list(shape)}, expected [tokens, {layer.d_model}]")
-        start, stop = split_rows(shape[0], split)
+        start, stop = split_rows(_calibration_shape(handle, calib, layer)[0], split)
         if tokens is not None:
             stop = min(stop, start + tokens)
-        x = sl[start:stop].to(torch.float32)
+        x = handle.get_slice(layer.fc1)[start:stop].to(torch.float32)
     if not torch.isfinite(x).all():
         raise CheckpointError(f"{calib}: {layer.fc1} holds NaN or Inf")
     return x

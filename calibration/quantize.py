@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from calibration.checkpoint import MLPLayer, TensorInfo, mlps_in, open_checkpoint, read_mlp, tensor_infos
-from calibration.data import calibration_inputs, describe_source
+from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError
 from calibration.memory import MemoryMeter
 from calibration.options import QuantizeOptions
@@ -211,6 +211,7 @@ def quantize_checkpoint(
         w8a8 = options.scheme == "w8a8"
         calibration = describe_source(calib=options.calib, tokens=options.tokens, seed=options.seed) if w8a8 else None
         if calibration and calibration["kind"] == "file":
+            check_calibration_file(options.calib, layers)
             calibration["sha256"] = sha256_file(options.calib)
         record = build_record(source, output, layers, options, calibration)
         plan = _output_plan(layers, infos, options)
