@@ -1,0 +1,191 @@
+"""kernels/op.py with int8 weights: FusedMLP(dtype="w8a16" | "w8a8") through the Triton
+kernels and through the torch references, against each other and against the float64
+MLP on the same dequantized weights; the errors a user gets for missing scales.
+"""
+
+import math
+
+import pytest
+import torch
+
+import kernels.op as op_module
+from conftest import DEVICE, TOL_VS_REFERENCE, randn, rel_err
+from kernels.errors import LaunchError
+from kernels.op import FusedMLP, MLPConfig
+from kernels.quantized import QuantizedWeight
+from kernels.reference import mlp_reference
+from test_w8a8 import TOL_W8A8_VS_FLOAT64, calibrate
+from test_w8a16 import TOL_W8A16_VS_FLOAT64, quantize_weight
+
+ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def int8_mlp(d, f, act_dtype, scheme, *, layout="out_in", group_size=None, smooth=False, gelu="erf", x=None, bias2=True):
+    """Quantized MLP weights, with the w8a8 scales calibrated on x."""
+    w1 = randn(f, d, scale=1 / math.sqrt(d))
+    w2 = randn(d, f, scale=1 / math.sqrt(f))
+    smooth_scale = (torch.rand(d, device=DEVICE) + 0.5) if smooth else None
+    # SmoothQuant: W1 is stored multiplied by the smoothing scale along its input dim.
+    q1 = quantize_weight(w1 if smooth_scale is None else w1 * smooth_scale, group_size, layout)
+    q2 = quantize_weight(w2, group_size, layout)
+    b1 = randn(f, dtype=act_dtype, scale=0.5)
+    b2 = randn(d, dtype=act_dtype, scale=0.5) if bias2 else None
+    if scheme == "w8a8":
+        q1.smooth_scale = smooth_scale
+        q1.input_scale, q1.output_scale = calibrate(x, q1, b1, gelu, smooth_scale, layout)
+    return q1, b1, q2, b2
+
+
+def float64_mlp(x, q1, b1, q2, b2, gelu, layout):
+    """The exact MLP on the dequantized weights (x divided by the smoothing scale, which
+    W1 carries)."""
+    xs = x.double() if q1.smooth_scale is None else x.double() / q1.smooth_scale.double()
+    return mlp_reference(
+        xs, q1.dequantize(layout, torch.float64), b1.double(), q2.dequantize(layout, torch.float64),
+        None if b2 is None else b2.double(), gelu_flavour=gelu, weight_layout=layout,
+    )  # fmt: skip
+
+
+def tolerance_vs_float64(scheme, dtype):
+    return TOL_W8A16_VS_FLOAT64[dtype] if scheme == "w8a16" else TOL_W8A8_VS_FLOAT64
+
+
+def run_both_backends(cfg, x, weights, device=DEVICE):
+    fused = FusedMLP(MLPConfig(backend="triton", **cfg), device=device)
+    plain = FusedMLP(MLPConfig(backend="torch", **cfg), device=device)
+    assert (fused.backend, plain.backend) == ("triton", "torch")
+    return fused(x, *weights), plain(x, *weights)
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("act", list(ACT))
+@pytest.mark.parametrize(
+    "scheme,variant",
+    [("w8a16", "per-channel"), ("w8a16", "group:16"), ("w8a8", "dynamic"), ("w8a8", "static"), ("w8a8", "static+smooth")],
+)
+def test_int8_mlp_matches_torch_backend_and_float64(scheme, variant, act, layout, gelu):
+    dtype = ACT[act]
+    d, f = 48, 80  # multiples of 16: the intermediate [M, f] takes the TMA path
+    x = randn(3, 7, d, dtype=dtype, scale=2.0)
+    group_size = 16 if variant == "group:16" else None
+    weights = int8_mlp(d, f, dtype, scheme, layout=layout, group_size=group_size, smooth="smooth" in variant, gelu=gelu, x=x)
+    cfg = dict(dtype=scheme, activation_dtype=act, gelu=gelu, weight_layout=layout)
+    if scheme == "w8a8":
+        cfg["input_quant"] = "static" if "static" in variant else "dynamic"
+    y, y_torch = run_both_backends(cfg, x, weights)
+    assert y.shape == (3, 7, d) and y.dtype == dtype
+    assert rel_err(y, y_torch) < TOL_VS_REFERENCE[dtype]
+    assert rel_err(y, float64_mlp(x, *weights, gelu, layout)) < tolerance_vs_float64(scheme, dtype)
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+def test_decode_and_odd_sizes(scheme):
+    # M=1 (the decode path) and d, f that no TMA row alignment allows (the strided path).
+    for m, d, f in ((1, 48, 80), (1, 33, 70), (19, 33, 70)):
+        x = randn(m, d, dtype=torch.float16)
+        weights = int8_mlp(d, f, torch.float16, scheme, x=x, bias2=False)
+        y, y_torch = run_both_backends(dict(dtype=scheme), x, weights)
+        assert rel_err(y, y_torch) < TOL_VS_REFERENCE[torch.float16]
+        assert rel_err(y, float64_mlp(x, *weights, "erf", "out_in")) < tolerance_vs_float64(scheme, torch.float16)
+
+
+def test_w8a8_intermediate_is_int8(monkeypatch):
+    # What the op hands GEMM2: the int8 tensor GEMM1 wrote, one byte per element.
+    calls = []
+    real = op_module.w8a8_linear
+
+    def recording(xq, *args, **kwargs):
+        out = real(xq, *args, **kwargs)
+        calls.append((xq, out))
+        return out
+
+    monkeypatch.setattr(op_module, "w8a8_linear", recording)
+    m, d, f = 21, 48, 80
+    x = randn(m, d, dtype=torch.float16)
+    weights = int8_mlp(d, f, torch.float16, "w8a8", x=x)
+    FusedMLP(MLPConfig(dtype="w8a8", backend="triton"), device=DEVICE)(x, *weights)
+    (xq, h), (h_in, y) = calls
+    assert xq.dtype == torch.int8 and h_in is h
+    assert h.dtype == torch.int8 and h.shape == (m, f) and h.element_size() * h.numel() == m * f
+    assert y.dtype == torch.float16
+
+
+def test_int8_config_errors():
+    x = randn(5, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    w8a8 = FusedMLP(MLPConfig(dtype="w8a8", backend="triton"), device=DEVICE)
+    static = FusedMLP(MLPConfig(dtype="w8a8", input_quant="static", backend="triton"), device=DEVICE)
+    w8a16 = FusedMLP(MLPConfig(dtype="w8a16", backend="triton"), device=DEVICE)
+    for op in (w8a8, w8a16):
+        with pytest.raises(LaunchError, match="w1 must be a QuantizedWeight"):
+            op(x, q1.dequantize().half(), b1, q2, b2)
+        with pytest.raises(LaunchError, match="input is torch.bfloat16"):
+            op(x.bfloat16(), q1, b1, q2, b2)
+    with pytest.raises(LaunchError, match="needs w1.output_scale"):
+        w8a8(x, QuantizedWeight(q1.data, q1.scale), b1, q2, b2)
+    with pytest.raises(LaunchError, match="needs w1.input_scale"):
+        static(x, QuantizedWeight(q1.data, q1.scale, output_scale=q1.output_scale), b1, q2, b2)
+    with pytest.raises(LaunchError, match="per-channel weight scales"):
+        w8a8(x, q1, b1, quantize_weight(randn(48, 80), 16), b2)
+    with pytest.raises(LaunchError, match="differs from w1.output_scale"):
+        w8a8(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale * 2), b2)
+    with pytest.raises(LaunchError, match="smooth_scale"):
+        w8a16(x, QuantizedWeight(q1.data, q1.scale, smooth_scale=torch.ones(48, device=DEVICE)), b1, q2, b2)
+    with pytest.raises(LaunchError, match=r"scale must have shape \(80,\)"):
+        w8a16(x, QuantizedWeight(q1.data, q1.scale[:79]), b1, q2, b2)
+    with pytest.raises(LaunchError, match="activation_dtype"):
+        MLPConfig(dtype="w8a8", activation_dtype="fp32")
+    with pytest.raises(LaunchError, match="input_quant"):
+        MLPConfig(dtype="w8a8", input_quant="per-tensor")
+    # A matching w2.input_scale is fine, as is the same tensor.
+    w8a8(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone()), b2)
+
+
+def test_torch_backend_runs_without_triton():
+    # The reference backend is plain torch: it runs on any device, interpreter or not.
+    x = randn(4, 48, dtype=torch.float16, device="cpu")
+    weights = [t.to("cpu") for t in int8_mlp(48, 80, torch.float16, "w8a8", x=x.to(DEVICE))]
+    for scheme in ("w8a16", "w8a8"):
+        op = FusedMLP(MLPConfig(dtype=scheme, backend="torch"), device="cpu")
+        assert op(x, *weights).shape == (4, 48)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: real sizes
+# ---------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    # (scheme, activation dtype, variant, layout)
+    ("w8a16", "fp16", "per-channel", "out_in"),
+    ("w8a16", "bf16", "per-channel", "out_in"),
+    ("w8a16", "fp16", "group:128", "out_in"),
+    ("w8a16", "fp16", "per-channel", "in_out"),
+    ("w8a8", "fp16", "dynamic", "out_in"),
+    ("w8a8", "bf16", "static+smooth", "out_in"),
+    ("w8a8", "fp16", "static", "in_out"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 128, 2048])
+@pytest.mark.parametrize("scheme,act,variant,layout", GPU_CASES)
+@pytest.mark.parametrize("d,f", [(768, 3072), (4096, 16384)])
+def test_int8_mlp_real_sizes(d, f, scheme, act, variant, layout, m, record_property):
+    dtype = ACT[act]
+    x = randn(m, d, dtype=dtype)
+    group_size = 128 if variant == "group:128" else None
+    weights = int8_mlp(d, f, dtype, scheme, layout=layout, group_size=group_size, smooth="smooth" in variant, x=x)
+    cfg = dict(dtype=scheme, activation_dtype=act, weight_layout=layout)
+    if scheme == "w8a8":
+        cfg["input_quant"] = "static" if "static" in variant else "dynamic"
+    y, y_torch = run_both_backends(cfg, x, weights, device="cuda")
+    err_ref, err64 = rel_err(y, y_torch), rel_err(y, float64_mlp(x, *weights, "erf", layout))
+    print(
+        f"GPU-ERR int8-mlp d={d} f={f} {scheme} {act} {variant} {layout} M={m} "
+        f"vs_torch_ref={err_ref:.3e} vs_float64_dequantized={err64:.3e}"
+    )
+    record_property("rel_err_vs_torch_reference", err_ref)
+    record_property("rel_err_vs_float64", err64)
+    assert err_ref < TOL_VS_REFERENCE[dtype]
+    assert err64 < tolerance_vs_float64(scheme, dtype)

@@ -1,0 +1,151 @@
+"""kernels/w8a16.py: int8 weights, fp16/bf16 activations, against the step-by-step
+reference (kernels/reference.py's w8a16_linear_reference) and the float64 GEMM on the
+dequantized weight.
+
+On CPU these run in Triton's interpreter on small odd shapes, with group sizes that hit
+both per-group branches of the kernel under the interpreter's BLOCK_K = 32: 32 (each K
+tile inside one group: one scale per column) and 24 (groups change inside a tile: a
+gather per element, including a partial last group). bf16: the launcher sets DOT_F32,
+as for the float kernels (tests/test_gemm.py), so the interpreter's broken bf16 dot is
+replaced by a float32 dot on the very values the GPU's bf16 tiles hold; the interpreter
+also truncates float32 -> bf16 stores, which the bf16 tolerance absorbs. The GPU tests
+at real sizes are in tests/test_op_int8.py (whole MLP).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from kernels.errors import LaunchError
+from kernels.quantized import QuantizedWeight
+from kernels.reference import linear_reference, w8a16_linear_reference
+from kernels.w8a16 import w8a16_linear
+
+DTYPES = [torch.float16, torch.bfloat16]
+# Against float64 on the dequantized weight, w8a16 keeps the float dtype's error: a
+# per-channel scale multiplies a float32 sum of exact int-weight products; a group
+# scale's dequantized weight is rounded once to the activation dtype, well inside it.
+TOL_W8A16_VS_FLOAT64 = TOL_VS_FLOAT64
+# Against its step-by-step reference: summation order and the odd output rounding flip.
+TOL_W8A16_VS_REFERENCE = TOL_VS_REFERENCE
+
+# (leading dims, K, N): M=1, M=37 (> 16), batch dims; K and N multiples of no block size.
+STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100), ((19,), 130, 7)]
+# TMA needs 16-byte rows: K and N multiples of 16 for int8, still not of the 32 blocks.
+TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112)]
+GRANULARITIES = [None, 32, 24]  # per-channel; group 32; group 24
+
+
+def quantize_weight(w: torch.Tensor, group_size: int | None = None, layout: str = "out_in") -> QuantizedWeight:
+    """Symmetric int8 of a float weight w [N, K]: scale = absmax / 127 per output channel,
+    or per group of `group_size` along K; the int8 data stored in `layout`."""
+    w = w.float()
+    n, k = w.shape
+    if group_size is None:
+        scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127
+        per_element = scale[:, None]
+    else:
+        groups = math.ceil(k / group_size)
+        padded = F.pad(w.abs(), (0, groups * group_size - k)).reshape(n, groups, group_size)
+        scale = padded.amax(dim=-1).clamp_min(1e-8) / 127
+        per_element = scale.repeat_interleave(group_size, dim=1)[:, :k]
+    q = torch.round(w / per_element).clamp(-127, 127).to(torch.int8)
+    data = q if layout == "out_in" else q.t().contiguous()
+    return QuantizedWeight(data.to(DEVICE), scale.to(DEVICE), group_size)
+
+
+def random_quantized_weight(k, n, group_size=None, layout="out_in") -> QuantizedWeight:
+    return quantize_weight(randn(n, k, scale=1 / math.sqrt(k)), group_size, layout)
+
+
+def check_w8a16(out, x, qw, b, activation, layout):
+    """The kernel's output against the step-by-step reference and float64."""
+    exact = linear_reference(
+        x.double(), qw.dequantize(layout, torch.float64), None if b is None else b.double(),
+        activation=activation, weight_layout=layout,
+    )  # fmt: skip
+    ref = w8a16_linear_reference(x, qw, b, activation=activation, weight_layout=layout)
+    assert out.shape == exact.shape and out.dtype == x.dtype
+    assert rel_err(out, ref) < TOL_W8A16_VS_REFERENCE[x.dtype]
+    assert rel_err(out, exact) < TOL_W8A16_VS_FLOAT64[x.dtype]
+
+
+def run_case(path, lead, k, n, dtype, layout, group_size, activation, with_bias=True):
+    x = randn(*lead, k, dtype=dtype)
+    qw = random_quantized_weight(k, n, group_size, layout)
+    b = randn(n, dtype=dtype) if with_bias else None
+    out = poisoned((*lead, n), dtype)
+    got = w8a16_linear(x, qw, b, activation=activation, weight_layout=layout, path=path, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    check_w8a16(out, x, qw, b, activation, layout)
+
+
+@pytest.mark.parametrize("group_size", GRANULARITIES, ids=str)
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n", STRIDED_SHAPES)
+def test_strided_kernel(lead, k, n, dtype, layout, group_size):
+    run_case("strided", lead, k, n, dtype, layout, group_size, "erf")
+
+
+@pytest.mark.parametrize("group_size", GRANULARITIES, ids=str)
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
+def test_tma_kernel(lead, k, n, dtype, layout, group_size):
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an SM90+ GPU")
+    run_case("tma", lead, k, n, dtype, layout, group_size, "tanh")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("activation", ["none", "erf", "tanh"])
+@pytest.mark.parametrize("path", ["strided", "auto"])
+def test_activations_and_bias(path, activation, with_bias):
+    run_case(path, (37,), 80, 48, torch.float16, "out_in", 32, activation, with_bias)
+
+
+def test_non_contiguous_input_and_weight():
+    # x: every other column of a wider tensor; the int8 weight: a transposed view.
+    k, n, m = 40, 24, 19
+    x = randn(m, 2 * k, dtype=torch.float16)[:, ::2]
+    qw = random_quantized_weight(k, n, None, "in_out")
+    view = QuantizedWeight(qw.data.t(), qw.scale)  # [N, K] with stride (1, N), read as out_in
+    b = randn(n, dtype=torch.float16)
+    out = poisoned((m, n), torch.float16)
+    w8a16_linear(x, view, b, activation="erf", out=out)
+    check_w8a16(out, x, view, b, "erf", "out_in")
+
+
+def test_launcher_rejects_bad_operands_before_launch():
+    x = randn(4, 64, dtype=torch.float16)
+    qw = random_quantized_weight(64, 16)
+    with pytest.raises(LaunchError, match="fp16 or bf16"):
+        w8a16_linear(x.float(), qw)
+    with pytest.raises(LaunchError, match="QuantizedWeight"):
+        w8a16_linear(x, qw.data)
+    with pytest.raises(LaunchError, match="last dim is 63"):
+        w8a16_linear(x[:, :63], qw)
+    with pytest.raises(LaunchError, match=r"scale must have shape \(16,\)"):
+        w8a16_linear(x, QuantizedWeight(qw.data, qw.scale[:15]))
+    with pytest.raises(LaunchError, match=r"scale must have shape \(16, 3\)"):
+        w8a16_linear(x, QuantizedWeight(qw.data, torch.ones(16, 2, device=DEVICE), group_size=24))
+    with pytest.raises(LaunchError, match="positive int"):
+        w8a16_linear(x, QuantizedWeight(qw.data, torch.ones(16, 1, device=DEVICE), group_size=0))
+    with pytest.raises(LaunchError, match="smooth_scale"):
+        w8a16_linear(x, QuantizedWeight(qw.data, qw.scale, smooth_scale=torch.ones(64, device=DEVICE)))
+    with pytest.raises(LaunchError, match="bias must have shape"):
+        w8a16_linear(x, qw, randn(17, dtype=torch.float16))
+    with pytest.raises(LaunchError, match="activation"):
+        w8a16_linear(x, qw, activation="relu")
+    with pytest.raises(LaunchError, match="out must be"):
+        w8a16_linear(x, qw, out=poisoned((4, 16), torch.bfloat16))
+    with pytest.raises(LaunchError, match="TMA path"):
+        w8a16_linear(randn(20, 40, dtype=torch.float16), random_quantized_weight(40, 16), path="tma")
+
+
+def test_empty_rows_launch_nothing():
+    assert w8a16_linear(randn(0, 32, dtype=torch.float16), random_quantized_weight(32, 16)).shape == (0, 16)

@@ -1,0 +1,264 @@
+"""kernels/w8a8.py: activation quantization and the int8 x int8 GEMMs, checked exactly
+against the step-by-step reference (kernels/reference.py), and against float64.
+
+The reference computes the same function with the same float32 operations in the same
+order, so the int8 results must match it: x's quantization bit for bit, GEMM1's
+requantized int8 output to within 1 at a tiny fraction of elements (a float32 op-order
+difference, an fma or another erf, can move a value across a rounding tie). GEMM2's
+float output is then compared with the dtype's reference tolerance.
+
+On CPU these run in Triton's interpreter (int8 tl.dot is right there); GPU tests at
+real sizes are marked `gpu` and print one `GPU-ERR` line per case.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from kernels.errors import LaunchError
+from kernels.quantized import QuantizedWeight
+from kernels.reference import (
+    as_out_in,
+    gelu,
+    linear_reference,
+    mlp_reference,
+    quantize_activation_reference,
+    w8a8_linear_reference,
+)
+from kernels.w8a8 import quantize_activations, w8a8_linear
+from test_w8a16 import quantize_weight, random_quantized_weight
+
+# int8 results against the step-by-step reference: at most this fraction of elements
+# off, each by at most 1 (rounding ties moved by float32 op order).
+MAX_TIE_FLIPS = 1e-3
+# The w8a8 MLP against the float64 MLP on the same dequantized weights: dominated by
+# quantizing x (per token or static, 127 levels) and GELU's output (one static scale
+# from the calibration max), each about 1% relative noise on random data.
+TOL_W8A8_VS_FLOAT64 = 5e-2
+
+# (leading dims, K, N): M=1, M=37 (> 16), batch dims; odd K and N.
+STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100)]
+# TMA: int8 rows of 16-byte multiples (K, N multiples of 16), not of the 32 blocks.
+TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112)]
+
+
+def scalar(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=DEVICE)
+
+
+def calibrate(x, w1, b1, gelu_flavour, smooth_scale=None, layout="out_in"):
+    """(input_scale, output_scale) by absmax over this data, as a max observer would:
+    x / smooth, and GELU(x @ W1^T + b1) on the dequantized weight."""
+    xs = x.float() if smooth_scale is None else x.float() / smooth_scale
+    h = gelu(xs @ as_out_in(w1.dequantize(layout), layout).t() + b1.float(), gelu_flavour)
+    return xs.abs().amax() / 127, h.abs().amax() / 127
+
+
+def assert_int8_matches(out, ref):
+    """Equal except at most MAX_TIE_FLIPS of the elements, each off by 1."""
+    assert out.dtype == torch.int8 and out.shape == ref.shape
+    assert not (out == -128).any(), "an element was never written (the poison value is outside [-127, 127])"
+    diff = (out.int() - ref.int()).abs()
+    flips = (diff != 0).sum().item()
+    assert diff.max().item() <= 1, f"int8 results differ by up to {diff.max().item()}"
+    assert flips <= max(1, MAX_TIE_FLIPS * out.numel()), f"{flips} of {out.numel()} int8 results differ"
+    return flips
+
+
+# ---------------------------------------------------------------------------------------
+# Activation quantization
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize(
+    "lead,k,dtype", [((1,), 70, torch.float16), ((37,), 70, torch.bfloat16), ((2, 3), 33, torch.float32)], ids=str
+)
+def test_quantize_matches_reference_exactly(lead, k, dtype, mode, smooth):
+    x = randn(*lead, k, dtype=dtype, scale=3.0)
+    x.view(-1, k)[0, :] = 0  # an all-zero row: finite, non-zero scale; all zeros out
+    smooth_scale = (torch.rand(k) + 0.5).to(DEVICE) if smooth else None
+    static = scalar(0.05) if mode == "static" else None
+    out = poisoned((*lead, k), torch.int8)
+    q, scale = quantize_activations(x, static, smooth_scale=smooth_scale, out=out)
+    q_ref, scale_ref = quantize_activation_reference(x, static, smooth_scale)
+    assert q.data_ptr() == out.data_ptr()
+    assert torch.equal(q, q_ref)
+    assert torch.equal(scale, scale_ref)
+    if mode == "dynamic":
+        assert scale.shape == lead and scale.dtype == torch.float32
+        assert torch.isfinite(scale).all() and (scale > 0).all()
+        assert (q.view(-1, k)[0] == 0).all()
+        # every other row uses the full range: its absmax maps to +-127
+        assert (q.view(-1, k)[1:].abs().amax(dim=-1) == 127).all()
+
+
+def test_rounding_is_half_to_even_and_clamped():
+    # With scale 1, q = round_half_even(clamp(x)): the magic-number rounding must give
+    # the ties to even, keep non-ties, and clamp beyond +-127.
+    x = torch.tensor(
+        [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.4999998, 3.5000002, 126.5, 127.49, 127.5, 300.0, -126.5, -1000.0],
+        device=DEVICE,
+    )
+    want = [0, 2, 2, 0, -2, -2, 3, 4, 126, 127, 127, 127, -126, -127]
+    q, _ = quantize_activations(x[None, :], scalar(1.0))
+    assert q[0].tolist() == want
+
+
+# ---------------------------------------------------------------------------------------
+# The GEMMs
+# ---------------------------------------------------------------------------------------
+
+
+def gemm_operands(lead, k, n, layout, x_scale_kind):
+    x = randn(*lead, k, scale=2.0)
+    xq, x_scale = quantize_activation_reference(x, scalar(0.04) if x_scale_kind == "static" else None)
+    qw = random_quantized_weight(k, n, None, layout)
+    return xq, x_scale, qw, randn(n, dtype=torch.float16, scale=0.5)
+
+
+def run_gemm1(path, lead, k, n, layout, activation, x_scale_kind):
+    """GEMM1: int8 in, bias, GELU, requantized int8 out, against the reference."""
+    xq, x_scale, qw, b = gemm_operands(lead, k, n, layout, x_scale_kind)
+    ref_float = w8a8_linear_reference(xq, x_scale, qw, b, activation=activation, weight_layout=layout, out_dtype=torch.float32)
+    output_scale = ref_float.abs().amax() / 100  # some values clamp at +-127
+    out = poisoned((*lead, n), torch.int8)
+    h = w8a8_linear(xq, x_scale, qw, b, activation=activation, weight_layout=layout, output_scale=output_scale, path=path, out=out)
+    assert h.data_ptr() == out.data_ptr()
+    ref = w8a8_linear_reference(xq, x_scale, qw, b, activation=activation, weight_layout=layout, output_scale=output_scale)
+    assert_int8_matches(h, ref)
+
+
+def run_gemm2(path, lead, k, n, layout, out_dtype, x_scale_kind):
+    """GEMM2: int8 in, dequantized, bias, out in a float dtype."""
+    xq, x_scale, qw, b = gemm_operands(lead, k, n, layout, x_scale_kind)
+    out = poisoned((*lead, n), out_dtype)
+    w8a8_linear(xq, x_scale, qw, b, weight_layout=layout, out_dtype=out_dtype, path=path, out=out)
+    ref = w8a8_linear_reference(xq, x_scale, qw, b, weight_layout=layout, out_dtype=out_dtype)
+    x_deq = xq.double() * (x_scale.double() if x_scale.numel() == 1 else x_scale.double()[..., None])
+    exact = linear_reference(x_deq, qw.dequantize(layout, torch.float64), b.double(), weight_layout=layout)
+    assert rel_err(out, ref) < TOL_VS_REFERENCE[out_dtype]
+    assert rel_err(out, exact) < TOL_VS_FLOAT64[out_dtype]
+
+
+@pytest.mark.parametrize("x_scale_kind", ["per-token", "static"])
+@pytest.mark.parametrize("activation", ["erf", "tanh"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("lead,k,n", STRIDED_SHAPES)
+def test_gemm1_requantized_strided(lead, k, n, layout, activation, x_scale_kind):
+    run_gemm1("strided", lead, k, n, layout, activation, x_scale_kind)
+
+
+@pytest.mark.parametrize("x_scale_kind", ["per-token", "static"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
+def test_gemm1_requantized_tma(lead, k, n, layout, x_scale_kind):
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an SM90+ GPU")
+    run_gemm1("tma", lead, k, n, layout, "erf", x_scale_kind)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("path,lead,k,n", [("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES])
+def test_gemm2_dequantized(path, lead, k, n, layout, out_dtype):
+    if path == "tma" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an SM90+ GPU")
+    run_gemm2(path, lead, k, n, layout, out_dtype, "per-token" if len(lead) == 1 else "static")
+
+
+def test_intermediate_is_int8_in_memory():
+    # GEMM1's output buffer, what GEMM2 reads: int8, one byte per element.
+    m, k, f = 37, 80, 112
+    xq, x_scale, qw, b = gemm_operands((m,), k, f, "out_in", "per-token")
+    h = w8a8_linear(xq, x_scale, qw, b, activation="erf", output_scale=scalar(0.02))
+    assert h.dtype == torch.int8 and h.shape == (m, f)
+    assert h.element_size() * h.numel() == m * f  # 4144 bytes; fp16 would take 8288
+    print(f"w8a8 intermediate: {h.dtype} {tuple(h.shape)}, {h.element_size() * h.numel()} bytes")
+
+
+def test_launcher_rejects_bad_operands_before_launch():
+    xq, x_scale, qw, b = gemm_operands((4,), 64, 16, "out_in", "per-token")
+    with pytest.raises(LaunchError, match="must be int8"):
+        w8a8_linear(xq.half(), x_scale, qw)
+    with pytest.raises(LaunchError, match="per-channel weight scales only"):
+        w8a8_linear(xq, x_scale, random_quantized_weight(64, 16, group_size=32))
+    with pytest.raises(LaunchError, match="QuantizedWeight"):
+        w8a8_linear(xq, x_scale, qw.data)
+    with pytest.raises(LaunchError, match="one scale per token"):
+        w8a8_linear(xq, x_scale[:3], qw)
+    with pytest.raises(LaunchError, match="x_scale must be a float32"):
+        w8a8_linear(xq, x_scale.double(), qw)
+    with pytest.raises(LaunchError, match="output_scale must be float32"):
+        w8a8_linear(xq, x_scale, qw, output_scale=torch.tensor(0.1, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(LaunchError, match="output_scale must be a one-element"):
+        w8a8_linear(xq, x_scale, qw, output_scale=torch.ones(2, device=DEVICE))
+    with pytest.raises(LaunchError, match="out_dtype"):
+        w8a8_linear(xq, x_scale, qw, out_dtype=torch.int8)
+    with pytest.raises(LaunchError, match="last dim is 63"):
+        w8a8_linear(xq[:, :63], x_scale, qw)
+    with pytest.raises(LaunchError, match="TMA path"):
+        w8a8_linear(xq[:, :40], x_scale, random_quantized_weight(40, 16), path="tma")
+    x = randn(4, 64, dtype=torch.float16)
+    with pytest.raises(LaunchError, match="smooth_scale must be"):
+        quantize_activations(x, smooth_scale=torch.ones(63, device=DEVICE))
+    with pytest.raises(LaunchError, match="static input scale must be a one-element"):
+        quantize_activations(x, torch.ones(2, device=DEVICE))
+    with pytest.raises(LaunchError, match="fp16, bf16 or fp32"):
+        quantize_activations(x.to(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: real sizes
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 128, 2048])
+@pytest.mark.parametrize("dtype,mode,layout", [
+    (torch.float16, "dynamic", "out_in"),
+    (torch.bfloat16, "static+smooth", "out_in"),
+    (torch.float16, "dynamic", "in_out"),
+], ids=str)  # fmt: skip
+@pytest.mark.parametrize("d,f", [(768, 3072), (4096, 16384)])
+def test_w8a8_steps_real_sizes(d, f, dtype, mode, layout, m, record_property):
+    # Each step against the reference, on the same inputs: x's quantization exactly,
+    # GEMM1's int8 intermediate to within the tie flips, GEMM2's output to the tolerance.
+    gelu_flavour = "erf"
+    x = randn(m, d, dtype=dtype)
+    smooth = (torch.rand(d, device=DEVICE) + 0.5) if "smooth" in mode else None
+    w1 = quantize_weight(randn(f, d, scale=1 / math.sqrt(d)), None, layout)
+    w2 = quantize_weight(randn(d, f, scale=1 / math.sqrt(f)), None, layout)
+    b1, b2 = randn(f, dtype=dtype, scale=0.5), randn(d, dtype=dtype, scale=0.5)
+    input_scale, output_scale = calibrate(x, w1, b1, gelu_flavour, smooth, layout)
+    static = input_scale if "static" in mode else None
+
+    xq, x_scale = quantize_activations(x, static, smooth_scale=smooth)
+    xq_ref, x_scale_ref = quantize_activation_reference(x, static, smooth)
+    x_exact = torch.equal(xq, xq_ref) and torch.equal(x_scale, x_scale_ref)
+    h = w8a8_linear(xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=layout, output_scale=output_scale)
+    h_ref = w8a8_linear_reference(xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=layout, output_scale=output_scale)
+    flips = (h != h_ref).sum().item()
+    y = w8a8_linear(h_ref, output_scale, w2, b2, weight_layout=layout, out_dtype=dtype)
+    y_ref = w8a8_linear_reference(h_ref, output_scale, w2, b2, weight_layout=layout, out_dtype=dtype)
+    xs = x.double() if smooth is None else x.double() / smooth.double()
+    exact = mlp_reference(
+        xs, w1.dequantize(layout, torch.float64), b1.double(), w2.dequantize(layout, torch.float64), b2.double(),
+        gelu_flavour=gelu_flavour, weight_layout=layout,
+    )  # fmt: skip
+    err_ref, err64 = rel_err(y, y_ref), rel_err(y, exact)
+    print(
+        f"GPU-ERR w8a8-steps d={d} f={f} dtype={str(dtype)[6:]} {mode} {layout} M={m} x_exact={x_exact} "
+        f"h_flips={flips}/{h.numel()} h_maxdiff={(h.int() - h_ref.int()).abs().max().item()} "
+        f"y_vs_ref={err_ref:.3e} y_vs_float64={err64:.3e} h_bytes={h.element_size() * h.numel()} ({h.dtype})"
+    )
+    record_property("h_tie_flips", flips)
+    record_property("rel_err_vs_reference", err_ref)
+    record_property("rel_err_vs_float64", err64)
+    assert x_exact
+    assert_int8_matches(h, h_ref)
+    assert err_ref < TOL_VS_REFERENCE[dtype]
+    assert err64 < TOL_W8A8_VS_FLOAT64
