@@ -94,7 +94,7 @@ def default_output(source: Path) -> Path:
 
 
 def _check_paths(source: Path, output: Path, force: bool) -> None:
-    if output.exists() and output.resolve() == source.resolve():
+    if output.exists() and output.samefile(source):
         raise CheckpointError(f"output {output} is the input checkpoint; quantize never overwrites its input")
     if output.is_dir():
         raise CheckpointError(f"output {output} is a directory")
@@ -160,6 +160,32 @@ def _linear_report(prefix: str, w: torch.Tensor, qw: QuantizedWeight, layout: st
     )  # fmt: skip
 
 
+def _quantize_layer(ckpt, layer: MLPLayer, options: QuantizeOptions) -> tuple[LayerReport, list[tuple[str, torch.Tensor]]]:
+    """One MLP: read, calibrate (w8a8), quantize; its report and its output tensors in plan order."""
+    w1, b1, w2, b2 = read_mlp(ckpt, layer)
+    x, calibrated_on = None, None
+    if options.scheme == "w8a8":
+        x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
+    q1, q2 = quantize_mlp(
+        w1, b1, w2, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
+        group_size=options.group_size, method=options.observer or "max", smooth=options.smooth,
+    )  # fmt: skip
+    # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
+    w1_encoded = w1 if q1.smooth_scale is None else fold_into_weight(w1, q1.smooth_scale, layer.weight_layout)
+    report = LayerReport(
+        _linear_report(layer.fc1, w1_encoded, q1, layer.weight_layout),
+        _linear_report(layer.fc2, w2, q2, layer.weight_layout),
+        layer.d_model, layer.d_ff, calibrated_on,
+    )  # fmt: skip
+    out = list(_linear_tensors(layer.fc1, layer.w1, q1))
+    if b1 is not None:
+        out.append((layer.b1, b1))
+    out += _linear_tensors(layer.fc2, layer.w2, q2)
+    if b2 is not None:
+        out.append((layer.b2, b2))
+    return report, out
+
+
 def build_record(source: Path, output: Path, layers: list[MLPLayer], options: QuantizeOptions, calibration: dict | None) -> dict:
     """The JSON record stored under RECORD_KEY in the output's metadata."""
     return {
@@ -222,30 +248,11 @@ def quantize_checkpoint(
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for done, layer in enumerate(layers, 1):
-                w1, b1, w2, b2 = read_mlp(ckpt, layer)
-                x, calibrated_on = None, None
-                if w8a8:
-                    x, calibrated_on = calibration_inputs(
-                        ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed
-                    )
-                q1, q2 = quantize_mlp(
-                    w1, b1, w2, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
-                    group_size=options.group_size, method=options.observer or "max", smooth=options.smooth,
-                )  # fmt: skip
-                # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
-                w1_encoded = w1 if q1.smooth_scale is None else fold_into_weight(w1, q1.smooth_scale, layer.weight_layout)
+                report, layer_tensors = _quantize_layer(ckpt, layer, options)
                 meter.sample()  # this layer's float and int8 weights and its calibration inputs are alive here
-                reports.append(LayerReport(
-                    _linear_report(layer.fc1, w1_encoded, q1, layer.weight_layout),
-                    _linear_report(layer.fc2, w2, q2, layer.weight_layout),
-                    layer.d_model, layer.d_ff, calibrated_on,
-                ))  # fmt: skip
-                yield from _linear_tensors(layer.fc1, layer.w1, q1)
-                if b1 is not None:
-                    yield layer.b1, b1
-                yield from _linear_tensors(layer.fc2, layer.w2, q2)
-                if b2 is not None:
-                    yield layer.b2, b2
+                reports.append(report)
+                yield from layer_tensors
+                del layer_tensors
                 if progress is not None:
                     progress(done, len(layers), layer)
             for name in copied:
@@ -272,6 +279,9 @@ def _write_atomically(output: Path, plan: dict[str, TensorInfo], tensors: Iterat
             written = write_stream(f, plan, tensors, metadata)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a new file's usual mode
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

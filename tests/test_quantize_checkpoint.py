@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -353,3 +355,11 @@ def test_moved_or_changed_source_is_reported(tmp_path):
     source.unlink()
     with pytest.raises(CheckpointError, match="pass --reference"):
         resolve_source(output, record)
+
+
+def test_output_gets_a_new_files_usual_mode(tmp_path):
+    source = write_checkpoint(tmp_path / "model.safetensors", "bert")
+    quantize_checkpoint(source)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "model.int8.safetensors").stat().st_mode) == 0o666 & ~umask
