@@ -26,8 +26,7 @@ from kernels.bench import (
     BenchResult,
     BenchRow,
     MLPShape,
-    checkpoint_gelu,
-    checkpoint_mlp_shapes,
+    checkpoint_shapes,
     run_bench,
 )
 from kernels.errors import GelugemmError
@@ -41,14 +40,14 @@ QUICK_WARMUP_MS, QUICK_REP_MS = 5.0, 20.0
 
 def parse_names(text: str, allowed: tuple, what: str) -> list[str]:
     """'a,b' -> ['a', 'b'], each one of `allowed`; 'none' -> []."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [n.strip() for n in text.split(",") if n.strip()]  # what: the option's name
     if names == ["none"]:
         return []
     for name in names:
         if name not in allowed:
-            raise GelugemmError(f"unknown {what} {name!r} (one of {', '.join(allowed)})")
+            raise GelugemmError(f"--{what}: unknown {name!r} ({', '.join(allowed)})")
     if not names:
-        raise GelugemmError(f"no {what} given")
+        raise GelugemmError(f"--{what}: nothing given")
     return list(dict.fromkeys(names))
 
 
@@ -117,8 +116,17 @@ def _impl_label(row: BenchRow, run_gelu: str) -> str:
     return label
 
 
-def _fmt(value, spec: str, empty: str = "") -> str:
-    return empty if value is None else format(value, spec)
+def _num(value: float | None) -> str:
+    """Three significant figures or more, thousands separated: 0.0123, 4.56, 86.2, 862, 3,544."""
+    if value is None:
+        return ""
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
 
 
 def bench_table(result: BenchResult) -> Table:
@@ -130,6 +138,7 @@ def bench_table(result: BenchResult) -> Table:
         title=f"gelugemm bench · {info.device} · torch {info.torch} · triton {info.triton}",
         caption=(
             f"ceilings: bf16 matmul {c.matmul_tflops:.0f} TFLOP/s{int8}, copy {c.copy_gbps:.0f} GB/s · "
+            f"µs: median; spread: p20 to p80 in % of it · "
             f"floor = max(FLOPs/matmul, bytes/copy), B = bytes-bound, F = FLOPs-bound · "
             f"×: gelugemm's speedup over the row (same GELU) · cuBLASLt GELU checked: {info.cublaslt_gelu or 'n/a'} · "
             f"{info.date}"
@@ -137,7 +146,7 @@ def bench_table(result: BenchResult) -> Table:
         caption_justify="left",
     )
     for name, justify in (("shape", "left"), ("dtype", "left"), ("M", "right"), ("impl", "left"),
-                          ("µs", "right"), ("±%", "right"), ("TFLOP/s", "right"), ("GB/s", "right"),
+                          ("µs", "right"), ("spread %", "right"), ("TFLOP/s", "right"), ("GB/s", "right"),
                           ("floor µs", "right"), ("% floor", "right"), ("gelugemm ×", "right"),
                           ("rel err", "right")):  # fmt: skip
         table.add_column(name, justify=justify)
@@ -150,7 +159,7 @@ def bench_table(result: BenchResult) -> Table:
             first = i == 0
             if row.time_us is not None:
                 spread = (row.p80_us - row.p20_us) / row.time_us * 100
-                timing = (f"{row.time_us:,.1f}", f"{spread:.0f}", _fmt(row.tflops, ".1f"), _fmt(row.gbps, ",.0f"))
+                timing = (_num(row.time_us), f"{spread:.0f}", _num(row.tflops), _num(row.gbps))
             else:
                 timing = (f"[dim]{row.status}[/dim]", "", "", "")
             if row.speedup is None:
@@ -167,8 +176,8 @@ def bench_table(result: BenchResult) -> Table:
             table.add_row(
                 f"{d}×{f}" if first else "", dtype if first else "", str(m) if first else "",
                 _impl_label(row, info.gelu), *timing,
-                f"{row.floor_us:,.1f} {row.floor_bound[0].upper()}" if first else "",
-                _fmt(row.pct_of_floor, ".0f"), speedup, relerr,
+                f"{_num(row.floor_us)} {row.floor_bound[0].upper()}" if first else "",
+                _num(row.pct_of_floor), speedup, relerr,
                 end_section=i == len(rows) - 1,
             )  # fmt: skip
     return table
@@ -270,20 +279,18 @@ def bench(
     """Time gelugemm's fused MLP against torch eager, cuBLASLt's GELU epilogue, torch.compile and naive int8."""
     with user_errors():
         dtypes = parse_names(dtype, BENCH_DTYPES, "dtype")
-        chosen_peers = parse_names(peer_names, peers.PEERS, "peer")
+        chosen_peers = parse_names(peer_names, peers.PEERS, "peers")
         token_counts = parse_tokens(tokens) if tokens else list(QUICK_TOKENS if quick else DEFAULT_TOKENS)
         if gelu is not None and gelu not in ("erf", "tanh"):
             raise GelugemmError(f"--gelu must be erf or tanh; got {gelu!r}")
         if plot_path is not None:
             require_matplotlib()
+        shapes = list(DEFAULT_SHAPES)
+        if checkpoint is not None:
+            shapes, gelu = checkpoint_shapes(checkpoint, gelu)
         if shape:
             shapes = list(dict.fromkeys(parse_shape(s) for s in shape))
-        elif checkpoint is not None:
-            shapes = checkpoint_mlp_shapes(checkpoint)
-        else:
-            shapes = list(DEFAULT_SHAPES)
-        if gelu is None:
-            gelu = (checkpoint_gelu(checkpoint) if checkpoint is not None else None) or "erf"
+        gelu = gelu or "erf"
 
         with progress_bar() as report:
             result = run_bench(

@@ -34,6 +34,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from calibration.checkpoint import find_mlps
+from calibration.quantize_weights import quantize_weight
+from calibration.quantized_file import is_quantized_file, read_quantized
 from kernels import peers
 from kernels.errors import BackendUnavailable, GelugemmError
 from kernels.op import FusedMLP, MLPConfig
@@ -130,63 +133,17 @@ def relerr_limit(dtype: str, impl: str, activation_dtype: str = "fp16") -> float
 
 # ---- shapes from a checkpoint ------------------------------------------------------------------
 
-# (first linear, second linear, layout) name suffixes of the MLP in the model families we read.
-# "out_in" is nn.Linear's [d_ff, d_model] for the first linear; "in_out" is GPT-2's Conv1D.
-MLP_NAME_PATTERNS = (
-    ("intermediate.dense.weight", "output.dense.weight", "out_in"),  # BERT, RoBERTa, ViT (HF)
-    ("mlp.c_fc.weight", "mlp.c_proj.weight", "in_out"),  # GPT-2
-    ("mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight", "out_in"),  # GPT-NeoX, Pythia, Falcon
-    ("mlp.fc1.weight", "mlp.fc2.weight", "out_in"),  # ViT (timm), CLIP
-    ("mlp.fc_in.weight", "mlp.fc_out.weight", "out_in"),  # GPT-J
-)
 
+def checkpoint_shapes(path: str | Path, gelu: str | None = None) -> tuple[list[MLPShape], str]:
+    """(the distinct (d_model, d_ff) of a checkpoint's MLPs, their GELU flavour).
 
-def checkpoint_mlp_shapes(path: str | Path) -> list[MLPShape]:
-    """The distinct (d_model, d_ff) of the MLP layers in a safetensors checkpoint, read from
-    tensor names and shapes (no tensor is loaded). Raises GelugemmError if there are none."""
-    from safetensors import safe_open
-
+    Found by calibration's discovery (a file quantize wrote: from its record). The flavour
+    is `gelu` where given, else what config.json or the model family says.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise GelugemmError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes_by_name = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise GelugemmError(f"cannot read {path} as safetensors: {exc}") from None
-
-    found = []
-    for name, w1_shape in shapes_by_name.items():
-        for first, second, layout in MLP_NAME_PATTERNS:
-            if not name.endswith(first) or len(w1_shape) != 2:
-                continue
-            w2_shape = shapes_by_name.get(name[: -len(first)] + second)
-            if w2_shape is None:
-                continue
-            d, f = (w1_shape[1], w1_shape[0]) if layout == "out_in" else w1_shape
-            expected_w2 = (d, f) if layout == "out_in" else (f, d)
-            if tuple(w2_shape) != expected_w2:
-                raise GelugemmError(f"{path}: {name} is {w1_shape} but its second linear is {w2_shape}, not {expected_w2}")
-            found.append(MLPShape(int(d), int(f)))
-    if not found:
-        families = ", ".join(first for first, _, _ in MLP_NAME_PATTERNS)
-        raise GelugemmError(f"no MLP layers found in {path} (looked for tensors named *{{{families}}})")
-    return sorted(set(found))
-
-
-def checkpoint_gelu(path: str | Path) -> str | None:
-    """The GELU flavour the checkpoint's config.json (beside it) names, or None if it names none."""
-    import json
-
-    from calibration.bert import HIDDEN_ACT_TO_GELU
-
-    config_path = Path(path).parent / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        return None
-    act = config.get("hidden_act") or config.get("activation_function")  # BERT-style, GPT-2-style
-    return HIDDEN_ACT_TO_GELU.get(act)
+    layers = read_quantized(path)[1] if is_quantized_file(path) else find_mlps(path, gelu=gelu)
+    shapes = sorted({MLPShape(layer.d_model, layer.d_ff) for layer in layers})
+    return shapes, gelu or layers[0].gelu
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -476,7 +433,7 @@ class _Workloads:
         act = ACTIVATION_DTYPES[self.activation_dtype]
         sets = self._int8.setdefault((shape, dtype), [])
         for w1, b1, w2, b2 in self.float_weights(shape, act, n)[len(sets) : n]:
-            q1, q2 = peers.quantize_per_channel(w1), peers.quantize_per_channel(w2)
+            q1, q2 = quantize_weight(w1), quantize_weight(w2)
             if dtype == "w8a8":
                 q1.output_scale = self.output_scale(shape, act)
             sets.append((q1, b1, q2, b2))

@@ -16,8 +16,8 @@ dtype, so the benchmark can time them side by side on the same inputs.
     int_mm    w8a8 through torch._int_mm: per-token dynamic int8 quantization of x, int8
               GEMM, dequantize, bias, GELU, requantize, int8 GEMM, dequantize, bias
 
-The int8 helpers (`quantize_per_channel`, `quantize_per_token`) are the plain symmetric
-schemes the int8 kernels take: W ~= data * scale, int8 in [-127, 127].
+The int8 peers take `QuantizedWeight`s (per-channel int8 weights, float32 scales), as the
+int8 op does.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from kernels.quantized import QuantizedWeight
 from kernels.reference import gelu as reference_gelu
+from kernels.reference import quantize_activation_reference
 
 FLOAT_PEERS = ("eager", "cublaslt", "compile")
 INT8_PEERS = {"dequant": "w8a16", "int_mm": "w8a8"}  # peer -> the one dtype it runs for
@@ -110,20 +111,7 @@ def cublaslt_gelu_flavour(device, dtype: torch.dtype = torch.float16) -> str:
     return best if errors[best] < 2e-2 else "unknown"
 
 
-# ---- int8 helpers and peers -------------------------------------------------------------
-
-
-def quantize_per_channel(w: torch.Tensor) -> QuantizedWeight:
-    """Symmetric int8 per output channel of an [out, in] weight: scale = amax(row) / 127."""
-    scale = (w.float().abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    data = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return QuantizedWeight(data=data, scale=scale)
-
-
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of x: (int8 [M, K], float32 scale [M, 1])."""
-    scale = (x.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
-    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+# ---- int8 peers -------------------------------------------------------------------------
 
 
 def dequant_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
@@ -142,19 +130,16 @@ def _int_mm(a_int8: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 
 
 def int_mm_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
-    """w8a8 with torch._int_mm and the (de)quantization steps as separate torch ops.
+    """w8a8 with torch._int_mm and each (de)quantization step a separate torch op.
 
-    The GELU output is requantized with q1.output_scale where it is set (the calibrated
-    scale the fused kernel uses), else per token.
+    x is quantized per token; the GELU output with q1.output_scale where it is set (the
+    calibrated scale gelugemm's w8a8 kernel requantizes to), else per token.
     """
-    xq, x_scale = quantize_per_token(x)
-    h = _int_mm(xq, q1).float() * x_scale * q1.scale + b1.float()
+    xq, x_scale = quantize_activation_reference(x)  # scale [M]
+    h = _int_mm(xq, q1).float() * x_scale[:, None] * q1.scale + b1.float()
     h = F.gelu(h, approximate=_approximate(gelu))
-    if q1.output_scale is not None:
-        h_scale = q1.output_scale.float()
-        hq = torch.round(h / h_scale).clamp_(-127, 127).to(torch.int8)
-    else:
-        hq, h_scale = quantize_per_token(h)
+    hq, h_scale = quantize_activation_reference(h, q1.output_scale)
+    h_scale = h_scale.reshape(()) if q1.output_scale is not None else h_scale[:, None]
     y = _int_mm(hq, q2).float() * h_scale * q2.scale
     if b2 is not None:
         y = y + b2.float()

@@ -1,0 +1,475 @@
+"""kernels/bench.py, kernels/peers.py and `gelugemm bench`: everything but the timings.
+
+The arithmetic is checked against numbers worked out by hand (and the floors against
+DESIGN.md's table); the run itself goes through on the CPU with Triton's interpreter,
+fake ceilings and a fake clock, so planning, rotation, the float64 check, shared peer
+measurements and speedups are exercised without a GPU. No test asserts a time.
+"""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+import kernels.bench as bench
+from checkpoints import write_checkpoint
+from conftest import HAS_CUDA, randn, rel_err
+from gelugemm_cli import bench as bench_cli
+from gelugemm_cli.app import app
+from kernels import peers
+from kernels.bench import (
+    BenchResult,
+    BenchRow,
+    Ceilings,
+    MLPShape,
+    RunInfo,
+    Timing,
+    fill_metrics,
+    fill_speedups,
+    mlp_flops,
+    mlp_min_bytes,
+    relerr_limit,
+    roofline_floor_us,
+    rotation_sets,
+)
+from kernels.errors import GelugemmError
+from kernels.reference import mlp_reference, w8a8_mlp_reference
+from calibration.quantize_weights import quantize_weight
+
+# The H100 ceilings in DESIGN.md (anchors-h100.json): bf16 808 TFLOP/s, int8 957 TOP/s, copy 3020 GB/s.
+H100 = Ceilings(matmul_tflops=807.856, int8_tops=956.736, copy_gbps=3019.997)
+BIG, SMALL = MLPShape(4096, 16384), MLPShape(768, 3072)
+
+runner = CliRunner()
+
+
+# ---- arithmetic -------------------------------------------------------------------------------
+
+
+def test_flops_and_min_bytes_by_hand():
+    assert mlp_flops(1, BIG) == 2 * 2 * 4096 * 16384 == 268_435_456
+    assert mlp_flops(2048, BIG) == 549_755_813_888
+    # fp16: two weights 2*4096*16384*2 = 268,435,456; biases (16384+4096)*2 = 40,960;
+    # x and y 2*1*4096*2 = 16,384.
+    assert mlp_min_bytes(1, BIG, "fp16") == 268_435_456 + 40_960 + 16_384 == 268_492_800
+    assert mlp_min_bytes(1, BIG, "bf16") == 268_492_800
+    # int8: weights 134,217,728 + float32 scales (16384+4096)*4 = 81,920; biases and x, y as fp16.
+    assert mlp_min_bytes(1, BIG, "w8a16") == 134_217_728 + 81_920 + 40_960 + 16_384 == 134_356_992
+    assert mlp_min_bytes(1, BIG, "w8a8") == mlp_min_bytes(1, BIG, "w8a16")
+    # x and y grow with M: 2 * M * d * 2 bytes.
+    assert mlp_min_bytes(8192, BIG, "fp16") - mlp_min_bytes(1, BIG, "fp16") == 2 * 8191 * 4096 * 2
+    # 768x3072 fp16: 9,437,184 + 7,680 + 3,072.
+    assert mlp_min_bytes(1, SMALL, "fp16") == 9_447_936
+
+
+@pytest.mark.parametrize(
+    "m,dtype,floor_us,bound",
+    [
+        (1, "fp16", 88.905, "bytes"),  # DESIGN.md: 89 (bytes)
+        (128, "fp16", 89.59, "bytes"),  # 90 (bytes)
+        (2048, "fp16", 680.52, "flops"),  # 681 (FLOPs)
+        (8192, "bf16", 2722.1, "flops"),  # 2722 (FLOPs)
+        (1, "w8a16", 44.49, "bytes"),  # "int8 bytes floor: 44 µs"
+        (8192, "w8a8", 2298.4, "flops"),  # on the int8 ceiling
+    ],
+)
+def test_roofline_floor_matches_design_table(m, dtype, floor_us, bound):
+    got_us, got_bound = roofline_floor_us(mlp_flops(m, BIG), mlp_min_bytes(m, BIG, dtype), H100, dtype)
+    assert got_bound == bound
+    assert got_us == pytest.approx(floor_us, rel=1e-3)
+
+
+def test_w8a8_falls_back_to_the_float_ceiling_without_int8():
+    no_int8 = Ceilings(807.856, None, 3019.997)
+    got_us, _ = roofline_floor_us(mlp_flops(8192, BIG), mlp_min_bytes(8192, BIG, "w8a8"), no_int8, "w8a8")
+    assert got_us == pytest.approx(2722.1, rel=1e-3)
+
+
+def test_rotation_sets_cover_three_l2s():
+    l2 = 50 * 2**20
+    # 768x3072 fp16 at M=1 moves 9,447,936 bytes a call: ceil(3 * 52,428,800 / 9,447,936) = 17.
+    assert rotation_sets(mlp_min_bytes(1, SMALL, "fp16"), l2) == 17
+    assert rotation_sets(mlp_min_bytes(1, SMALL, "w8a16"), l2) == 34  # half the weight bytes
+    assert rotation_sets(mlp_min_bytes(1, BIG, "fp16"), l2) == 1  # 268 MB: L2-cold by size
+    assert rotation_sets(100, l2) == bench.MAX_ROTATION_SETS
+
+
+def test_relerr_limits_follow_what_each_impl_rounds():
+    assert relerr_limit("fp16", "gelugemm") == bench.RELERR_LIMITS["fp16"]
+    assert relerr_limit("bf16", "eager") == bench.RELERR_LIMITS["bf16"]
+    assert relerr_limit("w8a8", "gelugemm") == relerr_limit("w8a8", "int_mm") == bench.RELERR_LIMITS["w8a8"]
+    # a float peer in an int8 group, and w8a16 (weights dequantized exactly in the reference)
+    assert relerr_limit("w8a8", "eager", "bf16") == bench.RELERR_LIMITS["bf16"]
+    assert relerr_limit("w8a16", "gelugemm", "fp16") == bench.RELERR_LIMITS["fp16"]
+
+
+# ---- a synthetic result: metrics, speedups, JSON, table -----------------------------------------
+
+
+def synthetic_info(**kw) -> RunInfo:
+    fields = dict(
+        device="NVIDIA H100 80GB HBM3", capability="9.0", sm_count=132, l2_bytes=50 * 2**20,
+        torch="2.11.0+cu130", triton="3.6.0", cuda="13.0", gelugemm="0.1.0", date="2026-11-25T00:00:00+00:00",
+        ceilings=H100, gelu="erf", activation_dtype="fp16", cublaslt_gelu="tanh", warmup_ms=25.0, rep_ms=100.0,
+        command="gelugemm bench --dtype fp16",
+    )  # fmt: skip
+    fields.update(kw)
+    return RunInfo(**fields)
+
+
+def synthetic_row(impl, time_us, m=2048, dtype="fp16", gelu="erf", status="ok", relerr=3e-4, **kw) -> BenchRow:
+    flops, nbytes = mlp_flops(m, BIG), mlp_min_bytes(m, BIG, dtype)
+    floor_us, bound = roofline_floor_us(flops, nbytes, H100, dtype)
+    weights = "int8" if dtype in bench.INT8_DTYPES and impl in ("gelugemm", "dequant", "int_mm") else "fp16"
+    row = BenchRow(
+        BIG.d_model, BIG.d_ff, dtype, m, impl, gelu, weights, status, flops, nbytes, floor_us, bound,
+        time_us=time_us, p20_us=time_us and time_us * 0.99, p80_us=time_us and time_us * 1.02,
+        reps=100 if time_us else None, rotation_sets=1, relerr=relerr, relerr_limit=5e-3, **kw,
+    )  # fmt: skip
+    fill_metrics(row)
+    return row
+
+
+def synthetic_result() -> BenchResult:
+    rows = [
+        synthetic_row("gelugemm", 760.0),
+        synthetic_row("gelugemm", 770.0, gelu="tanh"),
+        synthetic_row("eager", 862.0),
+        synthetic_row("cublaslt", 823.0, gelu="tanh", note="cuBLASLt's GELU epilogue is tanh"),
+        synthetic_row("compile", 876.0),
+        synthetic_row("gelugemm", None, dtype="w8a16", status="unavailable", relerr=None,
+                      error="dtype w8a16 is not implemented yet"),
+        synthetic_row("eager", 862.0, dtype="w8a16"),
+        synthetic_row("dequant", 1500.0, dtype="w8a16", status="wrong", relerr=0.5),
+    ]  # fmt: skip
+    fill_speedups(rows)
+    return BenchResult(synthetic_info(), rows)
+
+
+def test_metrics_by_hand():
+    row = synthetic_row("gelugemm", 800.0)
+    assert row.tflops == pytest.approx(549_755_813_888 / 800e-6 / 1e12)  # 687.2
+    assert row.gbps == pytest.approx(mlp_min_bytes(2048, BIG, "fp16") / 800e-6 / 1e9)
+    assert row.pct_of_floor == pytest.approx(680.52 / 800 * 100, rel=1e-3)
+    untimed = synthetic_row("gelugemm", None, status="error")
+    assert untimed.tflops is None and untimed.pct_of_floor is None
+
+
+def test_speedups_compare_like_gelu_with_like():
+    result = synthetic_result()
+    by = {(r.dtype, r.impl, r.gelu): r for r in result.rows}
+    assert by[("fp16", "eager", "erf")].speedup == pytest.approx(862 / 760)
+    assert by[("fp16", "eager", "erf")].speedup_vs == "gelugemm erf"
+    assert by[("fp16", "cublaslt", "tanh")].speedup == pytest.approx(823 / 770)  # against gelugemm tanh
+    assert by[("fp16", "cublaslt", "tanh")].speedup_vs == "gelugemm tanh"
+    assert by[("fp16", "gelugemm", "erf")].speedup is None
+    # No timed gelugemm in the group: no speedup rather than a wrong one.
+    assert by[("w8a16", "eager", "erf")].speedup is None
+
+
+def test_failed_lists_wrong_and_crashed_rows():
+    result = synthetic_result()
+    assert result.failed("gelugemm") == []
+    assert [r.impl for r in result.failed(None)] == ["dequant"]
+
+
+def test_json_has_rows_and_run_info():
+    payload = json.loads(json.dumps(synthetic_result().to_dict()))
+    info = payload["info"]
+    for key in ("device", "torch", "triton", "date", "command", "cublaslt_gelu", "method", "l2_bytes"):
+        assert key in info
+    assert info["ceilings"] == {"matmul_tflops": 807.856, "int8_tops": 956.736, "copy_gbps": 3019.997}
+    row = payload["rows"][2]
+    for key in ("d_model", "d_ff", "dtype", "tokens", "impl", "gelu", "time_us", "tflops", "gbps", "floor_us",
+                "floor_bound", "pct_of_floor", "speedup", "speedup_vs", "relerr", "relerr_limit", "status"):  # fmt: skip
+        assert key in row
+    assert (row["impl"], row["time_us"], row["floor_bound"]) == ("eager", 862.0, "flops")
+
+
+def render(renderable, width=220) -> str:
+    console = Console(record=True, width=width, color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_table_renders_every_row_with_speedups_and_flags():
+    result = synthetic_result()
+    text = render(bench_cli.bench_table(result))
+    assert "H100" in text and "torch 2.11.0+cu130" in text and "808 TFLOP/s" in text
+    assert text.count("gelugemm") >= 3
+    assert "1.13×" in text  # 862 / 760
+    assert "1.07×" in text  # cuBLASLt (tanh) against gelugemm tanh: 823 / 770
+    assert "cublaslt (tanh)" in text
+    assert "681 F" in text  # floor of the group, FLOPs-bound
+    assert "unavailable" in text
+    assert "✗ 5.0e-01" in text  # the wrong row is flagged, not hidden
+    lines = bench_cli.problems(result)
+    assert any("not implemented yet" in line for line in lines)
+    assert any("dequant" in line and "over the limit" in line for line in lines)
+
+
+@pytest.mark.skipif("matplotlib" not in sys.modules and not __import__("importlib").util.find_spec("matplotlib"),
+                    reason="matplotlib not installed")  # fmt: skip
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "speedup.png"
+    bench_cli.write_speedup_plot(synthetic_result(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the CLI: options and the no-GPU path -------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def wide_stderr(monkeypatch):
+    """Rich wraps at the terminal's width (80 under CliRunner): count lines of a wide one."""
+    from gelugemm_cli import common
+
+    monkeypatch.setattr(common.err_console, "width", 400)
+
+
+def one_line_error(result, code=2) -> str:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dtype", "fp16,fp8"], "--dtype: unknown 'fp8'"),
+        (["--peers", "eager,tensorrt"], "--peers: unknown 'tensorrt'"),
+        (["--shape", "4096"], "--shape takes d_model,d_ff"),
+        (["--shape", "4096,-1"], "two positive integers"),
+        (["--tokens", "1,x"], "--tokens takes positive integers"),
+        (["--tokens", "0,16"], "--tokens takes positive integers"),
+        (["--gelu", "relu"], "--gelu must be erf or tanh"),
+        (["missing.safetensors"], "no such file"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(args, message):
+    assert message in one_line_error(runner.invoke(app, ["bench", *args]))
+
+
+def test_parsers():
+    assert bench_cli.parse_shape("4096,16384") == MLPShape(4096, 16384)
+    assert bench_cli.parse_shape("768x3072") == MLPShape(768, 3072)
+    assert bench_cli.parse_tokens("1, 16,16,2048") == [1, 16, 2048]
+    assert bench_cli.parse_names("eager,compile,eager", peers.PEERS, "peers") == ["eager", "compile"]
+    assert bench_cli.parse_names("none", peers.PEERS, "peers") == []
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert "--plot needs matplotlib" in one_line_error(runner.invoke(app, ["bench", "--plot", "x.png"]))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message given without a GPU")
+def test_without_cuda_one_line_and_exit_2():
+    line = one_line_error(runner.invoke(app, ["bench", "--dtype", "fp16", "--tokens", "1"]))
+    assert "needs a CUDA GPU" in line
+
+
+def test_run_bench_without_cuda_raises_a_gelugemm_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GelugemmError, match="needs a CUDA GPU"):
+        bench.run_bench([SMALL], ["fp16"], [1], ["eager"])
+
+
+# ---- shapes from a checkpoint -----------------------------------------------------------------
+
+
+def test_checkpoint_shapes_deduplicated(tmp_path):
+    path = write_checkpoint(tmp_path / "model.safetensors", "bert", n_layers=3, d_model=32, d_ff=128)
+    assert bench.checkpoint_shapes(path) == ([MLPShape(32, 128)], "erf")
+
+
+def test_checkpoint_gelu_from_family_config_or_asked(tmp_path):
+    gpt2 = write_checkpoint(tmp_path / "gpt2.safetensors", "gpt2", n_layers=2, d_model=16, d_ff=64)
+    assert bench.checkpoint_shapes(gpt2) == ([MLPShape(16, 64)], "tanh")  # GPT-2's default
+    assert bench.checkpoint_shapes(gpt2, "erf")[1] == "erf"
+    (tmp_path / "bert").mkdir()
+    bert = write_checkpoint(tmp_path / "bert" / "m.safetensors", "bert", config={"hidden_act": "gelu_new"})
+    assert bench.checkpoint_shapes(bert)[1] == "tanh"
+
+
+def test_checkpoint_without_mlps_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "empty.safetensors"
+    save_file({"embeddings.weight": torch.randn(4, 4)}, str(path))
+    assert "no GELU MLP found" in one_line_error(runner.invoke(app, ["bench", str(path)]))
+
+
+# ---- peers on the CPU ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+def test_eager_and_dequant_peers_compute_the_mlp(gelu):
+    d, f, m = 32, 96, 5
+    w1, b1 = randn(f, d, scale=d**-0.5, device="cpu"), randn(f, scale=0.5, device="cpu")
+    w2, b2 = randn(d, f, scale=f**-0.5, device="cpu"), randn(d, scale=0.5, device="cpu")
+    x = randn(m, d, device="cpu")
+    ref = mlp_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), gelu_flavour=gelu)
+    assert rel_err(peers.eager_mlp(x, w1, b1, w2, b2, gelu), ref) < 1e-6
+    q1, q2 = quantize_weight(w1), quantize_weight(w2)
+    deq = mlp_reference(x.double(), q1.dequantize(dtype=torch.float64), b1.double(), q2.dequantize(dtype=torch.float64),
+                        b2.double(), gelu_flavour=gelu)  # fmt: skip
+    assert rel_err(peers.dequant_mlp(x, q1, b1, q2, b2, gelu), deq) < 1e-6
+
+
+@pytest.mark.parametrize("m", [3, 40])  # 3: padded past torch._int_mm's 16-row minimum
+def test_int_mm_peer_matches_the_w8a8_reference(m):
+    d, f = 32, 96
+    w1, b1 = randn(f, d, scale=d**-0.5, device="cpu"), randn(f, scale=0.5, device="cpu")
+    w2, b2 = randn(d, f, scale=f**-0.5, device="cpu"), randn(d, scale=0.5, device="cpu")
+    x = randn(m, d, device="cpu", dtype=torch.float16)
+    q1, q2 = quantize_weight(w1), quantize_weight(w2)
+    h = torch.nn.functional.gelu(x.float() @ w1.t() + b1)
+    q1.output_scale = (h.abs().amax() / 127).reshape(())
+    b1h, b2h = b1.half(), b2.half()
+    out = peers.int_mm_mlp(x, q1, b1h, q2, b2h)
+    assert out.shape == (m, d) and out.dtype == torch.float16
+    assert rel_err(out, w8a8_mlp_reference(x, q1, b1h, q2, b2h)) < 1e-2
+
+
+@pytest.mark.parametrize("flavour", ["erf", "tanh"])
+def test_cublaslt_gelu_flavour_tells_the_two_apart(monkeypatch, flavour):
+    def addmm_activation(b, x, w, use_gelu=True):
+        return torch.nn.functional.gelu(torch.addmm(b.float(), x.float(), w.float()),
+                                        approximate="tanh" if flavour == "tanh" else "none").to(x.dtype)  # fmt: skip
+
+    monkeypatch.setattr(torch, "_addmm_activation", addmm_activation)
+    assert peers.cublaslt_gelu_flavour("cpu", torch.float16) == flavour
+
+
+# ---- the run, on the CPU -----------------------------------------------------------------------
+
+
+class FakeEvent:
+    """torch.cuda.Event on a counter: each record() is one tick later."""
+
+    clock = 0
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        FakeEvent.clock += 1
+        self.t = FakeEvent.clock
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e-3  # ms
+
+
+def test_median_time_counts_and_quantiles(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+    timing = bench.median_time(lambda i: calls.append(i), n_sets=3, warmup_ms=0.01, rep_ms=0.05)
+    assert 10 <= timing.reps <= 20_000
+    assert timing.p20_us <= timing.median_us <= timing.p80_us
+    assert set(calls) == {0, 1, 2}  # every rotation set is used
+
+
+@pytest.fixture
+def cpu_run(monkeypatch):
+    """run_bench on the CPU: Triton in its interpreter, fixed ceilings, a fake clock."""
+    if HAS_CUDA:
+        pytest.skip("the CPU stand-in is for machines without CUDA")
+    monkeypatch.setattr(bench, "require_cuda", lambda: torch.device("cpu"))
+    monkeypatch.setattr(bench, "measure_ceilings", lambda *a: H100)
+    monkeypatch.setattr(
+        bench, "_run_info",
+        lambda device, ceilings, gelu, act, warmup, rep, command, names: synthetic_info(ceilings=ceilings, command=command),
+    )  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    timed = []
+
+    def fake_time(call, n_sets, warmup_ms, rep_ms):
+        call(n_sets - 1)  # the last rotation set, and past it (i wraps around)
+        call(n_sets)
+        timed.append(call)
+        us = 100.0 + len(timed)
+        return Timing(us, us, us, 2)
+
+    monkeypatch.setattr(bench, "median_time", fake_time)
+    return timed
+
+
+def test_run_bench_on_cpu_plans_checks_and_shares_float_peers(cpu_run):
+    shape = MLPShape(32, 64)
+    stages = []
+    result = bench.run_bench(
+        [shape], ["fp16", "w8a16", "w8a8"], [3, 20], ["eager", "cublaslt", "dequant", "int_mm"],
+        progress=lambda stage, done, total, label: stages.append(stage),
+    )  # fmt: skip
+    assert {"ceilings", "prepare", "time"} <= set(stages)
+    groups = {}
+    for row in result.rows:
+        groups.setdefault((row.dtype, row.tokens), []).append(row)
+    assert len(groups) == 6
+    for (dtype, m), rows in groups.items():
+        impls = [(r.impl, r.gelu) for r in rows]
+        assert impls[:2] == [("gelugemm", "erf"), ("gelugemm", "tanh")]  # tanh twin for cuBLASLt
+        assert ("eager", "erf") in impls and ("cublaslt", "tanh") in impls
+        assert ("dequant", "erf") in impls if dtype == "w8a16" else ("dequant", "erf") not in impls
+        assert ("int_mm", "erf") in impls if dtype == "w8a8" else ("int_mm", "erf") not in impls
+        for row in rows:
+            assert row.status in ("ok", "unavailable"), (row.impl, row.dtype, row.error)
+            if row.status == "ok":
+                assert row.relerr <= row.relerr_limit
+                assert row.time_us is not None and row.pct_of_floor is not None
+            assert row.floor_us > 0 and row.rotation_sets == bench.MAX_ROTATION_SETS  # tiny shapes
+    # The float peers of the int8 groups are the fp16 group's measurements, not new ones.
+    eager = {(r.dtype, r.tokens): r.time_us for r in result.rows if r.impl == "eager"}
+    assert eager[("w8a16", 20)] == eager[("w8a8", 20)] == eager[("fp16", 20)]
+    fp16 = groups[("fp16", 20)]
+    assert all(r.status == "ok" for r in fp16)
+    assert all(r.speedup is not None for r in fp16 if r.impl != "gelugemm")
+    assert [r for r in result.rows if r.impl == "int_mm" and r.tokens == 3][0].note.startswith("x padded")
+    assert result.failed(None) == []
+
+
+def test_a_crashing_impl_becomes_an_error_row(cpu_run, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
+    monkeypatch.setattr(peers, "cublaslt_mlp", broken)
+    result = bench.run_bench([MLPShape(32, 64)], ["fp16"], [3], ["eager", "cublaslt"])
+    row = next(r for r in result.rows if r.impl == "cublaslt")
+    assert row.status == "error" and row.time_us is None
+    assert row.error == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert next(r for r in result.rows if r.impl == "eager").status == "ok"
+    with pytest.raises(RuntimeError):
+        bench.run_bench([MLPShape(32, 64)], ["fp16"], [3], ["cublaslt"], raise_errors=True)
+
+
+def test_a_wrong_kernel_is_flagged_and_fails_the_command(cpu_run, monkeypatch):
+    import kernels.op
+
+    real = kernels.op.FusedMLP.forward
+    monkeypatch.setattr(kernels.op.FusedMLP, "__call__", lambda self, *a: real(self, *a) * 1.5)
+    result = runner.invoke(app, ["bench", "--shape", "32,64", "--dtype", "fp16", "--tokens", "3", "--peers", "eager"])
+    assert result.exit_code == 1, result.output
+    assert "failed their correctness check" in result.stderr
+    assert "✗" in result.stdout
+
+
+def test_cli_json_carries_the_command_and_rows(cpu_run, tmp_path):
+    path = tmp_path / "bench.json"
+    args = ["bench", "--shape", "32,64", "--dtype", "fp16", "--tokens", "3", "--peers", "eager", "--json", str(path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(path.read_text())
+    assert [(r["impl"], r["status"]) for r in payload["rows"]] == [("gelugemm", "ok"), ("eager", "ok")]
+    assert math.isfinite(payload["rows"][1]["speedup"])
+    assert isinstance(payload["info"]["command"], str)
