@@ -19,7 +19,6 @@ strides and devices, picks the kernel, and allocates the output.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,16 +26,12 @@ import triton
 import triton.language as tl
 
 from kernels.errors import LaunchError
+from kernels.launch import device_capability, ensure_tma_allocator, interpreting, launch, num_programs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("none", "erf", "tanh")
 # At or below this many rows a GEMM is bound by reading its weight: use the decode path.
 DECODE_MAX_M = 16
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def m_bucket(m: int) -> int:
@@ -406,32 +401,7 @@ def _gemm_decode_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_programs(device: torch.device) -> int:
-    """How many programs a persistent kernel launches: one per SM (4 under the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _alloc_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
-
-
-_allocator_set = False
-
-
-def _ensure_tma_allocator() -> None:
-    # Device-side tensor descriptors are written to a global scratch buffer that Triton
-    # asks the host to allocate.
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(_alloc_scratch)
-        _allocator_set = True
+_ensure_tma_allocator = ensure_tma_allocator  # the int8 kernels import it under this name
 
 
 _split_k_workspaces: dict = {}
@@ -442,7 +412,7 @@ def _split_k_workspace(device: torch.device, partial_elems: int, tiles: int):
 
     One pair per device and stream, kept between launches: launches on one stream run in
     order and each leaves its counters at zero, so the buffers need no clearing."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
     key = (device, stream)
     partial, arrivals = _split_k_workspaces.get(key, (None, None))
     if partial is None or partial.numel() < partial_elems:
@@ -463,7 +433,7 @@ def _tma_supported(device: torch.device) -> bool:
         return False
     if device.type == "cpu":
         return interpreting()
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return device_capability(device)[0] >= 9
 
 
 def _tma_aligned(t: torch.Tensor, major_stride: int) -> bool:
@@ -584,18 +554,40 @@ def gemm_bias_act(
     if path == "auto":
         path = ("decode" if m <= DECODE_MAX_M else "tma") if tma_ok else "strided"
 
+    # Everything that selects a compiled kernel, for the launch cache.
+    key = (path, a.dtype, bias.dtype if bias is not None else None, m, n, k, a2.stride(0), a2.stride(1),
+           stride_bk, stride_bn, activation, allow_tf32)  # fmt: skip
     if path == "strided":
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _gemm_strided_kernel[grid](
-            a2, w, out, bias_arg,
-            m, n, k, m_bucket(m),
-            a2.stride(0), a2.stride(1), stride_bk, stride_bn, out.stride(0),
-            **common,
-        )  # fmt: skip
+        args = (a2, w, out, bias_arg, m, n, k, m_bucket(m), a2.stride(0), a2.stride(1), stride_bk, stride_bn, out.stride(0))
+        launch(_gemm_strided_kernel, grid, args, common, key)
         return out.reshape(*lead, n)
+
+    ensure_tma_allocator()
+    b_is_nk = stride_bk == 1
+    sms = num_programs(a.device)
+    tma_args = (m, n, k, m_bucket(m), a2.stride(0), stride_bn if b_is_nk else stride_bk, out.stride(0))
+    if path == "tma":
+
+        def grid(meta):
+            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+        launch(_gemm_tma_kernel, grid, (a2, w, out, bias_arg, *tma_args), dict(B_IS_NK=b_is_nk, NUM_SMS=sms, **common), key)
+    else:
+        # Sized for any config (BLOCK_N, BLOCK_K >= 32): BLOCK_N * BLOCK_M fp32 per split
+        # of each N tile, at most one split per 4 K tiles.
+        tiles_n = triton.cdiv(n, 32)
+        partial, arrivals = _split_k_workspace(a.device, tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        args = (a2, w, out, bias_arg, partial, arrivals, *tma_args)
+        launch(_gemm_decode_kernel, grid, args, dict(B_IS_NK=b_is_nk, NUM_SMS=sms, **common), key)
+    return out.reshape(*lead, n)
 
     _ensure_tma_allocator()
     b_is_nk = stride_bk == 1

@@ -1,0 +1,143 @@
+"""Launching Triton kernels with little host overhead.
+
+Triton's Python dispatch (autotuner, heuristics, argument binding, specialization,
+cache lookup) costs tens of microseconds a call on a slow host: more than a decode GEMM
+takes on the GPU. `launch` sends the first call with a given key through that dispatch,
+remembers the compiled kernel, its grid and its compile-time arguments, and launches the
+compiled kernel directly on later calls with the same key. The key must hold everything
+that selects a kernel: the caller's shapes, strides, dtypes and constexprs, and (added
+here) the device and the 16-byte alignment of every tensor argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+try:  # Triton >= 3.4
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton
+    _knobs = None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_programs(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: one per SM (4 under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Device-side tensor descriptors live in a global scratch buffer that Triton asks the
+# host for at every launch. Kernels on one stream run in order, so one buffer per stream
+# serves them all.
+_scratch: dict = {}
+
+
+def _alloc_scratch(size: int, alignment: int, stream):
+    if interpreting():
+        return torch.empty(size, dtype=torch.int8)
+    buf = _scratch.get(stream)
+    if buf is None or buf.numel() < size:
+        buf = torch.empty(max(size, 1 << 20), dtype=torch.int8, device="cuda")
+        _scratch[stream] = buf
+    return buf
+
+
+_allocator_set = False
+
+
+def ensure_tma_allocator() -> None:
+    """Give Triton the scratch allocator that device-side tensor descriptors need."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(_alloc_scratch)
+        _allocator_set = True
+
+
+def _innermost(kernel):
+    while hasattr(kernel, "fn") and not isinstance(kernel, triton.runtime.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _heuristic_layers(kernel):
+    layers = []
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        if isinstance(kernel, triton.runtime.Heuristics):
+            layers.append(kernel)
+        kernel = kernel.fn
+    return layers
+
+
+_compiled: dict = {}
+_MAX_REMEMBERED = 4096
+
+
+def _stream(device_index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def _fast_path_usable(compiled) -> bool:
+    if _knobs is not None and (_knobs.runtime.launch_enter_hook is not None or _knobs.runtime.launch_exit_hook is not None):
+        return False  # a profiler is listening: let Triton call its hooks
+    return all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata"))
+
+
+def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple) -> None:
+    """kernel[grid](*args, **constexprs), with Triton's dispatch skipped after the first
+    call per key. `kernel` is an autotuned (optionally heuristics-wrapped) @triton.jit
+    function whose parameters are `args` (runtime values and tensors) followed by
+    compile-time ones; `grid` maps the full argument dict to the launch grid."""
+    if interpreting():
+        kernel[grid](*args, **constexprs)
+        return
+    tensors = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    device_index = torch.cuda.current_device()
+    full_key = (id(kernel), device_index, tensors, key)
+    hit = _compiled.get(full_key)
+    if hit is not None and _fast_path_usable(hit[0]):
+        compiled, g, tail = hit
+        compiled.run(
+            g[0], g[1], g[2], _stream(device_index), compiled.function, compiled.packed_metadata,
+            None, None, None, *args, *tail,
+        )  # fmt: skip
+        return
+    compiled = kernel[grid](*args, **constexprs)
+    if compiled is None or not _fast_path_usable(compiled) or len(_compiled) >= _MAX_REMEMBERED:
+        return
+    # Rebuild every argument Triton bound for this launch: ours, the autotuner's config,
+    # the heuristics' values, then the defaults.
+    jit = _innermost(kernel)
+    values = dict(zip(jit.arg_names, args))
+    values.update(constexprs)
+    values.update(kernel.best_config.kwargs if hasattr(kernel, "best_config") else {})
+    for layer in _heuristic_layers(kernel):  # outermost first, as Triton applies them
+        for name, rule in layer.values.items():
+            values[name] = rule(values)
+    for param in jit.params:
+        if param.name not in values:
+            values[param.name] = param.default
+    g = tuple(grid(values)) + (1, 1)
+    _compiled[full_key] = (compiled, g[:3], tuple(values[name] for name in jit.arg_names[len(args) :]))
