@@ -25,10 +25,12 @@ DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def wide_tma_configs():
     cfg = gemm._cfg
     out = []
-    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                             (128, 128, 128, 8, 3), (128, 256, 128, 8, 2)]:
-        for extra in [{}, {"EPILOGUE_SUBTILE": True}, {"FLATTEN": True}, {"WARP_SPECIALIZE": True}]:
+    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3)]:
+        for extra in [{"EPILOGUE_SUBTILE": True}, {"EPILOGUE_SUBTILE": True, "FLATTEN": True},
+                      {"EPILOGUE_SUBTILE": True, "WARP_SPECIALIZE": True}, {"FLATTEN": True}]:
             out.append(cfg(bm, bn, bk, w, s, **extra))
+    out.append(cfg(128, 256, 64, 8, 3, group_m=16, EPILOGUE_SUBTILE=True))
+    out.append(cfg(128, 256, 64, 8, 3, group_m=4, EPILOGUE_SUBTILE=True))
     return out
 
 

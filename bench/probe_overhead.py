@@ -33,6 +33,13 @@ def main():
         gemm.gemm_bias_act(x, w, b, activation="erf", path=path)
         print(f"gemm_bias_act path={path}: {per_call_us(lambda: gemm.gemm_bias_act(x, w, b, activation='erf', path=path)):.1f} us/call")
     print(f"F.linear: {per_call_us(lambda: F.linear(x, w, b)):.1f} us/call")
+    from kernels.op import FusedMLP, MLPConfig
+
+    w2 = torch.randn(d, f, device="cuda", dtype=torch.float16)
+    op = FusedMLP(MLPConfig(), device="cuda")
+    op(x, w, b, w2, None)
+    print(f"FusedMLP whole MLP: {per_call_us(lambda: op(x, w, b, w2, None)):.1f} us/call")
+    print(f"eager whole MLP: {per_call_us(lambda: F.linear(F.gelu(F.linear(x, w, b)), w2)):.1f} us/call")
     print(f"torch.empty: {per_call_us(lambda: torch.empty(1, f, device='cuda', dtype=torch.float16)):.1f} us/call")
     cfg = gemm._gemm_strided_kernel.cache[next(iter(gemm._gemm_strided_kernel.cache))]
     jit = gemm._gemm_strided_kernel.fn.fn  # autotuner -> heuristics -> jit
