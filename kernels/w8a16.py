@@ -7,7 +7,7 @@ The weight is a `QuantizedWeight`: int8 values in the checkpoint's layout (`out_
 `group_size` inputs along K ([N, ceil(K / G)]). It is never dequantized in memory: each
 int8 tile is converted in registers inside the main loop.
 
-One pair of kernels serves both int8 schemes; the dtype of `a` decides at compile time:
+One set of kernels serves both int8 schemes; the dtype of `a` decides at compile time:
 
 - fp16/bf16 `a` (w8a16): the int8 tile is converted to a's dtype, which holds every
   value in [-127, 127] exactly, and goes to the fp16/bf16 tensor cores with float32
@@ -19,15 +19,16 @@ One pair of kernels serves both int8 schemes; the dtype of `a` decides at compil
   with a's scale (one per row, or one scalar) times the weight's per-channel scale and,
   when the output buffer is int8, requantizes with the calibrated output scale.
 
-Kernels:
+Kernels (the int8 twins of kernels/gemm.py's three):
 
-- `_int8_weight_strided_kernel`: one program per output tile, pointer loads, any
-  strides. It is the decode path (M <= 16), where the cost is streaming the int8 weight
-  once: small N tiles give every SM programs, deep K tiles and pipelines keep bytes in
-  flight. It is also the fallback for rows TMA cannot address.
+- `_int8_weight_decode_kernel`: M <= 16, where the cost is streaming the int8 weight
+  once. Swap-AB (the dequantized weight tile on the MMA's wide side), TMA loads, and a
+  serial split-K over K when N alone gives too few programs to keep every SM streaming.
 - `_int8_weight_tma_kernel`: the Hopper path for M > 16, a persistent grid walking output
-  tiles in grouped order and loading through TMA tensor descriptors (16-byte aligned
-  rows: K % 16 == 0 for an int8 [.., K] operand).
+  tiles in grouped order and loading through TMA tensor descriptors.
+- `_int8_weight_strided_kernel`: one program per output tile, pointer loads, any
+  strides: the fallback for operands TMA cannot address (TMA needs 16-byte aligned
+  rows: K % 16 == 0 for an int8 [.., K] operand, % 8 for fp16/bf16).
 
 `launch_int8_weight_gemm` checks and launches for both schemes; `w8a16_linear` is the
 w8a16 launcher.
@@ -47,10 +48,12 @@ from kernels.gemm import (
     _autotune_kwargs,
     _bias_act,
     _cfg,
+    _decode_split_k,
     _dot,
     _ensure_tma_allocator,
     _output,
     _prune_for,
+    _split_k_workspace,
     _tile_coords,
     _tma_aligned,
     _tma_supported,
@@ -92,13 +95,15 @@ def _bf16_round_nearest(v):
 
 
 @triton.jit
-def _weight_tile(q, a, w_scale_ptr, k0, offs_k, cols, K, stride_wsn, stride_wsg,
+def _weight_tile(q, a, w_scale_ptr, k0, ks, ns, K, stride_wsn, stride_wsg,
                  GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    # The [BLOCK_K, BLOCK_N] tile the dot takes, from its int8 values q; a is the
-    # activation tile, whose dtype picks the scheme. DOT_F32 (bf16 under the CPU
-    # interpreter, see kernels/gemm.py's _dot) hands the dot float32 tiles holding the
-    # same values the GPU's bf16 tiles hold: the interpreter's int8 -> bf16 cast returns
-    # garbage and its float32 -> bf16 cast truncates.
+    # The weight tile the dot takes, from its int8 values q; a is the activation tile,
+    # whose dtype picks the scheme. ks and ns hold each element's k and n (already
+    # clamped in bounds), shaped to broadcast against q: [BLOCK_K, 1] and [1, BLOCK_N]
+    # for a [K, N] tile, the other way round for the decode kernel's [N, K] tile.
+    # DOT_F32 (bf16 under the CPU interpreter, see kernels/gemm.py's _dot) hands the dot
+    # float32 tiles holding the values the GPU's bf16 tiles hold: the interpreter's
+    # int8 -> bf16 cast returns garbage and its float32 -> bf16 cast truncates.
     if a.dtype == tl.int8:
         return q  # w8a8: int8 x int8; both scales wait for the epilogue
     if GROUP_K == 0:
@@ -108,14 +113,13 @@ def _weight_tile(q, a, w_scale_ptr, k0, offs_k, cols, K, stride_wsn, stride_wsg,
         return q.to(a.dtype)
     # per group: w[k, n] = q[k, n] * scale[n, k // GROUP_K], rounded once to a's dtype
     if GROUP_K % BLOCK_K == 0:
-        # the whole tile lies in one group: one scale per column
-        scale = tl.load(w_scale_ptr + cols * stride_wsn + (k0 // GROUP_K) * stride_wsg)[None, :]
+        # the whole tile lies in one group (k0's): one scale per output channel
+        scale = tl.load(w_scale_ptr + ns * stride_wsn + (k0 // GROUP_K) * stride_wsg)
     else:
-        # groups change inside the tile: gather the scale of each (k, n); rows past K
-        # (the masked tail, q = 0 there) read group 0 to stay in bounds
-        ks = k0 + offs_k
+        # groups change inside the tile: gather each element's scale; k past K (the
+        # masked or zero-filled tail, q = 0 there) reads group 0 to stay in bounds
         groups = tl.where(ks < K, ks, 0) // GROUP_K
-        scale = tl.load(w_scale_ptr + cols[None, :] * stride_wsn + groups[:, None] * stride_wsg)
+        scale = tl.load(w_scale_ptr + ns * stride_wsn + groups * stride_wsg)
     w = q.to(tl.float32) * scale
     if DOT_F32:
         return _bf16_round_nearest(w)
@@ -152,8 +156,28 @@ def _int8_epilogue(acc, offs_m, offs_n, M, N,
 # eats twice the K per byte of shared memory, so w8a8 tiles are twice as deep.
 # ---------------------------------------------------------------------------------------
 
+# Decode (M <= 16) through TMA, swap-AB, split-K: BLOCK_N is the MMA's wide side (a
+# multiple of 64 for wgmma); deep K tiles and stages keep weight bytes in flight.
+W8A16_DECODE_CONFIGS = {
+    16: [
+        _cfg(16, 64, 256, 4, 4),
+        _cfg(16, 64, 512, 4, 3),
+        _cfg(16, 128, 256, 4, 4),
+        _cfg(16, 64, 128, 4, 6),
+        _cfg(16, 128, 128, 4, 5),
+    ],
+}
+W8A8_DECODE_CONFIGS = {
+    16: [
+        _cfg(16, 64, 256, 4, 4),
+        _cfg(16, 64, 512, 4, 4),
+        _cfg(16, 128, 256, 4, 4),
+        _cfg(16, 128, 512, 4, 3),
+        _cfg(16, 64, 256, 4, 6),
+    ],
+}
 W8A16_STRIDED_CONFIGS = {
-    # decode: stream the int8 weight; BLOCK_K 128..512 deep, 4..6 stages in flight
+    # decode without TMA: stream the int8 weight; BLOCK_K 128..512 deep, 4..6 stages
     16: [
         _cfg(16, 32, 256, 4, 4),
         _cfg(16, 32, 512, 4, 4),
@@ -279,7 +303,10 @@ def _int8_weight_strided_kernel(
             k_left = K - ki * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             q = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, offs_k, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, DOT_F32)
+        b = _weight_tile(
+            q, a, w_scale_ptr, ki * BLOCK_K, ki * BLOCK_K + offs_k[:, None], cols[None, :], K, stride_wsn, stride_wsg,
+            GROUP_K, BLOCK_K, DOT_F32,
+        )  # fmt: skip
         acc = _dot(a, b, acc, DOT_F32, "ieee")
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -347,7 +374,10 @@ def _int8_weight_tma_kernel(
                 q = b_desc.load([off_n, ki * BLOCK_K]).T
             else:
                 q = b_desc.load([ki * BLOCK_K, off_n])
-            b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, offs_k, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, DOT_F32)
+            b = _weight_tile(
+                q, a, w_scale_ptr, ki * BLOCK_K, ki * BLOCK_K + offs_k[:, None], cols[None, :], K,
+                stride_wsn, stride_wsg, GROUP_K, BLOCK_K, DOT_F32,
+            )  # fmt: skip
             acc = _dot(a, b, acc, DOT_F32, "ieee")
         offs_m = off_m + tl.arange(0, BLOCK_M)
         # TMA clips stores at the tensor's edge: no mask needed.
@@ -370,6 +400,92 @@ def _int8_weight_tma_kernel(
                 stride_wsn, stride_as, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype,
             )  # fmt: skip
             c_desc.store([off_m, off_n], out)
+
+
+@triton.autotune(
+    configs=_scheme_configs(W8A16_DECODE_CONFIGS, W8A8_DECODE_CONFIGS),
+    key=["M_BUCKET", "N", "K", "B_IS_NK", "GROUP_K"],
+    prune_configs_by={"early_config_prune": _prune_by_scheme(W8A16_DECODE_CONFIGS, W8A8_DECODE_CONFIGS)},
+    **_autotune_kwargs(),
+)
+@triton.heuristics({"SPLIT_K": _decode_split_k})
+@triton.jit
+def _int8_weight_decode_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, partial_ptr, arrivals_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
+    GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, B_IS_NK: tl.constexpr,
+    DOT_F32: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    # Decode: M <= BLOCK_M rows, so the cost is streaming the int8 weight once. Swap AB,
+    # as kernels/gemm.py's _gemm_decode_kernel does: out^T = W @ a^T puts the weight
+    # tile, dequantized in registers, on the MMA's wide side and the few tokens on its
+    # narrow side. Program (pid_n, pid_k) covers BLOCK_N outputs over the pid_k-th share
+    # of K; weight and activation tiles arrive through TMA, several in flight.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_IS_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    off_n = pid_n * BLOCK_N
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    cols = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * k_per_split
+    k_last = tl.minimum(k_first + k_per_split, k_tiles)
+
+    if a_ptr.dtype.element_ty == tl.int8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for ki in range(k_first, k_last):
+        a = a_desc.load([0, ki * BLOCK_K])
+        if B_IS_NK:
+            q = b_desc.load([off_n, ki * BLOCK_K])
+        else:
+            q = b_desc.load([ki * BLOCK_K, off_n]).T
+        w = _weight_tile(
+            q, a, w_scale_ptr, ki * BLOCK_K, ki * BLOCK_K + offs_k[None, :], cols[:, None], K, stride_wsn, stride_wsg,
+            GROUP_K, BLOCK_K, DOT_F32,
+        )  # fmt: skip
+        acc = _dot(w, a.T, acc, DOT_F32, "ieee")
+
+    offs_m = tl.arange(0, BLOCK_M)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        # Serial split-K (kernels/gemm.py's protocol): each split writes its partial sum;
+        # the last split to arrive for this N tile (counted by an acq_rel atomic, so the
+        # other partials are visible) adds them up, runs the epilogue, and zeroes the
+        # counter for the next launch. int32 partials (w8a8) travel bit for bit through
+        # the float32 workspace and add up exactly.
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
+        slots = partial_ptr + pid_n * (SPLIT_K * BLOCK_N * BLOCK_M)
+        tl.store(slots + pid_k * (BLOCK_N * BLOCK_M) + tile, acc.to(tl.float32, bitcast=True))
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc.dtype)
+            for split in range(SPLIT_K):
+                part = tl.load(slots + split * (BLOCK_N * BLOCK_M) + tile, cache_modifier=".cg")
+                total += part.to(acc.dtype, bitcast=True)
+            tl.store(arrivals_ptr + pid_n, 0)
+            out = _int8_epilogue(
+                total.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty,
+            )  # fmt: skip
+            tl.store(c_ptrs, out, mask=c_mask)
+    else:
+        out = _int8_epilogue(
+            acc.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+            GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty,
+        )  # fmt: skip
+        tl.store(c_ptrs, out, mask=c_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -425,7 +541,8 @@ def launch_int8_weight_gemm(
     a2: [M, K], fp16/bf16 (w8a16) or int8 (w8a8, then `a_scale` is a float32 [M] per-row
     or one-element scale). out2: [M, N], a's dtype (w8a16), fp16/bf16/fp32 (w8a8
     dequantized), or int8 (w8a8 requantized with the one-element `c_scale`).
-    path: "auto", "tma" or "strided".
+    path: "auto" (decode for M <= 16, else tma, where TMA can take the operands; else
+        strided), "decode", "tma" or "strided".
     """
     m, k = a2.shape
     n = out2.shape[1]
@@ -451,40 +568,27 @@ def launch_int8_weight_gemm(
     a_scale_arg = a_scale if a_scale is not None else scale
     c_scale_arg = c_scale if c_scale is not None else scale
 
-    use_tma = path == "tma" or (path == "auto" and m > DECODE_MAX_M)
-    if use_tma:
-        tma_ok = (
-            _tma_supported(a2.device)
-            and a2.stride(1) == 1
-            and (stride_bk == 1 or stride_bn == 1)
-            and _tma_aligned(a2, a2.stride(0))
-            and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
-            and _tma_aligned(out2, out2.stride(0))
+    if path not in ("auto", "tma", "decode", "strided"):
+        raise LaunchError(f"path must be 'auto', 'tma', 'decode' or 'strided', got {path!r}")
+    tma_ok = (
+        _tma_supported(a2.device)
+        and a2.stride(1) == 1
+        and (stride_bk == 1 or stride_bn == 1)
+        and _tma_aligned(a2, a2.stride(0))
+        and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
+        and _tma_aligned(out2, out2.stride(0))
+    )
+    if path in ("tma", "decode") and not tma_ok:
+        raise LaunchError(
+            f"the {path} path needs TMA: an SM90+ GPU, unit inner strides and 16-byte aligned rows "
+            "(int8 rows: a multiple of 16 elements; fp16/bf16 rows: a multiple of 8)"
         )
-        if not tma_ok and path == "tma":
-            raise LaunchError(
-                "the TMA path needs an SM90+ GPU, unit inner strides and 16-byte aligned rows "
-                "(int8 rows: a multiple of 16 elements; fp16/bf16 rows: a multiple of 8)"
-            )
-        use_tma = tma_ok
-    elif path not in ("auto", "strided"):
-        raise LaunchError(f"path must be 'auto', 'tma' or 'strided', got {path!r}")
+    if path == "decode" and m > DECODE_MAX_M:
+        raise LaunchError(f"the decode path takes at most {DECODE_MAX_M} rows, got {m}")
+    if path == "auto":
+        path = ("decode" if m <= DECODE_MAX_M else "tma") if tma_ok else "strided"
 
-    if use_tma:
-        _ensure_tma_allocator()
-        b_is_nk = stride_bk == 1
-        sms = num_programs(a2.device)
-
-        def grid(meta):
-            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-
-        _int8_weight_tma_kernel[grid](
-            a2, w, out2, bias_arg, scale, a_scale_arg, c_scale_arg,
-            m, n, k, m_bucket(m),
-            a2.stride(0), stride_bn if b_is_nk else stride_bk, out2.stride(0), stride_wsn, stride_wsg, stride_as,
-            B_IS_NK=b_is_nk, NUM_SMS=sms, **common,
-        )  # fmt: skip
-    else:
+    if path == "strided":
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -495,6 +599,35 @@ def launch_int8_weight_gemm(
             a2.stride(0), a2.stride(1), stride_bk, stride_bn, out2.stride(0), stride_wsn, stride_wsg, stride_as,
             **common,
         )  # fmt: skip
+        return
+
+    _ensure_tma_allocator()
+    b_is_nk = stride_bk == 1
+    sms = num_programs(a2.device)
+    tma_args = (
+        m, n, k, m_bucket(m),
+        a2.stride(0), stride_bn if b_is_nk else stride_bk, out2.stride(0), stride_wsn, stride_wsg, stride_as,
+    )  # fmt: skip
+    operands = (a2, w, out2, bias_arg, scale, a_scale_arg, c_scale_arg)
+    if path == "tma":
+
+        def grid(meta):
+            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+        _int8_weight_tma_kernel[grid](*operands, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common)
+    else:
+        # The float decode kernel's workspace, sized as it sizes it for any config
+        # (BLOCK_N >= 32, BLOCK_K >= 32): BLOCK_N * BLOCK_M partial sums per split of
+        # each N tile, at most one split per 4 K tiles.
+        tiles_n = triton.cdiv(n, 32)
+        partial, arrivals = _split_k_workspace(a2.device, tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        _int8_weight_decode_kernel[grid](
+            *operands[:7], partial, arrivals, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common
+        )
 
 
 def check_int8_weight(x: torch.Tensor, weight, bias, weight_layout: str, activation: str, name: str = "weight"):
@@ -523,7 +656,8 @@ def w8a16_linear(
     weight: int8 data in `weight_layout` ("out_in" [N, K] or "in_out" [K, N]) with
         per-channel or per-group float32 scales.
     activation: "none", "erf" (exact GELU) or "tanh" (approximate GELU).
-    path: "auto", "tma" or "strided"; "tma" raises if the TMA path cannot take the inputs.
+    path: "auto", "decode" (M <= 16), "tma" or "strided"; "decode" and "tma" raise if TMA
+        cannot take the operands.
     out: a contiguous [..., N] tensor of x's dtype to write into (else one is allocated).
     """
     if x.dtype not in W8A16_DTYPES:

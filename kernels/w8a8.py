@@ -155,7 +155,7 @@ def w8a8_linear(
     output_scale: a one-element float32 tensor: requantize the result to int8 with it
         (GEMM1, whose int8 output GEMM2 reads); returns int8 [..., N]. None: the result
         in `out_dtype` (fp16, bf16 or fp32).
-    path: "auto", "tma" or "strided".
+    path: "auto", "decode" (M <= 16), "tma" or "strided", as for w8a16_linear.
     out: a contiguous [..., N] tensor of the output dtype to write into.
     """
     if xq.dtype != torch.int8:

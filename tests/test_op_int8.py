@@ -57,8 +57,7 @@ def run_both_backends(cfg, x, weights, device=DEVICE):
     return fused(x, *weights), plain(x, *weights)
 
 
-@pytest.mark.parametrize("gelu", ["erf", "tanh"])
-@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("layout,gelu", [("out_in", "erf"), ("in_out", "tanh")])
 @pytest.mark.parametrize("act", list(ACT))
 @pytest.mark.parametrize(
     "scheme,variant",

@@ -24,7 +24,6 @@ from kernels.quantized import QuantizedWeight
 from kernels.reference import linear_reference, w8a16_linear_reference
 from kernels.w8a16 import w8a16_linear
 
-DTYPES = [torch.float16, torch.bfloat16]
 # Against float64 on the dequantized weight, w8a16 keeps the float dtype's error: a
 # per-channel scale multiplies a float32 sum of exact int-weight products; a group
 # scale's dequantized weight is rounded once to the activation dtype, well inside it.
@@ -36,7 +35,11 @@ TOL_W8A16_VS_REFERENCE = TOL_VS_REFERENCE
 STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100), ((19,), 130, 7)]
 # TMA needs 16-byte rows: K and N multiples of 16 for int8, still not of the 32 blocks.
 TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112)]
-GRANULARITIES = [None, 32, 24]  # per-channel; group 32; group 24
+# Decode (M <= 16, TMA, swap-AB): K = 272 gives the interpreter's 4 "SMs" a split-K of 2.
+DECODE_SHAPES = [((1,), 80, 48), ((16,), 80, 48), ((2, 3), 272, 48), ((5,), 272, 112)]
+# (activation dtype, group size): per-channel, group 32, group 24, each kernel branch
+# in both dtypes at least once.
+DTYPE_GROUPS = [(torch.float16, None), (torch.bfloat16, None), (torch.float16, 24), (torch.bfloat16, 32)]
 
 
 def quantize_weight(w: torch.Tensor, group_size: int | None = None, layout: str = "out_in") -> QuantizedWeight:
@@ -83,17 +86,15 @@ def run_case(path, lead, k, n, dtype, layout, group_size, activation, with_bias=
     check_w8a16(out, x, qw, b, activation, layout)
 
 
-@pytest.mark.parametrize("group_size", GRANULARITIES, ids=str)
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,group_size", DTYPE_GROUPS, ids=str)
 @pytest.mark.parametrize("lead,k,n", STRIDED_SHAPES)
 def test_strided_kernel(lead, k, n, dtype, layout, group_size):
     run_case("strided", lead, k, n, dtype, layout, group_size, "erf")
 
 
-@pytest.mark.parametrize("group_size", GRANULARITIES, ids=str)
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,group_size", DTYPE_GROUPS, ids=str)
 @pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
 def test_tma_kernel(lead, k, n, dtype, layout, group_size):
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
@@ -101,11 +102,20 @@ def test_tma_kernel(lead, k, n, dtype, layout, group_size):
     run_case("tma", lead, k, n, dtype, layout, group_size, "tanh")
 
 
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype,group_size", DTYPE_GROUPS, ids=str)
+@pytest.mark.parametrize("lead,k,n", DECODE_SHAPES)
+def test_decode_kernel(lead, k, n, dtype, layout, group_size):
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an SM90+ GPU")
+    run_case("decode", lead, k, n, dtype, layout, group_size, "erf")
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("activation", ["none", "erf", "tanh"])
-@pytest.mark.parametrize("path", ["strided", "auto"])
-def test_activations_and_bias(path, activation, with_bias):
-    run_case(path, (37,), 80, 48, torch.float16, "out_in", 32, activation, with_bias)
+@pytest.mark.parametrize("path,m", [("strided", 37), ("auto", 37), ("auto", 3)])
+def test_activations_and_bias(path, m, activation, with_bias):
+    run_case(path, (m,), 80, 48, torch.float16, "out_in", 32, activation, with_bias)
 
 
 def test_non_contiguous_input_and_weight():
@@ -143,8 +153,12 @@ def test_launcher_rejects_bad_operands_before_launch():
         w8a16_linear(x, qw, activation="relu")
     with pytest.raises(LaunchError, match="out must be"):
         w8a16_linear(x, qw, out=poisoned((4, 16), torch.bfloat16))
-    with pytest.raises(LaunchError, match="TMA path"):
+    with pytest.raises(LaunchError, match="tma path needs TMA"):
         w8a16_linear(randn(20, 40, dtype=torch.float16), random_quantized_weight(40, 16), path="tma")
+    with pytest.raises(LaunchError, match="decode path takes at most 16 rows"):
+        w8a16_linear(randn(17, 64, dtype=torch.float16), qw, path="decode")
+    with pytest.raises(LaunchError, match="path must be"):
+        w8a16_linear(x, qw, path="fast")
 
 
 def test_empty_rows_launch_nothing():

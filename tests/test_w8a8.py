@@ -42,6 +42,8 @@ TOL_W8A8_VS_FLOAT64 = 5e-2
 STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100)]
 # TMA: int8 rows of 16-byte multiples (K, N multiples of 16), not of the 32 blocks.
 TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112)]
+# Decode (M <= 16): K = 272 splits K in two under the interpreter.
+DECODE_SHAPES = [((1,), 80, 48), ((16,), 80, 48), ((2, 3), 272, 48), ((5,), 272, 112)]
 
 
 def scalar(v: float) -> torch.Tensor:
@@ -144,8 +146,7 @@ def run_gemm2(path, lead, k, n, layout, out_dtype, x_scale_kind):
     assert rel_err(out, exact) < TOL_VS_FLOAT64[out_dtype]
 
 
-@pytest.mark.parametrize("x_scale_kind", ["per-token", "static"])
-@pytest.mark.parametrize("activation", ["erf", "tanh"])
+@pytest.mark.parametrize("activation,x_scale_kind", [("erf", "per-token"), ("tanh", "static")])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("lead,k,n", STRIDED_SHAPES)
 def test_gemm1_requantized_strided(lead, k, n, layout, activation, x_scale_kind):
@@ -154,18 +155,20 @@ def test_gemm1_requantized_strided(lead, k, n, layout, activation, x_scale_kind)
 
 @pytest.mark.parametrize("x_scale_kind", ["per-token", "static"])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-@pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
-def test_gemm1_requantized_tma(lead, k, n, layout, x_scale_kind):
+@pytest.mark.parametrize("path,lead,k,n", [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES])
+def test_gemm1_requantized_tma_and_decode(path, lead, k, n, layout, x_scale_kind):
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs an SM90+ GPU")
-    run_gemm1("tma", lead, k, n, layout, "erf", x_scale_kind)
+    run_gemm1(path, lead, k, n, layout, "erf", x_scale_kind)
 
 
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["out_in", "in_out"])
-@pytest.mark.parametrize("path,lead,k,n", [("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES])
+@pytest.mark.parametrize("layout,out_dtype", [("out_in", torch.float16), ("in_out", torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(
+    "path,lead,k,n",
+    [("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES],
+)
 def test_gemm2_dequantized(path, lead, k, n, layout, out_dtype):
-    if path == "tma" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+    if path != "strided" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs an SM90+ GPU")
     run_gemm2(path, lead, k, n, layout, out_dtype, "per-token" if len(lead) == 1 else "static")
 
@@ -200,7 +203,7 @@ def test_launcher_rejects_bad_operands_before_launch():
         w8a8_linear(xq, x_scale, qw, out_dtype=torch.int8)
     with pytest.raises(LaunchError, match="last dim is 63"):
         w8a8_linear(xq[:, :63], x_scale, qw)
-    with pytest.raises(LaunchError, match="TMA path"):
+    with pytest.raises(LaunchError, match="tma path needs TMA"):
         w8a8_linear(xq[:, :40], x_scale, random_quantized_weight(40, 16), path="tma")
     x = randn(4, 64, dtype=torch.float16)
     with pytest.raises(LaunchError, match="smooth_scale must be"):
