@@ -28,7 +28,7 @@ class QuantizeOptions:
     """Options of `quantize_checkpoint`; the defaults are the CLI's.
 
     scheme: w8a16 (int8 weights) or w8a8 (int8 weights, static int8 activation scales).
-    granularity: weight scales "per-channel" or "group:N" along the input dim.
+    granularity: weight scales "per-channel" or "group:N" along the input dim (w8a16 only).
     method: w8a8 only: the activation observer (max | percentile:P | mse); None is max.
     smooth: w8a8 only: SmoothQuant alpha in [0, 1], or None for no smoothing.
     calib, tokens, seed: w8a8 only: the calibration inputs (see calibration.data).
@@ -58,6 +58,9 @@ class QuantizeOptions:
             check_alpha(self.smooth)
         if self.tokens is not None and self.tokens < 1:
             raise OptionError(f"--tokens must be at least 1; got {self.tokens}")
+        if self.scheme == "w8a8" and self.granularity != "per-channel":
+            # The int8 x int8 GEMM applies one weight scale per output channel, in its epilogue.
+            raise OptionError(f"w8a8 takes per-channel weight scales (its int8 GEMM applies them after the K loop); got {self.granularity}")
         if self.scheme == "w8a16":
             # Weight scales come from the weights alone: these would be silently ignored.
             given = [flag for flag, value in (

@@ -52,6 +52,8 @@ def quantize_mlp(
         return quantize_weight(w1, weight_layout=weight_layout, group_size=group_size), q2
     if x is None:
         raise OptionError("w8a8 needs calibration inputs to set its activation scales")
+    if group_size is not None:
+        raise OptionError("w8a8 takes per-channel weight scales; group scales are for w8a16")
     x = x.to(torch.float32)
     s = None
     if smooth is not None:

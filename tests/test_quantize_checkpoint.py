@@ -26,17 +26,18 @@ from calibration.quantized_file import (
     sha256_file,
 )
 from checkpoints import FAMILIES, checkpoint_tensors, write_calibration, write_checkpoint
+from kernels.op import FusedMLP, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import as_out_in, gelu, mlp_reference
 
 # Dequantized weights are within half a step of the originals, up to the float32
 # rounding of W / s (see test_calibration_weights.py).
 HALF_STEP = 0.5 + 1e-4
-# A whole w8a8 MLP simulated with its scales against float64. x and the GELU output each
-# sit on one 255-level grid over their calibrated range; with the small, wide-ranging
-# synthetic layers here (LayerNorm weights up to 3.5, biases ~N(0, 2)) that is a noise
-# of 1-2% per operand, and the weights add under 1%: 2-4% in all, measured.
-W8A8_MLP_REL_ERR = 0.05
+# A whole int8 MLP against float64. For w8a8, x and the GELU output each sit on one
+# 255-level grid over their calibrated range; with the small, wide-ranging synthetic
+# layers here (LayerNorm weights up to 3.5, biases ~N(0, 2)) that is a noise of 1-2% per
+# operand, and the weights add under 1%: 2-4% in all, measured. w8a16 has the weights' part only.
+INT8_MLP_REL_ERR = 0.05
 
 
 def dequantized_nk(qw: QuantizedWeight, layout: str) -> torch.Tensor:
@@ -100,7 +101,7 @@ def test_metadata_record(tmp_path):
                               metadata={"format": "pt"})  # fmt: skip
     output = tmp_path / "out" / "q.safetensors"
     output.parent.mkdir()
-    options = QuantizeOptions(scheme="w8a8", granularity="group:8", method="percentile:99.9", smooth=0.5, tokens=32, seed=7)
+    options = QuantizeOptions(scheme="w8a8", method="percentile:99.9", smooth=0.5, tokens=32, seed=7)
     quantize_checkpoint(source, output, options)
     with safe_open(str(output), "pt") as f:
         metadata = f.metadata()
@@ -109,7 +110,7 @@ def test_metadata_record(tmp_path):
     record = json.loads(metadata[RECORD_KEY])
     assert is_quantized_file(output) and not is_quantized_file(source)
     assert record["tool"] == "gelugemm" and record["version"]
-    assert (record["scheme"], record["granularity"], record["group_size"]) == ("w8a8", "group:8", 8)
+    assert (record["scheme"], record["granularity"], record["group_size"]) == ("w8a8", "per-channel", None)
     assert (record["method"], record["smooth"]) == ("percentile:99.9", 0.5)
     assert record["calibration"] == {**record["calibration"], "kind": "synthetic", "tokens": 32, "seed": 7, "split": "calibrate"}
     assert record["gelu"] == "tanh" and "gelu_new" in record["gelu_source"]
@@ -121,22 +122,38 @@ def test_metadata_record(tmp_path):
     assert resolve_source(output, record) == source.resolve()
 
 
-def test_group_scales_and_smoothing_are_written_and_read_back(tmp_path):
-    source = write_checkpoint(tmp_path / "model.safetensors", "vit", d_model=20, d_ff=40)
-    tensors = checkpoint_tensors("vit", d_model=20, d_ff=40)
-    options = QuantizeOptions(scheme="w8a8", granularity="group:8", smooth=0.5, tokens=64)
+@pytest.mark.parametrize("layout_family", ["vit", "gpt2"])
+def test_group_scales_are_written_and_read_back(tmp_path, layout_family):
+    source = write_checkpoint(tmp_path / "model.safetensors", layout_family, d_model=20, d_ff=40)
+    tensors = checkpoint_tensors(layout_family, d_model=20, d_ff=40)
     output = tmp_path / "q.safetensors"
-    quantize_checkpoint(source, output, options)
-    for layer in find_mlps(source):
+    quantize_checkpoint(source, output, QuantizeOptions(granularity="group:8"))
+    record, layers = read_quantized(output)
+    assert (record["granularity"], record["group_size"]) == ("group:8", 8)
+    for layer in layers:
         w1, _, w2, _ = load_quantized_mlp(output, layer)
         assert w1.group_size == 8 and w1.scale.shape == (40, 3)  # K = 20: groups of 8, 8, 4
         assert w2.scale.shape == (20, 5)
+        check_weight(tensors[layer.w1], w1, layer.weight_layout)
+        check_weight(tensors[layer.w2], w2, layer.weight_layout)
+
+
+@pytest.mark.parametrize("layout_family", ["vit", "gpt2"])
+def test_smooth_scale_is_written_and_folded_into_w1(tmp_path, layout_family):
+    source = write_checkpoint(tmp_path / "model.safetensors", layout_family, d_model=20, d_ff=40)
+    tensors = checkpoint_tensors(layout_family, d_model=20, d_ff=40)
+    output = tmp_path / "q.safetensors"
+    quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=64))
+    for layer in find_mlps(source):
+        w1, _, w2, _ = load_quantized_mlp(output, layer)
         s = w1.smooth_scale
         assert s.shape == (20,) and s.dtype == torch.float32 and torch.isfinite(s).all() and (s > 0).all()
-        assert not torch.allclose(s, torch.ones_like(s))
-        # The int8 W1 encodes W1 * s along K.
-        check_weight(tensors[layer.w1], w1, "out_in", encodes=tensors[layer.w1] * s[None, :])
-        check_weight(tensors[layer.w2], w2, "out_in")
+        assert not torch.allclose(s, torch.ones_like(s)) and w2.smooth_scale is None
+        # The int8 W1 encodes W1 * s along K, in the source layout.
+        w1_src = tensors[layer.w1]
+        folded = w1_src * (s[None, :] if layer.weight_layout == "out_in" else s[:, None])
+        check_weight(w1_src, w1, layer.weight_layout, encodes=folded)
+        check_weight(tensors[layer.w2], w2, layer.weight_layout)
 
 
 def simulated_w8a8(x, w1: QuantizedWeight, b1, w2: QuantizedWeight, b2, layout: str, flavour: str) -> torch.Tensor:
@@ -162,7 +179,7 @@ def test_w8a8_scales_run_the_mlp_close_to_float(tmp_path, family, method, smooth
         rel_err = lambda: ((simulated_w8a8(x, w1, b1, w2, b2, layer.weight_layout, layer.gelu) - exact).norm()  # noqa: E731
                            / exact.norm()).item()  # fmt: skip
         right = rel_err()
-        assert right < W8A8_MLP_REL_ERR
+        assert right < INT8_MLP_REL_ERR
         # Each scale is where it should be: 4x coarser adds noise, 4x finer clips.
         for field in ("input_scale", "output_scale"):
             calibrated = getattr(w1, field)
@@ -320,6 +337,7 @@ def test_nan_weight_fails_before_anything_is_written(tmp_path):
         (dict(scheme="w8a8", method="median"), "--method"),
         (dict(scheme="w8a8", smooth=2.0), "--smooth"),
         (dict(scheme="w8a8", tokens=0), "--tokens"),
+        (dict(scheme="w8a8", granularity="group:8"), "w8a8 takes per-channel"),
         (dict(method="mse"), "w8a16 does not have"),
         (dict(smooth=0.5), "w8a16 does not have"),
     ],
@@ -363,3 +381,23 @@ def test_output_gets_a_new_files_usual_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "model.int8.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("scheme,smooth", [("w8a16", None), ("w8a8", None), ("w8a8", 0.5)])
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, smooth):
+    # The consumer's view: the file's tensors go into the op as they are (torch backend here).
+    source = write_checkpoint(tmp_path / "model.safetensors", family, d_model=32, d_ff=96)
+    tensors = checkpoint_tensors(family, d_model=32, d_ff=96)
+    output = tmp_path / "q.safetensors"
+    quantize_checkpoint(source, output, QuantizeOptions(scheme=scheme, smooth=smooth, tokens=256 if scheme == "w8a8" else None))
+    for layer in find_mlps(source):
+        with open_checkpoint(source) as ckpt:
+            x, _ = calibration_inputs(ckpt, layer, tokens=256, split="verify")
+        w1, b1, w2, b2 = load_quantized_mlp(output, layer)
+        static = {"input_quant": "static"} if scheme == "w8a8" else {}
+        op = FusedMLP(MLPConfig(dtype=scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend="torch", **static))
+        y = op(x.half(), w1, b1.half(), w2, b2.half()).double()
+        w1f, b1f, w2f, b2f = (tensors[n].double() for n in (layer.w1, layer.b1, layer.w2, layer.b2))
+        exact = mlp_reference(x.double(), w1f, b1f, w2f, b2f, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout)
+        assert ((y - exact).norm() / exact.norm()).item() < INT8_MLP_REL_ERR
