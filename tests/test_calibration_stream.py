@@ -1,0 +1,60 @@
+"""calibration/safetensors_stream.py: a file written one tensor at a time reads back with safetensors."""
+
+import io
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from calibration.checkpoint import TensorInfo
+from calibration.safetensors_stream import DTYPE_NAMES, write_stream
+
+
+def plan_of(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    return {name: TensorInfo(DTYPE_NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
+
+
+def test_every_dtype_and_shape_reads_back(tmp_path):
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).bfloat16(),
+        "f16": torch.randn(2, 2, 2).half(),
+        "f64": torch.randn(4, dtype=torch.float64),
+        "i8": torch.randint(-127, 128, (6, 3), dtype=torch.int8),
+        "i64": torch.arange(5),
+        "bool": torch.tensor([True, False, True]),
+        "f8": torch.randn(9).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(0.25),
+        "empty": torch.zeros(0, 4),
+        "transposed view": torch.randn(4, 6).t(),  # not contiguous
+    }
+    path = tmp_path / "out.safetensors"
+    with open(path, "wb") as f:
+        written = write_stream(f, plan_of(tensors), iter(tensors.items()), {"note": "streamed"})
+    assert written == path.stat().st_size
+    back = load_file(str(path))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        as_bytes = lambda x: x.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+        assert torch.equal(as_bytes(back[name]), as_bytes(t)), name
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"note": "streamed"}
+    assert (int.from_bytes(path.read_bytes()[:8], "little") + 8) % 8 == 0  # data starts 8-byte aligned
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        [("b", torch.zeros(2)), ("a", torch.zeros(2))],  # out of order
+        [("a", torch.zeros(3)), ("b", torch.zeros(2))],  # wrong shape
+        [("a", torch.zeros(2, dtype=torch.float16)), ("b", torch.zeros(2))],  # wrong dtype
+        [("a", torch.zeros(2))],  # ends early
+        [("a", torch.zeros(2)), ("b", torch.zeros(2)), ("c", torch.zeros(2))],  # one too many
+    ],
+)
+def test_a_stream_that_strays_from_its_plan_is_a_bug(stream):
+    plan = {"a": TensorInfo("F32", (2,)), "b": TensorInfo("F32", (2,))}
+    with pytest.raises(RuntimeError, match="tensor stream"):
+        write_stream(io.BytesIO(), plan, iter(stream), {})
