@@ -134,11 +134,17 @@ def bench_table(result: BenchResult) -> Table:
     info = result.info
     c = info.ceilings
     int8 = f", int8 {c.int8_tops:.0f} TOP/s" if c.int8_tops else ""
+    sets: dict[str, set] = {}
+    for row in result.rows:
+        if row.rotation_sets:
+            sets.setdefault(f"{row.d_model}×{row.d_ff}", set()).add(row.rotation_sets)
+    rotation = ", ".join(f"{s} {min(n)}" + (f"–{max(n)}" if len(n) > 1 else "") for s, n in sets.items())
     table = Table(
         title=f"gelugemm bench · {info.device} · torch {info.torch} · triton {info.triton}",
         caption=(
             f"ceilings: bf16 matmul {c.matmul_tflops:.0f} TFLOP/s{int8}, copy {c.copy_gbps:.0f} GB/s · "
-            f"µs: median; spread: p20 to p80 in % of it · "
+            f"µs: median; spread: p20 to p80 in % of it · buffer sets rotated (1 = one call's bytes "
+            f"exceed 3× L2, cold by size): {rotation} · "
             f"floor = max(FLOPs/matmul, bytes/copy), B = bytes-bound, F = FLOPs-bound · "
             f"×: gelugemm's speedup over the row (same GELU) · cuBLASLt GELU checked: {info.cublaslt_gelu or 'n/a'} · "
             f"{info.date}"
@@ -215,6 +221,8 @@ def write_speedup_plot(result: BenchResult, path: Path) -> None:
         panel = (row.d_model, row.d_ff, row.dtype)
         if row.impl == "eager":
             eager[(*panel, row.tokens)] = row.time_us
+        elif row.impl == "gelugemm" and row.gelu != result.info.gelu:
+            continue  # the tanh twin is there for the cuBLASLt column; eager runs the run's GELU
         label = row.impl + (f" ({row.gelu})" if row.gelu != result.info.gelu else "")
         panels.setdefault(panel, {}).setdefault(label, {})[row.tokens] = row.time_us
     panels = {p: lines for p, lines in panels.items() if any(k[:3] == p for k in eager)}
@@ -222,6 +230,8 @@ def write_speedup_plot(result: BenchResult, path: Path) -> None:
         raise GelugemmError("--plot needs eager rows to compare with: keep 'eager' in --peers")
 
     shapes = sorted({p[:2] for p in panels})
+    tokens = sorted({k[3] for k in eager})
+    colours = {}  # one colour per impl across panels
     dtypes = [d for d in BENCH_DTYPES if any(p[2] == d for p in panels)]
     fig, axes = plt.subplots(len(shapes), len(dtypes), figsize=(4.2 * len(dtypes), 3.4 * len(shapes)),
                              squeeze=False, sharex=True)  # fmt: skip
@@ -230,14 +240,18 @@ def write_speedup_plot(result: BenchResult, path: Path) -> None:
             ax = axes[r][c]
             ax.set_title(f"{shape[0]}×{shape[1]} {dtype}", fontsize=10)
             ax.axhline(1.0, color="grey", lw=0.8)
-            for label, times in sorted(panels.get((*shape, dtype), {}).items()):
+            lines = panels.get((*shape, dtype), {})
+            for label, times in sorted(lines.items(), key=lambda kv: (not kv[0].startswith("gelugemm"), kv[0])):
                 if label.startswith("eager"):
                     continue
                 ms = sorted(m for m in times if (*shape, dtype, m) in eager)
                 ys = [eager[(*shape, dtype, m)] / times[m] for m in ms]
                 ours = label.startswith("gelugemm")
-                ax.plot(ms, ys, marker="o", lw=2.2 if ours else 1.0, ls="-" if ours else "--", label=label)
+                colour = colours.setdefault(label, f"C{len(colours)}")
+                ax.plot(ms, ys, marker="o", color=colour, lw=2.2 if ours else 1.0, ls="-" if ours else "--", label=label)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(tokens, [str(m) for m in tokens])
+            ax.minorticks_off()
             ax.set_xlabel("tokens M")
             ax.set_ylabel("speedup over eager (×)")
             ax.legend(fontsize=7)
@@ -312,7 +326,8 @@ def bench(
         failed = result.failed("gelugemm")
         if failed:
             err_console.print(
-                f"[bold red]error:[/bold red] {len(failed)} gelugemm rows failed their correctness check or crashed",
+                f"[bold red]error:[/bold red] {len(failed)} gelugemm rows were not measured right "
+                f"(wrong output, crashed or refused; see above)",
                 highlight=False,
             )
             raise typer.Exit(1)

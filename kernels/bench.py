@@ -293,8 +293,9 @@ class BenchResult:
         return {"info": asdict(self.info), "rows": [asdict(r) for r in self.rows]}
 
     def failed(self, impl: str | None = "gelugemm") -> list[BenchRow]:
-        """Rows (of one impl, or all with None) that ran wrong or crashed."""
-        return [r for r in self.rows if r.status in ("wrong", "error") and (impl is None or r.impl == impl)]
+        """Rows (of one impl, or all with None) that were not measured right: wrong output,
+        a crash, or (for gelugemm) an op that refused the config."""
+        return [r for r in self.rows if r.status != "ok" and (impl is None or r.impl == impl)]
 
 
 def fill_metrics(row: BenchRow) -> None:
