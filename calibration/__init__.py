@@ -1,1 +1,13 @@
-"""Checkpoint reading, MLP discovery, observers, scales and int8 weight quantization."""
+"""Checkpoint reading, MLP discovery, observers, scales and int8 weight quantization.
+
+    checkpoint.py          find_mlps, open_checkpoint, read_mlp: lazy reads, MLP naming families
+    quantize_weights.py    symmetric int8: quantize_weight (per channel / per group), weight_error
+    observers.py           activation clipping: max, percentile:P, mse
+    smooth.py              SmoothQuant scales, folded into W1
+    data.py                calibration inputs: a --calib file or synthetic, calibrate/verify splits
+    quantize_mlp.py        one MLP quantized in memory (w8a16, w8a8)
+    quantize.py            quantize_checkpoint: the whole file, streamed, and its report
+    quantized_file.py      the int8 file's names and metadata record, read back for verify
+    safetensors_stream.py  writing safetensors one tensor at a time
+    options.py, errors.py, memory.py
+"""

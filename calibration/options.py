@@ -10,7 +10,6 @@ from calibration.observers import parse_method
 from calibration.smooth import check_alpha
 
 SCHEMES = ("w8a16", "w8a8")
-GRANULARITIES = ("per-channel", "group:N")
 
 
 def parse_granularity(granularity: str) -> int | None:

@@ -35,7 +35,6 @@ from kernels.quantized import QuantizedWeight
 RECORD_KEY = "gelugemm"
 FORMAT = "gelugemm-int8"
 FORMAT_VERSION = 1
-SCALE_FIELDS = ("weight_scale", "input_scale", "output_scale", "smooth_scale")
 
 
 def scale_name(prefix: str, field: str) -> str:
