@@ -616,17 +616,18 @@ def launch_int8_weight_gemm(
 
         _int8_weight_tma_kernel[grid](*operands, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common)
     else:
-        # The float decode kernel's workspace, sized as it sizes it for any config
-        # (BLOCK_N >= 32, BLOCK_K >= 32): BLOCK_N * BLOCK_M partial sums per split of
-        # each N tile, at most one split per 4 K tiles.
+        # The float decode kernel's workspace, sized for any config (BLOCK_N >= 32,
+        # BLOCK_K >= 32): BLOCK_N * BLOCK_M partial sums per split of each N tile, at most
+        # one split per 4 K tiles (kernels/gemm.py's _decode_split_k).
         tiles_n = triton.cdiv(n, 32)
-        partial, arrivals = _split_k_workspace(a2.device, tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
+        max_splits = max(1, triton.cdiv(k, 32) // 4)
+        partial, arrivals = _split_k_workspace(a2.device, tiles_n * 32 * DECODE_MAX_M * max_splits, tiles_n)
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
         _int8_weight_decode_kernel[grid](
-            *operands[:7], partial, arrivals, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common
+            *operands, partial, arrivals, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common
         )
 
 

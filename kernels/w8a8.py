@@ -15,8 +15,9 @@ erf implementation) moves a value across a rounding tie.
 - `_quantize_rows_kernel`: one program per row of x. Dynamic: a first pass over the
   row finds absmax (after the SmoothQuant division), scale = absmax / 127; the second
   pass quantizes. Static: one pass with the calibrated scale.
-- The GEMMs are kernels/w8a16.py's int8-weight kernels with an int8 input: int32
-  accumulation; the epilogue computes acc * x_scale[m] * w_scale[n] + bias in float32,
+- The GEMMs are kernels/w8a16.py's int8-weight kernels (decode, persistent TMA,
+  strided) with an int8 input: int8 x int8 tensor-core dots with int32 accumulation
+  (split-K partials added in int32 too); the epilogue computes acc * x_scale[m] * w_scale[n] + bias in float32,
   then GELU, then either requantizes with the calibrated output scale (GEMM1, int8
   out) or rounds to the float output dtype (GEMM2). Weight scales are per channel:
   per-group scales would need a float rescale of the int32 partial sum at every group
