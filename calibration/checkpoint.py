@@ -276,6 +276,11 @@ def mlps_in(path: Path, infos: dict[str, TensorInfo], *, layers: str | None = No
     if not found:
         raise CheckpointError(_not_found_message(path, infos))
     found.sort(key=lambda layer: _natural_key(layer.fc1))
+    return select_layers(found, layers)
+
+
+def select_layers(found: list[MLPLayer], layers: str | None) -> list[MLPLayer]:
+    """The MLPs whose fc1 or fc2 prefix matches the regex `layers` (re.search); all for None."""
     if layers is None:
         return found
     try:
