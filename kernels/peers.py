@@ -14,7 +14,8 @@ dtype, so the benchmark can time them side by side on the same inputs.
     dequant   w8a16 the naive way: dequantize the int8 weights in torch on every call,
               then the eager MLP
     int_mm    w8a8 through torch._int_mm: per-token dynamic int8 quantization of x, int8
-              GEMM, dequantize, bias, GELU, requantize, int8 GEMM, dequantize, bias
+              GEMM, dequantize, bias, GELU, requantize (with the calibrated output scale
+              gelugemm's w8a8 kernel uses), int8 GEMM, dequantize, bias
 
 The int8 peers take `QuantizedWeight`s (per-channel int8 weights, float32 scales), as the
 int8 op does.

@@ -473,3 +473,21 @@ def test_cli_json_carries_the_command_and_rows(cpu_run, tmp_path):
     assert [(r["impl"], r["status"]) for r in payload["rows"]] == [("gelugemm", "ok"), ("eager", "ok")]
     assert math.isfinite(payload["rows"][1]["speedup"])
     assert isinstance(payload["info"]["command"], str)
+
+
+# ---- on a GPU: the real run, small -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_real_run_small_every_impl_correct():
+    """Every impl runs and passes its float64 check; the ceilings are measured. No time is asserted."""
+    result = bench.run_bench(
+        [MLPShape(256, 1024)], list(bench.BENCH_DTYPES), [1, 33], list(peers.PEERS), warmup_ms=1, rep_ms=5
+    )
+    info = result.info
+    assert info.ceilings.matmul_tflops > 0 and info.ceilings.copy_gbps > 0 and info.l2_bytes > 0
+    assert info.cublaslt_gelu == "tanh"
+    for row in result.rows:
+        assert row.status == "ok", (row.dtype, row.tokens, row.impl, row.gelu, row.error, row.relerr)
+        assert row.time_us > 0 and row.relerr <= row.relerr_limit
+    assert all(r.speedup is not None for r in result.rows if r.impl != "gelugemm")
