@@ -27,7 +27,7 @@ def user_errors():
     except GelugemmError as exc:
         if state["debug"]:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
