@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -198,7 +199,7 @@ def problems(result: BenchResult) -> list[str]:
                     f"{row.relerr:.2e} over the limit {row.relerr_limit:.0e}[/red]")  # fmt: skip
         elif row.status in ("error", "unavailable"):
             colour = "red" if row.status == "error" else "yellow"
-            line = f"[{colour}]{row.impl} {row.dtype}: {row.status}: {row.error}[/{colour}]"
+            line = f"[{colour}]{row.impl} {row.dtype}: {row.status}: {escape(row.error or '')}[/{colour}]"
         else:
             continue
         if line not in lines:

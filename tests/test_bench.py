@@ -142,7 +142,7 @@ def synthetic_result() -> BenchResult:
         synthetic_row("cublaslt", 823.0, gelu="tanh", note="cuBLASLt's GELU epilogue is tanh"),
         synthetic_row("compile", 876.0),
         synthetic_row("gelugemm", None, dtype="w8a16", status="unavailable", relerr=None,
-                      error="dtype w8a16 is not implemented yet"),
+                      error="dtype w8a16 is not implemented yet for shape [/x] [bold]"),
         synthetic_row("eager", 862.0, dtype="w8a16"),
         synthetic_row("dequant", 1500.0, dtype="w8a16", status="wrong", relerr=0.5),
     ]  # fmt: skip
@@ -209,6 +209,7 @@ def test_table_renders_every_row_with_speedups_and_flags():
     assert "✗ 5.0e-01" in text  # the wrong row is flagged, not hidden
     lines = bench_cli.problems(result)
     assert any("not implemented yet" in line for line in lines)
+    assert "shape [/x] [bold]" in render("\n".join(lines))  # error text is not read as markup
     assert any("dequant" in line and "over the limit" in line for line in lines)
 
 
