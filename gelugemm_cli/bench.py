@@ -34,6 +34,7 @@ from kernels.errors import GelugemmError
 
 DEFAULT_WARMUP_MS, DEFAULT_REP_MS = 25.0, 100.0
 QUICK_WARMUP_MS, QUICK_REP_MS = 5.0, 20.0
+LOG_WIDTH = 140  # columns the table is printed in when stdout is not a terminal
 
 
 # ---- options ---------------------------------------------------------------------------------
@@ -319,9 +320,11 @@ def bench(
         if json_path is not None:
             write_json(json_path, result.to_dict())
         out = err_console if str(json_path) == "-" else console
-        out.print(bench_table(result))
+        # Piped or captured (a log, a remote run), Rich would fit the table to 80 columns.
+        width = None if out.is_terminal else max(out.width, LOG_WIDTH)
+        out.print(bench_table(result), width=width)
         for line in problems(result):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, width=width)
         if plot_path is not None:
             write_speedup_plot(result, plot_path)
         failed = result.failed("gelugemm")

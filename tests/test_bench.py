@@ -474,6 +474,7 @@ def test_cli_json_carries_the_command_and_rows(cpu_run, tmp_path):
     assert [(r["impl"], r["status"]) for r in payload["rows"]] == [("gelugemm", "ok"), ("eager", "ok")]
     assert math.isfinite(payload["rows"][1]["speedup"])
     assert isinstance(payload["info"]["command"], str)
+    assert "gelugemm ×" in result.stdout and "% floor" in result.stdout  # not squeezed to 80 columns
 
 
 # ---- on a GPU: the real run, small -------------------------------------------------------------
