@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -320,11 +321,12 @@ def bench(
         if json_path is not None:
             write_json(json_path, result.to_dict())
         out = err_console if str(json_path) == "-" else console
-        # Piped or captured (a log, a remote run), Rich would fit the table to 80 columns.
-        width = None if out.is_terminal else max(out.width, LOG_WIDTH)
-        out.print(bench_table(result), width=width)
+        if not out.is_terminal:
+            # Piped or captured (a log, a remote run), Rich would fit the table to 80 columns.
+            out = Console(file=out.file, width=max(out.width, LOG_WIDTH))
+        out.print(bench_table(result))
         for line in problems(result):
-            out.print(line, highlight=False, width=width)
+            out.print(line, highlight=False)
         if plot_path is not None:
             write_speedup_plot(result, plot_path)
         failed = result.failed("gelugemm")
