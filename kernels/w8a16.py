@@ -95,12 +95,12 @@ def _bf16_round_nearest(v):
 
 
 @triton.jit
-def _weight_tile(q, a, w_scale_ptr, k0, ks, ns, K, stride_wsn, stride_wsg,
-                 GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
+                 GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, K_AXIS: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     # The weight tile the dot takes, from its int8 values q; a is the activation tile,
-    # whose dtype picks the scheme. ks and ns hold each element's k and n (already
-    # clamped in bounds), shaped to broadcast against q: [BLOCK_K, 1] and [1, BLOCK_N]
-    # for a [K, N] tile, the other way round for the decode kernel's [N, K] tile.
+    # whose dtype picks the scheme. q covers k in [k0, k0 + BLOCK_K) along axis K_AXIS
+    # ([BLOCK_K, BLOCK_N] tiles: 0; the decode kernel's [BLOCK_N, BLOCK_K]: 1) and the
+    # output channels `cols` (clamped in bounds) along the other.
     # DOT_F32 (bf16 under the CPU interpreter, see kernels/gemm.py's _dot) hands the dot
     # float32 tiles holding the values the GPU's bf16 tiles hold: the interpreter's
     # int8 -> bf16 cast returns garbage and its float32 -> bf16 cast truncates.
@@ -112,14 +112,33 @@ def _weight_tile(q, a, w_scale_ptr, k0, ks, ns, K, stride_wsn, stride_wsg,
             return q.to(tl.float32)
         return q.to(a.dtype)
     # per group: w[k, n] = q[k, n] * scale[n, k // GROUP_K], rounded once to a's dtype
+    BLOCK_N: tl.constexpr = cols.shape[0]
     if GROUP_K % BLOCK_K == 0:
-        # the whole tile lies in one group (k0's): one scale per output channel
-        scale = tl.load(w_scale_ptr + ns * stride_wsn + (k0 // GROUP_K) * stride_wsg)
+        # the whole tile lies in one group: one scale per output channel
+        scale = tl.load(w_scale_ptr + cols * stride_wsn + (k0 // GROUP_K) * stride_wsg)
+        scale = scale[None, :] if K_AXIS == 0 else scale[:, None]
+    elif BLOCK_K % GROUP_K == 0:
+        # BLOCK_K / GROUP_K whole groups: load their scales, repeat each GROUP_K times
+        # along k (groups past K, in the zero-filled tail, read group 0 to stay in bounds)
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_K
+        groups = k0 // GROUP_K + tl.arange(0, GROUPS)
+        groups = tl.where(groups * GROUP_K < K, groups, 0)
+        if K_AXIS == 0:
+            s = tl.load(w_scale_ptr + groups[:, None] * stride_wsg + cols[None, :] * stride_wsn)
+            scale = tl.reshape(tl.broadcast_to(s[:, None, :], (GROUPS, GROUP_K, BLOCK_N)), (BLOCK_K, BLOCK_N))
+        else:
+            s = tl.load(w_scale_ptr + cols[:, None] * stride_wsn + groups[None, :] * stride_wsg)
+            scale = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP_K)), (BLOCK_N, BLOCK_K))
     else:
-        # groups change inside the tile: gather each element's scale; k past K (the
-        # masked or zero-filled tail, q = 0 there) reads group 0 to stay in bounds
+        # group size and tile depth do not divide: gather each element's scale (slow,
+        # and the pipeliner stages the gathered tile in shared memory; fine for odd
+        # group sizes on small tiles). k past K reads group 0 to stay in bounds.
+        ks = k0 + tl.arange(0, BLOCK_K)
         groups = tl.where(ks < K, ks, 0) // GROUP_K
-        scale = tl.load(w_scale_ptr + ns * stride_wsn + groups * stride_wsg)
+        if K_AXIS == 0:
+            scale = tl.load(w_scale_ptr + groups[:, None] * stride_wsg + cols[None, :] * stride_wsn)
+        else:
+            scale = tl.load(w_scale_ptr + cols[:, None] * stride_wsn + groups[None, :] * stride_wsg)
     w = q.to(tl.float32) * scale
     if DOT_F32:
         return _bf16_round_nearest(w)
@@ -242,8 +261,8 @@ def _scheme_configs(*tables):
 
 def _prune_by_scheme(w8a16_table, w8a8_table):
     # The scheme's table for this M bucket (kernels/gemm.py's pruning); for group scales,
-    # the configs whose K tile lies in one group when the bucket has any (one scale load
-    # per column instead of a gather per element).
+    # the configs whose K tile and group size divide one another when the bucket has any
+    # (a few scale loads per tile instead of a gather per element).
     prunes = {"w8a16": _prune_for(w8a16_table), "w8a8": _prune_for(w8a8_table)}
 
     def prune(configs, named_args, **kwargs):
@@ -251,7 +270,8 @@ def _prune_by_scheme(w8a16_table, w8a8_table):
         kept = prunes[scheme](configs, named_args, **kwargs)
         group_k = kwargs.get("GROUP_K", named_args.get("GROUP_K", 0))
         if group_k:
-            kept = [c for c in kept if group_k % c.kwargs["BLOCK_K"] == 0] or kept
+            divides = [c for c in kept if group_k % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group_k == 0]
+            kept = divides or kept
         return kept
 
     return prune
@@ -303,10 +323,7 @@ def _int8_weight_strided_kernel(
             k_left = K - ki * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             q = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        b = _weight_tile(
-            q, a, w_scale_ptr, ki * BLOCK_K, ki * BLOCK_K + offs_k[:, None], cols[None, :], K, stride_wsn, stride_wsg,
-            GROUP_K, BLOCK_K, DOT_F32,
-        )  # fmt: skip
+        b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
         acc = _dot(a, b, acc, DOT_F32, "ieee")
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -350,7 +367,6 @@ def _int8_weight_tma_kernel(
     else:
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
     out_dtype = c_ptr.dtype.element_ty
-    offs_k = tl.arange(0, BLOCK_K)
 
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -374,10 +390,7 @@ def _int8_weight_tma_kernel(
                 q = b_desc.load([off_n, ki * BLOCK_K]).T
             else:
                 q = b_desc.load([ki * BLOCK_K, off_n])
-            b = _weight_tile(
-                q, a, w_scale_ptr, ki * BLOCK_K, ki * BLOCK_K + offs_k[:, None], cols[None, :], K,
-                stride_wsn, stride_wsg, GROUP_K, BLOCK_K, DOT_F32,
-            )  # fmt: skip
+            b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
             acc = _dot(a, b, acc, DOT_F32, "ieee")
         offs_m = off_m + tl.arange(0, BLOCK_M)
         # TMA clips stores at the tensor's edge: no mask needed.
@@ -434,7 +447,6 @@ def _int8_weight_decode_kernel(
     off_n = pid_n * BLOCK_N
     offs_n = off_n + tl.arange(0, BLOCK_N)
     cols = tl.where(offs_n < N, offs_n, 0)
-    offs_k = tl.arange(0, BLOCK_K)
     k_tiles = tl.cdiv(K, BLOCK_K)
     k_per_split = tl.cdiv(k_tiles, SPLIT_K)
     k_first = pid_k * k_per_split
@@ -450,10 +462,7 @@ def _int8_weight_decode_kernel(
             q = b_desc.load([off_n, ki * BLOCK_K])
         else:
             q = b_desc.load([ki * BLOCK_K, off_n]).T
-        w = _weight_tile(
-            q, a, w_scale_ptr, ki * BLOCK_K, ki * BLOCK_K + offs_k[None, :], cols[:, None], K, stride_wsn, stride_wsg,
-            GROUP_K, BLOCK_K, DOT_F32,
-        )  # fmt: skip
+        w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
         acc = _dot(w, a.T, acc, DOT_F32, "ieee")
 
     offs_m = tl.arange(0, BLOCK_M)

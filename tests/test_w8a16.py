@@ -3,9 +3,7 @@ reference (kernels/reference.py's w8a16_linear_reference) and the float64 GEMM o
 dequantized weight.
 
 On CPU these run in Triton's interpreter on small odd shapes, with group sizes that hit
-both per-group branches of the kernel under the interpreter's BLOCK_K = 32: 32 (each K
-tile inside one group: one scale per column) and 24 (groups change inside a tile: a
-gather per element, including a partial last group). bf16: the launcher sets DOT_F32,
+each per-group branch of the kernel (see DTYPE_GROUPS), partial last groups included. bf16: the launcher sets DOT_F32,
 as for the float kernels (tests/test_gemm.py), so the interpreter's broken bf16 dot is
 replaced by a float32 dot on the very values the GPU's bf16 tiles hold; the interpreter
 also truncates float32 -> bf16 stores, which the bf16 tolerance absorbs. The GPU tests
@@ -37,9 +35,12 @@ STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100), ((19,), 13
 TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112)]
 # Decode (M <= 16, TMA, swap-AB): K = 272 gives the interpreter's 4 "SMs" a split-K of 2.
 DECODE_SHAPES = [((1,), 80, 48), ((16,), 80, 48), ((2, 3), 272, 48), ((5,), 272, 112)]
-# (activation dtype, group size): per-channel, group 32, group 24, each kernel branch
-# in both dtypes at least once.
-DTYPE_GROUPS = [(torch.float16, None), (torch.bfloat16, None), (torch.float16, 24), (torch.bfloat16, 32)]
+# (activation dtype, group size): per-channel, and one group size per branch of the
+# kernel's per-group dequantization under the interpreter's BLOCK_K = 32: 32 (each tile
+# inside one group), 16 (two whole groups per tile), 24 (neither divides: a gather).
+DTYPE_GROUPS = [
+    (torch.float16, None), (torch.bfloat16, None), (torch.bfloat16, 32), (torch.float16, 16), (torch.float16, 24)
+]
 
 
 def quantize_weight(w: torch.Tensor, group_size: int | None = None, layout: str = "out_in") -> QuantizedWeight:
