@@ -259,10 +259,17 @@ def _scheme_configs(*tables):
     return out
 
 
+def _gather_config(c: triton.Config) -> triton.Config:
+    # For group sizes no tile depth divides: the per-element scale gather is staged in
+    # shared memory like a weight tile, four bytes an element: smaller tiles, fewer stages.
+    kwargs = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], 64), "BLOCK_N": min(c.kwargs["BLOCK_N"], 128)}
+    return triton.Config(kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
+
+
 def _prune_by_scheme(w8a16_table, w8a8_table):
-    # The scheme's table for this M bucket (kernels/gemm.py's pruning); for group scales,
-    # the configs whose K tile and group size divide one another when the bucket has any
-    # (a few scale loads per tile instead of a gather per element).
+    # The scheme's table for this M bucket (kernels/gemm.py's pruning). For group scales,
+    # the configs whose K tile and group size divide one another (a few scale loads per
+    # tile); when none does, shallow variants of the bucket's configs for the gather.
     prunes = {"w8a16": _prune_for(w8a16_table), "w8a8": _prune_for(w8a8_table)}
 
     def prune(configs, named_args, **kwargs):
@@ -271,7 +278,10 @@ def _prune_by_scheme(w8a16_table, w8a8_table):
         group_k = kwargs.get("GROUP_K", named_args.get("GROUP_K", 0))
         if group_k:
             divides = [c for c in kept if group_k % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group_k == 0]
-            kept = divides or kept
+            if divides:
+                return divides
+            gather = {_config_key(g): g for g in map(_gather_config, kept)}
+            return list(gather.values())
         return kept
 
     return prune
