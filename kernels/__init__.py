@@ -2,6 +2,7 @@
 
 from kernels.errors import BackendUnavailable, GelugemmError, LaunchError
 from kernels.gemm import gemm_bias_act
+from kernels.module import FusedGeluMLP, SwapError, bert_mlp_path, load_mlp, load_mlps, swap_mlps
 from kernels.op import FusedMLP, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import gelu, mlp_reference, w8a8_mlp_reference, w8a16_mlp_reference
@@ -10,15 +11,21 @@ from kernels.w8a16 import w8a16_linear
 
 __all__ = [
     "BackendUnavailable",
+    "FusedGeluMLP",
     "FusedMLP",
     "GelugemmError",
     "LaunchError",
     "MLPConfig",
     "QuantizedWeight",
+    "SwapError",
+    "bert_mlp_path",
     "gelu",
     "gemm_bias_act",
+    "load_mlp",
+    "load_mlps",
     "mlp_reference",
     "quantize_activations",
+    "swap_mlps",
     "w8a8_linear",
     "w8a8_mlp_reference",
     "w8a16_linear",
