@@ -88,7 +88,8 @@ def _round_to_int8(v):
 @triton.jit
 def _bf16_round_nearest(v):
     # float32 -> the nearest bf16 value (ties to even), kept in float32. Only for the CPU
-    # interpreter, whose float32 -> bf16 cast truncates (the GPU's rounds to nearest).
+    # interpreter, whose float32 -> bf16 cast truncates (the GPU's rounds to nearest);
+    # the cast of the rounded value is then exact.
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
@@ -149,7 +150,7 @@ def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
 def _int8_epilogue(acc, offs_m, offs_n, M, N,
                    bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
                    GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                   OUT_DTYPE: tl.constexpr):  # fmt: skip
+                   OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
     # float32 out = acc * a_scale[m] * w_scale[n] + bias[n], then GELU; in this order, as
     # kernels/reference.py computes it.
     out = acc.to(tl.float32)  # int32 -> float32 rounds to nearest even, as torch does
@@ -167,6 +168,9 @@ def _int8_epilogue(acc, offs_m, offs_n, M, N,
         # is an approximate division on the GPU)
         inv_c_scale = tl.math.div_rn(1.0, tl.load(c_scale_ptr))
         return _round_to_int8(out * inv_c_scale)
+    if OUT_DTYPE == tl.bfloat16:
+        if INTERPRETER:
+            out = _bf16_round_nearest(out)  # the interpreter's bf16 cast would truncate
     return out.to(OUT_DTYPE)
 
 
@@ -304,7 +308,8 @@ def _int8_weight_strided_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_wsn, stride_wsg, stride_as,
-    GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
+    GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
@@ -340,7 +345,7 @@ def _int8_weight_strided_kernel(
 
     out = _int8_epilogue(
         acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-        GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty,
+        GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
     )  # fmt: skip
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -358,7 +363,7 @@ def _int8_weight_tma_kernel(
     M, N, K, M_BUCKET,
     stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
     GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, B_IS_NK: tl.constexpr,
-    DOT_F32: tl.constexpr, NUM_SMS: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, EPILOGUE_SUBTILE: tl.constexpr = False,
 ):  # fmt: skip
@@ -409,18 +414,18 @@ def _int8_weight_tma_kernel(
             offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
             out0 = _int8_epilogue(
                 acc0, offs_m, offs_n0, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
-                stride_wsn, stride_as, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype,
+                stride_wsn, stride_as, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n], out0)
             out1 = _int8_epilogue(
                 acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
-                stride_wsn, stride_as, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype,
+                stride_wsn, stride_as, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n + BLOCK_N // 2], out1)
         else:
             out = _int8_epilogue(
                 acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
-                stride_wsn, stride_as, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype,
+                stride_wsn, stride_as, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n], out)
 
@@ -438,7 +443,7 @@ def _int8_weight_decode_kernel(
     M, N, K, M_BUCKET,
     stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
     GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, B_IS_NK: tl.constexpr,
-    DOT_F32: tl.constexpr, NUM_SMS: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):  # fmt: skip
@@ -496,13 +501,13 @@ def _int8_weight_decode_kernel(
             tl.store(arrivals_ptr + pid_n, 0)
             out = _int8_epilogue(
                 total.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-                GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty,
+                GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
             )  # fmt: skip
             tl.store(c_ptrs, out, mask=c_mask)
     else:
         out = _int8_epilogue(
             acc.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-            GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty,
+            GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
         )  # fmt: skip
         tl.store(c_ptrs, out, mask=c_mask)
 
@@ -580,7 +585,9 @@ def launch_int8_weight_gemm(
         GROUP_K=group_k,
         HAS_BIAS=bias is not None,
         ACTIVATION=activation,
+        # bf16 under the CPU interpreter: see kernels/gemm.py's _dot and _weight_tile above
         DOT_F32=interpreting() and a2.dtype == torch.bfloat16,
+        INTERPRETER=interpreting(),
     )
     # Pointers the kernel never reads when their flag is off still need a tensor.
     bias_arg = bias if bias is not None else scale

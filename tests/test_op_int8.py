@@ -155,14 +155,13 @@ def test_torch_backend_runs_without_triton():
 # ---------------------------------------------------------------------------------------
 
 GPU_CASES = [
-    # (scheme, activation dtype, variant, layout)
+    # (scheme, activation dtype, variant, layout); test_w8a8.py's GPU steps use the same
+    # w8a8 cases, so the two share compiled kernels and autotuning results.
     ("w8a16", "fp16", "per-channel", "out_in"),
-    ("w8a16", "bf16", "per-channel", "out_in"),
-    ("w8a16", "fp16", "group:128", "out_in"),
+    ("w8a16", "bf16", "group:128", "out_in"),
     ("w8a16", "fp16", "per-channel", "in_out"),
     ("w8a8", "fp16", "dynamic", "out_in"),
-    ("w8a8", "bf16", "static+smooth", "out_in"),
-    ("w8a8", "fp16", "static", "in_out"),
+    ("w8a8", "bf16", "static+smooth", "in_out"),
 ]
 
 

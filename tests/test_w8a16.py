@@ -3,11 +3,13 @@ reference (kernels/reference.py's w8a16_linear_reference) and the float64 GEMM o
 dequantized weight.
 
 On CPU these run in Triton's interpreter on small odd shapes, with group sizes that hit
-each per-group branch of the kernel (see DTYPE_GROUPS), partial last groups included. bf16: the launcher sets DOT_F32,
-as for the float kernels (tests/test_gemm.py), so the interpreter's broken bf16 dot is
-replaced by a float32 dot on the very values the GPU's bf16 tiles hold; the interpreter
-also truncates float32 -> bf16 stores, which the bf16 tolerance absorbs. The GPU tests
-at real sizes are in tests/test_op_int8.py (whole MLP).
+each per-group branch of the kernel (see DTYPE_GROUPS), partial last groups included. bf16
+under the interpreter: the launcher sets DOT_F32, as for the float kernels
+(tests/test_gemm.py), so the interpreter's broken bf16 dot is replaced by a float32 dot
+on the very values the GPU's bf16 tiles hold, and INTERPRETER, which rounds to nearest
+before the interpreter's truncating float32 -> bf16 casts; the bf16 path then matches
+its reference as the GPU's does. The GPU tests at real sizes are in
+tests/test_op_int8.py (whole MLP).
 """
 
 import math
