@@ -42,6 +42,10 @@ from gelugemm_cli import bench  # noqa: E402
 
 app.command("bench")(bench.bench)
 
+from gelugemm_cli import verify  # noqa: E402
+
+app.command("verify")(verify.verify)
+
 
 def main() -> None:
     sys.exit(app())

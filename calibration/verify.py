@@ -1,0 +1,514 @@
+"""Verify: how far each path through a checkpoint's MLPs is from the fp16 path, gated per dtype.
+
+    report = verify_checkpoint("model.safetensors", ["bf16", "w8a8"], calib="calib.safetensors")
+    report.passed       # every (layer, dtype) row within its tolerance
+    report.to_dict()    # what the CLI renders as a table and writes with --json
+
+For each MLP, on the "verify" split of its calibration inputs (rows quantize never
+calibrates on; seeded when synthetic):
+
+    fp16 path   the layer as a user runs it in fp16 today: fp16 weights and inputs,
+                F.linear -> F.gelu -> F.linear in plain torch
+    float64     the same three calls in float64 from the original weights: the exact MLP
+    dtype rows  gelugemm's op (`FusedMLP`) in each asked dtype: the fused Triton kernels
+                on CUDA, the torch reference elsewhere (reported, never silent)
+
+Each row is measured against both references (`calibration.metrics`); the gate is its
+relative Frobenius error against the fp16 path, at most `DEFAULT_TOLERANCES[dtype]` or
+what the caller passes. The fp16 path's own distance from float64 is reported per layer,
+so a reader sees how far "what users run today" is from exact.
+
+Where the weights come from:
+
+- an original checkpoint: float rows cast its weights to the dtype; int8 rows quantize
+  them in memory with quantize's defaults (per-channel scales; w8a8: the max observer,
+  no smoothing, calibrated on the "calibrate" split of the same source).
+- a file written by `quantize`: its int8 rows use its scales as written, and both
+  references come from the source checkpoint recorded in its metadata (found by path,
+  checked by sha256) or from `reference=`; a quantized file alone has no fp16 path to
+  compare with. Float rows run from that reference's float weights. Only the file's
+  own int8 scheme can be verified: the other scheme is not in the file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from calibration.checkpoint import MLPLayer, find_mlps, open_checkpoint, read_mlp, select_layers
+from calibration.data import calibration_inputs, check_calibration_file, describe_source
+from calibration.errors import CheckpointError, OptionError
+from calibration.metrics import ErrorMetrics, error_metrics
+from calibration.options import QuantizeOptions
+from calibration.quantize_mlp import quantize_mlp
+from calibration.quantized_file import (
+    is_quantized_file,
+    load_quantized_mlp,
+    read_quantized,
+    resolve_source,
+    sha256_file,
+)
+from gelugemm_cli import __version__
+from kernels.op import DTYPES, FLOAT_DTYPES, INT8_DTYPES, FusedMLP, MLPConfig, choose_backend
+from kernels.quantized import QuantizedWeight
+from kernels.reference import as_out_in
+
+GATE_METRIC = "rel_frobenius"
+GATE_REFERENCE = "fp16 path"
+
+# The gate: the largest relative Frobenius error against the fp16 path each dtype may have,
+# written once. Each is 2-2.5x the worst error measured on real weights (all-MiniLM-L6-v2's
+# six fp32 MLPs and the two fp16 ones in samples/, on real and on synthetic activations,
+# torch reference): fp16 4.96e-4, bf16 4.57e-3, fp32 6.21e-4, w8a16 2.62e-2, w8a8 1.27e-1.
+# docs-verify.md has every measurement. fp32 is graded by how far it is from the fp16 path,
+# which is the fp16 path's own rounding (its distance from float64 is in the report).
+DEFAULT_TOLERANCES = {
+    "fp16": 1e-3,
+    "bf16": 1e-2,
+    "fp32": 1.5e-3,
+    "w8a16": 6e-2,
+    "w8a8": 2.5e-1,
+}
+
+# int8 schemes take and return activations in this dtype: the fp16 path's own.
+INT8_ACTIVATION_DTYPE = "fp16"
+
+# How `quantize` quantizes by default: the in-memory quantization of an original checkpoint.
+QUANTIZE_DEFAULTS = {scheme: QuantizeOptions(scheme=scheme) for scheme in INT8_DTYPES}
+
+Progress = Callable[[int, int, str], None]  # (done, total, what was just verified)
+
+
+# ---- options -----------------------------------------------------------------------------------
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """'bf16,w8a8' -> ['bf16', 'w8a8']; 'all' stays 'all' (which dtypes apply depends on the file)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise OptionError("--dtype: nothing given")
+    for name in names:
+        if name not in DTYPES and name != "all":
+            raise OptionError(f"--dtype: unknown {name!r}; choose from {', '.join(DTYPES)}, all (or a comma list)")
+    return names
+
+
+def _positive(value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise OptionError(f"--tol: {what} must be a positive number; got {value!r}")
+    return number
+
+
+def parse_tolerances(text: str) -> float | dict[str, float]:
+    """'0.02' (every dtype) or 'bf16=0.01,w8a8=0.05' (those dtypes; the rest keep their default)."""
+    if "=" not in text:
+        return _positive(text.strip(), "the tolerance")
+    tolerances = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in DTYPES:
+            raise OptionError(f"--tol takes VALUE or DTYPE=VALUE,... with DTYPE one of {', '.join(DTYPES)}; got {part!r}")
+        tolerances[name] = _positive(value.strip(), name)
+    return tolerances
+
+
+def _tolerances(tol: float | dict[str, float] | None, dtypes: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """(tolerance per dtype, where each came from: "default" or "asked")."""
+    if isinstance(tol, dict):
+        unknown = [name for name in tol if name not in DTYPES]
+        if unknown:
+            raise OptionError(f"--tol: unknown dtype {unknown[0]!r}")
+    chosen, origin = {}, {}
+    for dtype in dtypes:
+        asked = tol if isinstance(tol, (int, float)) else (tol or {}).get(dtype)
+        if asked is not None and not (math.isfinite(asked) and asked > 0):
+            raise OptionError(f"--tol must be a positive number; got {asked!r}")
+        chosen[dtype] = float(asked) if asked is not None else DEFAULT_TOLERANCES[dtype]
+        origin[dtype] = "asked" if asked is not None else "default"
+    return chosen, origin
+
+
+def _resolve_dtypes(asked: Sequence[str] | str | None, scheme: str | None) -> list[str]:
+    """The dtypes to verify, in DTYPES order. scheme: a quantized file's, else None.
+
+    Default and "all": every dtype for an original checkpoint; for a quantized file the
+    default is its scheme, and "all" the float dtypes (from the reference) plus its scheme.
+    """
+    names = parse_dtypes(asked) if isinstance(asked, str) else list(asked or [])
+    if not names:
+        names = ["all"] if scheme is None else [scheme]
+    for name in names:
+        if name not in DTYPES and name != "all":
+            raise OptionError(f"--dtype: unknown {name!r}; choose from {', '.join(DTYPES)}, all")
+    if scheme is not None:
+        other = [name for name in names if name in INT8_DTYPES and name != scheme]
+        if other:
+            raise OptionError(
+                f"this file holds {scheme} weights; it cannot be verified as {other[0]} "
+                f"(verify the original checkpoint for that, or quantize it with --scheme {other[0]})"
+            )
+    applicable = list(FLOAT_DTYPES) + ([scheme] if scheme is not None else list(INT8_DTYPES))
+    wanted = set(applicable) if "all" in names else set(names)
+    return [d for d in DTYPES if d in wanted]
+
+
+# ---- the references ----------------------------------------------------------------------------
+
+
+def torch_mlp(x, w1, b1, w2, b2, *, gelu: str, weight_layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """F.linear -> F.gelu -> F.linear with every operand cast to `dtype`.
+
+    In fp16 this is the fp16 path: what `model.half()` runs today. Eager torch rounds
+    GEMM1's output to fp16 before GELU and again after it (the fused kernels round once).
+    torch runs fp16 F.linear and F.gelu natively on CPU too (checked with torch 2.13), so
+    the fp16 path is the same three calls on every device.
+    In float64 it is the exact MLP.
+    """
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    # Conv1D ([in, out]) weights are used through a transposed view: the same products.
+    h = F.linear(cast(x), as_out_in(cast(w1), weight_layout), cast(b1))
+    h = F.gelu(h, approximate="none" if gelu == "erf" else "tanh")
+    return F.linear(h, as_out_in(cast(w2), weight_layout), cast(b2))
+
+
+# ---- the result --------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyRow:
+    """One MLP run in one dtype, measured against the fp16 path (the gate) and float64."""
+
+    layer: str  # the MLP's fc1 prefix
+    dtype: str
+    backend: str  # what ran: "triton" or "torch"
+    weights: str  # where the weights came from
+    gelu: str  # the flavour the op ran
+    vs_fp16_path: ErrorMetrics
+    vs_float64: ErrorMetrics
+    tolerance: float
+    passed: bool
+
+
+@dataclass
+class LayerResult:
+    """One MLP: its inputs and how far the fp16 path itself is from exact."""
+
+    fc1: str
+    fc2: str
+    d_model: int
+    d_ff: int
+    weight_dtype: str  # the reference's stored dtype ("F32", "F16", ...)
+    gelu: str  # the flavour of both references
+    gelu_source: str
+    inputs: str  # where x came from (calibration_inputs' description)
+    tokens: int
+    fp16_path_vs_float64: ErrorMetrics
+
+
+@dataclass
+class VerifyReport:
+    checkpoint: str
+    kind: str  # "original" or "quantized"
+    quantized: dict | None  # a quantized file's record: scheme, granularity, method, smooth, calibration
+    reference: dict  # path, how it was found, sha256, whether it matches the record
+    device: str
+    backend: str  # what ran: "triton" or "torch"
+    backend_reason: str
+    backend_asked: str
+    gate: dict
+    tolerances: dict[str, float]
+    tolerance_origin: dict[str, str]  # "default" or "asked", per dtype
+    dtypes: list[str]
+    calibration: dict  # the verify split's source (calibration.data.describe_source)
+    in_memory_quantization: dict | None  # how an original checkpoint's int8 rows were quantized
+    layers: list[LayerResult]
+    rows: list[VerifyRow]
+    notes: list[str] = field(default_factory=list)  # things a reader must not miss (header lines)
+    seconds: float = 0.0
+    version: str = __version__
+
+    @property
+    def failures(self) -> list[VerifyRow]:
+        return [row for row in self.rows if not row.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        out = _json_safe(asdict(self))
+        out["passed"], out["failed"] = self.passed, len(self.failures)
+        return out
+
+
+def _json_safe(value):
+    """asdict's output with every non-finite float as None (JSON has no inf or NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Operands:
+    """What a dtype row runs: the op's weights (float or QuantizedWeight) and biases."""
+
+    w1: torch.Tensor | QuantizedWeight
+    b1: torch.Tensor | None
+    w2: torch.Tensor | QuantizedWeight
+    b2: torch.Tensor | None
+    gelu: str
+    weights: str
+
+
+def _float_operands(floats, dtype: str, gelu: str, stored: str) -> _Operands:
+    want = FLOAT_DTYPES[dtype]
+    w1, b1, w2, b2 = (None if t is None else t.to(want) for t in floats)
+    return _Operands(w1, b1, w2, b2, gelu, f"{stored} weights as {dtype}")
+
+
+def _run_row(layer: MLPLayer, dtype: str, operands: _Operands, x, refs, tolerance, backend, device) -> VerifyRow:
+    config = MLPConfig(
+        dtype=dtype, gelu=operands.gelu, weight_layout=layer.weight_layout, backend=backend,
+        activation_dtype=INT8_ACTIVATION_DTYPE, input_quant="static",
+    )  # fmt: skip
+    op = FusedMLP(config, device=device)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = op(x.to(config.torch_dtype), move(operands.w1), move(operands.b1), move(operands.w2), move(operands.b2))
+    y16, y64 = refs
+    vs16, vs64 = error_metrics(out, y16), error_metrics(out, y64)
+    passed = vs16.finite and vs16.rel_frobenius <= tolerance
+    return VerifyRow(layer.fc1, dtype, op.backend, operands.weights, operands.gelu, vs16, vs64, tolerance, passed)
+
+
+def _verify_layer(
+    layer: MLPLayer, ref_layer: MLPLayer, floats, int8: dict[str, _Operands], x: torch.Tensor, inputs: str,
+    dtypes: list[str], tolerances: dict[str, float], backend: str, device: torch.device, step: Callable[[str], None],
+) -> tuple[LayerResult, list[VerifyRow]]:
+    """Both references, then every asked dtype, for one MLP. floats: the reference's (w1, b1, w2, b2)."""
+    x = x.to(device)
+    floats = tuple(None if t is None else t.to(device) for t in floats)
+    ref_kw = dict(gelu=ref_layer.gelu, weight_layout=ref_layer.weight_layout)
+    y64 = torch_mlp(x, *floats, dtype=torch.float64, **ref_kw)
+    y16 = torch_mlp(x, *floats, dtype=torch.float16, **ref_kw)
+    result = LayerResult(
+        layer.fc1, layer.fc2, layer.d_model, layer.d_ff, ref_layer.dtype, ref_layer.gelu, ref_layer.gelu_source,
+        inputs, x.shape[0], error_metrics(y16, y64),
+    )  # fmt: skip
+    rows = []
+    for dtype in dtypes:
+        if dtype in FLOAT_DTYPES:
+            operands = _float_operands(floats, dtype, ref_layer.gelu, ref_layer.dtype)
+        else:
+            operands = int8[dtype]
+        rows.append(_run_row(layer, dtype, operands, x, (y16, y64), tolerances[dtype], backend, device))
+        step(f"{layer.fc1} {dtype}")
+    return result, rows
+
+
+def _quantize_in_memory(ckpt, layer: MLPLayer, floats, scheme: str, calib, seed: int) -> _Operands:
+    """One MLP quantized as `gelugemm quantize --scheme SCHEME` would by default."""
+    options = QUANTIZE_DEFAULTS[scheme]
+    w1, b1, w2, b2 = floats
+    x_cal = None
+    if scheme == "w8a8":
+        # quantize's default rows: all of the file's calibrate split, or its synthetic default
+        x_cal, _ = calibration_inputs(ckpt, layer, calib=calib, tokens=None, seed=seed, split="calibrate")
+    q1, q2 = quantize_mlp(
+        w1, b1, w2, x_cal, scheme=scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
+        group_size=options.group_size, method=options.observer or "max", smooth=options.smooth,
+    )  # fmt: skip
+    return _Operands(q1, b1, q2, b2, layer.gelu, "quantized in memory (quantize's defaults)")
+
+
+def _in_memory_description(dtypes: list[str], calib, seed: int) -> dict | None:
+    schemes = [d for d in dtypes if d in INT8_DTYPES]
+    if not schemes:
+        return None
+    described = {}
+    for scheme in schemes:
+        options = QUANTIZE_DEFAULTS[scheme]
+        entry = {"granularity": options.granularity, "method": options.observer, "smooth": options.smooth}
+        if scheme == "w8a8":
+            entry["calibration"] = describe_source(calib=calib, tokens=None, seed=seed, split="calibrate")
+        described[scheme] = entry
+    return described
+
+
+def _reference_for(qpath: Path, record: dict, reference: str | Path | None, notes: list[str]) -> tuple[Path, dict]:
+    """The original checkpoint a quantized file is compared with, and how it was found."""
+    recorded = record["source"]
+    if reference is not None:
+        reference = Path(reference)
+        with open_checkpoint(reference):  # missing or not safetensors: one clear error
+            pass
+        if is_quantized_file(reference):
+            raise CheckpointError(f"--reference {reference} was written by gelugemm quantize; pass the original checkpoint")
+        digest = sha256_file(reference)
+        matches = digest == recorded["sha256"]
+        if not matches:
+            notes.append(
+                f"--reference {reference} is not the file {qpath.name} was quantized from "
+                f"(sha256 {digest[:12]}..., recorded {recorded['sha256'][:12]}...): errors include any difference between the two"
+            )
+        return reference, {"path": str(reference), "how": "--reference", "sha256": digest, "matches_record": matches}
+    try:
+        source = resolve_source(qpath, record)
+    except CheckpointError as exc:
+        if "--reference" in str(exc):
+            raise
+        raise CheckpointError(f"{exc}; verify needs the weights that were quantized: pass --reference PATH to compare with another copy") from None
+    return source, {"path": str(source), "how": "source recorded in the quantized file", "sha256": recorded["sha256"], "matches_record": True}
+
+
+def _reference_layers(reference: Path, layers: list[MLPLayer]) -> list[MLPLayer]:
+    """The reference's MLP for each quantized one, checked to have the same names and shapes."""
+    found = {layer.fc1: layer for layer in find_mlps(reference)}
+    matched = []
+    for layer in layers:
+        ref = found.get(layer.fc1)
+        if ref is None:
+            have = ", ".join(list(found)[:6])
+            raise CheckpointError(f"reference {reference} has no MLP {layer.fc1} (it has {have})")
+        if (ref.d_model, ref.d_ff, ref.weight_layout) != (layer.d_model, layer.d_ff, layer.weight_layout):
+            raise CheckpointError(
+                f"reference {reference}: MLP {layer.fc1} has d_model {ref.d_model}, d_ff {ref.d_ff} ({ref.weight_layout}); "
+                f"the quantized file's has d_model {layer.d_model}, d_ff {layer.d_ff} ({layer.weight_layout})"
+            )
+        matched.append(ref)
+    return matched
+
+
+def _recorded_calibration(record: dict, notes: list[str]) -> Path | None:
+    """The calibration file a quantized file was calibrated on, when it is still there unchanged."""
+    recorded = record.get("calibration") or {}
+    if recorded.get("kind") != "file":
+        return None
+    path = Path(recorded["path"])
+    if path.is_file() and ("sha256" not in recorded or sha256_file(path) == recorded["sha256"]):
+        notes.append(f"inputs: the verify split of {path}, the file {record['scheme']} was calibrated on (recorded by quantize)")
+        return path
+    why = "is missing" if not path.is_file() else "has changed since quantize (sha256 differs)"
+    notes.append(f"the calibration file recorded by quantize, {path}, {why}: verifying on synthetic inputs; pass --calib FILE for real ones")
+    return None
+
+
+def verify_checkpoint(
+    path: str | Path,
+    dtypes: Sequence[str] | str | None = None,
+    *,
+    calib: str | Path | None = None,
+    tokens: int | None = None,
+    layers: str | None = None,
+    tol: float | dict[str, float] | None = None,
+    backend: str = "auto",
+    reference: str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Run every asked dtype of every MLP in `path` and measure it against the fp16 path and float64.
+
+    path: an original safetensors checkpoint, or a file written by `gelugemm quantize`.
+    dtypes: names from kernels.op.DTYPES, "all", or a comma list; None: every dtype for an
+        original checkpoint, the file's own scheme for a quantized one.
+    calib, tokens, seed: the inputs (see calibration.data); verify reads the "verify" split.
+    layers: regex on the MLPs' fc1/fc2 prefixes.
+    tol: one tolerance for every dtype, or {dtype: tolerance}; the rest keep DEFAULT_TOLERANCES.
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    reference: a quantized file's original checkpoint, instead of the one its metadata records.
+    progress: called as progress(done, total, what) after each (layer, dtype) row.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ran_backend, backend_reason = choose_backend(MLPConfig(backend=backend), device)  # fails now if it cannot run
+    if tokens is not None and tokens < 1:
+        raise OptionError(f"--tokens must be at least 1; got {tokens}")
+    notes: list[str] = []
+    quantized = is_quantized_file(path)  # also: a missing or invalid file is a CheckpointError here
+
+    if quantized:
+        record, found = read_quantized(path)
+        chosen = select_layers(found, layers)
+        scheme = record["scheme"]
+        asked = _resolve_dtypes(dtypes, scheme)
+        ref_path, ref_facts = _reference_for(path, record, reference, notes)
+        ref_layers = _reference_layers(ref_path, chosen)
+        if calib is None:
+            calib = _recorded_calibration(record, notes)
+        file_facts = {k: record.get(k) for k in ("scheme", "granularity", "method", "smooth", "calibration")}
+        for layer, ref in zip(chosen, ref_layers):
+            if layer.gelu != ref.gelu:
+                notes.append(
+                    f"{layer.fc1}: the quantized file says GELU {layer.gelu} ({layer.gelu_source}), the reference "
+                    f"{ref.gelu} ({ref.gelu_source}); the {scheme} row runs {layer.gelu}, the references {ref.gelu}"
+                )
+    else:
+        if reference is not None:
+            raise OptionError(f"--reference is for a file written by quantize; {path} is an original checkpoint, its own weights are the reference")
+        asked = _resolve_dtypes(dtypes, None)
+        chosen = ref_layers = find_mlps(path, layers=layers)
+        ref_path, ref_facts, file_facts = path, {"path": str(path), "how": "the checkpoint itself", "sha256": None, "matches_record": None}, None
+    tolerances, origin = _tolerances(tol, asked)
+    if calib is not None:
+        check_calibration_file(calib, chosen)
+
+    results: list[LayerResult] = []
+    rows: list[VerifyRow] = []
+    total, done = len(chosen) * len(asked), 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    with ExitStack() as stack:
+        ref_ckpt = stack.enter_context(open_checkpoint(ref_path))
+        for layer, ref_layer in zip(chosen, ref_layers):
+            floats = read_mlp(ref_ckpt, ref_layer)
+            x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=calib, tokens=tokens, seed=seed, split="verify")
+            if quantized:
+                q1, b1, q2, b2 = load_quantized_mlp(path, layer)
+                int8 = {scheme: _Operands(q1, b1, q2, b2, layer.gelu, f"{path.name} as written")} if scheme in asked else {}
+            else:
+                int8 = {s: _quantize_in_memory(ref_ckpt, layer, floats, s, calib, seed) for s in asked if s in INT8_DTYPES}
+            result, layer_rows = _verify_layer(layer, ref_layer, floats, int8, x, inputs, asked, tolerances, backend, device, step)
+            results.append(result)
+            rows += layer_rows
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+    return VerifyReport(
+        checkpoint=str(path), kind="quantized" if quantized else "original", quantized=file_facts, reference=ref_facts,
+        device=_device_name(device), backend=ran_backend, backend_reason=backend_reason, backend_asked=backend,
+        gate={"metric": GATE_METRIC, "against": GATE_REFERENCE}, tolerances=tolerances, tolerance_origin=origin,
+        dtypes=asked, calibration=describe_source(calib=calib, tokens=tokens, seed=seed, split="verify"),
+        in_memory_quantization=None if quantized else _in_memory_description(asked, calib, seed),
+        layers=results, rows=rows, notes=notes, seconds=time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)

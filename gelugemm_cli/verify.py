@@ -1,0 +1,146 @@
+"""`gelugemm verify`: the error of every path through a checkpoint's MLPs against the fp16 path.
+
+The work is `calibration.verify.verify_checkpoint`; this module parses the options, shows
+progress, renders the one report as a Rich table and as JSON (`--json`), and exits 1
+when any row is past its tolerance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from calibration.verify import VerifyReport, parse_dtypes, parse_tolerances, verify_checkpoint
+from gelugemm_cli.common import console, err_console, user_errors, write_json
+from gelugemm_cli.quantize import _block as mlp_block
+
+LOG_WIDTH = 140  # columns the table is printed in when stdout is not a terminal
+
+
+def verify(
+    checkpoint: Path = typer.Argument(..., help="An original safetensors checkpoint, or a file written by `gelugemm quantize`."),
+    dtype: str | None = typer.Option(
+        None, "--dtype",
+        help="fp16, bf16, fp32, w8a16, w8a8, all, or a comma list [default: all for an original checkpoint, its scheme for a quantized file].",
+    ),
+    calib: Path | None = typer.Option(None, help="safetensors of activations, fc1 prefix -> [tokens, d_model]; verify reads its held-out last quarter."),
+    tokens: int | None = typer.Option(None, help="Rows per MLP [default: all of --calib's verify split, or 512 synthetic]."),
+    layers: str | None = typer.Option(None, help="Verify only the MLPs whose fc1 or fc2 prefix matches this regex."),
+    tol: str | None = typer.Option(
+        None, help="Gate on rel. error vs the fp16 path: VALUE for every dtype, or DTYPE=VALUE,... [default: per dtype, see docs-verify.md]."
+    ),
+    backend: str = typer.Option("auto", help="auto (Triton on CUDA, torch elsewhere), triton or torch."),
+    reference: Path | None = typer.Option(None, help="A quantized file's original checkpoint, instead of the one its metadata records."),
+    seed: int = typer.Option(0, help="Seed of the synthetic inputs (without --calib)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+):
+    """Run each MLP of CHECKPOINT in each dtype, measure it against the fp16 path and float64; exit 1 past tolerance."""
+    with user_errors():
+        dtypes = parse_dtypes(dtype) if dtype is not None else None
+        tolerances = parse_tolerances(tol) if tol is not None else None
+        out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=out, transient=True) as bar:  # fmt: skip
+            task = bar.add_task(f"verifying {checkpoint.name}", total=None)
+
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"verifying {what}")
+
+            report = verify_checkpoint(
+                checkpoint, dtypes, calib=calib, tokens=tokens, layers=layers, tol=tolerances,
+                backend=backend, reference=reference, seed=seed, progress=progress,
+            )  # fmt: skip
+        render(report, out)
+        if json_path is not None:
+            write_json(json_path, report.to_dict())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _sci(value: float) -> str:
+    return f"{value:.2e}"
+
+
+def header(report: VerifyReport) -> list[str]:
+    """The run's facts, one line each: what was compared, on what, and what ran."""
+    ref = report.reference
+    if report.kind == "quantized":
+        q = report.quantized
+        what = f"{report.checkpoint}: {q['scheme']} {q['granularity']} file; reference {ref['path']} ({ref['how']})"
+    else:
+        what = f"{report.checkpoint}: original checkpoint"
+    source = report.calibration
+    if source["kind"] == "file":
+        inputs = f"inputs: {source['path']}, verify split (its last {source['held_out_fraction']:.0%}, never calibrated on)"
+    else:
+        inputs = f"inputs: synthetic, from each MLP's LayerNorm weight and bias, seed {source['seed']}, verify split"
+    tokens = sorted({layer.tokens for layer in report.layers})
+    inputs += f"; {'/'.join(map(str, tokens))} tokens per MLP"
+    lines = [
+        what,
+        f"backend: {report.backend} ({report.backend_reason}); device {report.device}",
+        inputs,
+        "gate: relative Frobenius error vs the fp16 path (fp16 weights and inputs, F.linear -> F.gelu -> F.linear in torch)",
+    ]
+    for scheme, how in (report.in_memory_quantization or {}).items():
+        cal = how.get("calibration")
+        on = ""
+        if cal is not None:
+            on = f", calibrated on {'the calibrate split of ' + Path(cal['path']).name if cal['kind'] == 'file' else 'synthetic inputs'}"
+        method = f", {how['method']} observer" if how["method"] else ""
+        lines.append(f"{scheme}: quantized in memory with quantize's defaults ({how['granularity']}{method}{on})")
+    return lines
+
+
+def table(report: VerifyReport) -> Table:
+    """One row per MLP x dtype, after a row for the fp16 path itself."""
+    grid = Table(box=box.SIMPLE_HEAD, title="error vs the fp16 path (the gate) and vs float64 (exact)")
+    grid.add_column("MLP", overflow="fold")
+    grid.add_column("dtype")
+    grid.add_column("backend")
+    for column in ("rel. err", "tolerance", "SQNR dB", "cosine", "max abs err", "rel. err vs f64"):
+        grid.add_column(column, justify="right")
+    grid.add_column("result")
+    rows_by_layer: dict[str, list] = {}
+    for row in report.rows:
+        rows_by_layer.setdefault(row.layer, []).append(row)
+    for layer in report.layers:
+        block = mlp_block(layer.fc1, layer.fc2) or layer.fc1
+        own = layer.fp16_path_vs_float64
+        grid.add_row(block, "fp16 path", "torch", "-", "-", "-", "-", "-", _sci(own.rel_frobenius), "[dim]reference[/dim]")
+        for row in rows_by_layer.get(layer.fc1, []):
+            m = row.vs_fp16_path
+            grid.add_row(
+                "", row.dtype, row.backend, _sci(m.rel_frobenius), f"{row.tolerance:.3g}", f"{m.sqnr_db:.1f}",
+                f"{m.cosine:.6f}", f"{m.max_abs:.3g}", _sci(row.vs_float64.rel_frobenius),
+                "[green]pass[/green]" if row.passed else "[bold red]FAIL[/bold red]",
+            )  # fmt: skip
+        grid.add_section()
+    return grid
+
+
+def summary(report: VerifyReport) -> str:
+    rows = len(report.rows)
+    shape = f"{len(report.layers)} MLPs x {len(report.dtypes)} dtypes"
+    if report.passed:
+        return f"[green]PASS[/green]: all {rows} rows within tolerance ({shape}) in {report.seconds:.1f} s"
+    failed = [f"{row.layer} {row.dtype} ({row.vs_fp16_path.rel_frobenius:.3g} > {row.tolerance:.3g})" for row in report.failures]
+    listed = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
+    return f"[bold red]FAIL[/bold red]: {len(failed)} of {rows} rows past tolerance: {listed} ({report.seconds:.1f} s)"
+
+
+def render(report: VerifyReport, out: Console) -> None:
+    if not out.is_terminal:
+        # Piped or captured (a log, a remote run), Rich would fit the table to 80 columns.
+        out = Console(file=out.file, width=max(out.width, LOG_WIDTH))
+    for line in header(report):
+        out.print(line, highlight=False, soft_wrap=True)
+    for note in report.notes:
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+    out.print(table(report))
+    out.print(summary(report), highlight=False, soft_wrap=True)
