@@ -110,6 +110,11 @@ def main():
                 t0 = time.time()
                 w1, b1, w2, b2 = weights()
                 op(x, w1, b1, w2, b2)  # autotune
+                for kname, kern in (("tma", gemm._gemm_tma_kernel), ("decode", gemm._gemm_decode_kernel)):
+                    for c, t in (getattr(kern, "configs_timings", None) or {}).items():
+                        print("TIMING", kname, d, f, m, str(c).replace("num_ctas: 1, ", "").replace(", maxnreg: None", ""), f"{t[0] * 1e3:.1f}us")
+                    if hasattr(kern, "configs_timings"):
+                        kern.configs_timings = {}
                 tune_s = time.time() - t0
                 impls = {
                     "gelugemm": lambda: op(x, *weights()),
@@ -124,6 +129,9 @@ def main():
                            tflops=round(flops / res["gelugemm"] / 1e6, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    from kernels.launch import launch_cache_size
+
+    print("launch cache entries:", launch_cache_size())
     # which configs won
     winners = {}
     for kname, kern in (("tma", gemm._gemm_tma_kernel), ("strided", gemm._gemm_strided_kernel)):

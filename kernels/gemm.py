@@ -117,6 +117,7 @@ DECODE_CONFIGS = {
         _cfg(16, 128, 128, 4, 4),
         _cfg(16, 128, 256, 4, 3),
         _cfg(16, 64, 512, 4, 3),
+        _cfg(16, 64, 64, 4, 4),  # fits fp32 tiles
     ],
 }
 
@@ -141,19 +142,22 @@ STRIDED_CONFIGS = {
 TMA_CONFIGS = {
     64: [_cfg(64, 64, 128, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 4, 3), _cfg(64, 64, 32, 4, 3)],
     256: [_cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 4), _cfg(64, 128, 32, 4, 3)],
+    # Measured on the H100 (bench/RESULTS.md): 128x256x64 with the subtiled epilogue
+    # and a flattened or warp-specialized tile loop led at M >= 2048.
     "large": [
-        _cfg(128, 128, 32, 8, 3),
-        _cfg(128, 256, 64, 8, 3),
-        _cfg(128, 128, 64, 8, 4),
-        _cfg(128, 128, 64, 4, 4),
-        _cfg(128, 256, 64, 8, 4),
+        _cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        _cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        _cfg(128, 256, 64, 8, 3, FLATTEN=True),
+        _cfg(128, 128, 64, 8, 4, FLATTEN=True),
+        _cfg(128, 128, 64, 4, 4, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        _cfg(128, 128, 32, 8, 3),  # fits fp32 tiles
     ],
 }
 
 
-def _all_configs(table):
+def _all_configs(table, **interpreter_extra):
     if interpreting():
-        return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
+        return [triton.Config({**_INTERPRETER_CONFIG, **interpreter_extra}, num_warps=4, num_stages=1)]
     return [c for cfgs in table.values() for c in cfgs]
 
 
@@ -258,7 +262,7 @@ def _gemm_strided_kernel(
 
 
 @triton.autotune(
-    configs=_all_configs(TMA_CONFIGS),
+    configs=_all_configs(TMA_CONFIGS, EPILOGUE_SUBTILE=True),
     key=["M_BUCKET", "N", "K", "B_IS_NK"],
     prune_configs_by={"early_config_prune": _prune_for(TMA_CONFIGS)},
     **_autotune_kwargs(),

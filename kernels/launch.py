@@ -23,8 +23,10 @@ except ImportError:  # pragma: no cover - older Triton
     _knobs = None
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
-    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, read once,
+    as Triton reads it once when a kernel is defined)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -99,10 +101,10 @@ def _stream(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index)
 
 
-def _fast_path_usable(compiled) -> bool:
-    if _knobs is not None and (_knobs.runtime.launch_enter_hook is not None or _knobs.runtime.launch_exit_hook is not None):
-        return False  # a profiler is listening: let Triton call its hooks
-    return all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata"))
+def _hooks():
+    if _knobs is None:
+        return None, None
+    return _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
 
 
 def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple) -> None:
@@ -113,31 +115,49 @@ def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple) -> None:
     if interpreting():
         kernel[grid](*args, **constexprs)
         return
-    tensors = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
     device_index = torch.cuda.current_device()
-    full_key = (id(kernel), device_index, tensors, key)
+    full_key = (id(kernel), device_index, aligned, key)
     hit = _compiled.get(full_key)
-    if hit is not None and _fast_path_usable(hit[0]):
+    if hit is not None:
         compiled, g, tail = hit
-        compiled.run(
-            g[0], g[1], g[2], _stream(device_index), compiled.function, compiled.packed_metadata,
-            None, None, None, *args, *tail,
-        )  # fmt: skip
+        stream = _stream(device_index)
+        enter, exit_ = _hooks()
+        # The same call Triton's JITFunction.run makes once it has the compiled kernel.
+        metadata = compiled.launch_metadata(g, stream, *args, *tail)
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, exit_, *args, *tail)
         return
-    compiled = kernel[grid](*args, **constexprs)
-    if compiled is None or not _fast_path_usable(compiled) or len(_compiled) >= _MAX_REMEMBERED:
-        return
-    # Rebuild every argument Triton bound for this launch: ours, the autotuner's config,
-    # the heuristics' values, then the defaults.
+    kernel[grid](*args, **constexprs)
+    if len(_compiled) < _MAX_REMEMBERED:
+        _remember(kernel, grid, args, constexprs, full_key)
+
+
+def _remember(kernel, grid, args, constexprs, full_key) -> None:
+    # Rebuild every argument Triton bound for the launch just made (ours, the
+    # autotuner's config, the heuristics' values, the defaults), then fetch the compiled
+    # kernel those arguments select: warmup compiles nothing that exists already.
     jit = _innermost(kernel)
+    config = getattr(kernel, "best_config", None)
     values = dict(zip(jit.arg_names, args))
     values.update(constexprs)
-    values.update(kernel.best_config.kwargs if hasattr(kernel, "best_config") else {})
+    values.update(config.kwargs if config is not None else {})
+    heuristic_values = {}
     for layer in _heuristic_layers(kernel):  # outermost first, as Triton applies them
         for name, rule in layer.values.items():
-            values[name] = rule(values)
+            heuristic_values[name] = values[name] = rule(values)
     for param in jit.params:
         if param.name not in values:
             values[param.name] = param.default
-    g = tuple(grid(values)) + (1, 1)
-    _compiled[full_key] = (compiled, g[:3], tuple(values[name] for name in jit.arg_names[len(args) :]))
+    g = (tuple(grid(values)) + (1, 1))[:3]
+    options = config.all_kwargs() if config is not None else {}
+    compiled = jit.warmup(*args, grid=g, **constexprs, **heuristic_values, **options)
+    if hasattr(compiled, "result"):  # Triton versions that compile asynchronously
+        compiled = compiled.result()
+    if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+        return
+    _compiled[full_key] = (compiled, g, tuple(values[name] for name in jit.arg_names[len(args) :]))
+
+
+def launch_cache_size() -> int:
+    """How many (kernel, call signature) pairs launch directly."""
+    return len(_compiled)

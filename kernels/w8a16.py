@@ -50,7 +50,6 @@ from kernels.gemm import (
     _cfg,
     _decode_split_k,
     _dot,
-    _ensure_tma_allocator,
     _output,
     _prune_for,
     _split_k_workspace,
@@ -58,11 +57,10 @@ from kernels.gemm import (
     _tma_aligned,
     _tma_supported,
     check_operands,
-    interpreting,
     m_bucket,
-    num_programs,
     weight_strides,
 )
+from kernels.launch import ensure_tma_allocator, interpreting, launch, num_programs
 from kernels.quantized import QuantizedWeight
 
 W8A16_DTYPES = (torch.float16, torch.bfloat16)
@@ -614,33 +612,38 @@ def launch_int8_weight_gemm(
     if path == "auto":
         path = ("decode" if m <= DECODE_MAX_M else "tma") if tma_ok else "strided"
 
+    # Everything that selects a compiled kernel and its grid, for the launch cache.
+    key = (
+        path, a2.dtype, out2.dtype, None if bias is None else bias.dtype, m, n, k, a2.stride(0), a2.stride(1),
+        stride_bk, stride_bn, out2.stride(0), stride_wsn, stride_wsg, stride_as, activation, group_k,
+    )  # fmt: skip
+    operands = (a2, w, out2, bias_arg, scale, a_scale_arg, c_scale_arg)
     if path == "strided":
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _int8_weight_strided_kernel[grid](
-            a2, w, out2, bias_arg, scale, a_scale_arg, c_scale_arg,
-            m, n, k, m_bucket(m),
+        args = (
+            *operands, m, n, k, m_bucket(m),
             a2.stride(0), a2.stride(1), stride_bk, stride_bn, out2.stride(0), stride_wsn, stride_wsg, stride_as,
-            **common,
         )  # fmt: skip
+        launch(_int8_weight_strided_kernel, grid, args, common, key)
         return
 
-    _ensure_tma_allocator()
+    ensure_tma_allocator()
     b_is_nk = stride_bk == 1
     sms = num_programs(a2.device)
     tma_args = (
         m, n, k, m_bucket(m),
         a2.stride(0), stride_bn if b_is_nk else stride_bk, out2.stride(0), stride_wsn, stride_wsg, stride_as,
     )  # fmt: skip
-    operands = (a2, w, out2, bias_arg, scale, a_scale_arg, c_scale_arg)
+    constexprs = dict(B_IS_NK=b_is_nk, NUM_SMS=sms, **common)
     if path == "tma":
 
         def grid(meta):
             return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
-        _int8_weight_tma_kernel[grid](*operands, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common)
+        launch(_int8_weight_tma_kernel, grid, (*operands, *tma_args), constexprs, key)
     else:
         # The float decode kernel's workspace, sized for any config (BLOCK_N >= 32,
         # BLOCK_K >= 32): BLOCK_N * BLOCK_M partial sums per split of each N tile, at most
@@ -652,9 +655,7 @@ def launch_int8_weight_gemm(
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-        _int8_weight_decode_kernel[grid](
-            *operands, partial, arrivals, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common
-        )
+        launch(_int8_weight_decode_kernel, grid, (*operands, partial, arrivals, *tma_args), constexprs, key)
 
 
 def check_int8_weight(x: torch.Tensor, weight, bias, weight_layout: str, activation: str, name: str = "weight"):

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from kernels.errors import LaunchError
-from kernels.gemm import _output, interpreting, triton_can_run
+from kernels.gemm import _output, triton_can_run
+from kernels.launch import interpreting, launch
 from kernels.quantized import QuantizedWeight
 from kernels.reference import MIN_ABSMAX
 from kernels.w8a16 import _round_to_int8, check_int8_weight, check_scalar_scale, launch_int8_weight_gemm
@@ -121,12 +122,13 @@ def quantize_activations(
     if m > 0:
         # Under the interpreter a small block, so test rows span several.
         block_k = 32 if interpreting() else min(triton.next_power_of_2(k), 4096)
-        _quantize_rows_kernel[(m,)](
-            x2, q, scale, smooth_scale if smooth_scale is not None else scale,
-            k, x2.stride(0), x2.stride(1), q.stride(0),
+        args = (x2, q, scale, smooth_scale if smooth_scale is not None else scale, k, x2.stride(0), x2.stride(1), q.stride(0))
+        constexprs = dict(
             DYNAMIC=dynamic, HAS_SMOOTH=smooth_scale is not None, MIN_ABSMAX=MIN_ABSMAX, BLOCK_K=block_k,
             num_warps=8 if block_k >= 2048 else 4,
         )  # fmt: skip
+        key = (x.dtype, m, k, x2.stride(0), x2.stride(1), dynamic, smooth_scale is not None)
+        launch(_quantize_rows_kernel, lambda meta: (m,), args, constexprs, key)
     return q.reshape(*lead, k), scale
 
 
