@@ -213,7 +213,15 @@ W8A16_STRIDED_CONFIGS = {
 W8A16_TMA_CONFIGS = {
     64: [_cfg(64, 64, 128, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 128, 4, 3)],
     256: [_cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 4)],
-    "large": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 128, 8, 3), _cfg(128, 256, 64, 8, 4)],
+    # After kernels/gemm.py's measured large-M float configs: the subtiled epilogue with
+    # a flattened or warp-specialized tile loop.
+    "large": [
+        _cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        _cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        _cfg(128, 128, 64, 8, 4, FLATTEN=True),
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(128, 128, 128, 8, 3),
+    ],
 }
 W8A8_STRIDED_CONFIGS = {
     16: [
@@ -229,14 +237,15 @@ W8A8_STRIDED_CONFIGS = {
 W8A8_TMA_CONFIGS = {
     64: [_cfg(64, 128, 128, 4, 4), _cfg(64, 64, 256, 4, 4), _cfg(64, 128, 256, 4, 3)],
     256: [_cfg(128, 128, 128, 8, 4), _cfg(64, 256, 128, 8, 4), _cfg(128, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 4)],
-    # 128x256x128 at 3 stages: 3 x 48 KiB of int8 tiles; the subtiled epilogue halves
-    # the output staging buffer, leaving room for a 4th stage
+    # 128x256x128: 48 KiB of int8 tiles a stage; the subtiled epilogue halves the output
+    # staging buffer (and the live registers of the GELU), leaving room for a 4th stage.
     "large": [
-        _cfg(128, 256, 128, 8, 3),
-        _cfg(128, 128, 128, 8, 4),
+        _cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        _cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
         _cfg(128, 256, 128, 8, 4, EPILOGUE_SUBTILE=True),
-        _cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True),
-        _cfg(128, 128, 128, 4, 4),
+        _cfg(128, 128, 128, 8, 4, FLATTEN=True),
+        _cfg(128, 256, 128, 8, 3),
+        _cfg(128, 128, 128, 4, 4, EPILOGUE_SUBTILE=True, FLATTEN=True),
         _cfg(256, 128, 128, 8, 3, EPILOGUE_SUBTILE=True),
     ],
 }
@@ -246,11 +255,11 @@ def _config_key(c):
     return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
 
-def _scheme_configs(*tables):
+def _scheme_configs(*tables, **interpreter_extra):
     # Every config of every scheme's table, once each; the interpreter's one config with
     # BLOCK_K = 32, the smallest K the int8 dot takes.
     if interpreting():
-        return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
+        return [triton.Config({**_INTERPRETER_CONFIG, **interpreter_extra}, num_warps=4, num_stages=1)]
     seen, out = set(), []
     for table in tables:
         for cfgs in table.values():
@@ -350,7 +359,8 @@ def _int8_weight_strided_kernel(
 
 
 @triton.autotune(
-    configs=_scheme_configs(W8A16_TMA_CONFIGS, W8A8_TMA_CONFIGS),
+    # the interpreter runs the subtiled epilogue that most large-M configs use
+    configs=_scheme_configs(W8A16_TMA_CONFIGS, W8A8_TMA_CONFIGS, EPILOGUE_SUBTILE=True),
     key=["M_BUCKET", "N", "K", "B_IS_NK", "GROUP_K"],
     prune_configs_by={"early_config_prune": _prune_by_scheme(W8A16_TMA_CONFIGS, W8A8_TMA_CONFIGS)},
     **_autotune_kwargs(),
