@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from calibration.verify import VerifyReport, parse_dtypes, parse_tolerances, verify_checkpoint
+from calibration.verify import VerifyReport, VerifyRow, parse_dtypes, parse_tolerances, verify_checkpoint
 from gelugemm_cli.common import console, err_console, user_errors, write_json
 from gelugemm_cli.quantize import _block as mlp_block
 
@@ -36,6 +36,7 @@ def verify(
     ),
     backend: str = typer.Option("auto", help="auto (Triton on CUDA, torch elsewhere), triton or torch."),
     reference: Path | None = typer.Option(None, help="A quantized file's original checkpoint, instead of the one its metadata records."),
+    gelu: str | None = typer.Option(None, help="erf or tanh: the model's GELU, overriding config.json [default: from config.json or the family]."),
     seed: int = typer.Option(0, help="Seed of the synthetic inputs (without --calib)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ):
@@ -53,7 +54,7 @@ def verify(
 
             report = verify_checkpoint(
                 checkpoint, dtypes, calib=calib, tokens=tokens, layers=layers, tol=tolerances,
-                backend=backend, reference=reference, seed=seed, progress=progress,
+                backend=backend, reference=reference, gelu=gelu, seed=seed, progress=progress,
             )  # fmt: skip
         render(report, out)
         if json_path is not None:
@@ -76,15 +77,17 @@ def header(report: VerifyReport) -> list[str]:
         what = f"{report.checkpoint}: original checkpoint"
     source = report.calibration
     if source["kind"] == "file":
-        inputs = f"inputs: {source['path']}, verify split (its last {source['held_out_fraction']:.0%}, never calibrated on)"
+        inputs = f"inputs: {source['path']} ({source['from']}), verify split: its last {source['held_out_fraction']:.0%}, never calibrated on"
     else:
         inputs = f"inputs: synthetic, from each MLP's LayerNorm weight and bias, seed {source['seed']}, verify split"
     tokens = sorted({layer.tokens for layer in report.layers})
     inputs += f"; {'/'.join(map(str, tokens))} tokens per MLP"
+    gelu = "; ".join(sorted({f"{layer.gelu} ({layer.gelu_source})" for layer in report.layers}))
     lines = [
         what,
         f"backend: {report.backend} ({report.backend_reason}); device {report.device}",
         inputs,
+        f"GELU: {gelu}",
         "gate: relative Frobenius error vs the fp16 path (fp16 weights and inputs, F.linear -> F.gelu -> F.linear in torch)",
     ]
     for scheme, how in (report.in_memory_quantization or {}).items():
@@ -129,9 +132,17 @@ def summary(report: VerifyReport) -> str:
     shape = f"{len(report.layers)} MLPs x {len(report.dtypes)} dtypes"
     if report.passed:
         return f"[green]PASS[/green]: all {rows} rows within tolerance ({shape}) in {report.seconds:.1f} s"
-    failed = [f"{row.layer} {row.dtype} ({row.vs_fp16_path.rel_frobenius:.3g} > {row.tolerance:.3g})" for row in report.failures]
+    failed = [f"{row.layer} {row.dtype} ({_why(row)})" for row in report.failures]
     listed = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
     return f"[bold red]FAIL[/bold red]: {len(failed)} of {rows} rows past tolerance: {listed} ({report.seconds:.1f} s)"
+
+
+def _why(row: VerifyRow) -> str:
+    m = row.vs_fp16_path
+    if not m.finite:
+        return "output holds NaN or Inf"
+    past = f"{m.rel_frobenius:.3g} > {row.tolerance:.3g}" if m.rel_frobenius > row.tolerance else None
+    return "; ".join(filter(None, (past, row.problem)))
 
 
 def render(report: VerifyReport, out: Console) -> None:
