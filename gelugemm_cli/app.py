@@ -7,7 +7,7 @@ import sys
 import typer
 
 from gelugemm_cli import __version__
-from gelugemm_cli.common import state
+from gelugemm_cli.common import env_debug, state
 
 app = typer.Typer(
     name="gelugemm",
@@ -29,8 +29,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
 ):
-    if debug:
-        state["debug"] = True
+    state["debug"] = debug or env_debug()
 
 
 # Commands, each a thin module over the library.

@@ -15,8 +15,12 @@ from kernels.errors import GelugemmError
 console = Console()
 err_console = Console(stderr=True)
 
-# Set by the app callback's --debug flag (or GELUGEMM_DEBUG=1): show tracebacks.
-state = {"debug": os.environ.get("GELUGEMM_DEBUG", "0") not in ("", "0")}
+def env_debug() -> bool:
+    return os.environ.get("GELUGEMM_DEBUG", "0") not in ("", "0")
+
+
+# Set on every run by the app callback from --debug (or GELUGEMM_DEBUG=1): show tracebacks.
+state = {"debug": env_debug()}
 
 
 @contextmanager

@@ -20,6 +20,7 @@ strides and devices, picks the kernel, and allocates the output.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -405,9 +406,6 @@ def _gemm_decode_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-_ensure_tma_allocator = ensure_tma_allocator  # the int8 kernels import it under this name
-
-
 _split_k_workspaces: dict = {}
 
 
@@ -498,6 +496,79 @@ def _output(out: torch.Tensor | None, shape: tuple, a: torch.Tensor, dtype: torc
     return out.reshape(-1, shape[-1])
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one call signature launches: kernel, grid, compile-time args, launch-cache key."""
+
+    path: str
+    kernel: object
+    grid: object
+    scalars: tuple  # the runtime ints after the tensor arguments
+    constexprs: dict
+    key: tuple
+    workspace: tuple | None  # (partial elements, tiles) for split-K decode
+
+
+_plans: dict = {}
+
+
+def _plan(a, w, bias, m, k, n, activation, weight_layout, allow_tf32, path, a_row_stride, out_aligned) -> _Plan:
+    stride_bk, stride_bn = weight_strides(w, weight_layout)
+    common = dict(
+        HAS_BIAS=bias is not None,
+        ACTIVATION=activation,
+        DOT_F32=interpreting() and a.dtype == torch.bfloat16,
+        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+    )
+    if path not in ("auto", "tma", "decode", "strided"):
+        raise LaunchError(f"path must be 'auto', 'tma', 'decode' or 'strided', got {path!r}")
+    tma_ok = (
+        _tma_supported(a.device)
+        and a.stride(-1) == 1
+        and (stride_bk == 1 or stride_bn == 1)
+        and a.data_ptr() % 16 == 0
+        and (a_row_stride * a.element_size()) % 16 == 0
+        and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
+        and out_aligned
+    )
+    if path in ("tma", "decode") and not tma_ok:
+        raise LaunchError(f"the {path} path needs TMA: an SM90+ GPU, unit inner strides and 16-byte aligned rows")
+    if path == "decode" and m > DECODE_MAX_M:
+        raise LaunchError(f"the decode path takes at most {DECODE_MAX_M} rows, got {m}")
+    if path == "auto":
+        path = ("decode" if m <= DECODE_MAX_M else "tma") if tma_ok else "strided"
+    key = (path, a.dtype, None if bias is None else bias.dtype, m, n, k, a_row_stride, a.stride(-1),
+           stride_bk, stride_bn, activation, allow_tf32)  # fmt: skip
+
+    if path == "strided":
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        scalars = (m, n, k, m_bucket(m), a_row_stride, a.stride(-1), stride_bk, stride_bn, n)
+        return _Plan(path, _gemm_strided_kernel, grid, scalars, common, key, None)
+
+    b_is_nk = stride_bk == 1
+    sms = num_programs(a.device)
+    scalars = (m, n, k, m_bucket(m), a_row_stride, stride_bn if b_is_nk else stride_bk, n)
+    constexprs = dict(B_IS_NK=b_is_nk, NUM_SMS=sms, **common)
+    if path == "tma":
+
+        def grid(meta):
+            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+        return _Plan(path, _gemm_tma_kernel, grid, scalars, constexprs, key, None)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    # Sized for any config (BLOCK_N, BLOCK_K >= 32): BLOCK_N * BLOCK_M fp32 per split of
+    # each N tile, at most one split per 4 K tiles.
+    tiles_n = triton.cdiv(n, 32)
+    workspace = (tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
+    return _Plan(path, _gemm_decode_kernel, grid, scalars, constexprs, key, workspace)
+
+
 def gemm_bias_act(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -514,105 +585,48 @@ def gemm_bias_act(
     activation: "none", "erf" (exact GELU) or "tanh" (approximate GELU).
     weight_layout: "out_in" for W stored [N, K], "in_out" for W stored [K, N].
     allow_tf32: let fp32 inputs use TF32 tensor cores (about 1e-3 relative error).
-    path: "auto", "tma" or "strided"; "tma" raises if the TMA path cannot take the inputs.
+    path: "auto", "tma", "decode" (M <= 16) or "strided"; "tma" and "decode" raise if
+        TMA cannot take the inputs.
     out: a contiguous [..., N] tensor of a's dtype to write into (else one is allocated).
     """
-    if activation not in ACTIVATIONS:
-        raise LaunchError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if a.dtype not in FLOAT_DTYPES:
-        raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {a.dtype}")
-    if w.dtype != a.dtype:
-        raise LaunchError(f"weight dtype {w.dtype} differs from input dtype {a.dtype}")
-    k, n = check_operands(a, w, bias, weight_layout)
-    stride_bk, stride_bn = weight_strides(w, weight_layout)
-
+    # Every check below depends only on this signature: a repeated call skips them.
+    signature = (
+        a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
+        w.shape, w.stride(), w.dtype, w.device, w.data_ptr() % 16 == 0,
+        None if bias is None else (bias.shape, bias.dtype, bias.device),
+        activation, weight_layout, allow_tf32, path,
+    )  # fmt: skip
+    plan = _plans.get(signature)
+    if plan is None or out is not None:
+        if activation not in ACTIVATIONS:
+            raise LaunchError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if a.dtype not in FLOAT_DTYPES:
+            raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {a.dtype}")
+        if w.dtype != a.dtype:
+            raise LaunchError(f"weight dtype {w.dtype} differs from input dtype {a.dtype}")
+        k, n = check_operands(a, w, bias, weight_layout)
+    else:
+        n = plan.scalars[1]
+        k = plan.scalars[2]
     lead = a.shape[:-1]
     a2 = a.reshape(-1, k)  # a view where strides allow; the kernels take any row stride
     m = a2.shape[0]
     out = _output(out, (*lead, n), a)
     if m == 0:
         return out.reshape(*lead, n)
-
-    common = dict(
-        HAS_BIAS=bias is not None,
-        ACTIVATION=activation,
-        DOT_F32=interpreting() and a.dtype == torch.bfloat16,
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-    )
+    if plan is None:
+        # (an output we allocate is always 16-byte aligned, with rows of n elements)
+        out_aligned = out.data_ptr() % 16 == 0 and (n * out.element_size()) % 16 == 0
+        plan = _plan(a2, w, bias, m, k, n, activation, weight_layout, allow_tf32, path, a2.stride(0), out_aligned)
+        if out_aligned:
+            _plans[signature] = plan
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
-
-    if path not in ("auto", "tma", "decode", "strided"):
-        raise LaunchError(f"path must be 'auto', 'tma', 'decode' or 'strided', got {path!r}")
-    tma_ok = (
-        _tma_supported(a.device)
-        and a2.stride(1) == 1
-        and (stride_bk == 1 or stride_bn == 1)
-        and _tma_aligned(a2, a2.stride(0))
-        and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
-        and _tma_aligned(out, out.stride(0))
-    )
-    if path in ("tma", "decode") and not tma_ok:
-        raise LaunchError(f"the {path} path needs TMA: an SM90+ GPU, unit inner strides and 16-byte aligned rows")
-    if path == "decode" and m > DECODE_MAX_M:
-        raise LaunchError(f"the decode path takes at most {DECODE_MAX_M} rows, got {m}")
-    if path == "auto":
-        path = ("decode" if m <= DECODE_MAX_M else "tma") if tma_ok else "strided"
-
-    # Everything that selects a compiled kernel, for the launch cache.
-    key = (path, a.dtype, bias.dtype if bias is not None else None, m, n, k, a2.stride(0), a2.stride(1),
-           stride_bk, stride_bn, activation, allow_tf32)  # fmt: skip
-    if path == "strided":
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-        args = (a2, w, out, bias_arg, m, n, k, m_bucket(m), a2.stride(0), a2.stride(1), stride_bk, stride_bn, out.stride(0))
-        launch(_gemm_strided_kernel, grid, args, common, key)
-        return out.reshape(*lead, n)
-
-    ensure_tma_allocator()
-    b_is_nk = stride_bk == 1
-    sms = num_programs(a.device)
-    tma_args = (m, n, k, m_bucket(m), a2.stride(0), stride_bn if b_is_nk else stride_bk, out.stride(0))
-    if path == "tma":
-
-        def grid(meta):
-            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-
-        launch(_gemm_tma_kernel, grid, (a2, w, out, bias_arg, *tma_args), dict(B_IS_NK=b_is_nk, NUM_SMS=sms, **common), key)
+    if plan.workspace is None:
+        args = (a2, w, out, bias_arg, *plan.scalars)
     else:
-        # Sized for any config (BLOCK_N, BLOCK_K >= 32): BLOCK_N * BLOCK_M fp32 per split
-        # of each N tile, at most one split per 4 K tiles.
-        tiles_n = triton.cdiv(n, 32)
-        partial, arrivals = _split_k_workspace(a.device, tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
-
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-        args = (a2, w, out, bias_arg, partial, arrivals, *tma_args)
-        launch(_gemm_decode_kernel, grid, args, dict(B_IS_NK=b_is_nk, NUM_SMS=sms, **common), key)
-    return out.reshape(*lead, n)
-
-    _ensure_tma_allocator()
-    b_is_nk = stride_bk == 1
-    sms = num_programs(a.device)
-    tma_args = (m, n, k, m_bucket(m), a2.stride(0), stride_bn if b_is_nk else stride_bk, out.stride(0))
-    if path == "tma":
-
-        def grid(meta):
-            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-
-        _gemm_tma_kernel[grid](a2, w, out, bias_arg, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common)
-    else:
-        # Sized for any config (BLOCK_N, BLOCK_K >= 32): BLOCK_N * BLOCK_M fp32 per split
-        # of each N tile, at most one split per 4 K tiles.
-        tiles_n = triton.cdiv(n, 32)
-        partial, arrivals = _split_k_workspace(a.device, tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
-
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-        _gemm_decode_kernel[grid](
-            a2, w, out, bias_arg, partial, arrivals, *tma_args, B_IS_NK=b_is_nk, NUM_SMS=sms, **common
-        )
+        partial, arrivals = _split_k_workspace(a.device, *plan.workspace)
+        args = (a2, w, out, bias_arg, partial, arrivals, *plan.scalars)
+    if plan.path != "strided":
+        ensure_tma_allocator()
+    launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key)
     return out.reshape(*lead, n)
