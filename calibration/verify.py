@@ -145,12 +145,10 @@ def _resolve_dtypes(asked: Sequence[str] | str | None, scheme: str | None) -> li
     Default and "all": every dtype for an original checkpoint; for a quantized file the
     default is its scheme, and "all" the float dtypes (from the reference) plus its scheme.
     """
-    names = parse_dtypes(asked) if isinstance(asked, str) else list(asked or [])
-    if not names:
+    if asked is None:
         names = ["all"] if scheme is None else [scheme]
-    for name in names:
-        if name not in DTYPES and name != "all":
-            raise OptionError(f"--dtype: unknown {name!r}; choose from {', '.join(DTYPES)}, all")
+    else:
+        names = parse_dtypes(asked if isinstance(asked, str) else ",".join(asked))
     if scheme is not None:
         other = [name for name in names if name in INT8_DTYPES and name != scheme]
         if other:
