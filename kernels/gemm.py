@@ -70,6 +70,9 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         b = b.to(tl.float32)
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if a.dtype == tl.int8:
+        # int8 x int8 accumulates in int32 (Triton 3.6 needs the out_dtype spelled out)
+        return tl.dot(a, b, acc, out_dtype=tl.int32)
     return tl.dot(a, b, acc)
 
 
