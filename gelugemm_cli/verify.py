@@ -22,21 +22,22 @@ from gelugemm_cli.quantize import _block as mlp_block
 LOG_WIDTH = 140  # columns the table is printed in when stdout is not a terminal
 
 
+# Help strings are Rich markup (Typer's default): a literal "[" is written "\\[", or Rich eats "[default: ...]".
 def verify(
     checkpoint: Path = typer.Argument(..., help="An original safetensors checkpoint, or a file written by `gelugemm quantize`."),
     dtype: str | None = typer.Option(
         None, "--dtype",
-        help="fp16, bf16, fp32, w8a16, w8a8, all, or a comma list [default: all for an original checkpoint, its scheme for a quantized file].",
+        help=r"fp16, bf16, fp32, w8a16, w8a8, all, or a comma list \[default: all for an original checkpoint, its scheme for a quantized file].",
     ),
-    calib: Path | None = typer.Option(None, help="safetensors of activations, fc1 prefix -> [tokens, d_model]; verify reads its held-out last quarter."),
-    tokens: int | None = typer.Option(None, help="Rows per MLP [default: all of --calib's verify split, or 512 synthetic]."),
+    calib: Path | None = typer.Option(None, help=r"safetensors of activations, fc1 prefix -> \[tokens, d_model]; verify reads its held-out last quarter."),
+    tokens: int | None = typer.Option(None, help=r"Rows per MLP \[default: all of --calib's verify split, or 512 synthetic]."),
     layers: str | None = typer.Option(None, help="Verify only the MLPs whose fc1 or fc2 prefix matches this regex."),
     tol: str | None = typer.Option(
-        None, help="Gate on rel. error vs the fp16 path: VALUE for every dtype, or DTYPE=VALUE,... [default: per dtype, see docs-verify.md]."
+        None, help=r"Gate on rel. error vs the fp16 path: VALUE for every dtype, or DTYPE=VALUE,... \[default: per dtype, see docs-verify.md]."
     ),
     backend: str = typer.Option("auto", help="auto (Triton on CUDA, torch elsewhere), triton or torch."),
     reference: Path | None = typer.Option(None, help="A quantized file's original checkpoint, instead of the one its metadata records."),
-    gelu: str | None = typer.Option(None, help="erf or tanh: the model's GELU, overriding config.json [default: from config.json or the family]."),
+    gelu: str | None = typer.Option(None, help=r"erf or tanh: the model's GELU, overriding config.json \[default: from config.json or the family]."),
     seed: int = typer.Option(0, help="Seed of the synthetic inputs (without --calib)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ):

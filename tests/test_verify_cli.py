@@ -117,6 +117,11 @@ def test_json_to_stdout_is_pure_json(tmp_path):
     assert json.loads(result.stdout)["rows"][0]["dtype"] == "fp16"
 
 
+def test_help_shows_the_defaults_in_brackets():
+    result = runner.invoke(app, ["verify", "--help"], terminal_width=200)
+    assert "[default: all for an original checkpoint" in result.stdout and "[tokens, d_model]" in result.stdout
+
+
 def test_the_triton_path_is_wired(tmp_path):
     """Under TRITON_INTERPRET=1 (conftest, no CUDA) the fused kernels run on the CPU."""
     source = write_checkpoint(tmp_path / "m.safetensors", "bert", n_layers=1)
