@@ -103,13 +103,23 @@ def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
     # DOT_F32 (bf16 under the CPU interpreter, see kernels/gemm.py's _dot) hands the dot
     # float32 tiles holding the values the GPU's bf16 tiles hold: the interpreter's
     # int8 -> bf16 cast returns garbage and its float32 -> bf16 cast truncates.
+    # One return at the end: Triton 3.6 also generates what follows a return in an `if`.
     if a.dtype == tl.int8:
-        return q  # w8a8: int8 x int8; both scales wait for the epilogue
-    if GROUP_K == 0:
+        w = q  # w8a8: int8 x int8; both scales wait for the epilogue
+    elif GROUP_K == 0:
         # exact (|q| <= 127); the per-channel scale waits for the epilogue
         if DOT_F32:
-            return q.to(tl.float32)
-        return q.to(a.dtype)
+            w = q.to(tl.float32)
+        else:
+            w = q.to(a.dtype)
+    else:
+        w = _group_scaled_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, K_AXIS, DOT_F32)
+    return w
+
+
+@triton.jit
+def _group_scaled_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
+                       GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, K_AXIS: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     # per group: w[k, n] = q[k, n] * scale[n, k // GROUP_K], rounded once to a's dtype
     BLOCK_N: tl.constexpr = cols.shape[0]
     if GROUP_K % BLOCK_K == 0:
@@ -140,8 +150,10 @@ def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
             scale = tl.load(w_scale_ptr + cols[:, None] * stride_wsn + groups[None, :] * stride_wsg)
     w = q.to(tl.float32) * scale
     if DOT_F32:
-        return _bf16_round_nearest(w)
-    return w.to(a.dtype)
+        w = _bf16_round_nearest(w)
+    else:
+        w = w.to(a.dtype)
+    return w
 
 
 @triton.jit
@@ -165,11 +177,13 @@ def _int8_epilogue(acc, offs_m, offs_n, M, N,
         # as a multiply by the correctly rounded reciprocal (div_rn: Triton's plain "/"
         # is an approximate division on the GPU)
         inv_c_scale = tl.math.div_rn(1.0, tl.load(c_scale_ptr))
-        return _round_to_int8(out * inv_c_scale)
-    if OUT_DTYPE == tl.bfloat16:
-        if INTERPRETER:
-            out = _bf16_round_nearest(out)  # the interpreter's bf16 cast would truncate
-    return out.to(OUT_DTYPE)
+        result = _round_to_int8(out * inv_c_scale)
+    else:
+        if OUT_DTYPE == tl.bfloat16:
+            if INTERPRETER:
+                out = _bf16_round_nearest(out)  # the interpreter's bf16 cast would truncate
+        result = out.to(OUT_DTYPE)
+    return result
 
 
 # ---------------------------------------------------------------------------------------
