@@ -31,8 +31,11 @@ from kernels.launch import device_capability, ensure_tma_allocator, interpreting
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("none", "erf", "tanh")
-# At or below this many rows a GEMM is bound by reading its weight: use the decode path.
+# At or below this many rows a GEMM is bound by reading its weight: use a decode path.
 DECODE_MAX_M = 16
+# The float decode kernel streams the weight once for up to this many rows (BLOCK_M up
+# to 128); on an H100 a 4096x16384 MLP stays bound by its weight bytes up to about here.
+FLOAT_DECODE_MAX_M = 128
 
 
 def m_bucket(m: int) -> int:
@@ -68,12 +71,15 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if DOT_F32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    # One return at the end: Triton 3.6 generates the statements after a return inside
+    # an `if` too, so an early return would emit a second, wrongly typed dot.
     if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if a.dtype == tl.int8:
-        # int8 x int8 accumulates in int32 (Triton 3.6 needs the out_dtype spelled out)
-        return tl.dot(a, b, acc, out_dtype=tl.int32)
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif a.dtype == tl.int8:
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 x int8 accumulates in int32
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -113,7 +119,8 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8, **extra):
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
-# Decode (M <= 16) through TMA, swap-AB, split-K; see _gemm_decode_kernel.
+# Decode (M <= 128) through TMA, swap-AB, split-K; see _gemm_decode_kernel. Every config
+# of a bucket has BLOCK_M >= the bucket's largest M: one M tile holds all rows.
 DECODE_CONFIGS = {
     16: [
         _cfg(16, 64, 256, 4, 4),
@@ -123,6 +130,8 @@ DECODE_CONFIGS = {
         _cfg(16, 64, 512, 4, 3),
         _cfg(16, 64, 64, 4, 4),  # fits fp32 tiles
     ],
+    64: [_cfg(64, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 3), _cfg(64, 64, 64, 4, 4)],
+    256: [_cfg(128, 64, 128, 4, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 3)],
 }
 
 STRIDED_CONFIGS = {
@@ -327,6 +336,14 @@ def _gemm_tma_kernel(
             c_desc.store([off_m, off_n], out.to(out_dtype))
 
 
+def _decode_candidates(m: int) -> list:
+    """The decode configs autotuning may pick for m rows (the interpreter's one config)."""
+    if interpreting():
+        return _gemm_decode_kernel.configs
+    sizes = [k for k in DECODE_CONFIGS if k >= m_bucket(m)]
+    return DECODE_CONFIGS[min(sizes)]
+
+
 def _decode_split_k(args) -> int:
     # Enough programs for about two per SM: GEMM2 of a decode step has few N tiles and a
     # long K, so its K range is split, keeping at least four K tiles per split for the
@@ -338,7 +355,7 @@ def _decode_split_k(args) -> int:
 
 
 @triton.autotune(
-    configs=_all_configs(DECODE_CONFIGS),
+    configs=_all_configs(DECODE_CONFIGS, BLOCK_M=FLOAT_DECODE_MAX_M),
     key=["M_BUCKET", "N", "K", "B_IS_NK"],
     prune_configs_by={"early_config_prune": _prune_for(DECODE_CONFIGS)},
     **_autotune_kwargs(),
@@ -536,10 +553,10 @@ def _plan(a, w, bias, m, k, n, activation, weight_layout, allow_tf32, path, a_ro
     )
     if path in ("tma", "decode") and not tma_ok:
         raise LaunchError(f"the {path} path needs TMA: an SM90+ GPU, unit inner strides and 16-byte aligned rows")
-    if path == "decode" and m > DECODE_MAX_M:
-        raise LaunchError(f"the decode path takes at most {DECODE_MAX_M} rows, got {m}")
+    if path == "decode" and m > FLOAT_DECODE_MAX_M:
+        raise LaunchError(f"the decode path takes at most {FLOAT_DECODE_MAX_M} rows, got {m}")
     if path == "auto":
-        path = ("decode" if m <= DECODE_MAX_M else "tma") if tma_ok else "strided"
+        path = ("decode" if m <= FLOAT_DECODE_MAX_M else "tma") if tma_ok else "strided"
     key = (path, a.dtype, None if bias is None else bias.dtype, m, n, k, a_row_stride, a.stride(-1),
            stride_bk, stride_bn, activation, allow_tf32)  # fmt: skip
 
@@ -565,10 +582,15 @@ def _plan(a, w, bias, m, k, n, activation, weight_layout, allow_tf32, path, a_ro
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    # Sized for any config (BLOCK_N, BLOCK_K >= 32): BLOCK_N * BLOCK_M fp32 per split of
-    # each N tile, at most one split per 4 K tiles.
-    tiles_n = triton.cdiv(n, 32)
-    workspace = (tiles_n * 32 * DECODE_MAX_M * max(1, k // 128), tiles_n)
+    # Sized for the largest split-K layout among the configs autotuning may pick:
+    # BLOCK_N * BLOCK_M fp32 partial sums per split of each N tile.
+    configs = _decode_candidates(m)
+    partial_elems = max(
+        triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"]
+        * _decode_split_k(dict(N=n, K=k, NUM_SMS=sms, BLOCK_N=c.kwargs["BLOCK_N"], BLOCK_K=c.kwargs["BLOCK_K"]))
+        for c in configs
+    )  # fmt: skip
+    workspace = (partial_elems, max(triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs))
     return _Plan(path, _gemm_decode_kernel, grid, scalars, constexprs, key, workspace)
 
 
