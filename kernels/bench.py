@@ -634,15 +634,11 @@ def _prepare(case: _Case, work: _Workloads, raise_errors: bool) -> None:
 
 
 def _run_info(device, ceilings, gelu, activation_dtype, warmup_ms, rep_ms, command, peer_names) -> RunInfo:
-    import importlib.metadata
-
     import triton
 
+    from gelugemm_cli import __version__ as version  # also right when run from a checkout
+
     props = torch.cuda.get_device_properties(device)
-    try:
-        version = importlib.metadata.version("gelugemm")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
     cublaslt = None
     if "cublaslt" in peer_names:
         cublaslt = peers.cublaslt_gelu_flavour(device, torch.float16)
