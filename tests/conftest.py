@@ -16,6 +16,11 @@ if not HAS_CUDA:
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+# What backend="auto" (the op's, verify's, the CLI's default) runs on the default device:
+# the fused Triton kernels on a CUDA machine, the torch reference elsewhere, and the
+# start of the reason it gives (kernels.op.choose_backend).
+AUTO_BACKEND, AUTO_BACKEND_REASON = ("triton", "CUDA device") if HAS_CUDA else ("torch", "no CUDA device")
+
 # Relative Frobenius error ||out - ref|| / ||ref|| allowed per compute dtype.
 # Against float64: dominated by rounding the intermediate and the output once each to
 # the dtype (fp16: 2^-11, bf16: 2^-8 per element), with headroom for fp32 accumulation

@@ -386,7 +386,8 @@ def test_output_gets_a_new_files_usual_mode(tmp_path):
 @pytest.mark.parametrize("scheme,smooth", [("w8a16", None), ("w8a8", None), ("w8a8", 0.5)])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, smooth):
-    # The consumer's view: the file's tensors go into the op as they are (torch backend here).
+    # The consumer's view: the file's tensors go into the op as they are, on the CPU where
+    # they are read (torch backend; the op's default device would be CUDA on a GPU machine).
     source = write_checkpoint(tmp_path / "model.safetensors", family, d_model=32, d_ff=96)
     tensors = checkpoint_tensors(family, d_model=32, d_ff=96)
     output = tmp_path / "q.safetensors"
@@ -396,7 +397,8 @@ def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, smooth):
             x, _ = calibration_inputs(ckpt, layer, tokens=256, split="verify")
         w1, b1, w2, b2 = load_quantized_mlp(output, layer)
         static = {"input_quant": "static"} if scheme == "w8a8" else {}
-        op = FusedMLP(MLPConfig(dtype=scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend="torch", **static))
+        config = MLPConfig(dtype=scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend="torch", **static)
+        op = FusedMLP(config, device="cpu")
         y = op(x.half(), w1, b1.half(), w2, b2.half()).double()
         w1f, b1f, w2f, b2f = (tensors[n].double() for n in (layer.w1, layer.b1, layer.w2, layer.b2))
         exact = mlp_reference(x.double(), w1f, b1f, w2f, b2f, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout)

@@ -21,6 +21,7 @@ from calibration.verify import (
     verify_checkpoint,
 )
 from checkpoints import write_checkpoint
+from conftest import AUTO_BACKEND, AUTO_BACKEND_REASON, DEVICE
 from kernels.op import DTYPES
 from kernels.reference import mlp_reference
 
@@ -94,7 +95,9 @@ def test_report_holds_both_distances_and_the_run_facts(tmp_path):
         (f"encoder.layer.{i}.intermediate.dense", d) for i in (0, 1) for d in ("fp16", "w8a8")
     ]
     assert [a[:2] for a in done] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert report.backend == "torch" and "no CUDA device" in report.backend_reason
+    # backend "auto" on the default device: Triton on a CUDA machine, the torch reference elsewhere
+    assert report.backend_asked == "auto" and report.device.startswith(DEVICE.type)
+    assert report.backend == AUTO_BACKEND and report.backend_reason.startswith(AUTO_BACKEND_REASON)
     assert report.tolerances == {"fp16": DEFAULT_TOLERANCES["fp16"], "w8a8": 0.3}
     assert report.tolerance_origin == {"fp16": "default", "w8a8": "asked"}
     assert report.calibration["split"] == "verify" and report.calibration["kind"] == "synthetic"
@@ -103,12 +106,12 @@ def test_report_holds_both_distances_and_the_run_facts(tmp_path):
         assert layer.gelu == "erf" and layer.tokens == 512
         assert 0 < layer.fp16_path_vs_float64.rel_frobenius < 2e-3
     for row in report.rows:
-        assert row.passed and row.backend == "torch"
+        assert row.passed and row.backend == AUTO_BACKEND
         # Two references, two distances: they differ by the fp16 path's own rounding.
         assert row.vs_fp16_path.rel_frobenius != row.vs_float64.rel_frobenius
     payload = report.to_dict()
     json.dumps(payload, allow_nan=False)
-    assert payload["passed"] is True and payload["failed"] == 0 and payload["backend"] == "torch"
+    assert payload["passed"] is True and payload["failed"] == 0 and payload["backend"] == AUTO_BACKEND
 
 
 @pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])

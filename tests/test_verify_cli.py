@@ -2,6 +2,7 @@
 a wrong GELU flavour, and exits 2 with one red line on each bad input."""
 
 import json
+import traceback
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import RECORD_KEY
 from calibration.verify import DEFAULT_TOLERANCES
 from checkpoints import checkpoint_tensors, write_calibration, write_checkpoint
+from conftest import AUTO_BACKEND, AUTO_BACKEND_REASON
 from gelugemm_cli import common
 from gelugemm_cli.app import app
 from kernels.op import FusedMLP
@@ -42,6 +44,10 @@ def verify_json(tmp_path, *args) -> tuple[int, dict, str]:
     out = tmp_path / "verify.json"
     result = verify(*args, "--json", out)
     assert result.exit_code in (0, 1), result.output
+    # Exit 1 is the command's own verdict (typer.Exit -> SystemExit), not a crash: CliRunner
+    # reports an uncaught exception as exit code 1 too.
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError("".join(traceback.format_exception(result.exception)) + result.output)
     return result.exit_code, json.loads(out.read_text()), result.stdout
 
 
@@ -81,8 +87,9 @@ def test_a_correct_quantization_passes(tmp_path, scheme, family):
     code, report, out = verify_json(tmp_path, quantized(tmp_path, scheme, family), "--dtype", "all")
     assert code == 0, out
     assert report["kind"] == "quantized" and report["dtypes"] == ["fp16", "bf16", "fp32", scheme]
-    assert report["backend"] == "torch" and all(row["backend"] == "torch" for row in report["rows"])
-    assert "backend: torch (no CUDA device" in out
+    # --backend auto: Triton on a CUDA machine, the torch reference elsewhere; said in the header
+    assert report["backend"] == AUTO_BACKEND and all(row["backend"] == AUTO_BACKEND for row in report["rows"])
+    assert f"backend: {AUTO_BACKEND} ({AUTO_BACKEND_REASON}" in out
     assert report["passed"] and "PASS: all 8 rows" in out
 
 
@@ -175,7 +182,8 @@ def perturb_op(monkeypatch, dtype: str, relative: float) -> None:
         out = real(self, x, *args)
         if self.config.dtype != dtype:
             return out
-        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        # drawn on the CPU (the same noise on every device), added where the op's output is
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
         return (out.float() + noise * (relative * out.float().norm() / noise.norm())).to(out.dtype)
 
     monkeypatch.setattr(FusedMLP, "forward", noisy)
@@ -248,15 +256,17 @@ SENSITIVE = {"fp16": (-3.0, 0.5), "fp32": (-3.0, 0.5), "w8a16": (-3.5, 1.0)}
 @pytest.mark.parametrize("dtype", list(SENSITIVE))
 def test_an_op_computing_the_other_flavour_fails(tmp_path, monkeypatch, dtype):
     source = gelu_tail_checkpoint(tmp_path / "m.safetensors", *SENSITIVE[dtype])
-    code, report, out = verify_json(tmp_path, source, "--dtype", dtype)
+    # The torch backend on every machine (auto would pick Triton on CUDA, which has its own test below).
+    args = ("--backend", "torch", "--dtype", dtype)
+    code, report, out = verify_json(tmp_path, source, *args)
     assert code == 0, out  # the right flavour passes on these inputs
 
     # The op's torch backend computes GELU with kernels.reference.gelu; verify's references
     # use F.gelu, so only the op is swapped.
     right = reference_module.gelu
     monkeypatch.setattr(reference_module, "gelu", lambda x, flavour="erf": right(x, "tanh" if flavour == "erf" else "erf"))
-    code, report, _ = verify_json(tmp_path, source, "--dtype", dtype)
-    assert code == 1
+    code, report, _ = verify_json(tmp_path, source, *args)
+    assert code == 1 and report["rows"][0]["backend"] == "torch"
     assert report["rows"][0]["vs_fp16_path"]["rel_frobenius"] > 2 * DEFAULT_TOLERANCES[dtype]
 
 
