@@ -120,7 +120,11 @@ def quantize_activation_reference(
     if smooth_scale is not None:
         v = v / smooth_scale.float()
     if scale is None:
-        scale = v.abs().amax(dim=-1).clamp_min(MIN_ABSMAX) / INT8_MAX
+        absmax = v.abs().amax(dim=-1).clamp_min(MIN_ABSMAX)
+        # Divided by a tensor, not the Python 127: on CUDA torch computes tensor / scalar as
+        # tensor * (1 / scalar), off by an ulp now and then from the correctly rounded
+        # quotient (which the kernel and the CPU compute).
+        scale = absmax / torch.full_like(absmax, INT8_MAX)
         inv_scale = (1.0 / scale)[..., None]
     else:
         inv_scale = 1.0 / scale.float().reshape(())
