@@ -18,16 +18,16 @@ from gelugemm_cli.common import console, err_console, user_errors, write_json
 
 def quantize(
     checkpoint: Path = typer.Argument(..., help="A safetensors checkpoint (fp32, fp16 or bf16)."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Output file [default: CHECKPOINT.int8.safetensors beside it]."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Output file (default: CHECKPOINT.int8.safetensors beside it)."),
     scheme: str = typer.Option("w8a16", help="w8a16 (int8 weights) or w8a8 (int8 weights and activations)."),
     granularity: str = typer.Option("per-channel", help="Weight scales: per-channel, or group:N along the input dim."),
-    method: str | None = typer.Option(None, help="w8a8 activation observer: max, percentile:P or mse [default: max]."),
+    method: str | None = typer.Option(None, help="w8a8 activation observer: max, percentile:P or mse (default: max)."),
     smooth: float | None = typer.Option(None, help="w8a8: SmoothQuant migration strength ALPHA in [0, 1]."),
-    calib: Path | None = typer.Option(None, help="w8a8: safetensors of activations, fc1 prefix -> [tokens, d_model]."),
-    tokens: int | None = typer.Option(None, help="w8a8: calibration rows [default: 512 synthetic, or all of --calib's calibrate split]."),
+    calib: Path | None = typer.Option(None, help="w8a8: safetensors of activations, keyed by fc1 prefix, each tokens x d_model."),
+    tokens: int | None = typer.Option(None, help="w8a8: calibration rows (default: 512 synthetic, or all of --calib's calibrate split)."),
     seed: int = typer.Option(0, help="w8a8: seed of the synthetic calibration inputs."),
     layers: str | None = typer.Option(None, help="Quantize only the MLPs whose fc1 or fc2 prefix matches this regex."),
-    gelu: str | None = typer.Option(None, help="erf or tanh, overriding config.json [default: from config.json or the family]."),
+    gelu: str | None = typer.Option(None, help="erf or tanh, overriding config.json (default: from config.json or the family)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ):
