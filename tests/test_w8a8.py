@@ -18,7 +18,6 @@ import torch
 
 from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
 from kernels.errors import LaunchError
-from kernels.quantized import QuantizedWeight
 from kernels.reference import (
     as_out_in,
     gelu,
