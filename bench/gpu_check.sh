@@ -3,7 +3,7 @@
 # and verify on the real MiniLM MLPs, from the checkout with the machine's own
 # torch/triton (nothing is installed).
 #
-#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 verify (default: all four)
+#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph verify (default: all)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
-stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 verify)
+stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph verify)
 gg() { python3 -m gelugemm_cli "$@"; }
 status=0
 summary=()
@@ -41,6 +41,11 @@ for stage in "${stages[@]}"; do
     bench-int8)
       gg bench --dtype w8a16,w8a8 --json "$OUT/bench-int8.json" --plot "$OUT/bench-int8.png" >"$OUT/bench-int8.txt" 2>&1 || status=1
       summary+=("bench-int8: see bench-int8.txt")
+      ;;
+    bench-graph)
+      # The same rows timed as CUDA-graph replays: GPU time, without the host's launch cost.
+      gg bench --cuda-graph --json "$OUT/bench-graph.json" >"$OUT/bench-graph.txt" 2>&1 || status=1
+      summary+=("bench-graph: see bench-graph.txt")
       ;;
     verify)
       gg verify samples/minilm-mlp.safetensors --calib samples/minilm-calib.safetensors --dtype all --backend triton \

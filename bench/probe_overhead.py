@@ -1,6 +1,7 @@
 """Where does a small launch's time go? Host-side cost per call of gelugemm's launcher,
-of the raw Triton launch underneath it, and of torch's F.linear, plus a cProfile of the
-launcher. (Kernel-development probe; `gelugemm bench` is the user-facing benchmark.)"""
+piece by piece, against Triton's own launch of the compiled kernel and torch's F.linear,
+plus a cProfile of the whole MLP. (Kernel-development probe; `gelugemm bench` is the
+user-facing benchmark.)"""
 
 import cProfile
 import pstats
@@ -9,10 +10,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import gemm
+from kernels import gemm, launch
+from kernels.op import FusedMLP, MLPConfig
 
 
-def per_call_us(fn, n=2000):
+def per_call_us(fn, n=3000):
     for _ in range(50):
         fn()
     torch.cuda.synchronize()
@@ -26,37 +28,60 @@ def per_call_us(fn, n=2000):
 def main():
     d, f = 768, 3072
     x = torch.randn(1, d, device="cuda", dtype=torch.float16)
-    w = torch.randn(f, d, device="cuda", dtype=torch.float16)
-    b = torch.randn(f, device="cuda", dtype=torch.float16)
-    out = torch.empty(1, f, device="cuda", dtype=torch.float16)
-    for path in ("decode", "strided"):
-        gemm.gemm_bias_act(x, w, b, activation="erf", path=path)
-        print(f"gemm_bias_act path={path}: {per_call_us(lambda: gemm.gemm_bias_act(x, w, b, activation='erf', path=path)):.1f} us/call")
-    print(f"F.linear: {per_call_us(lambda: F.linear(x, w, b)):.1f} us/call")
-    from kernels.op import FusedMLP, MLPConfig
-
+    w1 = torch.randn(f, d, device="cuda", dtype=torch.float16)
+    b1 = torch.randn(f, device="cuda", dtype=torch.float16)
     w2 = torch.randn(d, f, device="cuda", dtype=torch.float16)
     op = FusedMLP(MLPConfig(), device="cuda")
-    op(x, w, b, w2, None)
-    print(f"FusedMLP whole MLP: {per_call_us(lambda: op(x, w, b, w2, None)):.1f} us/call")
-    print(f"eager whole MLP: {per_call_us(lambda: F.linear(F.gelu(F.linear(x, w, b)), w2)):.1f} us/call")
-    print(f"torch.empty: {per_call_us(lambda: torch.empty(1, f, device='cuda', dtype=torch.float16)):.1f} us/call")
-    cfg = gemm._gemm_strided_kernel.cache[next(iter(gemm._gemm_strided_kernel.cache))]
-    jit = gemm._gemm_strided_kernel.fn.fn  # autotuner -> heuristics -> jit
+    op(x, w1, b1, w2, None)
+    rows = []
+
+    def row(name, fn):
+        rows.append((name, per_call_us(fn)))
+
+    row("torch.empty(1, f)", lambda: torch.empty(1, f, device="cuda", dtype=torch.float16))
+    row("F.linear", lambda: F.linear(x, w1, b1))
+    row("eager MLP (3 torch ops)", lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2))
+    row("FusedMLP (2 launches)", lambda: op(x, w1, b1, w2, None))
+    row("gemm_bias_act decode", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf"))
+    row("gemm_bias_act strided", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf", path="strided"))
+
+    # Triton's launcher alone: the cached compiled kernel, arguments prepared once.
+    sig = next(s for s, p in gemm._plans.items() if p.path == "decode" and p.scalars[1] == f)
+    plan = gemm._plans[sig]
+    compiled, g, tail = next(v for k, v in launch._compiled.items() if k[3] == plan.key)
+    out = torch.empty(1, f, device="cuda", dtype=torch.float16)
+    partial, arrivals = gemm._split_k_workspace(x.device, *plan.workspace)
+    args = (x, w1, out, b1, partial, arrivals, *plan.scalars)
+    stream = launch._stream(0)
 
     def raw():
-        jit[(48,)](x, w, out, b, 1, f, d, 16, d, 1, 1, d, f, HAS_BIAS=True, ACTIVATION="erf", DOT_F32=False,
-                   INPUT_PRECISION="ieee", EVEN_K=d % cfg.kwargs["BLOCK_K"] == 0, **cfg.all_kwargs())
+        md = compiled.launch_metadata(g, stream, *args, *tail)
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, md, None, None, *args, *tail)
 
-    raw()
-    print(f"raw jit launch (strided): {per_call_us(raw):.1f} us/call")
+    row("Triton compiled.run (args ready)", raw)
+    row("  launch_metadata only", lambda: compiled.launch_metadata(g, stream, *args, *tail))
+    row("  launch.launch (our cache hit)", lambda: launch.launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key))
+    row("  signature tuple", lambda: (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
+                                      w1.shape, w1.stride(), w1.dtype, w1.device, w1.data_ptr() % 16 == 0,
+                                      (b1.shape, b1.dtype, b1.device), "erf", "out_in", False, "auto"))  # fmt: skip
+    row("  _plans.get(signature)", lambda: gemm._plans.get(sig))
+    row("  _split_k_workspace", lambda: gemm._split_k_workspace(x.device, *plan.workspace))
+    row("  aligned + full key + dict get", lambda: launch._compiled.get(
+        (id(plan.kernel), torch.cuda.current_device(), tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)), plan.key)))
+    row("  torch.cuda.current_device()", torch.cuda.current_device)
+    row("  launch._hooks()", launch._hooks)
+
+    print(f"{'host cost per call, 768x3072 M=1 fp16':40s} {'us':>8s}")
+    for name, us in rows:
+        print(f"{name:40s} {us:8.1f}")
+
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(500):
-        gemm.gemm_bias_act(x, w, b, activation="erf", path="decode")
+    for _ in range(1000):
+        op(x, w1, b1, w2, None)
     torch.cuda.synchronize()
     prof.disable()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ def bench_table(result: BenchResult) -> Table:
         if row.rotation_sets:
             sets.setdefault(f"{row.d_model}×{row.d_ff}", set()).add(row.rotation_sets)
     rotation = ", ".join(f"{s} {min(n)}" + (f"–{max(n)}" if len(n) > 1 else "") for s, n in sets.items())
+    timing = "CUDA-graph replays (GPU time, no launch cost)" if info.timing == "cuda-graph" else "Python calls"
     table = Table(
-        title=f"gelugemm bench · {info.device} · torch {info.torch} · triton {info.triton}",
+        title=f"gelugemm bench · {info.device} · torch {info.torch} · triton {info.triton} · timed: {timing}",
         caption=(
             f"ceilings: bf16 matmul {c.matmul_tflops:.0f} TFLOP/s{int8}, copy {c.copy_gbps:.0f} GB/s · "
             f"µs: median; spread: p20 to p80 in % of it · buffer sets rotated (1 = one call's bytes "
@@ -288,6 +289,10 @@ def bench(
     warmup_ms: Optional[float] = typer.Option(None, "--warmup-ms", help="Warm-up per timing, in ms. (default 25; with --quick 5)"),
     rep_ms: Optional[float] = typer.Option(None, "--rep-ms", help="Repeats per timing, in ms. (default 100; with --quick 20)"),
     quick: bool = typer.Option(False, "--quick", help="Fewer token counts and shorter timings: a smoke run."),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph",
+        help="Time CUDA-graph replays of every impl instead of Python calls: GPU time without launch cost, as a decode loop that replays graphs sees it.",
+    ),  # fmt: skip
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-' for stdout)."),
     plot_path: Optional[Path] = typer.Option(
         None, "--plot", help="Write a PNG of speedup over torch eager by token count (needs matplotlib)."
@@ -315,7 +320,7 @@ def bench(
                 gelu=gelu, activation_dtype=activation_dtype,
                 warmup_ms=warmup_ms if warmup_ms is not None else (QUICK_WARMUP_MS if quick else DEFAULT_WARMUP_MS),
                 rep_ms=rep_ms if rep_ms is not None else (QUICK_REP_MS if quick else DEFAULT_REP_MS),
-                progress=report, command=shlex.join(sys.argv), raise_errors=state["debug"],
+                cuda_graph=cuda_graph, progress=report, command=shlex.join(sys.argv), raise_errors=state["debug"],
             )  # fmt: skip
 
         if json_path is not None:

@@ -493,3 +493,25 @@ def test_real_run_small_every_impl_correct():
         assert row.status == "ok", (row.dtype, row.tokens, row.impl, row.gelu, row.error, row.relerr)
         assert row.time_us > 0 and row.relerr <= row.relerr_limit
     assert all(r.speedup is not None for r in result.rows if r.impl != "gelugemm")
+
+
+def test_cuda_graph_flag_times_graph_replays_and_says_so(cpu_run, monkeypatch, tmp_path):
+    replayed = []
+
+    def fake_graph_time(call, n_sets, warmup_ms, rep_ms):
+        call(0)
+        replayed.append(n_sets)
+        return Timing(50.0, 50.0, 50.0, 2)
+
+    monkeypatch.setattr(bench, "graph_time", fake_graph_time)
+    path = tmp_path / "bench.json"
+    args = ["bench", "--shape", "32,64", "--dtype", "fp16", "--tokens", "3", "--peers", "eager", "--cuda-graph", "--json", str(path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(replayed) == 2 and cpu_run == []  # gelugemm and eager, none through median_time
+    assert "CUDA-graph replays" in result.stdout
+    payload = json.loads(path.read_text())
+    assert payload["info"]["timing"] == "cuda-graph"
+    assert [r["time_us"] for r in payload["rows"]] == [50.0, 50.0]
+    plain = runner.invoke(app, args[:-3] + ["--json", str(path)])
+    assert plain.exit_code == 0 and json.loads(path.read_text())["info"]["timing"] == "calls"
