@@ -20,7 +20,7 @@ strides and devices, picks the kernel, and allocates the output.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -527,6 +527,7 @@ class _Plan:
     constexprs: dict
     key: tuple
     workspace: tuple | None  # (partial elements, tiles) for split-K decode
+    slot: list = field(default_factory=lambda: [None])  # launch's direct-launch slot
 
 
 _plans: dict = {}
@@ -614,11 +615,13 @@ def gemm_bias_act(
         TMA cannot take the inputs.
     out: a contiguous [..., N] tensor of a's dtype to write into (else one is allocated).
     """
-    # Every check below depends only on this signature: a repeated call skips them.
+    # Every check below depends only on this signature: a repeated call skips them. It holds
+    # the alignment of every tensor the kernel reads, which Triton specializes on, so a plan
+    # can launch its compiled kernel directly (launch's slot).
     signature = (
         a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
         w.shape, w.stride(), w.dtype, w.device, w.data_ptr() % 16 == 0,
-        None if bias is None else (bias.shape, bias.dtype, bias.device),
+        None if bias is None else (bias.shape, bias.dtype, bias.device, bias.data_ptr() % 16 == 0),
         activation, weight_layout, allow_tf32, path,
     )  # fmt: skip
     plan = _plans.get(signature)
@@ -633,12 +636,29 @@ def gemm_bias_act(
     else:
         n = plan.scalars[1]
         k = plan.scalars[2]
-    lead = a.shape[:-1]
-    a2 = a.reshape(-1, k)  # a view where strides allow; the kernels take any row stride
+    # (a reshape costs microseconds of host time even when it is a no-op: skip it for 2-D a)
+    a2 = a if a.dim() == 2 else a.reshape(-1, k)  # a view where strides allow; any row stride works
     m = a2.shape[0]
-    out = _output(out, (*lead, n), a)
+    out2 = _output(out, (*a.shape[:-1], n), a)
     if m == 0:
-        return out.reshape(*lead, n)
+        return out2.reshape(*a.shape[:-1], n)
+    # An output we allocate is always 16-byte aligned with rows of n elements; a caller's
+    # may not be, and then takes a plan of its own that is not kept.
+    out_aligned = out is None or (out2.data_ptr() % 16 == 0 and (n * out2.element_size()) % 16 == 0)
+    if plan is None or not out_aligned:
+        plan = _plan(a2, w, bias, m, k, n, activation, weight_layout, allow_tf32, path, a2.stride(0), out_aligned)
+        if out_aligned:
+            _plans[signature] = plan
+    bias_arg = bias if bias is not None else out2  # never read when HAS_BIAS is False
+    if plan.workspace is None:
+        args = (a2, w, out2, bias_arg, *plan.scalars)
+    else:
+        partial, arrivals = _split_k_workspace(a.device, *plan.workspace)
+        args = (a2, w, out2, bias_arg, partial, arrivals, *plan.scalars)
+    if plan.path != "strided":
+        ensure_tma_allocator()
+    launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot if out_aligned else None)
+    return out2 if a.dim() == 2 else out2.reshape(*a.shape[:-1], n)
     if plan is None:
         # (an output we allocate is always 16-byte aligned, with rows of n elements)
         out_aligned = out.data_ptr() % 16 == 0 and (n * out.element_size()) % 16 == 0

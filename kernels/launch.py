@@ -107,29 +107,47 @@ def _hooks():
     return _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
 
 
-def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple) -> None:
+def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple, slot: list | None = None) -> None:
     """kernel[grid](*args, **constexprs), with Triton's dispatch skipped after the first
     call per key. `kernel` is an autotuned (optionally heuristics-wrapped) @triton.jit
     function whose parameters are `args` (runtime values and tensors) followed by
-    compile-time ones; `grid` maps the full argument dict to the launch grid."""
+    compile-time ones; `grid` maps the full argument dict to the launch grid.
+
+    slot: a one-element list a caller keeps per call signature, holding the compiled kernel
+    after the first launch; later launches through it skip even the cache key (alignment of
+    every tensor, device). Only for callers whose signature already fixes `key` and the
+    16-byte alignment of every tensor argument.
+    """
     if interpreting():
         kernel[grid](*args, **constexprs)
         return
+    if slot is not None and slot[0] is not None:
+        device_index, hit = slot[0]
+        if device_index == torch._C._cuda_getDevice():
+            _run(hit, args, device_index)
+            return
     aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
     device_index = torch.cuda.current_device()
     full_key = (id(kernel), device_index, aligned, key)
     hit = _compiled.get(full_key)
-    if hit is not None:
-        compiled, g, tail = hit
-        stream = _stream(device_index)
-        enter, exit_ = _hooks()
-        # The same call Triton's JITFunction.run makes once it has the compiled kernel.
-        metadata = compiled.launch_metadata(g, stream, *args, *tail)
-        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, exit_, *args, *tail)
-        return
-    kernel[grid](*args, **constexprs)
-    if len(_compiled) < _MAX_REMEMBERED:
-        _remember(kernel, grid, args, constexprs, full_key)
+    if hit is None:
+        kernel[grid](*args, **constexprs)
+        if len(_compiled) < _MAX_REMEMBERED:
+            _remember(kernel, grid, args, constexprs, full_key)
+        hit = _compiled.get(full_key)
+    else:
+        _run(hit, args, device_index)
+    if slot is not None and hit is not None:
+        slot[0] = (device_index, hit)
+
+
+def _run(hit, args, device_index) -> None:
+    # The same call Triton's JITFunction.run makes once it has the compiled kernel.
+    compiled, g, tail = hit
+    stream = _stream(device_index)
+    enter, exit_ = _hooks()
+    metadata = None if enter is None else compiled.launch_metadata(g, stream, *args, *tail)
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, exit_, *args, *tail)
 
 
 def _remember(kernel, grid, args, constexprs, full_key) -> None:

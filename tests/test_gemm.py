@@ -160,6 +160,31 @@ def test_gemm1_real_sizes(d, f, dtype, m):
 
 
 @pytest.mark.parametrize("m", [1, 37])
+def test_a_misaligned_out_after_an_aligned_call_takes_the_strided_path(monkeypatch, m):
+    # The first call caches a TMA (or decode) plan for these shapes; a caller's `out` that
+    # starts off a 16-byte boundary must not reuse it: TMA stores need aligned rows.
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an SM90+ GPU")
+    import kernels.gemm as gemm_module
+
+    k, n = 72, 40
+    x = randn(m, k, dtype=torch.float16)
+    w = make_weight(k, n, torch.float16, "out_in")
+    b = randn(n, dtype=torch.float16)
+    gemm_bias_act(x, w, b, activation="erf")
+    launched = []
+    real_launch = gemm_module.launch
+    monkeypatch.setattr(gemm_module, "launch", lambda kernel, *a, **kw: launched.append(kernel) or real_launch(kernel, *a, **kw))
+    buffer = poisoned((m * n + 1,), torch.float16)
+    out = buffer[1:].view(m, n)  # 2 bytes past the buffer's aligned start
+    gemm_bias_act(x, w, b, activation="erf", out=out)
+    assert launched == [gemm_module._gemm_strided_kernel]
+    check_against_references(out, x, w, b, "erf", "out_in")
+    gemm_bias_act(x, w, b, activation="erf")  # and the aligned plan is still there
+    assert launched[-1] is not gemm_module._gemm_strided_kernel
+
+
+@pytest.mark.parametrize("m", [1, 37])
 def test_repeated_calls_read_their_own_inputs(m):
     # After the first call, launches with the same shapes skip Triton's dispatch
     # (kernels/launch.py): every call must still read the tensors it is given.
