@@ -60,7 +60,8 @@ def main():
 
     row("Triton compiled.run (args ready)", raw)
     row("  launch_metadata only", lambda: compiled.launch_metadata(g, stream, *args, *tail))
-    row("  launch.launch (our cache hit)", lambda: launch.launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key))
+    row("  launch.launch (cache hit by key)", lambda: launch.launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key))
+    row("  launch.launch (plan's slot)", lambda: launch.launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot))
     row("  signature tuple", lambda: (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
                                       w1.shape, w1.stride(), w1.dtype, w1.device, w1.data_ptr() % 16 == 0,
                                       (b1.shape, b1.dtype, b1.device), "erf", "out_in", False, "auto"))  # fmt: skip

@@ -507,7 +507,8 @@ def _output(out: torch.Tensor | None, shape: tuple, a: torch.Tensor, dtype: torc
     """The [M, N] buffer a launcher writes: the caller's `out`, checked, or a new one."""
     dtype = dtype or a.dtype
     if out is None:
-        return torch.empty(shape, dtype=dtype, device=a.device).reshape(-1, shape[-1])
+        out = torch.empty(shape, dtype=dtype, device=a.device)
+        return out if len(shape) == 2 else out.reshape(-1, shape[-1])
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != a.device or not out.is_contiguous():
         raise LaunchError(
             f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {a.device}; "
