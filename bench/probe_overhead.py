@@ -42,6 +42,15 @@ def main():
     row("F.linear", lambda: F.linear(x, w1, b1))
     row("eager MLP (3 torch ops)", lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2))
     row("FusedMLP (2 launches)", lambda: op(x, w1, b1, w2, None))
+    from calibration.quantize_weights import quantize_weight
+
+    q1, q2 = quantize_weight(w1.float()), quantize_weight(w2.float())
+    q1.input_scale = torch.tensor([0.02], device="cuda")
+    q1.output_scale = torch.tensor([0.05], device="cuda")
+    for scheme in ("w8a16", "w8a8"):
+        int8_op = FusedMLP(MLPConfig(dtype=scheme), device="cuda")
+        int8_op(x, q1, b1, q2, None)
+        row(f"FusedMLP {scheme} ({2 if scheme == 'w8a16' else 3} launches)", lambda: int8_op(x, q1, b1, q2, None))
     row("gemm_bias_act decode", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf"))
     row("gemm_bias_act strided", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf", path="strided"))
 

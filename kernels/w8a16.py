@@ -718,9 +718,11 @@ def w8a16_linear(
     if weight.smooth_scale is not None:
         raise LaunchError("weight carries a SmoothQuant smooth_scale, which only w8a8 applies (to its int8 input)")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)  # a view where strides allow; the kernels take any row stride
+    # (a view where strides allow; the kernels take any row stride. A reshape costs
+    # microseconds of host time even as a no-op: 2-D tensors skip it.)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     out = _output(out, (*lead, n), x)
     if x2.shape[0] > 0:
         launch_int8_weight_gemm(x2, None, weight, bias, out, activation=activation, weight_layout=weight_layout, path=path)
-    return out.reshape(*lead, n)
+    return out if x.dim() == 2 else out.reshape(*lead, n)
 

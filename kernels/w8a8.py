@@ -113,7 +113,7 @@ def quantize_activations(
                 f"got {smooth_scale.dtype} {tuple(smooth_scale.shape)} on {smooth_scale.device}"
             )
         smooth_scale = smooth_scale.contiguous()
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # (2-D: no reshape, whose host cost is microseconds)
     m = x2.shape[0]
     q = _output(out, (*lead, k), x, torch.int8)
     dynamic = scale is None
@@ -129,7 +129,7 @@ def quantize_activations(
         )  # fmt: skip
         key = (x.dtype, m, k, x2.stride(0), x2.stride(1), dynamic, smooth_scale is not None)
         launch(_quantize_rows_kernel, lambda meta: (m,), args, constexprs, key)
-    return q.reshape(*lead, k), scale
+    return (q if x.dim() == 2 else q.reshape(*lead, k)), scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,17 +176,17 @@ def w8a8_linear(
         raise LaunchError(
             f"x_scale must hold one scale per token (shape {tuple(lead)}) or one for all, got {tuple(x_scale.shape)}"
         )
-    x_scale = x_scale.reshape(-1)
+    x_scale = x_scale if x_scale.dim() == 1 else x_scale.reshape(-1)
     if output_scale is not None:
         output_scale = check_scalar_scale(output_scale, xq.device, "output_scale")
         out_dtype = torch.int8
     elif out_dtype not in W8A8_OUT_DTYPES:
         raise LaunchError(f"out_dtype must be fp16, bf16 or fp32 (int8 comes with an output_scale), got {out_dtype}")
-    x2 = xq.reshape(-1, k)
+    x2 = xq if xq.dim() == 2 else xq.reshape(-1, k)
     out = _output(out, (*lead, n), xq, out_dtype)
     if x2.shape[0] > 0:
         launch_int8_weight_gemm(
             x2, x_scale, weight, bias, out,
             activation=activation, weight_layout=weight_layout, path=path, c_scale=output_scale,
         )  # fmt: skip
-    return out.reshape(*lead, n)
+    return out if xq.dim() == 2 else out.reshape(*lead, n)
