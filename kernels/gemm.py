@@ -660,19 +660,3 @@ def gemm_bias_act(
         ensure_tma_allocator()
     launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot if out_aligned else None)
     return out2 if a.dim() == 2 else out2.reshape(*a.shape[:-1], n)
-    if plan is None:
-        # (an output we allocate is always 16-byte aligned, with rows of n elements)
-        out_aligned = out.data_ptr() % 16 == 0 and (n * out.element_size()) % 16 == 0
-        plan = _plan(a2, w, bias, m, k, n, activation, weight_layout, allow_tf32, path, a2.stride(0), out_aligned)
-        if out_aligned:
-            _plans[signature] = plan
-    bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
-    if plan.workspace is None:
-        args = (a2, w, out, bias_arg, *plan.scalars)
-    else:
-        partial, arrivals = _split_k_workspace(a.device, *plan.workspace)
-        args = (a2, w, out, bias_arg, partial, arrivals, *plan.scalars)
-    if plan.path != "strided":
-        ensure_tma_allocator()
-    launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key)
-    return out.reshape(*lead, n)
