@@ -637,8 +637,10 @@ def gemm_bias_act(
     else:
         n = plan.scalars[1]
         k = plan.scalars[2]
-    # (a reshape costs microseconds of host time even when it is a no-op: skip it for 2-D a)
-    a2 = a if a.dim() == 2 else a.reshape(-1, k)  # a view where strides allow; any row stride works
+    # A reshape costs microseconds of host time even as a no-op: 2-D a skips it (else a
+    # view where strides allow; the kernels take any row stride).
+    flat = a.dim() == 2
+    a2 = a if flat else a.reshape(-1, k)
     m = a2.shape[0]
     out2 = _output(out, (*a.shape[:-1], n), a)
     if m == 0:
@@ -659,4 +661,4 @@ def gemm_bias_act(
     if plan.path != "strided":
         ensure_tma_allocator()
     launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot if out_aligned else None)
-    return out2 if a.dim() == 2 else out2.reshape(*a.shape[:-1], n)
+    return out2 if flat else out2.reshape(*a.shape[:-1], n)
