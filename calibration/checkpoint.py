@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from calibration.errors import CheckpointError, OptionError
-from kernels.reference import GELU_FLAVOURS
+from kernels.schemes import GELU_FLAVOURS, HIDDEN_ACT_GELU
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -57,14 +57,6 @@ FAMILIES = (
 PLAIN = Family("plain", "plain file", "w1", "w2", "out_in", "erf", ())
 CONVENTIONS = [f"{f.title} (*.{f.fc1} -> *.{f.fc2})" for f in FAMILIES] + ["plain file (w1, b1, w2[, b2])"]
 
-# config.json's hidden_act / activation_function -> GELU flavour (names as in HF transformers).
-HIDDEN_ACT_GELU = {
-    "gelu": "erf",
-    "gelu_python": "erf",
-    "gelu_new": "tanh",
-    "gelu_pytorch_tanh": "tanh",
-    "gelu_fast": "tanh",
-}
 
 # Words in tensor names that suggest an MLP, for the "no MLP found" hint.
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "intermediate", "fc", "dense", "c_proj", "h_to_4h", "w1", "w2")

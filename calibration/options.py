@@ -8,6 +8,7 @@ from pathlib import Path
 from calibration.errors import OptionError
 from calibration.observers import parse_method
 from calibration.smooth import check_alpha
+from kernels.schemes import ActivationScheme
 
 SCHEMES = ("w8a16", "w8a8")
 
@@ -34,6 +35,8 @@ class QuantizeOptions:
     layers: regex restricting which MLPs are quantized; the rest are copied unchanged.
     gelu: "erf" | "tanh" to override config.json and the family default.
     force: replace an existing output file.
+    activations: w8a8 only: how x and the GELU output are scaled (kernels.schemes.
+        ActivationScheme: dynamic | group:N | static); None is quantize's default, static.
     """
 
     scheme: str = "w8a16"
@@ -46,6 +49,7 @@ class QuantizeOptions:
     layers: str | None = None
     gelu: str | None = None
     force: bool = False
+    activations: str | None = None
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -55,6 +59,11 @@ class QuantizeOptions:
             parse_method(self.method)
         if self.smooth is not None:
             check_alpha(self.smooth)
+        if self.activations is not None:
+            if self.scheme != "w8a8":
+                raise OptionError(f"--activations sets w8a8's activation scales; {self.scheme} has none")
+            if ActivationScheme.parse(self.activations).kind != "static":
+                raise OptionError(f"--activations {self.activations}: quantize writes static activation scales only (so far)")
         if self.tokens is not None and self.tokens < 1:
             raise OptionError(f"--tokens must be at least 1; got {self.tokens}")
         if self.scheme == "w8a8" and self.granularity != "per-channel":
@@ -67,6 +76,13 @@ class QuantizeOptions:
             ) if value is not None]  # fmt: skip
             if given:
                 raise OptionError(f"{', '.join(given)} set activation scales, which w8a16 does not have; use --scheme w8a8")
+
+    @property
+    def activation_scheme(self) -> ActivationScheme | None:
+        """w8a8's activation scheme (None for w8a16)."""
+        if self.scheme != "w8a8":
+            return None
+        return ActivationScheme.parse(self.activations or "static")
 
     @property
     def group_size(self) -> int | None:

@@ -31,8 +31,8 @@ from calibration.quantize_weights import weight_error
 from calibration.quantized_file import FORMAT, FORMAT_VERSION, RECORD_KEY, scale_name, sha256_file
 from calibration.safetensors_stream import DTYPE_BYTES, tensor_bytes, write_stream
 from calibration.smooth import fold_into_weight
-from gelugemm_cli import __version__
 from kernels.quantized import QuantizedWeight
+from kernels.version import __version__
 
 WEIGHT_QUANT = "symmetric int8 in [-127, 127], round half to even, scale = absmax / 127"
 

@@ -54,10 +54,10 @@ from calibration.quantized_file import (
     resolve_source,
     sha256_file,
 )
-from gelugemm_cli import __version__
 from kernels.op import DTYPES, FLOAT_DTYPES, INT8_DTYPES, FusedMLP, MLPConfig, choose_backend
 from kernels.quantized import QuantizedWeight
-from kernels.reference import as_out_in
+from kernels.version import __version__
+from kernels.reference import as_out_in, eager_gelu
 
 GATE_METRIC = "rel_frobenius"
 GATE_REFERENCE = "fp16 path"
@@ -176,7 +176,7 @@ def torch_mlp(x, w1, b1, w2, b2, *, gelu: str, weight_layout: str, dtype: torch.
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     # Conv1D ([in, out]) weights are used through a transposed view: the same products.
     h = F.linear(cast(x), as_out_in(cast(w1), weight_layout), cast(b1))
-    h = F.gelu(h, approximate="none" if gelu == "erf" else "tanh")
+    h = eager_gelu(h, gelu)
     return F.linear(h, as_out_in(cast(w2), weight_layout), cast(b2))
 
 

@@ -1,3 +1,5 @@
 """gelugemm: quantize, validate and benchmark transformer GELU MLP layers."""
 
-__version__ = "0.1.0"
+from kernels.version import __version__
+
+__all__ = ["__version__"]

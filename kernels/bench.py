@@ -41,12 +41,13 @@ from kernels import peers
 from kernels.errors import BackendUnavailable, GelugemmError
 from kernels.op import FusedMLP, MLPConfig
 from kernels.reference import mlp_reference
+from kernels.schemes import GELU_FLAVOURS
+from kernels.version import __version__
 
 BENCH_DTYPES = ("fp16", "bf16", "w8a16", "w8a8")
 INT8_DTYPES = ("w8a16", "w8a8")
 ACTIVATION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ACTIVATION_BYTES = 2  # fp16 and bf16: x, biases and y of every row
-GELU_FLAVOURS = ("erf", "tanh")
 IMPLS = ("gelugemm",) + peers.PEERS
 DEFAULT_TOKENS = (1, 16, 128, 2048, 8192)
 QUICK_TOKENS = (1, 128, 2048)
@@ -380,7 +381,7 @@ def validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype)
     if not tokens or not all(isinstance(m, int) and m > 0 for m in tokens):
         raise GelugemmError(f"token counts must be positive integers; got {list(tokens)}")
     if gelu not in GELU_FLAVOURS:
-        raise GelugemmError(f"gelu must be erf or tanh; got {gelu!r}")
+        raise GelugemmError(f"gelu must be one of {', '.join(GELU_FLAVOURS)}; got {gelu!r}")
     if activation_dtype not in ACTIVATION_DTYPES:
         raise GelugemmError(f"activation dtype must be fp16 or bf16; got {activation_dtype!r}")
 
@@ -662,8 +663,6 @@ def _prepare(case: _Case, work: _Workloads, raise_errors: bool) -> None:
 def _run_info(device, ceilings, gelu, activation_dtype, warmup_ms, rep_ms, command, peer_names) -> RunInfo:
     import triton
 
-    from gelugemm_cli import __version__ as version  # also right when run from a checkout
-
     props = torch.cuda.get_device_properties(device)
     cublaslt = None
     if "cublaslt" in peer_names:
@@ -676,7 +675,7 @@ def _run_info(device, ceilings, gelu, activation_dtype, warmup_ms, rep_ms, comma
         torch=torch.__version__,
         triton=triton.__version__,
         cuda=torch.version.cuda,
-        gelugemm=version,
+        gelugemm=__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         ceilings=ceilings,
         gelu=gelu,

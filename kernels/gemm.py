@@ -27,10 +27,11 @@ import triton
 import triton.language as tl
 
 from kernels.errors import LaunchError
+from kernels.schemes import GELU_FLAVOURS
 from kernels.launch import device_capability, ensure_tma_allocator, interpreting, launch, num_programs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ACTIVATIONS = ("none", "erf", "tanh")
+ACTIVATIONS = ("none",) + GELU_FLAVOURS
 # At or below this many rows a GEMM is bound by reading its weight: use a decode path.
 DECODE_MAX_M = 16
 # The float decode kernel streams the weight once for up to this many rows (BLOCK_M up
@@ -92,6 +93,9 @@ def _gelu(x, ACTIVATION: tl.constexpr):
         # which equals x * sigmoid(2u); written with sigmoid because libdevice's tanh
         # does not run under the interpreter.
         x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACTIVATION == "quick":
+        # CLIP's quick GELU: x * sigmoid(1.702 x)
+        x = x * tl.sigmoid(1.702 * x)
     return x
 
 

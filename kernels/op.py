@@ -29,6 +29,7 @@ from kernels import reference
 from kernels.errors import BackendUnavailable, LaunchError
 from kernels.gemm import gemm_bias_act, triton_can_run, weight_shape
 from kernels.quantized import QuantizedWeight
+from kernels.schemes import GELU_FLAVOURS
 from kernels.w8a8 import quantize_activations, w8a8_linear
 from kernels.w8a16 import check_weight_scales, w8a16_linear
 
@@ -45,7 +46,8 @@ class MLPConfig:
 
     dtype: fp16 | bf16 | fp32 | w8a16 (int8 weights, float activations) |
         w8a8 (int8 weights and activations).
-    gelu: "erf" (exact) or "tanh" (the approximation GPT-2-style checkpoints use).
+    gelu: "erf" (exact), "tanh" (the approximation GPT-2-style checkpoints use) or
+        "quick" (CLIP's x * sigmoid(1.702 x)).
     weight_layout: "out_in" (nn.Linear, [out, in]) or "in_out" (Conv1D, [in, out]).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     allow_tf32: fp32 only: let the GEMMs use TF32 tensor cores.
@@ -65,7 +67,7 @@ class MLPConfig:
     def __post_init__(self):
         for name, value, allowed in (
             ("dtype", self.dtype, DTYPES),
-            ("gelu", self.gelu, reference.GELU_FLAVOURS),
+            ("gelu", self.gelu, GELU_FLAVOURS),
             ("weight_layout", self.weight_layout, reference.WEIGHT_LAYOUTS),
             ("backend", self.backend, BACKENDS),
             ("activation_dtype", self.activation_dtype, ("fp16", "bf16")),

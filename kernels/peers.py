@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.quantized import QuantizedWeight
+from kernels.reference import eager_gelu
 from kernels.reference import gelu as reference_gelu
 from kernels.reference import quantize_activation_reference
 
@@ -38,16 +39,12 @@ PEERS = FLOAT_PEERS + tuple(INT8_PEERS)
 INT_MM_MIN_ROWS = 32
 
 
-def _approximate(gelu: str) -> str:
-    return "tanh" if gelu == "tanh" else "none"
-
-
 # ---- float peers ------------------------------------------------------------------------
 
 
 def eager_mlp(x, w1, b1, w2, b2, gelu: str = "erf"):
     """The MLP as three torch calls, in x's dtype."""
-    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=_approximate(gelu)), w2, b2)
+    return F.linear(eager_gelu(F.linear(x, w1, b1), gelu), w2, b2)
 
 
 def cublaslt_mlp(x, w1, b1, w2, b2):
@@ -58,10 +55,8 @@ def cublaslt_mlp(x, w1, b1, w2, b2):
 
 def compiled_mlp(gelu: str = "erf"):
     """torch.compile of the eager MLP for one GELU flavour; compiles on its first call."""
-    approximate = _approximate(gelu)
-
     def mlp(x, w1, b1, w2, b2):
-        return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+        return F.linear(eager_gelu(F.linear(x, w1, b1), gelu), w2, b2)
 
     # dynamic=False: one specialised graph per token count, as a serving stack with fixed
     # batch shapes would compile it (and no switch to dynamic shapes on the second M).
@@ -138,7 +133,7 @@ def int_mm_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = 
     """
     xq, x_scale = quantize_activation_reference(x)  # scale [M]
     h = _int_mm(xq, q1).float() * x_scale[:, None] * q1.scale + b1.float()
-    h = F.gelu(h, approximate=_approximate(gelu))
+    h = eager_gelu(h, gelu)
     hq, h_scale = quantize_activation_reference(h, q1.output_scale)
     h_scale = h_scale.reshape(()) if q1.output_scale is not None else h_scale[:, None]
     y = _int_mm(hq, q2).float() * h_scale * q2.scale

@@ -16,8 +16,8 @@ import math
 import torch
 
 from kernels.quantized import QuantizedWeight
+from kernels.schemes import GELU_FLAVOURS
 
-GELU_FLAVOURS = ("erf", "tanh")
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -28,12 +28,25 @@ def gelu(x: torch.Tensor, flavour: str = "erf") -> torch.Tensor:
 
     erf:  0.5 * x * (1 + erf(x / sqrt(2)))                     (exact)
     tanh: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))  (GPT-2's approximation)
+    quick: x * sigmoid(1.702 x)                                 (CLIP's quick_gelu)
     """
     if flavour == "erf":
         return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
     if flavour == "tanh":
         return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    if flavour == "quick":
+        return x * torch.sigmoid(1.702 * x)
     raise ValueError(f"unknown GELU flavour {flavour!r}; expected one of {GELU_FLAVOURS}")
+
+
+def eager_gelu(x: torch.Tensor, flavour: str = "erf") -> torch.Tensor:
+    """GELU as models run it in eager torch, in x's dtype: F.gelu for erf and tanh, and
+    Hugging Face's QuickGELUActivation (x * sigmoid(1.702 x)) for quick."""
+    if flavour == "quick":
+        return x * torch.sigmoid(1.702 * x)
+    if flavour not in GELU_FLAVOURS:
+        raise ValueError(f"unknown GELU flavour {flavour!r}; expected one of {GELU_FLAVOURS}")
+    return torch.nn.functional.gelu(x, approximate="tanh" if flavour == "tanh" else "none")
 
 
 def as_out_in(w: torch.Tensor, weight_layout: str) -> torch.Tensor:

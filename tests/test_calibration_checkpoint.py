@@ -84,9 +84,11 @@ def test_asked_gelu_wins_over_config(tmp_path):
 
 
 def test_non_gelu_config_is_refused(tmp_path):
-    path = write_checkpoint(tmp_path / "m.safetensors", "vit", config={"hidden_act": "quick_gelu"})
-    with pytest.raises(CheckpointError, match="hidden_act='quick_gelu'.*--gelu"):
+    path = write_checkpoint(tmp_path / "m.safetensors", "vit", config={"hidden_act": "silu"})
+    with pytest.raises(CheckpointError, match="hidden_act='silu'.*--gelu"):
         find_mlps(path)
+    (tmp_path / "config.json").write_text('{"hidden_act": "quick_gelu"}')  # CLIP's: a GELU of its own
+    assert {layer.gelu for layer in find_mlps(path)} == {"quick"}
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         find_mlps(path)

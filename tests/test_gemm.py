@@ -47,7 +47,7 @@ def run_case(path, lead, k, n, dtype, layout, activation, with_bias=True):
     check_against_references(out, x, w, b, activation, layout)
 
 
-@pytest.mark.parametrize("activation", ["none", "erf", "tanh"])
+@pytest.mark.parametrize("activation", ["none", "erf", "tanh", "quick"])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,k,n", STRIDED_SHAPES)

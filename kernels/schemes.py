@@ -1,0 +1,147 @@
+"""The words every layer shares, each defined once: GELU flavours, weight layouts, weight
+granularity and w8a8 activation schemes.
+
+They are parsed once, where a value enters (a CLI flag, a checkpoint's config.json, a
+quantized file's record), carried as these small frozen types, and written back with
+`str()`, so the CLI, the JSON reports, the file metadata and the op's config use one
+spelling:
+
+    Granularity.parse("group:128")        -> Granularity(group_size=128); str() "group:128"
+    ActivationScheme.parse("dynamic")     -> per-token scales computed at run time
+    WeightLayout.parse("in_out")          -> WeightLayout.IN_OUT (a str: == "in_out" holds)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from kernels.errors import GelugemmError
+
+# erf: 0.5 x (1 + erf(x / sqrt 2)), the exact GELU. tanh: GPT-2's approximation,
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). quick: CLIP's x * sigmoid(1.702 x).
+GELU_FLAVOURS = ("erf", "tanh", "quick")
+
+# An activation name as Hugging Face configs write it (hidden_act, hidden_activation,
+# activation_function, activation, feed_forward_proj) -> the GELU flavour it computes.
+HIDDEN_ACT_GELU = {
+    "gelu": "erf",
+    "gelu_python": "erf",
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+    "gelu_accurate": "tanh",
+    "quick_gelu": "quick",
+}
+
+
+class SchemeError(GelugemmError, ValueError):
+    """A layout, granularity or activation scheme spelled in a way gelugemm does not know."""
+
+
+class WeightLayout(str, enum.Enum):
+    """How a linear's weight is stored: nn.Linear's [out, in] or GPT-2 Conv1D's [in, out]."""
+
+    OUT_IN = "out_in"
+    IN_OUT = "in_out"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: str | WeightLayout) -> WeightLayout:
+        try:
+            return cls(value)
+        except ValueError:
+            raise SchemeError(f"weight_layout must be 'out_in' or 'in_out', got {value!r}") from None
+
+
+def _positive_group(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise SchemeError(f"{what}: group:N needs a positive integer N, got 'group:{text}'")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Weight scales: one per output channel (group_size None), or one per group of
+    `group_size` input channels along K (the field's W8A16 preset uses 128)."""
+
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise SchemeError(f"group_size must be a positive int or None, got {self.group_size!r}")
+
+    @classmethod
+    def parse(cls, value: str | Granularity | None) -> Granularity:
+        """"per-channel" or "group:N" (None and a Granularity pass through)."""
+        if isinstance(value, Granularity):
+            return value
+        if value in (None, "per-channel"):
+            return cls(None)
+        name, sep, size = str(value).partition(":")
+        if name == "group" and sep:
+            return cls(_positive_group(size, "granularity"))
+        raise SchemeError(f"granularity must be per-channel or group:N, got {value!r}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size is None
+
+    def __str__(self) -> str:
+        return "per-channel" if self.group_size is None else f"group:{self.group_size}"
+
+
+PER_CHANNEL = Granularity(None)
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How w8a8 scales its two int8 GEMM inputs, x and the GELU output h.
+
+    dynamic   one scale per token (row), its absmax over all columns, computed at run
+              time (compressed-tensors strategy "token", dynamic)
+    group:N   one scale per token per N columns, computed at run time ("group", dynamic)
+    static    one calibrated scale per tensor, stored in the file ("tensor", static)
+    """
+
+    kind: str = "dynamic"
+    group_size: int | None = None
+
+    KINDS = ("dynamic", "group", "static")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise SchemeError(f"activations must be dynamic, group:N or static, got {self.kind!r}")
+        if (self.kind == "group") != (self.group_size is not None):
+            raise SchemeError("activations group:N needs a group size, and only it has one")
+
+    @classmethod
+    def parse(cls, value: str | ActivationScheme) -> ActivationScheme:
+        """"dynamic", "static" or "group:N"."""
+        if isinstance(value, ActivationScheme):
+            return value
+        if value in ("dynamic", "static"):
+            return cls(value)
+        name, sep, size = str(value).partition(":")
+        if name == "group" and sep:
+            return cls("group", _positive_group(size, "activations"))
+        raise SchemeError(f"activations must be dynamic, group:N or static, got {value!r}")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Scales computed at run time (no calibration data needed)."""
+        return self.kind != "static"
+
+    @property
+    def strategy(self) -> str:
+        """The compressed-tensors QuantizationStrategy of these activations."""
+        return {"dynamic": "token", "group": "group", "static": "tensor"}[self.kind]
+
+    def __str__(self) -> str:
+        return self.kind if self.kind != "group" else f"group:{self.group_size}"
+
+
+DYNAMIC = ActivationScheme("dynamic")
+STATIC = ActivationScheme("static")
