@@ -42,7 +42,7 @@ def main():
     row("F.linear", lambda: F.linear(x, w1, b1))
     row("eager MLP (3 torch ops)", lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2))
     row("FusedMLP (2 launches)", lambda: op(x, w1, b1, w2, None))
-    from calibration.quantize_weights import quantize_weight
+    from kernels.int8 import quantize_weight
 
     q1, q2 = quantize_weight(w1.float()), quantize_weight(w2.float())
     q1.input_scale = torch.tensor([0.02], device="cuda")

@@ -1,7 +1,8 @@
 """Checkpoint reading, MLP discovery, observers, scales and int8 weight quantization.
 
     checkpoint.py          find_mlps, open_checkpoint, read_mlp: lazy reads, MLP naming families
-    quantize_weights.py    symmetric int8: quantize_weight (per channel / per group), weight_error
+    quantize_weights.py    weight_error: how far an int8 weight is from its float weight
+    model.py               load_mlps, swap_mlps: quantized MLPs as modules, put into a model
     observers.py           activation clipping: max, percentile:P, mse
     smooth.py              SmoothQuant scales, folded into W1
     data.py                calibration inputs: a --calib file or synthetic, calibrate/verify splits

@@ -16,7 +16,7 @@ import math
 import torch
 
 from calibration.errors import OptionError
-from calibration.quantize_weights import fake_quantize, scale_from_absmax
+from kernels.int8 import fake_quantize, scale_from_absmax
 
 METHODS = ("max", "percentile:P", "mse")
 MSE_GRID = 100

@@ -19,7 +19,7 @@ import torch
 from calibration.errors import OptionError
 from calibration.observers import activation_scale
 from calibration.options import SCHEMES
-from calibration.quantize_weights import fake_quantize, quantize_weight
+from kernels.int8 import fake_quantize, quantize_weight
 from calibration.smooth import fold_into_weight, smooth_scale
 from kernels.quantized import QuantizedWeight
 from kernels.reference import linear_reference

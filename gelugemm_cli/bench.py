@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gelugemm_cli.common import console, err_console, state, user_errors, write_json
+from calibration.model import checkpoint_shapes
 from kernels import peers
 from kernels.bench import (
     BENCH_DTYPES,
@@ -28,7 +29,6 @@ from kernels.bench import (
     BenchResult,
     BenchRow,
     MLPShape,
-    checkpoint_shapes,
     run_bench,
 )
 from kernels.errors import GelugemmError
@@ -309,7 +309,8 @@ def bench(
             require_matplotlib()
         shapes = list(DEFAULT_SHAPES)
         if checkpoint is not None:
-            shapes, gelu = checkpoint_shapes(checkpoint, gelu)
+            found, gelu = checkpoint_shapes(checkpoint, gelu)
+            shapes = [MLPShape(*s) for s in found]
         if shape:
             shapes = list(dict.fromkeys(parse_shape(s) for s in shape))
         gelu = gelu or "erf"

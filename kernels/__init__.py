@@ -2,7 +2,7 @@
 
 from kernels.errors import BackendUnavailable, GelugemmError, LaunchError
 from kernels.gemm import gemm_bias_act
-from kernels.module import FusedGeluMLP, SwapError, bert_mlp_path, load_mlp, load_mlps, swap_mlps
+from kernels.module import FusedGeluMLP
 from kernels.op import FusedMLP, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import gelu, mlp_reference, w8a8_mlp_reference, w8a16_mlp_reference
@@ -17,15 +17,10 @@ __all__ = [
     "LaunchError",
     "MLPConfig",
     "QuantizedWeight",
-    "SwapError",
-    "bert_mlp_path",
     "gelu",
     "gemm_bias_act",
-    "load_mlp",
-    "load_mlps",
     "mlp_reference",
     "quantize_activations",
-    "swap_mlps",
     "w8a8_linear",
     "w8a8_mlp_reference",
     "w8a16_linear",

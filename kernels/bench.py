@@ -29,16 +29,13 @@ import functools
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
-from calibration.checkpoint import find_mlps
-from calibration.quantize_weights import quantize_weight
-from calibration.quantized_file import is_quantized_file, read_quantized
 from kernels import peers
 from kernels.errors import BackendUnavailable, GelugemmError
+from kernels.int8 import quantize_weight
 from kernels.op import FusedMLP, MLPConfig
 from kernels.reference import mlp_reference
 from kernels.schemes import GELU_FLAVOURS
@@ -130,21 +127,6 @@ def relerr_limit(dtype: str, impl: str, activation_dtype: str = "fp16") -> float
     if dtype == "w8a8" and impl in ("gelugemm", "int_mm"):
         return RELERR_LIMITS["w8a8"]
     return RELERR_LIMITS[activation_dtype if dtype in INT8_DTYPES else dtype]
-
-
-# ---- shapes from a checkpoint ------------------------------------------------------------------
-
-
-def checkpoint_shapes(path: str | Path, gelu: str | None = None) -> tuple[list[MLPShape], str]:
-    """(the distinct (d_model, d_ff) of a checkpoint's MLPs, their GELU flavour).
-
-    Found by calibration's discovery (a file quantize wrote: from its record). The flavour
-    is `gelu` where given, else what config.json or the model family says.
-    """
-    path = Path(path)
-    layers = read_quantized(path)[1] if is_quantized_file(path) else find_mlps(path, gelu=gelu)
-    shapes = sorted({MLPShape(layer.d_model, layer.d_ff) for layer in layers})
-    return shapes, gelu or layers[0].gelu
 
 
 # ---- timing ------------------------------------------------------------------------------------

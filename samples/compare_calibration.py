@@ -48,7 +48,7 @@ from calibration.options import QuantizeOptions  # noqa: E402
 from calibration.quantize import quantize_checkpoint  # noqa: E402
 from calibration.verify import torch_mlp, verify_checkpoint  # noqa: E402
 from capture_minilm import BATCH_LINES, CALIBRATE_FRACTION, installed_model_dir, mlp_inputs, subsample  # noqa: E402
-from kernels.module import load_mlps, swap_mlps  # noqa: E402
+from calibration.model import load_mlps, swap_mlps  # noqa: E402
 
 METHODS = ("max", "percentile:99.99", "mse")
 CALIBRATE_TOKENS, VERIFY_TOKENS, SEED = 1536, 512, 0  # capture_minilm.py's defaults

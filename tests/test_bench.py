@@ -38,7 +38,8 @@ from kernels.bench import (
 )
 from kernels.errors import GelugemmError
 from kernels.reference import mlp_reference, w8a8_mlp_reference
-from calibration.quantize_weights import quantize_weight
+from calibration.model import checkpoint_shapes
+from kernels.int8 import quantize_weight
 
 # The H100 ceilings in DESIGN.md (anchors-h100.json): bf16 808 TFLOP/s, int8 957 TOP/s, copy 3020 GB/s.
 H100 = Ceilings(matmul_tflops=807.856, int8_tops=956.736, copy_gbps=3019.997)
@@ -287,16 +288,16 @@ def test_run_bench_without_cuda_raises_a_gelugemm_error(monkeypatch):
 
 def test_checkpoint_shapes_deduplicated(tmp_path):
     path = write_checkpoint(tmp_path / "model.safetensors", "bert", n_layers=3, d_model=32, d_ff=128)
-    assert bench.checkpoint_shapes(path) == ([MLPShape(32, 128)], "erf")
+    assert checkpoint_shapes(path) == ([MLPShape(32, 128)], "erf")
 
 
 def test_checkpoint_gelu_from_family_config_or_asked(tmp_path):
     gpt2 = write_checkpoint(tmp_path / "gpt2.safetensors", "gpt2", n_layers=2, d_model=16, d_ff=64)
-    assert bench.checkpoint_shapes(gpt2) == ([MLPShape(16, 64)], "tanh")  # GPT-2's default
-    assert bench.checkpoint_shapes(gpt2, "erf")[1] == "erf"
+    assert checkpoint_shapes(gpt2) == ([MLPShape(16, 64)], "tanh")  # GPT-2's default
+    assert checkpoint_shapes(gpt2, "erf")[1] == "erf"
     (tmp_path / "bert").mkdir()
     bert = write_checkpoint(tmp_path / "bert" / "m.safetensors", "bert", config={"hidden_act": "gelu_new"})
-    assert bench.checkpoint_shapes(bert)[1] == "tanh"
+    assert checkpoint_shapes(bert)[1] == "tanh"
 
 
 def test_checkpoint_without_mlps_is_one_line(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from calibration.errors import OptionError
 from calibration.observers import activation_scale, clip_threshold, parse_method
-from calibration.quantize_weights import INT8_MAX, fake_quantize, scale_from_absmax
+from kernels.int8 import INT8_MAX, fake_quantize, scale_from_absmax
 from calibration.smooth import fold_into_weight, smooth_scale
 
 

@@ -1,16 +1,10 @@
-"""calibration/quantize_weights.py: symmetric int8 weights per channel and per group."""
+"""kernels/int8.py and calibration/quantize_weights.py: symmetric int8 weights per channel and per group."""
 
 import pytest
 import torch
 
-from calibration.quantize_weights import (
-    INT8_MAX,
-    SCALE_EPS,
-    fake_quantize,
-    quantize_int8,
-    quantize_weight,
-    weight_error,
-)
+from calibration.quantize_weights import weight_error
+from kernels.int8 import INT8_MAX, SCALE_EPS, fake_quantize, quantize_int8, quantize_weight
 
 # |W - q*s| <= s/2, up to the float32 rounding of W / s (values up to 127 carry an
 # absolute error near 127 * 2^-24 ~ 1e-5 of a step).

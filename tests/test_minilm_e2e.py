@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from calibration.bert import capture_mlp_inputs, encode, tokenize
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
-from kernels.module import FusedGeluMLP, load_mlps, swap_mlps
+from calibration.model import load_mlps, swap_mlps
+from kernels.module import FusedGeluMLP
 from test_bert import minilm_dir
 
 TEXT = Path(__file__).resolve().parent.parent / "samples" / "text.txt"

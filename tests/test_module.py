@@ -24,7 +24,8 @@ from calibration.quantized_file import load_quantized_mlp
 from checkpoints import write_checkpoint
 from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, rel_err
 from kernels.errors import GelugemmError
-from kernels.module import FusedGeluMLP, SwapError, bert_mlp_path, load_mlp, load_mlps, swap_mlps
+from calibration.model import SwapError, bert_mlp_path, load_mlp, load_mlps, swap_mlps
+from kernels.module import FusedGeluMLP
 from kernels.op import FLOAT_DTYPES, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import mlp_reference, w8a8_mlp_reference, w8a16_mlp_reference

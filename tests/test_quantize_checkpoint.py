@@ -16,7 +16,7 @@ from calibration.data import calibration_inputs
 from calibration.errors import CheckpointError, OptionError
 from calibration.options import QuantizeOptions
 from calibration.quantize import default_output, quantize_checkpoint
-from calibration.quantize_weights import fake_quantize
+from kernels.int8 import fake_quantize
 from calibration.quantized_file import (
     RECORD_KEY,
     is_quantized_file,
