@@ -42,9 +42,9 @@ def _gelu_erf(x):
 
 @triton.jit
 def _w8a16_gemm(x_ptr, w_ptr, c_ptr, scale_ptr, bias_ptr, M, N, K,
-                SWAP_AB: tl.constexpr, GROUPED: tl.constexpr, G: tl.constexpr, GELU: tl.constexpr,
+                SWAP_AB: tl.constexpr, MAGIC: tl.constexpr, GROUPED: tl.constexpr, G: tl.constexpr, GELU: tl.constexpr,
                 NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):  # fmt: skip
+                GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WS: tl.constexpr = False):  # fmt: skip
     # x [M, K] fp16, w int8 [N, K] (nn.Linear layout), scale [N] or [N, K // G] float32.
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
@@ -52,7 +52,7 @@ def _w8a16_gemm(x_ptr, w_ptr, c_ptr, scale_ptr, bias_ptr, M, N, K,
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WS):
         # grouped order over (m, n); GROUP_M row blocks share a band of the weight in L2
         group = GROUP_M * num_pid_n
         first_m = (tile_id // group) * GROUP_M
@@ -69,7 +69,14 @@ def _w8a16_gemm(x_ptr, w_ptr, c_ptr, scale_ptr, bias_ptr, M, N, K,
         for ki in range(k_tiles):
             x = x_desc.load([off_m, ki * BLOCK_K])
             q = w_desc.load([off_n, ki * BLOCK_K])  # [BLOCK_N, BLOCK_K] int8
-            if GROUPED:
+            if MAGIC:
+                # int8 -> fp16 without the converter: the fp16 with bits 0x6480 + q is 1152 + q
+                # exactly (exponent of 1024, q + 128 in the mantissa); subtract 1152
+                w = (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+                if GROUPED:
+                    s = tl.load(scale_ptr + offs_n * (K // G) + (ki * BLOCK_K) // G)
+                    w = w * s.to(tl.float16)[:, None]
+            elif GROUPED:
                 s = tl.load(scale_ptr + offs_n * (K // G) + (ki * BLOCK_K) // G)
                 w = (q.to(tl.float32) * s[:, None]).to(tl.float16)
             else:
@@ -107,6 +114,10 @@ CONFIGS = {
     "swap-ab": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, FLATTEN=True),
     "swap-ab-n256": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, FLATTEN=True),
     "swap-ab-m64": dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, FLATTEN=True),
+    "swap-ab-magic": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, FLATTEN=True),
+    "swap-ab-n256-magic": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, FLATTEN=True),
+    "swap-ab-n256-magic-ws": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4,
+                                  FLATTEN=False, WS=True),
 }
 
 
@@ -115,7 +126,8 @@ def w8a16(x, q, scale, bias, out, *, grouped, gelu, variant):
     m, k = x.shape
     n = q.shape[0]
     grid = (min(SMS, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
-    _w8a16_gemm[grid](x, q, out, scale, bias, m, n, k, SWAP_AB=variant.startswith("swap"), GROUPED=grouped, G=GROUP,
+    _w8a16_gemm[grid](x, q, out, scale, bias, m, n, k, SWAP_AB=variant.startswith("swap"), MAGIC="magic" in variant,
+                      GROUPED=grouped, G=GROUP,
                       GELU=gelu, NUM_SMS=SMS, **cfg)  # fmt: skip
     return out
 
@@ -174,12 +186,13 @@ def main():
     if sys.argv[1:] == ["--cpu-check"]:
         DEVICE, SMS = "cpu", 4
         CONFIGS = {name: dict(cfg, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, num_stages=1, FLATTEN=False)
-                   for name, cfg in CONFIGS.items() if name in ("normal", "swap-ab")}  # fmt: skip
+                   for name, cfg in CONFIGS.items() if name in ("normal", "swap-ab", "swap-ab-magic")}  # fmt: skip
         run([(256, 512)], [40], list(CONFIGS), timed=False)
         return
     SMS = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | us, graph replays")
-    run([(4096, 16384)], [128, 512, 2048, 8192], list(CONFIGS), timed=True)
+    variants = [v for v in CONFIGS if v not in ("swap-ab-m64", "swap-ab-n256")] if len(sys.argv) < 2 else sys.argv[1:]
+    run([(4096, 16384)], [128, 2048, 8192], variants, timed=True)
 
 
 if __name__ == "__main__":
