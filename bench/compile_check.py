@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.int8 import SCALE_EPS
 
 from kernels import gemm, int8_gemm, w8a8
 from kernels.launch import _heuristic_layers, _innermost
@@ -118,7 +119,7 @@ def int8_cases():
     quantize_types = {"x_ptr": "*fp16", "q_ptr": "*i8", "scale_ptr": "*fp32", "smooth_ptr": "*fp32",
                       **_ints("K", "stride_xm", "stride_xk", "stride_qm")}  # fmt: skip
     for dynamic, smooth in itertools.product([True, False], [True, False]):
-        cx = dict(DYNAMIC=dynamic, HAS_SMOOTH=smooth, MIN_ABSMAX=1e-12, BLOCK_K=1024)
+        cx = dict(DYNAMIC=dynamic, HAS_SMOOTH=smooth, SCALE_EPS=SCALE_EPS, BLOCK_K=1024)
         yield w8a8._quantize_rows_kernel, quantize_types, cx, triton.Config({}, num_warps=4), f"dynamic={dynamic} smooth={smooth}"
 
 

@@ -9,13 +9,13 @@ The MLP runs as three launches, and every tensor between them is int8:
 
 Quantization is symmetric, q = round_half_even(clamp(v * (1 / scale), -127, 127)) in
 float32 with the reciprocal correctly rounded: kernels/int8.py's definition, which the
-reference uses too, so a kernel and its reference agree bit for bit
+reference and calibration use too, so a kernel and its reference agree bit for bit
 except where a float32 op-order difference (an fma, the erf implementation) moves a
 value across a rounding tie.
 
 - `_quantize_rows_kernel`: one program per row of x. Dynamic: a first pass over the
-  row finds absmax (after the SmoothQuant division), scale = max(absmax, 1e-12) / 127;
-  the second pass quantizes. Static: one pass with the calibrated scale.
+  row finds absmax (after the SmoothQuant division), scale = max(absmax / 127,
+  SCALE_EPS); the second pass quantizes. Static: one pass with the calibrated scale.
 - The GEMMs are kernels/int8_gemm.py's (decode, persistent TMA, strided) with an int8
   input: int8 x int8 tensor-core dots with int32 accumulation (split-K partials added
   in int32 too); the epilogue computes acc * x_scale[m] * w_scale[n] + bias in float32,
@@ -33,10 +33,10 @@ import triton.language as tl
 
 from kernels.errors import LaunchError
 from kernels.gemm_base import INT8_MAX_F32, output_buffer, round_to_int8, triton_can_run
+from kernels.int8 import SCALE_EPS
 from kernels.int8_gemm import int8_weight_gemm
 from kernels.launch import interpreting, launch
 from kernels.quantized import QuantizedWeight
-from kernels.reference import MIN_ABSMAX
 from kernels.schemes import FLOAT_DTYPES, WeightLayout
 
 
@@ -69,7 +69,7 @@ def _load_smoothed(row_ptr, smooth_ptr, offs_k, K, stride_xk, HAS_SMOOTH: tl.con
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, smooth_ptr,
     K, stride_xm, stride_xk, stride_qm,
-    DYNAMIC: tl.constexpr, HAS_SMOOTH: tl.constexpr, MIN_ABSMAX: tl.constexpr, BLOCK_K: tl.constexpr,
+    DYNAMIC: tl.constexpr, HAS_SMOOTH: tl.constexpr, SCALE_EPS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
@@ -79,8 +79,9 @@ def _quantize_rows_kernel(
         absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             absmax = tl.maximum(absmax, tl.abs(_load_smoothed(x_row, smooth_ptr, k0 + offs, K, stride_xk, HAS_SMOOTH)))
-        # scale = max(absmax, MIN_ABSMAX) / 127: finite and non-zero for an all-zero row
-        scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), MIN_ABSMAX), INT8_MAX_F32)
+        # scale = max(absmax / 127, SCALE_EPS): kernels/int8.py's scale_from_absmax, finite
+        # and non-zero for an all-zero row
+        scale = tl.maximum(tl.math.div_rn(tl.max(absmax, axis=0), INT8_MAX_F32), SCALE_EPS)
         tl.store(scale_ptr + row, scale)
     else:
         scale = tl.load(scale_ptr)
@@ -134,7 +135,7 @@ def quantize_activations(
         block_k = 32 if interpreting() else min(triton.next_power_of_2(k), 4096)
         args = (x2, q, scale, smooth_scale if smooth_scale is not None else scale, k, x2.stride(0), x2.stride(1), q.stride(0))
         constexprs = dict(
-            DYNAMIC=dynamic, HAS_SMOOTH=smooth_scale is not None, MIN_ABSMAX=MIN_ABSMAX, BLOCK_K=block_k,
+            DYNAMIC=dynamic, HAS_SMOOTH=smooth_scale is not None, SCALE_EPS=SCALE_EPS, BLOCK_K=block_k,
             num_warps=8 if block_k >= 2048 else 4,
         )  # fmt: skip
         key = (x.dtype, m, k, x2.stride(0), x2.stride(1), dynamic, smooth_scale is not None)
