@@ -79,7 +79,7 @@ def _paths(kernels):
 
 
 def float_cases():
-    for kernel, strided, decode in _paths(gemm._KERNELS):
+    for kernel, strided, decode in _paths(gemm._GEMM.kernels):
         base = dict(HAS_BIAS=True, ACTIVATION="erf", GROUP_K=0, DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)
         if not strided:
             base.update(B_IS_NK=True, NUM_SMS=132)
@@ -98,7 +98,7 @@ def float_cases():
 
 
 def int8_cases():
-    for kernel, strided, decode in _paths(int8_gemm._KERNELS):
+    for kernel, strided, decode in _paths(int8_gemm._GEMM.kernels):
         # (activation dtype, output dtype, group size): w8a16 per channel and per group,
         # w8a8 GEMM1 (int8 out) and GEMM2 (fp16 out)
         for a_dtype, out_dtype, group in (("fp16", "fp16", 0), ("i8", "i8", 0), ("i8", "fp16", 0), ("bf16", "bf16", 128), ("fp16", "fp16", 32)):
