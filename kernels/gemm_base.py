@@ -25,18 +25,21 @@ What each operand type does inside them:
     int8     int8     int8 x int8, int32 acc       * a_scale[m] * w_scale[n], + bias, GELU;
                                                    int8 out: requantize with c_scale
 
-The steps live in small jitted helpers (`_weight_tile`: a loaded weight tile -> the tile
-the dot takes; `_epilogue`: accumulator -> stored values) so an operand type with other
-scales (a per-(row, K-group) A scale promoted into a float32 accumulator per K block, A
-quantized as it is loaded, an epilogue that also writes a row absmax or per-block scales,
-a second weight tile for a gated GEMM) is a new branch there and a new constexpr, not a
-new kernel.
+The weight tile the dot takes (`_weight_tile`) and the epilogue (`_epilogue`, which
+sees the tile's rows and columns) are small jitted helpers shared by the three kernels,
+so the next operand types are branches on new constexprs there, not new kernels: a
+per-(row, K-group) A scale (an int32 partial per K block promoted into the float32
+accumulator inside the K loop), A quantized per row as it is loaded (a step after the A
+load), an epilogue that also writes a row absmax (atomic max) or per-(row, column
+block) scales, a gated GEMM1 (a second weight descriptor and accumulator beside the
+first, GELU(gate) * up in the epilogue).
 
 Host side, written once for every scheme: configs keyed by the row count's bucket and
-pruned to what fits (`gemm_kernels` builds a scheme's three autotuned kernels from its
-config tables), the TMA / strided / decode decision, grids, the split-K workspace, and
-`GemmPlan`: how one call signature launches, kept by the launchers so a repeated call
-skips every check and launches the compiled kernel directly (kernels/launch.py's slot).
+pruned to the scheme's table and to what fits (`gemm_kernels` builds a scheme family's
+three autotuned kernels from its tables), the TMA / strided / decode decision, grids, the
+split-K workspace, and `GemmLauncher`, which keeps one `GemmPlan` per call signature so
+a repeated call skips every check and launches the compiled kernel directly
+(kernels/launch.py's slot).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ scheme at compile time:
 The kernels are kernels/gemm_base.py's (decode for M <= 16 = INT8_DECODE_MAX_M, the
 persistent TMA kernel, the strided fallback: TMA needs 16-byte aligned rows, K % 16 == 0
 for an int8 [.., K] operand, % 8 for fp16/bf16); this module holds the configs they are
-tuned over for each scheme and `int8_weight_gemm`, the launcher both schemes call, with
-one cached launch plan per call signature as kernels/gemm.py keeps for float.
+tuned over for each scheme and `int8_weight_gemm`, the launcher both schemes call; the
+base's GemmLauncher keeps one launch plan per call signature, for int8 as for float.
 """
 
 from __future__ import annotations
