@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.int8 import expand_scale
-from kernels.quantized import QuantizedWeight
+from kernels.quantized import QuantizedWeight, expand_scale
 from kernels.reference import as_out_in
 
 
