@@ -34,6 +34,7 @@ from calibration.data import HELD_OUT_FRACTION, split_rows
 from calibration.errors import CheckpointError, ModelError, OptionError
 from calibration.hf import (
     HFModel,
+    Lines,
     default_max_length,
     image_batches,
     image_files,
@@ -163,6 +164,105 @@ def _held_out(item_rows: list[int], rows: int, names: list[str]) -> dict:
     return {"rows": rows, "first_held_out_row": cut, "held_out_fraction": HELD_OUT_FRACTION, "first_whole_input": first_whole}
 
 
+@dataclass
+class Captured:
+    """What `capture_rows` kept: {fc1 prefix: [rows, d_model] float32} in layer order, and its facts."""
+
+    tensors: dict[str, torch.Tensor]
+    source_of: dict[str, str]  # fc1 prefix -> "text" or "images"
+    inputs: list[dict]
+    held_out: dict
+    not_reached: list[str]
+    notes: list[str]
+
+
+def capture_rows(
+    hf: HFModel,
+    *,
+    lines: Lines | None = None,
+    pictures: list[Path] | None = None,
+    max_length: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> Captured:
+    """Run a loaded model over text lines and/or images and keep what each MLP's fc1 reads,
+    real tokens only, in input order (at most `max_tokens` rows per MLP and input source)."""
+    notes = list(hf.notes)
+    sources = []  # (name, total items, batch iterator, item names, facts)
+    if lines is not None:
+        tokenizer = load_tokenizer(hf)
+        length = max_length or default_max_length(hf, tokenizer)
+        facts = {"kind": "text", "path": str(lines.path.resolve()), "sha256": sha256_file(lines.path), "lines": len(lines.texts), "max_length": length}
+        batches = text_batches(hf, lines, batch_size=batch_size, max_length=length, tokenizer=tokenizer)
+        sources.append(("text", len(lines.texts), batches, [f"line {n}" for n in lines.numbers], facts))
+    if pictures is not None:
+        processor = load_image_processor(hf)
+        facts = {"kind": "images", "path": str(pictures[0].parent.resolve()), "images": len(pictures)}
+        batches = image_batches(hf, pictures, batch_size=batch_size, processor=processor)
+        sources.append(("images", len(pictures), batches, [p.name for p in pictures], facts))
+
+    recorder = _Recorder(hf)
+    owner: dict[str, str] = {}  # fc1 prefix -> the source that reached it
+    inputs, held_out = [], {}
+    try:
+        for name, total, batches, item_names, facts in sources:
+            before = set(recorder.parts)
+            item_rows: list[int] = []
+            used, truncated = 0, 0
+            for batch in batches:
+                recorder.mask = batch.mask
+                hf.forward(batch, logits=False)
+                reached = [p for p in recorder.parts if p not in before]
+                if not reached:
+                    break
+                owner.update({p: name for p in reached})
+                if batch.mask is not None:
+                    per_item = batch.mask.sum(1).tolist()
+                else:  # images: every patch of every image
+                    per_item = [recorder.parts[reached[0]][-1].shape[0] // len(batch.items)] * len(batch.items)
+                item_rows += per_item
+                used += len(batch.items)
+                truncated += batch.truncated
+                if progress is not None:
+                    progress(used, total, f"{name}: {used}/{total}")
+                if max_tokens is not None and min(recorder.rows(p) for p in reached) >= max_tokens:
+                    break
+            if not item_rows:
+                notes.append(f"no MLP of the checkpoint ran on the {name}")
+                continue
+            rows = sum(item_rows) if max_tokens is None else min(sum(item_rows), max_tokens)
+            facts = {**facts, "used": sum(1 for start in _starts(item_rows) if start < rows), "rows": rows}
+            if name == "text":
+                facts["truncated_lines"] = truncated
+                if truncated:
+                    notes.append(f"{truncated} line(s) longer than {facts['max_length']} tokens were truncated (--max-length)")
+            inputs.append(facts)
+            if rows >= 2:
+                held_out[name] = _held_out(item_rows, rows, item_names)
+    finally:
+        recorder.remove()
+
+    tensors = {}
+    by_prefix = {layer.fc1: layer for layer in hf.layers}
+    for prefix, parts in recorder.parts.items():
+        rows = held_out.get(owner[prefix], {}).get("rows")
+        x = torch.cat(parts)[:rows].contiguous()
+        if x.shape[1] != by_prefix[prefix].d_model:
+            raise ModelError(f"{prefix} read rows of width {x.shape[1]}; the checkpoint's MLP has d_model {by_prefix[prefix].d_model}")
+        if x.shape[0] < 2:
+            raise ModelError(f"{prefix}: only {x.shape[0]} row captured; calibration needs at least 2 (one per split)")
+        tensors[prefix] = x
+    if not tensors:
+        raise ModelError(f"no MLP of {hf.directory} ran on the inputs given")
+    tensors = {layer.fc1: tensors[layer.fc1] for layer in hf.layers if layer.fc1 in tensors}  # layer order
+    not_reached = [layer.fc1 for layer in hf.layers if layer.fc1 not in tensors]
+    if not_reached:
+        want = "images (--images DIR)" if hf.kind == "dual" and pictures is None else "other inputs"
+        notes.append(f"{len(not_reached)} MLP(s) read nothing ({not_reached[0]}, ...): they need {want}")
+    return Captured(tensors, {p: owner[p] for p in tensors}, inputs, held_out, not_reached, notes)
+
+
 def calibrate_model(
     model_dir: str | Path,
     output: str | Path,
@@ -192,85 +292,13 @@ def calibrate_model(
     lines = read_lines(text) if text is not None else None
     pictures = image_files(images) if images is not None else None
     hf = load_model(model_dir, device, layers=layers)
-    notes = list(hf.notes)
-
-    sources = []  # (name, total items, batch iterator, item names, facts)
-    if lines is not None:
-        tokenizer = load_tokenizer(hf)
-        length = max_length or default_max_length(hf, tokenizer)
-        facts = {"kind": "text", "path": str(lines.path.resolve()), "sha256": sha256_file(lines.path), "lines": len(lines.texts), "max_length": length}
-        batches = text_batches(hf, lines, batch_size=batch_size, max_length=length, tokenizer=tokenizer)
-        sources.append(("text", len(lines.texts), batches, [f"line {n}" for n in lines.numbers], facts))
-    if pictures is not None:
-        processor = load_image_processor(hf)
-        facts = {"kind": "images", "path": str(Path(images).resolve()), "images": len(pictures)}
-        batches = image_batches(hf, pictures, batch_size=batch_size, processor=processor)
-        sources.append(("images", len(pictures), batches, [p.name for p in pictures], facts))
-
-    recorder = _Recorder(hf)
-    owner: dict[str, str] = {}  # fc1 prefix -> the source that reached it
-    inputs, held_out = [], {}
-    try:
-        for name, total, batches, item_names, facts in sources:
-            before = set(recorder.parts)
-            item_rows: list[int] = []
-            used, truncated = 0, 0
-            for batch in batches:
-                recorder.mask = batch.mask
-                hf.forward(batch, logits=False)
-                reached = [p for p in recorder.parts if p not in before]
-                if not reached:
-                    break
-                owner.update({p: name for p in reached})
-                per_item = batch.mask.sum(1).tolist() if batch.mask is not None else None
-                if per_item is None:  # images: every patch of every image
-                    rows_now = recorder.parts[reached[0]][-1].shape[0]
-                    per_item = [rows_now // len(batch.items)] * len(batch.items)
-                item_rows += per_item
-                used += len(batch.items)
-                truncated += batch.truncated
-                if progress is not None:
-                    progress(used, total, f"{name}: {used}/{total}")
-                if max_tokens is not None and min(recorder.rows(p) for p in reached) >= max_tokens:
-                    break
-            if not item_rows:
-                notes.append(f"no MLP of the checkpoint ran on the {name}")
-                continue
-            rows = sum(item_rows) if max_tokens is None else min(sum(item_rows), max_tokens)
-            kept_items = sum(1 for i, start in enumerate(_starts(item_rows)) if start < rows)
-            facts = {**facts, "used": kept_items, "rows": rows}
-            if name == "text":
-                facts["truncated_lines"] = truncated
-                if truncated:
-                    notes.append(f"{truncated} line(s) longer than {facts['max_length']} tokens were truncated (--max-length)")
-            inputs.append(facts)
-            if rows >= 2:
-                held_out[name] = _held_out(item_rows, rows, item_names)
-    finally:
-        recorder.remove()
-
-    tensors = {}
-    by_prefix = {layer.fc1: layer for layer in hf.layers}
-    for prefix, parts in recorder.parts.items():
-        rows = held_out.get(owner[prefix], {}).get("rows")
-        x = torch.cat(parts)[:rows].contiguous()
-        if x.shape[1] != by_prefix[prefix].d_model:
-            raise ModelError(f"{prefix} read rows of width {x.shape[1]}; the checkpoint's MLP has d_model {by_prefix[prefix].d_model}")
-        if x.shape[0] < 2:
-            raise ModelError(f"{prefix}: only {x.shape[0]} row captured; calibration needs at least 2 (one per split)")
-        tensors[prefix] = x
-    if not tensors:
-        raise ModelError(f"no MLP of {hf.directory} ran on the inputs given")
-    tensors = {layer.fc1: tensors[layer.fc1] for layer in hf.layers if layer.fc1 in tensors}  # layer order
-    not_reached = [layer.fc1 for layer in hf.layers if layer.fc1 not in tensors]
-    if not_reached:
-        want = "images (--images DIR)" if hf.kind == "dual" and pictures is None else "other inputs"
-        notes.append(f"{len(not_reached)} MLP(s) read nothing ({not_reached[0]}, ...): they need {want}")
-
+    got = capture_rows(
+        hf, lines=lines, pictures=pictures, max_length=max_length, max_tokens=max_tokens, batch_size=batch_size, progress=progress
+    )
     captured = []
-    for prefix, x in tensors.items():
+    for prefix, x in got.tensors.items():
         absmax, channel = x.abs().max(dim=0).values.max(dim=0)
-        captured.append(CapturedLayer(prefix, owner[prefix], x.shape[0], x.shape[1], absmax.item(), channel.item()))
+        captured.append(CapturedLayer(prefix, got.source_of[prefix], x.shape[0], x.shape[1], absmax.item(), channel.item()))
     record = {
         "format": FORMAT,
         "version": __version__,
@@ -279,17 +307,17 @@ def calibrate_model(
         "kind": hf.kind,
         "captured": CAPTURED,
         "dtype": "float32",
-        "inputs": inputs,
-        "held_out": held_out,
+        "inputs": got.inputs,
+        "held_out": got.held_out,
         "rows": {layer.fc1: layer.rows for layer in captured},
         "batch_size": batch_size,
         "max_tokens": max_tokens,
     }
-    size = _write(output, tensors, record)
+    size = _write(output, got.tensors, record)
     return CalibrateReport(
-        model=str(hf.directory), kind=hf.kind, output=str(output), device=str(hf.device), inputs=inputs,
-        batch_size=batch_size, max_tokens=max_tokens, layers=captured, not_reached=not_reached, held_out=held_out,
-        output_bytes=size, notes=notes, seconds=time.perf_counter() - started, record=record,
+        model=str(hf.directory), kind=hf.kind, output=str(output), device=str(hf.device), inputs=got.inputs,
+        batch_size=batch_size, max_tokens=max_tokens, layers=captured, not_reached=got.not_reached, held_out=got.held_out,
+        output_bytes=size, notes=got.notes, seconds=time.perf_counter() - started, record=record,
     )  # fmt: skip
 
 
