@@ -334,7 +334,7 @@ def evaluate_quantized(
     scheme = schemes[0] if len(schemes) == 1 else ",".join(schemes)
     for module in mlps.values():
         module.to(hf.device)
-    swaps = plan_swaps(hf.model, mlps)
+    swaps = plan_swaps(hf.model, mlps, linears=hf.linears)
     first = next(iter(mlps.values()))
     missing = [layer.fc1 for layer in hf.layers if layer.fc1 not in mlps]
     if missing:

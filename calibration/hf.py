@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from calibration.checkpoint import MLPLayer, find_mlps
+from calibration.checkpoint import MLPLayer, find_mlps, open_checkpoint
 from calibration.errors import ModelError, OptionError
 from calibration.model import SwapError, module_path
 
@@ -105,11 +105,11 @@ class HFModel:
     kind: str
     device: torch.device
     layers: list[MLPLayer]  # the checkpoint's MLPs (find_mlps)
-    fc1_paths: dict[str, str]  # fc1 prefix -> module path in `model`
+    linears: dict[str, tuple[str, str]]  # fc1 prefix -> (fc1, fc2 module paths in `model`)
     notes: list[str] = field(default_factory=list)
 
     def fc1_modules(self) -> dict[str, nn.Module]:
-        return {prefix: self.model.get_submodule(path) for prefix, path in self.fc1_paths.items()}
+        return {prefix: self.model.get_submodule(fc1) for prefix, (fc1, _) in self.linears.items()}
 
     def _tower(self, source: str) -> nn.Module:
         """The module a batch of this source runs through."""
@@ -188,12 +188,65 @@ def load_model(model_dir: str | Path, device: str | torch.device | None = None, 
     if unused:
         notes.append(f"{len(unused)} weight(s) of {type(model).__name__} not in the checkpoint and not used here: {', '.join(unused[:3])}")
     model = model.to(device).eval()
+    linears = linear_paths(model, found, model_dir)
+    return HFModel(model_dir, model, config, model_kind(model, causal, config), device, found, linears, notes)
+
+
+def _stored_rows(model_dir: Path, name: str) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(shape, first and last rows) of a checkpoint tensor, read lazily (one file, or the
+    shard a model.safetensors.index.json names)."""
+    single = model_dir / "model.safetensors"
+    path = single
+    if not single.is_file():
+        index = model_dir / "model.safetensors.index.json"
+        try:
+            path = model_dir / json.loads(index.read_text())["weight_map"][name]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{model_dir}: cannot find the shard holding {name} ({exc})") from None
+    with open_checkpoint(path) as handle:
+        sl = handle.get_slice(name)
+        shape = tuple(sl.get_shape())
+        return shape, torch.cat([sl[0:1], sl[shape[0] - 1 : shape[0]]]).to(torch.float32)
+
+
+def _by_weights(model: nn.Module, model_dir: Path, name: str) -> str:
+    """The module whose `weight` holds the checkpoint tensor `name` (same or transposed layout)."""
+    shape, rows = _stored_rows(model_dir, name)
+    found = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        w = weight.detach()
+        if tuple(w.shape) == shape:
+            got = torch.cat([w[0:1], w[-1:]])
+        elif tuple(w.shape[::-1]) == shape:
+            got = torch.stack([w[:, 0], w[:, -1]])  # the stored tensor's first and last rows
+        else:
+            continue
+        if torch.equal(got.to("cpu", torch.float32), rows):
+            found.append(path)
+    if len(found) != 1:
+        what = "no module" if not found else f"{len(found)} modules ({', '.join(found[:3])})"
+        raise ModelError(f"{model_dir}: {name} is not a module name of {type(model).__name__}, and {what} of it holds that weight")
+    return found[0]
+
+
+def linear_paths(model: nn.Module, layers: list[MLPLayer], model_dir: Path) -> dict[str, tuple[str, str]]:
+    """{fc1 prefix: (fc1 module path, fc2 module path)} in `model`: the checkpoint's own names
+    (with the base-model prefix added or removed), else the module holding the same weight,
+    for model classes that rename their checkpoint's tensors on load (transformers 5's ViT)."""
     modules = dict(model.named_modules())
-    try:
-        fc1_paths = {layer.fc1: module_path(model, layer.fc1, modules) for layer in found}
-    except SwapError as exc:
-        raise ModelError(f"{model_dir}: {exc}") from None
-    return HFModel(model_dir, model, config, model_kind(model, causal, config), device, found, fc1_paths, notes)
+    found = {}
+    for layer in layers:
+        paths = []
+        for prefix, weight in ((layer.fc1, layer.w1), (layer.fc2, layer.w2)):
+            try:
+                paths.append(module_path(model, prefix, modules))
+            except SwapError:
+                paths.append(_by_weights(model, model_dir, weight))
+        found[layer.fc1] = (paths[0], paths[1])
+    return found
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

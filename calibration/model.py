@@ -290,6 +290,7 @@ def plan_swaps(
     mlps: Mapping[str, nn.Module],
     *,
     find: Callable[[str], str] | Mapping[str, str] | None = None,
+    linears: Mapping[str, tuple[str, str]] | None = None,
 ) -> Swaps:
     """Where each MLP of `mlps` ({fc1 prefix: module}) goes in `model`, checked, nothing replaced yet.
 
@@ -297,12 +298,19 @@ def plan_swaps(
         model, or any model named like its checkpoint) and picks the seam as described above.
         A function or dict {fc1 prefix: module path} instead names the module each MLP replaces
         whole (the MLP submodule holding fc1, the GELU and fc2).
+    linears: {fc1 prefix: (fc1 module path, fc2 module path)} where the caller has matched
+        them already (`calibration.hf` does, by weights, where a model class renames its
+        checkpoint's tensors); the seam is then picked from those modules.
     Raises SwapError, before anything is replaced, when a prefix has no home or the sizes differ.
     """
     modules = dict(model.named_modules())
     seams = []
     for prefix, new in mlps.items():
-        if find is None:
+        if find is None and linears is not None and prefix in linears:
+            fc1_path, fc2_path = linears[prefix]
+            path, identities = find_seam(model, fc1_path, fc2_path)
+            fc1 = modules[fc1_path]
+        elif find is None:
             fc1_path = module_path(model, prefix, modules)
             fc2_path = module_path(model, _fc2_prefix(prefix), modules)
             path, identities = find_seam(model, fc1_path, fc2_path)
