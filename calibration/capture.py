@@ -190,6 +190,8 @@ def capture_rows(
     real tokens only, in input order (at most `max_tokens` rows per MLP and input source)."""
     notes = list(hf.notes)
     sources = []  # (name, total items, batch iterator, item names, facts)
+    for source in ["text"] * (lines is not None) + ["images"] * (pictures is not None):
+        hf.tower(source)  # the model takes this kind of input, or one clear error now
     if lines is not None:
         tokenizer = load_tokenizer(hf)
         length = max_length or default_max_length(hf, tokenizer)

@@ -347,6 +347,8 @@ def evaluate_quantized(
         pooling, pooling_from = pooling_modes(hf.directory)
         notes.append(f"pooling: {', '.join(pooling)} ({pooling_from})")
     sources = []
+    for source in ["text"] * (lines is not None) + ["images"] * (pictures is not None):
+        hf.tower(source)  # the model takes this kind of input, or one clear error now
     if lines is not None:
         tokenizer = load_tokenizer(hf)
         length = max_length or default_max_length(hf, tokenizer)

@@ -111,14 +111,15 @@ class HFModel:
     def fc1_modules(self) -> dict[str, nn.Module]:
         return {prefix: self.model.get_submodule(fc1) for prefix, (fc1, _) in self.linears.items()}
 
-    def _tower(self, source: str) -> nn.Module:
-        """The module a batch of this source runs through."""
+    def tower(self, source: str) -> nn.Module:
+        """The module a batch of this source ("text" or "images") runs through; ModelError where
+        the model takes no such input."""
         model = self.model
         if source == "images":
             if self.kind == "dual":
                 return model.vision_model
             if self.kind != "vision":
-                raise ModelError(f"{self.directory} is a {self.kind} model; it takes text (--text), not images")
+                raise ModelError(f"{self.directory} is {_a(self.kind)} model; it takes text (--text), not images")
             return model
         if self.kind == "vision":
             raise ModelError(f"{self.directory} is a vision model; it takes images (--images DIR), not text")
@@ -133,7 +134,7 @@ class HFModel:
         """The model's output on a batch: logits [B, T, vocab] for a causal LM (with `logits`),
         else the last hidden states [B, T, d]. A causal LM without `logits` runs its base model
         only (every MLP, no LM head)."""
-        tower = self._tower(batch.source)
+        tower = self.tower(batch.source)
         if self.kind == "causal-lm" and not logits:
             tower = self.model.base_model
         accepted = inspect.signature(tower.forward).parameters
@@ -143,6 +144,10 @@ class HFModel:
         if self.kind == "causal-lm" and logits:
             return out.logits
         return out.last_hidden_state
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def model_kind(model: nn.Module, causal: bool, config) -> str:

@@ -100,7 +100,7 @@ def _model(kind: str):
         return t.BloomModel(t.BloomConfig(vocab_size=len(VOCAB), hidden_size=WIDTH, n_layer=LAYERS, n_head=HEADS))
     if kind == "bart":
         config = t.BartConfig(
-            vocab_size=len(VOCAB), d_model=WIDTH, encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
+            vocab_size=len(VOCAB), d_model=WIDTH, encoder_layers=2, decoder_layers=1, encoder_attention_heads=HEADS,
             decoder_attention_heads=HEADS, encoder_ffn_dim=D_FF, decoder_ffn_dim=D_FF, max_position_embeddings=64,
             activation_function="gelu",
         )  # fmt: skip
