@@ -62,15 +62,17 @@ GATES = {
     "vision": ("hidden_rel_error", "max"),
     "dual": ("hidden_rel_error", "max"),
 }
-# Default limits per gate metric and scheme, each derived from measurements (README, "eval"):
-# all-MiniLM-L6-v2, quantized MLPs through the torch reference, 200 held-out lines
-# (bench/heldout.txt): w8a16 cosine min 0.99908, w8a8 (static, max observer) 0.969; last
-# hidden state error w8a16 0.019, w8a8 0.107. Limits leave about 2x the measured loss.
-# No real causal LM is available offline here: its KL limits follow from the same
-# reasoning on published int8 results and are the first to re-derive on a real one.
+# Default limits per gate metric and scheme, each about twice the loss measured on a real
+# model: all-MiniLM-L6-v2, calibrated on samples/text.txt, evaluated on bench/heldout.txt
+# (192 lines never calibrated on), quantized MLPs through the torch reference (README, "eval"):
+#   embedding cosine min   w8a16 0.99926 (loss 7.4e-4 -> 0.998), w8a8 0.96715 (3.3e-2 -> 0.93)
+#   hidden-state error     w8a16 0.0262 -> 0.05, w8a8 0.214 -> 0.45
+# w8a8 is today's static per-tensor default; re-derive when its scheme changes (issue 13).
+# The causal-LM KL limits are NOT measured: no real causal LM is available offline here. They
+# are placeholders of the order published int8 results report; pass --tol for a real gate.
 DEFAULT_LIMITS = {
-    "embedding_cosine_min": {"w8a16": 0.998, "w8a8": 0.94},
-    "hidden_rel_error": {"w8a16": 0.04, "w8a8": 0.22},
+    "embedding_cosine_min": {"w8a16": 0.998, "w8a8": 0.93},
+    "hidden_rel_error": {"w8a16": 0.05, "w8a8": 0.45},
     "kl_mean": {"w8a16": 0.01, "w8a8": 0.05},
 }
 
