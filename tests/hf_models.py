@@ -8,7 +8,8 @@ Each is a real transformers model class (`save_pretrained`, loaded back by the c
 test with `from_pretrained`), a few layers of width 32, with its checkpoint saved under
 the names that class writes: BERT as a bare BertModel (as all-MiniLM-L6-v2 is), or from a
 head class (`bert.` before every name: "bert-head"); GPT-2 and GPT-NeoX from their causal
-LM classes; ViT as a bare ViTModel with a 16x16 image processor; BLOOM and BART for the
+LM classes; ViT as a bare ViTModel with a 16x16 image processor; CLIP with both towers, its
+tokenizer and image processor; BLOOM and BART for the
 swap seams that quantize's families do not reach yet. Weights are seeded, so a model is
 the same in every test; the global RNG is left alone.
 """
@@ -96,6 +97,13 @@ def _model(kind: str):
             image_size=16, patch_size=4, num_channels=3, hidden_act="gelu",
         )  # fmt: skip
         return t.ViTModel(config)
+    if kind == "clip":
+        text = dict(
+            vocab_size=len(VOCAB), hidden_size=WIDTH, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            max_position_embeddings=64, bos_token_id=VOCAB.index("[CLS]"), eos_token_id=VOCAB.index("[SEP]"), pad_token_id=0,
+        )  # fmt: skip
+        vision = dict(hidden_size=WIDTH, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=HEADS, image_size=16, patch_size=4)
+        return t.CLIPModel(t.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     if kind == "bloom":
         return t.BloomModel(t.BloomConfig(vocab_size=len(VOCAB), hidden_size=WIDTH, n_layer=LAYERS, n_head=HEADS))
     if kind == "bart":
@@ -131,7 +139,11 @@ def build(kind: str, directory: Path, seed: int = 0) -> Path:
 
         ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(directory)
     else:
-        _tokenizer(bert_style=kind.startswith("bert")).save_pretrained(directory)
+        _tokenizer(bert_style=kind.startswith(("bert", "clip"))).save_pretrained(directory)
+    if kind == "clip":
+        from transformers import CLIPImageProcessor
+
+        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(directory)
     return directory
 
 

@@ -186,3 +186,26 @@ def test_a_moved_source_is_found_or_named(setup, tmp_path):
     assert code == 2 and "pass --model MODEL_DIR" in output
     code, report, _ = eval_cli(tmp_path, tmp_path / "q.safetensors", "--text", setup["text"], "--model", setup["bert"])
     assert code == 0 and report["model_from"] == "--model"
+
+
+def test_clip_reads_text_with_one_tower_and_images_with_the_other(tmp_path):
+    from calibration.capture import calibrate_model
+    from calibration.checkpoint import find_mlps
+
+    model_dir = build("clip", tmp_path / "clip")
+    text, images = write_lines(tmp_path / "text.txt"), write_images(tmp_path / "images")
+    layers = [layer.fc1 for layer in find_mlps(model_dir / "model.safetensors")]
+    text_only = calibrate_model(model_dir, tmp_path / "text.safetensors", text=text, device="cpu")
+    assert [l.fc1 for l in text_only.layers] == [p for p in layers if p.startswith("text_model.")]
+    assert text_only.not_reached == [p for p in layers if p.startswith("vision_model.")]
+    assert any("need images (--images DIR)" in note for note in text_only.notes)
+    both = calibrate_model(model_dir, tmp_path / "calib.safetensors", text=text, images=images, device="cpu")
+    assert [(l.fc1, l.source, l.rows) for l in both.layers] == [
+        (p, "text" if p.startswith("text_model.") else "images", 137 if p.startswith("text_model.") else 5 * 17) for p in layers
+    ]  # 137 tokens in the lines ([CLS] and [SEP] each), 16 patches and the class token per image
+    quantize_checkpoint(model_dir / "model.safetensors", tmp_path / "q.safetensors", QuantizeOptions(scheme="w8a8", calib=tmp_path / "calib.safetensors"))
+    code, report, output = eval_cli(tmp_path, tmp_path / "q.safetensors", "--text", text, "--images", images)
+    assert code == 0, output
+    m = report["metrics"]
+    assert report["kind"] == "dual" and 0 < m["text_hidden_rel_error"] and 0 < m["image_hidden_rel_error"]
+    assert m["hidden_rel_error"] == max(m["text_hidden_rel_error"], m["image_hidden_rel_error"])  # the gate takes the worse
