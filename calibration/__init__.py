@@ -2,7 +2,10 @@
 
     checkpoint.py          find_mlps, open_checkpoint, read_mlp: lazy reads, MLP naming families
     quantize_weights.py    weight_error: how far an int8 weight is from its float weight
-    model.py               load_mlps, swap_mlps: quantized MLPs as modules, put into a model
+    model.py               load_mlps, swap_mlps, plan_swaps: quantized MLPs as modules, put at their seam in a model
+    hf.py                  a local model directory through transformers (the `hf` extra): loading, inputs, fc1 modules
+    capture.py             calibrate_model: what each MLP reads on real text or images, the --calib file
+    evaluate.py            evaluate_quantized: the model's output with its MLPs quantized, against the original
     observers.py           activation clipping: max, percentile:P, mse
     smooth.py              SmoothQuant scales, folded into W1
     data.py                calibration inputs: a --calib file or synthetic, calibrate/verify splits

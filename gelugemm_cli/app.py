@@ -45,6 +45,14 @@ from gelugemm_cli import verify  # noqa: E402
 
 app.command("verify")(verify.verify)
 
+from gelugemm_cli import calibrate  # noqa: E402
+
+app.command("calibrate")(calibrate.calibrate)
+
+from gelugemm_cli import eval as eval_command  # noqa: E402
+
+app.command("eval")(eval_command.evaluate)
+
 
 def main() -> None:
     sys.exit(app())
