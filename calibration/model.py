@@ -56,7 +56,8 @@ def _config_for(record: dict, layer, activation_dtype: str, backend: str) -> MLP
         weight_layout=layer.weight_layout,
         backend=backend,
         activation_dtype=activation_dtype,
-        input_quant="static" if record["scheme"] == "w8a8" else "dynamic",
+        # files that predate the field carry static w8a8 scales; w8a16 has no activation scales
+        activations=record.get("activations") or ("static" if record["scheme"] == "w8a8" else "dynamic"),
     )
 
 

@@ -286,7 +286,7 @@ def _float_operands(floats, dtype: str, gelu: str, stored: str) -> _Operands:
 def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operands, x, refs, tolerance, backend, device) -> VerifyRow:
     config = MLPConfig(
         dtype=dtype, gelu=operands.gelu, weight_layout=layer.weight_layout, backend=backend,
-        activation_dtype=INT8_ACTIVATION_DTYPE, input_quant="static",
+        activation_dtype=INT8_ACTIVATION_DTYPE, activations="static",
     )  # fmt: skip
     op = FusedMLP(config, device=device)
     move = lambda t: None if t is None else t.to(device)  # noqa: E731

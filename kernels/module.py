@@ -44,7 +44,7 @@ class FusedGeluMLP(nn.Module):
         for w8a16/w8a8, stored in `config.weight_layout` ([d_ff, d_model] for W1 in
         "out_in", [d_model, d_ff] in "in_out").
     b1, b2: float biases or None.
-    config: what the op computes (dtype, GELU flavour, layout, backend, w8a8 input_quant).
+    config: what the op computes (dtype, GELU flavour, layout, backend, w8a8 activations).
     device: where the weights go; None leaves them where they are.
     """
 
@@ -171,7 +171,7 @@ class FusedGeluMLP(nn.Module):
         cfg = self.config
         what = cfg.dtype if not self.quantized else f"{cfg.dtype}, {cfg.activation_dtype} activations"
         if cfg.dtype == "w8a8":
-            what += f", {cfg.input_quant} input scale"
+            what += f", activations {cfg.activations}"
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, {what}, gelu={cfg.gelu}, "
             f"layout={cfg.weight_layout}, backend={self.backend}"

@@ -396,7 +396,7 @@ def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, smooth):
         with open_checkpoint(source) as ckpt:
             x, _ = calibration_inputs(ckpt, layer, tokens=256, split="verify")
         w1, b1, w2, b2 = load_quantized_mlp(output, layer)
-        static = {"input_quant": "static"} if scheme == "w8a8" else {}
+        static = {"activations": "static"} if scheme == "w8a8" else {}
         config = MLPConfig(dtype=scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend="torch", **static)
         op = FusedMLP(config, device="cpu")
         y = op(x.half(), w1, b1.half(), w2, b2.half()).double()
