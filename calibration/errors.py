@@ -9,3 +9,7 @@ class CheckpointError(GelugemmError, ValueError):
 
 class OptionError(GelugemmError, ValueError):
     """An option value outside what quantize accepts (scheme, granularity, method, ...)."""
+
+
+class OutputError(CheckpointError):
+    """An output path that cannot be written as given, or a write that failed (disk full, ...)."""
