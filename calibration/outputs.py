@@ -137,7 +137,7 @@ def interrupted(signum: int) -> tuple[int, str]:
     its work; the signal came after). Otherwise 128 + the signal number: 130 SIGINT, 143
     SIGTERM, 129 SIGHUP, with the complete outputs named (they stay) and no partial one left.
     """
-    removed = remove_temporaries()
+    remove_temporaries()
     try:
         name = signal.Signals(signum).name
     except ValueError:
@@ -146,10 +146,9 @@ def interrupted(signum: int) -> tuple[int, str]:
     pending = [str(p) for p in _run.planned if p not in _run.written]
     if _run.written and not pending:
         return _run.result, f"{name} after {_and(written)} {'was' if len(written) == 1 else 'were'} written; kept, complete"
-    partial = "; the partial output was removed" if removed else ""
     if written:
-        return 128 + signum, f"{name}: stopped; kept {_and(written)} (complete), {_and(pending)} not written{partial}"
-    return 128 + signum, f"{name}: stopped; nothing written{partial}"
+        return 128 + signum, f"{name}: stopped; kept {_and(written)} (complete); {_and(pending)} not written, no partial file left"
+    return 128 + signum, f"{name}: stopped; nothing written, no partial file left"
 
 
 def _and(items: list[str]) -> str:

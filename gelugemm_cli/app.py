@@ -34,7 +34,7 @@ class Boundary(TyperGroup):
             where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
             print_line("error", "bold red", exc.format_message() + where)
             sys.exit(exc.exit_code)
-        except click_exceptions.Abort:
+        except typer.Abort:
             print_line("error", "bold red", "aborted")
             sys.exit(1)
         except (Interrupted, KeyboardInterrupt) as exc:

@@ -74,14 +74,11 @@ def install_signal_handlers() -> None:
 
 
 def finishing(code: int) -> None:
-    """The command is done: a signal from here on ends the process with its result."""
-
-    def done(signum, frame):
-        _flush()
-        os._exit(code)
-
+    """The command is done and exits with `code`: a signal from here on is ignored (Python's
+    own shutdown would put back the default action, and the process would die of the signal
+    with its work complete)."""
     for sig in outputs.STOP_SIGNALS:
-        signal.signal(sig, done)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _flush() -> None:
