@@ -82,17 +82,17 @@ def render(report: QuantizeReport, out: Console) -> None:
     out.print(table)
     if report.scheme == "w8a8":
         smooth = f", SmoothQuant alpha {report.smooth}" if report.smooth is not None else ""
-        out.print(f"activation scales: {report.method}{smooth}; calibrated on {_calibrated_on(report)}", highlight=False)
+        out.print(f"activation scales: {report.method}{smooth}; calibrated on {_calibrated_on(report)}", highlight=False, soft_wrap=True)
     mem = report.memory
     out.print(
         f"wrote {report.output} ({size_text(report.output_bytes)}, from {size_text(report.source_bytes)}; "
         f"{plural(len(report.layers), 'MLP')} quantized, {plural(report.tensors_copied, 'tensor')} copied) in {report.seconds:.1f} s",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
     out.print(
         f"peak memory: {size_text(mem['peak_rss_bytes'])} resident ({mem['peak_rss_scope']}; {size_text(mem['start_rss_bytes'])} at start, "
         f"mapped checkpoint pages included), heap {size_text(mem['peak_anon_bytes'])} ({size_text(mem['start_anon_bytes'])} at start)",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 
