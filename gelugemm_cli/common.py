@@ -1,5 +1,15 @@
 """What every command shares: the consoles, the error and signal boundary, and output paths.
 
+How a command writes an output (calibrate's -o and eval's --json included, as they come):
+check it before the work, write it through calibration.outputs at the end.
+
+    check_json_output(json_path, inputs=input_files(checkpoint, calib), force=force)
+    outputs.check_output(out, option="-o", inputs=..., expected_bytes=..., force=force)
+    ...                                  # the work
+    outputs.set_result(0 or 1)           # what a signal after the outputs are written keeps
+    with outputs.atomic_output(out) as f: ...      # or directory=True for a directory
+    write_json(json_path, result.to_dict())
+
 One policy for every command (tests/test_signals.py):
 - a GelugemmError is one red line and exit 2 (`user_errors`); `--debug` shows the traceback;
 - SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread; the app's boundary
