@@ -373,17 +373,28 @@ def test_interrupted_says_what_is_on_disk(tmp_path):
     outputs.start_run()
 
 
-def test_every_json_is_stamped_with_tool_and_schema_version(tmp_path, model, cpu_run):  # noqa: F811
-    quantize_json, verify_json, bench_json = (tmp_path / n for n in ("q.json", "v.json", "b.json"))
+def stamped(document: dict) -> bool:
+    return list(document)[:2] == ["tool", "schema_version"] and document["tool"] == "gelugemm" and (
+        document["schema_version"] == outputs.JSON_SCHEMA_VERSION
+    )
+
+
+def test_every_json_is_stamped_with_tool_and_schema_version(tmp_path, model):
+    quantize_json, verify_json = tmp_path / "q.json", tmp_path / "v.json"
     assert invoke("quantize", model, "--json", quantize_json).exit_code == 0
     assert invoke("verify", model, "--dtype", "fp16", "--json", verify_json).exit_code == 0
-    args = ["bench", "--shape", "32,64", "--dtype", "fp16", "--tokens", "3", "--peers", "eager", "--json", bench_json]
-    assert invoke(*args).exit_code == 0
     stdout = invoke("verify", model, "--dtype", "fp16", "--json", "-")
-    for document in [json.loads(p.read_text()) for p in (quantize_json, verify_json, bench_json)] + [json.loads(stdout.stdout)]:
-        assert list(document)[:2] == ["tool", "schema_version"]
-        assert document["tool"] == "gelugemm" and document["schema_version"] == outputs.JSON_SCHEMA_VERSION
-        assert outputs.is_own_file(quantize_json)
+    for document in (json.loads(quantize_json.read_text()), json.loads(verify_json.read_text()), json.loads(stdout.stdout)):
+        assert stamped(document), list(document)[:3]
+    assert outputs.is_own_file(quantize_json) and outputs.is_own_file(verify_json)
+    assert not outputs.is_own_file(model)
+
+
+def test_bench_json_is_stamped_too(tmp_path, cpu_run):  # noqa: F811
+    path = tmp_path / "b.json"
+    args = ["bench", "--shape", "32,64", "--dtype", "fp16", "--tokens", "3", "--peers", "eager", "--json", path]
+    assert invoke(*args).exit_code == 0
+    assert stamped(json.loads(path.read_text()))
 
 
 def test_the_plot_is_tagged_and_replaced_by_a_rerun(tmp_path):
