@@ -299,7 +299,7 @@ _WHY = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EDQUOT: "dis
 
 def _write_error(path: Path, exc: OSError) -> OutputError:
     why = _WHY.get(exc.errno) or exc.strerror or str(exc)
-    return OutputError(f"cannot write {path}: {why}; nothing was written (the partial file was removed)")
+    return OutputError(f"cannot write {path}: {why}; nothing written, no partial file left")
 
 
 def _ours(exc: OSError, tmp: Path) -> bool:
