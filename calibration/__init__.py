@@ -13,5 +13,7 @@
     quantize.py            quantize_checkpoint: the whole file, streamed, and its report
     quantized_file.py      the int8 file's names and metadata record, read back for verify
     safetensors_stream.py  writing safetensors one tensor at a time
+    safetensors_header.py  a safetensors header checked before the file is mapped
+    outputs.py             every output: checked before the work, written all or nothing
     options.py, errors.py, memory.py
 """

@@ -20,17 +20,16 @@ no input reached is left out and named in the report.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from calibration.data import HELD_OUT_FRACTION, split_rows
+from calibration import outputs
 from calibration.errors import CheckpointError, ModelError, OptionError
 from calibration.hf import (
     HFModel,
@@ -101,28 +100,10 @@ def _check_options(text, images, max_length, max_tokens, batch_size) -> None:
         raise OptionError(f"--max-length must be at least 1; got {max_length}")
 
 
-def check_output(output: Path, force: bool, inputs: list[Path]) -> None:
-    """Never overwrite what the user has without --force, nor an input ever."""
-    if output.exists() and any(p.exists() and output.samefile(p) for p in inputs):
-        raise CheckpointError(f"output {output} is one of the inputs; calibrate never overwrites its input")
-    if output.is_dir():
-        raise CheckpointError(f"output {output} is a directory")
-    if output.exists() and not force:
-        raise CheckpointError(f"output {output} exists; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise CheckpointError(f"output directory {output.parent} does not exist")
-
-
 def _write(output: Path, tensors: dict[str, torch.Tensor], record: dict) -> int:
-    """safetensors through a temporary file in the destination, renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={RECORD_KEY: json.dumps(record)})
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """safetensors, all or nothing (calibration.outputs.atomic_output)."""
+    with outputs.atomic_output(output) as f:
+        f.write(save(tensors, metadata={RECORD_KEY: json.dumps(record)}))
     return output.stat().st_size
 
 
@@ -290,7 +271,7 @@ def calibrate_model(
     started = time.perf_counter()
     _check_options(text, images, max_length, max_tokens, batch_size)
     output = Path(output)
-    check_output(output, force, [Path(p) for p in (text,) if p is not None])
+    outputs.check_output(output, option="-o", inputs=[text, Path(model_dir) / "config.json"], force=force)
     lines = read_lines(text) if text is not None else None
     pictures = image_files(images) if images is not None else None
     hf = load_model(model_dir, device, layers=layers)

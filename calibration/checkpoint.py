@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from calibration.errors import CheckpointError, OptionError
+from calibration.safetensors_header import HeaderError, read_header
 from kernels.schemes import GELU_FLAVOURS, HIDDEN_ACT_GELU
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -114,11 +115,16 @@ def open_checkpoint(path: str | Path) -> Iterator:
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     try:
+        read_header(path)  # a file that lies about its layout never reaches safe_open's mmap
         handle = safe_open(str(path), framework="pt")
-    except SafetensorError as exc:
+    except (HeaderError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except BaseException as exc:  # a Rust panic in safetensors (pyo3's PanicException)
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise CheckpointError(f"{path}: not a valid safetensors file (the reader failed: {exc})") from None
     with handle:
         yield handle
 

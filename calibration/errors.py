@@ -13,3 +13,7 @@ class OptionError(GelugemmError, ValueError):
 
 class ModelError(GelugemmError, ValueError):
     """A model directory transformers cannot load as given, or inputs it cannot run on."""
+
+
+class OutputError(CheckpointError):
+    """An output path that cannot be written as given, or a write that failed (disk full, ...)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ from calibration.options import QuantizeOptions
 from calibration.quantize_mlp import quantize_mlp
 from calibration.quantize_weights import weight_error
 from calibration.quantized_file import FORMAT, FORMAT_VERSION, RECORD_KEY, scale_name, sha256_file
-from calibration.safetensors_stream import DTYPE_BYTES, tensor_bytes, write_stream
+from calibration.outputs import atomic_output, check_output
+from calibration.safetensors_stream import DTYPE_BYTES, header_bytes, tensor_bytes, write_stream
 from calibration.smooth import fold_into_weight
 from kernels.quantized import QuantizedWeight
 from kernels.version import __version__
@@ -93,15 +93,10 @@ def default_output(source: Path) -> Path:
     return source.with_name(f"{stem}.int8.safetensors")
 
 
-def _check_paths(source: Path, output: Path, force: bool) -> None:
-    if output.exists() and output.samefile(source):
-        raise CheckpointError(f"output {output} is the input checkpoint; quantize never overwrites its input")
-    if output.is_dir():
-        raise CheckpointError(f"output {output} is a directory")
-    if output.exists() and not force:
-        raise CheckpointError(f"output {output} exists; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise CheckpointError(f"output directory {output.parent} does not exist")
+def _check_paths(source: Path, output: Path, options: QuantizeOptions, expected_bytes: int) -> None:
+    """Before any work: the output is not an input, its directory takes it (calibration.outputs)."""
+    inputs = [source, options.calib, source.parent / "config.json"]
+    check_output(output, option="output", inputs=inputs, expected_bytes=expected_bytes, force=options.force)
 
 
 def _output_plan(layers: list[MLPLayer], infos: dict[str, TensorInfo], options: QuantizeOptions) -> dict[str, TensorInfo]:
@@ -233,14 +228,16 @@ def quantize_checkpoint(
             raise CheckpointError(f"{source} was written by gelugemm quantize; quantize the original checkpoint instead")
         layers = mlps_in(source, infos, layers=options.layers, gelu=options.gelu)
         output = default_output(source) if output is None else Path(output)
-        _check_paths(source, output, options.force)
+        plan = _output_plan(layers, infos, options)
+        # the tensors, and the header with room for the record (under 4 KiB per MLP)
+        expected = sum(map(tensor_bytes, plan.values())) + len(header_bytes(plan, ckpt.metadata() or {})) + 4096 * (1 + len(layers))
+        _check_paths(source, output, options, expected)
         w8a8 = options.scheme == "w8a8"
         calibration = describe_source(calib=options.calib, tokens=options.tokens, seed=options.seed) if w8a8 else None
         if calibration and calibration["kind"] == "file":
             check_calibration_file(options.calib, layers)
             calibration["sha256"] = sha256_file(options.calib)
         record = build_record(source, output, layers, options, calibration)
-        plan = _output_plan(layers, infos, options)
         metadata = {**(ckpt.metadata() or {}), RECORD_KEY: json.dumps(record)}
         reports: list[LayerReport] = []
         mlp_names = _mlp_tensor_names(layers)
@@ -272,18 +269,6 @@ def quantize_checkpoint(
 
 
 def _write_atomically(output: Path, plan: dict[str, TensorInfo], tensors: Iterator, metadata: dict[str, str]) -> int:
-    """Stream into a temporary file beside `output`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            written = write_stream(f, plan, tensors, metadata)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a new file's usual mode
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return written
+    """Stream into a temporary file beside `output`, then rename it into place (calibration.outputs)."""
+    with atomic_output(output) as f:
+        return write_stream(f, plan, tensors, metadata)

@@ -17,6 +17,7 @@ from typing import BinaryIO, Iterable
 import torch
 
 from calibration.checkpoint import TensorInfo
+from calibration.safetensors_header import DTYPE_BYTES
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -24,8 +25,6 @@ DTYPE_NAMES = {
     torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
 
 
 def tensor_bytes(info: TensorInfo) -> int:

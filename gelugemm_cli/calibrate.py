@@ -16,8 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from calibration.capture import DEFAULT_BATCH_SIZE, CalibrateReport, calibrate_model
-from gelugemm_cli.common import console, err_console, user_errors, write_json
-from gelugemm_cli.verify import LOG_WIDTH
+from gelugemm_cli.common import check_json_output, console, err_console, for_log, input_files, user_errors, write_json
 
 
 # Help strings are Rich markup: a literal "[" is written "\\[".
@@ -36,9 +35,10 @@ def calibrate(
 ):
     """Run MODEL_DIR over real text or images and write what each MLP reads, the --calib file of quantize and verify."""
     with user_errors():
+        check_json_output(json_path, inputs=input_files(text, model_dir / "config.json"), others=[("-o", output)], force=force)
         out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True) as bar:  # fmt: skip
+                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
             task = bar.add_task(f"loading {model_dir.name}", total=None)
 
             def progress(done: int, total: int, what: str) -> None:
@@ -54,8 +54,7 @@ def calibrate(
 
 
 def render(report: CalibrateReport, out: Console) -> None:
-    if not out.is_terminal:  # piped or captured: Rich would fit the table to 80 columns
-        out = Console(file=out.file, width=max(out.width, LOG_WIDTH))
+    out = for_log(out)
     out.print(f"{report.model}: {report.kind} model, on {report.device}", highlight=False)
     for source in report.inputs:
         if source["kind"] == "text":

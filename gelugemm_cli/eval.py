@@ -16,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from calibration.evaluate import DEFAULT_BATCH_SIZE, EvalReport, evaluate_quantized
-from gelugemm_cli.common import console, err_console, user_errors, write_json
-from gelugemm_cli.verify import LOG_WIDTH
+from calibration import outputs
+from gelugemm_cli.common import check_json_output, recorded_inputs, console, err_console, for_log, input_files, user_errors, write_json
 
 # How each metric is named and printed.
 _METRICS = {
@@ -50,12 +50,14 @@ def evaluate(
     device: str | None = typer.Option(None, "--device", help="cpu or cuda \\[default: cuda when there is one]."),
     backend: str = typer.Option("auto", help="The quantized MLPs' backend: auto (Triton on CUDA, torch elsewhere), triton or torch."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file that gelugemm did not write."),
 ):
     """Run the original model and the model with QUANTIZED's MLPs over the same inputs; exit 1 past tolerance."""
     with user_errors():
+        check_json_output(json_path, inputs=input_files(quantized, model, text) + recorded_inputs(quantized), force=force)
         out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True) as bar:  # fmt: skip
+                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
             task = bar.add_task(f"loading {quantized.name}", total=None)
 
             def progress(done: int, total: int, what: str) -> None:
@@ -65,6 +67,7 @@ def evaluate(
                 quantized, model_dir=model, text=text, images=images, tol=tol, max_length=max_length,
                 batch_size=batch_size, device=device, backend=backend, progress=progress,
             )  # fmt: skip
+        outputs.set_result(0 if report.passed else 1)  # kept by a signal that lands after the --json is written
         render(report, out)
         if json_path is not None:
             write_json(json_path, report.to_dict())
@@ -73,8 +76,7 @@ def evaluate(
 
 
 def render(report: EvalReport, out: Console) -> None:
-    if not out.is_terminal:  # piped or captured: Rich would fit the table to 80 columns
-        out = Console(file=out.file, width=max(out.width, LOG_WIDTH))
+    out = for_log(out)
     out.print(f"{report.quantized}: {report.scheme}, {report.mlps} MLPs swapped into {report.model} ({report.model_from})", highlight=False)
     out.print(f"{report.kind} model on {report.device}; quantized MLPs on {report.backend} ({report.backend_reason})", highlight=False)
     for source in report.inputs:
