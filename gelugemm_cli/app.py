@@ -45,6 +45,10 @@ from gelugemm_cli import verify  # noqa: E402
 
 app.command("verify")(verify.verify)
 
+from gelugemm_cli import inspect  # noqa: E402
+
+app.command("inspect")(inspect.inspect)
+
 
 def main() -> None:
     sys.exit(app())
