@@ -398,7 +398,7 @@ def _convention_layers(convention: Convention, ctx: _Context, claimed: set[str])
         if w2 not in infos:
             raise CheckpointError(f"{name} looks like a {family.title} MLP but {w2} is missing")
         b1, b2 = (f"{p}.bias" if f"{p}.bias" in infos else None for p in (fc1, fc2))
-        layout, layout_source = family.layout, f"{family.title} ({'Conv1D' if family.layout == 'in_out' else 'nn.Linear'})"
+        layout, layout_source = family.layout, f"the family's ({'Conv1D' if family.layout == 'in_out' else 'nn.Linear'})"
         if GPT2 in convention.families:  # mlp.c_fc: GPT-2's Conv1D or GPT-BigCode's nn.Linear
             layout, layout_source = conv1d_layout(model_type, infos[name].shape, infos[b1].shape[0] if b1 and infos[b1].shape else None, name)
             family = convention.families[0] if layout == "in_out" else convention.families[1]

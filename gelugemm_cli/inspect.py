@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -11,7 +12,6 @@ from rich.table import Table
 
 from calibration.inspect import InspectReport, inspect_checkpoint
 from gelugemm_cli.common import console, err_console, user_errors, write_json
-from gelugemm_cli.quantize import _block as mlp_block
 
 LOG_WIDTH = 160  # columns the table is printed in when stdout is not a terminal
 
@@ -49,20 +49,41 @@ def header(report: InspectReport) -> list[str]:
     return lines
 
 
+def _block(names: list[str]) -> str:
+    """The dotted path the names share: `transformer.h.0` for its MLP's linears and LayerNorm."""
+    common = os.path.commonprefix([n + "." for n in names])
+    return common[: common.rfind(".")] if "." in common else ""
+
+
 def table(report: InspectReport) -> Table:
-    grid = Table(box=box.SIMPLE_HEAD, title=f"{len(report.mlps)} GELU MLPs")
+    grid = Table(box=box.SIMPLE_HEAD, title=f"{len(report.mlps)} GELU MLP{'s' if len(report.mlps) != 1 else ''}")
     for column in ("MLP", "fc1 -> fc2", "family", "layout", "d_model x d_ff", "dtype", "GELU", "LayerNorm", "shard"):
         grid.add_column(column, overflow="fold", justify="right" if column == "d_model x d_ff" else "left")
     for mlp in report.mlps:
-        block = mlp_block(mlp.fc1, mlp.fc2)
-        strip = lambda p: p[len(block):].lstrip(".") if block else p  # noqa: E731
+        block = _block([mlp.fc1, mlp.fc2] + ([mlp.norm] if mlp.norm else []))
+        strip = lambda p: p[len(block) + 1:] if block and p.startswith(block + ".") else p  # noqa: E731
         norm = "-" if mlp.norm is None else f"{strip(mlp.norm)} ({'MLP only' if mlp.norm_feeds_only_mlp else 'shared'})"
         grid.add_row(
-            block or "-", f"{strip(mlp.fc1)} -> {strip(mlp.fc2)}", f"{mlp.family_title} ({mlp.family_source})",
-            f"{mlp.weight_layout} ({mlp.layout_source})", f"{mlp.d_model} x {mlp.d_ff}", mlp.dtype,
-            f"{mlp.gelu} ({mlp.gelu_source})", norm, ", ".join(mlp.shards),
+            block or "-", f"{strip(mlp.fc1)} -> {strip(mlp.fc2)}", mlp.family, mlp.weight_layout,
+            f"{mlp.d_model} x {mlp.d_ff}", mlp.dtype, mlp.gelu, norm, ", ".join(mlp.shards),
         )  # fmt: skip
     return grid
+
+
+def sources(report: InspectReport) -> list[str]:
+    """Where the family, layout and GELU flavour came from, one line per distinct answer."""
+    lines = []
+    for what, key in (("family", lambda m: f"{m.family_title}: {m.family_source}"), ("layout", lambda m: f"{m.weight_layout}: {m.layout_source}"),
+                      ("GELU", lambda m: f"{m.gelu}: {m.gelu_source}")):  # fmt: skip
+        counts: dict[str, int] = {}
+        for mlp in report.mlps:
+            counts[key(mlp)] = counts.get(key(mlp), 0) + 1
+        for text, n in counts.items():
+            lines.append(f"{what} {text}" + (f" ({n} MLPs)" if len(counts) > 1 else ""))
+    folds = sum(m.norm_feeds_only_mlp for m in report.mlps)
+    lines.append(f"SmoothQuant (--smooth) folds into the LayerNorm of {folds} of {len(report.mlps)} MLPs; the rest divide at run time (gelugemm only)"
+                 if folds < len(report.mlps) else "SmoothQuant (--smooth) folds into each MLP's LayerNorm: the output runs on any compressed-tensors engine")  # fmt: skip
+    return lines
 
 
 def render(report: InspectReport, out: Console) -> None:
@@ -71,3 +92,5 @@ def render(report: InspectReport, out: Console) -> None:
     for line in header(report):
         out.print(line, highlight=False, soft_wrap=True)
     out.print(table(report))
+    for line in sources(report):
+        out.print(line, highlight=False, soft_wrap=True)
