@@ -96,8 +96,9 @@ FALCON = _family("falcon", "Falcon", ("falcon", "RefinedWeb", "RefinedWebModel")
                  [("ln_mlp", True), ("post_attention_layernorm", True), ("input_layernorm", False)])
 VIT_TIMM = _family("timm-vit", "timm ViT", (), "out_in", "erf", [("norm2", True)])
 CLIP = _family("clip", "CLIP", ("clip", "clip_text_model", "clip_vision_model"), "out_in", "quick", [("layer_norm2", True)])
+# SigLIP's attention-pooling head has an MLP too, fed by the head's own `layernorm`.
 SIGLIP = _family("siglip", "SigLIP", ("siglip", "siglip_text_model", "siglip_vision_model"), "out_in", "tanh",
-                 [("layer_norm2", True)])
+                 [("layer_norm2", True), ("layernorm", True)])
 PHI = _family("phi", "Phi-1/1.5/2", ("phi",), "out_in", "tanh", [("input_layernorm", False)])
 # Whisper and mBART are pre-LN (final_layer_norm feeds fc1); BART is post-LN (fc1 reads
 # the attention's LayerNorm, also the residual: encoder_attn_layer_norm in a decoder layer).

@@ -55,6 +55,11 @@ FAMILIES = {
                            "out_in", "erf", (("attention.dense.weight", "square"), ("input_layernorm.weight", "vector"))),
     "falcon": FamilySpec("transformer.h.{i}.", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "input_layernorm", "out_in", "erf",
                          (("self_attention.dense.weight", "square"),)),
+    "distilbert": FamilySpec("distilbert.transformer.layer.{i}.", "ffn.lin1", "ffn.lin2", "sa_layer_norm", "out_in", "erf",
+                             (("attention.out_lin.weight", "square"), ("output_layer_norm.weight", "vector"))),
+    "gpt-j": FamilySpec("transformer.h.{i}.", "mlp.fc_in", "mlp.fc_out", "ln_1", "out_in", "tanh", (("attn.out_proj.weight", "square"),)),
+    # GPT-2's names in nn.Linear's layout: told apart by the bias length (no config.json here)
+    "gpt-bigcode": FamilySpec("transformer.h.{i}.", "mlp.c_fc", "mlp.c_proj", "ln_2", "out_in", "tanh", (("attn.c_proj.weight", "square"),)),
     "plain": FamilySpec("", "w1", "w2", None, "out_in", "erf"),
     "plain-in_out": FamilySpec("", "w1", "w2", None, "in_out", "erf"),
 }  # fmt: skip
