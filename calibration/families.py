@@ -51,6 +51,19 @@ class Family:
     layout: str
     gelu: str
     norms: tuple[tuple[str, bool], ...]
+    # (regex, replacement) turning a checkpoint prefix into the module name a loader uses,
+    # where a loader renames modules (transformers >= 5 for HF ViT/DeiT/BEiT): config.json's
+    # targets must name both.
+    aliases: tuple[tuple[str, str], ...] = ()
+
+    def module_names(self, prefix: str) -> list[str]:
+        """Other names a loader gives the module stored under `prefix`."""
+        if not self.aliases:
+            return []
+        name = prefix
+        for pattern, replacement in self.aliases:
+            name = re.sub(pattern, replacement, name)
+        return [name] if name != prefix else []
 
 
 @dataclass(frozen=True)
@@ -75,15 +88,18 @@ class Convention:
         return f"{self.title} (*.{self.fc1} -> *.{self.fc2})"
 
 
-def _family(name, title, model_types, layout, gelu, norms) -> Family:
-    return Family(name, title, tuple(model_types), layout, gelu, tuple(norms))
+def _family(name, title, model_types, layout, gelu, norms, aliases=()) -> Family:
+    return Family(name, title, tuple(model_types), layout, gelu, tuple(norms), tuple(aliases))
 
 
 BERT = _family("bert", "BERT/RoBERTa/ELECTRA/DeBERTa",
                ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "camembert", "mpnet", "ernie"),
                "out_in", "erf", [("attention.output.LayerNorm", False)])
+# transformers 5 loads these with other module names (its conversion_mapping.py):
+# encoder.layer.N.intermediate.dense -> layers.N.mlp.fc1, output.dense -> mlp.fc2.
 VIT_HF = _family("vit", "HF ViT/DeiT/BEiT", ("vit", "deit", "beit", "data2vec-vision", "vit_mae", "vit_msn"),
-                 "out_in", "erf", [("layernorm_after", True)])
+                 "out_in", "erf", [("layernorm_after", True)],
+                 [(r"(^|\.)encoder\.layer\.", r"\1layers."), (r"\.intermediate\.dense$", ".mlp.fc1"), (r"\.output\.dense$", ".mlp.fc2")])
 DISTILBERT = _family("distilbert", "DistilBERT", ("distilbert",), "out_in", "erf", [("sa_layer_norm", False)])
 GPT2 = _family("gpt2", "GPT-2", ("gpt2",), "in_out", "tanh", [("ln_2", True)])
 GPT_BIGCODE = _family("gpt-bigcode", "GPTBigCode/StarCoder", ("gpt_bigcode",), "out_in", "tanh", [("ln_2", True)])

@@ -44,6 +44,7 @@ from calibration.checkpoint import (
 )
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError
+from calibration.families import FAMILIES
 from calibration.memory import MemoryMeter
 from calibration.options import QuantizeOptions
 from calibration.quantize_mlp import quantize_mlp
@@ -343,17 +344,25 @@ def _linear_prefixes(infos: dict[str, TensorInfo]) -> list[str]:
             if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in FLOAT_DTYPES]  # fmt: skip
 
 
+def _aliases(layers: list[MLPLayer]) -> list[str]:
+    """The names a loader that renames modules (transformers 5 for HF ViT) gives these MLPs' linears."""
+    return [alias for layer in layers if layer.family in FAMILIES
+            for prefix in (layer.fc1, layer.fc2) for alias in FAMILIES[layer.family].module_names(prefix)]  # fmt: skip
+
+
 def _config_and_record(ckpt, output, layers, options, scheme, calibration, smoothing):
     quantized = [p for layer in layers for p in (layer.fc1, layer.fc2)]
     linears = _linear_prefixes(ckpt.infos) + [p for p in quantized if p in ("w1", "w2")]
+    every_mlp = mlps_in(ckpt, gelu=options.gelu) if options.layers is not None else layers
     gelugemm_only = "run-time" in smoothing.values()
     qconfig = quantization_config(
-        scheme, quantized_targets(quantized, linears), sorted(p for p in set(linears) - set(quantized)),
+        scheme, quantized_targets(quantized + _aliases(layers), linears + _aliases(every_mlp)),
+        sorted(p for p in set(linears) - set(quantized)),
         observer=CT_OBSERVERS.get(options.observer or "") if scheme.static else None, gelugemm_only=gelugemm_only,
     )  # fmt: skip
     if gelugemm_only:
         runs_on = ("gelugemm only: SmoothQuant's division stays at run time where the LayerNorm also feeds the residual "
-                   "(config.json quant_method 'gelugemm', which other engines refuse)")  # fmt: skip
+                   "(marked gelugemm_run_time_smoothing in config.json, which other loaders refuse)")  # fmt: skip
     elif scheme.activations is not None and scheme.activations.kind == "group":
         runs_on = "gelugemm and transformers (compressed-tensors); vLLM's int8 W8A8 takes token or tensor activations only"
     else:

@@ -27,8 +27,9 @@ the MLPs found, the source's path and sha256s, where smoothing went); each layer
 scale is under SMOOTH_KEY + fc1 in the shard that holds fc1's weight (base64 float32).
 
 A run-time smoothing scale (post-LN BERT, where the LayerNorm also feeds the residual) has no
-place in compressed-tensors: such an output's config.json says `quant_method: "gelugemm"`,
-so an engine refuses it rather than running it without the division.
+place in compressed-tensors: such an output's `input_activations` carry the field
+RUN_TIME_SMOOTHING, which compressed-tensors' own validation (transformers, vLLM) refuses,
+so an engine fails to load it rather than running it without the division.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ SMOOTH_KEY = "gelugemm.smooth_scale."
 FORMAT = "gelugemm-int8"
 FORMAT_VERSION = 2
 QUANT_METHOD = "compressed-tensors"
-GELUGEMM_ONLY = "gelugemm"  # config.json quant_method of an output that needs gelugemm to run
+# In a config group's input_activations: the MLP input must be divided by gelugemm's smoothing
+# scale at run time. Not a compressed-tensors field: other loaders refuse the checkpoint.
+RUN_TIME_SMOOTHING = "gelugemm_run_time_smoothing"
 WEIGHT_QUANT = "symmetric int8 in [-127, 127], round half to even, scale = absmax / 127"
 INT8_FORMATS = ("int-quantized", "naive-quantized", "pack-quantized")
 PACK_FACTOR = 4  # int8 values per int32 word
@@ -96,7 +99,7 @@ class FormatScheme:
         return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel" if g is None else "group",
                 "group_size": g, "dynamic": False, "observer": "minmax"}  # fmt: skip
 
-    def input_args(self, observer: str | None = None) -> dict | None:
+    def input_args(self, observer: str | None = None, run_time_smoothing: bool = False) -> dict | None:
         if self.activations is None:
             return None
         a = self.activations
@@ -104,6 +107,8 @@ class FormatScheme:
                 "dynamic": a.is_dynamic}  # fmt: skip
         if observer is not None and not a.is_dynamic:
             args["observer"] = observer
+        if run_time_smoothing:
+            args[RUN_TIME_SMOOTHING] = True
         return args
 
     def describe(self) -> str:
@@ -160,11 +165,12 @@ def _tail_regex(tail: str) -> str:
 
 
 def quantized_targets(quantized: list[str], linears: list[str]) -> list[str]:
-    """`targets` regexes naming exactly the quantized linears among all the checkpoint's linears.
+    """`targets` regexes naming exactly the quantized linears among all the linears.
 
     Each is the shortest dotted tail of a quantized prefix that no unquantized linear ends
     with, matched after any leading module path: a loader whose module names drop or add a
     prefix (`bert.`, `model.`) still finds them. All layers' `intermediate.dense` is one entry.
+    `quantized` and `linears` may hold a loader's other names for the same modules too.
     """
     others = [name for name in linears if name not in set(quantized)]
     targets: list[str] = []
@@ -193,16 +199,17 @@ def target_matches(target: str, name: str) -> bool:
 def quantization_config(
     scheme: FormatScheme, targets: list[str], ignore: list[str], *, observer: str | None = None, gelugemm_only: bool = False
 ) -> dict:
-    """config.json's `quantization_config` for linears quantized with `scheme`."""
+    """config.json's `quantization_config` for linears quantized with `scheme`.
+    gelugemm_only: smoothing stays at run time (RUN_TIME_SMOOTHING): other loaders refuse it."""
     group = {
         "targets": targets,
         "weights": scheme.weights_args(),
-        "input_activations": scheme.input_args(observer),
+        "input_activations": scheme.input_args(observer, run_time_smoothing=gelugemm_only),
         "output_activations": None,
         "format": scheme.format,
     }
     return {
-        "quant_method": GELUGEMM_ONLY if gelugemm_only else QUANT_METHOD,
+        "quant_method": QUANT_METHOD,
         "format": scheme.format,
         "quantization_status": "compressed",
         "config_groups": {"group_0": group},
@@ -387,7 +394,7 @@ def is_quantized_checkpoint(ckpt: Checkpoint) -> bool:
     if read_record_from(ckpt.metadata(), ckpt.shards[0].path) is not None:
         return True
     qc = (ckpt.config or {}).get("quantization_config") if ckpt.kind == "directory" else None
-    return isinstance(qc, dict) and qc.get("quant_method") in (QUANT_METHOD, GELUGEMM_ONLY)
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def is_quantized_file(path: str | Path) -> bool:
@@ -406,7 +413,7 @@ class _Group:
 
 def _groups(qc: dict, where: Path) -> tuple[list[_Group], list[str]]:
     method = qc.get("quant_method")
-    if method not in (QUANT_METHOD, GELUGEMM_ONLY):
+    if method != QUANT_METHOD:
         raise CheckpointError(f"{where}: quantization_config quant_method {method!r}; gelugemm reads compressed-tensors")
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
@@ -483,7 +490,10 @@ class QuantizedCheckpoint:
             raise CheckpointError(f"{self.path}: its MLPs mix {' and '.join(sorted(schemes))}; gelugemm runs one int8 scheme per checkpoint")
         first = self._schemes[self.layers[0].fc1]
         self.scheme = first
-        self.gelugemm_only = qc.get("quant_method") == GELUGEMM_ONLY
+        self.gelugemm_only = any(
+            isinstance(g, dict) and isinstance(g.get("input_activations"), dict) and g["input_activations"].get(RUN_TIME_SMOOTHING)
+            for g in (qc.get("config_groups") or {}).values()
+        )
 
     # -- another tool's checkpoint: the MLPs are found by their names, int8 weights as logical [N, K] tensors
     def _discover(self, gelu: str | None) -> list[MLPLayer]:
