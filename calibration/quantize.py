@@ -39,15 +39,14 @@ from calibration.checkpoint import (
     mlps_in,
     norm_names,
     open_checkpoint,
-    read_mlp,
     read_tensor,
 )
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError
 from calibration.families import FAMILIES
-from calibration.memory import MemoryMeter
+from calibration.memory import MemoryMeter, release_free_memory
 from calibration.options import QuantizeOptions
-from calibration.quantize_mlp import quantize_mlp
+from calibration.quantize_mlp import quantize_gemm1, quantize_gemm2
 from calibration.quantize_weights import weight_error
 from calibration.smooth import smooth_scale
 from calibration.quantized_file import (
@@ -194,34 +193,40 @@ def _quantize_layer(
     ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, scheme: FormatScheme, smoothing: str | None,
     smooth_scale: torch.Tensor | None,
 ) -> tuple[LayerReport, dict[str, torch.Tensor]]:
-    """One MLP: read, calibrate (w8a8), quantize. (report, its output tensors by name)."""
-    w1, b1, w2, b2 = read_mlp(ckpt, layer)
+    """One MLP: read, calibrate (w8a8), quantize. (report, its output tensors by name).
+
+    One float weight is in memory at a time: W1 is read, quantized, measured and dropped
+    before W2 is read.
+    """
+    read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
+    w1, b1 = read(layer.w1), read(layer.b1)
     x, calibrated_on = None, None
     if options.scheme == "w8a8":
         x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
-    q1, q2 = quantize_mlp(
-        w1, b1, w2, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
+    q1 = quantize_gemm1(
+        w1, b1, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
         group_size=options.group_size, method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale,
     )  # fmt: skip
     del x
+    # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
+    fc1_report = _linear_report(layer.fc1, w1, q1, layer.weight_layout, q1.smooth_scale)
+    del w1
+    out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
+    if b1 is not None:
+        out[layer.b1] = b1
+    w2, b2 = read(layer.w2), read(layer.b2)
+    q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size)
+    fc2_report = _linear_report(layer.fc2, w2, q2, layer.weight_layout)
+    del w2
+    out.update(linear_tensors(layer.fc2, layer.w2, q2, layer.weight_layout, scheme))
+    if b2 is not None:
+        out[layer.b2] = b2
     where = None
     if smoothing == "folded":
         where = f"folded into {layer.norm}"
     elif smoothing == "run-time":
         where = "run-time (x / s in the op: gelugemm only)"
-    report = LayerReport(
-        # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
-        _linear_report(layer.fc1, w1, q1, layer.weight_layout, q1.smooth_scale),
-        _linear_report(layer.fc2, w2, q2, layer.weight_layout),
-        layer.d_model, layer.d_ff, calibrated_on, where,
-    )  # fmt: skip
-    del w1, w2
-    out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
-    if b1 is not None:
-        out[layer.b1] = b1
-    out.update(linear_tensors(layer.fc2, layer.w2, q2, layer.weight_layout, scheme))
-    if b2 is not None:
-        out[layer.b2] = b2
+    report = LayerReport(fc1_report, fc2_report, layer.d_model, layer.d_ff, calibrated_on, where)
     if smoothing == "folded":
         # The LayerNorm's output becomes LN(x) / s: its weight and bias divided by s.
         for name in norm_names(layer, ckpt.infos):
@@ -507,6 +512,7 @@ def quantize_checkpoint(
             tensor = pending[i].pop(name)
             if not pending[i]:
                 del pending[i]
+                release_free_memory()  # the layer's temporaries, before the next layer's
             return tensor
 
         def tensors(shard: str) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:

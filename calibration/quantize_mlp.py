@@ -49,13 +49,34 @@ def quantize_mlp(
     and, with `smooth` (an alpha), W1.smooth_scale: computed from x and W1, or `smooth_scale`
     where the caller computed it already (the same function of the same x and W1).
     """
+    q1 = quantize_gemm1(
+        w1, b1, x, scheme=scheme, weight_layout=weight_layout, gelu=gelu, group_size=group_size, method=method,
+        smooth=smooth, smooth_scale=smooth_scale,
+    )  # fmt: skip
+    return q1, quantize_gemm2(w2, q1, weight_layout=weight_layout, group_size=group_size)
+
+
+def quantize_gemm1(
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    x: torch.Tensor | None = None,
+    *,
+    scheme: str = "w8a16",
+    weight_layout: str = "out_in",
+    gelu: str = "erf",
+    group_size: int | None = None,
+    method: str = "max",
+    smooth: float | None = None,
+    smooth_scale: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """W1 as int8 and, for w8a8, the scales of its input and of its GELU output (quantize_mlp's
+    first half: W2 is not needed, so a caller can hold one float weight at a time)."""
     if scheme not in SCHEMES:
         raise OptionError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
-    q2 = quantize_weight_blocked(w2, weight_layout=weight_layout, group_size=group_size)
     if scheme == "w8a16":
         if smooth is not None or smooth_scale is not None:
             raise OptionError("smoothing moves activation outliers into W1; it needs w8a8")
-        return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size), q2
+        return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size)
     if x is None:
         raise OptionError("w8a8 needs calibration inputs to set its activation scales")
     if group_size is not None:
@@ -79,5 +100,12 @@ def quantize_mlp(
             activation=gelu, weight_layout="out_in", dtype=torch.float32,
         )  # fmt: skip
     q1.output_scale = activation_scale(h, method)
-    q2.input_scale = q1.output_scale.clone()
-    return q1, q2
+    return q1
+
+
+def quantize_gemm2(w2: torch.Tensor, q1: QuantizedWeight, *, weight_layout: str = "out_in", group_size: int | None = None) -> QuantizedWeight:
+    """W2 as int8; for w8a8 its input scale is GEMM1's output scale."""
+    q2 = quantize_weight_blocked(w2, weight_layout=weight_layout, group_size=group_size)
+    if q1.output_scale is not None:
+        q2.input_scale = q1.output_scale.clone()
+    return q2

@@ -3,8 +3,8 @@ the float weights they encode (quantize's per-layer report).
 
 Each output channel's scale comes from its own row of W as [N, K], so quantizing rows in
 blocks gives exactly what `kernels.int8.quantize_weight` gives on the whole weight, with
-float32 temporaries the size of a block instead of W: a 4096 x 16384 weight stays within
-its own bytes plus a few tens of MB.
+temporaries the size of a block instead of W: a 4096 x 16384 weight stays within its own
+bytes plus a few tens of MB.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from kernels.int8 import expand_scale, quantize_weight
 from kernels.quantized import QuantizedWeight
 from kernels.reference import as_out_in
 
-# Elements of W per block: 16 MB of float32 temporaries.
-BLOCK_ELEMENTS = 1 << 22
+# Elements of W per block: 4 MB of float32, 8 MB of float64 temporaries each.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def row_blocks(n: int, k: int) -> list[slice]:

@@ -3,6 +3,7 @@ not at all, the other model files copied, a lying index refused, and `gelugemm i
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import calibration.quantize as quantize_module
-from calibration.checkpoint import find_mlps
+from calibration.checkpoint import Checkpoint, find_mlps
 from calibration.errors import CheckpointError
 from calibration.model import load_mlps
 from calibration.options import QuantizeOptions
@@ -233,7 +234,7 @@ def test_force_replaces_an_output_directory_whole_and_a_failed_run_leaves_it(tmp
     assert result.exit_code == 2 and "exists; pass --force" in result.stderr and (out / "marker").exists()
 
     # A run that fails half way (here: interrupted at the second MLP) leaves the old output as it was.
-    real, calls = quantize_module.quantize_mlp, []
+    real, calls = quantize_module.quantize_gemm1, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -241,13 +242,13 @@ def test_force_replaces_an_output_directory_whole_and_a_failed_run_leaves_it(tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(quantize_module, "quantize_mlp", interrupted)
+    monkeypatch.setattr(quantize_module, "quantize_gemm1", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", tokens=32, force=True))
     assert (out / "marker").exists() and read_quantized(out)[0]["scheme"] == "w8a16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-int8"]  # no temporary left
 
-    monkeypatch.setattr(quantize_module, "quantize_mlp", real)
+    monkeypatch.setattr(quantize_module, "quantize_gemm1", real)
     assert quantize_cli(source, "--scheme", "w8a8", "--tokens", "32", "--force").exit_code == 0
     assert not (out / "marker").exists() and read_quantized(out)[0]["scheme"] == "w8a8"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-int8"]
@@ -318,3 +319,32 @@ def test_quantizing_a_quantized_directory_is_refused(tmp_path):
     out = quantize_checkpoint(source).output
     with pytest.raises(CheckpointError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "again")
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+def test_quantize_holds_one_float_weight_at_a_time_and_never_reads_what_it_copies(tmp_path, monkeypatch, scheme):
+    """Streaming, checked by what quantize reads: every tensor it reads is released before a
+    second weight's worth is, and copied tensors (here a large embedding) are copied as bytes,
+    never read into memory. (The memory this gives on a 2 GB model is measured in the README.)"""
+    tensors = checkpoint_tensors("gpt-neox", n_layers=4, d_model=32, d_ff=128, dtype=torch.float16)
+    tensors["embed_in.weight"] = torch.randn(4096, 32).half()  # 4x an MLP weight
+    source = write_sharded(tmp_path / "model", tensors, 3, config={"model_type": "gpt_neox", "hidden_act": "gelu"})
+    live: dict[int, int] = {}
+    peak, read_names = [0], []
+    real = Checkpoint.get_tensor
+
+    def tracked(self, name):
+        t = real(self, name)
+        key = id(t)
+        live[key] = t.numel() * t.element_size()
+        weakref.finalize(t, live.pop, key, None)
+        peak[0] = max(peak[0], sum(live.values()))
+        read_names.append(name)
+        return t
+
+    monkeypatch.setattr(Checkpoint, "get_tensor", tracked)
+    quantize_checkpoint(source, options=QuantizeOptions(scheme=scheme, tokens=32 if scheme == "w8a8" else None))
+    weight = 32 * 128 * 2
+    # one weight, plus the small vectors read with it (its bias, the LayerNorm for synthetic rows)
+    assert weight <= peak[0] <= weight + 4 * 128 * 2
+    assert "embed_in.weight" not in read_names and all_tensors(tmp_path / "model-int8")["embed_in.weight"].equal(tensors["embed_in.weight"])

@@ -319,7 +319,7 @@ def test_refuses_to_quantize_a_quantized_file(tmp_path):
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     source = write_checkpoint(tmp_path / "model.safetensors", "bert", n_layers=3)
     calls = []
-    real = quantize_module.quantize_mlp
+    real = quantize_module.quantize_gemm1
 
     def fail_on_the_second_layer(*args, **kwargs):
         calls.append(1)
@@ -327,7 +327,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(quantize_module, "quantize_mlp", fail_on_the_second_layer)
+    monkeypatch.setattr(quantize_module, "quantize_gemm1", fail_on_the_second_layer)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source)
