@@ -85,6 +85,10 @@ class MemoryMeter:
         if peak is None:
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak = maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+        if peak is not None and self.start_rss is not None:
+            # Linux sums its RSS counters per CPU lazily: the high-water mark can read a few
+            # pages under a resident size read just after it was reset.
+            peak = max(peak, self.start_rss)
         return {
             "start_rss_bytes": self.start_rss,
             "peak_rss_bytes": peak,
