@@ -1,11 +1,12 @@
 """Resident memory of this process, for quantize's report (Linux /proc; getrusage elsewhere).
 
-Two numbers, because safetensors maps the checkpoint into memory: pages of the file
-that were read count as resident (RssFile) though the kernel can drop them at will.
+Two numbers, because pages of a file a process maps count as resident (RssFile) though the
+kernel can drop them at will. (quantize reads checkpoints with read(), not mmap, so its
+resident set is what it allocated plus the interpreter's and libraries' own pages.)
 
 - peak_rss: the kernel's high-water mark of all resident memory (VmHWM), reset when
   the meter starts where the kernel allows it (`scope` says "this run"), else the
-  process's peak so far ("process"). It includes the mapped checkpoint pages.
+  process's peak so far ("process"). It includes any mapped file pages.
 - peak_anon: the largest anonymous (heap: tensors, interpreter) resident memory seen at
   the sample points, i.e. what the run itself allocated, without file pages.
 """

@@ -50,12 +50,10 @@ from calibration.quantize_mlp import quantize_gemm1, quantize_gemm2
 from calibration.quantize_weights import weight_error
 from calibration.smooth import smooth_scale
 from calibration.quantized_file import (
-    FORMAT,
-    FORMAT_VERSION,
     RECORD_KEY,
     SMOOTH_KEY,
-    WEIGHT_QUANT,
     FormatScheme,
+    build_record,
     encode_scale,
     index_for,
     is_quantized_checkpoint,
@@ -65,7 +63,6 @@ from calibration.quantized_file import (
     quantized_targets,
     scheme_from_options,
     sha256_file,
-    source_facts,
 )
 from calibration.safetensors_stream import DTYPE_BYTES, StoredTensor, TensorInfo, fsync_dir, tensor_bytes, write_stream
 from kernels.quantized import QuantizedWeight
@@ -315,34 +312,6 @@ def _plan(ckpt: Checkpoint, layers: list[MLPLayer], scheme: FormatScheme, option
 # ---- the record -------------------------------------------------------------------------------
 
 
-def build_record(
-    ckpt: Checkpoint, output: Path, layers: list[MLPLayer], options: QuantizeOptions, scheme: FormatScheme,
-    calibration: dict | None, qconfig: dict, smoothing: dict[str, str], runs_on: str,
-) -> dict:  # fmt: skip
-    """The JSON record stored under RECORD_KEY in the metadata of every output shard."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tool": "gelugemm",
-        "version": __version__,
-        "scheme": options.scheme,
-        "granularity": options.granularity,
-        "group_size": options.group_size,
-        "activations": None if scheme.activations is None else str(scheme.activations),
-        "weight_quant": WEIGHT_QUANT,
-        "method": options.observer,
-        "smooth": options.smooth,
-        "smoothing": smoothing,
-        "runs_on": runs_on,
-        "calibration": calibration,
-        "gelu": layers[0].gelu,
-        "gelu_source": layers[0].gelu_source,
-        "source": source_facts(ckpt, relative_to=output.resolve().parent),
-        "quantization_config": qconfig,
-        "layers": [layer.to_record() for layer in layers],
-    }
-
-
 def _linear_prefixes(infos: dict[str, TensorInfo]) -> list[str]:
     """Every 2-D float `.weight` (the checkpoint's linears, and a few embeddings) by module prefix."""
     return [name[: -len(".weight")] for name, info in infos.items()
@@ -372,7 +341,9 @@ def _config_and_record(ckpt, output, layers, options, scheme, calibration, smoot
         runs_on = "gelugemm and transformers (compressed-tensors); vLLM's int8 W8A8 takes token or tensor activations only"
     else:
         runs_on = "any compressed-tensors loader: vLLM, transformers (compressed-tensors), gelugemm"
-    record = build_record(ckpt, output, layers, options, scheme, calibration, qconfig, smoothing, runs_on)
+    record = build_record(
+        ckpt, output, layers, scheme, options.observer, options.smooth, calibration, qconfig, smoothing, runs_on
+    )  # fmt: skip
     return qconfig, record, runs_on
 
 

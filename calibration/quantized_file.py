@@ -363,6 +363,41 @@ def resolve_source(path: str | Path, record: dict) -> Path:
     raise CheckpointError(f"source checkpoint of {path} not found (tried {', '.join(map(str, candidates))}); pass --reference PATH")
 
 
+# ---- the record -----------------------------------------------------------------------------------
+
+
+def build_record(
+    ckpt: Checkpoint, output: Path, layers: list[MLPLayer], scheme: FormatScheme, method: str | None, smooth: float | None,
+    calibration: dict | None, qconfig: dict, smoothing: dict[str, str], runs_on: str,
+) -> dict:  # fmt: skip
+    """gelugemm's record, stored under RECORD_KEY in the metadata of every output shard.
+
+    smoothing: {fc1: "folded" | "run-time"} (their scales go under SMOOTH_KEY + fc1).
+    runs_on: which engines can run the output, in words.
+    """
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool": "gelugemm",
+        "version": __version__,
+        "scheme": scheme.scheme,
+        "granularity": str(scheme.granularity),
+        "group_size": scheme.granularity.group_size,
+        "activations": None if scheme.activations is None else str(scheme.activations),
+        "weight_quant": WEIGHT_QUANT,
+        "method": method,
+        "smooth": smooth,
+        "smoothing": smoothing,
+        "runs_on": runs_on,
+        "calibration": calibration,
+        "gelu": layers[0].gelu,
+        "gelu_source": layers[0].gelu_source,
+        "source": source_facts(ckpt, relative_to=output.resolve().parent),
+        "quantization_config": qconfig,
+        "layers": [layer.to_record() for layer in layers],
+    }
+
+
 # ---- reading a quantized checkpoint --------------------------------------------------------------
 
 
@@ -570,7 +605,7 @@ class QuantizedCheckpoint:
             scale = self._scale(tensor_name(prefix, "weight_scale"), [(n, 1), (n,), (1,), ()])
             scale = scale.reshape(-1).expand(n).contiguous() if scale.numel() == 1 else scale.reshape(n)
         else:
-            scale = self._scale(tensor_name(prefix, "weight_scale"), [(n, -(-k // g))])
+            scale = self._scale(tensor_name(prefix, "weight_scale"), [weight_scale_shape(n, k, scheme.granularity)])
         qw = QuantizedWeight(data, scale, g)
         if scheme.static:
             qw.input_scale = self._scale(tensor_name(prefix, "input_scale"), [(1,), ()]).reshape(())

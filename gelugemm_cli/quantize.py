@@ -103,6 +103,6 @@ def render(report: QuantizeReport, out: Console) -> None:
     out.print(f"runs on: {report.runs_on}", highlight=False, soft_wrap=True)
     out.print(
         f"peak memory: {mib(mem['peak_rss_bytes'])} resident ({mem['peak_rss_scope']}; {mib(mem['start_rss_bytes'])} at start, "
-        f"mapped checkpoint pages included), heap {mib(mem['peak_anon_bytes'])} ({mib(mem['start_anon_bytes'])} at start)",
+        f"mapped file pages included), heap {mib(mem['peak_anon_bytes'])} ({mib(mem['start_anon_bytes'])} at start)",
         highlight=False,
     )
