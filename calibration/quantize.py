@@ -412,21 +412,20 @@ def _other_files(ckpt: Checkpoint) -> tuple[list[Path], list[str]]:
     used = {shard.name for shard in ckpt.shards} | {CONFIG_FILE, INDEX_FILE, SINGLE_FILE}
     copy, skipped = [], []
     root = ckpt.directory
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue  # .git, .cache, .gitattributes: not the model's
-        if path.is_dir():
-            continue
-        if len(rel.parts) == 1 and rel.name in used:
-            continue
-        if rel.parts[0] in RUNTIME_FOLDERS and len(rel.parts) > 1:
-            skipped.append(f"{rel} (another runtime's export)")
-        elif len(rel.parts) == 1 and rel.name.endswith(WEIGHT_SUFFIXES):
-            skipped.append(f"{rel} (float weights in another file: not part of the int8 model)")
-        else:
-            copy.append(rel)
-    return copy, skipped
+    # os.walk with followlinks: a hub cache's snapshot links its files and folders to blobs
+    for here, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .cache: not the model's
+        for name in sorted(files):
+            rel = (Path(here) / name).relative_to(root)
+            if name.startswith(".") or (len(rel.parts) == 1 and name in used):
+                continue
+            if rel.parts[0] in RUNTIME_FOLDERS and len(rel.parts) > 1:
+                skipped.append(f"{rel} (another runtime's export)")
+            elif len(rel.parts) == 1 and name.endswith(WEIGHT_SUFFIXES):
+                skipped.append(f"{rel} (float weights in another file: not part of the int8 model)")
+            else:
+                copy.append(rel)
+    return sorted(copy), skipped
 
 
 def _copy_files(src_root: Path, dst_root: Path, files: list[Path]) -> None:

@@ -46,6 +46,10 @@ def model_dir(path: Path, family="bert", shards=3, config=BERT_CONFIG, n_layers=
     (path / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     (path / "onnx").mkdir()
     (path / "onnx" / "model.onnx").write_bytes(b"an export")
+    # as in a hub cache snapshot: a folder that is a link
+    (path.parent / f"{path.name}-blobs" / "2_Dense").mkdir(parents=True)
+    (path.parent / f"{path.name}-blobs" / "2_Dense" / "config.json").write_text('{"in_features": 16}')
+    (path / "2_Dense").symlink_to(path.parent / f"{path.name}-blobs" / "2_Dense")
     return path
 
 
@@ -99,7 +103,8 @@ def test_a_sharded_directory_quantizes_like_the_single_file(tmp_path, scheme):
     assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}'
     assert (out / "1_Pooling" / "config.json").is_file()
     assert not (out / "pytorch_model.bin").exists() and not (out / "onnx").exists() and not (out / ".gitattributes").exists()
-    assert sorted(report.files_copied) == ["1_Pooling/config.json", "tokenizer.json"]
+    assert sorted(report.files_copied) == ["1_Pooling/config.json", "2_Dense/config.json", "tokenizer.json"]
+    assert not (out / "2_Dense").is_symlink() and (out / "2_Dense" / "config.json").read_text() == '{"in_features": 16}'
     assert any("pytorch_model.bin" in s for s in report.files_skipped) and any("onnx" in s for s in report.files_skipped)
 
     # The record names the source directory and the sha256 of its index and of each shard.
@@ -109,7 +114,7 @@ def test_a_sharded_directory_quantizes_like_the_single_file(tmp_path, scheme):
     assert record["source"]["files"] == [{"name": s, "sha256": sha256_file(source / s), "bytes": (source / s).stat().st_size} for s in shards]
     assert layers == find_mlps(source)
     # Nothing left beside the output but the two models.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-int8", "single"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-blobs", "model-int8", "single"]
 
 
 def test_an_mlp_across_shards_and_smoothing_folded_into_a_layernorm_in_another_shard(tmp_path):
@@ -246,12 +251,12 @@ def test_force_replaces_an_output_directory_whole_and_a_failed_run_leaves_it(tmp
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", tokens=32, force=True))
     assert (out / "marker").exists() and read_quantized(out)[0]["scheme"] == "w8a16"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-int8"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-blobs", "model-int8"]  # no temporary left
 
     monkeypatch.setattr(quantize_module, "quantize_gemm1", real)
     assert quantize_cli(source, "--scheme", "w8a8", "--tokens", "32", "--force").exit_code == 0
     assert not (out / "marker").exists() and read_quantized(out)[0]["scheme"] == "w8a8"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-int8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-blobs", "model-int8"]
 
 
 def test_outputs_around_the_input_are_refused(tmp_path):
