@@ -268,15 +268,11 @@ def _plan(ckpt: Checkpoint, layers: list[MLPLayer], scheme: FormatScheme, option
     its weight was, biases and LayerNorms where they were. The MLPs come first in a shard,
     so a bad weight fails before its other tensors are copied."""
     smoothing = _smoothing(layers, options)
-    produced: dict[str, int] = {}  # source tensor -> the layer that replaces it
+    mlp_tensors = {name for layer in layers for name in (layer.w1, layer.b1, layer.w2, layer.b2) if name is not None}
+    folded_norms: dict[str, int] = {}  # a LayerNorm that absorbs a layer's smoothing -> the layer
     for i, layer in enumerate(layers):
-        for name in (layer.w1, layer.b1, layer.w2, layer.b2):
-            if name is not None:
-                produced[name] = i
         if smoothing.get(layer.fc1) == "folded":
-            for name in norm_names(layer, ckpt.infos):
-                if name is not None:
-                    produced[name] = i
+            folded_norms.update({name: i for name in norm_names(layer, ckpt.infos) if name is not None})
     plan = _Plan({}, {}, {}, smoothing)
     for shard in ckpt.shards:
         tensors: dict[str, TensorInfo] = {}
@@ -287,7 +283,7 @@ def _plan(ckpt: Checkpoint, layers: list[MLPLayer], scheme: FormatScheme, option
             ):
                 if weight in shard.tensors:
                     for name, info in linear_plan(prefix, weight, ckpt.infos[weight], n, k, scheme).items():
-                        if name in ckpt.infos and name not in produced:
+                        if name in ckpt.infos and name not in mlp_tensors:
                             raise CheckpointError(f"the checkpoint already holds {name}, a name quantize writes; is it already quantized?")
                         tensors[name] = info
                         plan.layer_of[name] = i
@@ -295,11 +291,11 @@ def _plan(ckpt: Checkpoint, layers: list[MLPLayer], scheme: FormatScheme, option
                     tensors[bias] = ckpt.infos[bias]
                     plan.layer_of[bias] = i
         for name, stored in shard.tensors.items():
-            if name in produced and name in (layers[produced[name]].w1, layers[produced[name]].w2, layers[produced[name]].b1, layers[produced[name]].b2):
-                continue
-            if name in produced:  # a LayerNorm that absorbs the smoothing
+            if name in mlp_tensors:
+                continue  # planned with its MLP, above
+            if name in folded_norms:
                 tensors[name] = stored.info
-                plan.layer_of[name] = produced[name]
+                plan.layer_of[name] = folded_norms[name]
                 continue
             if stored.info.dtype not in DTYPE_BYTES:
                 raise CheckpointError(f"{name} has dtype {stored.info.dtype}, which quantize cannot copy")

@@ -399,10 +399,10 @@ def _reference_for(q: QuantizedCheckpoint, reference: str | Path | None, notes: 
     return source, {"path": str(source), "how": "source recorded in the quantized file", "sha256": recorded.get("sha256"), "matches_record": True}
 
 
-def _reference_layers(ref: Checkpoint, layers: list[MLPLayer], gelu: str | None) -> list[MLPLayer]:
+def _reference_layers(ref_ckpt: Checkpoint, layers: list[MLPLayer], gelu: str | None) -> list[MLPLayer]:
     """The reference's MLP for each quantized one, checked to have the same names and shapes."""
-    reference = ref.path
-    found = {layer.fc1: layer for layer in mlps_in(ref, gelu=gelu)}
+    reference = ref_ckpt.path
+    found = {layer.fc1: layer for layer in mlps_in(ref_ckpt, gelu=gelu)}
     matched = []
     for layer in layers:
         ref = found.get(layer.fc1)
