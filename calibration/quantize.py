@@ -208,6 +208,7 @@ def _quantize_layer(
     # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
     fc1_report = _linear_report(layer.fc1, w1, q1, layer.weight_layout, q1.smooth_scale)
     del w1
+    release_free_memory()  # W1's temporaries, before W2 is read
     out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
     if b1 is not None:
         out[layer.b1] = b1
