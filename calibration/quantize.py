@@ -216,6 +216,7 @@ def _quantize_layer(
     q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size)
     fc2_report = _linear_report(layer.fc2, w2, q2, layer.weight_layout)
     del w2
+    release_free_memory()
     out.update(linear_tensors(layer.fc2, layer.w2, q2, layer.weight_layout, scheme))
     if b2 is not None:
         out[layer.b2] = b2

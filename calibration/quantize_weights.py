@@ -41,15 +41,18 @@ def quantize_weight_blocked(
     if multiplier is None and len(blocks) == 1:
         return quantize_weight(w, weight_layout=weight_layout, group_size=group_size)
     data = torch.empty(n, k, dtype=torch.int8)
-    scales = []
+    # Written in place: a small tensor kept per block would sit between the blocks'
+    # temporaries in the allocator's heap and keep it from giving their memory back.
+    scale = torch.empty((n,) if group_size is None else (n, -(-k // group_size)), dtype=torch.float32)
     for rows in blocks:
         block = w_nk[rows] if multiplier is None else w_nk[rows].to(torch.float32) * multiplier[None, :]
         q = quantize_weight(block, weight_layout="out_in", group_size=group_size)
         data[rows] = q.data
-        scales.append(q.scale)
+        scale[rows] = q.scale
+        del block, q
     if weight_layout == "in_out":
         data = data.t().contiguous()
-    return QuantizedWeight(data, torch.cat(scales), group_size)
+    return QuantizedWeight(data, scale, group_size)
 
 
 def dequantized_rows(qw: QuantizedWeight, weight_layout: str, rows: slice) -> torch.Tensor:

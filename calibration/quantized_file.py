@@ -55,7 +55,7 @@ from calibration.errors import CheckpointError
 from calibration.safetensors_stream import TensorInfo, tensor_bytes
 from kernels.errors import LaunchError
 from kernels.quantized import QuantizedWeight
-from kernels.schemes import ActivationScheme, Granularity, SchemeError
+from kernels.schemes import GELU_FLAVOURS, ActivationScheme, Granularity, SchemeError
 from kernels.version import __version__
 
 RECORD_KEY = "gelugemm"
@@ -417,7 +417,33 @@ def read_record_from(metadata: dict[str, str], where: Path) -> dict | None:
             f"{where}: {FORMAT} version {record.get('format_version')}; this gelugemm reads version {FORMAT_VERSION} "
             "(quantize the original checkpoint again)"
         )
+    _record_layers(record, where)  # a record whose MLPs cannot be read is refused here, in one line
+    if not isinstance(record.get("source"), dict) or not isinstance(record.get("smoothing", {}), dict):
+        raise CheckpointError(f"{where}: its {RECORD_KEY!r} record has no readable source")
     return record
+
+
+def _record_layers(record: dict, where) -> list[MLPLayer]:
+    """The MLPs a record lists, each field present with its type; else a CheckpointError."""
+    layers = record.get("layers")
+    fields = MLPLayer.__dataclass_fields__
+    if not isinstance(layers, list) or not layers:
+        raise CheckpointError(f"{where}: its {RECORD_KEY!r} record lists no MLPs")
+    out = []
+    for entry in layers:
+        if not isinstance(entry, dict) or not set(entry) <= set(fields):
+            raise CheckpointError(f"{where}: its {RECORD_KEY!r} record has an MLP entry gelugemm cannot read")
+        try:
+            layer = MLPLayer.from_record(entry)
+        except TypeError as exc:
+            raise CheckpointError(f"{where}: its {RECORD_KEY!r} record has an MLP entry gelugemm cannot read ({exc})") from None
+        ints = (layer.d_model, layer.d_ff)
+        names = (layer.fc1, layer.fc2, layer.w1, layer.w2)
+        if not all(isinstance(v, int) and v > 0 for v in ints) or not all(isinstance(n, str) for n in names) \
+                or layer.weight_layout not in ("out_in", "in_out") or layer.gelu not in GELU_FLAVOURS:
+            raise CheckpointError(f"{where}: its {RECORD_KEY!r} record describes MLP {layer.fc1!r} with values gelugemm cannot use")
+        out.append(layer)
+    return out
 
 
 def _quantization_config_of(ckpt: Checkpoint, record: dict | None) -> dict | None:
@@ -458,17 +484,23 @@ def _groups(qc: dict, where: Path) -> tuple[list[_Group], list[str]]:
     if status != "compressed":
         raise CheckpointError(f"{where}: quantization_status {status!r}: its weights are not stored as int8 (gelugemm reads 'compressed')")
     groups = []
-    for name, group in (qc.get("config_groups") or {}).items():
-        if not isinstance(group, dict):
-            raise CheckpointError(f"{where}: config group {name!r} is not an object")
+    config_groups = qc.get("config_groups") or {}
+    if not isinstance(config_groups, dict):
+        raise CheckpointError(f"{where}: quantization_config's config_groups is not an object")
+    for name, group in config_groups.items():
+        if not isinstance(group, dict) or not isinstance(group.get("targets", []), list):
+            raise CheckpointError(f"{where}: config group {name!r} is not an object with a list of targets")
+        if not isinstance(group.get("weights"), (dict, type(None))) or not isinstance(group.get("input_activations"), (dict, type(None))):
+            raise CheckpointError(f"{where}: config group {name!r}: weights and input_activations must be objects")
         fmt = group.get("format") or qc.get("format")
         if fmt not in INT8_FORMATS:
             raise CheckpointError(f"{where}: config group {name!r} has format {fmt!r}; gelugemm reads {', '.join(INT8_FORMATS)}")
         scheme = FormatScheme.from_args(group.get("weights"), group.get("input_activations"), f"{where}: config group {name!r}")
-        groups.append(_Group(name, scheme, tuple(group.get("targets") or ()), fmt))
+        groups.append(_Group(name, scheme, tuple(t for t in group.get("targets") or () if isinstance(t, str)), fmt))
     if not groups:
         raise CheckpointError(f"{where}: quantization_config has no config_groups")
-    ignore = [t for t in (qc.get("ignore") or []) if isinstance(t, str)]
+    ignore = qc.get("ignore")
+    ignore = [t for t in ignore if isinstance(t, str)] if isinstance(ignore, list) else []
     return groups, ignore
 
 
@@ -514,7 +546,7 @@ class QuantizedCheckpoint:
         self.made_by = "gelugemm" if self.record is not None else "compressed-tensors"
         groups, ignore = _groups(qc, ckpt.config_path if ckpt.kind == "directory" else ckpt.path)
         if self.record is not None:
-            self.layers = [MLPLayer.from_record(layer) for layer in self.record["layers"]]
+            self.layers = _record_layers(self.record, self.path)
         else:
             self.layers = self._discover(gelu)
         self._schemes: dict[str, FormatScheme] = {}
@@ -665,7 +697,7 @@ def read_quantized(path: str | Path) -> tuple[dict, list[MLPLayer]]:
         record = read_record_from(ckpt.metadata(), ckpt.shards[0].path)
     if record is None:
         raise CheckpointError(f"{path}: not written by gelugemm quantize (no {RECORD_KEY!r} metadata record)")
-    return record, [MLPLayer.from_record(layer) for layer in record["layers"]]
+    return record, _record_layers(record, path)
 
 
 def load_quantized_mlp(path: str | Path, layer: MLPLayer) -> tuple[QuantizedWeight, torch.Tensor | None, QuantizedWeight, torch.Tensor | None]:

@@ -353,3 +353,24 @@ def test_quantize_holds_one_float_weight_at_a_time_and_never_reads_what_it_copie
     # one weight, plus the small vectors read with it (its bias, the LayerNorm for synthetic rows)
     assert weight <= peak[0] <= weight + 4 * 128 * 2
     assert "embed_in.weight" not in read_names and all_tensors(tmp_path / "model-int8")["embed_in.weight"].equal(tensors["embed_in.weight"])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: r.pop("layers"),
+    lambda r: r["layers"][0].update(d_ff="wide"),
+    lambda r: r["layers"][0].update(unknown_field=1),
+    lambda r: r["layers"][0].pop("fc1"),
+    lambda r: r.update(source="somewhere"),
+    lambda r: r["layers"][0].update(gelu="relu"),
+])  # fmt: skip
+def test_a_damaged_record_is_one_line_exit_2(tmp_path, damage):
+    source = write_checkpoint(tmp_path / "m.safetensors", "bert")
+    out = Path(quantize_checkpoint(source).output)
+    with safe_open(str(out), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    record = json.loads(metadata[RECORD_KEY])
+    damage(record)
+    save_file(tensors, str(out), metadata={**metadata, RECORD_KEY: json.dumps(record)})
+    for command in ("verify", "inspect"):
+        result = runner.invoke(app, [command, str(out)])
+        assert result.exit_code == 2 and result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.output
