@@ -4,7 +4,7 @@
 # torch/triton (nothing is installed).
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes verify eval
-#                                          (default: all)
+#                                          (default: all), and verify-dir (not in the default)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -94,6 +94,31 @@ for stage in "${stages[@]}"; do
         done
         summary+=("eval: $(grep -E '^(PASS|FAIL)' "$OUT/eval.txt" | tr '\n' ' ')")
       fi
+      ;;
+    verify-dir)
+      # A sharded model directory through quantize (w8a16, w8a8) and verify on the Triton
+      # kernels: samples/'s two MiniLM MLPs split into three shards with an index.
+      rm -rf "$OUT/minilm-dir" "$OUT/minilm-dir-int8"
+      python3 - "$OUT/minilm-dir" <<'PY'
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+out = Path(sys.argv[1]); out.mkdir()
+tensors = load_file("samples/minilm-mlp.safetensors"); names = sorted(tensors)
+shards = [names[i::3] for i in range(3)]; weight_map = {}
+for i, members in enumerate(shards, 1):
+    name = f"model-{i:05d}-of-00003.safetensors"
+    save_file({n: tensors[n] for n in members}, str(out / name)); weight_map.update({n: name for n in members})
+(out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+(out / "config.json").write_text(Path("samples/config.json").read_text())
+PY
+      for scheme in w8a16 w8a8; do
+        gg quantize "$OUT/minilm-dir" --scheme $scheme $([[ $scheme == w8a8 ]] && echo --calib samples/minilm-calib.safetensors) --force \
+          >"$OUT/quantize-dir-$scheme.txt" 2>&1 || status=1
+        gg verify "$OUT/minilm-dir-int8" --dtype all --backend triton --json "$OUT/verify-dir-$scheme.json" \
+          >"$OUT/verify-dir-$scheme.txt" 2>&1 || status=1
+        summary+=("verify-dir $scheme: $(tail -n 1 "$OUT/verify-dir-$scheme.txt")")
+      done
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -1,6 +1,6 @@
-"""Quantized MLPs as modules: loaded from a file `gelugemm quantize` wrote, swapped into a model.
+"""Quantized MLPs as modules: loaded from a quantized checkpoint, swapped into a model.
 
-    mlps = load_mlps("model.int8.safetensors")          # {fc1 prefix: FusedGeluMLP}
+    mlps = load_mlps("model-int8")                       # {fc1 prefix: FusedGeluMLP}; a file or a directory
     model = transformers.AutoModel.from_pretrained(model_dir)
     swap_mlps(model, mlps)                               # each MLP into its place, by checkpoint prefix
     model.to("cuda")                                     # moves the int8 weights and scales too
@@ -8,6 +8,9 @@
 
 Where each MLP goes is found from the checkpoint prefix and the model's own modules
 (`plan_swaps` says how, per family), or given explicitly with `find=`.
+
+A quantized checkpoint is one `gelugemm quantize` wrote (file or model directory) or a
+compressed-tensors int8 checkpoint another tool wrote (llm-compressor's W8A8 / W8A16).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calibration.checkpoint import CONVENTIONS, FAMILIES, find_mlps
+from calibration.checkpoint import mlps_in, open_checkpoint
+from calibration.families import CONVENTION_NAMES, CONVENTIONS, PLAIN_CONVENTION
 from calibration.errors import CheckpointError
-from calibration.quantized_file import is_quantized_file, load_quantized_mlp, read_quantized
+from calibration.quantized_file import FormatScheme, QuantizedCheckpoint, is_quantized_checkpoint, open_quantized
 from kernels.errors import GelugemmError
 from kernels.module import FusedGeluMLP
 from kernels.op import MLPConfig
+from kernels.w8a8 import W8A8_GROUP_SIZES
 
 
 class SwapError(GelugemmError, LookupError):
@@ -36,29 +41,46 @@ class SwapError(GelugemmError, LookupError):
 def checkpoint_shapes(path: str | Path, gelu: str | None = None) -> tuple[list[tuple[int, int]], str]:
     """(the distinct (d_model, d_ff) of a checkpoint's MLPs, their GELU flavour), for the benchmark.
 
-    A file quantize wrote: from its record; else by discovery. The flavour is `gelu`
+    A quantized checkpoint: its quantized MLPs; else by discovery. The flavour is `gelu`
     where given, else what config.json or the model family says.
     """
-    path = Path(path)
-    layers = read_quantized(path)[1] if is_quantized_file(path) else find_mlps(path, gelu=gelu)
+    with open_checkpoint(path) as ckpt:
+        layers = QuantizedCheckpoint(ckpt, gelu=gelu).layers if is_quantized_checkpoint(ckpt) else mlps_in(ckpt, gelu=gelu)
     return sorted({(layer.d_model, layer.d_ff) for layer in layers}), gelu or layers[0].gelu
 
 
 # ---- loading from a quantized checkpoint -------------------------------------------------
 
 
-def _config_for(record: dict, layer, activation_dtype: str, backend: str) -> MLPConfig:
-    """The op config a quantized file's record asks for: its scheme, the layer's GELU and
-    layout, and for w8a8 the calibrated (static) input scale the file carries."""
+def int8_op_fields(scheme: FormatScheme, where: Path | str = "checkpoint") -> dict:
+    """The op config fields (beyond dtype) that run a quantized checkpoint's scheme: for
+    w8a8 its activation scheme (dynamic, group:N or static, as the file says), checked to
+    be one the kernels run."""
+    if scheme.scheme != "w8a8":
+        return {}
+    activations = scheme.activations
+    if activations.kind == "group" and activations.group_size not in W8A8_GROUP_SIZES:
+        sizes = ", ".join(f"group:{g}" for g in W8A8_GROUP_SIZES)
+        raise CheckpointError(
+            f"{where}: w8a8 with {activations} activations (compressed-tensors group_size {activations.group_size}); "
+            f"gelugemm's int8 kernels run {sizes}"
+        )
+    return {"activations": activations}
+
+
+def _config_for(q: QuantizedCheckpoint, layer, activation_dtype: str, backend: str) -> MLPConfig:
+    """The op config a quantized checkpoint asks for: its scheme, the layer's GELU and layout."""
     return MLPConfig(
-        dtype=record["scheme"],
-        gelu=layer.gelu,
-        weight_layout=layer.weight_layout,
-        backend=backend,
-        activation_dtype=activation_dtype,
-        # files that predate the field carry static w8a8 scales; w8a16 has no activation scales
-        activations=record.get("activations") or ("static" if record["scheme"] == "w8a8" else "dynamic"),
-    )
+        dtype=q.scheme.scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend=backend,
+        activation_dtype=activation_dtype, **int8_op_fields(q.scheme, q.path),
+    )  # fmt: skip
+
+
+def _module(q: QuantizedCheckpoint, layer, original_inputs: bool, activation_dtype, backend, device) -> FusedGeluMLP:
+    w1, b1, w2, b2 = q.load(layer)
+    if q.smoothing(layer) == "folded" and not original_inputs:
+        w1.smooth_scale = None  # the checkpoint's LayerNorm already divides by it
+    return FusedGeluMLP(w1, b1, w2, b2, _config_for(q, layer, activation_dtype, backend), device=device)
 
 
 def load_mlps(
@@ -67,19 +89,19 @@ def load_mlps(
     activation_dtype: str = "fp16",
     backend: str = "auto",
     device: str | torch.device | None = None,
+    original_inputs: bool = False,
 ) -> dict[str, FusedGeluMLP]:
-    """Every MLP of a file written by `gelugemm quantize`, keyed by its fc1 prefix, in layer order.
+    """Every quantized MLP of a checkpoint, keyed by its fc1 prefix, in layer order.
 
     activation_dtype: the float dtype the int8 op runs its activations in, "fp16" or "bf16".
     device: where the weights go (None: CPU, as read).
+    original_inputs: where SmoothQuant was folded into a LayerNorm (pre-LN models), the
+        modules take that LayerNorm's output as the quantized checkpoint computes it (x / s)
+        by default; True makes them take the original model's (they divide by s themselves),
+        for swapping into the unquantized model. Run-time smoothing (post-LN) always divides.
     """
-    record, layers = read_quantized(path)
-    return {
-        layer.fc1: FusedGeluMLP(
-            *load_quantized_mlp(path, layer), _config_for(record, layer, activation_dtype, backend), device=device
-        )
-        for layer in layers
-    }
+    with open_quantized(path) as q:
+        return {layer.fc1: _module(q, layer, original_inputs, activation_dtype, backend, device) for layer in q.layers}
 
 
 def load_mlp(
@@ -89,15 +111,14 @@ def load_mlp(
     activation_dtype: str = "fp16",
     backend: str = "auto",
     device: str | torch.device | None = None,
+    original_inputs: bool = False,
 ) -> FusedGeluMLP:
-    """One MLP of a quantized file, named by its fc1 prefix (`encoder.layer.0.intermediate.dense`)."""
-    record, layers = read_quantized(path)
-    by_prefix = {layer.fc1: layer for layer in layers}
-    if layer_prefix not in by_prefix:
-        raise CheckpointError(f"{path} has no quantized MLP {layer_prefix!r}; it holds {', '.join(by_prefix)}")
-    layer = by_prefix[layer_prefix]
-    config = _config_for(record, layer, activation_dtype, backend)
-    return FusedGeluMLP(*load_quantized_mlp(path, layer), config, device=device)
+    """One MLP of a quantized checkpoint, named by its fc1 prefix (`encoder.layer.0.intermediate.dense`)."""
+    with open_quantized(path) as q:
+        by_prefix = {layer.fc1: layer for layer in q.layers}
+        if layer_prefix not in by_prefix:
+            raise CheckpointError(f"{path} has no quantized MLP {layer_prefix!r}; it holds {', '.join(by_prefix)}")
+        return _module(q, by_prefix[layer_prefix], original_inputs, activation_dtype, backend, device)
 
 
 # ---- swapping into a model -------------------------------------------------------------
@@ -127,11 +148,11 @@ class _Identity(nn.Identity):
 
 def _fc2_prefix(fc1_prefix: str) -> str:
     """The fc2 prefix beside an fc1 prefix, by the naming families quantize knows."""
-    for family in FAMILIES:
-        if fc1_prefix == family.fc1 or fc1_prefix.endswith("." + family.fc1):
-            return fc1_prefix[: len(fc1_prefix) - len(family.fc1)] + family.fc2
+    for convention in (*CONVENTIONS, PLAIN_CONVENTION):
+        if fc1_prefix == convention.fc1 or fc1_prefix.endswith("." + convention.fc1):
+            return fc1_prefix[: len(fc1_prefix) - len(convention.fc1)] + convention.fc2
     raise SwapError(
-        f"{fc1_prefix!r} is not an MLP prefix of a family gelugemm knows ({', '.join(CONVENTIONS)}); "
+        f"{fc1_prefix!r} is not an MLP prefix of a family gelugemm knows ({', '.join(CONVENTION_NAMES)}); "
         "pass find= to say which module it replaces"
     )
 

@@ -82,6 +82,10 @@ from gelugemm_cli import verify  # noqa: E402
 
 app.command("verify")(verify.verify)
 
+from gelugemm_cli import inspect  # noqa: E402
+
+app.command("inspect")(inspect.inspect)
+
 from gelugemm_cli import calibrate  # noqa: E402
 
 app.command("calibrate")(calibrate.calibrate)

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from calibration import outputs
 from calibration.errors import CheckpointError
-from calibration.quantized_file import read_record
+from calibration.quantized_file import read_quantized
 from kernels.errors import GelugemmError
 
 console = Console()
@@ -141,18 +141,22 @@ def input_files(*paths: str | Path | None) -> list[Path]:
 
 
 def recorded_inputs(checkpoint: Path) -> list[Path]:
-    """A quantized file's recorded source checkpoint and calibration file (verify reads them)."""
+    """A quantized checkpoint's recorded source (its file, or its directory's shards) and
+    calibration file: verify and eval read them."""
     try:
-        record = read_record(checkpoint) if checkpoint.is_file() else None
+        record, _ = read_quantized(checkpoint)
     except CheckpointError:
-        return []  # the command itself reports a bad file
-    if not isinstance(record, dict):
-        return []
-    found = []
+        return []  # not a quantized checkpoint of ours, or a bad one: the command itself says so
     source = record.get("source") or {}
-    for key in ("path", "relative_path"):
-        if isinstance(source.get(key), str):
-            found.append(checkpoint.parent / source[key] if key == "relative_path" else Path(source[key]))
+    roots = [Path(source["path"])] if isinstance(source.get("path"), str) else []
+    if isinstance(source.get("relative_path"), str):
+        roots.append(Path(checkpoint).resolve().parent / source["relative_path"])
+    found = []
+    for root in roots:
+        if source.get("kind") == "directory":
+            found += [root / f["name"] for f in source.get("files") or [] if isinstance(f, dict) and isinstance(f.get("name"), str)]
+        else:
+            found.append(root)
     calib = record.get("calibration") or {}
     if isinstance(calib, dict) and isinstance(calib.get("path"), str):
         found.append(Path(calib["path"]))

@@ -18,8 +18,10 @@ from gelugemm_cli.common import check_json_output, console, err_console, for_log
 
 
 def quantize(
-    checkpoint: Path = typer.Argument(..., help="A safetensors checkpoint (fp32, fp16 or bf16)."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Output file (default: CHECKPOINT.int8.safetensors beside it)."),
+    checkpoint: Path = typer.Argument(..., help="A .safetensors file or a model directory (single file or sharded; fp32, fp16 or bf16)."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Output (default: NAME.int8.safetensors beside a file, DIR-int8/ beside a model directory)."
+    ),
     scheme: str = typer.Option("w8a16", help="w8a16 (int8 weights) or w8a8 (int8 weights and activations)."),
     granularity: str = typer.Option("per-channel", help="Weight scales: per-channel, or group:N along the input dim."),
     method: str | None = typer.Option(None, help="w8a8 activation observer: max, percentile:P or mse (default: max)."),
@@ -28,11 +30,11 @@ def quantize(
     tokens: int | None = typer.Option(None, help="w8a8: calibration rows (default: 512 synthetic, or all of --calib's calibrate split)."),
     seed: int = typer.Option(0, help="w8a8: seed of the synthetic calibration inputs."),
     layers: str | None = typer.Option(None, help="Quantize only the MLPs whose fc1 or fc2 prefix matches this regex."),
-    gelu: str | None = typer.Option(None, help="erf or tanh, overriding config.json (default: from config.json or the family)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file (and a --json file gelugemm did not write)."),
+    gelu: str | None = typer.Option(None, help="erf, tanh or quick, overriding config.json (default: from config.json or the family)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (and a --json file gelugemm did not write)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ):
-    """Quantize the GELU MLPs of CHECKPOINT to int8 and write the whole checkpoint."""
+    """Quantize the GELU MLPs of CHECKPOINT to int8 and write the whole checkpoint (compressed-tensors format)."""
     with user_errors():
         options = QuantizeOptions(scheme, granularity, method, smooth, calib, tokens, seed, layers, gelu, force)
         output_path = output if output is not None else default_output(checkpoint)
@@ -83,15 +85,25 @@ def render(report: QuantizeReport, out: Console) -> None:
     if report.scheme == "w8a8":
         smooth = f", SmoothQuant alpha {report.smooth}" if report.smooth is not None else ""
         out.print(f"activation scales: {report.method}{smooth}; calibrated on {_calibrated_on(report)}", highlight=False, soft_wrap=True)
+    smoothed = sorted({layer.smoothing for layer in report.layers if layer.smoothing})
+    if smoothed:
+        out.print(f"smoothing: {'; '.join(smoothed)}", highlight=False, soft_wrap=True)
     mem = report.memory
+    shards = f"{len(report.shards)} shards, " if len(report.shards) > 1 else ""
     out.print(
-        f"wrote {report.output} ({size_text(report.output_bytes)}, from {size_text(report.source_bytes)}; "
+        f"wrote {report.output} ({shards}{size_text(report.output_bytes)}, from {size_text(report.source_bytes)}; "
         f"{plural(len(report.layers), 'MLP')} quantized, {plural(report.tensors_copied, 'tensor')} copied) in {report.seconds:.1f} s",
         highlight=False, soft_wrap=True,
     )
+    if report.output_kind == "directory":
+        copied = ", ".join(report.files_copied) or "none"
+        out.print(f"other model files copied: {copied}", highlight=False, soft_wrap=True)
+        for skipped in report.files_skipped:
+            out.print(f"[yellow]not copied:[/yellow] {skipped}", highlight=False, soft_wrap=True)
+    out.print(f"runs on: {report.runs_on}", highlight=False, soft_wrap=True)
     out.print(
         f"peak memory: {size_text(mem['peak_rss_bytes'])} resident ({mem['peak_rss_scope']}; {size_text(mem['start_rss_bytes'])} at start, "
-        f"mapped checkpoint pages included), heap {size_text(mem['peak_anon_bytes'])} ({size_text(mem['start_anon_bytes'])} at start)",
+        f"mapped file pages included), heap {size_text(mem['peak_anon_bytes'])} ({size_text(mem['start_anon_bytes'])} at start)",
         highlight=False, soft_wrap=True,
     )
 

@@ -32,7 +32,7 @@ from gelugemm_cli.quantize import _block as mlp_block
 
 # Help strings are Rich markup (Typer's default): a literal "[" is written "\\[", or Rich eats "[default: ...]".
 def verify(
-    checkpoint: Path = typer.Argument(..., help="An original safetensors checkpoint, or a file written by `gelugemm quantize`."),
+    checkpoint: Path = typer.Argument(..., help="An original checkpoint (file or model directory), or a quantized one (gelugemm's or compressed-tensors int8)."),
     dtype: str | None = typer.Option(
         None, "--dtype",
         help=r"fp16, bf16, fp32, w8a16, w8a8, all, or a comma list \[default: all for an original checkpoint, its scheme for a quantized file].",
@@ -45,7 +45,7 @@ def verify(
     ),
     backend: str = typer.Option("auto", help="auto (Triton on CUDA, torch elsewhere), triton or torch."),
     reference: Path | None = typer.Option(None, help="A quantized file's original checkpoint, instead of the one its metadata records."),
-    gelu: str | None = typer.Option(None, help=r"erf or tanh: the model's GELU, overriding config.json \[default: from config.json or the family]."),
+    gelu: str | None = typer.Option(None, help=r"erf, tanh or quick: the model's GELU, overriding config.json \[default: from config.json or the family]."),
     seed: int = typer.Option(0, help="Seed of the synthetic inputs (without --calib)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --json file that gelugemm did not write."),

@@ -115,9 +115,23 @@ def write_spec(folder: Path, spec: dict) -> Path:
             tensors.pop(fam.fc1_prefix(i) + ".bias")
     path = folder / "model.safetensors"
     path.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
-    if spec["config"] is not None:
-        (folder / "config.json").write_text(json.dumps({"hidden_act": spec["config"]}))
+    config = config_of(spec)
+    if config:
+        (folder / "config.json").write_text(json.dumps(config))
     return path
+
+
+# Checkpoints whose layout only config.json can tell (GPTBigCode uses GPT-2's names with
+# nn.Linear weights, GPT-2 Conv1D ones; a square or bias-less MLP does not say which) come
+# with the model_type a real one has.
+MODEL_TYPES = {"gpt-bigcode": "gpt_bigcode", "gpt2": "gpt2"}
+
+
+def config_of(spec: dict) -> dict:
+    config = {"model_type": MODEL_TYPES[spec["family"]]} if spec["family"] in MODEL_TYPES else {}
+    if spec["config"] is not None:
+        config["hidden_act"] = spec["config"]
+    return config
 
 
 @settings(FUZZ, max_examples=VALID_EXAMPLES)
@@ -131,7 +145,7 @@ def test_any_valid_checkpoint_quantizes_and_verifies(spec):
         assert result.exit_code == 0, (spec, result.output, result.exception)
         assert is_quantized_file(out) and json.loads(report.read_text())["tool"] == "gelugemm"
         assert sorted(p.name for p in folder.iterdir()) == sorted({"model.safetensors", "q.safetensors", "q.json"}
-                                                                  | ({"config.json"} if spec["config"] else set()))  # fmt: skip
+                                                                  | ({"config.json"} if config_of(spec) else set()))  # fmt: skip
         for target in (out, source):  # the quantized file against its source; the original, every dtype
             result = invoke("verify", target, "--tokens", "32", "--json", folder / "v.json")
             assert result.exit_code in (0, 1), (spec, target.name, result.output, result.exception)
