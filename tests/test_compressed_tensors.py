@@ -28,7 +28,6 @@ from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
 
-from calibration.errors import CheckpointError
 from calibration.model import load_mlps
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
