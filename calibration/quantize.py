@@ -43,7 +43,7 @@ from calibration.data import calibration_inputs, check_calibration_file, describ
 from calibration.errors import CheckpointError
 from calibration.families import FAMILIES
 from calibration.memory import MemoryMeter, release_free_memory
-from calibration.options import QuantizeOptions
+from calibration.options import SYNTHETIC_WARNING, QuantizeOptions
 from calibration.quantize_mlp import quantize_gemm1, quantize_gemm2
 from calibration.quantize_weights import weight_error
 from calibration.smooth import smooth_scale
@@ -127,6 +127,7 @@ class QuantizeReport:
     largest_shard_bytes: int
     memory: dict  # calibration.memory.MemoryMeter.facts(): start and peak resident bytes
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # what the user should know about the result
     version: str = __version__
     record: dict = field(default_factory=dict)  # the metadata record written to every shard
 
@@ -162,7 +163,7 @@ def _check_paths(ckpt: Checkpoint, source: Path, output: Path, options: Quantize
             raise CheckpointError(f"output {output} is inside the model directory {source}; quantize writes beside it")
         if output.name.endswith(".safetensors"):
             raise CheckpointError(f"output {output}: a model directory quantizes to a directory; -o names the directory (default {default_output(source).name})")
-    inputs = [shard.path for shard in ckpt.shards] + [options.calib, source.parent / CONFIG_FILE]
+    inputs = [shard.path for shard in ckpt.shards] + [options.calib_file, source.parent / CONFIG_FILE]
     if directory:
         inputs += [source / CONFIG_FILE, source / INDEX_FILE]
     check_output(output, option="output", inputs=inputs, expected_bytes=expected_bytes, force=options.force, directory=directory)
@@ -194,11 +195,14 @@ def _quantize_layer(
     read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
     w1, b1 = read(layer.w1), read(layer.b1)
     x, calibrated_on = None, None
-    if options.scheme == "w8a8":
-        x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
+    if options.observer is not None:  # static activation scales (smoothing's scale is computed beforehand)
+        x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
+    elif smooth_scale is not None:
+        calibrated_on = "smoothing only (its scale from the calibration rows; activation scales at run time)"
     q1 = quantize_gemm1(
         w1, b1, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
         group_size=options.group_size, method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale,
+        activations=options.activations or "dynamic",
     )  # fmt: skip
     del x
     # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
@@ -238,7 +242,7 @@ def _smooth_scales(ckpt: Checkpoint, layers: list[MLPLayer], options: QuantizeOp
         return {}
     scales = {}
     for layer in layers:
-        x, _ = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
+        x, _ = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
         scales[layer.fc1] = smooth_scale(x, read_tensor(ckpt, layer.w1), options.smooth, layer.weight_layout)
         meter.sample()
     return scales
@@ -425,10 +429,12 @@ def quantize_checkpoint(
         plan = _plan(ckpt, layers, scheme, options)  # from the headers alone
         copy, files_skipped = _other_files(ckpt) if is_dir else ([], [])
         _check_paths(ckpt, source, output, options, _expected_bytes(ckpt, plan, layers, copy))
-        calibration = describe_source(calib=options.calib, tokens=options.tokens, seed=options.seed) if options.scheme == "w8a8" else None
+        calibration = None
+        if options.needs_calibration:
+            calibration = describe_source(calib=options.calib_file, tokens=options.tokens, seed=options.seed)
         if calibration and calibration["kind"] == "file":
-            check_calibration_file(options.calib, layers)
-            calibration["sha256"] = sha256_file(options.calib)
+            check_calibration_file(options.calib_file, layers)
+            calibration["sha256"] = sha256_file(options.calib_file)
         qconfig, record, runs_on = _config_and_record(ckpt, output, layers, options, scheme, calibration, plan.smoothing)
         record_text = json.dumps(record)
         smooth_scales = _smooth_scales(ckpt, layers, options, meter)
@@ -489,5 +495,5 @@ def quantize_checkpoint(
         layers=[reports[i] for i in range(len(layers))], tensors_copied=len(plan.copies), shards=list(plan.shards),
         files_copied=files_copied, files_skipped=files_skipped, runs_on=runs_on, source_bytes=source_bytes,
         output_bytes=written, largest_tensor_bytes=largest, largest_shard_bytes=largest_shard, memory=meter.facts(),
-        seconds=time.perf_counter() - started, record=record,
+        seconds=time.perf_counter() - started, warnings=[SYNTHETIC_WARNING] if options.synthetic else [], record=record,
     )  # fmt: skip

@@ -1,7 +1,9 @@
-"""One MLP, quantized in memory: int8 weights with their scales, and for w8a8 the
-static activation scales the fused kernels use.
+"""One MLP, quantized in memory: int8 weights with their scales, and for w8a8 what its
+activation scheme needs ahead of run time: SmoothQuant's scale with --smooth, and for
+`static` the calibrated activation scales the fused kernels use (`dynamic` and `group:N`
+compute theirs at run time, from each token).
 
-w8a8 follows what the kernels compute:
+w8a8 static follows what the kernels compute:
 
     x_s = x / s                        SmoothQuant (s = 1 without --smooth), s folded into W1
     input_scale  = observer(x_s)       GEMM1's static input scale
@@ -27,6 +29,7 @@ from calibration.smooth import smooth_scale as compute_smooth_scale
 from kernels.int8 import fake_quantize
 from kernels.quantized import QuantizedWeight
 from kernels.reference import linear_reference
+from kernels.schemes import ActivationScheme
 
 
 def quantize_mlp(
@@ -42,16 +45,18 @@ def quantize_mlp(
     method: str = "max",
     smooth: float | None = None,
     smooth_scale: torch.Tensor | None = None,
+    activations: str | ActivationScheme = "dynamic",
 ) -> tuple[QuantizedWeight, QuantizedWeight]:
-    """(W1, W2) as int8 in their stored layout; w8a8 needs calibration inputs x [tokens, d_model].
+    """(W1, W2) as int8 in their stored layout.
 
-    w8a16: weight scales only. w8a8: also W1.input_scale, W1.output_scale (= W2.input_scale)
-    and, with `smooth` (an alpha), W1.smooth_scale: computed from x and W1, or `smooth_scale`
-    where the caller computed it already (the same function of the same x and W1).
+    w8a16: weight scales only. w8a8: with `smooth` (an alpha), W1.smooth_scale, computed from
+    x and W1, or `smooth_scale` where the caller computed it already (the same function of
+    the same x and W1); with activations "static", W1.input_scale and W1.output_scale (=
+    W2.input_scale), calibrated on x. x [tokens, d_model] is needed for exactly those.
     """
     q1 = quantize_gemm1(
         w1, b1, x, scheme=scheme, weight_layout=weight_layout, gelu=gelu, group_size=group_size, method=method,
-        smooth=smooth, smooth_scale=smooth_scale,
+        smooth=smooth, smooth_scale=smooth_scale, activations=activations,
     )  # fmt: skip
     return q1, quantize_gemm2(w2, q1, weight_layout=weight_layout, group_size=group_size)
 
@@ -68,28 +73,34 @@ def quantize_gemm1(
     method: str = "max",
     smooth: float | None = None,
     smooth_scale: torch.Tensor | None = None,
+    activations: str | ActivationScheme = "dynamic",
 ) -> QuantizedWeight:
-    """W1 as int8 and, for w8a8, the scales of its input and of its GELU output (quantize_mlp's
-    first half: W2 is not needed, so a caller can hold one float weight at a time)."""
+    """W1 as int8 and, for w8a8, its smoothing scale and (static) the scales of its input
+    and of its GELU output (quantize_mlp's first half: W2 is not needed, so a caller can
+    hold one float weight at a time)."""
     if scheme not in SCHEMES:
         raise OptionError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
     if scheme == "w8a16":
         if smooth is not None or smooth_scale is not None:
             raise OptionError("smoothing moves activation outliers into W1; it needs w8a8")
         return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size)
-    if x is None:
-        raise OptionError("w8a8 needs calibration inputs to set its activation scales")
     if group_size is not None:
         raise OptionError("w8a8 takes per-channel weight scales; group scales are for w8a16")
-    x = x.to(torch.float32)
+    static = ActivationScheme.parse(activations).kind == "static"
+    if x is None and (static or (smooth is not None and smooth_scale is None)):
+        why = "static activation scales" if static else "SmoothQuant's scale"
+        raise OptionError(f"w8a8 needs calibration inputs to set its {why}")
     s = smooth_scale
     if s is None and smooth is not None:
-        s = compute_smooth_scale(x, w1, smooth, weight_layout)
-    if s is not None:
-        x = x / s
+        s = compute_smooth_scale(x.to(torch.float32), w1, smooth, weight_layout)
     # W1 * s (SmoothQuant folded in) is what is quantized.
     q1 = quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size, multiplier=s)
     q1.smooth_scale = s
+    if not static:
+        return q1
+    x = x.to(torch.float32)
+    if s is not None:
+        x = x / s
     q1.input_scale = activation_scale(x, method)
     xq = fake_quantize(x, q1.input_scale)
     d_ff, d_model = (w1.shape if weight_layout == "out_in" else w1.shape[::-1])

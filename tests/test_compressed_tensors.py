@@ -83,9 +83,11 @@ def test_packing_is_compressed_tensors_own(k):
 # ---- gelugemm's output, read by the library and by transformers -----------------------------------
 
 OUTPUTS = {
-    "w8a16 per-channel": QuantizeOptions(),
+    "w8a16 per-channel": QuantizeOptions(granularity="per-channel"),
     "w8a16 group:16": QuantizeOptions(granularity="group:16"),
-    "w8a8 static": QuantizeOptions(scheme="w8a8", tokens=256),
+    "w8a8 dynamic": QuantizeOptions(scheme="w8a8"),
+    "w8a8 group:32": QuantizeOptions(scheme="w8a8", activations="group:32"),
+    "w8a8 static": QuantizeOptions(scheme="w8a8", activations="static", calib="synthetic", tokens=256),
 }
 
 
@@ -134,7 +136,7 @@ def test_smoothing_folded_into_a_pre_ln_layernorm_loads_anywhere(tmp_path):
     """ViT's layernorm_after feeds only the MLP: the output is a plain compressed-tensors
     checkpoint whose LayerNorm divides by s, and transformers computes the model with it."""
     source, model = vit_dir(tmp_path / "vit")
-    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=256)).output
+    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=256)).output
     loaded = AutoModel.from_pretrained(out).eval()
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -148,7 +150,7 @@ def test_smoothing_folded_into_a_pre_ln_layernorm_loads_anywhere(tmp_path):
 
 def test_run_time_smoothing_is_refused_by_other_loaders(tmp_path):
     source, _ = bert_dir(tmp_path / "bert")
-    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=256)).output
+    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=256)).output
     with pytest.raises(Exception, match="gelugemm_run_time_smoothing"):
         AutoModel.from_pretrained(out)
     assert verify_checkpoint(out, "w8a8").passed  # gelugemm runs it

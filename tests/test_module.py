@@ -72,10 +72,10 @@ def test_float_module_is_the_reference_mlp(dtype, layout, gelu):
 INT8_VARIANTS = [
     ("w8a16", dict(), "dynamic"),
     ("w8a16", dict(group_size=16), "dynamic"),
-    ("w8a8", dict(), "static"),
+    ("w8a8", dict(activations="static"), "static"),
     ("w8a8", dict(), "dynamic"),
     ("w8a8", dict(), "group:32"),
-    ("w8a8", dict(smooth=0.5), "static"),
+    ("w8a8", dict(activations="static", smooth=0.5), "static"),
 ]
 
 
@@ -124,7 +124,7 @@ def test_mismatched_weights_and_config_are_refused():
 
 def test_w8a8_intermediate_scales_must_agree():
     w1, b1, w2, b2 = float_weights("out_in")
-    q1, q2 = quantize_mlp(w1, b1, w2, torch.randn(64, D_MODEL), scheme="w8a8")
+    q1, q2 = quantize_mlp(w1, b1, w2, torch.randn(64, D_MODEL), scheme="w8a8", activations="static")
     q2.input_scale = q1.output_scale * 2
     with pytest.raises(GelugemmError, match="input_scale differs"):
         FusedGeluMLP(q1, b1, q2, b2, MLPConfig(dtype="w8a8", activations="static"))
@@ -136,7 +136,7 @@ def test_w8a8_intermediate_scales_must_agree():
 def w8a8_module(backend: str = "auto") -> tuple[FusedGeluMLP, torch.Tensor]:
     w1, b1, w2, b2 = float_weights("out_in")
     x = torch.randn(40, D_MODEL)
-    q1, q2 = quantize_mlp(w1, b1, w2, x, scheme="w8a8", smooth=0.5)
+    q1, q2 = quantize_mlp(w1, b1, w2, x, scheme="w8a8", smooth=0.5, activations="static")
     return FusedGeluMLP(q1, b1, q2, b2, MLPConfig(dtype="w8a8", activations="static", backend=backend)), x
 
 
@@ -175,17 +175,21 @@ def test_to_cuda_runs_the_triton_kernels():
 # ---- loading a quantized checkpoint ------------------------------------------------------
 
 
-def quantized_file(tmp_path, family: str, scheme: str):
+def quantized_file(tmp_path, family: str, scheme: str, **options):
     source = write_checkpoint(tmp_path / "model.safetensors", family, d_model=D_MODEL, d_ff=D_FF)
     output = tmp_path / f"model.{scheme}.safetensors"
-    quantize_checkpoint(source, output, QuantizeOptions(scheme=scheme))
+    quantize_checkpoint(source, output, QuantizeOptions(scheme=scheme, **options))
     return source, output
 
 
-@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("scheme,activations", [("w8a16", None), ("w8a8", "dynamic"), ("w8a8", "group:32"), ("w8a8", "static")])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])  # out_in and erf; in_out (Conv1D) and tanh
-def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme):
-    source, path = quantized_file(tmp_path, family, scheme)
+def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme, activations):
+    # the op runs each MLP with the activation scheme the file records
+    options = dict(activations=activations) if scheme == "w8a8" else {}
+    if activations == "static":
+        options.update(calib="synthetic")
+    source, path = quantized_file(tmp_path, family, scheme, **options)
     layers = find_mlps(source)
     mlps = load_mlps(path, backend="torch")
     assert list(mlps) == [layer.fc1 for layer in layers]
@@ -193,7 +197,8 @@ def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme):
         module = mlps[layer.fc1]
         cfg = module.config
         assert (cfg.dtype, cfg.gelu, cfg.weight_layout) == (scheme, layer.gelu, layer.weight_layout)
-        assert str(cfg.activations) == ("static" if scheme == "w8a8" else "dynamic")
+        if scheme == "w8a8":
+            assert str(cfg.activations) == activations
         assert (module.d_model, module.d_ff) == (D_MODEL, D_FF)
         # the file's int8 weights and scales, run as the reference runs them
         w1, b1, w2, b2 = load_quantized_mlp(path, layer)
@@ -202,7 +207,7 @@ def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme):
             ref = w8a16_mlp_reference(x.half(), w1, b1, w2, b2, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout)
         else:
             ref = w8a8_mlp_reference(
-                x.half(), w1, b1, w2, b2, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout, activations="static"
+                x.half(), w1, b1, w2, b2, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout, activations=activations
             )
         assert torch.equal(module(x), ref.float())
         one = load_mlp(path, layer.fc1, backend="torch")
