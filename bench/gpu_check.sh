@@ -85,9 +85,12 @@ for stage in "${stages[@]}"; do
       else
         gg calibrate "$MINILM_DIR" --text samples/text.txt -o "$OUT/minilm-calib.safetensors" --device cuda --force \
           --json "$OUT/calibrate.json" >"$OUT/eval.txt" 2>&1 || status=1
-        for scheme in w8a16 w8a8; do
-          calib=(); [[ $scheme == w8a8 ]] && calib=(--calib "$OUT/minilm-calib.safetensors")
-          gg quantize "$MINILM_DIR/model.safetensors" --scheme $scheme "${calib[@]}" \
+        # the defaults (w8a16 group:128, w8a8 dynamic: no calibration rows), group:128 and static
+        for scheme in w8a16 w8a8 w8a8-group128 w8a8-static; do
+          args=(--scheme "${scheme%%-*}")
+          [[ $scheme == w8a8-group128 ]] && args+=(--activations group:128)
+          [[ $scheme == w8a8-static ]] && args+=(--activations static --calib "$OUT/minilm-calib.safetensors")
+          gg quantize "$MINILM_DIR/model.safetensors" "${args[@]}" \
             -o "$OUT/minilm.$scheme.safetensors" --force >>"$OUT/eval.txt" 2>&1 || status=1
           gg eval "$OUT/minilm.$scheme.safetensors" --text bench/heldout.txt --device cuda --backend triton \
             --json "$OUT/eval-$scheme.json" >>"$OUT/eval.txt" 2>&1 || status=1
@@ -113,7 +116,7 @@ for i, members in enumerate(shards, 1):
 (out / "config.json").write_text(Path("samples/config.json").read_text())
 PY
       for scheme in w8a16 w8a8; do
-        gg quantize "$OUT/minilm-dir" --scheme $scheme $([[ $scheme == w8a8 ]] && echo --calib samples/minilm-calib.safetensors) --force \
+        gg quantize "$OUT/minilm-dir" --scheme $scheme --force \
           >"$OUT/quantize-dir-$scheme.txt" 2>&1 || status=1
         gg verify "$OUT/minilm-dir-int8" --dtype all --backend triton --json "$OUT/verify-dir-$scheme.json" \
           >"$OUT/verify-dir-$scheme.txt" 2>&1 || status=1
