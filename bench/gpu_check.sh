@@ -3,17 +3,23 @@
 # and verify on the real MiniLM MLPs, from the checkout with the machine's own
 # torch/triton (nothing is installed).
 #
-#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph verify (default: all)
+#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph verify eval (default: all),
+#                                          and verify-dir (not in the default)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
 # bench/RESULTS.md for how it is made; carry .cache/minilm to the device).
+# eval runs calibrate -> quantize -> eval on the whole MiniLM through transformers and the
+# Triton kernels; it needs transformers on the device and the model directory in
+# $MINILM_DIR (default .cache/minilm-model: config.json, model.safetensors, tokenizer files,
+# 1_Pooling/), and says why it is skipped otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
-stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph verify)
+stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph verify eval)
+MINILM_DIR=${MINILM_DIR:-$PWD/.cache/minilm-model}
 gg() { python3 -m gelugemm_cli "$@"; }
 status=0
 summary=()
@@ -55,6 +61,49 @@ for stage in "${stages[@]}"; do
           --backend triton --json "$OUT/verify-minilm.json" >"$OUT/verify-minilm.txt" 2>&1 || status=1
       fi
       summary+=("verify: $(tail -n 1 "$OUT/verify-samples.txt")")
+      ;;
+    eval)
+      if ! python3 -c "import transformers" 2>/dev/null; then
+        summary+=("eval: skipped, transformers is not installed here")
+      elif [[ ! -f $MINILM_DIR/config.json ]]; then
+        summary+=("eval: skipped, no model directory at $MINILM_DIR")
+      else
+        gg calibrate "$MINILM_DIR" --text samples/text.txt -o "$OUT/minilm-calib.safetensors" --device cuda --force \
+          --json "$OUT/calibrate.json" >"$OUT/eval.txt" 2>&1 || status=1
+        for scheme in w8a16 w8a8; do
+          calib=(); [[ $scheme == w8a8 ]] && calib=(--calib "$OUT/minilm-calib.safetensors")
+          gg quantize "$MINILM_DIR/model.safetensors" --scheme $scheme "${calib[@]}" \
+            -o "$OUT/minilm.$scheme.safetensors" --force >>"$OUT/eval.txt" 2>&1 || status=1
+          gg eval "$OUT/minilm.$scheme.safetensors" --text bench/heldout.txt --device cuda --backend triton \
+            --json "$OUT/eval-$scheme.json" >>"$OUT/eval.txt" 2>&1 || status=1
+        done
+        summary+=("eval: $(grep -E '^(PASS|FAIL)' "$OUT/eval.txt" | tr '\n' ' ')")
+      fi
+      ;;
+    verify-dir)
+      # A sharded model directory through quantize (w8a16, w8a8) and verify on the Triton
+      # kernels: samples/'s two MiniLM MLPs split into three shards with an index.
+      rm -rf "$OUT/minilm-dir" "$OUT/minilm-dir-int8"
+      python3 - "$OUT/minilm-dir" <<'PY'
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+out = Path(sys.argv[1]); out.mkdir()
+tensors = load_file("samples/minilm-mlp.safetensors"); names = sorted(tensors)
+shards = [names[i::3] for i in range(3)]; weight_map = {}
+for i, members in enumerate(shards, 1):
+    name = f"model-{i:05d}-of-00003.safetensors"
+    save_file({n: tensors[n] for n in members}, str(out / name)); weight_map.update({n: name for n in members})
+(out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+(out / "config.json").write_text(Path("samples/config.json").read_text())
+PY
+      for scheme in w8a16 w8a8; do
+        gg quantize "$OUT/minilm-dir" --scheme $scheme $([[ $scheme == w8a8 ]] && echo --calib samples/minilm-calib.safetensors) --force \
+          >"$OUT/quantize-dir-$scheme.txt" 2>&1 || status=1
+        gg verify "$OUT/minilm-dir-int8" --dtype all --backend triton --json "$OUT/verify-dir-$scheme.json" \
+          >"$OUT/verify-dir-$scheme.txt" 2>&1 || status=1
+        summary+=("verify-dir $scheme: $(tail -n 1 "$OUT/verify-dir-$scheme.txt")")
+      done
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 import triton
 
 from kernels import gemm
+from kernels.gemm_base import cfg
 from kernels.op import FusedMLP, MLPConfig
 
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def wide_tma_configs():
-    cfg = gemm._cfg
     out = []
     for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3)]:
         for extra in [{"EPILOGUE_SUBTILE": True}, {"EPILOGUE_SUBTILE": True, "FLATTEN": True},
@@ -56,7 +56,7 @@ def widen():
     w = torch.randn(1024, 512, device="cuda", dtype=torch.float16)
     ok = [c for c in wide_tma_configs() if compiles(gemm._gemm_tma_kernel, c, lambda: gemm.gemm_bias_act(x, w, activation="erf", path="tma"))]
     gemm.TMA_CONFIGS["large"][:] = ok
-    gemm.STRIDED_CONFIGS[16][:] = [gemm._cfg(16, bn, bk, w, s) for bn, bk, w, s in [
+    gemm.STRIDED_CONFIGS[16][:] = [cfg(16, bn, bk, w, s) for bn, bk, w, s in [
         (16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4), (64, 256, 8, 3),
         (128, 128, 4, 4), (32, 256, 4, 6)]]
     for kern, table in ((gemm._gemm_tma_kernel, gemm.TMA_CONFIGS), (gemm._gemm_strided_kernel, gemm.STRIDED_CONFIGS)):

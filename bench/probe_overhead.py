@@ -10,7 +10,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import gemm, launch
+from kernels import gemm, gemm_base, launch
+from kernels.w8a8 import quantize_activations, w8a8_linear
+from kernels.w8a16 import w8a16_linear
 from kernels.op import FusedMLP, MLPConfig
 
 
@@ -53,14 +55,19 @@ def main():
         row(f"FusedMLP {scheme} ({2 if scheme == 'w8a16' else 3} launches)", lambda: int8_op(x, q1, b1, q2, None))
     row("gemm_bias_act decode", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf"))
     row("gemm_bias_act strided", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf", path="strided"))
+    row("w8a16_linear decode", lambda: w8a16_linear(x, q1, b1, activation="erf"))
+    xq, x_scale = quantize_activations(x)
+    row("quantize_activations (per token)", lambda: quantize_activations(x))
+    row("w8a8_linear decode, int8 out", lambda: w8a8_linear(xq, x_scale, q1, b1, activation="erf", output_scale=q1.output_scale))
 
     # Triton's launcher alone: the cached compiled kernel, arguments prepared once.
-    sig = next(s for s, p in gemm._plans.items() if p.path == "decode" and p.scalars[1] == f)
-    plan = gemm._plans[sig]
+    plans = gemm._GEMM.plans
+    sig = next(s for s, p in plans.items() if p.path == "decode" and p.scalars[1] == f)
+    plan = plans[sig]
     compiled, g, tail = next(v for k, v in launch._compiled.items() if k[3] == plan.key)
     out = torch.empty(1, f, device="cuda", dtype=torch.float16)
-    partial, arrivals = gemm._split_k_workspace(x.device, *plan.workspace)
-    args = (x, w1, out, b1, partial, arrivals, *plan.scalars)
+    partial, arrivals = gemm_base._split_k_workspace(x.device, *plan.workspace)
+    args = (x, w1, out, b1, None, None, None, partial, arrivals, *plan.scalars)
     stream = launch._stream(0)
 
     def raw():
@@ -73,9 +80,10 @@ def main():
     row("  launch.launch (plan's slot)", lambda: launch.launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot))
     row("  signature tuple", lambda: (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
                                       w1.shape, w1.stride(), w1.dtype, w1.device, w1.data_ptr() % 16 == 0,
-                                      (b1.shape, b1.dtype, b1.device), "erf", "out_in", False, "auto"))  # fmt: skip
-    row("  _plans.get(signature)", lambda: gemm._plans.get(sig))
-    row("  _split_k_workspace", lambda: gemm._split_k_workspace(x.device, *plan.workspace))
+                                      gemm_base.tensor_signature(b1), None, None, None,
+                                      ("erf", "out_in", False, "auto")))  # fmt: skip
+    row("  plans.get(signature)", lambda: plans.get(sig))
+    row("  _split_k_workspace", lambda: gemm_base._split_k_workspace(x.device, *plan.workspace))
     row("  aligned + full key + dict get", lambda: launch._compiled.get(
         (id(plan.kernel), torch.cuda.current_device(), tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)), plan.key)))
     row("  torch.cuda.current_device()", torch.cuda.current_device)

@@ -1,13 +1,21 @@
-"""Reading a safetensors checkpoint lazily and finding the GELU MLPs in it.
+"""Reading a safetensors checkpoint lazily, and finding the GELU MLPs in it.
 
-Tensors are read one at a time through `safe_open`, never the whole file. An MLP is
-found by the naming convention of its family: GEMM1 (`fc1`) and GEMM2 (`fc2`) are two
-linears inside one block, and the LayerNorm that feeds the block's MLP sits beside
-them. Names are matched as `<block><fc1>.weight`, where `<block>` is any prefix
-(`encoder.layer.3.`, `transformer.h.0.`, ...).
+A checkpoint is one `.safetensors` file (its config.json, if any, beside it) or a Hugging
+Face model directory: `model.safetensors`, or `model.safetensors.index.json` and the shards
+it lists, plus `config.json`. An index is checked against the shards' own headers when the
+directory is opened: a shard missing, a tensor listed in one shard and stored in another, a
+tensor in two shards or in none is a CheckpointError before anything is read.
 
-    layers = find_mlps("model.safetensors", layers=r"layer\\.[01]\\.")
-    with open_checkpoint("model.safetensors") as ckpt:
+Tensors are read one at a time (`get_tensor`), into memory the process owns: the file is
+not mapped, so what a run holds is what it allocated, and a shard's pages stay in the page
+cache rather than in the resident set.
+
+An MLP is found by the naming convention of its family (`calibration.families`): GEMM1
+(`fc1`) and GEMM2 (`fc2`) are two linears inside one block, named
+`<block><fc1>.weight`, where `<block>` is any prefix (`encoder.layer.3.`, `transformer.h.0.`).
+
+    layers = find_mlps("model_dir", layers=r"layer\\.[01]\\.")
+    with open_checkpoint("model_dir") as ckpt:
         w1, b1, w2, b2 = read_mlp(ckpt, layers[0])
 """
 
@@ -24,39 +32,29 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from calibration.errors import CheckpointError, OptionError
-from kernels.schemes import GELU_FLAVOURS, HIDDEN_ACT_GELU
+from calibration.safetensors_header import HeaderError
+from calibration.families import (
+    CONVENTION_NAMES,
+    CONVENTIONS,
+    GPT2,
+    PLAIN,
+    PLAIN_CONVENTION,
+    Convention,
+    check_asked_gelu,
+    choose_family,
+    conv1d_layout,
+    gelu_for,
+    model_type_of,
+    norm_feeds_only_mlp,
+)
+from calibration.safetensors_stream import StoredTensor, TensorInfo, read_header, read_stored, tensor_bytes
+
+__all__ = ["TensorInfo", "MLPLayer", "Checkpoint", "open_checkpoint", "find_mlps", "mlps_in", "select_layers"]
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-@dataclass(frozen=True)
-class Family:
-    """A naming convention for the MLP of a transformer block."""
-
-    name: str
-    title: str  # how the error messages name it
-    fc1: str  # GEMM1's module path inside the block
-    fc2: str
-    weight_layout: str  # "out_in" (nn.Linear) or "in_out" (GPT-2's Conv1D)
-    gelu: str  # the flavour when config.json does not say
-    norms: tuple[str, ...]  # the LayerNorm feeding the MLP, inside the block; the first present wins
-
-
-FAMILIES = (
-    # HF ViT uses BERT's names, with `layernorm_after` as the MLP's LayerNorm.
-    Family("bert", "BERT/RoBERTa", "intermediate.dense", "output.dense", "out_in", "erf",
-           ("attention.output.LayerNorm", "layernorm_after")),
-    Family("gpt2", "GPT-2", "mlp.c_fc", "mlp.c_proj", "in_out", "tanh", ("ln_2",)),
-    Family("vit", "ViT/CLIP/timm", "mlp.fc1", "mlp.fc2", "out_in", "erf", ("norm2", "layer_norm2")),
-    # NeoX and sequential Falcon feed the MLP from post_attention_layernorm, Falcon-40B
-    # from ln_mlp, parallel-attention Falcon-7B from the block's input_layernorm.
-    Family("gpt-neox", "GPT-NeoX/Falcon", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "out_in", "erf",
-           ("post_attention_layernorm", "ln_mlp", "input_layernorm")),
-)  # fmt: skip
-# A file holding one bare MLP: top-level tensors w1, b1, w2 and optionally b2.
-PLAIN = Family("plain", "plain file", "w1", "w2", "out_in", "erf", ())
-CONVENTIONS = [f"{f.title} (*.{f.fc1} -> *.{f.fc2})" for f in FAMILIES] + ["plain file (w1, b1, w2[, b2])"]
-
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
 
 # Words in tensor names that suggest an MLP, for the "no MLP found" hint.
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "intermediate", "fc", "dense", "c_proj", "h_to_4h", "w1", "w2")
@@ -74,6 +72,10 @@ class MLPLayer:
     norm: the prefix of the LayerNorm that feeds fc1 (`norm.weight`, `norm.bias`), or None.
     dtype: the safetensors dtype of W1 ("F32", "F16", "BF16", "F64").
     gelu_source: why `gelu` is what it is (config.json, the family's default, or asked for).
+    family_source, layout_source: why the family and the layout are what they are.
+    model_type: config.json's model_type for this block (its sub-config's), or None.
+    norm_feeds_only_mlp: the LayerNorm feeds this MLP and nothing else (pre-LN), so
+        SmoothQuant's division can be folded into it.
     """
 
     family: str
@@ -90,6 +92,10 @@ class MLPLayer:
     gelu_source: str
     norm: str | None
     dtype: str
+    family_source: str = "tensor names"
+    layout_source: str = "family"
+    model_type: str | None = None
+    norm_feeds_only_mlp: bool = False
 
     def to_record(self) -> dict:
         return dict(self.__dict__)
@@ -99,45 +105,231 @@ class MLPLayer:
         return cls(**record)
 
 
+# ---- reading ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class TensorInfo:
-    dtype: str  # safetensors dtype string: "F32", "BF16", "I8", ...
-    shape: tuple[int, ...]
+class Shard:
+    """One safetensors file of a checkpoint: its name in the directory and its tensors."""
+
+    name: str
+    path: Path
+    tensors: dict[str, StoredTensor]
+    metadata: dict[str, str]
 
 
-@contextmanager
-def open_checkpoint(path: str | Path) -> Iterator:
-    """safe_open a checkpoint for lazy reads; a missing or invalid file is a CheckpointError."""
-    path = Path(path)
+class _Slice:
+    """`safe_open`'s get_slice for a Checkpoint: shape, dtype, and rows read on demand."""
+
+    def __init__(self, ckpt: "Checkpoint", name: str):
+        self._ckpt, self._name = ckpt, name
+        self._stored = ckpt.stored(name)
+
+    def get_shape(self) -> list[int]:
+        return list(self._stored.info.shape)
+
+    def get_dtype(self) -> str:
+        return self._stored.info.dtype
+
+    def __getitem__(self, index):
+        if isinstance(index, slice) and index.step in (None, 1) and self._stored.info.shape:
+            start, stop, _ = index.indices(self._stored.info.shape[0])
+            return read_stored(self._stored, self._ckpt._handle(self._stored.path), rows=(start, max(start, stop)))
+        return self._ckpt.get_tensor(self._name)[index]
+
+
+def _open_shard(path: Path, name: str) -> Shard:
+    """A shard's header, validated by safetensors (offsets, lengths, dtypes) before it is trusted."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     try:
-        handle = safe_open(str(path), framework="pt")
-    except SafetensorError as exc:
+        tensors, metadata = read_header(path)  # checked before anything reads a tensor
+        with safe_open(str(path), framework="pt"):  # and safetensors agrees
+            pass
+    except (HeaderError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    with handle:
-        yield handle
+    except (ValueError, KeyError, TypeError) as exc:  # a header safetensors took but json could not
+        raise CheckpointError(f"{path}: not a valid safetensors file (its header: {exc})") from None
+    except BaseException as exc:  # a Rust panic in safetensors (pyo3's PanicException)
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise CheckpointError(f"{path}: not a valid safetensors file (the reader failed: {exc})") from None
+    return Shard(name, path, tensors, metadata)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _natural_key(name: str) -> list:
+    # encoder.layer.10 after encoder.layer.9
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _index_shards(directory: Path, index_path: Path) -> tuple[dict, list[Shard]]:
+    """The index and its shards, checked against each other (one CheckpointError for any lie)."""
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: no weight_map of tensor name -> shard file")
+    names = sorted(set(weight_map.values()), key=_natural_key)
+    shards = []
+    for name in names:
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"{index_path} lists shard {name!r}: shards are files in the model directory")
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{index_path} lists shard {name}, which is not in {directory}")
+        shards.append(_open_shard(path, name))
+    stored_in: dict[str, str] = {}
+    for shard in shards:
+        for tensor in shard.tensors:
+            if tensor in stored_in:
+                raise CheckpointError(f"{directory}: tensor {tensor} is stored in both {stored_in[tensor]} and {shard.name}")
+            stored_in[tensor] = shard.name
+    for tensor, listed in weight_map.items():
+        if tensor not in stored_in:
+            raise CheckpointError(f"{index_path} lists {tensor} in {listed}, but {listed} does not hold it")
+        if stored_in[tensor] != listed:
+            raise CheckpointError(f"{index_path} lists {tensor} in {listed}, but it is stored in {stored_in[tensor]}")
+    unlisted = [t for t in stored_in if t not in weight_map]
+    if unlisted:
+        raise CheckpointError(f"{stored_in[unlisted[0]]} holds {unlisted[0]}, which {index_path.name} does not list")
+    return index, shards
+
+
+class Checkpoint:
+    """A checkpoint open for lazy reads: one file, or a model directory (single file or shards).
+
+    keys(), get_tensor(name), get_slice(name), metadata(): as safetensors' safe_open, across
+    every shard. infos: every tensor's dtype and shape. config: config.json as a dict, or None.
+    """
+
+    def __init__(self, path: Path, shards: list[Shard], directory: Path | None, index_path: Path | None, index: dict | None):
+        self.path = path
+        self.shards = shards
+        self.directory = directory
+        self.index_path = index_path
+        self.index = index
+        self._where = {name: shard for shard in shards for name in shard.tensors}
+        self.infos = {name: shard.tensors[name].info for name, shard in self._where.items()}
+        self._handles: dict[Path, object] = {}
+        self._config: dict | None | bool = False  # False: not read yet
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or directory")
+        if path.is_dir():
+            if (path / SINGLE_FILE).is_file():  # what transformers loads first, too
+                return cls(path, [_open_shard(path / SINGLE_FILE, SINGLE_FILE)], path, None, None)
+            if (path / INDEX_FILE).is_file():
+                index, shards = _index_shards(path, path / INDEX_FILE)
+                return cls(path, shards, path, path / INDEX_FILE, index)
+            have = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise CheckpointError(f"{path}: a model directory holds {SINGLE_FILE} or {INDEX_FILE}; it holds {have}")
+        return cls(path, [_open_shard(path, path.name)], None, None, None)
+
+    @property
+    def kind(self) -> str:
+        return "directory" if self.directory is not None else "file"
+
+    @property
+    def config_path(self) -> Path:
+        return (self.directory or self.path.parent) / CONFIG_FILE
+
+    @property
+    def config(self) -> dict | None:
+        """config.json (in the model directory, or beside a lone file), or None where there is none."""
+        if self._config is False:
+            self._config = _read_json(self.config_path) if self.config_path.is_file() else None
+        return self._config
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def stored(self, name: str) -> StoredTensor:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor {name} is missing")
+        return self._where[name].tensors[name]
+
+    def shard_of(self, name: str) -> Shard:
+        return self._where[name]
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")
+        return self._handles[path]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        stored = self.stored(name)
+        try:
+            return read_stored(stored, self._handle(stored.path))
+        except OSError as exc:
+            raise CheckpointError(f"{stored.path}: cannot read {name}: {exc.strerror or exc}") from None
+
+    def get_slice(self, name: str) -> _Slice:
+        return _Slice(self, name)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata of the (first) shard."""
+        return dict(self.shards[0].metadata)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(shard.path.stat().st_size for shard in self.shards)
+
+    @property
+    def largest_shard_bytes(self) -> int:
+        return max(shard.path.stat().st_size for shard in self.shards)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextmanager
+def open_checkpoint(path: str | Path) -> Iterator[Checkpoint]:
+    """Open a checkpoint (file or model directory) for lazy reads; anything wrong is a CheckpointError."""
+    with Checkpoint.open(path) as ckpt:
+        yield ckpt
 
 
 def tensor_infos(handle) -> dict[str, TensorInfo]:
-    """Every tensor's dtype and shape, from the header alone."""
-    infos = {}
-    for name in handle.keys():
-        sl = handle.get_slice(name)
-        infos[name] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
-    return infos
+    """Every tensor's dtype and shape, from the headers alone."""
+    if isinstance(handle, Checkpoint):
+        return dict(handle.infos)
+    return {name: TensorInfo(handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape())) for name in handle.keys()}
 
 
 def read_tensor(handle, name: str) -> torch.Tensor:
     """One tensor as stored; a float tensor holding NaN or Inf is a CheckpointError."""
     t = handle.get_tensor(name)
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).sum().item()
-        raise CheckpointError(f"{name} holds {bad} NaN/Inf value(s); cannot quantize it")
+    if t.is_floating_point():
+        # a block at a time: a bool mask of the whole tensor would be half an fp16 weight again
+        bad = sum(int((~torch.isfinite(block)).sum()) for block in t.reshape(-1).split(1 << 22))
+        if bad:
+            raise CheckpointError(f"{name} holds {bad} NaN/Inf value(s); cannot quantize it")
     return t
 
 
@@ -147,55 +339,36 @@ def read_mlp(handle, layer: MLPLayer) -> tuple[torch.Tensor, torch.Tensor | None
     return read(layer.w1), read(layer.b1), read(layer.w2), read(layer.b2)
 
 
-def read_norm(handle, layer: MLPLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of the LayerNorm feeding the MLP, or None where the checkpoint has none."""
+def norm_names(layer: MLPLayer, keys) -> tuple[str, str | None] | None:
+    """(weight, bias or None) tensor names of the LayerNorm feeding the MLP, or None."""
     if layer.norm is None:
         return None
-    bias_name = f"{layer.norm}.bias"
-    bias = read_tensor(handle, bias_name) if bias_name in handle.keys() else None
-    return read_tensor(handle, f"{layer.norm}.weight"), bias
+    bias = f"{layer.norm}.bias"
+    return f"{layer.norm}.weight", bias if bias in keys else None
 
 
-def gelu_from_config(checkpoint: Path, family: Family, asked: str | None) -> tuple[str, str]:
-    """(flavour, why): asked for, else config.json beside the checkpoint, else the family's default."""
-    if asked is not None:
-        if asked not in GELU_FLAVOURS:
-            raise OptionError(f"--gelu must be one of {', '.join(GELU_FLAVOURS)}; got {asked!r}")
-        return asked, "asked for"
-    config_path = checkpoint.parent / "config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-        for key in ("hidden_act", "activation_function"):
-            act = config.get(key) if isinstance(config, dict) else None
-            if act is None:
-                continue
-            if act not in HIDDEN_ACT_GELU:
-                raise CheckpointError(
-                    f"{config_path} says {key}={act!r}; gelugemm runs GELU MLPs only "
-                    f"({', '.join(HIDDEN_ACT_GELU)}); pass --gelu erf|tanh to override"
-                )
-            return HIDDEN_ACT_GELU[act], f"config.json {key}={act}"
-    return family.gelu, f"{family.title} default (config.json does not say)"
+def read_norm(handle, layer: MLPLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of the LayerNorm feeding the MLP, or None where the checkpoint has none."""
+    names = norm_names(layer, set(handle.keys()))
+    if names is None:
+        return None
+    return read_tensor(handle, names[0]), None if names[1] is None else read_tensor(handle, names[1])
 
 
-def _natural_key(name: str) -> list:
-    # encoder.layer.10 after encoder.layer.9
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+# ---- finding the MLPs ---------------------------------------------------------------------------
 
 
 def _shape_error(block: str, what: str, got: tuple, want: tuple) -> CheckpointError:
     return CheckpointError(f"{block or 'MLP'}: {what} has shape {list(got)}, expected {list(want)} from the other MLP tensors")
 
 
-def _pair_dims(block: str, w1: TensorInfo, w2: TensorInfo, w1_name: str, w2_name: str, layout: str) -> tuple[int, int]:
+def _pair_dims(block: str, w1: TensorInfo, w2: TensorInfo, w1_name: str, w2_name: str, layout: str,
+               weight_dtypes: tuple[str, ...]) -> tuple[int, int]:
     """(d_model, d_ff) of a GEMM1/GEMM2 pair, checking the two shapes agree."""
     for name, info in ((w1_name, w1), (w2_name, w2)):
         if len(info.shape) != 2:
             raise CheckpointError(f"{name} has shape {list(info.shape)}; an MLP weight must be 2-D")
-        if info.dtype not in FLOAT_DTYPES:
+        if info.dtype not in weight_dtypes:
             raise CheckpointError(f"{name} is {info.dtype}; quantize takes float weights ({', '.join(FLOAT_DTYPES)})")
     d_ff, d_model = w1.shape if layout == "out_in" else w1.shape[::-1]
     if w2.shape != w1.shape[::-1]:
@@ -208,44 +381,66 @@ def _check_vector(block: str, infos: dict[str, TensorInfo], name: str | None, si
         raise _shape_error(block, name, infos[name].shape, (size,))
 
 
-def _family_layers(family: Family, infos: dict[str, TensorInfo], gelu: tuple[str, str]) -> list[MLPLayer]:
-    suffix = f"{family.fc1}.weight"
+@dataclass(frozen=True)
+class _Context:
+    infos: dict[str, TensorInfo]
+    config: dict | None
+    config_path: Path
+    gelu: str | None
+    weight_dtypes: tuple[str, ...]
+
+
+def _convention_layers(convention: Convention, ctx: _Context, claimed: set[str]) -> list[MLPLayer]:
+    infos = ctx.infos
     found = []
     for name in infos:
-        if not (name == suffix or name.endswith("." + suffix)):
+        match = convention.pattern.fullmatch(name)
+        if match is None or name in claimed:
             continue
-        block = name[: -len(suffix)]
-        fc1, fc2 = block + family.fc1, block + family.fc2
+        block = match["block"]
+        fc1, fc2 = block + convention.fc1, block + convention.fc2
         w2 = f"{fc2}.weight"
+        model_type = model_type_of(ctx.config, block)
+        family, family_source = choose_family(convention, model_type, lambda norm: f"{block}{norm}.weight" in infos)
         if w2 not in infos:
             raise CheckpointError(f"{name} looks like a {family.title} MLP but {w2} is missing")
-        d_model, d_ff = _pair_dims(block, infos[name], infos[w2], name, w2, family.weight_layout)
         b1, b2 = (f"{p}.bias" if f"{p}.bias" in infos else None for p in (fc1, fc2))
+        layout, layout_source = family.layout, f"the family's ({'Conv1D' if family.layout == 'in_out' else 'nn.Linear'})"
+        if GPT2 in convention.families:  # mlp.c_fc: GPT-2's Conv1D or GPT-BigCode's nn.Linear
+            layout, layout_source = conv1d_layout(model_type, infos[name].shape, infos[b1].shape[0] if b1 and infos[b1].shape else None, name)
+            family = convention.families[0] if layout == "in_out" else convention.families[1]
+        d_model, d_ff = _pair_dims(block, infos[name], infos[w2], name, w2, layout, ctx.weight_dtypes)
         _check_vector(block, infos, b1, d_ff)
         _check_vector(block, infos, b2, d_model)
-        norm = next((block + n for n in family.norms if f"{block}{n}.weight" in infos), None)
+        norm = next((block + n for n, _ in family.norms if f"{block}{n}.weight" in infos), None)
         if norm is not None:
             _check_vector(block, infos, f"{norm}.weight", d_model)
             _check_vector(block, infos, f"{norm}.bias" if f"{norm}.bias" in infos else None, d_model)
+        by_model_type = family_source.startswith("config.json")
+        gelu, gelu_source = gelu_for(ctx.config, ctx.config_path, block, convention, family, by_model_type, ctx.gelu)
+        claimed.add(name)
         found.append(MLPLayer(
-            family.name, fc1, fc2, name, b1, w2, b2, family.weight_layout, d_model, d_ff,
-            gelu[0], gelu[1], norm, infos[name].dtype,
+            family.name, fc1, fc2, name, b1, w2, b2, layout, d_model, d_ff, gelu, gelu_source, norm, infos[name].dtype,
+            family_source, layout_source, model_type, norm_feeds_only_mlp(family, norm, ctx.config),
         ))  # fmt: skip
     return found
 
 
-def _plain_layer(infos: dict[str, TensorInfo], gelu: tuple[str, str]) -> MLPLayer | None:
+def _plain_layer(ctx: _Context) -> MLPLayer | None:
+    infos = ctx.infos
     if not {"w1", "b1", "w2"} <= infos.keys() or "w3" in infos:  # w3: a gated (SwiGLU) MLP, not ours
         return None
     d_ff = infos["b1"].shape[0] if len(infos["b1"].shape) == 1 else -1
     # The layout follows from b1: W1 is [d_ff, d_model] (out_in) or [d_model, d_ff] (in_out).
     w1_shape = infos["w1"].shape
     layout = "in_out" if len(w1_shape) == 2 and w1_shape[0] != d_ff and w1_shape[1] == d_ff else "out_in"
-    d_model, d_ff = _pair_dims("", infos["w1"], infos["w2"], "w1", "w2", layout)
+    d_model, d_ff = _pair_dims("", infos["w1"], infos["w2"], "w1", "w2", layout, ctx.weight_dtypes)
     b2 = "b2" if "b2" in infos else None
     _check_vector("", infos, "b1", d_ff)
     _check_vector("", infos, b2, d_model)
-    return MLPLayer("plain", "w1", "w2", "w1", "b1", "w2", b2, layout, d_model, d_ff, gelu[0], gelu[1], None, infos["w1"].dtype)
+    gelu = gelu_for(ctx.config, ctx.config_path, "", PLAIN_CONVENTION, PLAIN, False, ctx.gelu)
+    return MLPLayer("plain", "w1", "w2", "w1", "b1", "w2", b2, layout, d_model, d_ff, gelu[0], gelu[1], None,
+                    infos["w1"].dtype, "tensor names w1, b1, w2", f"bias length {d_ff}")  # fmt: skip
 
 
 def _not_found_message(path: Path, infos: dict[str, TensorInfo]) -> str:
@@ -254,21 +449,33 @@ def _not_found_message(path: Path, infos: dict[str, TensorInfo]) -> str:
     hint = f"; names that look close: {', '.join(close[:8])}" if close else ""
     if not close:
         hint = f"; it holds {len(infos)} tensors" + (f", e.g. {', '.join(sorted(infos)[:5])}" if infos else "")
-    return f"{path}: no GELU MLP found. Tried {'; '.join(CONVENTIONS)}{hint}"
+    return f"{path}: no GELU MLP found. Tried {'; '.join(CONVENTION_NAMES)}{hint}"
 
 
-def mlps_in(path: Path, infos: dict[str, TensorInfo], *, layers: str | None = None, gelu: str | None = None) -> list[MLPLayer]:
-    """The MLPs named in a checkpoint's tensor table, in layer order, optionally filtered."""
+def discover(
+    path: Path, infos: dict[str, TensorInfo], config: dict | None, config_path: Path, *,
+    layers: str | None = None, gelu: str | None = None, weight_dtypes: tuple[str, ...] = FLOAT_DTYPES,
+) -> list[MLPLayer]:  # fmt: skip
+    """The MLPs named in a tensor table, in layer order, optionally filtered (see find_mlps)."""
+    if gelu is not None:
+        check_asked_gelu(gelu)
+    ctx = _Context(infos, config, config_path, gelu, weight_dtypes)
+    claimed: set[str] = set()
     found: list[MLPLayer] = []
-    for family in FAMILIES:
-        found += _family_layers(family, infos, gelu_from_config(path, family, gelu))
+    for convention in CONVENTIONS:
+        found += _convention_layers(convention, ctx, claimed)
     if not found:
-        plain = _plain_layer(infos, gelu_from_config(path, PLAIN, gelu))
+        plain = _plain_layer(ctx)
         found = [plain] if plain else []
     if not found:
         raise CheckpointError(_not_found_message(path, infos))
     found.sort(key=lambda layer: _natural_key(layer.fc1))
     return select_layers(found, layers)
+
+
+def mlps_in(ckpt: Checkpoint, *, layers: str | None = None, gelu: str | None = None) -> list[MLPLayer]:
+    """The MLPs of an open checkpoint, in layer order, optionally filtered (see find_mlps)."""
+    return discover(ckpt.path, ckpt.infos, ckpt.config, ckpt.config_path, layers=layers, gelu=gelu)
 
 
 def select_layers(found: list[MLPLayer], layers: str | None) -> list[MLPLayer]:
@@ -287,12 +494,14 @@ def select_layers(found: list[MLPLayer], layers: str | None) -> list[MLPLayer]:
 
 
 def find_mlps(path: str | Path, *, layers: str | None = None, gelu: str | None = None) -> list[MLPLayer]:
-    """The GELU MLPs in a checkpoint, in layer order.
+    """The GELU MLPs in a checkpoint (file or model directory), in layer order.
 
     layers: a regex; an MLP is kept when it matches its fc1 or fc2 prefix (re.search).
-    gelu: "erf" or "tanh" to override config.json and the family default.
+    gelu: "erf", "tanh" or "quick" to override config.json and the family default.
     """
-    path = Path(path)
-    with open_checkpoint(path) as handle:
-        infos = tensor_infos(handle)
-    return mlps_in(path, infos, layers=layers, gelu=gelu)
+    with open_checkpoint(path) as ckpt:
+        return mlps_in(ckpt, layers=layers, gelu=gelu)
+
+
+def largest_tensor_bytes(infos: dict[str, TensorInfo]) -> int:
+    return max([tensor_bytes(info) for info in infos.values() if info.dtype in ("F64", "F32", "F16", "BF16", "I8")] + [0])

@@ -9,3 +9,11 @@ class CheckpointError(GelugemmError, ValueError):
 
 class OptionError(GelugemmError, ValueError):
     """An option value outside what quantize accepts (scheme, granularity, method, ...)."""
+
+
+class ModelError(GelugemmError, ValueError):
+    """A model directory transformers cannot load as given, or inputs it cannot run on."""
+
+
+class OutputError(CheckpointError):
+    """An output path that cannot be written as given, or a write that failed (disk full, ...)."""

@@ -1,17 +1,20 @@
 """Resident memory of this process, for quantize's report (Linux /proc; getrusage elsewhere).
 
-Two numbers, because safetensors maps the checkpoint into memory: pages of the file
-that were read count as resident (RssFile) though the kernel can drop them at will.
+Two numbers, because pages of a file a process maps count as resident (RssFile) though the
+kernel can drop them at will. (quantize reads checkpoints with read(), not mmap, so its
+resident set is what it allocated plus the interpreter's and libraries' own pages.)
 
 - peak_rss: the kernel's high-water mark of all resident memory (VmHWM), reset when
   the meter starts where the kernel allows it (`scope` says "this run"), else the
-  process's peak so far ("process"). It includes the mapped checkpoint pages.
+  process's peak so far ("process"). It includes any mapped file pages.
 - peak_anon: the largest anonymous (heap: tensors, interpreter) resident memory seen at
   the sample points, i.e. what the run itself allocated, without file pages.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
@@ -40,6 +43,28 @@ def _reset_high_water_mark() -> bool:
         return False
 
 
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_free_memory() -> None:
+    """Hand memory the process freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps freed blocks below its mmap threshold in its heap for reuse; after one MLP
+    is done they are the size of an MLP, and the next layer's different sizes fragment
+    around them. Trimming between layers keeps the resident set at what is live.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class MemoryMeter:
     """Start it before the work, `sample()` where memory peaks, read `facts()` at the end."""
 
@@ -61,6 +86,10 @@ class MemoryMeter:
         if peak is None:
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak = maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+        if peak is not None and self.start_rss is not None:
+            # Linux sums its RSS counters per CPU lazily: the high-water mark can read a few
+            # pages under a resident size read just after it was reset.
+            peak = max(peak, self.start_rss)
         return {
             "start_rss_bytes": self.start_rss,
             "peak_rss_bytes": peak,

@@ -1,19 +1,25 @@
 """Quantize a checkpoint's MLPs to int8 and write a whole checkpoint beside it.
 
-    report = quantize_checkpoint("model.safetensors", options=QuantizeOptions(scheme="w8a8"))
+    report = quantize_checkpoint("model_dir", options=QuantizeOptions(scheme="w8a8"))
     report.to_dict()   # what the CLI renders as a table and writes with --json
 
-One layer at a time: read its tensors lazily, calibrate, quantize, stream the result
-into the output, drop it. Every other tensor is copied through unchanged, one at a
-time. The output is written to a temporary file in the destination directory and
-renamed into place, so an interrupted run leaves no partial file.
+The input is one `.safetensors` file (output: `NAME.int8.safetensors` beside it) or a model
+directory, single file or sharded (output: the directory `DIR-int8/`: the same shard names,
+a rewritten index, config.json with a `quantization_config`, the other model files and
+sub-folders copied). The format is `calibration.quantized_file`'s.
+
+One shard at a time, and in it one layer at a time: read the MLP's tensors, calibrate,
+quantize, stream the result into the output shard, drop it; every other tensor's bytes are
+copied through without being held. Peak memory is about one MLP, never the model. The
+output is written under a temporary name and renamed into place, so an interrupted run
+leaves nothing behind; `--force` replaces an existing output the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,20 +27,53 @@ from typing import Callable, Iterator
 
 import torch
 
-from calibration.checkpoint import MLPLayer, TensorInfo, mlps_in, open_checkpoint, read_mlp, tensor_infos
+from calibration.checkpoint import (
+    CONFIG_FILE,
+    FLOAT_DTYPES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    Checkpoint,
+    MLPLayer,
+    mlps_in,
+    norm_names,
+    open_checkpoint,
+    read_tensor,
+)
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError
-from calibration.memory import MemoryMeter
+from calibration.families import FAMILIES
+from calibration.memory import MemoryMeter, release_free_memory
 from calibration.options import QuantizeOptions
-from calibration.quantize_mlp import quantize_mlp
+from calibration.quantize_mlp import quantize_gemm1, quantize_gemm2
 from calibration.quantize_weights import weight_error
-from calibration.quantized_file import FORMAT, FORMAT_VERSION, RECORD_KEY, scale_name, sha256_file
-from calibration.safetensors_stream import DTYPE_BYTES, tensor_bytes, write_stream
-from calibration.smooth import fold_into_weight
+from calibration.smooth import smooth_scale
+from calibration.quantized_file import (
+    RECORD_KEY,
+    SMOOTH_KEY,
+    FormatScheme,
+    build_record,
+    encode_scale,
+    index_for,
+    is_quantized_checkpoint,
+    linear_plan,
+    linear_tensors,
+    quantization_config,
+    quantized_targets,
+    scheme_from_options,
+    sha256_file,
+)
+from calibration.outputs import atomic_output, check_output
+from calibration.safetensors_stream import DTYPE_BYTES, StoredTensor, TensorInfo, header_bytes, tensor_bytes, write_stream
 from kernels.quantized import QuantizedWeight
 from kernels.version import __version__
 
-WEIGHT_QUANT = "symmetric int8 in [-127, 127], round half to even, scale = absmax / 127"
+# Observers as compressed-tensors names them (config.json); percentile has no such name.
+CT_OBSERVERS = {"max": "minmax", "mse": "mse"}
+# Files of other weight formats, not copied into a quantized model directory: they would be
+# float duplicates a loader could pick up instead of the int8 shards.
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf", ".tflite", ".safetensors")
+# Sub-folders of other runtimes' exports, not copied.
+RUNTIME_FOLDERS = ("onnx", "openvino", "coreml", "tflite")
 
 
 @dataclass
@@ -60,14 +99,17 @@ class LayerReport:
     d_model: int
     d_ff: int
     calibration: str | None  # where the activations came from (w8a8)
+    smoothing: str | None = None  # "folded into <LayerNorm>" or "run-time" (--smooth)
 
 
 @dataclass
 class QuantizeReport:
     source: str
     output: str
+    output_kind: str  # "file" or "directory"
     scheme: str
     granularity: str
+    activations: str | None
     method: str | None
     smooth: float | None
     gelu: str
@@ -75,82 +117,62 @@ class QuantizeReport:
     calibration: dict | None
     layers: list[LayerReport]
     tensors_copied: int
+    shards: list[str]  # the output's safetensors files
+    files_copied: list[str]  # the other model files copied (directories)
+    files_skipped: list[str]  # and those left out, with why
+    runs_on: str  # which engines can run the output
     source_bytes: int
     output_bytes: int
     largest_tensor_bytes: int  # the biggest single tensor in the source
+    largest_shard_bytes: int
     memory: dict  # calibration.memory.MemoryMeter.facts(): start and peak resident bytes
     seconds: float
     version: str = __version__
-    record: dict = field(default_factory=dict)  # the metadata record written to the file
+    record: dict = field(default_factory=dict)  # the metadata record written to every shard
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def default_output(source: Path) -> Path:
-    """model.safetensors -> model.int8.safetensors, beside the source."""
+    """model.safetensors -> model.int8.safetensors beside it; a model directory DIR -> DIR-int8."""
+    source = Path(source)
+    if source.is_dir():
+        return source.resolve().with_name(f"{source.resolve().name}-int8")
     stem = source.name[: -len(".safetensors")] if source.name.endswith(".safetensors") else source.name
     return source.with_name(f"{stem}.int8.safetensors")
 
 
-def _check_paths(source: Path, output: Path, force: bool) -> None:
-    if output.exists() and output.samefile(source):
-        raise CheckpointError(f"output {output} is the input checkpoint; quantize never overwrites its input")
-    if output.is_dir():
-        raise CheckpointError(f"output {output} is a directory")
-    if output.exists() and not force:
-        raise CheckpointError(f"output {output} exists; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise CheckpointError(f"output directory {output.parent} does not exist")
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
 
 
-def _output_plan(layers: list[MLPLayer], infos: dict[str, TensorInfo], options: QuantizeOptions) -> dict[str, TensorInfo]:
-    """Every output tensor's dtype and shape, in write order: the MLPs first (so a bad
-    weight fails before gigabytes are copied), then everything else."""
-    group_size = options.group_size
-    w8a8 = options.scheme == "w8a8"
-    plan: dict[str, TensorInfo] = {}
-    for layer in layers:
-        for prefix, weight, bias, (n, k), is_fc1 in (
-            (layer.fc1, layer.w1, layer.b1, (layer.d_ff, layer.d_model), True),
-            (layer.fc2, layer.w2, layer.b2, (layer.d_model, layer.d_ff), False),
-        ):
-            plan[weight] = TensorInfo("I8", infos[weight].shape)
-            plan[scale_name(prefix, "weight_scale")] = TensorInfo("F32", (n,) if group_size is None else (n, -(-k // group_size)))
-            if w8a8:
-                plan[scale_name(prefix, "input_scale")] = TensorInfo("F32", ())
-            if w8a8 and is_fc1:
-                plan[scale_name(prefix, "output_scale")] = TensorInfo("F32", ())
-                if options.smooth is not None:
-                    plan[scale_name(prefix, "smooth_scale")] = TensorInfo("F32", (k,))
-            if bias is not None:
-                plan[bias] = infos[bias]
-    clashes = [name for name in plan if name in infos and name not in {*_mlp_tensor_names(layers)}]
-    if clashes:
-        raise CheckpointError(f"the checkpoint already holds {clashes[0]}, a name quantize writes; is it already quantized?")
-    for name, info in infos.items():
-        if name not in plan:
-            if info.dtype not in DTYPE_BYTES:
-                raise CheckpointError(f"{name} has dtype {info.dtype}, which quantize cannot copy")
-            plan[name] = info
-    return plan
+def _check_paths(ckpt: Checkpoint, source: Path, output: Path, options: QuantizeOptions, expected_bytes: int) -> None:
+    """Before any work: a model directory's output is a directory beside it, and the output is
+    no input, its directory takes it, it is replaced only with --force (calibration.outputs)."""
+    directory = ckpt.kind == "directory"
+    if directory:
+        if output.exists() and output.samefile(source):
+            raise CheckpointError(f"output {output} is the input checkpoint; quantize never overwrites its input")
+        if _inside(output, source):
+            raise CheckpointError(f"output {output} is inside the model directory {source}; quantize writes beside it")
+        if output.name.endswith(".safetensors"):
+            raise CheckpointError(f"output {output}: a model directory quantizes to a directory; -o names the directory (default {default_output(source).name})")
+    inputs = [shard.path for shard in ckpt.shards] + [options.calib, source.parent / CONFIG_FILE]
+    if directory:
+        inputs += [source / CONFIG_FILE, source / INDEX_FILE]
+    check_output(output, option="output", inputs=inputs, expected_bytes=expected_bytes, force=options.force, directory=directory)
 
 
-def _mlp_tensor_names(layers: list[MLPLayer]) -> set[str]:
-    return {name for layer in layers for name in (layer.w1, layer.b1, layer.w2, layer.b2) if name is not None}
+# ---- one layer --------------------------------------------------------------------------------
 
 
-def _linear_tensors(prefix: str, weight_name: str, qw: QuantizedWeight) -> Iterator[tuple[str, torch.Tensor]]:
-    yield weight_name, qw.data
-    yield scale_name(prefix, "weight_scale"), qw.scale
-    for field_name in ("input_scale", "output_scale", "smooth_scale"):
-        value = getattr(qw, field_name)
-        if value is not None:
-            yield scale_name(prefix, field_name), value
-
-
-def _linear_report(prefix: str, w: torch.Tensor, qw: QuantizedWeight, layout: str) -> LinearReport:
-    err = weight_error(w, qw, layout)
+def _linear_report(prefix: str, w: torch.Tensor, qw: QuantizedWeight, layout: str, multiplier: torch.Tensor | None = None) -> LinearReport:
+    err = weight_error(w, qw, layout, multiplier=multiplier)
     item = lambda t: None if t is None else t.item()  # noqa: E731
     return LinearReport(
         prefix, list(qw.data.shape), qw.scale.min().item(), qw.scale.max().item(),
@@ -160,56 +182,222 @@ def _linear_report(prefix: str, w: torch.Tensor, qw: QuantizedWeight, layout: st
     )  # fmt: skip
 
 
-def _quantize_layer(ckpt, layer: MLPLayer, options: QuantizeOptions) -> tuple[LayerReport, list[tuple[str, torch.Tensor]]]:
-    """One MLP: read, calibrate (w8a8), quantize; its report and its output tensors in plan order."""
-    w1, b1, w2, b2 = read_mlp(ckpt, layer)
+def _quantize_layer(
+    ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, scheme: FormatScheme, smoothing: str | None,
+    smooth_scale: torch.Tensor | None,
+) -> tuple[LayerReport, dict[str, torch.Tensor]]:
+    """One MLP: read, calibrate (w8a8), quantize. (report, its output tensors by name).
+
+    One float weight is in memory at a time: W1 is read, quantized, measured and dropped
+    before W2 is read.
+    """
+    read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
+    w1, b1 = read(layer.w1), read(layer.b1)
     x, calibrated_on = None, None
     if options.scheme == "w8a8":
         x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
-    q1, q2 = quantize_mlp(
-        w1, b1, w2, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
-        group_size=options.group_size, method=options.observer or "max", smooth=options.smooth,
+    q1 = quantize_gemm1(
+        w1, b1, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
+        group_size=options.group_size, method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale,
     )  # fmt: skip
+    del x
     # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
-    w1_encoded = w1 if q1.smooth_scale is None else fold_into_weight(w1, q1.smooth_scale, layer.weight_layout)
-    report = LayerReport(
-        _linear_report(layer.fc1, w1_encoded, q1, layer.weight_layout),
-        _linear_report(layer.fc2, w2, q2, layer.weight_layout),
-        layer.d_model, layer.d_ff, calibrated_on,
-    )  # fmt: skip
-    out = list(_linear_tensors(layer.fc1, layer.w1, q1))
+    fc1_report = _linear_report(layer.fc1, w1, q1, layer.weight_layout, q1.smooth_scale)
+    del w1
+    release_free_memory()  # W1's temporaries, before W2 is read
+    out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
     if b1 is not None:
-        out.append((layer.b1, b1))
-    out += _linear_tensors(layer.fc2, layer.w2, q2)
+        out[layer.b1] = b1
+    w2, b2 = read(layer.w2), read(layer.b2)
+    q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size)
+    fc2_report = _linear_report(layer.fc2, w2, q2, layer.weight_layout)
+    del w2
+    release_free_memory()
+    out.update(linear_tensors(layer.fc2, layer.w2, q2, layer.weight_layout, scheme))
     if b2 is not None:
-        out.append((layer.b2, b2))
+        out[layer.b2] = b2
+    where = None
+    if smoothing == "folded":
+        where = f"folded into {layer.norm}"
+    elif smoothing == "run-time":
+        where = "run-time (x / s in the op: gelugemm only)"
+    report = LayerReport(fc1_report, fc2_report, layer.d_model, layer.d_ff, calibrated_on, where)
+    if smoothing == "folded":
+        # The LayerNorm's output becomes LN(x) / s: its weight and bias divided by s.
+        for name in norm_names(layer, ckpt.infos):
+            if name is not None:
+                t = ckpt.get_tensor(name)
+                out[name] = (t.to(torch.float32) / q1.smooth_scale).to(t.dtype)
     return report, out
 
 
-def build_record(source: Path, output: Path, layers: list[MLPLayer], options: QuantizeOptions, calibration: dict | None) -> dict:
-    """The JSON record stored under RECORD_KEY in the output's metadata."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tool": "gelugemm",
-        "version": __version__,
-        "scheme": options.scheme,
-        "granularity": options.granularity,
-        "group_size": options.group_size,
-        "weight_quant": WEIGHT_QUANT,
-        "method": options.observer,
-        "smooth": options.smooth,
-        "calibration": calibration,
-        "gelu": layers[0].gelu,
-        "gelu_source": layers[0].gelu_source,
-        "source": {
-            "path": str(source.resolve()),
-            "relative_path": os.path.relpath(source.resolve(), output.resolve().parent),
-            "sha256": sha256_file(source),
-            "bytes": source.stat().st_size,
-        },
-        "layers": [layer.to_record() for layer in layers],
-    }
+def _smooth_scales(ckpt: Checkpoint, layers: list[MLPLayer], options: QuantizeOptions, meter: MemoryMeter) -> dict[str, torch.Tensor]:
+    """Each MLP's SmoothQuant scale, before anything is written: a shard's header holds the
+    scales of its MLPs, and a LayerNorm that absorbs one may sit in an earlier shard."""
+    if options.smooth is None:
+        return {}
+    scales = {}
+    for layer in layers:
+        x, _ = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
+        scales[layer.fc1] = smooth_scale(x, read_tensor(ckpt, layer.w1), options.smooth, layer.weight_layout)
+        meter.sample()
+    return scales
+
+
+# ---- the plan: every output tensor, per shard, and where it comes from --------------------------
+
+
+@dataclass
+class _Plan:
+    shards: dict[str, dict[str, TensorInfo]]  # output shard name -> tensors in write order
+    layer_of: dict[str, int]  # output tensor -> the layer that produces it
+    copies: dict[str, StoredTensor]  # output tensor -> its source bytes
+    smoothing: dict[str, str]  # fc1 -> "folded" | "run-time"
+
+
+def _smoothing(layers: list[MLPLayer], options: QuantizeOptions) -> dict[str, str]:
+    if options.smooth is None:
+        return {}
+    return {layer.fc1: "folded" if layer.norm_feeds_only_mlp else "run-time" for layer in layers}
+
+
+def _plan(ckpt: Checkpoint, layers: list[MLPLayer], scheme: FormatScheme, options: QuantizeOptions) -> _Plan:
+    """Each output shard holds what its source shard held: a quantized linear's tensors where
+    its weight was, biases and LayerNorms where they were. The MLPs come first in a shard,
+    so a bad weight fails before its other tensors are copied."""
+    smoothing = _smoothing(layers, options)
+    mlp_tensors = {name for layer in layers for name in (layer.w1, layer.b1, layer.w2, layer.b2) if name is not None}
+    folded_norms: dict[str, int] = {}  # a LayerNorm that absorbs a layer's smoothing -> the layer
+    for i, layer in enumerate(layers):
+        if smoothing.get(layer.fc1) == "folded":
+            folded_norms.update({name: i for name in norm_names(layer, ckpt.infos) if name is not None})
+    plan = _Plan({}, {}, {}, smoothing)
+    for shard in ckpt.shards:
+        tensors: dict[str, TensorInfo] = {}
+        for i, layer in enumerate(layers):
+            for prefix, weight, bias, (n, k) in (
+                (layer.fc1, layer.w1, layer.b1, (layer.d_ff, layer.d_model)),
+                (layer.fc2, layer.w2, layer.b2, (layer.d_model, layer.d_ff)),
+            ):
+                if weight in shard.tensors:
+                    for name, info in linear_plan(prefix, weight, ckpt.infos[weight], n, k, scheme).items():
+                        if name in ckpt.infos and name not in mlp_tensors:
+                            raise CheckpointError(f"the checkpoint already holds {name}, a name quantize writes; is it already quantized?")
+                        tensors[name] = info
+                        plan.layer_of[name] = i
+                if bias is not None and bias in shard.tensors:
+                    tensors[bias] = ckpt.infos[bias]
+                    plan.layer_of[bias] = i
+        for name, stored in shard.tensors.items():
+            if name in mlp_tensors:
+                continue  # planned with its MLP, above
+            if name in folded_norms:
+                tensors[name] = stored.info
+                plan.layer_of[name] = folded_norms[name]
+                continue
+            if stored.info.dtype not in DTYPE_BYTES:
+                raise CheckpointError(f"{name} has dtype {stored.info.dtype}, which quantize cannot copy")
+            tensors[name] = stored.info
+            plan.copies[name] = stored
+        plan.shards[shard.name] = tensors
+    return plan
+
+
+# ---- the record -------------------------------------------------------------------------------
+
+
+def _linear_prefixes(infos: dict[str, TensorInfo]) -> list[str]:
+    """Every 2-D float `.weight` (the checkpoint's linears, and a few embeddings) by module prefix."""
+    return [name[: -len(".weight")] for name, info in infos.items()
+            if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in FLOAT_DTYPES]  # fmt: skip
+
+
+def _aliases(layers: list[MLPLayer]) -> list[str]:
+    """The names a loader that renames modules (transformers 5 for HF ViT) gives these MLPs' linears."""
+    return [alias for layer in layers if layer.family in FAMILIES
+            for prefix in (layer.fc1, layer.fc2) for alias in FAMILIES[layer.family].module_names(prefix)]  # fmt: skip
+
+
+def _config_and_record(ckpt, output, layers, options, scheme, calibration, smoothing):
+    quantized = [p for layer in layers for p in (layer.fc1, layer.fc2)]
+    linears = _linear_prefixes(ckpt.infos) + [p for p in quantized if p in ("w1", "w2")]
+    every_mlp = mlps_in(ckpt, gelu=options.gelu) if options.layers is not None else layers
+    gelugemm_only = "run-time" in smoothing.values()
+    qconfig = quantization_config(
+        scheme, quantized_targets(quantized + _aliases(layers), linears + _aliases(every_mlp)),
+        sorted(p for p in set(linears) - set(quantized)),
+        observer=CT_OBSERVERS.get(options.observer or "") if scheme.static else None, gelugemm_only=gelugemm_only,
+    )  # fmt: skip
+    if gelugemm_only:
+        runs_on = ("gelugemm only: SmoothQuant's division stays at run time where the LayerNorm also feeds the residual "
+                   "(marked gelugemm_run_time_smoothing in config.json, which other loaders refuse)")  # fmt: skip
+    elif scheme.activations is not None and scheme.activations.kind == "group":
+        runs_on = "gelugemm and transformers (compressed-tensors); vLLM's int8 W8A8 takes token or tensor activations only"
+    else:
+        runs_on = "any compressed-tensors loader: vLLM, transformers (compressed-tensors), gelugemm"
+    record = build_record(
+        ckpt, output, layers, scheme, options.observer, options.smooth, calibration, qconfig, smoothing, runs_on
+    )  # fmt: skip
+    return qconfig, record, runs_on
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def _write_atomically(output: Path, plan: dict[str, TensorInfo], tensors: Iterator, metadata: dict[str, str]) -> int:
+    """Stream into a temporary file beside `output`, then rename it into place (calibration.outputs)."""
+    with atomic_output(output) as f:
+        return write_stream(f, plan, tensors, metadata)
+
+
+def _write_file(path: Path, plan: dict[str, TensorInfo], tensors: Iterator, metadata: dict[str, str]) -> int:
+    """A shard inside the temporary output directory (atomic_output fsyncs and renames the whole)."""
+    with open(path, "wb") as f:
+        written = write_stream(f, plan, tensors, metadata)
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def _other_files(ckpt: Checkpoint) -> tuple[list[Path], list[str]]:
+    """(the model directory's other files to copy, relative; what is left out and why)."""
+    used = {shard.name for shard in ckpt.shards} | {CONFIG_FILE, INDEX_FILE, SINGLE_FILE}
+    copy, skipped = [], []
+    root = ckpt.directory
+    # os.walk with followlinks: a hub cache's snapshot links its files and folders to blobs
+    for here, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .cache: not the model's
+        for name in sorted(files):
+            rel = (Path(here) / name).relative_to(root)
+            if name.startswith(".") or (len(rel.parts) == 1 and name in used):
+                continue
+            if rel.parts[0] in RUNTIME_FOLDERS and len(rel.parts) > 1:
+                skipped.append(f"{rel} (another runtime's export)")
+            elif len(rel.parts) == 1 and name.endswith(WEIGHT_SUFFIXES):
+                skipped.append(f"{rel} (float weights in another file: not part of the int8 model)")
+            else:
+                copy.append(rel)
+    return sorted(copy), skipped
+
+
+def _copy_files(src_root: Path, dst_root: Path, files: list[Path]) -> None:
+    for rel in files:
+        (dst_root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src_root / rel, dst_root / rel)  # follows links: a hub cache's blobs come as files
+
+
+def _expected_bytes(ckpt: Checkpoint, plan: _Plan, layers: list[MLPLayer], copy: list[Path]) -> int:
+    """About what the output takes: every shard's tensors and header (with room for the record,
+    under 4 KiB per MLP), the index, config and copied files (free space is checked against it)."""
+    total = 0
+    for tensors in plan.shards.values():
+        total += sum(map(tensor_bytes, tensors.values())) + len(header_bytes(tensors, {})) + 4096 * (1 + len(layers))
+    if ckpt.kind == "directory":
+        total += sum((ckpt.directory / rel).stat().st_size for rel in copy) + (1 << 16)
+    return total
+
+
+# ---- the run ----------------------------------------------------------------------------------
 
 
 def quantize_checkpoint(
@@ -218,9 +406,9 @@ def quantize_checkpoint(
     options: QuantizeOptions | None = None,
     progress: Callable[[int, int, MLPLayer], None] | None = None,
 ) -> QuantizeReport:
-    """Quantize the MLPs of `source` and write the whole checkpoint to `output`.
+    """Quantize the MLPs of `source` (a .safetensors file or a model directory) and write the whole checkpoint.
 
-    output: None writes `<name>.int8.safetensors` beside the source.
+    output: None writes `<name>.int8.safetensors` beside a file, `DIR-int8/` beside a directory.
     progress: called as progress(done, total, layer) once each MLP is written (a progress bar).
     """
     started = time.perf_counter()
@@ -228,62 +416,78 @@ def quantize_checkpoint(
     options = options or QuantizeOptions()
     source = Path(source)
     with open_checkpoint(source) as ckpt:
-        infos = tensor_infos(ckpt)
-        if RECORD_KEY in (ckpt.metadata() or {}):
-            raise CheckpointError(f"{source} was written by gelugemm quantize; quantize the original checkpoint instead")
-        layers = mlps_in(source, infos, layers=options.layers, gelu=options.gelu)
+        if is_quantized_checkpoint(ckpt):
+            raise CheckpointError(f"{source} is already quantized (written by gelugemm quantize, or a compressed-tensors checkpoint); quantize the original checkpoint instead")
+        layers = mlps_in(ckpt, layers=options.layers, gelu=options.gelu)
+        is_dir = ckpt.kind == "directory"
         output = default_output(source) if output is None else Path(output)
-        _check_paths(source, output, options.force)
-        w8a8 = options.scheme == "w8a8"
-        calibration = describe_source(calib=options.calib, tokens=options.tokens, seed=options.seed) if w8a8 else None
+        scheme = scheme_from_options(options.scheme, options.granularity, options.activation_scheme)
+        plan = _plan(ckpt, layers, scheme, options)  # from the headers alone
+        copy, files_skipped = _other_files(ckpt) if is_dir else ([], [])
+        _check_paths(ckpt, source, output, options, _expected_bytes(ckpt, plan, layers, copy))
+        calibration = describe_source(calib=options.calib, tokens=options.tokens, seed=options.seed) if options.scheme == "w8a8" else None
         if calibration and calibration["kind"] == "file":
             check_calibration_file(options.calib, layers)
             calibration["sha256"] = sha256_file(options.calib)
-        record = build_record(source, output, layers, options, calibration)
-        plan = _output_plan(layers, infos, options)
-        metadata = {**(ckpt.metadata() or {}), RECORD_KEY: json.dumps(record)}
-        reports: list[LayerReport] = []
-        mlp_names = _mlp_tensor_names(layers)
-        copied = [name for name in plan if name in infos and name not in mlp_names]
+        qconfig, record, runs_on = _config_and_record(ckpt, output, layers, options, scheme, calibration, plan.smoothing)
+        record_text = json.dumps(record)
+        smooth_scales = _smooth_scales(ckpt, layers, options, meter)
+        reports: dict[int, LayerReport] = {}
+        pending: dict[int, dict[str, torch.Tensor]] = {}
 
-        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for done, layer in enumerate(layers, 1):
-                report, layer_tensors = _quantize_layer(ckpt, layer, options)
+        def produce(i: int, name: str) -> torch.Tensor:
+            """Output tensor `name` of layer i, quantizing the layer the first time one is asked for."""
+            if i not in pending:
+                layer = layers[i]
+                reports[i], pending[i] = _quantize_layer(ckpt, layer, options, scheme, plan.smoothing.get(layer.fc1), smooth_scales.get(layer.fc1))
                 meter.sample()  # this layer's float and int8 weights and its calibration inputs are alive here
-                reports.append(report)
-                yield from layer_tensors
-                del layer_tensors
                 if progress is not None:
-                    progress(done, len(layers), layer)
-            for name in copied:
-                tensor = ckpt.get_tensor(name)
+                    progress(len(reports), len(layers), layer)
+            tensor = pending[i].pop(name)
+            if not pending[i]:
+                del pending[i]
+                release_free_memory()  # the layer's temporaries, before the next layer's
+            return tensor
+
+        def tensors(shard: str) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
+            for name in plan.shards[shard]:
+                yield name, plan.copies[name] if name in plan.copies else produce(plan.layer_of[name], name)
                 meter.sample()
-                yield name, tensor
 
-        output_bytes = _write_atomically(output, plan, tensors(), metadata)
-    largest = max([tensor_bytes(info) for info in infos.values() if info.dtype in DTYPE_BYTES] + [0])
+        def metadata(shard) -> dict[str, str]:
+            """The source shard's own metadata, the record, and the smoothing scales of the MLPs whose W1 it holds."""
+            meta = {k: v for k, v in shard.metadata.items() if k != RECORD_KEY and not k.startswith(SMOOTH_KEY)}
+            meta[RECORD_KEY] = record_text
+            for layer in layers:
+                if layer.w1 in shard.tensors and layer.fc1 in smooth_scales:
+                    meta[SMOOTH_KEY + layer.fc1] = encode_scale(smooth_scales[layer.fc1])
+            return meta
+
+        written = 0
+        files_copied = []
+        if not is_dir:
+            shard = ckpt.shards[0]
+            written = _write_atomically(output, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+        else:
+            with atomic_output(output, directory=True) as tmp:
+                for shard in ckpt.shards:
+                    written += _write_file(tmp / shard.name, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+                if ckpt.index is not None:
+                    index_meta = ckpt.index.get("metadata")
+                    index = index_for(plan.shards, index_meta if isinstance(index_meta, dict) else None)
+                    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+                if ckpt.config is not None:
+                    (tmp / CONFIG_FILE).write_text(json.dumps({**ckpt.config, "quantization_config": qconfig}, indent=2) + "\n")
+                _copy_files(ckpt.directory, tmp, copy)
+                files_copied = [str(p) for p in copy]
+        largest = max([tensor_bytes(info) for info in ckpt.infos.values() if info.dtype in DTYPE_BYTES] + [0])
+        source_bytes, largest_shard = ckpt.total_bytes, ckpt.largest_shard_bytes
     return QuantizeReport(
-        source=str(source), output=str(output), scheme=options.scheme, granularity=options.granularity,
-        method=options.observer, smooth=options.smooth, gelu=layers[0].gelu, gelu_source=layers[0].gelu_source,
-        calibration=calibration, layers=reports, tensors_copied=len(copied),
-        source_bytes=source.stat().st_size, output_bytes=output_bytes, largest_tensor_bytes=largest,
-        memory=meter.facts(), seconds=time.perf_counter() - started, record=record,
+        source=str(source), output=str(output), output_kind="directory" if is_dir else "file", scheme=options.scheme,
+        granularity=options.granularity, activations=record["activations"], method=options.observer,
+        smooth=options.smooth, gelu=layers[0].gelu, gelu_source=layers[0].gelu_source, calibration=calibration,
+        layers=[reports[i] for i in range(len(layers))], tensors_copied=len(plan.copies), shards=list(plan.shards),
+        files_copied=files_copied, files_skipped=files_skipped, runs_on=runs_on, source_bytes=source_bytes,
+        output_bytes=written, largest_tensor_bytes=largest, largest_shard_bytes=largest_shard, memory=meter.facts(),
+        seconds=time.perf_counter() - started, record=record,
     )  # fmt: skip
-
-
-def _write_atomically(output: Path, plan: dict[str, TensorInfo], tensors: Iterator, metadata: dict[str, str]) -> int:
-    """Stream into a temporary file beside `output`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            written = write_stream(f, plan, tensors, metadata)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a new file's usual mode
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return written

@@ -1,5 +1,6 @@
-"""Write a safetensors file one tensor at a time, so no more than one tensor (one layer)
-is in memory. safetensors' own `save_file` takes the whole dict at once.
+"""The safetensors file format at the byte level: reading a header's offsets, writing a file one
+tensor at a time (safetensors' own `save_file` takes the whole dict at once), and copying a
+tensor's bytes from one file to another without holding it in memory.
 
 The format: an 8-byte little-endian header length, the JSON header
 `{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets": [begin, end]}}`
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Iterable
 
 import torch
 
-from calibration.checkpoint import TensorInfo
+from calibration.safetensors_header import DTYPE_BYTES
+from calibration.safetensors_header import read_header as checked_header
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -24,12 +29,74 @@ DTYPE_NAMES = {
     torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+# Raw copies move this many bytes at a time: the copy's memory, whatever the tensor's size.
+COPY_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype string: "F32", "BF16", "I8", ...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor's bytes sit in a safetensors file (absolute offsets)."""
+
+    path: Path
+    info: TensorInfo
+    begin: int
+    end: int
 
 
 def tensor_bytes(info: TensorInfo) -> int:
     return math.prod(info.shape) * DTYPE_BYTES[info.dtype]
+
+
+def read_header(path: str | Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """({name: StoredTensor}, metadata) of a safetensors file, its header checked first
+    (calibration.safetensors_header: lengths, offsets inside the file, no overlaps)."""
+    path = Path(path)
+    header = dict(checked_header(path))  # parsed and checked (offsets, sizes, overlaps): HeaderError
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    start = 8 + length
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {
+        name: StoredTensor(path, TensorInfo(entry["dtype"], tuple(entry["shape"])), start + entry["data_offsets"][0],
+                           start + entry["data_offsets"][1])
+        for name, entry in header.items()
+    }  # fmt: skip
+    return tensors, metadata
+
+
+def read_stored(stored: StoredTensor, handle: BinaryIO | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A tensor's bytes read (not mapped) into a new tensor: its memory is the process's heap,
+    and the file's pages stay in the page cache, not in this process's resident set.
+
+    rows: [start, stop) of dim 0 only (rows are contiguous in the file).
+    """
+    info = stored.info
+    shape, begin = list(info.shape), stored.begin
+    if rows is not None:
+        row_bytes = math.prod(shape[1:]) * DTYPE_BYTES[info.dtype]
+        begin += rows[0] * row_bytes
+        shape[0] = rows[1] - rows[0]
+    out = torch.empty(shape, dtype=TORCH_DTYPES[info.dtype])
+    view = out.reshape(-1).view(torch.uint8).numpy()
+    owned = handle is None
+    f = open(stored.path, "rb") if owned else handle
+    try:
+        f.seek(begin)
+        got = f.readinto(view) if view.size else 0
+    finally:
+        if owned:
+            f.close()
+    if got != view.size:
+        raise OSError(f"{stored.path}: short read ({got} of {view.size} bytes)")
+    return out
 
 
 def header_bytes(plan: dict[str, TensorInfo], metadata: dict[str, str]) -> bytes:
@@ -45,26 +112,59 @@ def header_bytes(plan: dict[str, TensorInfo], metadata: dict[str, str]) -> bytes
     return struct.pack("<Q", len(text)) + text
 
 
+def _copy_bytes(out: BinaryIO, stored: StoredTensor) -> int:
+    """Copy a stored tensor's bytes into `out`, COPY_CHUNK at a time."""
+    written = 0
+    with open(stored.path, "rb") as f:
+        f.seek(stored.begin)
+        left = stored.end - stored.begin
+        while left:
+            block = f.read(min(COPY_CHUNK, left))
+            if not block:
+                raise OSError(f"{stored.path}: ended while copying a tensor")
+            written += out.write(block)
+            left -= len(block)
+    return written
+
+
 def write_stream(
     out: BinaryIO,
     plan: dict[str, TensorInfo],
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | StoredTensor]],
     metadata: dict[str, str],
 ) -> int:
     """Write the planned tensors as they come; returns the bytes written.
 
-    `tensors` must yield exactly the plan's names, in its order, with its dtypes and shapes.
+    `tensors` must yield exactly the plan's names, in its order, with its dtypes and shapes:
+    a torch tensor, or a StoredTensor whose bytes are copied from its file as they are.
     """
     written = out.write(header_bytes(plan, metadata))
     expected = iter(plan.items())
     for name, t in tensors:
         want_name, want = next(expected, (None, None))
-        got = TensorInfo(DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        got = t.info if isinstance(t, StoredTensor) else TensorInfo(DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
         if name != want_name or got != want:
             raise RuntimeError(f"tensor stream out of plan: got {name} {got}, planned {want_name} {want}")
-        # Raw bytes in native (little-endian) order, whatever the dtype.
-        written += out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if isinstance(t, StoredTensor):
+            written += _copy_bytes(out, t)
+        else:
+            # Raw bytes in native (little-endian) order, whatever the dtype.
+            written += out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     missing = [name for name, _ in expected]
     if missing:
         raise RuntimeError(f"tensor stream ended before the plan: {len(missing)} missing, first {missing[0]}")
     return written
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from calibration.errors import OptionError
+from kernels.schemes import WeightLayout
 
 # The SmoothQuant reference clamps both maxima and s itself at 1e-5, so an all-zero
 # channel of x or W1 cannot give a zero or infinite s.
@@ -25,15 +26,31 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
-def smooth_scale(x: torch.Tensor, w1: torch.Tensor, alpha: float, weight_layout: str = "out_in") -> torch.Tensor:
+def input_channel_absmax(
+    w1: torch.Tensor, weight_layout: str | WeightLayout = "out_in", block_elements: int = 1 << 22
+) -> torch.Tensor:
+    """max |W1[:, j]| over the output channels, float32 [K]; a block of rows at a time (exact:
+    a maximum does not depend on the order it is taken in), so no float copy of W1 is made."""
+    w_nk = WeightLayout.parse(weight_layout).as_out_in(w1)
+    n, k = w_nk.shape
+    rows = max(1, block_elements // max(k, 1))
+    out = torch.zeros(k, dtype=torch.float32)
+    for start in range(0, n, rows):
+        out = torch.maximum(out, w_nk[start : start + rows].to(torch.float32).abs().amax(dim=0))
+    return out
+
+
+def smooth_scale(
+    x: torch.Tensor, w1: torch.Tensor, alpha: float, weight_layout: str | WeightLayout = "out_in"
+) -> torch.Tensor:
     """s [K] float32 from calibration inputs x [tokens, K] and W1 in its stored layout."""
     check_alpha(alpha)
     x_absmax = x.to(torch.float32).abs().amax(dim=0).clamp_min(_FLOOR)
-    w_absmax = w1.to(torch.float32).abs().amax(dim=0 if weight_layout == "out_in" else 1).clamp_min(_FLOOR)
+    w_absmax = input_channel_absmax(w1, weight_layout).clamp_min(_FLOOR)
     return (x_absmax.pow(alpha) / w_absmax.pow(1 - alpha)).clamp_min(_FLOOR)
 
 
-def fold_into_weight(w1: torch.Tensor, s: torch.Tensor, weight_layout: str = "out_in") -> torch.Tensor:
+def fold_into_weight(w1: torch.Tensor, s: torch.Tensor, weight_layout: str | WeightLayout = "out_in") -> torch.Tensor:
     """W1 * s along K, in W1's layout, float32."""
-    w = w1.to(torch.float32)
-    return w * s[None, :] if weight_layout == "out_in" else w * s[:, None]
+    layout = WeightLayout.parse(weight_layout)
+    return layout.as_out_in(layout.as_out_in(w1).to(torch.float32) * s[None, :])

@@ -23,17 +23,23 @@ Where the weights come from:
 - an original checkpoint: float rows cast its weights to the dtype; int8 rows quantize
   them in memory with quantize's defaults (per-channel scales; w8a8: the max observer,
   no smoothing, calibrated on the "calibrate" split of the same source).
-- a file written by `quantize`: its int8 rows use its scales as written, and both
-  references come from the source checkpoint recorded in its metadata (found by path,
-  checked by sha256) or from `reference=`; a quantized file alone has no fp16 path to
-  compare with. Float rows run from that reference's float weights. Only the file's
-  own int8 scheme can be verified: the other scheme is not in the file.
+- a quantized checkpoint (written by `quantize`, or a compressed-tensors int8 checkpoint
+  another tool wrote): its int8 rows use its int8 weights and scales as written, and both
+  references come from the source checkpoint recorded in gelugemm's metadata (found by
+  path, checked by sha256) or from `reference=` (the only way for another tool's, which
+  records no source); a quantized checkpoint alone has no fp16 path to compare with.
+  Float rows run from that reference's float weights. Only the checkpoint's own int8
+  scheme can be verified: the other scheme is not in it.
+
+A checkpoint is a .safetensors file or a model directory (single file or shards); each is
+opened once.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,16 +47,17 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from calibration.checkpoint import MLPLayer, find_mlps, open_checkpoint, read_mlp, select_layers
+from calibration.checkpoint import Checkpoint, MLPLayer, mlps_in, open_checkpoint, read_mlp, select_layers
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError, OptionError
 from calibration.metrics import ErrorMetrics, error_metrics
+from calibration.model import int8_op_fields
 from calibration.options import QuantizeOptions
 from calibration.quantize_mlp import quantize_mlp
 from calibration.quantized_file import (
-    is_quantized_file,
-    load_quantized_mlp,
-    read_quantized,
+    QuantizedCheckpoint,
+    compare_with_source,
+    is_quantized_checkpoint,
     resolve_source,
     sha256_file,
 )
@@ -275,6 +282,7 @@ class _Operands:
     b2: torch.Tensor | None
     gelu: str
     weights: str
+    op_fields: dict = field(default_factory=lambda: {"input_quant": "static"})  # how the op scales w8a8 inputs
 
 
 def _float_operands(floats, dtype: str, gelu: str, stored: str) -> _Operands:
@@ -286,7 +294,7 @@ def _float_operands(floats, dtype: str, gelu: str, stored: str) -> _Operands:
 def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operands, x, refs, tolerance, backend, device) -> VerifyRow:
     config = MLPConfig(
         dtype=dtype, gelu=operands.gelu, weight_layout=layer.weight_layout, backend=backend,
-        activation_dtype=INT8_ACTIVATION_DTYPE, input_quant="static",
+        activation_dtype=INT8_ACTIVATION_DTYPE, **operands.op_fields,
     )  # fmt: skip
     op = FusedMLP(config, device=device)
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -356,35 +364,45 @@ def _in_memory_description(dtypes: list[str], calib, seed: int) -> dict | None:
     return described
 
 
-def _reference_for(qpath: Path, record: dict, reference: str | Path | None, notes: list[str]) -> tuple[Path, dict]:
-    """The original checkpoint a quantized file is compared with, and how it was found."""
-    recorded = record["source"]
+def _reference_for(q: QuantizedCheckpoint, reference: str | Path | None, notes: list[str]) -> tuple[Path, dict]:
+    """The original checkpoint a quantized one is compared with, and how it was found."""
+    record = q.record
+    qpath = q.path
     if reference is not None:
         reference = Path(reference)
-        with open_checkpoint(reference):  # missing or not safetensors: one clear error
-            pass
-        if is_quantized_file(reference):
-            raise CheckpointError(f"--reference {reference} was written by gelugemm quantize; pass the original checkpoint")
-        digest = sha256_file(reference)
-        matches = digest == recorded["sha256"]
+        with open_checkpoint(reference) as ref:  # missing or not safetensors: one clear error
+            if is_quantized_checkpoint(ref):
+                raise CheckpointError(f"--reference {reference} was written by gelugemm quantize (or is quantized); pass the original checkpoint")
+        if record is None:
+            return reference, {"path": str(reference), "how": "--reference", "sha256": None, "matches_record": None}
+        recorded = record["source"]
+        matches = compare_with_source(reference, recorded)
+        digest = sha256_file(reference) if reference.is_file() else None
         if not matches:
             notes.append(
-                f"--reference {reference} is not the file {qpath.name} was quantized from "
-                f"(sha256 {digest[:12]}..., recorded {recorded['sha256'][:12]}...): errors include any difference between the two"
+                f"--reference {reference} is not the {'file' if recorded.get('kind', 'file') == 'file' else 'model directory'} {qpath.name} was quantized from "
+                f"(sha256 differs from the recorded {recorded['path']}): errors include any difference between the two"
             )
         return reference, {"path": str(reference), "how": "--reference", "sha256": digest, "matches_record": matches}
+    if record is None:
+        raise CheckpointError(
+            f"{qpath} was quantized by another tool ({q.made_by}) and records no source checkpoint; "
+            "pass --reference PATH (the float model it was made from)"
+        )
     try:
         source = resolve_source(qpath, record)
     except CheckpointError as exc:
         if "--reference" in str(exc):
             raise
         raise CheckpointError(f"{exc}; verify needs the weights that were quantized: pass --reference PATH to compare with another copy") from None
-    return source, {"path": str(source), "how": "source recorded in the quantized file", "sha256": recorded["sha256"], "matches_record": True}
+    recorded = record["source"]
+    return source, {"path": str(source), "how": "source recorded in the quantized file", "sha256": recorded.get("sha256"), "matches_record": True}
 
 
-def _reference_layers(reference: Path, layers: list[MLPLayer], gelu: str | None) -> list[MLPLayer]:
+def _reference_layers(ref_ckpt: Checkpoint, layers: list[MLPLayer], gelu: str | None) -> list[MLPLayer]:
     """The reference's MLP for each quantized one, checked to have the same names and shapes."""
-    found = {layer.fc1: layer for layer in find_mlps(reference, gelu=gelu)}
+    reference = ref_ckpt.path
+    found = {layer.fc1: layer for layer in mlps_in(ref_ckpt, gelu=gelu)}
     matched = []
     for layer in layers:
         ref = found.get(layer.fc1)
@@ -400,9 +418,9 @@ def _reference_layers(reference: Path, layers: list[MLPLayer], gelu: str | None)
     return matched
 
 
-def _recorded_calibration(record: dict, notes: list[str]) -> Path | None:
-    """The calibration file a quantized file was calibrated on, when it is still there unchanged."""
-    recorded = record.get("calibration") or {}
+def _recorded_calibration(record: dict | None, notes: list[str]) -> Path | None:
+    """The calibration file a quantized checkpoint was calibrated on, when it is still there unchanged."""
+    recorded = (record or {}).get("calibration") or {}
     if recorded.get("kind") != "file":
         return None
     path = Path(recorded["path"])
@@ -419,7 +437,7 @@ class _Plan:
 
     layers: list[MLPLayer]  # as the checkpoint names them (a quantized file: as its record does)
     ref_layers: list[MLPLayer]  # the same MLPs in the reference checkpoint
-    reference: Path
+    reference: Checkpoint  # open
     reference_facts: dict
     dtypes: list[str]
     calib: Path | None
@@ -428,27 +446,30 @@ class _Plan:
     int8: Callable  # (reference handle, layer, ref_layer, floats) -> {scheme: _Operands}
 
 
-def _plan_original(path: Path, dtypes, layers, gelu, reference, calib, seed) -> _Plan:
+def _plan_original(ckpt: Checkpoint, dtypes, layers, gelu, reference, calib, seed) -> _Plan:
+    path = ckpt.path
     if reference is not None:
         raise OptionError(f"--reference is for a file written by quantize; {path} is an original checkpoint, its own weights are the reference")
     asked = _resolve_dtypes(dtypes, None)
-    found = find_mlps(path, layers=layers, gelu=gelu)
+    found = mlps_in(ckpt, layers=layers, gelu=gelu)
 
     def int8(ckpt, layer, ref_layer, floats) -> dict[str, _Operands]:
         return {s: _quantize_in_memory(ckpt, layer, floats, s, calib, seed) for s in asked if s in INT8_DTYPES}
 
     facts = {"path": str(path), "how": "the checkpoint itself", "sha256": None, "matches_record": None}
     calib_from = "--calib" if calib is not None else "synthetic (no --calib)"
-    return _Plan(found, found, path, facts, asked, calib, calib_from, None, int8)
+    return _Plan(found, found, ckpt, facts, asked, calib, calib_from, None, int8)
 
 
-def _plan_quantized(path: Path, dtypes, layers, gelu, reference, calib, notes: list[str]) -> _Plan:
-    record, found = read_quantized(path)
-    chosen = select_layers(found, layers)
-    scheme = record["scheme"]
+def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, gelu, reference, calib, notes: list[str]) -> _Plan:
+    record = q.record
+    chosen = select_layers(q.layers, layers)
+    scheme = q.scheme.scheme
     asked = _resolve_dtypes(dtypes, scheme)
-    ref_path, ref_facts = _reference_for(path, record, reference, notes)
-    ref_layers = _reference_layers(ref_path, chosen, gelu)
+    op_fields = int8_op_fields(q.scheme, q.path) if scheme in asked else {}
+    ref_path, ref_facts = _reference_for(q, reference, notes)
+    ref_ckpt = stack.enter_context(open_checkpoint(ref_path))
+    ref_layers = _reference_layers(ref_ckpt, chosen, gelu)
     calib_from = "--calib"
     if calib is None:
         calib = _recorded_calibration(record, notes)
@@ -464,11 +485,13 @@ def _plan_quantized(path: Path, dtypes, layers, gelu, reference, calib, notes: l
     def int8(ckpt, layer, ref_layer, floats) -> dict[str, _Operands]:
         if scheme not in asked:
             return {}
-        q1, b1, q2, b2 = load_quantized_mlp(path, layer)
-        return {scheme: _Operands(q1, b1, q2, b2, layer.gelu, f"{path.name} as written")}
+        q1, b1, q2, b2 = q.load(layer)
+        return {scheme: _Operands(q1, b1, q2, b2, layer.gelu, f"{q.path.name} as written", op_fields)}
 
-    facts = {k: record.get(k) for k in ("scheme", "granularity", "method", "smooth", "calibration")}
-    return _Plan(chosen, ref_layers, ref_path, ref_facts, asked, calib, calib_from, facts, int8)
+    facts = {k: (record or {}).get(k) for k in ("scheme", "granularity", "method", "smooth", "calibration")}
+    facts.update(scheme=scheme, granularity=str(q.scheme.granularity),
+                 activations=None if q.scheme.activations is None else str(q.scheme.activations), made_by=q.made_by)  # fmt: skip
+    return _Plan(chosen, ref_layers, ref_ckpt, ref_facts, asked, calib, calib_from, facts, int8)
 
 
 def verify_checkpoint(
@@ -488,7 +511,8 @@ def verify_checkpoint(
 ) -> VerifyReport:
     """Run every asked dtype of every MLP in `path` and measure it against the fp16 path and float64.
 
-    path: an original safetensors checkpoint, or a file written by `gelugemm quantize`.
+    path: an original checkpoint (a .safetensors file or a model directory), or a quantized
+        one: written by `gelugemm quantize`, or a compressed-tensors int8 checkpoint.
     dtypes: names from kernels.op.DTYPES, "all", or a comma list; None: every dtype for an
         original checkpoint, the file's own scheme for a quantized one.
     calib, tokens, seed: the inputs (see calibration.data); verify reads the "verify" split.
@@ -498,7 +522,7 @@ def verify_checkpoint(
     tol: one tolerance for every dtype, or {dtype: tolerance}; the rest keep DEFAULT_TOLERANCES.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     reference: a quantized file's original checkpoint, instead of the one its metadata records.
-    gelu: "erf" | "tanh": the model's flavour, over config.json and the family default. It
+    gelu: "erf" | "tanh" | "quick": the model's flavour, over config.json and the family default. It
         sets the references (and an original checkpoint's rows); a quantized file's int8
         rows run the flavour its metadata records, and fail when that is not this one.
     progress: called as progress(done, total, what) after each (layer, dtype) row.
@@ -510,10 +534,16 @@ def verify_checkpoint(
     if tokens is not None and tokens < 1:
         raise OptionError(f"--tokens must be at least 1; got {tokens}")
     notes: list[str] = []
-    if is_quantized_file(path):  # also: a missing or invalid file is a CheckpointError here
-        plan = _plan_quantized(path, dtypes, layers, gelu, reference, calib, notes)
-    else:
-        plan = _plan_original(path, dtypes, layers, gelu, reference, calib, seed)
+    with ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(path))  # a missing or invalid checkpoint is a CheckpointError here
+        if is_quantized_checkpoint(ckpt):
+            plan = _plan_quantized(QuantizedCheckpoint(ckpt, gelu=gelu), stack, dtypes, layers, gelu, reference, calib, notes)
+        else:
+            plan = _plan_original(ckpt, dtypes, layers, gelu, reference, calib, seed)
+        return _run(plan, path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress)
+
+
+def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress) -> VerifyReport:
     tolerances, origin = _tolerances(tol, plan.dtypes)
     if plan.calib is not None:
         check_calibration_file(plan.calib, plan.layers)
@@ -528,16 +558,16 @@ def verify_checkpoint(
         if progress is not None:
             progress(done, total, what)
 
-    with open_checkpoint(plan.reference) as ref_ckpt:
-        for layer, ref_layer in zip(plan.layers, plan.ref_layers):
-            floats = read_mlp(ref_ckpt, ref_layer)
-            x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
-            int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
-            result, layer_rows = _verify_layer(
-                layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, backend, device, step
-            )  # fmt: skip
-            results.append(result)
-            rows += layer_rows
+    ref_ckpt = plan.reference
+    for layer, ref_layer in zip(plan.layers, plan.ref_layers):
+        floats = read_mlp(ref_ckpt, ref_layer)
+        x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
+        int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
+        result, layer_rows = _verify_layer(
+            layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, backend, device, step
+        )  # fmt: skip
+        results.append(result)
+        rows += layer_rows
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

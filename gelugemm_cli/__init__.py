@@ -1,5 +1,6 @@
-"""gelugemm: quantize, validate and benchmark transformer GELU MLP layers."""
+"""gelugemm: quantize, validate and benchmark transformer GELU MLP layers.
 
-from kernels.version import __version__
-
-__all__ = ["__version__"]
+This package's own import loads nothing but the standard library: the entry point
+(gelugemm_cli/entry.py) installs its start-up signal handling before torch and triton load.
+The version is `kernels.version.__version__`.
+"""

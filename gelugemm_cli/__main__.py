@@ -1,3 +1,3 @@
-from gelugemm_cli.app import main
+from gelugemm_cli.entry import main
 
 main()

@@ -13,12 +13,23 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gelugemm_cli.common import console, err_console, state, user_errors, write_json
+from calibration import outputs
+from calibration.outputs import atomic_output
+from gelugemm_cli.common import (
+    PLOT_BYTES,
+    check_json_output,
+    console,
+    err_console,
+    for_log,
+    input_files,
+    state,
+    user_errors,
+    write_json,
+)
 from calibration.model import checkpoint_shapes
 from kernels import peers
 from kernels.bench import (
@@ -35,7 +46,6 @@ from kernels.errors import GelugemmError
 
 DEFAULT_WARMUP_MS, DEFAULT_REP_MS = 25.0, 100.0
 QUICK_WARMUP_MS, QUICK_REP_MS = 5.0, 20.0
-LOG_WIDTH = 140  # columns the table is printed in when stdout is not a terminal
 
 
 # ---- options ---------------------------------------------------------------------------------
@@ -96,7 +106,7 @@ def progress_bar():
     """A Rich progress bar on stderr (stdout stays clean for --json -), as run_bench's callback."""
     columns = (TextColumn("{task.description:<26}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("[dim]{task.fields[label]}"))  # fmt: skip
-    with Progress(*columns, console=err_console) as bar:
+    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as bar:
         tasks = {}
 
         def report(stage: str, done: int, total: int, label: str) -> None:
@@ -262,8 +272,11 @@ def write_speedup_plot(result: BenchResult, path: Path) -> None:
     info = result.info
     fig.suptitle(f"{info.device} · torch {info.torch} · triton {info.triton} · {info.date}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_output(path) as f:  # tagged, so a re-run replaces it without --force
+            fig.savefig(f, format="png", dpi=120, metadata={"Software": outputs.PNG_SOFTWARE})
+    finally:
+        plt.close(fig)
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -297,9 +310,15 @@ def bench(
     plot_path: Optional[Path] = typer.Option(
         None, "--plot", help="Write a PNG of speedup over torch eager by token count (needs matplotlib)."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json or --plot file that gelugemm did not write."),
 ):
     """Time gelugemm's fused MLP against torch eager, cuBLASLt's GELU epilogue, torch.compile and naive int8."""
     with user_errors():
+        # Every output checked before the work.
+        inputs = input_files(checkpoint)
+        check_json_output(json_path, inputs=inputs, others=[("--plot", plot_path)], force=force)
+        if plot_path is not None:
+            outputs.check_output(plot_path, option="--plot", inputs=inputs, expected_bytes=PLOT_BYTES, force=force, replace="own")
         dtypes = parse_names(dtype, BENCH_DTYPES, "dtype")
         chosen_peers = parse_names(peer_names, peers.PEERS, "peers")
         token_counts = parse_tokens(tokens) if tokens else list(QUICK_TOKENS if quick else DEFAULT_TOKENS)
@@ -324,18 +343,16 @@ def bench(
                 cuda_graph=cuda_graph, progress=report, command=shlex.join(sys.argv), raise_errors=state["debug"],
             )  # fmt: skip
 
+        failed = result.failed("gelugemm")
+        outputs.set_result(1 if failed else 0)  # kept by a signal that lands after the outputs are written
         if json_path is not None:
             write_json(json_path, result.to_dict())
-        out = err_console if str(json_path) == "-" else console
-        if not out.is_terminal:
-            # Piped or captured (a log, a remote run), Rich would fit the table to 80 columns.
-            out = Console(file=out.file, width=max(out.width, LOG_WIDTH))
+        out = for_log(err_console if str(json_path) == "-" else console)
         out.print(bench_table(result))
         for line in problems(result):
             out.print(line, highlight=False)
         if plot_path is not None:
             write_speedup_plot(result, plot_path)
-        failed = result.failed("gelugemm")
         if failed:
             err_console.print(
                 f"[bold red]error:[/bold red] {len(failed)} gelugemm rows were not measured right "

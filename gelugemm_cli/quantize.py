@@ -12,13 +12,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from calibration.options import QuantizeOptions
-from calibration.quantize import QuantizeReport, quantize_checkpoint
-from gelugemm_cli.common import console, err_console, user_errors, write_json
+from calibration.outputs import size_text
+from calibration.quantize import QuantizeReport, default_output, quantize_checkpoint
+from gelugemm_cli.common import check_json_output, console, err_console, for_log, input_files, plural, user_errors, write_json
 
 
 def quantize(
-    checkpoint: Path = typer.Argument(..., help="A safetensors checkpoint (fp32, fp16 or bf16)."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Output file (default: CHECKPOINT.int8.safetensors beside it)."),
+    checkpoint: Path = typer.Argument(..., help="A .safetensors file or a model directory (single file or sharded; fp32, fp16 or bf16)."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Output (default: NAME.int8.safetensors beside a file, DIR-int8/ beside a model directory)."
+    ),
     scheme: str = typer.Option("w8a16", help="w8a16 (int8 weights) or w8a8 (int8 weights and activations)."),
     granularity: str = typer.Option("per-channel", help="Weight scales: per-channel, or group:N along the input dim."),
     method: str | None = typer.Option(None, help="w8a8 activation observer: max, percentile:P or mse (default: max)."),
@@ -27,20 +30,23 @@ def quantize(
     tokens: int | None = typer.Option(None, help="w8a8: calibration rows (default: 512 synthetic, or all of --calib's calibrate split)."),
     seed: int = typer.Option(0, help="w8a8: seed of the synthetic calibration inputs."),
     layers: str | None = typer.Option(None, help="Quantize only the MLPs whose fc1 or fc2 prefix matches this regex."),
-    gelu: str | None = typer.Option(None, help="erf or tanh, overriding config.json (default: from config.json or the family)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    gelu: str | None = typer.Option(None, help="erf, tanh or quick, overriding config.json (default: from config.json or the family)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (and a --json file gelugemm did not write)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ):
-    """Quantize the GELU MLPs of CHECKPOINT to int8 and write the whole checkpoint."""
+    """Quantize the GELU MLPs of CHECKPOINT to int8 and write the whole checkpoint (compressed-tensors format)."""
     with user_errors():
         options = QuantizeOptions(scheme, granularity, method, smooth, calib, tokens, seed, layers, gelu, force)
+        output_path = output if output is not None else default_output(checkpoint)
+        # Every output checked before the work (the checkpoint's by quantize_checkpoint itself).
+        check_json_output(json_path, inputs=input_files(checkpoint, calib), others=[("-o" if output else "checkpoint", output_path)], force=force)
         out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True) as bar:  # fmt: skip
+                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
             task = bar.add_task(f"quantizing {checkpoint.name} ({scheme})", total=None)
             progress = lambda done, total, layer: bar.update(task, completed=done, total=total)  # noqa: E731
             report = quantize_checkpoint(checkpoint, output, options, progress=progress)
-        render(report, out)
+        render(report, for_log(out))
         if json_path is not None:
             write_json(json_path, report.to_dict())
 
@@ -78,19 +84,39 @@ def render(report: QuantizeReport, out: Console) -> None:
     out.print(table)
     if report.scheme == "w8a8":
         smooth = f", SmoothQuant alpha {report.smooth}" if report.smooth is not None else ""
-        source = report.calibration
-        on = (f"{source['path']} ({source['split']} split)" if source["kind"] == "file"
-              else f"{source['tokens']} synthetic tokens per MLP from its LayerNorm's weight and bias, seed {source['seed']}")  # fmt: skip
-        out.print(f"activation scales: {report.method}{smooth}; calibrated on {on}", highlight=False)
+        out.print(f"activation scales: {report.method}{smooth}; calibrated on {_calibrated_on(report)}", highlight=False, soft_wrap=True)
+    smoothed = sorted({layer.smoothing for layer in report.layers if layer.smoothing})
+    if smoothed:
+        out.print(f"smoothing: {'; '.join(smoothed)}", highlight=False, soft_wrap=True)
     mem = report.memory
-    mib = lambda b: "?" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
+    shards = f"{len(report.shards)} shards, " if len(report.shards) > 1 else ""
     out.print(
-        f"wrote {report.output} ({mib(report.output_bytes)}, from {mib(report.source_bytes)}; "
-        f"{len(report.layers)} MLPs quantized, {report.tensors_copied} tensors copied) in {report.seconds:.1f} s",
-        highlight=False,
+        f"wrote {report.output} ({shards}{size_text(report.output_bytes)}, from {size_text(report.source_bytes)}; "
+        f"{plural(len(report.layers), 'MLP')} quantized, {plural(report.tensors_copied, 'tensor')} copied) in {report.seconds:.1f} s",
+        highlight=False, soft_wrap=True,
     )
+    if report.output_kind == "directory":
+        copied = ", ".join(report.files_copied) or "none"
+        out.print(f"other model files copied: {copied}", highlight=False, soft_wrap=True)
+        for skipped in report.files_skipped:
+            out.print(f"[yellow]not copied:[/yellow] {skipped}", highlight=False, soft_wrap=True)
+    out.print(f"runs on: {report.runs_on}", highlight=False, soft_wrap=True)
     out.print(
-        f"peak memory: {mib(mem['peak_rss_bytes'])} resident ({mem['peak_rss_scope']}; {mib(mem['start_rss_bytes'])} at start, "
-        f"mapped checkpoint pages included), heap {mib(mem['peak_anon_bytes'])} ({mib(mem['start_anon_bytes'])} at start)",
-        highlight=False,
+        f"peak memory: {size_text(mem['peak_rss_bytes'])} resident ({mem['peak_rss_scope']}; {size_text(mem['start_rss_bytes'])} at start, "
+        f"mapped file pages included), heap {size_text(mem['peak_anon_bytes'])} ({size_text(mem['start_anon_bytes'])} at start)",
+        highlight=False, soft_wrap=True,
     )
+
+
+def _calibrated_on(report: QuantizeReport) -> str:
+    source = report.calibration
+    if source["kind"] == "file":
+        return f"{source['path']} ({source['split']} split)"
+    norms = [layer.get("norm") for layer in report.record.get("layers", [])]
+    if norms and all(norms):
+        drawn = "from its LayerNorm's weight and bias"
+    elif any(norms):
+        drawn = "from its LayerNorm's weight and bias where it has one, else N(0, 1)"
+    else:
+        drawn = "N(0, 1) (no LayerNorm feeds it in this checkpoint)"
+    return f"{source['tokens']} synthetic tokens per MLP, {drawn}, seed {source['seed']}"

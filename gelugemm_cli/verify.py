@@ -16,15 +16,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from calibration.verify import VerifyReport, VerifyRow, parse_dtypes, parse_tolerances, verify_checkpoint
-from gelugemm_cli.common import console, err_console, user_errors, write_json
+from calibration import outputs
+from gelugemm_cli.common import (
+    check_json_output,
+    console,
+    err_console,
+    for_log,
+    input_files,
+    plural,
+    recorded_inputs,
+    user_errors,
+    write_json,
+)
 from gelugemm_cli.quantize import _block as mlp_block
-
-LOG_WIDTH = 140  # columns the table is printed in when stdout is not a terminal
-
 
 # Help strings are Rich markup (Typer's default): a literal "[" is written "\\[", or Rich eats "[default: ...]".
 def verify(
-    checkpoint: Path = typer.Argument(..., help="An original safetensors checkpoint, or a file written by `gelugemm quantize`."),
+    checkpoint: Path = typer.Argument(..., help="An original checkpoint (file or model directory), or a quantized one (gelugemm's or compressed-tensors int8)."),
     dtype: str | None = typer.Option(
         None, "--dtype",
         help=r"fp16, bf16, fp32, w8a16, w8a8, all, or a comma list \[default: all for an original checkpoint, its scheme for a quantized file].",
@@ -33,21 +41,24 @@ def verify(
     tokens: int | None = typer.Option(None, help=r"Rows per MLP \[default: all of --calib's verify split, or 512 synthetic]."),
     layers: str | None = typer.Option(None, help="Verify only the MLPs whose fc1 or fc2 prefix matches this regex."),
     tol: str | None = typer.Option(
-        None, help=r"Gate on rel. error vs the fp16 path: VALUE for every dtype, or DTYPE=VALUE,... \[default: per dtype, see docs-verify.md]."
+        None, help=r"Gate on rel. error vs the fp16 path: VALUE for every dtype, or DTYPE=VALUE,... \[default: per dtype, see the README's verify section]."
     ),
     backend: str = typer.Option("auto", help="auto (Triton on CUDA, torch elsewhere), triton or torch."),
     reference: Path | None = typer.Option(None, help="A quantized file's original checkpoint, instead of the one its metadata records."),
-    gelu: str | None = typer.Option(None, help=r"erf or tanh: the model's GELU, overriding config.json \[default: from config.json or the family]."),
+    gelu: str | None = typer.Option(None, help=r"erf, tanh or quick: the model's GELU, overriding config.json \[default: from config.json or the family]."),
     seed: int = typer.Option(0, help="Seed of the synthetic inputs (without --calib)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file that gelugemm did not write."),
 ):
     """Run each MLP of CHECKPOINT in each dtype, measure it against the fp16 path and float64; exit 1 past tolerance."""
     with user_errors():
         dtypes = parse_dtypes(dtype) if dtype is not None else None
         tolerances = parse_tolerances(tol) if tol is not None else None
+        inputs = input_files(checkpoint, calib, reference) + recorded_inputs(checkpoint)
+        check_json_output(json_path, inputs=inputs, force=force)
         out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True) as bar:  # fmt: skip
+                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
             task = bar.add_task(f"verifying {checkpoint.name}", total=None)
 
             def progress(done: int, total: int, what: str) -> None:
@@ -57,6 +68,7 @@ def verify(
                 checkpoint, dtypes, calib=calib, tokens=tokens, layers=layers, tol=tolerances,
                 backend=backend, reference=reference, gelu=gelu, seed=seed, progress=progress,
             )  # fmt: skip
+        outputs.set_result(0 if report.passed else 1)  # kept by a signal that lands after the --json is written
         render(report, out)
         if json_path is not None:
             write_json(json_path, report.to_dict())
@@ -80,7 +92,11 @@ def header(report: VerifyReport) -> list[str]:
     if source["kind"] == "file":
         inputs = f"inputs: {source['path']} ({source['from']}), verify split: its last {source['held_out_fraction']:.0%}, never calibrated on"
     else:
-        inputs = f"inputs: synthetic, from each MLP's LayerNorm weight and bias, seed {source['seed']}, verify split"
+        # calibration.data says "no LayerNorm found" in a layer's inputs where none feeds it
+        normless = ["no LayerNorm" in layer.inputs for layer in report.layers]
+        drawn = ("N(0, 1): no LayerNorm feeds the MLPs" if normless and all(normless)
+                 else "from each MLP's LayerNorm weight and bias" + (" where it has one, else N(0, 1)" if any(normless) else ""))  # fmt: skip
+        inputs = f"inputs: synthetic, {drawn}, seed {source['seed']}, verify split"
     tokens = sorted({layer.tokens for layer in report.layers})
     inputs += f"; {'/'.join(map(str, tokens))} tokens per MLP"
     gelu = "; ".join(sorted({f"{layer.gelu} ({layer.gelu_source})" for layer in report.layers}))
@@ -130,9 +146,10 @@ def table(report: VerifyReport) -> Table:
 
 def summary(report: VerifyReport) -> str:
     rows = len(report.rows)
-    shape = f"{len(report.layers)} MLPs x {len(report.dtypes)} dtypes"
+    shape = f"{plural(len(report.layers), 'MLP')} x {plural(len(report.dtypes), 'dtype')}"
     if report.passed:
-        return f"[green]PASS[/green]: all {rows} rows within tolerance ({shape}) in {report.seconds:.1f} s"
+        every = "the one row" if rows == 1 else f"all {rows} rows"
+        return f"[green]PASS[/green]: {every} within tolerance ({shape}) in {report.seconds:.1f} s"
     failed = [f"{row.layer} {row.dtype} ({_why(row)})" for row in report.failures]
     listed = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
     return f"[bold red]FAIL[/bold red]: {len(failed)} of {rows} rows past tolerance: {listed} ({report.seconds:.1f} s)"
@@ -147,9 +164,7 @@ def _why(row: VerifyRow) -> str:
 
 
 def render(report: VerifyReport, out: Console) -> None:
-    if not out.is_terminal:
-        # Piped or captured (a log, a remote run), Rich would fit the table to 80 columns.
-        out = Console(file=out.file, width=max(out.width, LOG_WIDTH))
+    out = for_log(out)
     for line in header(report):
         out.print(line, highlight=False, soft_wrap=True)
     for note in report.notes:

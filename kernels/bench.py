@@ -38,12 +38,10 @@ from kernels.errors import BackendUnavailable, GelugemmError
 from kernels.int8 import quantize_weight
 from kernels.op import FusedMLP, MLPConfig
 from kernels.reference import mlp_reference
-from kernels.schemes import GELU_FLAVOURS
+from kernels.schemes import ACTIVATION_DTYPES, GELU_FLAVOURS, INT8_DTYPES
 from kernels.version import __version__
 
 BENCH_DTYPES = ("fp16", "bf16", "w8a16", "w8a8")
-INT8_DTYPES = ("w8a16", "w8a8")
-ACTIVATION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ACTIVATION_BYTES = 2  # fp16 and bf16: x, biases and y of every row
 IMPLS = ("gelugemm",) + peers.PEERS
 DEFAULT_TOKENS = (1, 16, 128, 2048, 8192)

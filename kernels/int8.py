@@ -1,7 +1,15 @@
-"""Symmetric int8: the scale from an absolute maximum, fake quantization, and int8 weights.
+"""Symmetric int8: the scale from an absolute maximum, the rounding, fake quantization,
+and int8 weights.
 
-    q = clamp(round(x / scale), -127, 127)     round half to even (torch.round)
-    x ~= q * scale,   scale = absmax / 127
+    q = round_half_even(clamp(x * (1 / scale), -127, 127))    in float32
+    x ~= q * scale,   scale = max(absmax / 127, SCALE_EPS)
+
+This is the kernels' arithmetic, and the one definition: the GEMM epilogue's
+requantization and the activation quantizer (kernels/gemm_base.py's `round_to_int8`,
+the reciprocal from `div_rn`) compute exactly this in float32, the reciprocal correctly
+rounded; calibration (`fake_quantize`, `quantize_weight`) and the step-by-step reference
+(kernels/reference.py) call these functions, so calibration fake-quantizes as the kernel
+it calibrates for quantizes, and a kernel and its reference agree bit for bit.
 
 -128 is never produced, so the range is symmetric and -q never overflows. Weights are
 quantized per output channel (one scale per row of W as [N, K]) or per group of
@@ -14,23 +22,38 @@ from __future__ import annotations
 
 import torch
 
-from kernels.quantized import QuantizedWeight
-from kernels.reference import as_out_in
+from kernels.quantized import QuantizedWeight, expand_scale
+from kernels.schemes import WeightLayout
 
 INT8_MAX = 127
-# Floor on every scale (torchao's choice): an all-zero channel gets a finite, non-zero
-# scale, so nothing divides by zero and dequantization gives exact zeros.
+# The floor on every scale, weights' and activations' alike (static or per token): an
+# all-zero channel or row gets a finite, non-zero scale, so nothing divides by zero and
+# dequantization gives exact zeros. float32's eps, as compressed-tensors' calculate_qparams
+# and torchao clamp their scales: a file gelugemm writes quantizes as those libraries
+# would, and 1 / scale stays below 2^23, finite. A row whose absmax is below
+# 127 * eps (~1.5e-5; fp16's subnormals start at 6e-5) loses resolution, not range.
 SCALE_EPS = torch.finfo(torch.float32).eps
 
 
 def scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
     """float32 scale that maps absmax to 127, floored at SCALE_EPS."""
-    return (absmax.to(torch.float32) / INT8_MAX).clamp_min(SCALE_EPS)
+    absmax = absmax.to(torch.float32)
+    # Divided by a tensor, not the Python 127: on CUDA torch computes tensor / scalar as
+    # tensor * (1 / scalar), off by an ulp now and then from the correctly rounded
+    # quotient (which the kernels' div_rn and the CPU compute).
+    return (absmax / torch.full_like(absmax, INT8_MAX)).clamp_min(SCALE_EPS)
+
+
+def round_to_int8(v: torch.Tensor) -> torch.Tensor:
+    """int8 = round_half_even(clamp(v, -127, 127)) of a float32 tensor."""
+    return torch.round(v.clamp(-INT8_MAX, INT8_MAX)).to(torch.int8)
 
 
 def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 q = clamp(round(x / scale), -127, 127); scale broadcasts against x."""
-    return torch.round(x.to(torch.float32) / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    """int8 q = round_half_even(clamp(x * (1 / scale), -127, 127)) in float32; scale
+    broadcasts against x. The reciprocal is correctly rounded (IEEE division, as the
+    kernels' div_rn), then one float32 multiply, as the kernels compute it."""
+    return round_to_int8(x.to(torch.float32) * torch.reciprocal(scale.to(torch.float32)))
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -52,17 +75,12 @@ def weight_scale(w_out_in: torch.Tensor, group_size: int | None = None) -> torch
     return scale_from_absmax(absmax)
 
 
-def expand_scale(scale: torch.Tensor, k: int, group_size: int | None) -> torch.Tensor:
-    """A weight scale broadcast against W as [N, K]."""
-    if group_size is None:
-        return scale[:, None]
-    return scale.repeat_interleave(group_size, dim=1)[:, :k]
-
-
-def quantize_weight(w: torch.Tensor, *, weight_layout: str = "out_in", group_size: int | None = None) -> QuantizedWeight:
+def quantize_weight(
+    w: torch.Tensor, *, weight_layout: str | WeightLayout = "out_in", group_size: int | None = None
+) -> QuantizedWeight:
     """int8 W in its stored layout with float32 scales per output channel or per group along K."""
-    w_nk = as_out_in(w, weight_layout).to(torch.float32)
+    layout = WeightLayout.parse(weight_layout)
+    w_nk = layout.as_out_in(w).to(torch.float32)
     scale = weight_scale(w_nk, group_size)
     q = quantize_int8(w_nk, expand_scale(scale, w_nk.shape[1], group_size))
-    data = q if weight_layout == "out_in" else q.t().contiguous()
-    return QuantizedWeight(data, scale, group_size)
+    return QuantizedWeight(layout.as_out_in(q).contiguous(), scale, group_size)

@@ -81,8 +81,7 @@ class FusedGeluMLP(nn.Module):
         bias_dtype = None if self.quantized else config.torch_dtype
         for name, b in (("b1", b1), ("b2", b2)):
             self.register_buffer(name, None if b is None else b.detach().to(dtype=bias_dtype or b.dtype))
-        w1_rows, w1_cols = self.w1.shape
-        self.d_ff, self.d_model = (w1_rows, w1_cols) if config.weight_layout == "out_in" else (w1_cols, w1_rows)
+        self.d_model, self.d_ff = config.weight_layout.kn_shape(self.w1)
         if device is not None:
             self.to(device)
         else:

@@ -27,15 +27,16 @@ import torch
 
 from kernels import reference
 from kernels.errors import BackendUnavailable, LaunchError
-from kernels.gemm import gemm_bias_act, triton_can_run, weight_shape
+from kernels.gemm import gemm_bias_act
+from kernels.gemm_base import triton_can_run
+from kernels.int8_gemm import check_weight_scales
 from kernels.quantized import QuantizedWeight
-from kernels.schemes import GELU_FLAVOURS
+from kernels.schemes import ACTIVATION_DTYPES, DTYPES, FLOAT_DTYPES, GELU_FLAVOURS, INT8_DTYPES, WeightLayout
 from kernels.w8a8 import quantize_activations, w8a8_linear
-from kernels.w8a16 import check_weight_scales, w8a16_linear
+from kernels.w8a16 import w8a16_linear
 
-FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-INT8_DTYPES = ("w8a16", "w8a8")
-DTYPES = tuple(FLOAT_DTYPES) + INT8_DTYPES
+__all__ = ["DTYPES", "FLOAT_DTYPES", "INT8_DTYPES", "FusedMLP", "MLPConfig", "choose_backend"]
+
 BACKENDS = ("auto", "triton", "torch")
 INPUT_QUANT = ("dynamic", "static")
 
@@ -58,7 +59,7 @@ class MLPConfig:
 
     dtype: str = "fp16"
     gelu: str = "erf"
-    weight_layout: str = "out_in"
+    weight_layout: WeightLayout = WeightLayout.OUT_IN
     backend: str = "auto"
     allow_tf32: bool = False
     activation_dtype: str = "fp16"
@@ -68,18 +69,18 @@ class MLPConfig:
         for name, value, allowed in (
             ("dtype", self.dtype, DTYPES),
             ("gelu", self.gelu, GELU_FLAVOURS),
-            ("weight_layout", self.weight_layout, reference.WEIGHT_LAYOUTS),
             ("backend", self.backend, BACKENDS),
-            ("activation_dtype", self.activation_dtype, ("fp16", "bf16")),
+            ("activation_dtype", self.activation_dtype, tuple(ACTIVATION_DTYPES)),
             ("input_quant", self.input_quant, INPUT_QUANT),
         ):
             if value not in allowed:
                 raise LaunchError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        object.__setattr__(self, "weight_layout", WeightLayout.parse(self.weight_layout))
 
     @property
     def torch_dtype(self) -> torch.dtype:
         """The float dtype of the op's input and output."""
-        return FLOAT_DTYPES.get(self.dtype) or FLOAT_DTYPES[self.activation_dtype]
+        return FLOAT_DTYPES.get(self.dtype) or ACTIVATION_DTYPES[self.activation_dtype]
 
 
 def choose_backend(config: MLPConfig, device: torch.device) -> tuple[str, str]:
@@ -133,7 +134,7 @@ class FusedMLP:
         for name, w in (("w1", w1), ("w2", w2)):
             if not isinstance(w, QuantizedWeight):
                 raise LaunchError(f"{name} must be a QuantizedWeight for {cfg.dtype}, got {type(w).__name__}")
-            k, n = weight_shape(w.data, cfg.weight_layout)
+            k, n = cfg.weight_layout.kn_shape(w.data)
             check_weight_scales(w, k, n, name)
         if w2.smooth_scale is not None or (cfg.dtype == "w8a16" and w1.smooth_scale is not None):
             raise LaunchError("a SmoothQuant smooth_scale applies to w8a8's GEMM1 input only (w1)")

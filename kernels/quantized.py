@@ -7,6 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from kernels.errors import LaunchError
+from kernels.schemes import Granularity, WeightLayout
+
+
+def expand_scale(scale: torch.Tensor, k: int, group_size: int | None) -> torch.Tensor:
+    """A weight scale broadcast against W as [N, K]: [N, 1] per channel; per group, each
+    group's scale repeated over its columns (the last group may be short)."""
+    if group_size is None:
+        return scale[:, None]
+    return scale.repeat_interleave(group_size, dim=1)[:, :k]
 
 
 @dataclass
@@ -37,6 +46,7 @@ class QuantizedWeight:
             raise LaunchError(f"quantized weight data must be a 2-D int8 tensor, got {self.data.dtype} {tuple(self.data.shape)}")
         if self.scale.dtype != torch.float32:
             raise LaunchError(f"weight scale must be float32, got {self.scale.dtype}")
+        Granularity(self.group_size)  # a positive int or None, else the vocabulary's SchemeError
 
     @property
     def shape(self) -> torch.Size:
@@ -48,20 +58,15 @@ class QuantizedWeight:
 
     @property
     def granularity(self) -> str:
-        return "per-channel" if self.group_size is None else f"group:{self.group_size}"
+        """"per-channel" or "group:N", spelled as kernels.schemes.Granularity spells it."""
+        return str(Granularity(self.group_size))
 
-    def dequantize(self, weight_layout: str = "out_in", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, weight_layout: str | WeightLayout = "out_in", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight these int8 values stand for, in the same layout."""
-        w = self.data.to(torch.float32)
-        if weight_layout == "in_out":
-            w = w.t()  # now [N, K]
-        if self.group_size is None:
-            w = w * self.scale[:, None]
-        else:
-            w = w * self.scale.repeat_interleave(self.group_size, dim=1)[:, : w.shape[1]]
-        if weight_layout == "in_out":
-            w = w.t()
-        return w.to(dtype)
+        layout = WeightLayout.parse(weight_layout)
+        w = layout.as_out_in(self.data).to(torch.float32)  # [N, K]
+        w = w * expand_scale(self.scale, w.shape[1], self.group_size)
+        return layout.as_out_in(w).to(dtype)
 
     def to(self, device) -> "QuantizedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

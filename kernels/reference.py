@@ -15,10 +15,9 @@ import math
 
 import torch
 
-from kernels.quantized import QuantizedWeight
-from kernels.schemes import GELU_FLAVOURS
-
-WEIGHT_LAYOUTS = ("out_in", "in_out")
+from kernels.int8 import quantize_int8, scale_from_absmax
+from kernels.quantized import QuantizedWeight, expand_scale
+from kernels.schemes import GELU_FLAVOURS, WeightLayout
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -49,13 +48,9 @@ def eager_gelu(x: torch.Tensor, flavour: str = "erf") -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh" if flavour == "tanh" else "none")
 
 
-def as_out_in(w: torch.Tensor, weight_layout: str) -> torch.Tensor:
+def as_out_in(w: torch.Tensor, weight_layout: str | WeightLayout) -> torch.Tensor:
     """View a weight as `[out, in]` whatever layout it is stored in (no copy)."""
-    if weight_layout == "out_in":
-        return w
-    if weight_layout == "in_out":
-        return w.t()
-    raise ValueError(f"unknown weight layout {weight_layout!r}; expected one of {WEIGHT_LAYOUTS}")
+    return WeightLayout.parse(weight_layout).as_out_in(w)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,40 +103,24 @@ def mlp_reference(
 # the same float32 operations in the same order, so a kernel can be checked exactly.
 # ---------------------------------------------------------------------------------------
 
-INT8_MAX = 127  # symmetric int8: values in [-127, 127]
-# Dynamic per-token quantization floors a row's absmax here, so an all-zero row still
-# gets a finite, non-zero scale (its values quantize to 0 whatever the scale).
-MIN_ABSMAX = 1e-12
-
-
-def round_to_int8(v: torch.Tensor) -> torch.Tensor:
-    """int8 = round_half_even(clamp(v, -127, 127)) of a float32 tensor."""
-    return torch.round(v.clamp(-INT8_MAX, INT8_MAX)).to(torch.int8)
-
-
 def quantize_activation_reference(
     x: torch.Tensor, scale: torch.Tensor | None = None, smooth_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization of x [..., K]: returns (q int8 [..., K], scale float32).
 
     smooth_scale [K]: SmoothQuant; x is divided by it per input channel first.
-    scale None: dynamic, one scale per token, absmax(row) / 127 (absmax floored at
-        MIN_ABSMAX), shape [...]. Else the given static one-element scale, returned as is.
-    q = round_half_even(clamp(x * (1 / scale), -127, 127)), all in float32.
+    scale None: dynamic, one scale per token, scale_from_absmax(absmax(row)) (absmax / 127,
+        floored at kernels/int8.py's SCALE_EPS), shape [...]. Else the given static
+        one-element scale, returned as is.
+    q = quantize_int8(x, scale): round_half_even(clamp(x * (1 / scale), -127, 127)) in float32.
     """
     v = x.float()
     if smooth_scale is not None:
         v = v / smooth_scale.float()
     if scale is None:
-        absmax = v.abs().amax(dim=-1).clamp_min(MIN_ABSMAX)
-        # Divided by a tensor, not the Python 127: on CUDA torch computes tensor / scalar as
-        # tensor * (1 / scalar), off by an ulp now and then from the correctly rounded
-        # quotient (which the kernel and the CPU compute).
-        scale = absmax / torch.full_like(absmax, INT8_MAX)
-        inv_scale = (1.0 / scale)[..., None]
-    else:
-        inv_scale = 1.0 / scale.float().reshape(())
-    return round_to_int8(v * inv_scale), scale
+        scale = scale_from_absmax(v.abs().amax(dim=-1))
+        return quantize_int8(v, scale[..., None]), scale
+    return quantize_int8(v, scale.float().reshape(())), scale
 
 
 def w8a8_linear_reference(
@@ -160,8 +139,8 @@ def w8a8_linear_reference(
     w: a QuantizedWeight with per-channel scales.
     acc = xq @ Wq^T in exact integer arithmetic (float64 holds every partial sum exactly:
     |acc| <= 127^2 K < 2^53), then in float32: acc * x_scale[m] * w_scale[n] + bias, GELU;
-    then with `output_scale` requantized to int8 (GEMM1: round_half_even(clamp(v * (1 /
-    output_scale)))), else rounded to out_dtype (GEMM2).
+    then with `output_scale` requantized to int8 (GEMM1: quantize_int8(v, output_scale)),
+    else rounded to out_dtype (GEMM2).
     """
     acc = xq.double() @ as_out_in(w.data, weight_layout).double().t()
     out = acc.float()
@@ -173,7 +152,7 @@ def w8a8_linear_reference(
     if activation != "none":
         out = gelu(out, activation)
     if output_scale is not None:
-        return round_to_int8(out * (1.0 / output_scale.float().reshape(())))
+        return quantize_int8(out, output_scale.float().reshape(()))
     return out.to(out_dtype)
 
 
@@ -215,8 +194,7 @@ def w8a16_linear_reference(
     if w.group_size is None:
         out = (x.float() @ q.t()) * w.scale
     else:
-        k = q.shape[1]
-        scale = w.scale.repeat_interleave(w.group_size, dim=1)[:, :k]
+        scale = expand_scale(w.scale, q.shape[1], w.group_size)
         out = x.float() @ (q * scale).to(x.dtype).float().t()
     if bias is not None:
         out = out + bias.float()

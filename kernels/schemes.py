@@ -1,5 +1,5 @@
-"""The words every layer shares, each defined once: GELU flavours, weight layouts, weight
-granularity and w8a8 activation schemes.
+"""The words every layer shares, each defined once: the op's dtypes, GELU flavours,
+weight layouts, weight granularity and w8a8 activation schemes.
 
 They are parsed once, where a value enters (a CLI flag, a checkpoint's config.json, a
 quantized file's record), carried as these small frozen types, and written back with
@@ -9,6 +9,10 @@ spelling:
     Granularity.parse("group:128")        -> Granularity(group_size=128); str() "group:128"
     ActivationScheme.parse("dynamic")     -> per-token scales computed at run time
     WeightLayout.parse("in_out")          -> WeightLayout.IN_OUT (a str: == "in_out" holds)
+
+A wrong spelling is a SchemeError wherever it enters. WeightLayout is the one place a
+layout decides anything: code that reads a weight takes its [out, in] view or its (K, N)
+shape and strides from it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kernels.errors import GelugemmError
+import torch
+
+from kernels.errors import LaunchError
+
+# The op's dtypes: the float ones by name, and the two int8 schemes (int8 weights with
+# float activations; int8 weights and activations).
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+INT8_DTYPES = ("w8a16", "w8a8")
+DTYPES = (*FLOAT_DTYPES, *INT8_DTYPES)
+# The float dtypes of an int8 scheme's input and output (x, y), by name.
+ACTIVATION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # erf: 0.5 x (1 + erf(x / sqrt 2)), the exact GELU. tanh: GPT-2's approximation,
 # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). quick: CLIP's x * sigmoid(1.702 x).
@@ -35,8 +49,11 @@ HIDDEN_ACT_GELU = {
 }
 
 
-class SchemeError(GelugemmError, ValueError):
-    """A layout, granularity or activation scheme spelled in a way gelugemm does not know."""
+class SchemeError(LaunchError):
+    """A layout, granularity or activation scheme spelled in a way gelugemm does not know.
+
+    A LaunchError: the op's config and the launchers take these values too, and a wrong
+    one is the same error wherever it enters."""
 
 
 class WeightLayout(str, enum.Enum):
@@ -54,6 +71,24 @@ class WeightLayout(str, enum.Enum):
             return cls(value)
         except ValueError:
             raise SchemeError(f"weight_layout must be 'out_in' or 'in_out', got {value!r}") from None
+
+    # The one place a layout decides anything: everything else takes the [out, in] view
+    # or the (K, N) shape and strides, and reads any weight the same way.
+
+    def as_out_in(self, w):
+        """w viewed as [out, in] = [N, K], whatever layout it is stored in (no copy). The
+        view is its own inverse: an [N, K] tensor back in this layout."""
+        return w if self is WeightLayout.OUT_IN else w.t()
+
+    def kn_shape(self, w) -> tuple[int, int]:
+        """(K, N) of a 2-D weight stored in this layout."""
+        rows, cols = w.shape
+        return (cols, rows) if self is WeightLayout.OUT_IN else (rows, cols)
+
+    def kn_strides(self, w) -> tuple[int, int]:
+        """(stride along K, stride along N) of a 2-D weight stored in this layout."""
+        rows, cols = w.stride()
+        return (cols, rows) if self is WeightLayout.OUT_IN else (rows, cols)
 
 
 def _positive_group(text: str, what: str) -> int:
@@ -88,6 +123,11 @@ class Granularity:
     @property
     def per_channel(self) -> bool:
         return self.group_size is None
+
+    def scale_shape(self, n: int, k: int) -> tuple[int, ...]:
+        """The scale tensor's shape for a weight of N outputs and K inputs: (N,) per
+        channel, (N, ceil(K / group_size)) per group (the last group may be short)."""
+        return (n,) if self.group_size is None else (n, -(-k // self.group_size))
 
     def __str__(self) -> str:
         return "per-channel" if self.group_size is None else f"group:{self.group_size}"

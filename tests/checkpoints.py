@@ -55,6 +55,11 @@ FAMILIES = {
                            "out_in", "erf", (("attention.dense.weight", "square"), ("input_layernorm.weight", "vector"))),
     "falcon": FamilySpec("transformer.h.{i}.", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "input_layernorm", "out_in", "erf",
                          (("self_attention.dense.weight", "square"),)),
+    "distilbert": FamilySpec("distilbert.transformer.layer.{i}.", "ffn.lin1", "ffn.lin2", "sa_layer_norm", "out_in", "erf",
+                             (("attention.out_lin.weight", "square"), ("output_layer_norm.weight", "vector"))),
+    "gpt-j": FamilySpec("transformer.h.{i}.", "mlp.fc_in", "mlp.fc_out", "ln_1", "out_in", "tanh", (("attn.out_proj.weight", "square"),)),
+    # GPT-2's names in nn.Linear's layout: told apart by the bias length (no config.json here)
+    "gpt-bigcode": FamilySpec("transformer.h.{i}.", "mlp.c_fc", "mlp.c_proj", "ln_2", "out_in", "tanh", (("attn.c_proj.weight", "square"),)),
     "plain": FamilySpec("", "w1", "w2", None, "out_in", "erf"),
     "plain-in_out": FamilySpec("", "w1", "w2", None, "in_out", "erf"),
 }  # fmt: skip
@@ -129,3 +134,33 @@ def write_calibration(path: Path, rows: dict[str, torch.Tensor]) -> Path:
     """A --calib file: fc1 prefix -> [tokens, d_model]."""
     save_file({k: v.contiguous() for k, v in rows.items()}, str(path))
     return Path(path)
+
+
+def write_sharded(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    shards: list[list[str]] | int = 3,
+    *,
+    config: dict | None = None,
+    index_metadata: dict | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A Hugging Face model directory: `shards` (lists of tensor names, or a count to split the
+    tensors into in order), `model.safetensors.index.json`, and `config` as config.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if isinstance(shards, int):
+        per = -(-len(names) // shards)
+        shards = [names[i : i + per] for i in range(0, len(names), per)]
+    weight_map = {}
+    for i, members in enumerate(shards, 1):
+        shard = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in members}, str(directory / shard), metadata=metadata)
+        weight_map.update({n: shard for n in members})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total, **(index_metadata or {})}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    return directory

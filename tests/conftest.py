@@ -52,12 +52,22 @@ def randn(*shape, dtype=torch.float32, scale=1.0, generator=None, device=DEVICE)
     return (torch.randn(*shape, generator=generator, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
 
 
+SEED_ENV = "GELUGEMM_TEST_SEED"
+
+
+def choose_seed() -> int:
+    """A fresh seed, or the one GELUGEMM_TEST_SEED replays (a failure prints its seed)."""
+    replay = os.environ.get(SEED_ENV, "").strip()
+    return int(replay) if replay else int.from_bytes(os.urandom(4), "little")
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed():
-    """Every test draws fresh random inputs; the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Every test draws fresh random inputs; the seed is printed (pytest shows it with a
+    failure) so the failure can be replayed: GELUGEMM_TEST_SEED=SEED python -m pytest TEST."""
+    seed = choose_seed()
     torch.manual_seed(seed)
-    print(f"torch seed {seed}")
+    print(f"torch seed {seed} (replay: {SEED_ENV}={seed})")
     yield seed
 
 

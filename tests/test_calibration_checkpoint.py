@@ -188,7 +188,8 @@ def test_invalid_files_are_checkpoint_errors(tmp_path):
             find_mlps(path)
     with pytest.raises(CheckpointError, match="no such file"):
         find_mlps(tmp_path / "missing.safetensors")
-    with pytest.raises(CheckpointError, match="not a file"):
+    # A directory is a model directory: it must hold model.safetensors or an index.
+    with pytest.raises(CheckpointError, match="a model directory holds model.safetensors or model.safetensors.index.json; it holds corrupt_header"):
         find_mlps(tmp_path)
 
 

@@ -166,6 +166,7 @@ def test_a_misaligned_out_after_an_aligned_call_takes_the_strided_path(monkeypat
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs an SM90+ GPU")
     import kernels.gemm as gemm_module
+    import kernels.gemm_base as gemm_base
 
     k, n = 72, 40
     x = randn(m, k, dtype=torch.float16)
@@ -173,8 +174,8 @@ def test_a_misaligned_out_after_an_aligned_call_takes_the_strided_path(monkeypat
     b = randn(n, dtype=torch.float16)
     gemm_bias_act(x, w, b, activation="erf")
     launched = []
-    real_launch = gemm_module.launch
-    monkeypatch.setattr(gemm_module, "launch", lambda kernel, *a, **kw: launched.append(kernel) or real_launch(kernel, *a, **kw))
+    real_launch = gemm_base.launch
+    monkeypatch.setattr(gemm_base, "launch", lambda kernel, *a, **kw: launched.append(kernel) or real_launch(kernel, *a, **kw))
     buffer = poisoned((m * n + 1,), torch.float16)
     out = buffer[1:].view(m, n)  # 2 bytes past the buffer's aligned start
     gemm_bias_act(x, w, b, activation="erf", out=out)

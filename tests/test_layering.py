@@ -38,6 +38,10 @@ def project_imports(path: Path):
                 yield node.lineno, top, id(node) in nested
 
 
+# Deferred on purpose, not to dodge a cycle: the console entry point installs its start-up
+# signal handling before the commands (and torch) are imported.
+DEFERRED = {"gelugemm_cli/entry.py"}
+
 MODULES = sorted(p for package in MAY_IMPORT for p in (ROOT / package).rglob("*.py"))
 
 
@@ -51,7 +55,8 @@ def test_no_import_runs_upward_or_hides_in_a_function(path):
     for line, imported, lazy in project_imports(path):
         where = f"{path.relative_to(ROOT)}:{line}"
         assert imported in MAY_IMPORT[package], f"{where} imports {imported}, a layer above {package}"
-        assert not lazy, f"{where} imports {imported} inside a function: import it at the top"
+        if str(path.relative_to(ROOT)) not in DEFERRED:
+            assert not lazy, f"{where} imports {imported} inside a function: import it at the top"
 
 
 def test_the_checker_sees_an_upward_and_a_lazy_import(tmp_path):

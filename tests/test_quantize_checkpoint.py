@@ -67,17 +67,26 @@ def test_each_family_round_trips(tmp_path, family, scheme):
     written = load_file(str(output))
     layers = find_mlps(source)
     mlp_weights = {name for layer in layers for name in (layer.w1, layer.w2)}
-    # Every source tensor is there: MLP weights as int8, everything else bit for bit.
+    # Every source tensor is there bit for bit, but the MLP weights: int8 (w8a8) or packed (w8a16).
     for name, t in tensors.items():
-        if name in mlp_weights:
+        if name not in mlp_weights:
+            assert written[name].dtype == t.dtype and torch.equal(written[name], t), name
+        elif scheme == "w8a8":
             assert written[name].dtype == torch.int8 and written[name].shape == t.shape
         else:
-            assert written[name].dtype == t.dtype and torch.equal(written[name], t), name
-    scale_fields = {"weight_scale"} | ({"input_scale", "output_scale"} if scheme == "w8a8" else set())
-    added = set(written) - set(tensors)
-    assert added == {f"{layer.fc1}.{f}" for layer in layers for f in scale_fields} | {
-        f"{layer.fc2}.{f}" for layer in layers for f in scale_fields - {"output_scale"}
-    }
+            assert name not in written
+    # compressed-tensors' names and shapes: scales [N, 1], static input scales [1], packed int32 [N, K/4].
+    expected = {}
+    for layer in layers:
+        for prefix, weight, (n, k) in ((layer.fc1, layer.w1, (48, 16)), (layer.fc2, layer.w2, (16, 48))):
+            expected[f"{prefix}.weight_scale"] = (torch.float32, (n, 1))
+            if scheme == "w8a8":
+                expected[f"{prefix}.input_scale"] = (torch.float32, (1,))
+            else:
+                expected[f"{prefix}.weight_packed"] = (torch.int32, (n, k // 4))
+                expected[f"{prefix}.weight_shape"] = (torch.int64, (2,))
+    added = {name: (t.dtype, tuple(t.shape)) for name, t in written.items() if name not in tensors}
+    assert added == expected
 
     record, read_layers = read_quantized(output)
     assert read_layers == layers
@@ -86,6 +95,7 @@ def test_each_family_round_trips(tmp_path, family, scheme):
         w1, b1, w2, b2 = load_quantized_mlp(output, layer)
         check_weight(tensors[layer.w1], w1, layer.weight_layout)
         check_weight(tensors[layer.w2], w2, layer.weight_layout)
+        assert w1.scale.shape == (48,) and w2.scale.shape == (16,)  # [N] in memory
         assert torch.equal(b1, tensors[layer.b1]) and torch.equal(b2, tensors[layer.b2])
         if scheme == "w8a8":
             assert w1.input_scale.dim() == 0 and w1.input_scale.dtype == torch.float32 and w1.input_scale > 0
@@ -111,11 +121,15 @@ def test_metadata_record(tmp_path):
     assert is_quantized_file(output) and not is_quantized_file(source)
     assert record["tool"] == "gelugemm" and record["version"]
     assert (record["scheme"], record["granularity"], record["group_size"]) == ("w8a8", "per-channel", None)
-    assert (record["method"], record["smooth"]) == ("percentile:99.9", 0.5)
+    assert (record["method"], record["smooth"], record["activations"]) == ("percentile:99.9", 0.5, "static")
+    # GPT-2's ln_2 feeds only the MLP: the smoothing is folded into it, and any engine runs the output.
+    assert record["smoothing"] == {f"transformer.h.{i}.mlp.c_fc": "folded" for i in (0, 1)}
+    assert record["quantization_config"]["quant_method"] == "compressed-tensors"
     assert record["calibration"] == {**record["calibration"], "kind": "synthetic", "tokens": 32, "seed": 7, "split": "calibrate"}
     assert record["gelu"] == "tanh" and "gelu_new" in record["gelu_source"]
-    assert record["source"]["path"] == str(source.resolve())
+    assert record["source"]["path"] == str(source.resolve()) and record["source"]["kind"] == "file"
     assert record["source"]["sha256"] == sha256_file(source)
+    assert record["source"]["files"] == [{"name": "model.safetensors", "sha256": sha256_file(source), "bytes": source.stat().st_size}]
     assert record["source"]["relative_path"] == "../model.safetensors"
     assert [layer["fc1"] for layer in record["layers"]] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
     assert {layer["weight_layout"] for layer in record["layers"]} == {"in_out"}
@@ -227,7 +241,8 @@ def test_layers_subset_leaves_the_rest_as_they_were(tmp_path):
     output = tmp_path / "q.safetensors"
     quantize_checkpoint(source, output, QuantizeOptions(layers=r"layer\.1\."))
     written = load_file(str(output))
-    assert written["encoder.layer.1.intermediate.dense.weight"].dtype == torch.int8
+    assert "encoder.layer.1.intermediate.dense.weight" not in written
+    assert written["encoder.layer.1.intermediate.dense.weight_packed"].dtype == torch.int32
     for i in (0, 2):
         name = f"encoder.layer.{i}.intermediate.dense.weight"
         assert torch.equal(written[name], tensors[name])
@@ -304,7 +319,7 @@ def test_refuses_to_quantize_a_quantized_file(tmp_path):
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     source = write_checkpoint(tmp_path / "model.safetensors", "bert", n_layers=3)
     calls = []
-    real = quantize_module.quantize_mlp
+    real = quantize_module.quantize_gemm1
 
     def fail_on_the_second_layer(*args, **kwargs):
         calls.append(1)
@@ -312,7 +327,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(quantize_module, "quantize_mlp", fail_on_the_second_layer)
+    monkeypatch.setattr(quantize_module, "quantize_gemm1", fail_on_the_second_layer)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source)
@@ -356,7 +371,7 @@ def test_tampered_file_is_caught_on_load(tmp_path):
         metadata = f.metadata()
     written["encoder.layer.0.intermediate.dense.weight_scale"] = written["encoder.layer.0.intermediate.dense.weight_scale"][:5]
     save_file(written, str(output), metadata=metadata)
-    with pytest.raises(CheckpointError, match=r"weight_scale has shape \[5\], expected \[48\]"):
+    with pytest.raises(CheckpointError, match=r"weight_scale has shape \[5, 1\], expected \[48, 1\]"):
         load_quantized_mlp(output, find_mlps(source)[0])
     with pytest.raises(CheckpointError, match="not written by gelugemm quantize"):
         read_quantized(source)

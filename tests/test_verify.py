@@ -21,7 +21,7 @@ from calibration.verify import (
     verify_checkpoint,
 )
 from checkpoints import write_checkpoint
-from conftest import AUTO_BACKEND, AUTO_BACKEND_REASON, DEVICE
+from conftest import AUTO_BACKEND, AUTO_BACKEND_REASON, DEVICE, TOL_VS_REFERENCE, rel_err
 from kernels.op import DTYPES
 from kernels.reference import mlp_reference
 
@@ -59,8 +59,14 @@ def test_fp16_path_is_eager_torch_in_fp16_and_float64_is_exact(gelu, layout):
     stored1, stored2 = (w1, w2) if layout == "out_in" else (w1.t().contiguous(), w2.t().contiguous())
     fp16 = torch_mlp(x, stored1, b1, stored2, b2, gelu=gelu, weight_layout=layout, dtype=torch.float16)
     h = F.gelu(F.linear(x.half(), w1.half(), b1.half()), approximate="none" if gelu == "erf" else "tanh")
+    eager = F.linear(h, w2.half(), b2.half())
     assert fp16.dtype == torch.float16
-    assert torch.equal(fp16, F.linear(h, w2.half(), b2.half()))
+    if layout == "out_in":
+        assert torch.equal(fp16, eager)  # the same three calls on the same tensors
+    else:
+        # Conv1D weights run through a transposed view: another fp16 GEMM path on CPU, which
+        # rounds differently for about 1 seed in 10 (seed 15: 1 ulp); fp16 tolerance, not equality.
+        assert rel_err(fp16, eager) <= TOL_VS_REFERENCE[torch.float16]
     # float64 through F.gelu agrees with the op's own reference in float64: two implementations.
     exact = torch_mlp(x, stored1, b1, stored2, b2, gelu=gelu, weight_layout=layout, dtype=torch.float64)
     ours = mlp_reference(*(t.double() for t in (x, stored1, b1, stored2, b2)), gelu_flavour=gelu, weight_layout=layout)

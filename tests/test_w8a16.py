@@ -166,3 +166,11 @@ def test_launcher_rejects_bad_operands_before_launch():
 
 def test_empty_rows_launch_nothing():
     assert w8a16_linear(randn(0, 32, dtype=torch.float16), random_quantized_weight(32, 16)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("m", [1, 37])
+def test_repeated_calls_read_their_own_inputs(m):
+    # A repeated call signature launches its cached plan directly (kernels/gemm_base.py's
+    # GemmLauncher, as for float): every call must still read the tensors it is given.
+    for _ in range(3):
+        run_case("auto", (m,), 64, 48, torch.float16, "out_in", None, "erf")

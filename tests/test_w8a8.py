@@ -172,6 +172,15 @@ def test_gemm2_dequantized(path, lead, k, n, layout, out_dtype):
     run_gemm2(path, lead, k, n, layout, out_dtype, "per-token" if len(lead) == 1 else "static")
 
 
+@pytest.mark.parametrize("m", [1, 37])
+def test_repeated_calls_read_their_own_inputs(m):
+    # A repeated call signature launches its cached plan directly (kernels/gemm_base.py's
+    # GemmLauncher): every call must still read its own input, scales and output scale.
+    for _ in range(3):
+        run_gemm1("auto", (m,), 64, 48, "out_in", "erf", "per-token")
+        run_gemm2("auto", (m,), 64, 48, "in_out", torch.bfloat16, "static")
+
+
 def test_intermediate_is_int8_in_memory():
     # GEMM1's output buffer, what GEMM2 reads: int8, one byte per element.
     m, k, f = 37, 80, 112

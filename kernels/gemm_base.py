@@ -1,0 +1,901 @@
+"""The GEMM base shared by the float and the int8-weight GEMMs: one kernel body per path,
+and the host side that picks a path, a config and a launch plan.
+
+    out = epilogue(a @ B),   B = the weight as [K, N] (read in place in either layout)
+
+Three kernels, each one body for every operand type (the dtypes of `a` and of the weight
+decide at compile time what the tile loop and the epilogue do):
+
+- `gemm_tma_kernel`, the Hopper path: a persistent grid (one program per SM walking
+  output tiles in grouped order) that loads and stores through TMA tensor descriptors.
+  It needs unit stride along the last dim and 16-byte aligned rows.
+- `gemm_decode_kernel`, few rows (at most the BLOCK_M of its configs: 128 for float
+  weights, 16 for int8 ones), where the cost is reading the weight once: swap-AB (the
+  weight tile on the MMA's wide side, the few tokens on its narrow side), TMA loads,
+  and a serial split-K when N alone gives too few programs to keep every SM streaming.
+- `gemm_strided_kernel`: one program per output tile, pointer loads, any strides and
+  alignment: the fallback for operands TMA cannot address.
+
+What each operand type does inside them:
+
+    a        weight   dot                          epilogue (float32)
+    float    float    a's dtype, fp32 accumulate   + bias, GELU, round to out's dtype
+    fp16/bf16  int8   q -> a's dtype (exact); per  * w_scale[n] (per channel), + bias,
+                      group: q * scale, rounded    GELU, round to out's dtype
+    int8     int8     int8 x int8, int32 acc       * a_scale[m] * w_scale[n], + bias, GELU;
+                                                   int8 out: requantize with c_scale
+
+The weight tile the dot takes (`_weight_tile`) and the epilogue (`_epilogue`, which
+sees the tile's rows and columns) are small jitted helpers shared by the three kernels,
+so the next operand types are branches on new constexprs there, not new kernels: a
+per-(row, K-group) A scale (an int32 partial per K block promoted into the float32
+accumulator inside the K loop), A quantized per row as it is loaded (a step after the A
+load), an epilogue that also writes a row absmax (atomic max) or per-(row, column
+block) scales, a gated GEMM1 (a second weight descriptor and accumulator beside the
+first, GELU(gate) * up in the epilogue).
+
+Host side, written once for every scheme: configs keyed by the row count's bucket and
+pruned to the scheme's table and to what fits (`gemm_kernels` builds a scheme family's
+three autotuned kernels from its tables), the TMA / strided / decode decision, grids, the
+split-K workspace, and `GemmLauncher`, which keeps one `GemmPlan` per call signature so
+a repeated call skips every check and launches the compiled kernel directly
+(kernels/launch.py's slot).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.errors import LaunchError
+from kernels.int8 import INT8_MAX
+from kernels.launch import device_capability, ensure_tma_allocator, interpreting, launch, num_programs
+from kernels.schemes import GELU_FLAVOURS, WeightLayout
+
+ACTIVATIONS = ("none",) + GELU_FLAVOURS
+PATHS = ("auto", "tma", "decode", "strided")
+# kernels/int8.py's INT8_MAX, as the float32 constant the kernels compute with
+INT8_MAX_F32: tl.constexpr = tl.constexpr(float(INT8_MAX))
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for the row count: nearby token counts share one tuned config."""
+    for bound in (16, 64, 256, 1024, 4096):
+        if m <= bound:
+            return bound
+    return 16384
+
+
+# ---------------------------------------------------------------------------------------
+# Device functions
+# ---------------------------------------------------------------------------------------
+# One return at the end of each: Triton 3.6 generates the statements after a return
+# inside an `if` too, so an early return would emit a second, wrongly typed value.
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M row blocks walk the N tiles together, so the band of the
+    # weight they share is still in L2 when the next row block reads it.
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % tiles_per_group) % group_rows
+    pid_n = (tile_id % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # DOT_F32 upcasts the tiles first. The launchers set it only for bf16 under the CPU
+    # interpreter, whose bf16 tl.dot returns garbage: every other step of the bf16
+    # kernel (loads, masks, epilogue, the bf16 store) still runs as on the GPU.
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif a.dtype == tl.int8:
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 x int8 accumulates in int32
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def gelu(x, ACTIVATION: tl.constexpr):
+    """x unchanged for "none", else the GELU flavour ACTIVATION of float32 x."""
+    if ACTIVATION == "erf":
+        # exact GELU: 0.5 * x * (1 + erf(x / sqrt(2)))
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "tanh":
+        # tanh GELU: 0.5 * x * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3),
+        # which equals x * sigmoid(2u); written with sigmoid because libdevice's tanh
+        # does not run under the interpreter.
+        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACTIVATION == "quick":
+        # CLIP's quick GELU: x * sigmoid(1.702 x)
+        x = x * tl.sigmoid(1.702 * x)
+    return x
+
+
+@triton.jit
+def round_to_int8(v):
+    """int8 q = round_half_even(clamp(v, -127, 127)) of float32 v: the int8 rounding every
+    kernel uses and kernels/int8.py's `round_to_int8` mirrors in torch."""
+    # libdevice's rint does not run under the interpreter; adding then subtracting
+    # 1.5 * 2^23 = 12582912 does the rounding in the float32 adder itself: for
+    # |v| <= 2^22 the sum's last bit is worth exactly 1, so the add rounds v to the
+    # nearest integer, ties to even, and the subtract is exact. The clamp sits between
+    # any product and the add, so the compiler cannot fuse them into one fma (which
+    # would round differently).
+    v = tl.minimum(tl.maximum(v, -INT8_MAX_F32), INT8_MAX_F32)
+    v = (v + 12582912.0) - 12582912.0
+    return v.to(tl.int8)
+
+
+@triton.jit
+def _bf16_round_nearest(v):
+    # float32 -> the nearest bf16 value (ties to even), kept in float32. Only for the CPU
+    # interpreter, whose float32 -> bf16 cast truncates (the GPU's rounds to nearest);
+    # the cast of the rounded value is then exact.
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
+                 GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, K_AXIS: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    # The weight tile the dot takes, from the tile q as loaded; a is the activation tile.
+    # q covers k in [k0, k0 + BLOCK_K) along axis K_AXIS ([BLOCK_K, BLOCK_N] tiles: 0; the
+    # decode kernel's [BLOCK_N, BLOCK_K]: 1) and the output channels `cols` (clamped in
+    # bounds) along the other.
+    # DOT_F32 (bf16 under the CPU interpreter, see _dot) hands the dot float32 tiles
+    # holding the values the GPU's bf16 tiles hold: the interpreter's int8 -> bf16 cast
+    # returns garbage and its float32 -> bf16 cast truncates.
+    if q.dtype != tl.int8:
+        w = q  # a float weight, as loaded
+    elif a.dtype == tl.int8:
+        w = q  # w8a8: int8 x int8; both scales wait for the epilogue
+    elif GROUP_K == 0:
+        # exact (|q| <= 127); the per-channel scale waits for the epilogue
+        if DOT_F32:
+            w = q.to(tl.float32)
+        else:
+            w = q.to(a.dtype)
+    else:
+        w = _group_scaled_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, K_AXIS, DOT_F32)
+    return w
+
+
+@triton.jit
+def _group_scaled_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
+                       GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, K_AXIS: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    # per group: w[k, n] = q[k, n] * scale[n, k // GROUP_K], rounded once to a's dtype
+    BLOCK_N: tl.constexpr = cols.shape[0]
+    if GROUP_K % BLOCK_K == 0:
+        # the whole tile lies in one group: one scale per output channel
+        scale = tl.load(w_scale_ptr + cols * stride_wsn + (k0 // GROUP_K) * stride_wsg)
+        scale = scale[None, :] if K_AXIS == 0 else scale[:, None]
+    elif BLOCK_K % GROUP_K == 0:
+        # BLOCK_K / GROUP_K whole groups: load their scales, repeat each GROUP_K times
+        # along k (groups past K, in the zero-filled tail, read group 0 to stay in bounds)
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_K
+        groups = k0 // GROUP_K + tl.arange(0, GROUPS)
+        groups = tl.where(groups * GROUP_K < K, groups, 0)
+        if K_AXIS == 0:
+            s = tl.load(w_scale_ptr + groups[:, None] * stride_wsg + cols[None, :] * stride_wsn)
+            scale = tl.reshape(tl.broadcast_to(s[:, None, :], (GROUPS, GROUP_K, BLOCK_N)), (BLOCK_K, BLOCK_N))
+        else:
+            s = tl.load(w_scale_ptr + cols[:, None] * stride_wsn + groups[None, :] * stride_wsg)
+            scale = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP_K)), (BLOCK_N, BLOCK_K))
+    else:
+        # group size and tile depth do not divide: gather each element's scale (slow,
+        # and the pipeliner stages the gathered tile in shared memory; fine for odd
+        # group sizes on small tiles). k past K reads group 0 to stay in bounds.
+        ks = k0 + tl.arange(0, BLOCK_K)
+        groups = tl.where(ks < K, ks, 0) // GROUP_K
+        if K_AXIS == 0:
+            scale = tl.load(w_scale_ptr + groups[:, None] * stride_wsg + cols[None, :] * stride_wsn)
+        else:
+            scale = tl.load(w_scale_ptr + cols[:, None] * stride_wsn + groups[None, :] * stride_wsg)
+    w = q.to(tl.float32) * scale
+    if DOT_F32:
+        w = _bf16_round_nearest(w)
+    else:
+        w = w.to(a.dtype)
+    return w
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N,
+              bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+              INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # float32 out = acc * a_scale[m] * w_scale[n] + bias[n], then GELU, in this order, as
+    # kernels/reference.py computes it; then stored in OUT_DTYPE (int8: requantized).
+    out = acc.to(tl.float32)  # int32 -> float32 rounds to nearest even, as torch does
+    if acc.dtype == tl.int32:
+        # w8a8: a's scale, one per row (stride 1) or one for all rows (stride 0)
+        a_scale = tl.load(a_scale_ptr + offs_m * stride_as, mask=offs_m < M, other=0.0)
+        out = out * a_scale[:, None]
+    if INT8_WEIGHT:
+        if GROUP_K == 0:
+            w_scale = tl.load(w_scale_ptr + offs_n * stride_wsn, mask=offs_n < N, other=0.0)
+            out = out * w_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = out + bias.to(tl.float32)[None, :]
+    out = gelu(out, ACTIVATION)
+    if OUT_DTYPE == tl.int8:
+        # w8a8 GEMM1: requantize for GEMM2, q = round(clamp(out / c_scale)), the division
+        # as a multiply by the correctly rounded reciprocal (div_rn: Triton's plain "/"
+        # is an approximate division on the GPU)
+        inv_c_scale = tl.math.div_rn(1.0, tl.load(c_scale_ptr))
+        result = round_to_int8(out * inv_c_scale)
+    else:
+        if OUT_DTYPE == tl.bfloat16:
+            if INTERPRETER:
+                out = _bf16_round_nearest(out)  # the interpreter's bf16 cast would truncate
+        result = out.to(OUT_DTYPE)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+# Arguments, in this order for all three: the tensors (a [M, K]; b the weight, float or
+# int8; c the output [M, N]; bias [N]; w_scale, the int8 weight's scales, [N] per channel
+# or [N, K / GROUP_K] per group; a_scale, an int8 a's scale, [M] (stride_as 1) or one
+# (stride_as 0); c_scale, the one scale an int8 output is requantized with; decode adds
+# its split-K workspace), then sizes and strides. A scale the operands do not have is
+# passed as None (a compile-time None, never read).
+
+
+@triton.jit
+def gemm_strided_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_wsn, stride_wsg, stride_as,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows and columns past the edge read row/column 0 (in bounds) and are dropped by the
+    # store mask, which keeps M and N masks out of the main loop.
+    rows = tl.where(offs_m < M, offs_m, 0)
+    cols = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    if a_ptr.dtype.element_ty == tl.int8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            q = tl.load(b_ptrs)
+        else:
+            k_left = K - ki * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            q = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
+        acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    out = _epilogue(
+        acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+        INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
+    )  # fmt: skip
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def gemm_tma_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr, B_IS_NK: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, EPILOGUE_SUBTILE: tl.constexpr = False,
+):  # fmt: skip
+    # B_IS_NK: the weight is stored [N, K] (nn.Linear), read as [BLOCK_N, BLOCK_K] tiles
+    # and transposed in registers (K-major, the layout the int8 wgmma wants); otherwise
+    # it is [K, N] (Conv1D), read as is.
+    INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_IS_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    # EPILOGUE_SUBTILE runs the epilogue and the store on two [BLOCK_M, BLOCK_N / 2]
+    # halves: fewer live registers in the GELU and half the output staging buffer, which
+    # leaves shared memory for a deeper pipeline.
+    if EPILOGUE_SUBTILE:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N // 2])
+    else:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    out_dtype = c_ptr.dtype.element_ty
+
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(
+        tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        cols = tl.where(offs_n < N, offs_n, 0)  # in-bounds scale reads for the edge tile
+        if a_ptr.dtype.element_ty == tl.int8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            # TMA fills reads past the tensor's edge with zeros: no K mask needed.
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            if B_IS_NK:
+                q = b_desc.load([off_n, ki * BLOCK_K]).T
+            else:
+                q = b_desc.load([ki * BLOCK_K, off_n])
+            b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
+            acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        # TMA clips stores at the tensor's edge: no mask needed.
+        if EPILOGUE_SUBTILE:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
+            out0 = _epilogue(
+                acc0, offs_m, offs_n0, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
+            )  # fmt: skip
+            c_desc.store([off_m, off_n], out0)
+            out1 = _epilogue(
+                acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
+                stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
+            )  # fmt: skip
+            c_desc.store([off_m, off_n + BLOCK_N // 2], out1)
+        else:
+            out = _epilogue(
+                acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
+            )  # fmt: skip
+            c_desc.store([off_m, off_n], out)
+
+
+def decode_split_k(args) -> int:
+    """How many ways the decode kernel splits K: enough programs for about two per SM
+    (GEMM2 of a decode step has few N tiles and a long K), keeping at least four K tiles
+    per split for the pipeline to work with."""
+    tiles_n = triton.cdiv(args["N"], args["BLOCK_N"])
+    k_tiles = triton.cdiv(args["K"], args["BLOCK_K"])
+    want = triton.cdiv(2 * args["NUM_SMS"], tiles_n)
+    return max(1, min(want, k_tiles // 4))
+
+
+@triton.jit
+def gemm_decode_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, partial_ptr, arrivals_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr, B_IS_NK: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    # Decode: M <= BLOCK_M rows, so the cost is streaming the weight once. Swap AB:
+    # out^T = W @ a^T puts a weight tile (dequantized in registers if int8) on the MMA's
+    # wide side and the few tokens on its narrow side. Program (pid_n, pid_k) covers
+    # BLOCK_N outputs over the pid_k-th share of K; weight and activation tiles arrive
+    # through TMA, several in flight.
+    INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_IS_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    off_n = pid_n * BLOCK_N
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    cols = tl.where(offs_n < N, offs_n, 0)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * k_per_split
+    k_last = tl.minimum(k_first + k_per_split, k_tiles)
+
+    if a_ptr.dtype.element_ty == tl.int8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for ki in range(k_first, k_last):
+        a = a_desc.load([0, ki * BLOCK_K])
+        if B_IS_NK:
+            q = b_desc.load([off_n, ki * BLOCK_K])
+        else:
+            q = b_desc.load([ki * BLOCK_K, off_n]).T
+        w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
+        acc = _dot(w, a.T, acc, DOT_F32, INPUT_PRECISION)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        # Serial split-K: each split writes its partial sum; the last split to arrive for
+        # this N tile (counted by an acq_rel atomic, so the other partials are visible)
+        # adds them up, runs the epilogue, and zeroes the counter for the next launch.
+        # int32 partials (w8a8) travel bit for bit through the float32 workspace and add
+        # up exactly.
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
+        slots = partial_ptr + pid_n * (SPLIT_K * BLOCK_N * BLOCK_M)
+        tl.store(slots + pid_k * (BLOCK_N * BLOCK_M) + tile, acc.to(tl.float32, bitcast=True))
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc.dtype)
+            for split in range(SPLIT_K):
+                part = tl.load(slots + split * (BLOCK_N * BLOCK_M) + tile, cache_modifier=".cg")
+                total += part.to(acc.dtype, bitcast=True)
+            tl.store(arrivals_ptr + pid_n, 0)
+            out = _epilogue(
+                total.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
+            )  # fmt: skip
+            tl.store(c_ptrs, out, mask=c_mask)
+    else:
+        out = _epilogue(
+            acc.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+            INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
+        )  # fmt: skip
+        tl.store(c_ptrs, out, mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and autotuning
+# ---------------------------------------------------------------------------------------
+# A scheme's configs are three tables, one per kernel, keyed by m_bucket(M): for each
+# bucket the configs written for it (the smallest key at or above the bucket, else
+# "large"). The CPU interpreter gets one small config that makes odd test shapes cross
+# several tiles in each dim.
+
+
+def cfg(bm, bn, bk, warps, stages, group_m=8, **extra) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, **extra},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+# Hopper gives a block 227 KB of shared memory, less a little for barriers.
+_SMEM_BUDGET = 226 * 1024
+
+
+def _smem_bytes(config: triton.Config, a_bytes: int, b_bytes: int) -> int:
+    """Estimated shared memory: the pipelined A and B tiles plus the output staging tile."""
+    kw = config.kwargs
+    per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] * a_bytes + kw["BLOCK_K"] * kw["BLOCK_N"] * b_bytes
+    return per_stage * config.num_stages + kw["BLOCK_M"] * kw["BLOCK_N"] * a_bytes
+
+
+def autotune_enabled() -> bool:
+    """GELUGEMM_AUTOTUNE=0 skips the search and takes each bucket's first config."""
+    return os.environ.get("GELUGEMM_AUTOTUNE", "1") not in ("", "0")
+
+
+def _config_key(c: triton.Config) -> tuple:
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def operand_scheme(a_dtype: torch.dtype, b_dtype: torch.dtype) -> str:
+    """Which config table a call tunes over: "float", "w8a16" or "w8a8"."""
+    if a_dtype == torch.int8:
+        return "w8a8"
+    return "w8a16" if b_dtype == torch.int8 else "float"
+
+
+def _gather_config(c: triton.Config) -> triton.Config:
+    # For group sizes no tile depth divides: the per-element scale gather is staged in
+    # shared memory like a weight tile, four bytes an element: smaller tiles, fewer stages.
+    kwargs = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], 64), "BLOCK_N": min(c.kwargs["BLOCK_N"], 128)}
+    return triton.Config(kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
+
+
+def _pruner(tables: dict):
+    # Bench only the configs written for this M bucket in the scheme's table, those whose
+    # tiles fit shared memory, and, for group scales, those whose K tile and group size
+    # divide one another (a few scale loads per tile); when none does, shallow variants
+    # of the bucket's configs for the gather.
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return configs
+        a, b = named_args["a_ptr"], named_args["b_ptr"]
+        table = tables[operand_scheme(a.dtype, b.dtype)]
+        bucket = named_args["M_BUCKET"]
+        sizes = [k for k in table if k != "large" and k >= bucket]
+        wanted = {_config_key(c) for c in (table[min(sizes)] if sizes else table["large"])}
+        keep = [c for c in configs if _config_key(c) in wanted]
+        # fp32 tiles take twice the shared memory of fp16 ones: drop configs that cannot fit.
+        a_bytes, b_bytes = a.element_size(), b.element_size()
+        fits = [c for c in keep if _smem_bytes(c, a_bytes, b_bytes) <= _SMEM_BUDGET]
+        keep = fits or sorted(keep, key=lambda c: _smem_bytes(c, a_bytes, b_bytes))[:1]
+        keep = keep if autotune_enabled() else keep[:1]
+        group_k = kwargs.get("GROUP_K", named_args.get("GROUP_K", 0))
+        if group_k:
+            divides = [c for c in keep if group_k % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group_k == 0]
+            keep = divides or list({_config_key(g): g for g in map(_gather_config, keep)}.values())
+        return keep
+
+    return prune
+
+
+def _autotune_kwargs() -> dict:
+    # Autotune results persist in Triton's cache dir where this Triton supports it, so a
+    # second process skips the search.
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
+
+
+def _autotuned(body, tables: dict, key: list, heuristics: dict, **interpreter_extra):
+    """`body` autotuned over every config of every scheme's table (once each), pruned per
+    call to the scheme's configs for the call's M bucket."""
+    if interpreting():
+        configs = [triton.Config({**_INTERPRETER_CONFIG, **interpreter_extra}, num_warps=4, num_stages=1)]
+    else:
+        unique = {_config_key(c): c for table in tables.values() for cfgs in table.values() for c in cfgs}
+        configs = list(unique.values())
+    prune = _pruner(tables)
+    tuned = triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **_autotune_kwargs()
+    )(triton.heuristics(heuristics)(body))
+    tuned.prune = prune  # for sizing the decode workspace from the configs a call may take
+    return tuned
+
+
+@dataclass(frozen=True)
+class GemmKernels:
+    """One scheme family's three autotuned kernels (the shared bodies, its own configs),
+    and the most rows its decode configs hold (every decode config of a bucket has
+    BLOCK_M >= the bucket's largest M)."""
+
+    strided: object
+    tma: object
+    decode: object
+    decode_max_m: int
+
+
+def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int) -> GemmKernels:
+    """Build the three kernels from {scheme: table} for each path ("float", or "w8a16"
+    and "w8a8"; see operand_scheme)."""
+    return GemmKernels(
+        strided=_autotuned(
+            gemm_strided_kernel, strided, ["M_BUCKET", "N", "K", "stride_bk", "stride_bn", "GROUP_K"],
+            {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0},
+        ),  # fmt: skip
+        # the interpreter runs the subtiled epilogue that most large-M configs use
+        tma=_autotuned(gemm_tma_kernel, tma, ["M_BUCKET", "N", "K", "B_IS_NK", "GROUP_K"], {}, EPILOGUE_SUBTILE=True),
+        decode=_autotuned(
+            gemm_decode_kernel, decode, ["M_BUCKET", "N", "K", "B_IS_NK", "GROUP_K"], {"SPLIT_K": decode_split_k},
+            BLOCK_M=decode_max_m,
+        ),  # fmt: skip
+        decode_max_m=decode_max_m,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Operands, paths and plans
+# ---------------------------------------------------------------------------------------
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, or on the CPU under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def check_operands(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layout, name: str = "weight"):
+    """Shape and device checks shared by every launcher; returns (K, N). `layout` is a
+    kernels.schemes.WeightLayout."""
+    if w.dim() != 2:
+        raise LaunchError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
+    k, n = layout.kn_shape(w)
+    if k == 0 or n == 0:
+        raise LaunchError(f"{name} has an empty dim: {tuple(w.shape)}")
+    if a.dim() < 1 or a.shape[-1] != k:
+        raise LaunchError(
+            f"input's last dim is {a.shape[-1] if a.dim() else 'missing'} but {name} "
+            f"{tuple(w.shape)} ({layout}) expects {k}"
+        )
+    if w.device != a.device:
+        raise LaunchError(f"input is on {a.device} but {name} is on {w.device}")
+    if bias is not None:
+        if bias.shape != (n,):
+            raise LaunchError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.device != a.device:
+            raise LaunchError(f"input is on {a.device} but bias is on {bias.device}")
+        if not bias.dtype.is_floating_point:
+            raise LaunchError(f"bias must be floating point, got {bias.dtype}")
+    if not triton_can_run(a.device):
+        raise LaunchError(f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU); input is on {a.device}")
+    return k, n
+
+
+def output_buffer(out: torch.Tensor | None, shape: tuple, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [M, N] buffer a launcher writes: the caller's `out`, checked, or a new one."""
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=like.device)
+        return out if len(shape) == 2 else out.reshape(-1, shape[-1])
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != like.device or not out.is_contiguous():
+        raise LaunchError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {like.device}; "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return out if out.dim() == 2 else out.reshape(-1, shape[-1])
+
+
+def tensor_signature(t: torch.Tensor | None) -> tuple | None:
+    """What a launch plan depends on in a tensor: shape, strides, dtype, device and
+    16-byte alignment (which Triton specializes on)."""
+    if t is None:
+        return None
+    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0
+
+
+def _tma_supported(device: torch.device) -> bool:
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if device.type == "cpu":
+        return interpreting()
+    return device_capability(device)[0] >= 9
+
+
+def _tma_aligned(t: torch.Tensor, major_stride: int) -> bool:
+    return t.data_ptr() % 16 == 0 and (major_stride * t.element_size()) % 16 == 0
+
+
+def _path(kernels: GemmKernels, path: str, m: int, a: torch.Tensor, w: torch.Tensor, stride_bk: int, stride_bn: int,
+          out_aligned: bool) -> str:  # fmt: skip
+    """The path a call takes: decode (few rows) or tma where TMA can take the operands,
+    else strided; a path asked for by name is checked."""
+    tma_ok = (
+        _tma_supported(a.device)
+        and a.stride(-1) == 1
+        and (stride_bk == 1 or stride_bn == 1)
+        and _tma_aligned(a, a.stride(0))
+        and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
+        and out_aligned
+    )
+    if path in ("tma", "decode") and not tma_ok:
+        raise LaunchError(
+            f"the {path} path needs TMA: an SM90+ GPU, unit inner strides and 16-byte aligned rows "
+            "(int8 rows: a multiple of 16 elements; fp16/bf16 rows: a multiple of 8; fp32: 4)"
+        )
+    if path == "decode" and m > kernels.decode_max_m:
+        raise LaunchError(f"the decode path takes at most {kernels.decode_max_m} rows, got {m}")
+    if path == "auto":
+        path = ("decode" if m <= kernels.decode_max_m else "tma") if tma_ok else "strided"
+    return path
+
+
+_split_k_workspaces: dict = {}
+
+
+def _split_k_workspace(device: torch.device, partial_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partial sums, int32 arrival counters) for split-K decode.
+
+    One pair per device and stream, kept between launches: launches on one stream run in
+    order and each leaves its counters at zero, so the buffers need no clearing."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
+    key = (device, stream)
+    partial, arrivals = _split_k_workspaces.get(key, (None, None))
+    if partial is None or partial.numel() < partial_elems:
+        partial = torch.empty(max(partial_elems, 1 << 16), dtype=torch.float32, device=device)
+    if arrivals is None or arrivals.numel() < tiles:
+        arrivals = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    _split_k_workspaces[key] = (partial, arrivals)
+    return partial, arrivals
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """How one call signature launches: kernel, grid, runtime scalars, compile-time args,
+    launch-cache key, the split-K workspace size, and launch's direct-launch slot."""
+
+    path: str
+    kernel: object
+    grid: object
+    scalars: tuple  # the runtime ints after the tensor arguments
+    constexprs: dict
+    key: tuple
+    workspace: tuple | None  # (partial elements, tiles) for split-K decode
+    slot: list = field(default_factory=lambda: [None])
+
+
+def _plan(
+    kernels: GemmKernels,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    c_row_stride: int,
+    layout,
+    *,
+    path: str,
+    out_aligned: bool,
+    has_bias: bool,
+    activation: str,
+    group_k: int = 0,
+    scale_strides: tuple[int, int, int] = (0, 0, 0),
+    input_precision: str = "ieee",
+    key: tuple = (),
+) -> GemmPlan:
+    """The launch plan for a = [M, K] (unit or any strides) times the weight w stored in
+    `layout` (a WeightLayout), into a [M, N] output with rows c_row_stride apart.
+
+    out_aligned: the output is 16-byte aligned with 16-byte aligned rows (TMA can store it).
+    group_k: the int8 weight's group size along K (0: per channel, or a float weight).
+    scale_strides: (w_scale's along N, w_scale's along the groups, a_scale's along M).
+    key: what else selects the compiled kernel (dtypes of the tensors the kernel reads).
+    """
+    m, k = a.shape
+    n = layout.kn_shape(w)[1]
+    stride_bk, stride_bn = layout.kn_strides(w)
+    path = _path(kernels, path, m, a, w, stride_bk, stride_bn, out_aligned)
+    constexprs = dict(
+        HAS_BIAS=has_bias,
+        ACTIVATION=activation,
+        GROUP_K=group_k,
+        # bf16 under the CPU interpreter: see _dot and _weight_tile
+        DOT_F32=interpreting() and a.dtype == torch.bfloat16,
+        INPUT_PRECISION=input_precision,
+        INTERPRETER=interpreting(),
+    )
+    key = (path, a.dtype, w.dtype, m, n, k, a.stride(0), a.stride(1), stride_bk, stride_bn, c_row_stride,
+           scale_strides, activation, group_k, input_precision, *key)  # fmt: skip
+    head = (m, n, k, m_bucket(m))
+    if path == "strided":
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        scalars = (*head, a.stride(0), a.stride(1), stride_bk, stride_bn, c_row_stride, *scale_strides)
+        return GemmPlan(path, kernels.strided, grid, scalars, constexprs, key, None)
+
+    b_is_nk = stride_bk == 1
+    sms = num_programs(a.device)
+    scalars = (*head, a.stride(0), stride_bn if b_is_nk else stride_bk, c_row_stride, *scale_strides)
+    constexprs.update(B_IS_NK=b_is_nk, NUM_SMS=sms)
+    if path == "tma":
+
+        def grid(meta):
+            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+        return GemmPlan(path, kernels.tma, grid, scalars, constexprs, key, None)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    # Sized for the largest split-K layout among the configs autotuning may pick for this
+    # call: BLOCK_N * BLOCK_M fp32 partial sums per split of each N tile.
+    named = dict(a_ptr=a, b_ptr=w, M_BUCKET=m_bucket(m), GROUP_K=group_k)
+    configs = kernels.decode.prune(kernels.decode.configs, named, GROUP_K=group_k)
+    partial_elems, tiles = 0, 0
+    for c in configs:
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        splits = decode_split_k(dict(N=n, K=k, NUM_SMS=sms, BLOCK_N=bn, BLOCK_K=bk))
+        partial_elems = max(partial_elems, triton.cdiv(n, bn) * bn * c.kwargs["BLOCK_M"] * splits)
+        tiles = max(tiles, triton.cdiv(n, bn))
+    return GemmPlan(path, kernels.decode, grid, scalars, constexprs, key, (partial_elems, tiles))
+
+
+class GemmLauncher:
+    """A scheme family's kernels and its launch plans, one per call signature.
+
+    `run` computes the signature of its arguments (shapes, strides, dtypes, devices,
+    16-byte alignment, options: everything the checks and the plan depend on); the first
+    call with a signature runs the checks and builds the plan, later ones skip both and
+    launch the compiled kernel directly through the plan's slot (kernels/launch.py)."""
+
+    def __init__(self, kernels: GemmKernels):
+        self.kernels = kernels
+        self.plans: dict = {}
+
+    def run(
+        self,
+        check: Callable[[WeightLayout], tuple[int, int]],
+        options: tuple,
+        a: torch.Tensor,
+        w: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        weight_layout: str | WeightLayout,
+        activation: str,
+        path: str,
+        out: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        w_scale: torch.Tensor | None = None,
+        a_scale: torch.Tensor | None = None,
+        c_scale: torch.Tensor | None = None,
+        group_k: int = 0,
+        input_precision: str = "ieee",
+    ) -> torch.Tensor:
+        """epilogue(a @ W) for a of shape [..., K] and the weight w (float, or int8 with
+        w_scale) stored in `weight_layout`; returns [..., N] in out_dtype.
+
+        check(layout) -> (K, N): the caller's checks of its arguments, run on a new signature.
+        options: every argument other than the tensors that the checks or the plan depend
+            on (the caller's options, which decide weight_layout, activation, path,
+            out_dtype, group_k and input_precision), for the signature.
+        a_scale: an int8 a's float32 scale, one per row ([M]) or one element.
+        c_scale: the one-element scale an int8 output is requantized with.
+        """
+        # Written out flat: this runs on every call, and each microsecond of host time
+        # shows in a decode step.
+        signature = (
+            a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
+            w.shape, w.stride(), w.dtype, w.device, w.data_ptr() % 16 == 0,
+            None if bias is None else tensor_signature(bias),
+            None if w_scale is None else tensor_signature(w_scale),
+            None if a_scale is None else tensor_signature(a_scale),
+            None if c_scale is None else tensor_signature(c_scale),
+            options,
+        )  # fmt: skip
+        plan = self.plans.get(signature)
+        if plan is None or out is not None:
+            layout = WeightLayout.parse(weight_layout)
+            if activation not in ACTIVATIONS:
+                raise LaunchError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+            if path not in PATHS:
+                raise LaunchError(f"path must be 'auto', 'tma', 'decode' or 'strided', got {path!r}")
+            k, n = check(layout)
+        else:
+            n, k = plan.scalars[1], plan.scalars[2]
+        # A reshape costs microseconds of host time even as a no-op: 2-D tensors skip it
+        # (else a view where strides allow; the kernels take any row stride).
+        flat = a.dim() == 2
+        a2 = a if flat else a.reshape(-1, k)
+        if a_scale is not None and a_scale.dim() != 1:
+            a_scale = a_scale.reshape(-1)
+        out2 = output_buffer(out, (*a.shape[:-1], n), a, out_dtype)
+        if a2.shape[0] == 0:
+            return out2.reshape(*a.shape[:-1], n)
+        # An output we allocate is always 16-byte aligned with rows of n elements; a
+        # caller's may not be, and then takes a plan of its own that is not kept.
+        out_aligned = out is None or (out2.data_ptr() % 16 == 0 and (n * out2.element_size()) % 16 == 0)
+        if plan is None or not out_aligned:
+            stride_as = 0 if a_scale is None or a_scale.numel() == 1 else a_scale.stride(0)
+            w_scale_strides = (0, 0) if w_scale is None else (w_scale.stride(0), w_scale.stride(1) if group_k else 0)
+            plan = _plan(
+                self.kernels, a2, w, n, layout, path=path, out_aligned=out_aligned, has_bias=bias is not None,
+                activation=activation, group_k=group_k, scale_strides=(*w_scale_strides, stride_as),
+                input_precision=input_precision, key=(out_dtype, None if bias is None else bias.dtype),
+            )  # fmt: skip
+            if out_aligned:
+                self.plans[signature] = plan
+        if plan.path != "strided":
+            ensure_tma_allocator()
+        if plan.workspace is None:
+            args = (a2, w, out2, bias, w_scale, a_scale, c_scale, *plan.scalars)
+        else:
+            args = (a2, w, out2, bias, w_scale, a_scale, c_scale, *_split_k_workspace(a.device, *plan.workspace), *plan.scalars)
+        launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot if out_aligned else None)
+        return out2 if flat else out2.reshape(*a.shape[:-1], n)

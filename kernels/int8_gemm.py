@@ -1,0 +1,162 @@
+"""The int8-weight GEMM both int8 schemes run: out = epilogue(a @ dequant(Wq)^T).
+
+The weight is a `QuantizedWeight`: int8 values in the checkpoint's layout (`out_in`
+[N, K] or `in_out` [K, N]) and float32 scales, per output channel ([N]) or per group of
+`group_size` inputs along K ([N, ceil(K / G)]). It is never dequantized in memory: each
+int8 tile is converted in registers inside the main loop. The dtype of `a` picks the
+scheme at compile time:
+
+- fp16/bf16 `a` (w8a16, kernels/w8a16.py): the int8 tile is converted to a's dtype,
+  which holds every value in [-127, 127] exactly, and goes to the fp16/bf16 tensor cores
+  with float32 accumulation. A per-channel scale is constant along K, so it multiplies
+  the accumulator once, in the epilogue. A per-group scale changes along K: it
+  multiplies the tile in the loop (w = q * scale, rounded once to a's dtype).
+- int8 `a` (w8a8, kernels/w8a8.py): both int8 tiles go to the int8 tensor cores as they
+  are, with exact int32 accumulation (split-K partials added in int32 too). The
+  epilogue dequantizes with a's scale (one per row, or one scalar) times the weight's
+  per-channel scale and, when the output buffer is int8, requantizes with the
+  calibrated output scale.
+
+The kernels are kernels/gemm_base.py's (decode for M <= 16 = INT8_DECODE_MAX_M, the
+persistent TMA kernel, the strided fallback: TMA needs 16-byte aligned rows, K % 16 == 0
+for an int8 [.., K] operand, % 8 for fp16/bf16); this module holds the configs they are
+tuned over for each scheme and `int8_weight_gemm`, the launcher both schemes call; the
+base's GemmLauncher keeps one launch plan per call signature, for int8 as for float.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kernels.errors import LaunchError
+from kernels.gemm_base import GemmLauncher, cfg, check_operands, gemm_kernels
+from kernels.quantized import QuantizedWeight
+from kernels.schemes import Granularity, WeightLayout
+
+# Decode streams the int8 weight once for up to this many rows.
+INT8_DECODE_MAX_M = 16
+
+# ---------------------------------------------------------------------------------------
+# Configs, per scheme, keyed by m_bucket(M) (kernels/gemm_base.py). The int8 x int8 dot
+# eats twice the K per byte of shared memory, so w8a8 tiles are twice as deep.
+# ---------------------------------------------------------------------------------------
+
+# Decode (M <= 16) through TMA, swap-AB, split-K: BLOCK_N is the MMA's wide side (a
+# multiple of 64 for wgmma); deep K tiles and stages keep weight bytes in flight.
+W8A16_DECODE_CONFIGS = {
+    16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 512, 4, 3), cfg(16, 128, 256, 4, 4), cfg(16, 64, 128, 4, 6),
+         cfg(16, 128, 128, 4, 5)],
+}  # fmt: skip
+W8A8_DECODE_CONFIGS = {
+    16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 512, 4, 4), cfg(16, 128, 256, 4, 4), cfg(16, 128, 512, 4, 3),
+         cfg(16, 64, 256, 4, 6)],
+}  # fmt: skip
+# Decode without TMA streams the int8 weight: BLOCK_K 128..512 deep, 4..6 stages.
+W8A16_STRIDED_CONFIGS = {
+    16: [cfg(16, 32, 256, 4, 4), cfg(16, 32, 512, 4, 4), cfg(16, 16, 512, 4, 6), cfg(16, 64, 256, 4, 5),
+         cfg(16, 32, 128, 4, 6), cfg(16, 64, 128, 4, 6)],
+    64: [cfg(64, 64, 64, 4, 4), cfg(32, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4)],
+    "large": [cfg(128, 128, 64, 8, 3), cfg(128, 256, 64, 8, 3), cfg(64, 128, 64, 4, 4)],
+}  # fmt: skip
+W8A8_STRIDED_CONFIGS = {
+    16: [cfg(16, 32, 256, 4, 4), cfg(16, 32, 512, 4, 4), cfg(16, 16, 512, 4, 6), cfg(16, 64, 256, 4, 5),
+         cfg(16, 64, 512, 4, 4)],
+    64: [cfg(64, 64, 128, 4, 4), cfg(32, 64, 256, 4, 4), cfg(64, 128, 128, 4, 4)],
+    "large": [cfg(128, 128, 128, 8, 3), cfg(128, 256, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
+}  # fmt: skip
+# Large M after kernels/gemm.py's measured float configs: the subtiled epilogue with a
+# flattened or warp-specialized tile loop.
+W8A16_TMA_CONFIGS = {
+    64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 128, 128, 4, 3)],
+    256: [cfg(64, 128, 64, 4, 4), cfg(128, 128, 64, 8, 4), cfg(64, 256, 64, 8, 4)],
+    "large": [
+        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 64, 8, 4, FLATTEN=True), cfg(128, 256, 64, 8, 3), cfg(128, 128, 128, 8, 3),
+    ],
+}  # fmt: skip
+# 128x256x128: 48 KiB of int8 tiles a stage; the subtiled epilogue halves the output
+# staging buffer (and the live registers of the GELU), leaving room for a 4th stage.
+W8A8_TMA_CONFIGS = {
+    64: [cfg(64, 128, 128, 4, 4), cfg(64, 64, 256, 4, 4), cfg(64, 128, 256, 4, 3)],
+    256: [cfg(128, 128, 128, 8, 4), cfg(64, 256, 128, 8, 4), cfg(128, 64, 128, 4, 4), cfg(64, 128, 128, 4, 4)],
+    "large": [
+        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 128, 8, 4, FLATTEN=True),
+        cfg(128, 256, 128, 8, 3), cfg(128, 128, 128, 4, 4, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(256, 128, 128, 8, 3, EPILOGUE_SUBTILE=True),
+    ],
+}  # fmt: skip
+
+_GEMM = GemmLauncher(
+    gemm_kernels(
+        strided={"w8a16": W8A16_STRIDED_CONFIGS, "w8a8": W8A8_STRIDED_CONFIGS},
+        tma={"w8a16": W8A16_TMA_CONFIGS, "w8a8": W8A8_TMA_CONFIGS},
+        decode={"w8a16": W8A16_DECODE_CONFIGS, "w8a8": W8A8_DECODE_CONFIGS},
+        decode_max_m=INT8_DECODE_MAX_M,
+    )
+)
+_int8_weight_strided_kernel = _GEMM.kernels.strided
+_int8_weight_tma_kernel = _GEMM.kernels.tma
+_int8_weight_decode_kernel = _GEMM.kernels.decode
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------
+
+
+def check_weight_scales(weight: QuantizedWeight, k: int, n: int, name: str = "weight") -> None:
+    """The scale shape a QuantizedWeight's granularity promises, on the data's device."""
+    scale = weight.scale
+    if scale.device != weight.data.device:
+        raise LaunchError(f"{name} scale is on {scale.device} but its int8 data is on {weight.data.device}")
+    granularity = Granularity(weight.group_size)
+    want = granularity.scale_shape(n, k)
+    if tuple(scale.shape) != want:
+        what = "per-channel scales" if granularity.per_channel else f"group scales (group_size {weight.group_size} over K={k})"
+        raise LaunchError(f"{name} has {what}: scale must have shape {want}, got {tuple(scale.shape)}")
+
+
+def int8_weight_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    weight: QuantizedWeight,
+    bias: torch.Tensor | None,
+    *,
+    activation: str,
+    weight_layout: str | WeightLayout,
+    path: str,
+    out: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    c_scale: torch.Tensor | None,
+    check: Callable[[], None],
+) -> torch.Tensor:
+    """epilogue(a @ dequant(weight)^T) for a of shape [..., K]; returns [..., N] in out_dtype.
+
+    a: fp16/bf16 (w8a16) or int8 (w8a8, then `a_scale` is its float32 scale: one per row
+        of a, shape [...], or one element).
+    out_dtype: a's dtype (w8a16), fp16/bf16/fp32 (w8a8 dequantized), or int8 (w8a8
+        requantized with the one-element `c_scale`).
+    path: "auto" (decode for M <= 16, else tma, where TMA can take the operands; else
+        strided), "decode", "tma" or "strided".
+    check: the scheme's own checks of these arguments, run with the shared ones when the
+        call's signature has no plan yet.
+    """
+    if not isinstance(weight, QuantizedWeight):
+        raise LaunchError(f"weight must be a QuantizedWeight (int8 data and its scales), got {type(weight).__name__}")
+
+    def check_all(layout: WeightLayout) -> tuple[int, int]:
+        check()
+        k, n = check_operands(a, weight.data, bias, layout)
+        check_weight_scales(weight, k, n)
+        return k, n
+
+    group_size = weight.group_size
+    options = (activation, weight_layout, path, out_dtype, group_size, weight.smooth_scale is None)
+    return _GEMM.run(
+        check_all, options, a, weight.data, bias, weight_layout=weight_layout, activation=activation, path=path,
+        out=out, out_dtype=out_dtype, w_scale=weight.scale, a_scale=a_scale, c_scale=c_scale, group_k=group_size or 0,
+    )  # fmt: skip
