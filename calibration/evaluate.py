@@ -68,7 +68,7 @@ GATES = {
 # real model: all-MiniLM-L6-v2 with all six MLPs quantized (static scales and SmoothQuant's
 # statistics calibrated on bench/heldout.txt's first 144 lines), evaluated on all 192 lines
 # of bench/heldout.txt, quantized MLPs through the torch reference (bench/RESULTS.md section
-# 10, bench/int8_accuracy.sh; the worst of with and without --smooth 0.5):
+# 11, bench/int8_accuracy.sh; the worst of with and without --smooth 0.5):
 #   embedding cosine min   w8a16 per-channel 0.99926 (loss 7.4e-4 -> 0.998), group:128 0.99974
 #                          (2.6e-4 -> 0.9995); w8a8 dynamic 0.99731 (2.7e-3 -> 0.994),
 #                          group:128 0.99862 (1.4e-3 -> 0.997), static 0.96446 (3.6e-2 -> 0.93)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ from calibration.errors import CheckpointError
 from calibration.families import FAMILIES
 from calibration.memory import MemoryMeter, release_free_memory
 from calibration.options import SYNTHETIC_WARNING, QuantizeOptions
+from calibration.ranks import Ranks, broadcast, together
+from calibration.ranks import current as current_ranks
 from calibration.quantize_mlp import quantize_gemm1, quantize_gemm2
 from calibration.quantize_weights import weight_error
 from calibration.smooth import smooth_scale
@@ -390,6 +393,24 @@ def _copy_files(src_root: Path, dst_root: Path, files: list[Path]) -> None:
         shutil.copyfile(src_root / rel, dst_root / rel)  # follows links: a hub cache's blobs come as files
 
 
+@contextmanager
+def _shared_directory_output(output: Path, ranks: Ranks) -> Iterator[Path]:
+    """atomic_output(directory=True) on rank 0; every rank writes into the one temporary
+    directory (rank 0 broadcasts its path) and rank 0 renames it into place once all are done."""
+    if not ranks.distributed:
+        with atomic_output(output, directory=True) as tmp:
+            yield tmp
+        return
+    if ranks.root:
+        with atomic_output(output, directory=True) as tmp:
+            broadcast(str(tmp), ranks)
+            yield tmp
+        together(ranks, lambda: None)  # renamed into place: the other ranks may return
+    else:
+        yield Path(broadcast(None, ranks))
+        together(ranks, lambda: None)
+
+
 def _expected_bytes(ckpt: Checkpoint, plan: _Plan, layers: list[MLPLayer], copy: list[Path]) -> int:
     """About what the output takes: every shard's tensors and header (with room for the record,
     under 4 KiB per MLP), the index, config and copied files (free space is checked against it)."""
@@ -419,6 +440,7 @@ def quantize_checkpoint(
     meter = MemoryMeter()
     options = options or QuantizeOptions()
     source = Path(source)
+    ranks = current_ranks()
     with open_checkpoint(source) as ckpt:
         if is_quantized_checkpoint(ckpt):
             raise CheckpointError(f"{source} is already quantized (written by gelugemm quantize, or a compressed-tensors checkpoint); quantize the original checkpoint instead")
@@ -428,7 +450,8 @@ def quantize_checkpoint(
         scheme = scheme_from_options(options.scheme, options.granularity, options.activation_scheme)
         plan = _plan(ckpt, layers, scheme, options)  # from the headers alone
         copy, files_skipped = _other_files(ckpt) if is_dir else ([], [])
-        _check_paths(ckpt, source, output, options, _expected_bytes(ckpt, plan, layers, copy))
+        if ranks.root:  # the one rank that creates, renames and reports the output
+            _check_paths(ckpt, source, output, options, _expected_bytes(ckpt, plan, layers, copy))
         calibration = None
         if options.needs_calibration:
             calibration = describe_source(calib=options.calib_file, tokens=options.tokens, seed=options.seed)
@@ -472,20 +495,36 @@ def quantize_checkpoint(
         written = 0
         files_copied = []
         if not is_dir:
-            shard = ckpt.shards[0]
-            written = _write_atomically(output, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+            # one shard: rank 0's work (other ranks under torchrun have none)
+            if ranks.root:
+                shard = ckpt.shards[0]
+                written = _write_atomically(output, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+            gathered = together(ranks, lambda: dict(reports))
         else:
-            with atomic_output(output, directory=True) as tmp:
-                for shard in ckpt.shards:
-                    written += _write_file(tmp / shard.name, plan.shards[shard.name], tensors(shard.name), metadata(shard))
-                if ckpt.index is not None:
-                    index_meta = ckpt.index.get("metadata")
-                    index = index_for(plan.shards, index_meta if isinstance(index_meta, dict) else None)
-                    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-                if ckpt.config is not None:
-                    (tmp / CONFIG_FILE).write_text(json.dumps({**ckpt.config, "quantization_config": qconfig}, indent=2) + "\n")
-                _copy_files(ckpt.directory, tmp, copy)
+            with _shared_directory_output(output, ranks) as tmp:
+
+                def write_mine() -> tuple[int, dict[int, LayerReport]]:
+                    # under torchrun each rank writes every world-th shard, quantizing the layers they hold
+                    size = sum(
+                        _write_file(tmp / shard.name, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+                        for i, shard in enumerate(ckpt.shards) if ranks.mine(i)
+                    )  # fmt: skip
+                    return size, dict(reports)
+
+                parts = together(ranks, write_mine)
+                written = sum(size for size, _ in parts)
+                gathered = [part for _, part in parts]
+                if ranks.root:
+                    if ckpt.index is not None:
+                        index_meta = ckpt.index.get("metadata")
+                        index = index_for(plan.shards, index_meta if isinstance(index_meta, dict) else None)
+                        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+                    if ckpt.config is not None:
+                        (tmp / CONFIG_FILE).write_text(json.dumps({**ckpt.config, "quantization_config": qconfig}, indent=2) + "\n")
+                    _copy_files(ckpt.directory, tmp, copy)
                 files_copied = [str(p) for p in copy]
+        for part in gathered:  # a layer whose tensors sit in two ranks' shards is reported by both, alike
+            reports.update(part)
         largest = max([tensor_bytes(info) for info in ckpt.infos.values() if info.dtype in DTYPE_BYTES] + [0])
         source_bytes, largest_shard = ckpt.total_bytes, ckpt.largest_shard_bytes
     return QuantizeReport(

@@ -55,6 +55,8 @@ from calibration.errors import CheckpointError, OptionError
 from calibration.metrics import ErrorMetrics, error_metrics
 from calibration.model import int8_op_fields
 from calibration.options import QuantizeOptions
+from calibration.ranks import current as current_ranks
+from calibration.ranks import together
 from calibration.quantize_mlp import quantize_mlp
 from calibration.quantized_file import (
     FormatScheme,
@@ -84,7 +86,7 @@ GATE_REFERENCE = "fp16 path"
 # dynamic 3.75e-2, group:128 3.24e-2 (the worst on synthetic rows: on real ones 3.7e-2 and
 # 2.2e-2), static 1.14e-1 (calibrated and graded on real rows; graded on synthetic rows a
 # static file calibrated on real ones is up to 3.3e-1 off, and verify says its inputs are
-# not what it was calibrated for). bench/RESULTS.md section 10 has every measurement. fp32
+# not what it was calibrated for). bench/RESULTS.md section 11 has every measurement. fp32
 # is graded by how far it is from the fp16 path, which is the fp16 path's own rounding (its
 # distance from float64 is in the report).
 DEFAULT_TOLERANCES = {
@@ -620,9 +622,10 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
     if plan.calib is not None:
         check_calibration_file(plan.calib, plan.layers)
 
-    results: list[LayerResult] = []
-    rows: list[VerifyRow] = []
-    total, done = len(plan.layers) * len(plan.dtypes), 0
+    # Under torchrun each rank verifies every world-th MLP; the results are gathered in order.
+    ranks = current_ranks()
+    mine = [i for i in range(len(plan.layers)) if ranks.mine(i)]
+    total, done = len(mine) * len(plan.dtypes), 0
 
     def step(what: str) -> None:
         nonlocal done
@@ -630,18 +633,25 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
         if progress is not None:
             progress(done, total, what)
 
-    ref_ckpt = plan.reference
-    for layer, ref_layer in zip(plan.layers, plan.ref_layers):
-        floats = read_mlp(ref_ckpt, ref_layer)
-        x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
-        int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
-        result, layer_rows = _verify_layer(
-            layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, backend, device, step
-        )  # fmt: skip
-        results.append(result)
-        rows += layer_rows
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def verify_mine() -> list[tuple[int, LayerResult, list[VerifyRow]]]:
+        ref_ckpt = plan.reference
+        out = []
+        for i in mine:
+            layer, ref_layer = plan.layers[i], plan.ref_layers[i]
+            floats = read_mlp(ref_ckpt, ref_layer)
+            x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
+            int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
+            result, layer_rows = _verify_layer(
+                layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, backend, device, step
+            )  # fmt: skip
+            out.append((i, result, layer_rows))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    verified = sorted((entry for part in together(ranks, verify_mine) for entry in part), key=lambda e: e[0])
+    results = [result for _, result, _ in verified]
+    rows = [row for _, _, layer_rows in verified for row in layer_rows]
 
     calibration = {**describe_source(calib=plan.calib, tokens=tokens, seed=seed, split="verify"), "from": plan.calib_from}
     return VerifyReport(
