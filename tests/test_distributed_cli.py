@@ -32,6 +32,7 @@ def free_port() -> int:
 def run(args: list, *, ranks: int | None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GELUGEMM_AUTOTUNE": "0", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # CPU: the torch backend, as a user's run
+    env["CUDA_VISIBLE_DEVICES"] = ""  # two ranks, gloo on the CPU, also on a one-GPU machine
     launcher = [sys.executable, "-m", "gelugemm_cli"]
     if ranks is not None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),

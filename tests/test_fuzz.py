@@ -152,7 +152,9 @@ def test_any_valid_checkpoint_quantizes_and_verifies(spec):
         assert sorted(p.name for p in folder.iterdir()) == sorted({"model.safetensors", "q.safetensors", "q.json"}
                                                                   | ({"config.json"} if config_of(spec) else set()))  # fmt: skip
         for target in (out, source):  # the quantized file against its source; the original, every dtype
-            result = invoke("verify", target, "--tokens", "32", "--json", folder / "v.json")
+            # the torch backend: the reader and the commands are what is fuzzed here; on a GPU
+            # machine the kernels would compile for every random shape (tests/test_op*.py test them)
+            result = invoke("verify", target, "--tokens", "32", "--backend", "torch", "--json", folder / "v.json")
             assert result.exit_code in (0, 1), (spec, target.name, result.output, result.exception)
             assert isinstance(result.exception, (SystemExit, type(None))), result.exception
             verdict = json.loads((folder / "v.json").read_text())
@@ -265,7 +267,7 @@ def test_a_mutated_file_is_one_line_exit_2_and_leaves_nothing(case):
             return
         assert_refused(result, kind)
         assert files_in(folder) == before, kind  # no output, no temporary, the input untouched
-        assert_refused(invoke("verify", source, "--json", folder / "v.json"), kind)
+        assert_refused(invoke("verify", source, "--backend", "torch", "--json", folder / "v.json"), kind)
         assert files_in(folder) == before, kind
 
 
