@@ -7,8 +7,11 @@ compiler. Run this in an environment with the GPU's Triton to catch what it reje
     PYTHONPATH=. /tmp/t36/bin/python bench/compile_check.py [float|int8]
 
 Each kernel is compiled with every autotuning config for one representative dtype and
-layout, and with one config for the other dtypes, layouts and activations. Exit 1 if any
-compile fails.
+layout, and with one config for the other dtypes, layouts and activations; the gated
+GEMM1 (GATED: gate and up accumulators) with every config of its "-gated" tables for
+fp16 and for each int8 scheme, and one config for the rest. Exit 1 if any compile fails.
+
+    PYTHONPATH=. python bench/compile_check.py [float|int8|gated]
 """
 
 from __future__ import annotations
@@ -56,15 +59,20 @@ def _ints(*names):
 
 
 def gemm_types(a: str, b: str, c: str, bias: str, *, strided: bool, decode: bool,
-               w_scale: bool = False, a_scale: bool = False, c_scale: bool = False) -> tuple[dict, dict]:  # fmt: skip
-    """(runtime argument types, the None tensors) of one of kernels/gemm_base.py's kernels."""
+               w_scale: bool = False, a_scale: bool = False, c_scale: bool = False, gated: bool = False) -> tuple[dict, dict]:  # fmt: skip
+    """(runtime argument types, the None tensors and GATED) of one of kernels/gemm_base.py's kernels."""
     t = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias_ptr": f"*{bias}"}
-    absent = {}
-    for name, present in (("w_scale_ptr", w_scale), ("a_scale_ptr", a_scale), ("c_scale_ptr", c_scale)):
+    absent = {"GATED": gated}
+    for name, present in (("w_scale_ptr", w_scale), ("a_scale_ptr", a_scale), ("c_scale_ptr", c_scale),
+                          ("u_scale_ptr", w_scale and gated)):  # fmt: skip
         if present:
             t[name] = "*fp32"
         else:
             absent[name] = None
+    if gated:
+        t.update(u_ptr=f"*{b}", u_bias_ptr=f"*{bias}")
+    else:
+        absent.update(u_ptr=None, u_bias_ptr=None)
     if decode:
         t.update(partial_ptr="*fp32", arrivals_ptr="*i32")
     names = ["M", "N", "K", "M_BUCKET", "stride_am"]
@@ -114,7 +122,7 @@ def int8_cases():
         if not strided:
             t, absent = gemm_types("i8", "i8", "i8", "fp16", strided=False, decode=decode, w_scale=True, a_scale=True, c_scale=True)
             cx = dict(HAS_BIAS=True, ACTIVATION="erf", GROUP_K=0, DOT_F32=False, INPUT_PRECISION="ieee",
-                      INTERPRETER=False, B_IS_NK=False, NUM_SMS=132)  # fmt: skip
+                      INTERPRETER=False, B_IS_NK=False, NUM_SMS=132, **absent)  # fmt: skip
             yield kernel, t, cx, kernel.configs[0], "w8a8 in_out"
     quantize_types = {"x_ptr": "*fp16", "q_ptr": "*i8", "scale_ptr": "*fp32", "smooth_ptr": "*fp32",
                       **_ints("K", "stride_xm", "stride_xk", "stride_qm")}  # fmt: skip
@@ -123,9 +131,51 @@ def int8_cases():
         yield w8a8._quantize_rows_kernel, quantize_types, cx, triton.Config({}, num_warps=4), f"dynamic={dynamic} smooth={smooth}"
 
 
+def gated_cases():
+    """The gated GEMM1: every config of the "-gated" tables for fp16 and for each int8 scheme
+    (per channel, w8a8 requantizing the product to int8), one config for the rest."""
+    for kernel, strided, decode in _paths(gemm._GEMM.kernels):
+        base = dict(HAS_BIAS=True, ACTIVATION="tanh", GROUP_K=0, DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)
+        if not strided:
+            base.update(B_IS_NK=True, NUM_SMS=132)
+        configs = _gated_configs(kernel, "float-gated")
+        for dt, layouts, chosen in (("fp16", [True], configs), ("bf16", [True, False], configs[-1:]), ("fp32", [True], configs[-1:])):
+            for b_is_nk in layouts:
+                t, absent = gemm_types(dt, dt, dt, dt, strided=strided, decode=decode, gated=True)
+                cx = {**base, **absent, **({} if strided else {"B_IS_NK": b_is_nk})}
+                for config in chosen:
+                    yield kernel, t, cx, config, f"gated {dt} b_is_nk={b_is_nk}"
+    for kernel, strided, decode in _paths(int8_gemm._GEMM.kernels):
+        # (activation dtype, output dtype, group size, table)
+        for a_dtype, out_dtype, group, table in (("fp16", "fp16", 0, "w8a16-gated"), ("bf16", "bf16", 128, "w8a16-gated"),
+                                                 ("i8", "i8", 0, "w8a8-gated"), ("i8", "fp16", 0, "w8a8-gated")):  # fmt: skip
+            t, absent = gemm_types(a_dtype, "i8", out_dtype, "fp16", strided=strided, decode=decode, w_scale=True,
+                                   a_scale=a_dtype == "i8", c_scale=out_dtype == "i8", gated=True)  # fmt: skip
+            cx = dict(HAS_BIAS=True, ACTIVATION="tanh", GROUP_K=group, DOT_F32=False, INPUT_PRECISION="ieee",
+                      INTERPRETER=False, **absent)  # fmt: skip
+            if not strided:
+                cx.update(B_IS_NK=True, NUM_SMS=132)
+            configs = _gated_configs(kernel, table)
+            for config in configs if (a_dtype, out_dtype, group) in (("fp16", "fp16", 0), ("i8", "i8", 0)) else configs[:1]:
+                yield kernel, t, cx, config, f"gated a={a_dtype} out={out_dtype} group={group}"
+
+
+def _gated_configs(kernel, table: str) -> list:
+    """The configs a gated call prunes to, over every M bucket of the table."""
+    tables = {"float-gated": (gemm.GATED_STRIDED_CONFIGS, gemm.GATED_TMA_CONFIGS, gemm.GATED_DECODE_CONFIGS),
+              "w8a16-gated": (int8_gemm.W8A16_GATED_STRIDED_CONFIGS, int8_gemm.W8A16_GATED_TMA_CONFIGS,
+                              int8_gemm.W8A16_GATED_DECODE_CONFIGS),
+              "w8a8-gated": (int8_gemm.W8A8_GATED_STRIDED_CONFIGS, int8_gemm.W8A8_GATED_TMA_CONFIGS,
+                             int8_gemm.W8A8_GATED_DECODE_CONFIGS)}[table]  # fmt: skip
+    body = _innermost(kernel).__name__
+    chosen = tables[0] if "strided" in body else tables[1] if "tma" in body else tables[2]
+    return [c for configs in chosen.values() for c in configs]
+
+
 def main() -> int:
-    which = sys.argv[1:] or ["float", "int8"]
-    cases = [c for name, gen in (("float", float_cases), ("int8", int8_cases)) if name in which for c in gen()]
+    which = sys.argv[1:] or ["float", "int8", "gated"]
+    generators = (("float", float_cases), ("int8", int8_cases), ("gated", gated_cases))
+    cases = [c for name, gen in generators if name in which for c in gen()]
     failures = []
     for kernel, types, constexprs, config, label in cases:
         t0 = time.time()

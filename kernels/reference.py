@@ -1,7 +1,10 @@
 """The op in plain torch: the readable definition every kernel is tested against.
 
 The MLP is  y = GELU(x @ W1^T + b1) @ W2^T + b2,  with W in nn.Linear's `[out, in]`
-layout, or `[in, out]` (GPT-2's Conv1D) where `weight_layout="in_out"`.
+layout, or `[in, out]` (GPT-2's Conv1D) where `weight_layout="in_out"`. A gated MLP (GeGLU)
+is  y = (GELU(x @ Wg^T + bg) * (x @ Wu^T + bu)) @ W2^T + b2:  every GEMM1 below takes the
+up projection as `up` / `up_bias` (W1 is then the gate) and multiplies GELU's output by
+it, in the GEMM's own precision, before the one rounding of the intermediate.
 
 `mlp_reference` computes the same rounding steps as the fused kernels: each GEMM
 accumulates in float32 (or float64 for the exact reference), bias and GELU are applied
@@ -15,6 +18,7 @@ import math
 
 import torch
 
+from kernels.gated import gate_and_up
 from kernels.int8 import quantize_int8, scale_from_absmax
 from kernels.quantized import QuantizedWeight, expand_scale
 from kernels.schemes import GELU_FLAVOURS, WeightLayout
@@ -66,10 +70,14 @@ def linear_reference(
     activation: str = "none",
     weight_layout: str = "out_in",
     dtype: torch.dtype | None = None,
+    up: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(x @ W^T + bias) accumulated in float32 (float64 when dtype is float64), rounded to dtype.
 
-    activation: "none", or a GELU flavour ("erf", "tanh").
+    activation: "none", or a GELU flavour ("erf", "tanh", "quick").
+    up, up_bias: a gated GEMM1's up projection: act(x @ W^T + bias) * (x @ Wup^T + up_bias),
+        the product in the accumulation precision, then rounded once.
     """
     dtype = dtype or x.dtype
     acc = accumulate_dtype(dtype)
@@ -78,7 +86,20 @@ def linear_reference(
         out = out + bias.to(acc)
     if activation != "none":
         out = gelu(out, activation)
+    if up is not None:
+        u = x.to(acc) @ as_out_in(up, weight_layout).to(acc).t()
+        if up_bias is not None:
+            u = u + up_bias.to(acc)
+        out = out * u
     return out.to(dtype)
+
+
+def _gemm1(w1, b1, gated: bool, w_up, b_up, weight_layout) -> tuple:
+    """(gate or W1, its bias, the up projection as a GEMM1 reference's up/up_bias arguments)."""
+    if not gated:
+        return w1, b1, {}
+    w1, b1, w_up, b_up = gate_and_up(w1, b1, w_up, b_up, weight_layout)
+    return w1, b1, dict(up=w_up, up_bias=b_up)
 
 
 def mlp_reference(
@@ -91,10 +112,18 @@ def mlp_reference(
     gelu_flavour: str = "erf",
     weight_layout: str = "out_in",
     dtype: torch.dtype | None = None,
+    gated: bool = False,
+    w_up: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole MLP with the kernels' rounding: GEMM1+bias+GELU, round to dtype, GEMM2+bias."""
+    """The whole MLP with the kernels' rounding: GEMM1+bias+GELU, round to dtype, GEMM2+bias.
+
+    gated: GEMM1 is GELU(x @ Wg^T + bg) * (x @ Wu^T + bu), with the up projection w_up and
+        b_up, or (w_up None) W1 and b1 holding gate and up as their two halves.
+    """
     dtype = dtype or x.dtype
-    h = linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, dtype=dtype)
+    w1, b1, up = _gemm1(w1, b1, gated, w_up, b_up, weight_layout)
+    h = linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, dtype=dtype, **up)
     return linear_reference(h, w2, b2, weight_layout=weight_layout, dtype=dtype)
 
 
@@ -133,24 +162,32 @@ def w8a8_linear_reference(
     weight_layout: str = "out_in",
     output_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float16,
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One w8a8 GEMM on an int8 input xq [..., K] with its scale (per token [...] or one element).
 
     w: a QuantizedWeight with per-channel scales.
     acc = xq @ Wq^T in exact integer arithmetic (float64 holds every partial sum exactly:
     |acc| <= 127^2 K < 2^53), then in float32: acc * x_scale[m] * w_scale[n] + bias, GELU;
+    a gated GEMM1 (`up`) then multiplies by up's own acc * x_scale[m] * up_scale[n] + up_bias;
     then with `output_scale` requantized to int8 (GEMM1: quantize_int8(v, output_scale)),
     else rounded to out_dtype (GEMM2).
     """
-    acc = xq.double() @ as_out_in(w.data, weight_layout).double().t()
-    out = acc.float()
-    # per token: one scale per row; static: one for all (the two agree when there is one row)
-    out = out * (x_scale.float().reshape(()) if x_scale.numel() == 1 else x_scale.float()[..., None])
-    out = out * w.scale
-    if bias is not None:
-        out = out + bias.float()
+
+    def dequantized(weight: QuantizedWeight, b: torch.Tensor | None) -> torch.Tensor:
+        acc = xq.double() @ as_out_in(weight.data, weight_layout).double().t()
+        v = acc.float()
+        # per token: one scale per row; static: one for all (the two agree when there is one row)
+        v = v * (x_scale.float().reshape(()) if x_scale.numel() == 1 else x_scale.float()[..., None])
+        v = v * weight.scale
+        return v if b is None else v + b.float()
+
+    out = dequantized(w, bias)
     if activation != "none":
         out = gelu(out, activation)
+    if up is not None:
+        out = out * dequantized(up, up_bias)
     if output_scale is not None:
         return quantize_int8(out, output_scale.float().reshape(()))
     return out.to(out_dtype)
@@ -166,40 +203,58 @@ def w8a8_mlp_reference(
     gelu_flavour: str = "erf",
     weight_layout: str = "out_in",
     input_quant: str = "dynamic",
+    gated: bool = False,
+    w_up: QuantizedWeight | None = None,
+    b_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The w8a8 MLP step by step: quantize x, GEMM1 requantized to int8, GEMM2 to x's dtype.
 
-    Static input quantization uses w1.input_scale; GELU's output is requantized with
-    w1.output_scale, which is then GEMM2's input scale.
+    Static input quantization uses w1.input_scale; GELU's output (a gated MLP's product)
+    is requantized with w1.output_scale, which is then GEMM2's input scale. gated: as for
+    mlp_reference (w1 the gate, or the concatenated gate and up).
     """
+    w1, b1, up = _gemm1(w1, b1, gated, w_up, b_up, weight_layout)
     xq, x_scale = quantize_activation_reference(
         x, w1.input_scale if input_quant == "static" else None, w1.smooth_scale
     )
     h = w8a8_linear_reference(
-        xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, output_scale=w1.output_scale
+        xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, output_scale=w1.output_scale, **up
     )
     return w8a8_linear_reference(h, w1.output_scale, w2, b2, weight_layout=weight_layout, out_dtype=x.dtype)
 
 
 def w8a16_linear_reference(
-    x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, *, activation: str = "none", weight_layout: str = "out_in"
+    x: torch.Tensor,
+    w: QuantizedWeight,
+    bias: torch.Tensor | None,
+    *,
+    activation: str = "none",
+    weight_layout: str = "out_in",
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One w8a16 GEMM: act(x @ dequant(W)^T + bias) in float32, rounded to x's dtype.
 
     Per-channel scales: acc = x @ Wq^T (integer weights), then acc * scale[n], as the
     kernel's epilogue does. Per-group scales: W = Wq * scale[n, k // G] in float32,
     rounded once to x's dtype (the kernel's dequantized tile), then the matmul.
+    up, up_bias: a gated GEMM1's up projection, computed the same way, multiplied in float32.
     """
-    q = as_out_in(w.data, weight_layout).float()  # [N, K]
-    if w.group_size is None:
-        out = (x.float() @ q.t()) * w.scale
-    else:
-        scale = expand_scale(w.scale, q.shape[1], w.group_size)
-        out = x.float() @ (q * scale).to(x.dtype).float().t()
-    if bias is not None:
-        out = out + bias.float()
+
+    def dequantized(weight: QuantizedWeight, b: torch.Tensor | None) -> torch.Tensor:
+        q = as_out_in(weight.data, weight_layout).float()  # [N, K]
+        if weight.group_size is None:
+            v = (x.float() @ q.t()) * weight.scale
+        else:
+            scale = expand_scale(weight.scale, q.shape[1], weight.group_size)
+            v = x.float() @ (q * scale).to(x.dtype).float().t()
+        return v if b is None else v + b.float()
+
+    out = dequantized(w, bias)
     if activation != "none":
         out = gelu(out, activation)
+    if up is not None:
+        out = out * dequantized(up, up_bias)
     return out.to(x.dtype)
 
 
@@ -212,7 +267,12 @@ def w8a16_mlp_reference(
     *,
     gelu_flavour: str = "erf",
     weight_layout: str = "out_in",
+    gated: bool = False,
+    w_up: QuantizedWeight | None = None,
+    b_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The w8a16 MLP step by step: GEMM1 + bias + GELU rounded to x's dtype, then GEMM2 + bias."""
-    h = w8a16_linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout)
+    """The w8a16 MLP step by step: GEMM1 + bias + GELU (times the up projection, gated)
+    rounded to x's dtype, then GEMM2 + bias."""
+    w1, b1, up = _gemm1(w1, b1, gated, w_up, b_up, weight_layout)
+    h = w8a16_linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, **up)
     return w8a16_linear_reference(h, w2, b2, weight_layout=weight_layout)

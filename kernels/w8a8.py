@@ -160,6 +160,8 @@ def w8a8_linear(
     out_dtype: torch.dtype = torch.float16,
     path: str = "auto",
     out: torch.Tensor | None = None,
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act((xq * x_scale) @ dequant(weight)^T + bias) for int8 xq [..., K], on the int8 tensor cores.
 
@@ -170,6 +172,8 @@ def w8a8_linear(
         (GEMM1, whose int8 output GEMM2 reads); returns int8 [..., N]. None: the result
         in `out_dtype` (fp16, bf16 or fp32).
     path: "auto", "decode" (M <= 16), "tma" or "strided", as for w8a16_linear.
+    up, up_bias: a gated GEMM1's up projection (weight's shape, layout and granularity):
+        act(... + bias) * (the same GEMM on up + up_bias), each dequantized with its own scales.
     out: a contiguous [..., N] tensor of the output dtype to write into.
     """
     requested_dtype = out_dtype
@@ -200,5 +204,5 @@ def w8a8_linear(
 
     return int8_weight_gemm(
         xq, x_scale, weight, bias, activation=activation, weight_layout=weight_layout, path=path, out=out,
-        out_dtype=out_dtype, c_scale=output_scale, check=check,
+        out_dtype=out_dtype, c_scale=output_scale, check=check, up=up, up_bias=up_bias,
     )  # fmt: skip
