@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.errors import OptionError
+from calibration.families import check_asked_activation_dtype
 from calibration.observers import parse_method
 from calibration.smooth import check_alpha
 from kernels.schemes import ActivationScheme
@@ -37,6 +38,9 @@ class QuantizeOptions:
     force: replace an existing output file.
     activations: w8a8 only: how x and the GELU output are scaled (kernels.schemes.
         ActivationScheme: dynamic | group:N | static); None is quantize's default, static.
+    activation_dtype: "fp16" | "bf16": the float dtype the quantized MLPs' activations run
+        in, recorded per MLP for the engines that load the file; None takes config.json's
+        (torch_dtype bfloat16 -> bf16) or the family's (T5: bf16), else fp16.
     """
 
     scheme: str = "w8a16"
@@ -50,6 +54,7 @@ class QuantizeOptions:
     gelu: str | None = None
     force: bool = False
     activations: str | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -64,6 +69,8 @@ class QuantizeOptions:
                 raise OptionError(f"--activations sets w8a8's activation scales; {self.scheme} has none")
             if ActivationScheme.parse(self.activations).kind != "static":
                 raise OptionError(f"--activations {self.activations}: quantize writes static activation scales only (so far)")
+        if self.activation_dtype is not None:
+            check_asked_activation_dtype(self.activation_dtype)
         if self.tokens is not None and self.tokens < 1:
             raise OptionError(f"--tokens must be at least 1; got {self.tokens}")
         if self.scheme == "w8a8" and self.granularity != "per-channel":
