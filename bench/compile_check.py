@@ -7,9 +7,13 @@ compiler. Run this in an environment with the GPU's Triton to catch what it reje
     PYTHONPATH=. /tmp/t36/bin/python bench/compile_check.py [float|int8]
 
 Each kernel is compiled with every autotuning config for one representative dtype and
-layout, and with one config for the other dtypes, layouts and activations; the gated
-GEMM1 (GATED: gate and up accumulators) with every config of its "-gated" tables for
-fp16 and for each int8 scheme, and one config for the rest. Exit 1 if any compile fails.
+layout, and with one config for the other dtypes, layouts and activations; the int8
+kernels with every config of each scheme's table (w8a16 per channel and group:128 with
+the swap-AB schedule, w8a8 static, w8a8 group:128 in and out) and with one config for the
+rest (bf16, in_out, dynamic's 16-bit GEMM1 output, group:32 and group:64); the activation
+quantizer per token, static and per group. Exit 1 if any compile fails.
+The gated GEMM1 (GATED: gate and up accumulators) with every config of its "-gated"
+tables for fp16 and for each int8 scheme, and one config for the rest.
 
     PYTHONPATH=. python bench/compile_check.py [float|int8|gated]
 """
@@ -27,6 +31,7 @@ from triton.compiler import ASTSource
 from kernels.int8 import SCALE_EPS
 
 from kernels import gemm, int8_gemm, w8a8
+from kernels.gemm_base import fit_groups
 from kernels.launch import _heuristic_layers, _innermost
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -88,7 +93,8 @@ def _paths(kernels):
 
 def float_cases():
     for kernel, strided, decode in _paths(gemm._GEMM.kernels):
-        base = dict(HAS_BIAS=True, ACTIVATION="erf", GROUP_K=0, DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)
+        base = dict(HAS_BIAS=True, ACTIVATION="erf", GROUP_K=0, A_GROUP_K=0, C_GROUP_N=0, DOT_F32=False,
+                    INPUT_PRECISION="ieee", INTERPRETER=False)  # fmt: skip
         if not strided:
             base.update(B_IS_NK=True, NUM_SMS=132)
 
@@ -105,71 +111,121 @@ def float_cases():
             yield kernel, t, cx, kernel.configs[-1], f"{dt} {act} b_is_nk={b_is_nk}"
 
 
+def _table_configs(table: dict) -> list:
+    return list({gemm_config_key(c): c for cfgs in table.values() for c in cfgs}.values())
+
+
+def gemm_config_key(c: triton.Config) -> tuple:
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+# Each int8 kernel's tables, by scheme (kernels/int8_gemm.py).
+INT8_TABLES = {
+    "tma": {"w8a16": int8_gemm.W8A16_TMA_CONFIGS, "w8a8": int8_gemm.W8A8_TMA_CONFIGS,
+            "w8a8-group": int8_gemm.W8A8_GROUP_TMA_CONFIGS},
+    "decode": {"w8a16": int8_gemm.W8A16_DECODE_CONFIGS, "w8a8": int8_gemm.W8A8_DECODE_CONFIGS,
+               "w8a8-group": int8_gemm.W8A8_GROUP_DECODE_CONFIGS},
+    "strided": {"w8a16": int8_gemm.W8A16_STRIDED_CONFIGS, "w8a8": int8_gemm.W8A8_STRIDED_CONFIGS,
+                "w8a8-group": int8_gemm.W8A8_GROUP_STRIDED_CONFIGS},
+}  # fmt: skip
+
+# (a dtype, out dtype, weight group, a group, out group, table, all configs or the first,
+# what it is); the activation is GELU where the output is GEMM1's (int8, or dynamic's 16-bit h).
+INT8_VARIANTS = [
+    ("fp16", "fp16", 0, 0, 0, "w8a16", True, "w8a16 per channel"),
+    ("fp16", "fp16", 128, 0, 0, "w8a16", True, "w8a16 group:128"),
+    ("bf16", "bf16", 128, 0, 0, "w8a16", False, "w8a16 bf16 group:128"),
+    ("fp16", "fp16", 32, 0, 0, "w8a16", False, "w8a16 group:32"),
+    ("i8", "i8", 0, 0, 0, "w8a8", True, "w8a8 static GEMM1"),
+    ("i8", "fp16", 0, 0, 0, "w8a8", False, "w8a8 GEMM2 / dynamic GEMM1 (16-bit h)"),
+    ("i8", "i8", 0, 128, 128, "w8a8-group", True, "w8a8 group:128 GEMM1"),
+    ("i8", "fp16", 0, 128, 0, "w8a8-group", True, "w8a8 group:128 GEMM2"),
+    ("i8", "i8", 0, 64, 64, "w8a8-group", False, "w8a8 group:64 GEMM1"),
+    ("i8", "i8", 0, 32, 32, "w8a8-group", False, "w8a8 group:32 GEMM1"),
+]
+
+
 def int8_cases():
-    for kernel, strided, decode in _paths(int8_gemm._GEMM.kernels):
-        # (activation dtype, output dtype, group size): w8a16 per channel and per group,
-        # w8a8 GEMM1 (int8 out) and GEMM2 (fp16 out)
-        for a_dtype, out_dtype, group in (("fp16", "fp16", 0), ("i8", "i8", 0), ("i8", "fp16", 0), ("bf16", "bf16", 128), ("fp16", "fp16", 32)):
+    kernels = int8_gemm._GEMM.kernels
+    for path, (kernel, strided, decode) in zip(("tma", "decode", "strided"), _paths(kernels)):
+        for a_dtype, out_dtype, group, a_group, c_group, scheme, every, label in INT8_VARIANTS:
             t, absent = gemm_types(a_dtype, "i8", out_dtype, "fp16", strided=strided, decode=decode,
                                    w_scale=True, a_scale=a_dtype == "i8", c_scale=out_dtype == "i8")  # fmt: skip
-            cx = dict(HAS_BIAS=True, ACTIVATION="erf" if out_dtype == "i8" else "none", GROUP_K=group, DOT_F32=False,
-                      INPUT_PRECISION="ieee", INTERPRETER=False, **absent)  # fmt: skip
+            gemm1 = out_dtype == "i8" or "dynamic" in label
+            cx = dict(HAS_BIAS=True, ACTIVATION="erf" if gemm1 else "none", GROUP_K=group, A_GROUP_K=a_group,
+                      C_GROUP_N=c_group, DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False, **absent)  # fmt: skip
             if not strided:
                 cx.update(B_IS_NK=True, NUM_SMS=132)
-            configs = kernel.configs if (a_dtype, out_dtype) == ("i8", "i8") else kernel.configs[:2]
-            for config in configs:
-                yield kernel, t, cx, config, f"a={a_dtype} out={out_dtype} group={group}"
+            configs = _table_configs(INT8_TABLES[path][scheme])
+            configs = configs if every else configs[:1]
+            for config in {gemm_config_key(c): c for c in (fit_groups(c, a_group, c_group) for c in configs)}.values():
+                yield kernel, t, cx, config, label
+            if not strided and scheme in ("w8a16", "w8a8-group") and every and group in (0, 128) and a_dtype != "bf16":
+                # the weight stored [K, N] (Conv1D): one config
+                yield kernel, t, {**cx, "B_IS_NK": False}, fit_groups(configs[0], a_group, c_group), f"{label} in_out"
         if not strided:
             t, absent = gemm_types("i8", "i8", "i8", "fp16", strided=False, decode=decode, w_scale=True, a_scale=True, c_scale=True)
-            cx = dict(HAS_BIAS=True, ACTIVATION="erf", GROUP_K=0, DOT_F32=False, INPUT_PRECISION="ieee",
-                      INTERPRETER=False, B_IS_NK=False, NUM_SMS=132, **absent)  # fmt: skip
-            yield kernel, t, cx, kernel.configs[0], "w8a8 in_out"
+            cx = dict(HAS_BIAS=True, ACTIVATION="erf", GROUP_K=0, A_GROUP_K=0, C_GROUP_N=0, DOT_F32=False,
+                      INPUT_PRECISION="ieee", INTERPRETER=False, B_IS_NK=False, NUM_SMS=132, **absent)  # fmt: skip
+            yield kernel, t, cx, _table_configs(INT8_TABLES[path]["w8a8"])[0], "w8a8 in_out"
     quantize_types = {"x_ptr": "*fp16", "q_ptr": "*i8", "scale_ptr": "*fp32", "smooth_ptr": "*fp32",
-                      **_ints("K", "stride_xm", "stride_xk", "stride_qm")}  # fmt: skip
-    for dynamic, smooth in itertools.product([True, False], [True, False]):
-        cx = dict(DYNAMIC=dynamic, HAS_SMOOTH=smooth, SCALE_EPS=SCALE_EPS, BLOCK_K=1024)
-        yield w8a8._quantize_rows_kernel, quantize_types, cx, triton.Config({}, num_warps=4), f"dynamic={dynamic} smooth={smooth}"
+                      **_ints("K", "stride_xm", "stride_xk", "stride_qm", "stride_sm")}  # fmt: skip
+    for dynamic, group, smooth in [(d, 0, s) for d, s in itertools.product([True, False], [True, False])] + [
+        (True, g, s) for g, s in ((32, False), (64, False), (128, False), (128, True))
+    ]:
+        cx = dict(DYNAMIC=dynamic, GROUP=group, HAS_SMOOTH=smooth, SCALE_EPS=SCALE_EPS, BLOCK_K=1024)
+        label = f"dynamic={dynamic} group={group} smooth={smooth}"
+        yield w8a8._quantize_rows_kernel, quantize_types, cx, triton.Config({}, num_warps=4), label
+
+
+GATED_TABLES = {
+    "float": {"tma": gemm.GATED_TMA_CONFIGS, "decode": gemm.GATED_DECODE_CONFIGS, "strided": gemm.GATED_STRIDED_CONFIGS},
+    "w8a16": {"tma": int8_gemm.W8A16_GATED_TMA_CONFIGS, "decode": int8_gemm.W8A16_GATED_DECODE_CONFIGS,
+              "strided": int8_gemm.W8A16_GATED_STRIDED_CONFIGS},
+    "w8a8": {"tma": int8_gemm.W8A8_GATED_TMA_CONFIGS, "decode": int8_gemm.W8A8_GATED_DECODE_CONFIGS,
+             "strided": int8_gemm.W8A8_GATED_STRIDED_CONFIGS},
+    "w8a8-group": {"tma": int8_gemm.W8A8_GROUP_GATED_TMA_CONFIGS, "decode": int8_gemm.W8A8_GROUP_GATED_DECODE_CONFIGS,
+                   "strided": int8_gemm.W8A8_GROUP_GATED_STRIDED_CONFIGS},
+}  # fmt: skip
+
+# The gated GEMM1: (a dtype, weight dtype, out dtype, weight group, a group, out group, table,
+# every config or the first, what it is)
+GATED_VARIANTS = [
+    ("fp16", "fp16", "fp16", 0, 0, 0, "float", True, "gated fp16"),
+    ("bf16", "bf16", "bf16", 0, 0, 0, "float", False, "gated bf16"),
+    ("fp32", "fp32", "fp32", 0, 0, 0, "float", False, "gated fp32"),
+    ("fp16", "i8", "fp16", 0, 0, 0, "w8a16", True, "gated w8a16 per channel"),
+    ("bf16", "i8", "bf16", 128, 0, 0, "w8a16", False, "gated w8a16 bf16 group:128"),
+    ("i8", "i8", "i8", 0, 0, 0, "w8a8", True, "gated w8a8 static GEMM1"),
+    ("i8", "i8", "fp16", 0, 0, 0, "w8a8", False, "gated w8a8 dynamic GEMM1 (16-bit h)"),
+    ("i8", "i8", "i8", 0, 128, 128, "w8a8-group", True, "gated w8a8 group:128 GEMM1"),
+    ("i8", "i8", "i8", 0, 64, 64, "w8a8-group", False, "gated w8a8 group:64 GEMM1"),
+]
 
 
 def gated_cases():
-    """The gated GEMM1: every config of the "-gated" tables for fp16 and for each int8 scheme
-    (per channel, w8a8 requantizing the product to int8), one config for the rest."""
-    for kernel, strided, decode in _paths(gemm._GEMM.kernels):
-        base = dict(HAS_BIAS=True, ACTIVATION="tanh", GROUP_K=0, DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)
-        if not strided:
-            base.update(B_IS_NK=True, NUM_SMS=132)
-        configs = _gated_configs(kernel, "float-gated")
-        for dt, layouts, chosen in (("fp16", [True], configs), ("bf16", [True, False], configs[-1:]), ("fp32", [True], configs[-1:])):
-            for b_is_nk in layouts:
-                t, absent = gemm_types(dt, dt, dt, dt, strided=strided, decode=decode, gated=True)
-                cx = {**base, **absent, **({} if strided else {"B_IS_NK": b_is_nk})}
-                for config in chosen:
-                    yield kernel, t, cx, config, f"gated {dt} b_is_nk={b_is_nk}"
-    for kernel, strided, decode in _paths(int8_gemm._GEMM.kernels):
-        # (activation dtype, output dtype, group size, table)
-        for a_dtype, out_dtype, group, table in (("fp16", "fp16", 0, "w8a16-gated"), ("bf16", "bf16", 128, "w8a16-gated"),
-                                                 ("i8", "i8", 0, "w8a8-gated"), ("i8", "fp16", 0, "w8a8-gated")):  # fmt: skip
-            t, absent = gemm_types(a_dtype, "i8", out_dtype, "fp16", strided=strided, decode=decode, w_scale=True,
-                                   a_scale=a_dtype == "i8", c_scale=out_dtype == "i8", gated=True)  # fmt: skip
-            cx = dict(HAS_BIAS=True, ACTIVATION="tanh", GROUP_K=group, DOT_F32=False, INPUT_PRECISION="ieee",
-                      INTERPRETER=False, **absent)  # fmt: skip
-            if not strided:
-                cx.update(B_IS_NK=True, NUM_SMS=132)
-            configs = _gated_configs(kernel, table)
-            for config in configs if (a_dtype, out_dtype, group) in (("fp16", "fp16", 0), ("i8", "i8", 0)) else configs[:1]:
-                yield kernel, t, cx, config, f"gated a={a_dtype} out={out_dtype} group={group}"
-
-
-def _gated_configs(kernel, table: str) -> list:
-    """The configs a gated call prunes to, over every M bucket of the table."""
-    tables = {"float-gated": (gemm.GATED_STRIDED_CONFIGS, gemm.GATED_TMA_CONFIGS, gemm.GATED_DECODE_CONFIGS),
-              "w8a16-gated": (int8_gemm.W8A16_GATED_STRIDED_CONFIGS, int8_gemm.W8A16_GATED_TMA_CONFIGS,
-                              int8_gemm.W8A16_GATED_DECODE_CONFIGS),
-              "w8a8-gated": (int8_gemm.W8A8_GATED_STRIDED_CONFIGS, int8_gemm.W8A8_GATED_TMA_CONFIGS,
-                             int8_gemm.W8A8_GATED_DECODE_CONFIGS)}[table]  # fmt: skip
-    body = _innermost(kernel).__name__
-    chosen = tables[0] if "strided" in body else tables[1] if "tma" in body else tables[2]
-    return [c for configs in chosen.values() for c in configs]
+    """The gated GEMM1 (GATED: the up projection's tile and accumulator beside the gate's):
+    every config of the "-gated" tables for fp16 and for each int8 scheme, one config for
+    the rest, and the weight stored [K, N] once per table."""
+    for name, kernels in (("float", gemm._GEMM.kernels), ("int8", int8_gemm._GEMM.kernels)):
+        for path, (kernel, strided, decode) in zip(("tma", "decode", "strided"), _paths(kernels)):
+            for a_dtype, b_dtype, out_dtype, group, a_group, c_group, table, every, label in GATED_VARIANTS:
+                if (table == "float") != (name == "float"):
+                    continue
+                int8 = b_dtype == "i8"
+                t, absent = gemm_types(a_dtype, b_dtype, out_dtype, "fp16" if int8 else a_dtype, strided=strided,
+                                       decode=decode, w_scale=int8, a_scale=a_dtype == "i8", c_scale=out_dtype == "i8",
+                                       gated=True)  # fmt: skip
+                cx = dict(HAS_BIAS=True, ACTIVATION="tanh", GROUP_K=group, A_GROUP_K=a_group, C_GROUP_N=c_group,
+                          DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False, **absent)  # fmt: skip
+                if not strided:
+                    cx.update(B_IS_NK=True, NUM_SMS=132)
+                configs = _table_configs(GATED_TABLES[table][path])
+                configs = configs if every else configs[:1]
+                for config in {gemm_config_key(c): c for c in (fit_groups(c, a_group, c_group) for c in configs)}.values():
+                    yield kernel, t, cx, config, label
+                if not strided and every:
+                    yield kernel, t, {**cx, "B_IS_NK": False}, fit_groups(configs[0], a_group, c_group), f"{label} in_out"
 
 
 def main() -> int:

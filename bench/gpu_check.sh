@@ -3,8 +3,8 @@
 # and verify on the real MiniLM MLPs, from the checkout with the machine's own
 # torch/triton (nothing is installed).
 #
-#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph verify eval (default: all),
-#                                          and verify-dir (not in the default)
+#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes verify eval
+#                                          (default: all), and verify-dir (not in the default)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
-stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph verify eval)
+stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph int8-schemes verify eval)
 MINILM_DIR=${MINILM_DIR:-$PWD/.cache/minilm-model}
 gg() { python3 -m gelugemm_cli "$@"; }
 status=0
@@ -45,13 +45,28 @@ for stage in "${stages[@]}"; do
       summary+=("bench-float: see bench-float.txt")
       ;;
     bench-int8)
-      gg bench --dtype w8a16,w8a8 --json "$OUT/bench-int8.json" --plot "$OUT/bench-int8.png" >"$OUT/bench-int8.txt" 2>&1 || status=1
+      gg bench --dtype w8a16,w8a8 --activations dynamic,group:128,static --granularity group:128,per-channel \
+        --json "$OUT/bench-int8.json" --plot "$OUT/bench-int8.png" >"$OUT/bench-int8.txt" 2>&1 || status=1
       summary+=("bench-int8: see bench-int8.txt")
       ;;
     bench-graph)
       # The same rows timed as CUDA-graph replays: GPU time, without the host's launch cost.
       gg bench --cuda-graph --json "$OUT/bench-graph.json" >"$OUT/bench-graph.txt" 2>&1 || status=1
       summary+=("bench-graph: see bench-graph.txt")
+      ;;
+    int8-schemes)
+      # Issue 13's check: every w8a8 activation scheme and w8a16 granularity against its
+      # reference at real sizes (GPU-ERR lines), then 4096x16384 timed against fp16 eager,
+      # CUDA-graph replays and Python calls.
+      python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_w8a8.py tests/test_op_int8.py tests/test_w8a16.py \
+        tests/test_cuda_graph.py >"$OUT/int8-schemes-tests.log" 2>&1 || status=1
+      for timing in --cuda-graph ""; do
+        name=int8-schemes$([[ -n $timing ]] && echo -graph)
+        gg bench $timing --shape 4096,16384 --dtype w8a16,w8a8 --activations dynamic,group:128,static \
+          --granularity group:128,per-channel --tokens 1,16,128,2048,8192 --peers eager,int_mm,dequant \
+          --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1 || status=1
+      done
+      summary+=("int8-schemes: $(tail -n 1 "$OUT/int8-schemes-tests.log"); see int8-schemes-graph.txt, int8-schemes.txt")
       ;;
     verify)
       gg verify samples/minilm-mlp.safetensors --calib samples/minilm-calib.safetensors --dtype all --backend triton \
@@ -70,9 +85,12 @@ for stage in "${stages[@]}"; do
       else
         gg calibrate "$MINILM_DIR" --text samples/text.txt -o "$OUT/minilm-calib.safetensors" --device cuda --force \
           --json "$OUT/calibrate.json" >"$OUT/eval.txt" 2>&1 || status=1
-        for scheme in w8a16 w8a8; do
-          calib=(); [[ $scheme == w8a8 ]] && calib=(--calib "$OUT/minilm-calib.safetensors")
-          gg quantize "$MINILM_DIR/model.safetensors" --scheme $scheme "${calib[@]}" \
+        # the defaults (w8a16 group:128, w8a8 dynamic: no calibration rows), group:128 and static
+        for scheme in w8a16 w8a8 w8a8-group128 w8a8-static; do
+          args=(--scheme "${scheme%%-*}")
+          [[ $scheme == w8a8-group128 ]] && args+=(--activations group:128)
+          [[ $scheme == w8a8-static ]] && args+=(--activations static --calib "$OUT/minilm-calib.safetensors")
+          gg quantize "$MINILM_DIR/model.safetensors" "${args[@]}" \
             -o "$OUT/minilm.$scheme.safetensors" --force >>"$OUT/eval.txt" 2>&1 || status=1
           gg eval "$OUT/minilm.$scheme.safetensors" --text bench/heldout.txt --device cuda --backend triton \
             --json "$OUT/eval-$scheme.json" >>"$OUT/eval.txt" 2>&1 || status=1
@@ -98,7 +116,7 @@ for i, members in enumerate(shards, 1):
 (out / "config.json").write_text(Path("samples/config.json").read_text())
 PY
       for scheme in w8a16 w8a8; do
-        gg quantize "$OUT/minilm-dir" --scheme $scheme $([[ $scheme == w8a8 ]] && echo --calib samples/minilm-calib.safetensors) --force \
+        gg quantize "$OUT/minilm-dir" --scheme $scheme --force \
           >"$OUT/quantize-dir-$scheme.txt" 2>&1 || status=1
         gg verify "$OUT/minilm-dir-int8" --dtype all --backend triton --json "$OUT/verify-dir-$scheme.json" \
           >"$OUT/verify-dir-$scheme.txt" 2>&1 || status=1

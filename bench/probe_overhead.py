@@ -49,10 +49,12 @@ def main():
     q1, q2 = quantize_weight(w1.float()), quantize_weight(w2.float())
     q1.input_scale = torch.tensor([0.02], device="cuda")
     q1.output_scale = torch.tensor([0.05], device="cuda")
-    for scheme in ("w8a16", "w8a8"):
-        int8_op = FusedMLP(MLPConfig(dtype=scheme), device="cuda")
+    for scheme, activations, launches in (("w8a16", "dynamic", 2), ("w8a8", "dynamic", 4), ("w8a8", "group:128", 3),
+                                          ("w8a8", "static", 3)):  # fmt: skip
+        int8_op = FusedMLP(MLPConfig(dtype=scheme, activations=activations), device="cuda")
         int8_op(x, q1, b1, q2, None)
-        row(f"FusedMLP {scheme} ({2 if scheme == 'w8a16' else 3} launches)", lambda: int8_op(x, q1, b1, q2, None))
+        label = scheme if scheme == "w8a16" else f"{scheme} {activations}"
+        row(f"FusedMLP {label} ({launches} launches)", lambda int8_op=int8_op: int8_op(x, q1, b1, q2, None))
     row("gemm_bias_act decode", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf"))
     row("gemm_bias_act strided", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf", path="strided"))
     row("w8a16_linear decode", lambda: w8a16_linear(x, q1, b1, activation="erf"))

@@ -31,6 +31,7 @@ from calibration.quantized_file import FormatScheme, QuantizedCheckpoint, is_qua
 from kernels.errors import GelugemmError
 from kernels.module import FusedGeluMLP
 from kernels.op import MLPConfig
+from kernels.w8a8 import W8A8_GROUP_SIZES
 
 
 class SwapError(GelugemmError, LookupError):
@@ -52,20 +53,19 @@ def checkpoint_shapes(path: str | Path, gelu: str | None = None) -> tuple[list[t
 
 
 def int8_op_fields(scheme: FormatScheme, where: Path | str = "checkpoint") -> dict:
-    """The op config fields (beyond dtype) that run a quantized checkpoint's scheme.
-
-    The op's w8a8 runs static activation scales (x's and the GELU output's, from the file);
-    checkpoints with dynamic (per-token) or group activations load, but run only once the
-    op has those schemes.
-    """
+    """The op config fields (beyond dtype) that run a quantized checkpoint's scheme: for
+    w8a8 its activation scheme (dynamic, group:N or static, as the file says), checked to
+    be one the kernels run."""
     if scheme.scheme != "w8a8":
         return {}
-    if scheme.static:
-        return {"input_quant": "static"}
-    raise CheckpointError(
-        f"{where}: w8a8 with {scheme.activations} activations (compressed-tensors strategy "
-        f"{scheme.activations.strategy!r}); gelugemm's w8a8 op runs static activation scales so far"
-    )
+    activations = scheme.activations
+    if activations.kind == "group" and activations.group_size not in W8A8_GROUP_SIZES:
+        sizes = ", ".join(f"group:{g}" for g in W8A8_GROUP_SIZES)
+        raise CheckpointError(
+            f"{where}: w8a8 with {activations} activations (compressed-tensors group_size {activations.group_size}); "
+            f"gelugemm's int8 kernels run {sizes}"
+        )
+    return {"activations": activations}
 
 
 def _config_for(q: QuantizedCheckpoint, layer, activation_dtype: str | None, backend: str) -> MLPConfig:

@@ -9,45 +9,63 @@ from calibration.errors import OptionError
 from calibration.families import check_asked_activation_dtype
 from calibration.observers import parse_method
 from calibration.smooth import check_alpha
-from kernels.schemes import ActivationScheme
+from kernels.schemes import ActivationScheme, Granularity, SchemeError
+from kernels.w8a8 import W8A8_GROUP_SIZES
 
 SCHEMES = ("w8a16", "w8a8")
+# --calib's value that asks for synthetic calibration rows (calibration.data) instead of a file.
+SYNTHETIC = "synthetic"
+# The defaults by scheme: what the field ships as W8A16 (int8 weights, a scale per 128 inputs)
+# and W8A8 (per-channel weights, the only weights engines run int8 x int8 with, and per-token
+# dynamic activations).
+DEFAULT_GRANULARITY = {"w8a16": "group:128", "w8a8": "per-channel"}
+DEFAULT_ACTIVATIONS = "dynamic"
+SYNTHETIC_WARNING = (
+    "synthetic calibration rows (--calib synthetic) miss the outlier channels of real activations: "
+    "the static scales set from them can be several times off; calibrate on real text or images "
+    "(gelugemm calibrate MODEL_DIR --text FILE -o calib.safetensors, then --calib calib.safetensors)"
+)
 
 
 def parse_granularity(granularity: str) -> int | None:
     """"per-channel" -> None, "group:N" -> N (a group of N input channels shares a scale)."""
-    if granularity == "per-channel":
-        return None
-    name, _, value = granularity.partition(":")
-    if name == "group" and value.isdigit() and int(value) > 0:
-        return int(value)
-    raise OptionError(f"--granularity must be per-channel or group:N with N > 0; got {granularity!r}")
+    try:
+        return Granularity.parse(granularity).group_size
+    except SchemeError:
+        raise OptionError(f"--granularity must be per-channel or group:N with N > 0; got {granularity!r}") from None
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
     """Options of `quantize_checkpoint`; the defaults are the CLI's.
 
-    scheme: w8a16 (int8 weights) or w8a8 (int8 weights, static int8 activation scales).
-    granularity: weight scales "per-channel" or "group:N" along the input dim (w8a16 only).
-    method: w8a8 only: the activation observer (max | percentile:P | mse); None is max.
+    scheme: w8a16 (int8 weights) or w8a8 (int8 weights and activations).
+    granularity: weight scales "per-channel" or "group:N" along the input dim; None is the
+        scheme's default (w8a16 group:128, w8a8 per-channel, the only one w8a8 takes).
+    activations: w8a8 only: how x and the GELU output are scaled (kernels.schemes.
+        ActivationScheme): "dynamic" (per token at run time; None means it), "group:N" (per
+        token per N channels at run time), or "static" (calibrated per-tensor scales).
+    method: w8a8 static only: the activation observer (max | percentile:P | mse); None is max.
     smooth: w8a8 only: SmoothQuant alpha in [0, 1], or None for no smoothing.
-    calib, tokens, seed: w8a8 only: the calibration inputs (see calibration.data).
+    calib: the calibration rows for static scales and smoothing: a file (gelugemm calibrate's
+        output), or "synthetic" for rows drawn from each MLP's LayerNorm (calibration.data);
+        needed exactly when there are static scales or smoothing.
+    tokens, seed: how many calibration rows; the synthetic rows' seed.
     layers: regex restricting which MLPs are quantized; the rest are copied unchanged.
     gelu: "erf" | "tanh" to override config.json and the family default.
     force: replace an existing output file.
-    activations: w8a8 only: how x and the GELU output are scaled (kernels.schemes.
-        ActivationScheme: dynamic | group:N | static); None is quantize's default, static.
     activation_dtype: "fp16" | "bf16": the float dtype the quantized MLPs' activations run
         in, recorded per MLP for the engines that load the file; None takes config.json's
         (torch_dtype bfloat16 -> bf16) or the family's (T5: bf16), else fp16.
+
+    granularity and activations are filled in (to the defaults) at construction.
     """
 
     scheme: str = "w8a16"
-    granularity: str = "per-channel"
+    granularity: str | None = None
     method: str | None = None
     smooth: float | None = None
-    calib: Path | None = None
+    calib: Path | str | None = None
     tokens: int | None = None
     seed: int = 0
     layers: str | None = None
@@ -59,37 +77,83 @@ class QuantizeOptions:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise OptionError(f"--scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
-        parse_granularity(self.granularity)
+        granularity = str(Granularity(parse_granularity(self.granularity or DEFAULT_GRANULARITY[self.scheme])))
+        object.__setattr__(self, "granularity", granularity)
+        if self.calib is not None and str(self.calib) == SYNTHETIC:
+            object.__setattr__(self, "calib", SYNTHETIC)
+        elif self.calib is not None:
+            object.__setattr__(self, "calib", Path(self.calib))
         if self.method is not None:
             parse_method(self.method)
         if self.smooth is not None:
             check_alpha(self.smooth)
-        if self.activations is not None:
-            if self.scheme != "w8a8":
-                raise OptionError(f"--activations sets w8a8's activation scales; {self.scheme} has none")
-            if ActivationScheme.parse(self.activations).kind != "static":
-                raise OptionError(f"--activations {self.activations}: quantize writes static activation scales only (so far)")
-        if self.activation_dtype is not None:
-            check_asked_activation_dtype(self.activation_dtype)
         if self.tokens is not None and self.tokens < 1:
             raise OptionError(f"--tokens must be at least 1; got {self.tokens}")
-        if self.scheme == "w8a8" and self.granularity != "per-channel":
-            # The int8 x int8 GEMM applies one weight scale per output channel, in its epilogue.
-            raise OptionError(f"w8a8 takes per-channel weight scales (its int8 GEMM applies them after the K loop); got {self.granularity}")
+        if self.activation_dtype is not None:
+            check_asked_activation_dtype(self.activation_dtype)
         if self.scheme == "w8a16":
-            # Weight scales come from the weights alone: these would be silently ignored.
-            given = [flag for flag, value in (
-                ("--method", self.method), ("--smooth", self.smooth), ("--calib", self.calib), ("--tokens", self.tokens),
-            ) if value is not None]  # fmt: skip
+            self._check_w8a16()
+        else:
+            self._check_w8a8()
+
+    def _check_w8a16(self) -> None:
+        # Weight scales come from the weights alone: these would be silently ignored.
+        given = [flag for flag, value in (
+            ("--activations", self.activations), ("--method", self.method), ("--smooth", self.smooth),
+            ("--calib", self.calib), ("--tokens", self.tokens),
+        ) if value is not None]  # fmt: skip
+        if given:
+            raise OptionError(f"{', '.join(given)} set activation scales, which w8a16 does not have; use --scheme w8a8")
+
+    def _check_w8a8(self) -> None:
+        try:
+            activations = ActivationScheme.parse(self.activations or DEFAULT_ACTIVATIONS)
+        except SchemeError as exc:
+            raise OptionError(f"--activations: {exc}") from None
+        if activations.kind == "group" and activations.group_size not in W8A8_GROUP_SIZES:
+            sizes = ", ".join(f"group:{g}" for g in W8A8_GROUP_SIZES)
+            raise OptionError(f"--activations {activations}: the int8 kernels run {sizes}")
+        object.__setattr__(self, "activations", str(activations))
+        if self.granularity != "per-channel":
+            # The int8 x int8 GEMM applies one weight scale per output channel, after the K loop;
+            # engines (vLLM's W8A8) run int8 x int8 only with per-channel or per-tensor weights.
+            raise OptionError(f"w8a8 takes per-channel weight scales (its int8 GEMM applies them after the K loop); got {self.granularity}")
+        static = activations.kind == "static"
+        if self.method is not None and not static:
+            raise OptionError(f"--method sets static activation scales; --activations {activations} computes them at run time")
+        if self.needs_calibration and self.calib is None:
+            why = "static activation scales" if static else "SmoothQuant's statistics (--smooth)"
+            raise OptionError(
+                f"{why} need calibration rows: pass --calib FILE (real activations: gelugemm calibrate MODEL_DIR "
+                f"--text FILE -o FILE), or --calib synthetic for rows drawn from the LayerNorms (they miss outlier channels)"
+            )
+        if not self.needs_calibration:
+            given = [flag for flag, value in (("--calib", self.calib), ("--tokens", self.tokens)) if value is not None]
             if given:
-                raise OptionError(f"{', '.join(given)} set activation scales, which w8a16 does not have; use --scheme w8a8")
+                raise OptionError(
+                    f"{', '.join(given)}: --activations {activations} computes its scales at run time and uses no calibration "
+                    "rows (they are for --activations static and --smooth)"
+                )
 
     @property
     def activation_scheme(self) -> ActivationScheme | None:
         """w8a8's activation scheme (None for w8a16)."""
-        if self.scheme != "w8a8":
-            return None
-        return ActivationScheme.parse(self.activations or "static")
+        return ActivationScheme.parse(self.activations) if self.scheme == "w8a8" else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration rows are read: for static activation scales, and for smoothing's statistics."""
+        return self.scheme == "w8a8" and (self.smooth is not None or ActivationScheme.parse(self.activations or DEFAULT_ACTIVATIONS).kind == "static")
+
+    @property
+    def calib_file(self) -> Path | None:
+        """The calibration file, or None (no calibration, or synthetic rows)."""
+        return None if self.calib in (None, SYNTHETIC) else self.calib
+
+    @property
+    def synthetic(self) -> bool:
+        """Calibration rows are drawn, not read from a file."""
+        return self.calib == SYNTHETIC
 
     @property
     def group_size(self) -> int | None:
@@ -97,5 +161,6 @@ class QuantizeOptions:
 
     @property
     def observer(self) -> str | None:
-        """The activation observer, canonical; None for w8a16."""
-        return parse_method(self.method or "max") if self.scheme == "w8a8" else None
+        """The static activation observer, canonical; None without static scales."""
+        static = self.scheme == "w8a8" and ActivationScheme.parse(self.activations).kind == "static"
+        return parse_method(self.method or "max") if static else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,9 @@ from calibration.data import calibration_inputs, check_calibration_file, describ
 from calibration.errors import CheckpointError
 from calibration.families import FAMILIES
 from calibration.memory import MemoryMeter, release_free_memory
-from calibration.options import QuantizeOptions
+from calibration.options import SYNTHETIC_WARNING, QuantizeOptions
+from calibration.ranks import Ranks, broadcast, together
+from calibration.ranks import current as current_ranks
 from calibration.quantize_mlp import calibrate_gemm1, check_gemm1_options, quantize_gemm1, quantize_gemm1_weight, quantize_gemm2
 from calibration.quantize_weights import weight_error
 from calibration.smooth import input_channel_absmax, smooth_scale_from_absmax
@@ -133,6 +136,7 @@ class QuantizeReport:
     largest_shard_bytes: int
     memory: dict  # calibration.memory.MemoryMeter.facts(): start and peak resident bytes
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # what the user should know about the result
     version: str = __version__
     record: dict = field(default_factory=dict)  # the metadata record written to every shard
 
@@ -168,7 +172,7 @@ def _check_paths(ckpt: Checkpoint, source: Path, output: Path, options: Quantize
             raise CheckpointError(f"output {output} is inside the model directory {source}; quantize writes beside it")
         if output.name.endswith(".safetensors"):
             raise CheckpointError(f"output {output}: a model directory quantizes to a directory; -o names the directory (default {default_output(source).name})")
-    inputs = [shard.path for shard in ckpt.shards] + [options.calib, source.parent / CONFIG_FILE]
+    inputs = [shard.path for shard in ckpt.shards] + [options.calib_file, source.parent / CONFIG_FILE]
     if directory:
         inputs += [source / CONFIG_FILE, source / INDEX_FILE]
     check_output(output, option="output", inputs=inputs, expected_bytes=expected_bytes, force=options.force, directory=directory)
@@ -194,17 +198,18 @@ def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions,
     in memory at a time (a gated MLP's gate, then its up projection, then the output scale
     calibrated on the int8 weights)."""
     layout = layer.weight_layout
+    activations = options.activations or "dynamic"
     read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
     b1 = read(layer.b1)
     w1 = read(layer.w1)
     if not layer.is_gated:
         q1 = quantize_gemm1(
             w1, b1, x, scheme=options.scheme, weight_layout=layout, gelu=layer.gelu, group_size=options.group_size,
-            method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale,
+            method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale, activations=activations,
         )  # fmt: skip
         # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
         return q1, weight_error(w1, q1, layout, multiplier=q1.smooth_scale), b1, None, None, None
-    check_gemm1_options(options.scheme, x, options.group_size, options.smooth)
+    static = check_gemm1_options(options.scheme, x, options.group_size, options.smooth, smooth_scale, activations)
     kw = dict(weight_layout=layout, group_size=options.group_size, smooth_scale=smooth_scale)
     q1 = quantize_gemm1_weight(w1, **kw)
     err1 = weight_error(w1, q1, layout, multiplier=smooth_scale)
@@ -216,7 +221,7 @@ def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions,
         q_up = quantize_gemm1_weight(w_up, **kw)
         err_up = weight_error(w_up, q_up, layout, multiplier=smooth_scale)
         del w_up
-    if options.scheme == "w8a8":
+    if static:
         calibrate_gemm1(
             q1, b1, x, weight_layout=layout, gelu=layer.gelu, method=options.observer or "max", gated=True, up=q_up, up_bias=b_up,
         )  # fmt: skip
@@ -236,8 +241,10 @@ def _quantize_layer(
     """
     read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
     x, calibrated_on = None, None
-    if options.scheme == "w8a8":
-        x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
+    if options.observer is not None:  # static activation scales (smoothing's scale is computed beforehand)
+        x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
+    elif smooth_scale is not None:
+        calibrated_on = "smoothing only (its scale from the calibration rows; activation scales at run time)"
     q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale)
     del x
     release_free_memory()  # W1's temporaries, before W2 is read
@@ -284,7 +291,7 @@ def _smooth_scales(ckpt: Checkpoint, layers: list[MLPLayer], options: QuantizeOp
         return {}
     scales = {}
     for layer in layers:
-        x, _ = calibration_inputs(ckpt, layer, calib=options.calib, tokens=options.tokens, seed=options.seed)
+        x, _ = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
         w_absmax = input_channel_absmax(read_tensor(ckpt, layer.w1), layer.weight_layout)
         if layer.w_up is not None:
             w_absmax = torch.maximum(w_absmax, input_channel_absmax(read_tensor(ckpt, layer.w_up), layer.weight_layout))
@@ -437,6 +444,24 @@ def _copy_files(src_root: Path, dst_root: Path, files: list[Path]) -> None:
         shutil.copyfile(src_root / rel, dst_root / rel)  # follows links: a hub cache's blobs come as files
 
 
+@contextmanager
+def _shared_directory_output(output: Path, ranks: Ranks) -> Iterator[Path]:
+    """atomic_output(directory=True) on rank 0; every rank writes into the one temporary
+    directory (rank 0 broadcasts its path) and rank 0 renames it into place once all are done."""
+    if not ranks.distributed:
+        with atomic_output(output, directory=True) as tmp:
+            yield tmp
+        return
+    if ranks.root:
+        with atomic_output(output, directory=True) as tmp:
+            broadcast(str(tmp), ranks)
+            yield tmp
+        together(ranks, lambda: None)  # renamed into place: the other ranks may return
+    else:
+        yield Path(broadcast(None, ranks))
+        together(ranks, lambda: None)
+
+
 def _expected_bytes(ckpt: Checkpoint, plan: _Plan, layers: list[MLPLayer], copy: list[Path]) -> int:
     """About what the output takes: every shard's tensors and header (with room for the record,
     under 4 KiB per MLP), the index, config and copied files (free space is checked against it)."""
@@ -466,6 +491,7 @@ def quantize_checkpoint(
     meter = MemoryMeter()
     options = options or QuantizeOptions()
     source = Path(source)
+    ranks = current_ranks()
     with open_checkpoint(source) as ckpt:
         if is_quantized_checkpoint(ckpt):
             raise CheckpointError(f"{source} is already quantized (written by gelugemm quantize, or a compressed-tensors checkpoint); quantize the original checkpoint instead")
@@ -475,11 +501,14 @@ def quantize_checkpoint(
         scheme = scheme_from_options(options.scheme, options.granularity, options.activation_scheme)
         plan = _plan(ckpt, layers, scheme, options)  # from the headers alone
         copy, files_skipped = _other_files(ckpt) if is_dir else ([], [])
-        _check_paths(ckpt, source, output, options, _expected_bytes(ckpt, plan, layers, copy))
-        calibration = describe_source(calib=options.calib, tokens=options.tokens, seed=options.seed) if options.scheme == "w8a8" else None
+        if ranks.root:  # the one rank that creates, renames and reports the output
+            _check_paths(ckpt, source, output, options, _expected_bytes(ckpt, plan, layers, copy))
+        calibration = None
+        if options.needs_calibration:
+            calibration = describe_source(calib=options.calib_file, tokens=options.tokens, seed=options.seed)
         if calibration and calibration["kind"] == "file":
-            check_calibration_file(options.calib, layers)
-            calibration["sha256"] = sha256_file(options.calib)
+            check_calibration_file(options.calib_file, layers)
+            calibration["sha256"] = sha256_file(options.calib_file)
         qconfig, record, runs_on = _config_and_record(ckpt, output, layers, options, scheme, calibration, plan.smoothing)
         record_text = json.dumps(record)
         smooth_scales = _smooth_scales(ckpt, layers, options, meter)
@@ -517,20 +546,36 @@ def quantize_checkpoint(
         written = 0
         files_copied = []
         if not is_dir:
-            shard = ckpt.shards[0]
-            written = _write_atomically(output, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+            # one shard: rank 0's work (other ranks under torchrun have none)
+            if ranks.root:
+                shard = ckpt.shards[0]
+                written = _write_atomically(output, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+            gathered = together(ranks, lambda: dict(reports))
         else:
-            with atomic_output(output, directory=True) as tmp:
-                for shard in ckpt.shards:
-                    written += _write_file(tmp / shard.name, plan.shards[shard.name], tensors(shard.name), metadata(shard))
-                if ckpt.index is not None:
-                    index_meta = ckpt.index.get("metadata")
-                    index = index_for(plan.shards, index_meta if isinstance(index_meta, dict) else None)
-                    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-                if ckpt.config is not None:
-                    (tmp / CONFIG_FILE).write_text(json.dumps({**ckpt.config, "quantization_config": qconfig}, indent=2) + "\n")
-                _copy_files(ckpt.directory, tmp, copy)
+            with _shared_directory_output(output, ranks) as tmp:
+
+                def write_mine() -> tuple[int, dict[int, LayerReport]]:
+                    # under torchrun each rank writes every world-th shard, quantizing the layers they hold
+                    size = sum(
+                        _write_file(tmp / shard.name, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+                        for i, shard in enumerate(ckpt.shards) if ranks.mine(i)
+                    )  # fmt: skip
+                    return size, dict(reports)
+
+                parts = together(ranks, write_mine)
+                written = sum(size for size, _ in parts)
+                gathered = [part for _, part in parts]
+                if ranks.root:
+                    if ckpt.index is not None:
+                        index_meta = ckpt.index.get("metadata")
+                        index = index_for(plan.shards, index_meta if isinstance(index_meta, dict) else None)
+                        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+                    if ckpt.config is not None:
+                        (tmp / CONFIG_FILE).write_text(json.dumps({**ckpt.config, "quantization_config": qconfig}, indent=2) + "\n")
+                    _copy_files(ckpt.directory, tmp, copy)
                 files_copied = [str(p) for p in copy]
+        for part in gathered:  # a layer whose tensors sit in two ranks' shards is reported by both, alike
+            reports.update(part)
         largest = max([tensor_bytes(info) for info in ckpt.infos.values() if info.dtype in DTYPE_BYTES] + [0])
         source_bytes, largest_shard = ckpt.total_bytes, ckpt.largest_shard_bytes
     return QuantizeReport(
@@ -540,5 +585,5 @@ def quantize_checkpoint(
         layers=[reports[i] for i in range(len(layers))], tensors_copied=len(plan.copies), shards=list(plan.shards),
         files_copied=files_copied, files_skipped=files_skipped, runs_on=runs_on, source_bytes=source_bytes,
         output_bytes=written, largest_tensor_bytes=largest, largest_shard_bytes=largest_shard, memory=meter.facts(),
-        seconds=time.perf_counter() - started, record=record,
+        seconds=time.perf_counter() - started, warnings=[SYNTHETIC_WARNING] if options.synthetic else [], record=record,
     )  # fmt: skip

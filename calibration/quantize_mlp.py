@@ -1,7 +1,9 @@
-"""One MLP, quantized in memory: int8 weights with their scales, and for w8a8 the
-static activation scales the fused kernels use.
+"""One MLP, quantized in memory: int8 weights with their scales, and for w8a8 what its
+activation scheme needs ahead of run time: SmoothQuant's scale with --smooth, and for
+`static` the calibrated activation scales the fused kernels use (`dynamic` and `group:N`
+compute theirs at run time, from each token).
 
-w8a8 follows what the kernels compute:
+w8a8 static follows what the kernels compute:
 
     x_s = x / s                        SmoothQuant (s = 1 without --smooth), s folded into W1
     input_scale  = observer(x_s)       GEMM1's static input scale
@@ -13,8 +15,8 @@ scale is on W1 (`output_scale`, GEMM1 produces it) and on W2 (`input_scale`, GEM
 
 A gated MLP (GeGLU) quantizes its gate and up weights each with its own scales (for one
 concatenated weight, its rows' own scales are the halves' own), both multiplied by the
-one smoothing scale (they read the same x), and calibrates the output scale on what its
-GEMM1 holds: h = GELU(fq(x_s) @ dq(Wg * s)^T + bg) * (fq(x_s) @ dq(Wu * s)^T + bu).
+one smoothing scale (they read the same x), and calibrates a static output scale on what
+its GEMM1 holds: h = GELU(fq(x_s) @ dq(Wg * s)^T + bg) * (fq(x_s) @ dq(Wu * s)^T + bu).
 
 Weights are quantized, and h computed, a block of output channels at a time
 (`calibration.quantize_weights`): the same numbers, with temporaries the size of a block.
@@ -33,6 +35,7 @@ from kernels.gated import gate_and_up
 from kernels.int8 import fake_quantize
 from kernels.quantized import QuantizedWeight
 from kernels.reference import linear_reference
+from kernels.schemes import ActivationScheme
 
 
 def quantize_mlp(
@@ -48,16 +51,18 @@ def quantize_mlp(
     method: str = "max",
     smooth: float | None = None,
     smooth_scale: torch.Tensor | None = None,
+    activations: str | ActivationScheme = "dynamic",
 ) -> tuple[QuantizedWeight, QuantizedWeight]:
-    """(W1, W2) as int8 in their stored layout; w8a8 needs calibration inputs x [tokens, d_model].
+    """(W1, W2) as int8 in their stored layout.
 
-    w8a16: weight scales only. w8a8: also W1.input_scale, W1.output_scale (= W2.input_scale)
-    and, with `smooth` (an alpha), W1.smooth_scale: computed from x and W1, or `smooth_scale`
-    where the caller computed it already (the same function of the same x and W1).
+    w8a16: weight scales only. w8a8: with `smooth` (an alpha), W1.smooth_scale, computed from
+    x and W1, or `smooth_scale` where the caller computed it already (the same function of
+    the same x and W1); with activations "static", W1.input_scale and W1.output_scale (=
+    W2.input_scale), calibrated on x. x [tokens, d_model] is needed for exactly those.
     """
     q1 = quantize_gemm1(
         w1, b1, x, scheme=scheme, weight_layout=weight_layout, gelu=gelu, group_size=group_size, method=method,
-        smooth=smooth, smooth_scale=smooth_scale,
+        smooth=smooth, smooth_scale=smooth_scale, activations=activations,
     )  # fmt: skip
     return q1, quantize_gemm2(w2, q1, weight_layout=weight_layout, group_size=group_size)
 
@@ -76,32 +81,40 @@ def quantize_gated_mlp(
     group_size: int | None = None,
     method: str = "max",
     smooth: float | None = None,
+    activations: str | ActivationScheme = "dynamic",
 ) -> tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight | None]:
     """(W1, W2, W_up) of a gated MLP as int8: W1 the gate (W_up its up projection) or, with
     w_up None, the concatenated gate and up (W_up None). The w8a8 scales as quantize_mlp's,
-    the output scale calibrated on GELU(gate) * up."""
-    check_gemm1_options(scheme, x, group_size, smooth)
+    a static output scale calibrated on GELU(gate) * up."""
+    static = check_gemm1_options(scheme, x, group_size, smooth, None, activations)
     s = None
     if scheme == "w8a8" and smooth is not None:
         s = compute_smooth_scale(x.to(torch.float32), w1, smooth, weight_layout, w_up=w_up)
     q1 = quantize_gemm1_weight(w1, weight_layout=weight_layout, group_size=group_size, smooth_scale=s)
     q_up = None if w_up is None else quantize_gemm1_weight(w_up, weight_layout=weight_layout, group_size=group_size, smooth_scale=s)
-    if scheme == "w8a8":
+    if static:
         calibrate_gemm1(q1, b1, x, weight_layout=weight_layout, gelu=gelu, method=method, gated=True, up=q_up, up_bias=b_up)
+        if q_up is not None:
+            q_up.input_scale = q1.input_scale  # the up projection reads the same x
     return q1, quantize_gemm2(w2, q1, weight_layout=weight_layout, group_size=group_size), q_up
 
 
-def check_gemm1_options(scheme: str, x: torch.Tensor | None, group_size: int | None, smooth) -> None:
+def check_gemm1_options(scheme: str, x, group_size, smooth, smooth_scale, activations) -> bool:
+    """Whether GEMM1 takes static activation scales (calibrated here); an OptionError for
+    what cannot be done (x missing where static scales or smoothing need it)."""
     if scheme not in SCHEMES:
         raise OptionError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
     if scheme == "w8a16":
-        if smooth is not None:
+        if smooth is not None or smooth_scale is not None:
             raise OptionError("smoothing moves activation outliers into W1; it needs w8a8")
-        return
-    if x is None:
-        raise OptionError("w8a8 needs calibration inputs to set its activation scales")
+        return False
     if group_size is not None:
         raise OptionError("w8a8 takes per-channel weight scales; group scales are for w8a16")
+    static = ActivationScheme.parse(activations).kind == "static"
+    if x is None and (static or (smooth is not None and smooth_scale is None)):
+        why = "static activation scales" if static else "SmoothQuant's scale"
+        raise OptionError(f"w8a8 needs calibration inputs to set its {why}")
+    return static
 
 
 def quantize_gemm1(
@@ -116,17 +129,20 @@ def quantize_gemm1(
     method: str = "max",
     smooth: float | None = None,
     smooth_scale: torch.Tensor | None = None,
+    activations: str | ActivationScheme = "dynamic",
 ) -> QuantizedWeight:
-    """W1 as int8 and, for w8a8, the scales of its input and of its GELU output (quantize_mlp's
-    first half: W2 is not needed, so a caller can hold one float weight at a time)."""
-    check_gemm1_options(scheme, x, group_size, smooth if smooth is not None else smooth_scale)
+    """W1 as int8 and, for w8a8, its smoothing scale and (static) the scales of its input
+    and of its GELU output (quantize_mlp's first half: W2 is not needed, so a caller can
+    hold one float weight at a time)."""
+    static = check_gemm1_options(scheme, x, group_size, smooth, smooth_scale, activations)
     if scheme == "w8a16":
         return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size)
     s = smooth_scale
     if s is None and smooth is not None:
         s = compute_smooth_scale(x.to(torch.float32), w1, smooth, weight_layout)
     q1 = quantize_gemm1_weight(w1, weight_layout=weight_layout, group_size=group_size, smooth_scale=s)
-    calibrate_gemm1(q1, b1, x, weight_layout=weight_layout, gelu=gelu, method=method)
+    if static:
+        calibrate_gemm1(q1, b1, x, weight_layout=weight_layout, gelu=gelu, method=method)
     return q1
 
 

@@ -18,16 +18,18 @@ calibrates on; seeded when synthetic):
                 on CUDA, the torch reference elsewhere (reported, never silent)
 
 Each row is measured against both references (`calibration.metrics`); the gate is its
-relative Frobenius error against the fp16 path, at most `DEFAULT_TOLERANCES[dtype]` or
-what the caller passes (against a bf16 path, a default tolerance is at least bf16's: the
-reference's own rounding is part of every row's distance from it). The fp16 path's own distance from float64 is reported per layer,
-so a reader sees how far "what users run today" is from exact.
+relative Frobenius error against the fp16 path, at most the tolerance of what it ran
+(`DEFAULT_TOLERANCES`, keyed by dtype and, for int8, scheme: "w8a16:group:128",
+"w8a8:dynamic", "w8a8:static", ...) or what the caller passes (against a bf16 path, a
+default tolerance is at least bf16's: the reference's own rounding is part of every row's
+distance from it). The fp16 path's own distance from float64 is reported per layer, so a
+reader sees how far "what users run today" is from exact.
 
 Where the weights come from:
 
 - an original checkpoint: float rows cast its weights to the dtype; int8 rows quantize
-  them in memory with quantize's defaults (per-channel scales; w8a8: the max observer,
-  no smoothing, calibrated on the "calibrate" split of the same source).
+  them in memory with quantize's defaults (w8a16: group:128 scales; w8a8: per-channel
+  weights, dynamic per-token activations, no smoothing).
 - a quantized checkpoint (written by `quantize`, or a compressed-tensors int8 checkpoint
   another tool wrote): its int8 rows use its int8 weights and scales as written, and both
   references come from the source checkpoint recorded in gelugemm's metadata (found by
@@ -59,34 +61,49 @@ from calibration.families import check_asked_activation_dtype
 from calibration.metrics import ErrorMetrics, error_metrics
 from calibration.model import int8_op_fields
 from calibration.options import QuantizeOptions
+from calibration.ranks import current as current_ranks
+from calibration.ranks import together
 from calibration.quantize_mlp import quantize_gated_mlp, quantize_mlp
 from calibration.quantized_file import (
+    FormatScheme,
     QuantizedCheckpoint,
     compare_with_source,
     is_quantized_checkpoint,
     resolve_source,
+    scheme_from_options,
     sha256_file,
 )
 from kernels.op import DTYPES, FLOAT_DTYPES, INT8_DTYPES, FusedMLP, MLPConfig, choose_backend
 from kernels.quantized import QuantizedWeight
 from kernels.version import __version__
 from kernels.reference import as_out_in, eager_gelu
+from kernels.schemes import ActivationScheme, Granularity, SchemeError, closest_key
+from kernels.schemes import scheme_key
 
 GATE_METRIC = "rel_frobenius"
 GATE_REFERENCE = "fp16 path"
 
-# The gate: the largest relative Frobenius error against the fp16 path each dtype may have,
-# written once. Each is 2-2.4x the worst error measured on real weights (all-MiniLM-L6-v2's
-# six fp32 MLPs and the two fp16 ones in samples/, on real and on synthetic activations,
-# torch reference): fp16 4.96e-4, bf16 4.57e-3, fp32 6.21e-4, w8a16 2.63e-2, w8a8 1.27e-1.
-# docs-verify.md has every measurement. fp32 is graded by how far it is from the fp16 path,
-# which is the fp16 path's own rounding (its distance from float64 is in the report).
+# The gate: the largest relative Frobenius error against the fp16 path each dtype, and each
+# int8 scheme ("w8a16:<granularity>", "w8a8:<activations>"; kernels.schemes.scheme_key), may
+# have, written once. Each is 2-2.4x the worst error measured on real weights
+# (all-MiniLM-L6-v2's six fp32 MLPs and the two fp16 ones in samples/, on real activations
+# and on verify's synthetic rows, with and without --smooth 0.5; torch reference): fp16
+# 4.96e-4, bf16 4.57e-3, fp32 6.21e-4; w8a16 per-channel 2.63e-2, group:128 1.40e-2; w8a8
+# dynamic 3.75e-2, group:128 3.24e-2 (the worst on synthetic rows: on real ones 3.7e-2 and
+# 2.2e-2), static 1.14e-1 (calibrated and graded on real rows; graded on synthetic rows a
+# static file calibrated on real ones is up to 3.3e-1 off, and verify says its inputs are
+# not what it was calibrated for). bench/RESULTS.md section 11 has every measurement. fp32
+# is graded by how far it is from the fp16 path, which is the fp16 path's own rounding (its
+# distance from float64 is in the report).
 DEFAULT_TOLERANCES = {
     "fp16": 1e-3,
     "bf16": 1e-2,
     "fp32": 1.5e-3,
-    "w8a16": 6e-2,
-    "w8a8": 2.5e-1,
+    "w8a16:per-channel": 6e-2,
+    "w8a16:group:128": 3e-2,
+    "w8a8:dynamic": 8e-2,
+    "w8a8:group:128": 7e-2,
+    "w8a8:static": 2.5e-1,
 }
 
 # int8 schemes take and return activations in the reference path's dtype: fp16, unless the
@@ -124,33 +141,67 @@ def _positive(value: str, what: str) -> float:
     return number
 
 
+def _row_key(dtype: str, scheme: FormatScheme | None = None) -> str:
+    """What a row runs, as tolerances are keyed: "fp16", "w8a16:group:128", "w8a8:dynamic"."""
+    if dtype in FLOAT_DTYPES:
+        return dtype
+    return scheme_key(dtype, scheme.granularity, scheme.activations)
+
+
+def _tolerance_key(text: str) -> str:
+    """A --tol name: DTYPE, or DTYPE:SCHEME (w8a16:per-channel, w8a16:group:N, w8a8:dynamic,
+    w8a8:group:N, w8a8:static), in its canonical spelling."""
+    dtype, sep, detail = text.partition(":")
+    if dtype not in DTYPES or (sep and dtype in FLOAT_DTYPES):
+        raise OptionError(
+            f"--tol takes VALUE or NAME=VALUE,... with NAME a dtype ({', '.join(DTYPES)}) or an int8 scheme "
+            f"(w8a16:per-channel, w8a16:group:N, w8a8:dynamic, w8a8:group:N, w8a8:static); got {text!r}"
+        )
+    if not sep:
+        return dtype
+    try:
+        parsed = ActivationScheme.parse(detail) if dtype == "w8a8" else Granularity.parse(detail)
+    except SchemeError as exc:
+        raise OptionError(f"--tol {text}: {exc}") from None
+    return f"{dtype}:{parsed}"
+
+
+def default_tolerance(key: str) -> float:
+    """DEFAULT_TOLERANCES[key]; a group size the table does not name takes group:128's when it is
+    finer (at least as accurate), else per-channel's (w8a16: the coarsest scales)."""
+    return DEFAULT_TOLERANCES[closest_key(key, DEFAULT_TOLERANCES)]
+
+
 def parse_tolerances(text: str) -> float | dict[str, float]:
-    """'0.02' (every dtype) or 'bf16=0.01,w8a8=0.05' (those dtypes; the rest keep their default)."""
+    """'0.02' (every row) or 'bf16=0.01,w8a8=0.05,w8a8:static=0.2' (those dtypes, or one int8
+    scheme of a dtype; the rest keep their default)."""
     if "=" not in text:
         return _positive(text.strip(), "the tolerance")
     tolerances = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in DTYPES:
-            raise OptionError(f"--tol takes VALUE or DTYPE=VALUE,... with DTYPE one of {', '.join(DTYPES)}; got {part!r}")
-        tolerances[name] = _positive(value.strip(), name)
+        if not sep:
+            _tolerance_key("")  # the message says what --tol takes
+        key = _tolerance_key(name.strip())
+        tolerances[key] = _positive(value.strip(), key)
     return tolerances
 
 
-def _tolerances(tol: float | dict[str, float] | None, dtypes: list[str]) -> tuple[dict[str, float], dict[str, str]]:
-    """(tolerance per dtype, where each came from: "default" or "asked")."""
+def _tolerances(tol: float | dict[str, float] | None, keys: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """(tolerance per row key, where each came from: "default" or "asked"). A dict names row
+    keys ("w8a8:static") or whole dtypes ("w8a8"); the key wins."""
     if isinstance(tol, dict):
-        unknown = [name for name in tol if name not in DTYPES]
-        if unknown:
-            raise OptionError(f"--tol: unknown dtype {unknown[0]!r}")
+        tol = {_tolerance_key(name): value for name, value in tol.items()}
     chosen, origin = {}, {}
-    for dtype in dtypes:
-        asked = tol if isinstance(tol, (int, float)) else (tol or {}).get(dtype)
+    for key in keys:
+        if isinstance(tol, (int, float)):
+            asked = tol
+        else:
+            asked = (tol or {}).get(key, (tol or {}).get(key.partition(":")[0]))
         if asked is not None and not (math.isfinite(asked) and asked > 0):
             raise OptionError(f"--tol must be a positive number; got {asked!r}")
-        chosen[dtype] = float(asked) if asked is not None else DEFAULT_TOLERANCES[dtype]
-        origin[dtype] = "asked" if asked is not None else "default"
+        chosen[key] = float(asked) if asked is not None else default_tolerance(key)
+        origin[key] = "asked" if asked is not None else "default"
     return chosen, origin
 
 
@@ -215,6 +266,7 @@ class VerifyRow:
 
     layer: str  # the MLP's fc1 prefix
     dtype: str
+    scheme: str  # what ran, as tolerances are keyed: the dtype, or "w8a16:group:128", "w8a8:dynamic", ...
     backend: str  # what ran: "triton" or "torch"
     weights: str  # where the weights came from
     gelu: str  # the flavour the op ran
@@ -255,8 +307,8 @@ class VerifyReport:
     backend_reason: str
     backend_asked: str
     gate: dict
-    tolerances: dict[str, float]
-    tolerance_origin: dict[str, str]  # "default" or "asked", per dtype
+    tolerances: dict[str, float]  # per row scheme (VerifyRow.scheme: "fp16", "w8a8:dynamic", ...)
+    tolerance_origin: dict[str, str]  # "default" or "asked", per row scheme
     dtypes: list[str]
     calibration: dict  # the verify split's source (calibration.data.describe_source)
     in_memory_quantization: dict | None  # how an original checkpoint's int8 rows were quantized
@@ -301,12 +353,13 @@ class _Operands:
     tensors: MLPTensors  # w1, b1, w2, b2, w_up, b_up
     gelu: str
     weights: str
-    op_fields: dict = field(default_factory=lambda: {"input_quant": "static"})  # how the op scales w8a8 inputs
+    scheme: str  # scheme_key: the dtype, or the int8 scheme ("w8a8:dynamic")
+    op_fields: dict = field(default_factory=dict)  # how the op scales w8a8 inputs
 
 
-def _float_operands(floats: MLPTensors, dtype: str, gelu: str, stored: str) -> _Operands:
+def _float_operands(floats, dtype: str, gelu: str, stored: str) -> _Operands:
     want = FLOAT_DTYPES[dtype]
-    return _Operands(floats.map(lambda t: t.to(want)), gelu, f"{stored} weights as {dtype}")
+    return _Operands(floats.map(lambda t: t.to(want)), gelu, f"{stored} weights as {dtype}", dtype)
 
 
 def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operands, x, refs, tolerance, backend, device,
@@ -325,15 +378,17 @@ def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operan
         # tolerance: the numbers cannot be trusted to show this, so it fails by itself.
         problem = f"runs GELU {operands.gelu} ({layer.gelu_source}); the reference is {ref_layer.gelu} ({ref_layer.gelu_source})"
     passed = vs16.finite and vs16.rel_frobenius <= tolerance and problem is None
-    return VerifyRow(layer.fc1, dtype, op.backend, operands.weights, operands.gelu, vs16, vs64, tolerance, passed, problem)
+    return VerifyRow(
+        layer.fc1, dtype, operands.scheme, op.backend, operands.weights, operands.gelu, vs16, vs64, tolerance, passed, problem
+    )  # fmt: skip
 
 
-def _row_tolerance(dtype: str, tolerances: dict[str, float], origin: dict[str, str], reference_dtype: str) -> float:
+def _row_tolerance(key: str, tolerances: dict[str, float], origin: dict[str, str], reference_dtype: str) -> float:
     """A row's tolerance: the asked one, or the default, at least the reference path's own
     dtype's (a bf16 path is ~4e-3 from exact: every row is at least that far from it)."""
-    if origin[dtype] == "asked":
-        return tolerances[dtype]
-    return max(tolerances[dtype], DEFAULT_TOLERANCES[reference_dtype])
+    if origin[key] == "asked":
+        return tolerances[key]
+    return max(tolerances[key], default_tolerance(reference_dtype))
 
 
 def _verify_layer(
@@ -358,10 +413,21 @@ def _verify_layer(
             operands = _float_operands(floats, dtype, ref_layer.gelu, ref_layer.dtype)
         else:
             operands = int8[dtype]
-        tolerance = _row_tolerance(dtype, tolerances, origin, activation[0])
+        tolerance = _row_tolerance(operands.scheme, tolerances, origin, activation[0])
         rows.append(_run_row(layer, ref_layer, dtype, operands, x, (y16, y64), tolerance, backend, device, activation[0]))
         step(f"{layer.fc1} {dtype}")
     return result, rows
+
+
+def _default_format(scheme: str) -> FormatScheme:
+    options = QUANTIZE_DEFAULTS[scheme]
+    return scheme_from_options(scheme, options.granularity, options.activation_scheme)
+
+
+def default_key(dtype: str) -> str:
+    """The scheme an original checkpoint's `dtype` row runs (int8: quantize's defaults), as
+    tolerances are keyed: "fp16", "w8a16:group:128", "w8a8:dynamic"."""
+    return dtype if dtype in FLOAT_DTYPES else _row_key(dtype, _default_format(dtype))
 
 
 def _quantize_in_memory(ckpt, layer: MLPLayer, floats: MLPTensors, scheme: str, calib, seed: int) -> _Operands:
@@ -369,16 +435,21 @@ def _quantize_in_memory(ckpt, layer: MLPLayer, floats: MLPTensors, scheme: str, 
     options = QUANTIZE_DEFAULTS[scheme]
     w1, b1, w2, b2, w_up, b_up = floats
     x_cal = None
-    if scheme == "w8a8":
-        # quantize's default rows: all of the file's calibrate split, or its synthetic default
+    if options.needs_calibration:
+        # quantize's rows: all of the file's calibrate split, or its synthetic default
         x_cal, _ = calibration_inputs(ckpt, layer, calib=calib, tokens=None, seed=seed, split="calibrate")
     kw = dict(scheme=scheme, weight_layout=layer.weight_layout, gelu=layer.gelu, group_size=options.group_size,
-              method=options.observer or "max", smooth=options.smooth)  # fmt: skip
+              method=options.observer or "max", smooth=options.smooth, activations=options.activations or "dynamic")  # fmt: skip
     if layer.is_gated:
         q1, q2, q_up = quantize_gated_mlp(w1, b1, w2, x_cal, w_up=w_up, b_up=b_up, **kw)
     else:
         (q1, q2), q_up = quantize_mlp(w1, b1, w2, x_cal, **kw), None
-    return _Operands(MLPTensors(q1, b1, q2, b2, q_up, b_up), layer.gelu, "quantized in memory (quantize's defaults)")
+    fmt = _default_format(scheme)
+    op_fields = int8_op_fields(fmt)
+    return _Operands(
+        MLPTensors(q1, b1, q2, b2, q_up, b_up), layer.gelu, "quantized in memory (quantize's defaults)", _row_key(scheme, fmt),
+        op_fields,
+    )  # fmt: skip
 
 
 def _in_memory_description(dtypes: list[str], calib, seed: int) -> dict | None:
@@ -388,8 +459,9 @@ def _in_memory_description(dtypes: list[str], calib, seed: int) -> dict | None:
     described = {}
     for scheme in schemes:
         options = QUANTIZE_DEFAULTS[scheme]
-        entry = {"granularity": options.granularity, "method": options.observer, "smooth": options.smooth}
-        if scheme == "w8a8":
+        entry = {"granularity": options.granularity, "activations": options.activations, "method": options.observer,
+                 "smooth": options.smooth}  # fmt: skip
+        if options.needs_calibration:
             entry["calibration"] = describe_source(calib=calib, tokens=None, seed=seed, split="calibrate")
         described[scheme] = entry
     return described
@@ -473,6 +545,7 @@ class _Plan:
     calib_from: str
     quantized: dict | None  # a quantized file's record: scheme, granularity, method, smooth, calibration
     int8: Callable  # (reference handle, layer, ref_layer, floats) -> {scheme: _Operands}
+    keys: list[str]  # every row's scheme_key, in dtype order
 
 
 def _plan_original(ckpt: Checkpoint, dtypes, layers, gelu, reference, calib, seed, activation_dtype) -> _Plan:
@@ -487,7 +560,8 @@ def _plan_original(ckpt: Checkpoint, dtypes, layers, gelu, reference, calib, see
 
     facts = {"path": str(path), "how": "the checkpoint itself", "sha256": None, "matches_record": None}
     calib_from = "--calib" if calib is not None else "synthetic (no --calib)"
-    return _Plan(found, found, ckpt, facts, asked, calib, calib_from, None, int8)
+    keys = [default_key(d) for d in asked]
+    return _Plan(found, found, ckpt, facts, asked, calib, calib_from, None, int8, keys)
 
 
 def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, gelu, reference, calib, notes: list[str]) -> _Plan:
@@ -514,12 +588,13 @@ def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, ge
     def int8(ckpt, layer, ref_layer, floats) -> dict[str, _Operands]:
         if scheme not in asked:
             return {}
-        return {scheme: _Operands(q.load(layer), layer.gelu, f"{q.path.name} as written", op_fields)}
+        return {scheme: _Operands(q.load(layer), layer.gelu, f"{q.path.name} as written", _row_key(scheme, q.scheme), op_fields)}
 
     facts = {k: (record or {}).get(k) for k in ("scheme", "granularity", "method", "smooth", "calibration")}
     facts.update(scheme=scheme, granularity=str(q.scheme.granularity),
                  activations=None if q.scheme.activations is None else str(q.scheme.activations), made_by=q.made_by)  # fmt: skip
-    return _Plan(chosen, ref_layers, ref_ckpt, ref_facts, asked, calib, calib_from, facts, int8)
+    keys = [d if d in FLOAT_DTYPES else _row_key(d, q.scheme) for d in asked]
+    return _Plan(chosen, ref_layers, ref_ckpt, ref_facts, asked, calib, calib_from, facts, int8, keys)
 
 
 def verify_checkpoint(
@@ -548,7 +623,8 @@ def verify_checkpoint(
         A quantized file without `calib` uses the calibration file its record names, if
         it is still there unchanged.
     layers: regex on the MLPs' fc1/fc2 prefixes.
-    tol: one tolerance for every dtype, or {dtype: tolerance}; the rest keep DEFAULT_TOLERANCES.
+    tol: one tolerance for every row, or {name: tolerance} with names dtypes ("w8a8") or int8
+        schemes ("w8a8:static"); the rest keep DEFAULT_TOLERANCES (default_tolerance).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     reference: a quantized file's original checkpoint, instead of the one its metadata records.
     gelu: "erf" | "tanh" | "quick": the model's flavour, over config.json and the family default. It
@@ -580,13 +656,14 @@ def verify_checkpoint(
 
 def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress,
          activation_dtype) -> VerifyReport:  # fmt: skip
-    tolerances, origin = _tolerances(tol, plan.dtypes)
+    tolerances, origin = _tolerances(tol, plan.keys)
     if plan.calib is not None:
         check_calibration_file(plan.calib, plan.layers)
 
-    results: list[LayerResult] = []
-    rows: list[VerifyRow] = []
-    total, done = len(plan.layers) * len(plan.dtypes), 0
+    # Under torchrun each rank verifies every world-th MLP; the results are gathered in order.
+    ranks = current_ranks()
+    mine = [i for i in range(len(plan.layers)) if ranks.mine(i)]
+    total, done = len(mine) * len(plan.dtypes), 0
 
     def step(what: str) -> None:
         nonlocal done
@@ -594,25 +671,32 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
         if progress is not None:
             progress(done, total, what)
 
-    ref_ckpt = plan.reference
-    for layer, ref_layer in zip(plan.layers, plan.ref_layers):
-        floats = read_mlp(ref_ckpt, ref_layer)
-        x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
-        int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
-        # the quantized file's recorded dtype (quantize's), or the original's discovered one
-        activation = (activation_dtype, "asked for") if activation_dtype else (layer.activation_dtype, layer.activation_dtype_source)
-        result, layer_rows = _verify_layer(
-            layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, origin, backend, device, step, activation
-        )  # fmt: skip
-        results.append(result)
-        rows += layer_rows
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def verify_mine() -> list[tuple[int, LayerResult, list[VerifyRow]]]:
+        ref_ckpt = plan.reference
+        out = []
+        for i in mine:
+            layer, ref_layer = plan.layers[i], plan.ref_layers[i]
+            floats = read_mlp(ref_ckpt, ref_layer)
+            x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
+            int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
+            # the quantized file's recorded dtype (quantize's), or the original's discovered one
+            activation = (activation_dtype, "asked for") if activation_dtype else (layer.activation_dtype, layer.activation_dtype_source)
+            result, layer_rows = _verify_layer(
+                layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, origin, backend, device, step, activation
+            )  # fmt: skip
+            out.append((i, result, layer_rows))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    verified = sorted((entry for part in together(ranks, verify_mine) for entry in part), key=lambda e: e[0])
+    results = [result for _, result, _ in verified]
+    rows = [row for _, _, layer_rows in verified for row in layer_rows]
 
     calibration = {**describe_source(calib=plan.calib, tokens=tokens, seed=seed, split="verify"), "from": plan.calib_from}
     paths = sorted({result.reference_dtype for result in results})
     against = f"{'/'.join(paths)} path" if paths else GATE_REFERENCE
-    if paths != ["fp16"]:
+    if paths != ["fp16"] and paths:
         notes.append(
             f"the reference path runs in {'/'.join(paths)} where the model does "
             f"({'; '.join(sorted({f'{r.reference_dtype}: {r.reference_dtype_source}' for r in results}))}): "

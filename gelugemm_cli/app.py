@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from calibration import outputs
-from gelugemm_cli.common import Interrupted, env_debug, finishing, install_signal_handlers, print_line, state
+from gelugemm_cli.common import Interrupted, env_debug, finishing, install_signal_handlers, join_torchrun, print_line, state
 from kernels.version import __version__
 
 
@@ -67,6 +67,7 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
 ):
     state["debug"] = debug or env_debug()
+    join_torchrun()
 
 
 # Commands, each a thin module over the library.

@@ -34,6 +34,8 @@ from calibration.model import checkpoint_shapes
 from kernels import peers
 from kernels.bench import (
     BENCH_DTYPES,
+    DEFAULT_ACTIVATIONS,
+    DEFAULT_GRANULARITIES,
     DEFAULT_SHAPES,
     DEFAULT_TOKENS,
     QUICK_TOKENS,
@@ -62,6 +64,14 @@ def parse_names(text: str, allowed: tuple, what: str) -> list[str]:
     if not names:
         raise GelugemmError(f"--{what}: nothing given")
     return list(dict.fromkeys(names))
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    """'dynamic,group:128' -> ['dynamic', 'group:128'] (each checked by run_bench)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise GelugemmError(f"--{what}: nothing given")
+    return names
 
 
 def parse_shape(text: str) -> MLPShape:
@@ -173,7 +183,7 @@ def bench_table(result: BenchResult) -> Table:
 
     groups: dict[tuple, list[BenchRow]] = {}
     for row in result.rows:
-        groups.setdefault((row.d_model, row.d_ff, row.dtype, row.tokens), []).append(row)
+        groups.setdefault((row.d_model, row.d_ff, row.variant, row.tokens), []).append(row)
     for (d, f, dtype, m), rows in groups.items():
         for i, row in enumerate(rows):
             first = i == 0
@@ -208,11 +218,11 @@ def problems(result: BenchResult) -> list[str]:
     lines = []
     for row in result.rows:
         if row.status == "wrong":
-            line = (f"[red]{row.impl} {row.dtype} {row.d_model}×{row.d_ff} M={row.tokens}: relative error "
+            line = (f"[red]{row.impl} {row.variant} {row.d_model}×{row.d_ff} M={row.tokens}: relative error "
                     f"{row.relerr:.2e} over the limit {row.relerr_limit:.0e}[/red]")  # fmt: skip
         elif row.status in ("error", "unavailable"):
             colour = "red" if row.status == "error" else "yellow"
-            line = f"[{colour}]{row.impl} {row.dtype}: {row.status}: {escape(row.error or '')}[/{colour}]"
+            line = f"[{colour}]{row.impl} {row.variant}: {row.status}: {escape(row.error or '')}[/{colour}]"
         else:
             continue
         if line not in lines:
@@ -232,7 +242,7 @@ def write_speedup_plot(result: BenchResult, path: Path) -> None:
     for row in result.rows:
         if row.time_us is None:
             continue
-        panel = (row.d_model, row.d_ff, row.dtype)
+        panel = (row.d_model, row.d_ff, row.variant)
         if row.impl == "eager":
             eager[(*panel, row.tokens)] = row.time_us
         elif row.impl == "gelugemm" and row.gelu != result.info.gelu:
@@ -246,7 +256,7 @@ def write_speedup_plot(result: BenchResult, path: Path) -> None:
     shapes = sorted({p[:2] for p in panels})
     tokens = sorted({k[3] for k in eager})
     colours = {}  # one colour per impl across panels
-    dtypes = [d for d in BENCH_DTYPES if any(p[2] == d for p in panels)]
+    dtypes = list(dict.fromkeys(p[2] for p in sorted(panels, key=lambda p: BENCH_DTYPES.index(p[2].split()[0]))))
     fig, axes = plt.subplots(len(shapes), len(dtypes), figsize=(4.2 * len(dtypes), 3.4 * len(shapes)),
                              squeeze=False, sharex=True)  # fmt: skip
     for r, shape in enumerate(shapes):
@@ -299,6 +309,14 @@ def bench(
     ),  # fmt: skip
     gelu: Optional[str] = typer.Option(None, "--gelu", help="erf or tanh. (default: what the checkpoint's config.json says, else erf)"),
     activation_dtype: str = typer.Option("fp16", "--activation-dtype", help="x and y of the int8 rows: fp16 or bf16."),
+    activations: str = typer.Option(
+        ",".join(DEFAULT_ACTIVATIONS), "--activations",
+        help="Comma-separated w8a8 activation schemes, a group of rows each: dynamic, group:N (N = 32, 64, 128), static.",
+    ),
+    granularity: str = typer.Option(
+        ",".join(DEFAULT_GRANULARITIES), "--granularity",
+        help="Comma-separated w8a16 weight scales, a group of rows each: group:N, per-channel.",
+    ),  # fmt: skip
     warmup_ms: Optional[float] = typer.Option(None, "--warmup-ms", help="Warm-up per timing, in ms. (default 25; with --quick 5)"),
     rep_ms: Optional[float] = typer.Option(None, "--rep-ms", help="Repeats per timing, in ms. (default 100; with --quick 20)"),
     quick: bool = typer.Option(False, "--quick", help="Fewer token counts and shorter timings: a smoke run."),
@@ -338,6 +356,7 @@ def bench(
             result = run_bench(
                 shapes, dtypes, token_counts, chosen_peers,
                 gelu=gelu, activation_dtype=activation_dtype,
+                activations=parse_list(activations, "activations"), granularities=parse_list(granularity, "granularity"),
                 warmup_ms=warmup_ms if warmup_ms is not None else (QUICK_WARMUP_MS if quick else DEFAULT_WARMUP_MS),
                 rep_ms=rep_ms if rep_ms is not None else (QUICK_REP_MS if quick else DEFAULT_REP_MS),
                 cuda_graph=cuda_graph, progress=report, command=shlex.join(sys.argv), raise_errors=state["debug"],

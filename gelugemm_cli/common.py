@@ -32,7 +32,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from calibration import outputs
+from calibration import outputs, ranks
 from calibration.errors import CheckpointError
 from calibration.quantized_file import read_quantized
 from kernels.errors import GelugemmError
@@ -163,9 +163,19 @@ def recorded_inputs(checkpoint: Path) -> list[Path]:
     return input_files(*found)
 
 
+def join_torchrun() -> None:
+    """Under `torchrun --nproc-per-node N -m gelugemm_cli ...`: join the process group; rank 0
+    alone prints and writes the report (the other ranks' consoles go quiet)."""
+    if not ranks.launched_by_torchrun():
+        return
+    if not ranks.init_from_env().root:
+        console.quiet = err_console.quiet = True
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
 def check_json_output(json_path: Path | None, *, inputs, others=(), force: bool) -> None:
     """--json FILE, checked before the work; '-' is stdout and needs no check."""
-    if json_path is None or str(json_path) == "-":
+    if json_path is None or str(json_path) == "-" or not ranks.current().root:
         return
     outputs.check_output(json_path, option="--json", inputs=inputs, others=others, expected_bytes=JSON_BYTES,
                          force=force, replace="own")  # fmt: skip
@@ -173,7 +183,10 @@ def check_json_output(json_path: Path | None, *, inputs, others=(), force: bool)
 
 def write_json(path: Path, payload: dict) -> None:
     """Write a command's result object as gelugemm's JSON ('-' for stdout): `tool` and
-    `schema_version` first (calibration.outputs.json_document), all or nothing."""
+    `schema_version` first (calibration.outputs.json_document), all or nothing. Under torchrun
+    rank 0 writes it."""
+    if not ranks.current().root:
+        return
     if str(path) == "-":
         sys.stdout.write(outputs.json_text(payload))
         sys.stdout.flush()

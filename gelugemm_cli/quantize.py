@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -23,12 +24,19 @@ def quantize(
         None, "-o", "--output", help="Output (default: NAME.int8.safetensors beside a file, DIR-int8/ beside a model directory)."
     ),
     scheme: str = typer.Option("w8a16", help="w8a16 (int8 weights) or w8a8 (int8 weights and activations)."),
-    granularity: str = typer.Option("per-channel", help="Weight scales: per-channel, or group:N along the input dim."),
-    method: str | None = typer.Option(None, help="w8a8 activation observer: max, percentile:P or mse (default: max)."),
-    smooth: float | None = typer.Option(None, help="w8a8: SmoothQuant migration strength ALPHA in [0, 1]."),
-    calib: Path | None = typer.Option(None, help="w8a8: safetensors of activations, keyed by fc1 prefix, each tokens x d_model."),
-    tokens: int | None = typer.Option(None, help="w8a8: calibration rows (default: 512 synthetic, or all of --calib's calibrate split)."),
-    seed: int = typer.Option(0, help="w8a8: seed of the synthetic calibration inputs."),
+    granularity: str | None = typer.Option(
+        None, help="Weight scales: per-channel, or group:N along the input dim. [default: w8a16 group:128; w8a8 per-channel, the only one it takes]"
+    ),
+    activations: str | None = typer.Option(
+        None, help="w8a8: dynamic (per token, at run time), group:N (per token per N channels, at run time; N = 32, 64, 128) or static (calibrated per tensor: needs --calib). [default: dynamic]",
+    ),
+    method: str | None = typer.Option(None, help="w8a8 static: activation observer, max, percentile:P or mse (default: max)."),
+    smooth: float | None = typer.Option(None, help="w8a8: SmoothQuant migration strength ALPHA in [0, 1] (needs --calib)."),
+    calib: str | None = typer.Option(
+        None, help="w8a8 static or --smooth: calibration rows, a safetensors file from gelugemm calibrate (fc1 prefix -> tokens x d_model), or 'synthetic' (rows drawn from the LayerNorms: they miss outlier channels)."
+    ),
+    tokens: int | None = typer.Option(None, help="Calibration rows (default: all of --calib's calibrate split, or 512 synthetic)."),
+    seed: int = typer.Option(0, help="Seed of the synthetic calibration rows."),
     layers: str | None = typer.Option(None, help="Quantize only the MLPs whose fc1 or fc2 prefix matches this regex."),
     gelu: str | None = typer.Option(None, help="erf, tanh or quick, overriding config.json (default: from config.json or the family)."),
     activation_dtype: str | None = typer.Option(
@@ -41,11 +49,13 @@ def quantize(
 ):
     """Quantize the GELU MLPs of CHECKPOINT to int8 and write the whole checkpoint (compressed-tensors format)."""
     with user_errors():
-        options = QuantizeOptions(scheme, granularity, method, smooth, calib, tokens, seed, layers, gelu, force,
+        options = QuantizeOptions(scheme, granularity, method, smooth, calib, tokens, seed, layers, gelu, force, activations,
                                   activation_dtype=activation_dtype)  # fmt: skip
         output_path = output if output is not None else default_output(checkpoint)
         # Every output checked before the work (the checkpoint's by quantize_checkpoint itself).
-        check_json_output(json_path, inputs=input_files(checkpoint, calib), others=[("-o" if output else "checkpoint", output_path)], force=force)
+        check_json_output(
+            json_path, inputs=input_files(checkpoint, options.calib_file), others=[("-o" if output else "checkpoint", output_path)], force=force
+        )
         out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
@@ -53,6 +63,8 @@ def quantize(
             progress = lambda done, total, layer: bar.update(task, completed=done, total=total)  # noqa: E731
             report = quantize_checkpoint(checkpoint, output, options, progress=progress)
         render(report, for_log(out))
+        for warning in report.warnings:
+            err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
         if json_path is not None:
             write_json(json_path, report.to_dict())
 
@@ -69,7 +81,8 @@ def _block(fc1: str, fc2: str) -> str:
 
 def render(report: QuantizeReport, out: Console) -> None:
     """One row per quantized GEMM, then the file-level facts."""
-    table = Table(box=box.SIMPLE_HEAD, title=f"{report.scheme} {report.granularity}, GELU {report.gelu} ({report.gelu_source})")
+    acts = f", {report.activations} activations" if report.activations else ""
+    table = Table(box=box.SIMPLE_HEAD, title=f"{report.scheme} {report.granularity}{acts}, GELU {report.gelu} ({report.gelu_source})")
     table.add_column("MLP", overflow="fold")
     table.add_column("GEMM", overflow="fold")
     for column in ("shape", "weight scale", "rel. err", "max err (steps)", "in scale", "out scale"):
@@ -90,7 +103,13 @@ def render(report: QuantizeReport, out: Console) -> None:
     out.print(table)
     if report.scheme == "w8a8":
         smooth = f", SmoothQuant alpha {report.smooth}" if report.smooth is not None else ""
-        out.print(f"activation scales: {report.method}{smooth}; calibrated on {_calibrated_on(report)}", highlight=False, soft_wrap=True)
+        if report.method is not None:
+            scales = f"static, {report.method} observer{smooth}; calibrated on {_calibrated_on(report)}"
+        else:
+            scales = f"{report.activations}, computed from each token at run time{smooth}"
+            if report.calibration is not None:
+                scales += f"; smoothing statistics from {_calibrated_on(report)}"
+        out.print(f"activation scales: {scales}", highlight=False, soft_wrap=True)
     smoothed = sorted({layer.smoothing for layer in report.layers if layer.smoothing})
     if smoothed:
         out.print(f"smoothing: {'; '.join(smoothed)}", highlight=False, soft_wrap=True)

@@ -41,7 +41,7 @@ def verify(
     tokens: int | None = typer.Option(None, help=r"Rows per MLP \[default: all of --calib's verify split, or 512 synthetic]."),
     layers: str | None = typer.Option(None, help="Verify only the MLPs whose fc1 or fc2 prefix matches this regex."),
     tol: str | None = typer.Option(
-        None, help=r"Gate on rel. error vs the fp16 path: VALUE for every dtype, or DTYPE=VALUE,... \[default: per dtype, see the README's verify section]."
+        None, help=r"Gate on rel. error vs the fp16 path: VALUE for every row, or NAME=VALUE,... with NAME a dtype (w8a8) or an int8 scheme (w8a8:static, w8a16:group:128) \[default: per dtype and scheme, see the README's verify section]."
     ),
     backend: str = typer.Option("auto", help="auto (Triton on CUDA, torch elsewhere), triton or torch."),
     reference: Path | None = typer.Option(None, help="A quantized file's original checkpoint, instead of the one its metadata records."),
@@ -89,7 +89,8 @@ def header(report: VerifyReport) -> list[str]:
     ref = report.reference
     if report.kind == "quantized":
         q = report.quantized
-        what = f"{report.checkpoint}: {q['scheme']} {q['granularity']} file; reference {ref['path']} ({ref['how']})"
+        acts = f", {q['activations']} activations" if q.get("activations") else ""
+        what = f"{report.checkpoint}: {q['scheme']} {q['granularity']}{acts} file; reference {ref['path']} ({ref['how']})"
     else:
         what = f"{report.checkpoint}: original checkpoint"
     source = report.calibration
@@ -118,7 +119,8 @@ def header(report: VerifyReport) -> list[str]:
         if cal is not None:
             on = f", calibrated on {'the calibrate split of ' + Path(cal['path']).name if cal['kind'] == 'file' else 'synthetic inputs'}"
         method = f", {how['method']} observer" if how["method"] else ""
-        lines.append(f"{scheme}: quantized in memory with quantize's defaults ({how['granularity']}{method}{on})")
+        acts = f", {how['activations']} activations" if how.get("activations") else ""
+        lines.append(f"{scheme}: quantized in memory with quantize's defaults ({how['granularity']}{acts}{method}{on})")
     return lines
 
 
@@ -131,7 +133,7 @@ def table(report: VerifyReport) -> Table:
     """One row per MLP x dtype, after a row for the reference path (fp16, or bf16) itself."""
     grid = Table(box=box.SIMPLE_HEAD, title=f"error vs the {_path_dtype(report)} path (the gate) and vs float64 (exact)")
     grid.add_column("MLP", overflow="fold")
-    grid.add_column("dtype")
+    grid.add_column("dtype", overflow="fold")
     grid.add_column("backend")
     for column in ("rel. err", "tolerance", "SQNR dB", "cosine", "max abs err", "rel. err vs f64"):
         grid.add_column(column, justify="right")
@@ -146,7 +148,7 @@ def table(report: VerifyReport) -> Table:
         for row in rows_by_layer.get(layer.fc1, []):
             m = row.vs_fp16_path
             grid.add_row(
-                "", row.dtype, row.backend, _sci(m.rel_frobenius), f"{row.tolerance:.3g}", f"{m.sqnr_db:.1f}",
+                "", row.scheme.replace(":", " ", 1), row.backend, _sci(m.rel_frobenius), f"{row.tolerance:.3g}", f"{m.sqnr_db:.1f}",
                 f"{m.cosine:.6f}", f"{m.max_abs:.3g}", _sci(row.vs_float64.rel_frobenius),
                 "[green]pass[/green]" if row.passed else "[bold red]FAIL[/bold red]",
             )  # fmt: skip
@@ -160,7 +162,7 @@ def summary(report: VerifyReport) -> str:
     if report.passed:
         every = "the one row" if rows == 1 else f"all {rows} rows"
         return f"[green]PASS[/green]: {every} within tolerance ({shape}) in {report.seconds:.1f} s"
-    failed = [f"{row.layer} {row.dtype} ({_why(row)})" for row in report.failures]
+    failed = [f"{row.layer} {row.scheme} ({_why(row)})" for row in report.failures]
     listed = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
     return f"[bold red]FAIL[/bold red]: {len(failed)} of {rows} rows past tolerance: {listed} ({report.seconds:.1f} s)"
 

@@ -7,7 +7,8 @@ One run, on one CUDA device:
 
 1. Ceilings, measured first on this device: a bf16 matmul (8192^3), an int8 one through
    torch._int_mm, and a device-to-device copy of 1 GiB (bytes read + written).
-2. Every (shape, dtype, token count M, impl) is called once before anything is timed:
+2. Every (shape, dtype, token count M, impl) is called once before anything is timed
+   (int8 dtypes once per variant: w8a16 per weight granularity, w8a8 per activation scheme):
    Triton autotunes, torch.compile compiles, and the output is checked against a float64
    MLP on a slice of rows (the same weights the impl reads, dequantized for int8).
 3. Each impl is timed with CUDA events around every call, after warm-up; the median is
@@ -35,16 +36,21 @@ import torch
 
 from kernels import peers
 from kernels.errors import BackendUnavailable, GelugemmError
-from kernels.int8 import quantize_weight
+from kernels.int8 import quantize_weight, scale_from_absmax
 from kernels.op import FusedMLP, MLPConfig
 from kernels.reference import mlp_reference
-from kernels.schemes import ACTIVATION_DTYPES, GELU_FLAVOURS, INT8_DTYPES
+from kernels.schemes import ACTIVATION_DTYPES, GELU_FLAVOURS, INT8_DTYPES, ActivationScheme, Granularity
 from kernels.version import __version__
+from kernels.w8a8 import check_group_size
 
 BENCH_DTYPES = ("fp16", "bf16", "w8a16", "w8a8")
 ACTIVATION_BYTES = 2  # fp16 and bf16: x, biases and y of every row
 IMPLS = ("gelugemm",) + peers.PEERS
 DEFAULT_TOKENS = (1, 16, 128, 2048, 8192)
+# The int8 rows' variants: w8a16's weight granularity, w8a8's activation scheme (the
+# defaults gelugemm quantize writes). w8a8's weights are per channel.
+DEFAULT_GRANULARITIES = ("group:128",)
+DEFAULT_ACTIVATIONS = ("dynamic",)
 QUICK_TOKENS = (1, 128, 2048)
 
 # A buffer is reused only after the op has streamed this many L2s of other bytes.
@@ -81,13 +87,16 @@ def mlp_flops(m: int, shape: MLPShape) -> int:
     return 4 * m * shape.d_model * shape.d_ff
 
 
-def mlp_min_bytes(m: int, shape: MLPShape, dtype: str) -> int:
+def mlp_min_bytes(m: int, shape: MLPShape, dtype: str, granularity: str | None = None) -> int:
     """The fewest bytes the MLP must move: x, both weights (int8: 1 byte + a float32 scale
-    per output channel), both biases and y, each once. x, biases and y are 2-byte floats
-    (fp16 or bf16, the activation dtype of int8 rows); the intermediate can stay on chip."""
+    per output channel, or per group of G inputs with granularity "group:G"), both biases
+    and y, each once. x, biases and y are 2-byte floats (fp16 or bf16, the activation dtype
+    of int8 rows); the intermediate can stay on chip."""
     d, f = shape
     if dtype in INT8_DTYPES:
-        weights = 2 * d * f * 1 + (f + d) * 4
+        group = Granularity.parse(granularity).group_size
+        scales = (f + d) if group is None else f * -(-d // group) + d * -(-f // group)
+        weights = 2 * d * f * 1 + scales * 4
     else:
         weights = 2 * d * f * ACTIVATION_BYTES
     return weights + (f + d) * ACTIVATION_BYTES + 2 * m * d * ACTIVATION_BYTES
@@ -254,10 +263,18 @@ class BenchRow:
     relerr_limit: float | None = None
     note: str | None = None
     error: str | None = None
+    granularity: str | None = None  # int8 rows: the weight scales, per-channel | group:N
+    activations: str | None = None  # w8a8 rows: the activation scheme, dynamic | group:N | static
 
     @property
     def shape(self) -> MLPShape:
         return MLPShape(self.d_model, self.d_ff)
+
+    @property
+    def variant(self) -> str:
+        """The row's group as the table names it: "fp16", "w8a16 group:128", "w8a8 dynamic"."""
+        detail = self.activations if self.dtype == "w8a8" else self.granularity
+        return f"{self.dtype} {detail}" if detail else self.dtype
 
 
 @dataclass
@@ -319,7 +336,7 @@ def fill_speedups(rows: list[BenchRow]) -> None:
     """
     groups: dict[tuple, list[BenchRow]] = {}
     for row in rows:
-        groups.setdefault((row.d_model, row.d_ff, row.dtype, row.tokens), []).append(row)
+        groups.setdefault((row.d_model, row.d_ff, row.variant, row.tokens), []).append(row)
     for group in groups.values():
         ours = {r.gelu: r for r in group if r.impl == "gelugemm" and r.time_us}
         for row in group:
@@ -345,7 +362,8 @@ def require_cuda() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype) -> None:
+def validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype, activations=DEFAULT_ACTIVATIONS,
+                     granularities=DEFAULT_GRANULARITIES) -> None:  # fmt: skip
     """Raise GelugemmError on anything run_bench cannot run, before any device work."""
     if not shapes:
         raise GelugemmError("no shapes to benchmark")
@@ -364,6 +382,14 @@ def validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype)
         raise GelugemmError(f"gelu must be one of {', '.join(GELU_FLAVOURS)}; got {gelu!r}")
     if activation_dtype not in ACTIVATION_DTYPES:
         raise GelugemmError(f"activation dtype must be fp16 or bf16; got {activation_dtype!r}")
+    if not activations or not granularities:
+        raise GelugemmError("no w8a8 activation scheme or w8a16 granularity to benchmark")
+    for value in activations:
+        scheme = ActivationScheme.parse(value)
+        if scheme.kind == "group":
+            check_group_size(scheme.group_size)
+    for value in granularities:
+        Granularity.parse(value)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -384,6 +410,8 @@ class _Case:
     build: Callable[[], Callable]  # -> fn(x, w1, b1, w2, b2) -> y
     relerr_limit: float
     note: str | None = None
+    granularity: str | None = None  # int8 weight sets: their scales' granularity
+    activations: str | None = None  # gelugemm w8a8: the activation scheme
     call: Callable[[int], torch.Tensor] | None = None  # fn on rotation set i, bound in _prepare
     status: str = "pending"
     relerr: float | None = None
@@ -394,8 +422,10 @@ class _Case:
 class _Workloads:
     """The random inputs and weights of one run, made on first use and rotated by index.
 
-    Float weights are drawn per set; int8 weights are the per-channel quantization of the
-    float set with the same index, so float peers and int8 impls see the same matrices.
+    Float weights are drawn per set; int8 weights are the quantization (per channel, or
+    per group) of the float set with the same index, so float peers and int8 impls see the
+    same matrices. w8a8's carry static scales for x and GELU's output too (used by
+    `static` only), calibrated as a max observer would on 256 random tokens.
     """
 
     def __init__(self, device: torch.device, activation_dtype: str):
@@ -405,7 +435,7 @@ class _Workloads:
         self._int8: dict = {}
         self._x: dict = {}
         self._refs: dict = {}
-        self._output_scales: dict = {}
+        self._static_scales: dict = {}
 
     def _randn(self, *shape, dtype, scale=1.0):
         return (torch.randn(*shape, device=self.device, dtype=torch.float32) * scale).to(dtype)
@@ -423,29 +453,30 @@ class _Workloads:
             ))  # fmt: skip
         return sets
 
-    def output_scale(self, shape: MLPShape, dtype: torch.dtype) -> torch.Tensor:
-        """w8a8's static scale for the GELU output: its amax over 256 random tokens / 127."""
+    def static_scales(self, shape: MLPShape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """w8a8's static scales for x and the GELU output: their amax over 256 random tokens / 127."""
         key = (shape, dtype)
-        if key not in self._output_scales:
+        if key not in self._static_scales:
             w1, b1, _, _ = self.float_weights(shape, dtype, 1)[0]
             x = self._randn(256, shape.d_model, dtype=torch.float32)
             h = torch.nn.functional.gelu(x @ w1.float().t() + b1.float())
-            self._output_scales[key] = (h.abs().amax() / 127.0).reshape(())
-        return self._output_scales[key]
+            self._static_scales[key] = (scale_from_absmax(x.abs().amax()), scale_from_absmax(h.abs().amax()))
+        return self._static_scales[key]
 
-    def int8_weights(self, shape: MLPShape, dtype: str, n: int) -> list[tuple]:
+    def int8_weights(self, shape: MLPShape, dtype: str, granularity: str | None, n: int) -> list[tuple]:
         act = ACTIVATION_DTYPES[self.activation_dtype]
-        sets = self._int8.setdefault((shape, dtype), [])
+        group = Granularity.parse(granularity).group_size
+        sets = self._int8.setdefault((shape, dtype, group), [])
         for w1, b1, w2, b2 in self.float_weights(shape, act, n)[len(sets) : n]:
-            q1, q2 = quantize_weight(w1), quantize_weight(w2)
+            q1, q2 = quantize_weight(w1, group_size=group), quantize_weight(w2, group_size=group)
             if dtype == "w8a8":
-                q1.output_scale = self.output_scale(shape, act)
+                q1.input_scale, q1.output_scale = self.static_scales(shape, act)
             sets.append((q1, b1, q2, b2))
         return sets
 
-    def weight_sets(self, shape: MLPShape, weights: str, n: int) -> list[tuple]:
+    def weight_sets(self, shape: MLPShape, weights: str, n: int, granularity: str | None = None) -> list[tuple]:
         if weights in INT8_DTYPES:
-            return self.int8_weights(shape, weights, n)
+            return self.int8_weights(shape, weights, granularity, n)
         return self.float_weights(shape, ACTIVATION_DTYPES[weights], n)
 
     def inputs(self, shape: MLPShape, dtype: torch.dtype, m: int, n: int) -> list[torch.Tensor]:
@@ -460,7 +491,7 @@ class _Workloads:
         fn = case.build()
         n = case.n_sets
         xs = self.inputs(case.shape, self.x_dtype(case.weights), case.m, n)
-        args = [(x, *w) for x, w in zip(xs, self.weight_sets(case.shape, case.weights, n))]
+        args = [(x, *w) for x, w in zip(xs, self.weight_sets(case.shape, case.weights, n, case.granularity))]
 
         def call(i: int) -> torch.Tensor:
             return fn(*args[i % n])
@@ -469,19 +500,19 @@ class _Workloads:
 
     def relerr(self, case: _Case, out: torch.Tensor) -> float:
         """||out - ref|| / ||ref|| on up to CHECK_ROWS rows of call(0)'s output, ref in float64."""
-        rows, ref = self._reference(case.shape, case.m, case.weights, case.gelu)
+        rows, ref = self._reference(case.shape, case.m, case.weights, case.gelu, case.granularity)
         out = out[rows].to(torch.float64)
         if not torch.isfinite(out).all():
             return float("inf")
         return ((out - ref).norm() / ref.norm()).item()
 
-    def _reference(self, shape, m, weights, gelu) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (shape, m, weights, gelu)
+    def _reference(self, shape, m, weights, gelu, granularity) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (shape, m, weights, gelu, granularity)
         if key not in self._refs:
             # Rows spread over all of M, so a wrong tile far from the first one shows.
             rows = torch.linspace(0, m - 1, min(m, CHECK_ROWS), device=self.device).round().long().unique()
             x = self.inputs(shape, self.x_dtype(weights), m, 1)[0][rows]
-            w1, b1, w2, b2 = self.weight_sets(shape, weights, 1)[0]
+            w1, b1, w2, b2 = self.weight_sets(shape, weights, 1, granularity)[0]
             if weights in INT8_DTYPES:
                 w1, w2 = w1.dequantize(dtype=torch.float64), w2.dequantize(dtype=torch.float64)
             f64 = lambda t: t.to(torch.float64)  # noqa: E731
@@ -490,30 +521,49 @@ class _Workloads:
         return self._refs[key]
 
 
-def _gelugemm_op(dtype: str, gelu: str, activation_dtype: str, device: torch.device) -> FusedMLP:
-    config = MLPConfig(dtype=dtype, gelu=gelu, backend="triton", activation_dtype=activation_dtype)
+def _gelugemm_op(dtype: str, gelu: str, activation_dtype: str, device: torch.device, activations: str | None) -> FusedMLP:
+    config = MLPConfig(
+        dtype=dtype, gelu=gelu, backend="triton", activation_dtype=activation_dtype, activations=activations or "dynamic"
+    )
     return FusedMLP(config, device=device)
 
 
-def _plan(shape, dtype, m, peer_names, gelu, activation_dtype, l2_bytes, device) -> list[tuple[tuple, _Case]]:
-    """(identity key, case) for every impl of one (shape, dtype, M) group, gelugemm first.
+def int8_variants(dtype: str, activations, granularities) -> list[tuple[str | None, str | None]]:
+    """(granularity, activations) of each group a dtype's rows fall in: w8a16 one per weight
+    granularity, w8a8 (per-channel weights) one per activation scheme, floats one."""
+    if dtype == "w8a8":
+        return [("per-channel", str(ActivationScheme.parse(a))) for a in activations]
+    if dtype == "w8a16":
+        return [(str(Granularity.parse(g)), None) for g in granularities]
+    return [(None, None)]
+
+
+def _plan(shape, dtype, variant, m, peer_names, gelu, activation_dtype, l2_bytes, device) -> list[tuple[tuple, _Case]]:
+    """(identity key, case) for every impl of one (shape, dtype, variant, M) group, gelugemm first.
 
     Float peers of an int8 group run on float weights in the activation dtype; their key
-    leaves the group's dtype out, so the fp16 group's measurement is reused, not repeated.
+    leaves the group's dtype out, so the fp16 group's measurement is reused, not repeated;
+    int_mm (per-token quantization in torch) is one measurement for every w8a8 scheme.
     """
+    granularity, activations = variant
     float_weights = activation_dtype if dtype in INT8_DTYPES else dtype
 
     def case(impl, flavour, weights, build, note=None) -> _Case:
-        n_sets = rotation_sets(mlp_min_bytes(m, shape, weights), l2_bytes)
-        return _Case(shape, m, impl, flavour, weights, n_sets, build, relerr_limit(dtype, impl, activation_dtype), note)
+        n_sets = rotation_sets(mlp_min_bytes(m, shape, weights, granularity), l2_bytes)
+        limit = relerr_limit(dtype, impl, activation_dtype)
+        return _Case(
+            shape, m, impl, flavour, weights, n_sets, build, limit, note,
+            granularity=granularity if weights in INT8_DTYPES else None,
+            activations=activations if impl == "gelugemm" else None,
+        )  # fmt: skip
 
     plans = []
     # gelugemm in the GELU asked for, and in tanh too when the tanh-only cuBLASLt peer is
     # in the run, so that its speedup compares like with like.
     flavours = [gelu] + (["tanh"] if gelu != "tanh" and "cublaslt" in peer_names else [])
     for flavour in flavours:
-        build = functools.partial(_gelugemm_op, dtype, flavour, activation_dtype, device)
-        plans.append(((shape, dtype, m, "gelugemm", flavour), case("gelugemm", flavour, dtype, build)))
+        build = functools.partial(_gelugemm_op, dtype, flavour, activation_dtype, device, activations)
+        plans.append(((shape, dtype, variant, m, "gelugemm", flavour), case("gelugemm", flavour, dtype, build)))
 
     for peer in peer_names:
         if peer == "eager":
@@ -531,7 +581,8 @@ def _plan(shape, dtype, m, peer_names, gelu, activation_dtype, l2_bytes, device)
             note = None
             if peer == "int_mm" and m <= 16:
                 note = f"x padded to {peers.INT_MM_MIN_ROWS} rows: torch._int_mm needs more than 16"
-            plans.append(((shape, dtype, m, peer), case(peer, gelu, dtype, build, note)))
+            key = (shape, dtype, granularity, m, peer)  # int_mm: the same for every activation scheme
+            plans.append((key, case(peer, gelu, dtype, build, note)))
     return plans
 
 
@@ -543,6 +594,8 @@ def run_bench(
     *,
     gelu: str = "erf",
     activation_dtype: str = "fp16",
+    activations: list[str] = DEFAULT_ACTIVATIONS,
+    granularities: list[str] = DEFAULT_GRANULARITIES,
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     cuda_graph: bool = False,
@@ -552,13 +605,16 @@ def run_bench(
 ) -> BenchResult:
     """Time gelugemm's op and its peers on every (shape, dtype, M); see the module docstring.
 
+    activations: the w8a8 activation schemes to time ("dynamic", "group:N", "static"), a
+    group of rows each; granularities: w8a16's weight scales ("group:128", "per-channel").
+
     progress(stage, done, total, label) is called as the run goes; stages are
     "ceilings", "prepare" (autotune, compile, check) and "time".
     cuda_graph=True times graph replays (graph_time) instead of Python calls (median_time).
     A case that fails is kept as a row with its error (raise_errors=True re-raises it);
     a gelugemm dtype whose kernels are not there yet is a row with status "unavailable".
     """
-    validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype)
+    validate_request(shapes, dtypes, tokens, peer_names, gelu, activation_dtype, activations, granularities)
     shapes = [MLPShape(*s) for s in shapes]
     device = require_cuda()
     report = progress or _no_progress
@@ -570,25 +626,26 @@ def run_bench(
         info.timing = "cuda-graph" if cuda_graph else "calls"
         timer = graph_time if cuda_graph else median_time
 
-        groups = []  # ((shape, dtype, m), [case keys])
+        groups = []  # ((shape, dtype, variant, m), [case keys])
         cases: dict[tuple, _Case] = {}
         for shape in shapes:
             for dtype in dtypes:
-                for m in tokens:
-                    plans = _plan(shape, dtype, m, peer_names, gelu, activation_dtype, info.l2_bytes, device)
-                    for key, case in plans:
-                        cases.setdefault(key, case)
-                    groups.append(((shape, dtype, m), [key for key, _ in plans]))
+                for variant in int8_variants(dtype, activations, granularities):
+                    for m in tokens:
+                        plans = _plan(shape, dtype, variant, m, peer_names, gelu, activation_dtype, info.l2_bytes, device)
+                        for key, case in plans:
+                            cases.setdefault(key, case)
+                        groups.append(((shape, dtype, variant, m), [key for key, _ in plans]))
 
         work = _Workloads(device, activation_dtype)
         for done, (key, case) in enumerate(cases.items()):
-            report("prepare", done, len(cases), _label(key))
+            report("prepare", done, len(cases), _label(case))
             _prepare(case, work, raise_errors)
         report("prepare", len(cases), len(cases), "done")
 
         timed = [(key, case) for key, case in cases.items() if case.status in ("ok", "wrong")]
         for done, (key, case) in enumerate(timed):
-            report("time", done, len(timed), _label(key))
+            report("time", done, len(timed), _label(case))
             try:
                 case.timing = timer(case.call, case.n_sets, warmup_ms, rep_ms)
             except Exception as exc:
@@ -598,8 +655,8 @@ def run_bench(
         report("time", len(timed), len(timed), "done")
 
     rows = []
-    for (shape, dtype, m), keys in groups:
-        flops, nbytes = mlp_flops(m, shape), mlp_min_bytes(m, shape, dtype)
+    for (shape, dtype, (granularity, scheme), m), keys in groups:
+        flops, nbytes = mlp_flops(m, shape), mlp_min_bytes(m, shape, dtype, granularity)
         floor_us, bound = roofline_floor_us(flops, nbytes, ceilings, dtype)
         for key in keys:
             c = cases[key]
@@ -609,6 +666,7 @@ def run_bench(
                 "int8" if c.weights in INT8_DTYPES else c.weights, c.status, flops, nbytes, floor_us, bound,
                 time_us=t and t.median_us, p20_us=t and t.p20_us, p80_us=t and t.p80_us, reps=t and t.reps,
                 rotation_sets=c.n_sets, relerr=c.relerr, relerr_limit=c.relerr_limit, note=c.note, error=c.error,
+                granularity=granularity, activations=scheme,
             )  # fmt: skip
             fill_metrics(row)
             rows.append(row)
@@ -616,9 +674,10 @@ def run_bench(
     return BenchResult(info, rows)
 
 
-def _label(key: tuple) -> str:
-    shape, dtype, m, impl, *flavour = key
-    return f"{shape} {dtype} M={m} {impl}" + (" (tanh)" if flavour == ["tanh"] else "")
+def _label(case: _Case) -> str:
+    detail = " ".join(v for v in (case.granularity if case.weights in INT8_DTYPES else None, case.activations) if v)
+    tanh = " (tanh)" if case.impl == "gelugemm" and case.gelu == "tanh" else ""
+    return f"{case.shape} {case.weights}{' ' + detail if detail else ''} M={case.m} {case.impl}{tanh}"
 
 
 def _prepare(case: _Case, work: _Workloads, raise_errors: bool) -> None:

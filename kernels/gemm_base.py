@@ -25,14 +25,33 @@ What each operand type does inside them:
     int8     int8     int8 x int8, int32 acc       * a_scale[m] * w_scale[n], + bias, GELU;
                                                    int8 out: requantize with c_scale
 
-The weight tile the dot takes (`_weight_tile`) and the epilogue (`_epilogue`, which
-sees the tile's rows and columns) are small jitted helpers shared by the three kernels,
-so the next operand types are branches on new constexprs there, not new kernels: a
-per-(row, K-group) A scale (an int32 partial per K block promoted into the float32
-accumulator inside the K loop), A quantized per row as it is loaded (a step after the A
-load), an epilogue that also writes a row absmax (atomic max) or per-(row, column
-block) scales, a gated GEMM1 (a second weight descriptor and accumulator beside the
-first, GELU(gate) * up in the epilogue).
+and the constexprs that change them:
+
+- SWAP_AB (a TMA config option, w8a16's schedule): out^T = W @ a^T, the weight tile
+  converted in registers as the MMA's register operand (the decode kernel always swaps).
+- A_GROUP_K (w8a8 `group:N`): a's scale changes every A_GROUP_K along K; the K tile is
+  one group, and each tile's exact int32 partial is promoted into a float32 accumulator
+  times its group's scale, per row (`_mma`).
+- C_GROUP_N (w8a8 `group:N`, GEMM1): the int8 output is requantized per (row, C_GROUP_N
+  columns) with a scale from that group's absmax, and the kernel writes the scales too
+  (`_requantize_groups`); the epilogue tile holds whole groups (`fit_groups`).
+- GATED (a gated GEMM1, GeGLU): the up projection's tile of the same output columns is
+  loaded beside the weight tile (a second descriptor or pointer: a weight of its own, or
+  the other half of one concatenated weight) and multiplied with the same activation tile
+  into a second accumulator; `_gated_epilogue` dequantizes each accumulator with its own
+  weight's scales and bias and stores GELU(gate) * up through the one output step
+  (requantized, per tensor or per group, for w8a8). Its configs are each scheme's
+  "-gated" table: two accumulators, so tiles half as wide as the plain ones.
+
+int8 -> fp16 goes through `int8_to_fp16` (integer adds, no converter); a per-group weight
+scale multiplies in fp16 for fp16 activations and in float32 for bf16 (kernels/
+reference.py's w8a16 reference computes the same).
+
+The weight tile the dot takes (`_weight_tile`), the K step (`_mma`) and the epilogue
+(`_epilogue`, which sees the tile's rows and columns) are small jitted helpers shared by
+the three kernels, so the next operand types are branches on new constexprs there, not
+new kernels: A quantized per row as it is loaded (a step after the A load), an epilogue
+that also writes a row absmax (atomic max).
 
 Host side, written once for every scheme: configs keyed by the row count's bucket and
 pruned to the scheme's table and to what fits (`gemm_kernels` builds a scheme family's
@@ -54,7 +73,7 @@ import triton
 import triton.language as tl
 
 from kernels.errors import LaunchError
-from kernels.int8 import INT8_MAX
+from kernels.int8 import INT8_MAX, SCALE_EPS
 from kernels.launch import device_capability, ensure_tma_allocator, interpreting, launch, num_programs
 from kernels.schemes import GELU_FLAVOURS, WeightLayout
 
@@ -62,6 +81,8 @@ ACTIVATIONS = ("none",) + GELU_FLAVOURS
 PATHS = ("auto", "tma", "decode", "strided")
 # kernels/int8.py's INT8_MAX, as the float32 constant the kernels compute with
 INT8_MAX_F32: tl.constexpr = tl.constexpr(float(INT8_MAX))
+# kernels/int8.py's floor on every scale
+SCALE_EPS_F32: tl.constexpr = tl.constexpr(SCALE_EPS)
 
 
 def m_bucket(m: int) -> int:
@@ -151,11 +172,19 @@ def _bf16_round_nearest(v):
 
 
 @triton.jit
+def int8_to_fp16(q):
+    """int8 q -> fp16, exactly, without the converter: the fp16 with bits 0x6480 + q is
+    1152 + q (exponent 2^10, q + 128 in the mantissa), so an int16 add and one fp16
+    subtract give q."""
+    return (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
 def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
                  GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, K_AXIS: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     # The weight tile the dot takes, from the tile q as loaded; a is the activation tile.
     # q covers k in [k0, k0 + BLOCK_K) along axis K_AXIS ([BLOCK_K, BLOCK_N] tiles: 0; the
-    # decode kernel's [BLOCK_N, BLOCK_K]: 1) and the output channels `cols` (clamped in
+    # swap-AB schedules' [BLOCK_N, BLOCK_K]: 1) and the output channels `cols` (clamped in
     # bounds) along the other.
     # DOT_F32 (bf16 under the CPU interpreter, see _dot) hands the dot float32 tiles
     # holding the values the GPU's bf16 tiles hold: the interpreter's int8 -> bf16 cast
@@ -168,6 +197,8 @@ def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
         # exact (|q| <= 127); the per-channel scale waits for the epilogue
         if DOT_F32:
             w = q.to(tl.float32)
+        elif a.dtype == tl.float16:
+            w = int8_to_fp16(q)
         else:
             w = q.to(a.dtype)
     else:
@@ -178,7 +209,11 @@ def _weight_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
 @triton.jit
 def _group_scaled_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
                        GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, K_AXIS: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    # per group: w[k, n] = q[k, n] * scale[n, k // GROUP_K], rounded once to a's dtype
+    # per group: w[k, n] = q[k, n] * scale[n, k // GROUP_K], rounded once to a's dtype. fp16:
+    # the product of q (exact in fp16) and the scale rounded to fp16, in fp16 (packed
+    # multiplies; the product is exact in float32, so this equals rounding
+    # q * fp16(scale) once); bf16: q * scale in float32, rounded to bf16 (a bf16 scale
+    # would carry 2^-9 of error into every weight of its group).
     BLOCK_N: tl.constexpr = cols.shape[0]
     if GROUP_K % BLOCK_K == 0:
         # the whole tile lies in one group: one scale per output channel
@@ -206,12 +241,32 @@ def _group_scaled_tile(q, a, w_scale_ptr, k0, cols, K, stride_wsn, stride_wsg,
             scale = tl.load(w_scale_ptr + groups[:, None] * stride_wsg + cols[None, :] * stride_wsn)
         else:
             scale = tl.load(w_scale_ptr + cols[:, None] * stride_wsn + groups[None, :] * stride_wsg)
-    w = q.to(tl.float32) * scale
     if DOT_F32:
-        w = _bf16_round_nearest(w)
+        w = _bf16_round_nearest(q.to(tl.float32) * scale)
+    elif a.dtype == tl.float16:
+        w = int8_to_fp16(q) * scale.to(tl.float16)
     else:
-        w = w.to(a.dtype)
+        w = (q.to(tl.float32) * scale).to(a.dtype)
     return w
+
+
+@triton.jit
+def _mma(x, y, acc, a_scale_ptr, scale_rows, ki, stride_as,
+         A_GROUP_K: tl.constexpr, SWAPPED: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    # acc += x @ y. A_GROUP_K (an int8 `a` whose scale changes every A_GROUP_K along K;
+    # the K tile is one group): the tile's exact int32 partial is promoted into the float32
+    # accumulator times its group's scale, one per row of `a` (scale_rows, in bounds) -
+    # the columns of the product when SWAPPED (out^T = W @ a^T).
+    if A_GROUP_K == 0:
+        acc = _dot(x, y, acc, DOT_F32, INPUT_PRECISION)
+    else:
+        part = tl.dot(x, y, out_dtype=tl.int32).to(tl.float32)
+        s = tl.load(a_scale_ptr + scale_rows * stride_as + ki)
+        if SWAPPED:
+            acc += part * s[None, :]
+        else:
+            acc += part * s[:, None]
+    return acc
 
 
 @triton.jit
@@ -221,7 +276,8 @@ def _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, s
     # computes it (the scales where the operands are int8).
     out = acc.to(tl.float32)  # int32 -> float32 rounds to nearest even, as torch does
     if acc.dtype == tl.int32:
-        # w8a8: a's scale, one per row (stride 1) or one for all rows (stride 0)
+        # w8a8: a's scale, one per row (stride 1) or one for all rows (stride 0). (A
+        # per-group scale was applied in the K loop: the accumulator is float32 then.)
         a_scale = tl.load(a_scale_ptr + offs_m * stride_as, mask=offs_m < M, other=0.0)
         out = out * a_scale[:, None]
     if INT8_WEIGHT:
@@ -235,14 +291,65 @@ def _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, s
 
 
 @triton.jit
-def _to_output(out, c_scale_ptr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
-    # float32 out stored in OUT_DTYPE (int8: requantized)
+def _epilogue(acc, offs_m, offs_n, M, N,
+              bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+              INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # float32 out = acc * a_scale[m] * w_scale[n] + bias[n], then GELU, in this order, as
+    # kernels/reference.py computes it; then stored in OUT_DTYPE (int8: requantized).
+    out = _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
+                      INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
+    return _to_output(gelu(out, ACTIVATION), offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
+
+
+@triton.jit
+def _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N,
+                    bias_ptr, up_bias_ptr, w_scale_ptr, up_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                    INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # A gated GEMM1: each accumulator dequantized with its own weight's scales and bias,
+    # GELU(gate) * up in float32 (kernels/reference.py's order), then stored as _epilogue
+    # stores (w8a8: the product requantized).
+    gate = _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
+                       INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
+    up = _dequantize(acc_up, offs_m, offs_n, M, N, up_bias_ptr, up_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
+                     INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
+    return _to_output(gelu(gate, ACTIVATION) * up, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
+
+
+@triton.jit
+def _tile_epilogue(acc, acc_up, offs_m, offs_n, M, N,
+                   bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                   INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACTIVATION: tl.constexpr, GATED: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # The output tile: _gated_epilogue of both accumulators, or _epilogue of acc (acc_up
+    # is then never read).
+    if GATED:
+        out = _gated_epilogue(
+            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr,
+            stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, OUT_DTYPE, INTERPRETER,
+        )  # fmt: skip
+    else:
+        out = _epilogue(
+            acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+            INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, OUT_DTYPE, INTERPRETER,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _to_output(out, offs_m, offs_n, M, N, c_scale_ptr,
+               C_GROUP_N: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # float32 out stored in OUT_DTYPE (int8: requantized, per tensor or per group)
     if OUT_DTYPE == tl.int8:
-        # w8a8 GEMM1: requantize for GEMM2, q = round(clamp(out / c_scale)), the division
-        # as a multiply by the correctly rounded reciprocal (div_rn: Triton's plain "/"
-        # is an approximate division on the GPU)
-        inv_c_scale = tl.math.div_rn(1.0, tl.load(c_scale_ptr))
-        result = round_to_int8(out * inv_c_scale)
+        if C_GROUP_N == 0:
+            # w8a8 GEMM1, static: requantize for GEMM2, q = round(clamp(out / c_scale)), the
+            # division as a multiply by the correctly rounded reciprocal (div_rn: Triton's
+            # plain "/" is an approximate division on the GPU)
+            inv_c_scale = tl.math.div_rn(1.0, tl.load(c_scale_ptr))
+            result = round_to_int8(out * inv_c_scale)
+        else:
+            result = _requantize_groups(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N)
     else:
         if OUT_DTYPE == tl.bfloat16:
             if INTERPRETER:
@@ -252,65 +359,82 @@ def _to_output(out, c_scale_ptr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.conste
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N,
-              bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-              INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-              OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
-    # float32 out = acc * a_scale[m] * w_scale[n] + bias[n], then GELU, in this order, as
-    # kernels/reference.py computes it; then stored in OUT_DTYPE (int8: requantized).
-    out = _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
-                      INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
-    return _to_output(gelu(out, ACTIVATION), c_scale_ptr, OUT_DTYPE, INTERPRETER)
-
-
-@triton.jit
-def _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N,
-                    bias_ptr, up_bias_ptr, w_scale_ptr, up_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-                    INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                    OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
-    # A gated GEMM1: each accumulator dequantized with its own weight's scales and bias,
-    # GELU(gate) * up in float32 (kernels/reference.py's order), then stored as _epilogue
-    # stores (w8a8: the product requantized with c_scale).
-    gate = _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
-                       INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
-    up = _dequantize(acc_up, offs_m, offs_n, M, N, up_bias_ptr, up_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
-                     INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
-    return _to_output(gelu(gate, ACTIVATION) * up, c_scale_ptr, OUT_DTYPE, INTERPRETER)
-
-
-@triton.jit
-def _tile_epilogue(acc, acc_up, offs_m, offs_n, M, N,
-                   bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-                   INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                   GATED: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
-    # The output tile: _gated_epilogue of both accumulators, or _epilogue of acc (acc_up
-    # is then never read).
-    if GATED:
-        out = _gated_epilogue(
-            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr,
-            stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, OUT_DTYPE, INTERPRETER,
-        )  # fmt: skip
+def _requantize_groups(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N: tl.constexpr):
+    # w8a8 GEMM1 of group:N: each (row, C_GROUP_N columns) of the output gets its own
+    # scale, max(absmax / 127, SCALE_EPS) over the group's columns (those past N left out),
+    # written to c_scale [M, cdiv(N, C_GROUP_N)]; then q = round(clamp(out * (1 / scale))),
+    # kernels/int8.py's arithmetic. The tile holds whole groups (the configs see to it).
+    BLOCK_M: tl.constexpr = out.shape[0]
+    BLOCK_N: tl.constexpr = out.shape[1]
+    GROUPS: tl.constexpr = BLOCK_N // C_GROUP_N
+    tl.static_assert(BLOCK_N % C_GROUP_N == 0, "the epilogue's tile must hold whole output groups")
+    n_groups = tl.cdiv(N, C_GROUP_N)
+    magnitude = tl.where(offs_n[None, :] < N, tl.abs(out), 0.0)
+    if GROUPS == 1:
+        # one group per tile (the large configs' 128-wide epilogue halves): 2-D reductions
+        scale = tl.maximum(tl.math.div_rn(tl.max(magnitude, axis=1), INT8_MAX_F32), SCALE_EPS_F32)
+        # (the second half of a subtiled edge tile may lie wholly past N: no group to write)
+        group = tl.max(offs_n, axis=0) // C_GROUP_N
+        tl.store(c_scale_ptr + offs_m * n_groups + group, scale, mask=(offs_m < M) & (offs_m * 0 + group < n_groups))
+        result = round_to_int8(out * tl.math.div_rn(1.0, scale)[:, None])
     else:
-        out = _epilogue(
-            acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-            INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, OUT_DTYPE, INTERPRETER,
-        )  # fmt: skip
-    return out
+        absmax = tl.max(tl.reshape(magnitude, (BLOCK_M, GROUPS, C_GROUP_N)), axis=2)
+        scale = tl.maximum(tl.math.div_rn(absmax, INT8_MAX_F32), SCALE_EPS_F32)
+        groups = tl.max(tl.reshape(offs_n, (GROUPS, C_GROUP_N)), axis=1) // C_GROUP_N
+        mask = (offs_m[:, None] < M) & (groups[None, :] < n_groups)
+        tl.store(c_scale_ptr + offs_m[:, None] * n_groups + groups[None, :], scale, mask=mask)
+        scaled = tl.reshape(out, (BLOCK_M, GROUPS, C_GROUP_N)) * tl.math.div_rn(1.0, scale)[:, :, None]
+        result = round_to_int8(tl.reshape(scaled, (BLOCK_M, BLOCK_N)))
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+# Arguments, in this order for all three: the tensors (a [M, K]; b the weight, float or
+# int8; c the output [M, N]; bias [N]; w_scale, the int8 weight's scales, [N] per channel
+# or [N, K / GROUP_K] per group; a_scale, an int8 a's scale: [M] (stride_as 1), one
+# (stride_as 0), or with A_GROUP_K one per row per A_GROUP_K along K, [M, cdiv(K,
+# A_GROUP_K)] with rows stride_as apart; c_scale, the one scale an int8 output is
+# requantized with, or with C_GROUP_N the [M, cdiv(N, C_GROUP_N)] scales the kernel writes
+# for it; a gated GEMM1's up projection: u the up weight (b's dtype, shape and strides: a
+# weight of its own, or the other half of one concatenated weight), u_bias [N], u_scale
+# (w_scale's shape and strides); decode adds its split-K workspace), then sizes and
+# strides. A scale or tensor the operands do not have is passed as None (a compile-time
+# None, never read).
 
 
 @triton.jit
-def _accumulators(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, GATED: tl.constexpr):
-    # (acc, acc_up): int32 for int8 x int8 (exact), float32 otherwise; acc_up, the up
-    # projection's, only when GATED (else acc again, never read).
-    if a_ptr.dtype.element_ty == tl.int8:
+def _zero_acc(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.constexpr):
+    # int32 for int8 x int8 (exact), float32 otherwise and when per-group A scales are
+    # promoted into it every K tile
+    if a_ptr.dtype.element_ty == tl.int8 and A_GROUP_K == 0:
         acc = tl.zeros((ROWS, COLS), dtype=tl.int32)
     else:
         acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _accumulators(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.constexpr, GATED: tl.constexpr):
+    # (acc, acc_up): acc_up, the up projection's, only when GATED (else acc again, never read)
+    acc = _zero_acc(a_ptr, ROWS, COLS, A_GROUP_K)
     if GATED:
-        acc_up = tl.zeros((ROWS, COLS), dtype=acc.dtype)
+        acc_up = _zero_acc(a_ptr, ROWS, COLS, A_GROUP_K)
     else:
         acc_up = acc
     return acc, acc_up
+
+
+@triton.jit
+def _weight_desc(ptr, N, K, stride_b, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_IS_NK: tl.constexpr):
+    # A weight's TMA descriptor: stored [N, K] (nn.Linear) in [BLOCK_N, BLOCK_K] tiles, or
+    # [K, N] (Conv1D) in [BLOCK_K, BLOCK_N] tiles.
+    if B_IS_NK:
+        desc = tl.make_tensor_descriptor(ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    return desc
 
 
 @triton.jit
@@ -329,33 +453,14 @@ def _load_weight(desc, off_n, k0, B_IS_NK: tl.constexpr, K_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _weight_desc(ptr, N, K, stride_b, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_IS_NK: tl.constexpr):
-    # A weight's TMA descriptor: stored [N, K] (nn.Linear) in [BLOCK_N, BLOCK_K] tiles, or
-    # [K, N] (Conv1D) in [BLOCK_K, BLOCK_N] tiles.
-    if B_IS_NK:
-        desc = tl.make_tensor_descriptor(ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        desc = tl.make_tensor_descriptor(ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
-    return desc
-
-
-# ---------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------
-# Arguments, in this order for all three: the tensors (a [M, K]; b the weight, float or
-# int8; c the output [M, N]; bias [N]; w_scale, the int8 weight's scales, [N] per channel
-# or [N, K / GROUP_K] per group; a_scale, an int8 a's scale, [M] (stride_as 1) or one
-# (stride_as 0); c_scale, the one scale an int8 output is requantized with; a gated
-# GEMM1's up projection: u the up weight (b's dtype, shape and strides: a weight of its
-# own, or the other half of one concatenated weight), u_bias [N], u_scale (w_scale's
-# shape and strides); decode adds its split-K workspace), then sizes and strides. A scale
-# or tensor the operands do not have is passed as None (a compile-time None, never read).
-#
-# GATED (a gated GEMM1, GELU(a @ B + bias) * (a @ U + u_bias)): the up tile of the same
-# output columns is loaded beside the weight tile, with the same activation tile, into a
-# second accumulator; `_gated_epilogue` dequantizes each with its own scales and bias and
-# writes the product once. Its configs are the scheme's "-gated" tables: two
-# accumulators, so tiles half as wide as the plain ones.
+def _sum_splits(ptrs, like, SPLIT_K: tl.constexpr, T: tl.constexpr):
+    # The SPLIT_K partial sums stored T elements apart from ptrs, added up in like's dtype
+    # (int32 partials travel bit for bit through the float32 workspace).
+    total = tl.zeros(like.shape, dtype=like.dtype)
+    for split in range(SPLIT_K):
+        part = tl.load(ptrs + split * T, cache_modifier=".cg")
+        total += part.to(like.dtype, bitcast=True)
+    return total
 
 
 @triton.jit
@@ -363,11 +468,13 @@ def gemm_strided_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, u_ptr, u_bias_ptr, u_scale_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_wsn, stride_wsg, stride_as,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
+    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, GATED: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
+    tl.static_assert(A_GROUP_K == 0 or A_GROUP_K == BLOCK_K, "per-group A scales take one group per K tile")
     INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -382,7 +489,7 @@ def gemm_strided_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
 
-    acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, GATED)
+    acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
     if GATED:
         u_ptrs = u_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     for ki in range(tl.cdiv(K, BLOCK_K)):
@@ -394,21 +501,22 @@ def gemm_strided_kernel(
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             q = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
-        acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+        acc = _mma(a, b, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
         if GATED:
             if EVEN_K:
                 qu = tl.load(u_ptrs)
             else:
                 qu = tl.load(u_ptrs, mask=offs_k[:, None] < K - ki * BLOCK_K, other=0.0)
             bu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
-            acc_up = _dot(a, bu, acc_up, DOT_F32, INPUT_PRECISION)
+            acc_up = _mma(a, bu, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
             u_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     out = _tile_epilogue(
         acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr,
-        stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, GATED, c_ptr.dtype.element_ty, INTERPRETER,
+        stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED, c_ptr.dtype.element_ty,
+        INTERPRETER,
     )  # fmt: skip
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -419,14 +527,22 @@ def gemm_tma_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, u_ptr, u_bias_ptr, u_scale_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr, GATED: tl.constexpr, B_IS_NK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
+    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, GATED: tl.constexpr, B_IS_NK: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, EPILOGUE_SUBTILE: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False,
 ):  # fmt: skip
     # B_IS_NK: the weight is stored [N, K] (nn.Linear), read as [BLOCK_N, BLOCK_K] tiles
-    # and transposed in registers (K-major, the layout the int8 wgmma wants); otherwise
-    # it is [K, N] (Conv1D), read as is.
+    # (transposed in registers where the dot wants [K, N]: K-major, the layout the int8
+    # wgmma wants); otherwise it is [K, N] (Conv1D), read as is.
+    # SWAP_AB (int8 weights with fp16/bf16 a): out^T = W @ a^T, so the weight tile
+    # converted in registers is the MMA's register operand (wgmma reads its A operand from
+    # registers, its B operand only from shared memory: converted as B, the tile would
+    # make a round trip through shared memory every K step); the accumulator is
+    # [BLOCK_N, BLOCK_M], transposed for the epilogue.
+    tl.static_assert(A_GROUP_K == 0 or A_GROUP_K == BLOCK_K, "per-group A scales take one group per K tile")
     INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = _weight_desc(b_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
@@ -450,20 +566,39 @@ def gemm_tma_kernel(
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        cols = tl.where(offs_n < N, offs_n, 0)  # in-bounds scale reads for the edge tile
-        acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, GATED)
+        rows = tl.where(offs_m < M, offs_m, 0)  # in-bounds scale reads for the edge tiles
+        cols = tl.where(offs_n < N, offs_n, 0)
+        if SWAP_AB:
+            acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
+        else:
+            acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
         for ki in range(k_tiles):
             # TMA fills reads past the tensor's edge with zeros: no K mask needed.
             a = a_desc.load([off_m, ki * BLOCK_K])
-            q = _load_weight(b_desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
-            b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
-            acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+            if SWAP_AB:
+                q = _load_weight(b_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
+                w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
+                acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
+                if GATED:
+                    qu = _load_weight(u_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
+                    wu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
+                    acc_up = _mma(wu, a.T, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
+            else:
+                q = _load_weight(b_desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
+                b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
+                acc = _mma(a, b, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+                if GATED:
+                    qu = _load_weight(u_desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
+                    bu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
+                    acc_up = _mma(a, bu, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+        if SWAP_AB:
+            acc = acc.T
             if GATED:
-                qu = _load_weight(u_desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
-                bu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
-                acc_up = _dot(a, bu, acc_up, DOT_F32, INPUT_PRECISION)
-        offs_m = off_m + tl.arange(0, BLOCK_M)
+                acc_up = acc_up.T
+            else:
+                acc_up = acc
         # TMA clips stores at the tensor's edge: no mask needed.
         if EPILOGUE_SUBTILE:
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -471,19 +606,21 @@ def gemm_tma_kernel(
             offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
             out0 = _tile_epilogue(
                 acc0, up0, offs_m, offs_n0, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
-                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, GATED, out_dtype, INTERPRETER,
+                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+                out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n], out0)
             out1 = _tile_epilogue(
                 acc1, up1, offs_m, offs_n0 + BLOCK_N // 2, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
-                a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, GATED,
-                out_dtype, INTERPRETER,
+                a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION,
+                GATED, out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n + BLOCK_N // 2], out1)
         else:
             out = _tile_epilogue(
                 acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
-                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, GATED, out_dtype, INTERPRETER,
+                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+                out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n], out)
 
@@ -504,7 +641,8 @@ def gemm_decode_kernel(
     partial_ptr, arrivals_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr, GATED: tl.constexpr, B_IS_NK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
+    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, GATED: tl.constexpr, B_IS_NK: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -514,6 +652,7 @@ def gemm_decode_kernel(
     # wide side and the few tokens on its narrow side. Program (pid_n, pid_k) covers
     # BLOCK_N outputs over the pid_k-th share of K; weight and activation tiles arrive
     # through TMA, several in flight.
+    tl.static_assert(A_GROUP_K == 0 or A_GROUP_K == BLOCK_K, "per-group A scales take one group per K tile")
     INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -524,23 +663,24 @@ def gemm_decode_kernel(
     off_n = pid_n * BLOCK_N
     offs_n = off_n + tl.arange(0, BLOCK_N)
     cols = tl.where(offs_n < N, offs_n, 0)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = tl.where(offs_m < M, offs_m, 0)
     k_tiles = tl.cdiv(K, BLOCK_K)
     k_per_split = tl.cdiv(k_tiles, SPLIT_K)
     k_first = pid_k * k_per_split
     k_last = tl.minimum(k_first + k_per_split, k_tiles)
 
-    acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, GATED)
+    acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
     for ki in range(k_first, k_last):
         a = a_desc.load([0, ki * BLOCK_K])
         q = _load_weight(b_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
         w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-        acc = _dot(w, a.T, acc, DOT_F32, INPUT_PRECISION)
+        acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
         if GATED:
             qu = _load_weight(u_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
             wu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-            acc_up = _dot(wu, a.T, acc_up, DOT_F32, INPUT_PRECISION)
+            acc_up = _mma(wu, a.T, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
 
-    offs_m = tl.arange(0, BLOCK_M)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K > 1:
@@ -548,7 +688,8 @@ def gemm_decode_kernel(
         # this N tile (counted by an acq_rel atomic, so the other partials are visible)
         # adds them up, runs the epilogue, and zeroes the counter for the next launch.
         # int32 partials (w8a8) travel bit for bit through the float32 workspace and add
-        # up exactly. Gated: the tile's slots hold the up partials after the gate's.
+        # up exactly; float32 ones (float a, or per-group A scales) add in float32.
+        # Gated: the tile's slots hold the up partials after the gate's.
         T: tl.constexpr = BLOCK_N * BLOCK_M
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
         if GATED:
@@ -567,28 +708,17 @@ def gemm_decode_kernel(
             tl.store(arrivals_ptr + pid_n, 0)
             out = _tile_epilogue(
                 total.T, total_up.T, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
-                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, GATED,
+                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
                 c_ptr.dtype.element_ty, INTERPRETER,
             )  # fmt: skip
             tl.store(c_ptrs, out, mask=c_mask)
     else:
         out = _tile_epilogue(
             acc.T, acc_up.T, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
-            c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, HAS_BIAS, ACTIVATION, GATED, c_ptr.dtype.element_ty,
-            INTERPRETER,
+            c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+            c_ptr.dtype.element_ty, INTERPRETER,
         )  # fmt: skip
         tl.store(c_ptrs, out, mask=c_mask)
-
-
-@triton.jit
-def _sum_splits(ptrs, like, SPLIT_K: tl.constexpr, T: tl.constexpr):
-    # The SPLIT_K partial sums stored T elements apart from ptrs, added up in like's dtype
-    # (int32 partials travel bit for bit through the float32 workspace).
-    total = tl.zeros(like.shape, dtype=like.dtype)
-    for split in range(SPLIT_K):
-        part = tl.load(ptrs + split * T, cache_modifier=".cg")
-        total += part.to(like.dtype, bitcast=True)
-    return total
 
 
 # ---------------------------------------------------------------------------------------
@@ -631,11 +761,13 @@ def _config_key(c: triton.Config) -> tuple:
     return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
 
-def operand_scheme(a_dtype: torch.dtype, b_dtype: torch.dtype, gated: bool = False) -> str:
-    """Which config table a call tunes over: "float", "w8a16" or "w8a8", and for a gated
-    GEMM1 the scheme's own "-gated" table (two accumulators: narrower tiles)."""
-    scheme = "w8a8" if a_dtype == torch.int8 else "w8a16" if b_dtype == torch.int8 else "float"
-    return f"{scheme}-gated" if gated else scheme
+def operand_scheme(a_dtype: torch.dtype, b_dtype: torch.dtype, a_group_k: int = 0) -> str:
+    """Which config table a call tunes over: "float", "w8a16", "w8a8", or "w8a8-group" (an
+    int8 a with one scale per row per a_group_k along K). A gated GEMM1 takes the
+    scheme's "-gated" table (two accumulators: narrower tiles)."""
+    if a_dtype == torch.int8:
+        return "w8a8-group" if a_group_k else "w8a8"
+    return "w8a16" if b_dtype == torch.int8 else "float"
 
 
 def _gather_config(c: triton.Config) -> triton.Config:
@@ -645,21 +777,51 @@ def _gather_config(c: triton.Config) -> triton.Config:
     return triton.Config(kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
 
 
-def _pruner(tables: dict):
-    # Bench only the configs written for this M bucket in the scheme's table, those whose
-    # tiles fit shared memory, and, for group scales, those whose K tile and group size
-    # divide one another (a few scale loads per tile); when none does, shallow variants
-    # of the bucket's configs for the gather.
+def fit_groups(c: triton.Config, a_group_k: int, c_group_n: int) -> triton.Config:
+    """c made to fit per-group activation scales: one A group per K tile (BLOCK_K =
+    a_group_k), and an epilogue tile (BLOCK_N, or its half when subtiled) holding whole
+    output groups of c_group_n columns. 0 leaves that side as it is."""
+    kw = dict(c.kwargs)
+    if a_group_k:
+        kw["BLOCK_K"] = a_group_k
+    if c_group_n:
+        subtile = kw.get("EPILOGUE_SUBTILE", False)
+        if (kw["BLOCK_N"] // (2 if subtile else 1)) % c_group_n:
+            if subtile and kw["BLOCK_N"] % c_group_n == 0:
+                kw["EPILOGUE_SUBTILE"] = False
+            else:
+                kw["BLOCK_N"] = c_group_n * (2 if subtile else 1)
+    if kw == c.kwargs:
+        return c
+    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _unique(configs) -> list:
+    return list({_config_key(c): c for c in configs}.values())
+
+
+def _pruner(tables: dict, interpreter_extra: dict):
+    # Bench only the configs written for this M bucket in the scheme's table, fitted to
+    # per-group activation scales, those whose tiles fit shared memory, and, for group
+    # weight scales, those whose K tile and group size divide one another (a few scale
+    # loads per tile); when none does, shallow variants of the bucket's configs for the
+    # gather. Under the interpreter: its one config, with the scheme's extras
+    # (interpreter_extra: {scheme: {constexpr: value}}) and fitted to the groups.
     def prune(configs, named_args, **kwargs):
-        if interpreting():
-            return configs
         a, b = named_args["a_ptr"], named_args["b_ptr"]
-        gated = bool(kwargs.get("GATED", named_args.get("GATED", False)))
-        table = tables[operand_scheme(a.dtype, b.dtype, gated)]
+        a_group_k = kwargs.get("A_GROUP_K", 0)
+        c_group_n = kwargs.get("C_GROUP_N", 0)
+        gated = bool(kwargs.get("GATED", False))
+        scheme = operand_scheme(a.dtype, b.dtype, a_group_k)
+        if interpreting():
+            c = configs[0]
+            extra = interpreter_extra.get(scheme, {})
+            return [fit_groups(triton.Config({**c.kwargs, **extra}, num_warps=c.num_warps, num_stages=1), a_group_k, c_group_n)]
+        table = tables[f"{scheme}-gated" if gated else scheme]
         bucket = named_args["M_BUCKET"]
         sizes = [k for k in table if k != "large" and k >= bucket]
         wanted = {_config_key(c) for c in (table[min(sizes)] if sizes else table["large"])}
-        keep = [c for c in configs if _config_key(c) in wanted]
+        keep = _unique(fit_groups(c, a_group_k, c_group_n) for c in configs if _config_key(c) in wanted)
         # fp32 tiles take twice the shared memory of fp16 ones: drop configs that cannot fit.
         a_bytes, b_bytes = a.element_size(), b.element_size()
         fits = [c for c in keep if _smem_bytes(c, a_bytes, b_bytes, gated) <= _SMEM_BUDGET]
@@ -668,7 +830,7 @@ def _pruner(tables: dict):
         group_k = kwargs.get("GROUP_K", named_args.get("GROUP_K", 0))
         if group_k:
             divides = [c for c in keep if group_k % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group_k == 0]
-            keep = divides or list({_config_key(g): g for g in map(_gather_config, keep)}.values())
+            keep = divides or _unique(map(_gather_config, keep))
         return keep
 
     return prune
@@ -682,15 +844,17 @@ def _autotune_kwargs() -> dict:
     return {}
 
 
-def _autotuned(body, tables: dict, key: list, heuristics: dict, **interpreter_extra):
+def _autotuned(body, tables: dict, key: list, heuristics: dict, interpreter_extra: dict | None = None, **interpreter_all):
     """`body` autotuned over every config of every scheme's table (once each), pruned per
-    call to the scheme's configs for the call's M bucket."""
+    call to the scheme's configs for the call's M bucket. Under the interpreter: one small
+    config, with interpreter_all for every scheme and interpreter_extra[scheme] for one."""
     if interpreting():
-        configs = [triton.Config({**_INTERPRETER_CONFIG, **interpreter_extra}, num_warps=4, num_stages=1)]
+        # Triton's autotuner consults the pruner only when it holds more than one config:
+        # a second (never chosen) makes it fit the one interpreter config to each call.
+        configs = [triton.Config({**_INTERPRETER_CONFIG, **interpreter_all}, num_warps=w, num_stages=1) for w in (4, 1)]
     else:
-        unique = {_config_key(c): c for table in tables.values() for cfgs in table.values() for c in cfgs}
-        configs = list(unique.values())
-    prune = _pruner(tables)
+        configs = _unique(c for table in tables.values() for cfgs in table.values() for c in cfgs)
+    prune = _pruner(tables, interpreter_extra or {})
     tuned = triton.autotune(
         configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **_autotune_kwargs()
     )(triton.heuristics(heuristics)(body))
@@ -711,17 +875,22 @@ class GemmKernels:
 
 
 def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int) -> GemmKernels:
-    """Build the three kernels from {scheme: table} for each path ("float", or "w8a16"
-    and "w8a8", each with its "-gated" table; see operand_scheme)."""
+    """Build the three kernels from {scheme: table} for each path ("float", or "w8a16",
+    "w8a8" and "w8a8-group", each with its "-gated" table; see operand_scheme)."""
+    groups = ["GROUP_K", "A_GROUP_K", "C_GROUP_N", "GATED"]
     return GemmKernels(
         strided=_autotuned(
-            gemm_strided_kernel, strided, ["M_BUCKET", "N", "K", "stride_bk", "stride_bn", "GROUP_K", "GATED"],
+            gemm_strided_kernel, strided, ["M_BUCKET", "N", "K", "stride_bk", "stride_bn", *groups],
             {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0},
         ),  # fmt: skip
-        # the interpreter runs the subtiled epilogue that most large-M configs use
-        tma=_autotuned(gemm_tma_kernel, tma, ["M_BUCKET", "N", "K", "B_IS_NK", "GROUP_K", "GATED"], {}, EPILOGUE_SUBTILE=True),
+        # the interpreter runs the subtiled epilogue that most large-M configs use, and
+        # w8a16's swap-AB schedule
+        tma=_autotuned(
+            gemm_tma_kernel, tma, ["M_BUCKET", "N", "K", "B_IS_NK", *groups], {},
+            interpreter_extra={"w8a16": {"SWAP_AB": True}}, EPILOGUE_SUBTILE=True,
+        ),  # fmt: skip
         decode=_autotuned(
-            gemm_decode_kernel, decode, ["M_BUCKET", "N", "K", "B_IS_NK", "GROUP_K", "GATED"], {"SPLIT_K": decode_split_k},
+            gemm_decode_kernel, decode, ["M_BUCKET", "N", "K", "B_IS_NK", *groups], {"SPLIT_K": decode_split_k},
             BLOCK_M=decode_max_m,
         ),  # fmt: skip
         decode_max_m=decode_max_m,
@@ -897,6 +1066,8 @@ def _plan(
     has_bias: bool,
     activation: str,
     group_k: int = 0,
+    a_group_k: int = 0,
+    c_group_n: int = 0,
     scale_strides: tuple[int, int, int] = (0, 0, 0),
     input_precision: str = "ieee",
     key: tuple = (),
@@ -906,10 +1077,13 @@ def _plan(
     `layout` (a WeightLayout), into a [M, N] output with rows c_row_stride apart.
 
     out_aligned: the output is 16-byte aligned with 16-byte aligned rows (TMA can store it).
-    w_up: a gated GEMM1's up weight (w's shape, dtype and strides), or None.
     group_k: the int8 weight's group size along K (0: per channel, or a float weight).
+    a_group_k: an int8 a's scales are per row per a_group_k along K (0: per row or one).
+    c_group_n: an int8 output is requantized per row per c_group_n columns, its scales
+        written by the kernel (0: with the one c_scale given).
     scale_strides: (w_scale's along N, w_scale's along the groups, a_scale's along M).
     key: what else selects the compiled kernel (dtypes of the tensors the kernel reads).
+    w_up: a gated GEMM1's up weight (w's shape, dtype and strides), or None.
     """
     m, k = a.shape
     n = layout.kn_shape(w)[1]
@@ -920,6 +1094,8 @@ def _plan(
         HAS_BIAS=has_bias,
         ACTIVATION=activation,
         GROUP_K=group_k,
+        A_GROUP_K=a_group_k,
+        C_GROUP_N=c_group_n,
         GATED=gated,
         # bf16 under the CPU interpreter: see _dot and _weight_tile
         DOT_F32=interpreting() and a.dtype == torch.bfloat16,
@@ -927,7 +1103,7 @@ def _plan(
         INTERPRETER=interpreting(),
     )
     key = (path, a.dtype, w.dtype, m, n, k, a.stride(0), a.stride(1), stride_bk, stride_bn, c_row_stride,
-           scale_strides, activation, group_k, input_precision, gated, *key)  # fmt: skip
+           scale_strides, activation, group_k, a_group_k, c_group_n, input_precision, gated, *key)  # fmt: skip
     head = (m, n, k, m_bucket(m))
     if path == "strided":
 
@@ -953,8 +1129,10 @@ def _plan(
 
     # Sized for the largest split-K layout among the configs autotuning may pick for this
     # call: BLOCK_N * BLOCK_M fp32 partial sums per split of each N tile (gated: two).
-    named = dict(a_ptr=a, b_ptr=w, M_BUCKET=m_bucket(m), GROUP_K=group_k, GATED=gated)
-    configs = kernels.decode.prune(kernels.decode.configs, named, GROUP_K=group_k, GATED=gated)
+    named = dict(a_ptr=a, b_ptr=w, M_BUCKET=m_bucket(m), GROUP_K=group_k)
+    configs = kernels.decode.prune(
+        kernels.decode.configs, named, GROUP_K=group_k, A_GROUP_K=a_group_k, C_GROUP_N=c_group_n, GATED=gated
+    )
     partial_elems, tiles = 0, 0
     for c in configs:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -994,6 +1172,8 @@ class GemmLauncher:
         a_scale: torch.Tensor | None = None,
         c_scale: torch.Tensor | None = None,
         group_k: int = 0,
+        a_group_k: int = 0,
+        c_group_n: int = 0,
         input_precision: str = "ieee",
         w_up: torch.Tensor | None = None,
         up_bias: torch.Tensor | None = None,
@@ -1007,9 +1187,13 @@ class GemmLauncher:
         check(layout) -> (K, N): the caller's checks of its arguments, run on a new signature.
         options: every argument other than the tensors that the checks or the plan depend
             on (the caller's options, which decide weight_layout, activation, path,
-            out_dtype, group_k and input_precision), for the signature.
-        a_scale: an int8 a's float32 scale, one per row ([M]) or one element.
-        c_scale: the one-element scale an int8 output is requantized with.
+            out_dtype, group_k, a_group_k, c_group_n and input_precision), for the signature.
+        a_scale: an int8 a's float32 scale, one per row ([M]) or one element; with
+            a_group_k, one per row per a_group_k along K ([..., cdiv(K, a_group_k)],
+            contiguous).
+        c_scale: the one-element scale an int8 output is requantized with; with c_group_n,
+            the contiguous [..., cdiv(N, c_group_n)] buffer the kernel writes the output's
+            per-group scales into.
         """
         # Written out flat: this runs on every call, and each microsecond of host time
         # shows in a decode step.
@@ -1039,8 +1223,8 @@ class GemmLauncher:
         # (else a view where strides allow; the kernels take any row stride).
         flat = a.dim() == 2
         a2 = a if flat else a.reshape(-1, k)
-        if a_scale is not None and a_scale.dim() != 1:
-            a_scale = a_scale.reshape(-1)
+        if a_scale is not None and a_scale.dim() != (2 if a_group_k else 1):
+            a_scale = a_scale.reshape(-1, a_scale.shape[-1]) if a_group_k else a_scale.reshape(-1)
         out2 = output_buffer(out, (*a.shape[:-1], n), a, out_dtype)
         if a2.shape[0] == 0:
             return out2.reshape(*a.shape[:-1], n)
@@ -1048,11 +1232,12 @@ class GemmLauncher:
         # caller's may not be, and then takes a plan of its own that is not kept.
         out_aligned = out is None or (out2.data_ptr() % 16 == 0 and (n * out2.element_size()) % 16 == 0)
         if plan is None or not out_aligned:
-            stride_as = 0 if a_scale is None or a_scale.numel() == 1 else a_scale.stride(0)
+            stride_as = 0 if a_scale is None or (a_scale.numel() == 1 and not a_group_k) else a_scale.stride(0)
             w_scale_strides = (0, 0) if w_scale is None else (w_scale.stride(0), w_scale.stride(1) if group_k else 0)
             plan = _plan(
                 self.kernels, a2, w, n, layout, path=path, out_aligned=out_aligned, has_bias=bias is not None,
-                activation=activation, group_k=group_k, scale_strides=(*w_scale_strides, stride_as),
+                activation=activation, group_k=group_k, a_group_k=a_group_k, c_group_n=c_group_n,
+                scale_strides=(*w_scale_strides, stride_as),
                 input_precision=input_precision, key=(out_dtype, None if bias is None else bias.dtype), w_up=w_up,
             )  # fmt: skip
             if out_aligned:

@@ -10,12 +10,17 @@ scheme at compile time:
   which holds every value in [-127, 127] exactly, and goes to the fp16/bf16 tensor cores
   with float32 accumulation. A per-channel scale is constant along K, so it multiplies
   the accumulator once, in the epilogue. A per-group scale changes along K: it
-  multiplies the tile in the loop (w = q * scale, rounded once to a's dtype).
+  multiplies the tile in the loop (w = q * scale rounded once to a's dtype; for fp16 the
+  scale is rounded to fp16 first and multiplies in fp16). From M > 16 the TMA path runs
+  the swap-AB schedule (out^T = W @ a^T) where autotuning finds it faster.
 - int8 `a` (w8a8, kernels/w8a8.py): both int8 tiles go to the int8 tensor cores as they
   are, with exact int32 accumulation (split-K partials added in int32 too). The
   epilogue dequantizes with a's scale (one per row, or one scalar) times the weight's
   per-channel scale and, when the output buffer is int8, requantizes with the
-  calibrated output scale.
+  calibrated output scale. With per-group scales of `a` (`a_group_k`, w8a8 `group:N`)
+  each K tile is one group and its int32 partial is promoted into a float32
+  accumulator times the group's scale; with `c_group_n` the int8 output is requantized
+  per (row, group of columns), the kernel writing those scales.
 
 The kernels are kernels/gemm_base.py's (decode for M <= 16 = INT8_DECODE_MAX_M, the
 persistent TMA kernel, the strided fallback: TMA needs 16-byte aligned rows, K % 16 == 0
@@ -66,15 +71,20 @@ W8A8_STRIDED_CONFIGS = {
     64: [cfg(64, 64, 128, 4, 4), cfg(32, 64, 256, 4, 4), cfg(64, 128, 128, 4, 4)],
     "large": [cfg(128, 128, 128, 8, 3), cfg(128, 256, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
 }  # fmt: skip
-# Large M after kernels/gemm.py's measured float configs: the subtiled epilogue with a
-# flattened or warp-specialized tile loop.
+# w8a16 through TMA: the swap-AB schedule (out^T = W @ a^T, the converted weight tile as
+# the MMA's register operand; bench/RESULTS.md section 8 measured it 1.2-2.4x faster than
+# converting the tile as the B operand, which wgmma reads from shared memory only), with
+# the plain schedule kept as an alternative for the autotuner. Large M: 128x256x64 with 4
+# stages and a warp-specialized tile loop was the probe's fastest.
 W8A16_TMA_CONFIGS = {
-    64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 128, 128, 4, 3)],
-    256: [cfg(64, 128, 64, 4, 4), cfg(128, 128, 64, 8, 4), cfg(64, 256, 64, 8, 4)],
+    64: [cfg(64, 128, 128, 4, 4, SWAP_AB=True), cfg(32, 128, 128, 4, 5, SWAP_AB=True), cfg(64, 64, 128, 4, 4)],
+    256: [cfg(128, 128, 128, 8, 4, SWAP_AB=True, FLATTEN=True), cfg(64, 128, 128, 4, 4, SWAP_AB=True),
+          cfg(64, 128, 64, 4, 4)],
     "large": [
-        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(128, 256, 64, 8, 4, SWAP_AB=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 64, 8, 4, SWAP_AB=True, FLATTEN=True),
+        cfg(128, 128, 128, 8, 4, SWAP_AB=True, FLATTEN=True),
         cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
-        cfg(128, 128, 64, 8, 4, FLATTEN=True), cfg(128, 256, 64, 8, 3), cfg(128, 128, 128, 8, 3),
     ],
 }  # fmt: skip
 # 128x256x128: 48 KiB of int8 tiles a stage; the subtiled epilogue halves the output
@@ -90,14 +100,40 @@ W8A8_TMA_CONFIGS = {
         cfg(256, 128, 128, 8, 3, EPILOGUE_SUBTILE=True),
     ],
 }  # fmt: skip
+# w8a8 group:N (written for N = 128; kernels/gemm_base.py's fit_groups sets BLOCK_K = N and
+# makes the epilogue tile hold whole groups for other N). Every K tile's partial is
+# promoted into the float32 accumulator, which waits on each MMA: the probe measured the
+# warp-specialized loop 5% ahead of the flattened one, and 64-row tiles far behind.
+W8A8_GROUP_DECODE_CONFIGS = {
+    16: [cfg(16, 128, 128, 4, 6), cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4)],
+}  # fmt: skip
+W8A8_GROUP_STRIDED_CONFIGS = {
+    16: [cfg(16, 128, 128, 4, 4), cfg(16, 64, 128, 4, 5)],
+    64: [cfg(64, 128, 128, 4, 4), cfg(32, 128, 128, 4, 4)],
+    "large": [cfg(128, 128, 128, 8, 3), cfg(128, 256, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
+}  # fmt: skip
+W8A8_GROUP_TMA_CONFIGS = {
+    64: [cfg(64, 128, 128, 4, 4), cfg(64, 256, 128, 8, 3, EPILOGUE_SUBTILE=True)],
+    256: [cfg(128, 128, 128, 8, 4), cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+          cfg(64, 128, 128, 4, 4)],
+    "large": [
+        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(128, 128, 128, 8, 4, WARP_SPECIALIZE=True),
+        cfg(128, 256, 128, 8, 4, EPILOGUE_SUBTILE=True),
+    ],
+}  # fmt: skip
 
-# Gated GEMM1 (gate and up accumulators side by side): the plain tables' tiles at half the
-# N width (two [128, 128] accumulators where the plain kernel holds one [128, 256]).
+# Gated GEMM1 (gate and up accumulators side by side): each scheme's tiles at half the N
+# width (two [128, 128] accumulators where the plain kernel holds one [128, 256]).
 W8A16_GATED_DECODE_CONFIGS = {
     16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 512, 4, 3), cfg(16, 128, 256, 4, 4), cfg(16, 64, 128, 4, 6)],
 }  # fmt: skip
 W8A8_GATED_DECODE_CONFIGS = {
     16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 512, 4, 3), cfg(16, 128, 256, 4, 4), cfg(16, 64, 128, 4, 6)],
+}  # fmt: skip
+W8A8_GROUP_GATED_DECODE_CONFIGS = {
+    16: [cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4)],
 }  # fmt: skip
 W8A16_GATED_STRIDED_CONFIGS = {
     16: [cfg(16, 32, 256, 4, 4), cfg(16, 32, 512, 4, 4), cfg(16, 64, 256, 4, 4)],
@@ -109,13 +145,19 @@ W8A8_GATED_STRIDED_CONFIGS = {
     64: [cfg(64, 64, 128, 4, 4), cfg(32, 64, 256, 4, 4)],
     "large": [cfg(128, 128, 128, 8, 3), cfg(64, 128, 128, 4, 4), cfg(128, 64, 128, 4, 4)],
 }  # fmt: skip
+W8A8_GROUP_GATED_STRIDED_CONFIGS = {
+    16: [cfg(16, 64, 128, 4, 4), cfg(16, 128, 128, 4, 4)],
+    64: [cfg(64, 64, 128, 4, 4), cfg(32, 128, 128, 4, 4)],
+    "large": [cfg(128, 128, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
+}  # fmt: skip
 W8A16_GATED_TMA_CONFIGS = {
-    64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4)],
-    256: [cfg(64, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3)],
+    64: [cfg(64, 64, 128, 4, 4, SWAP_AB=True), cfg(32, 64, 128, 4, 5, SWAP_AB=True), cfg(64, 64, 128, 4, 4)],
+    256: [cfg(128, 64, 128, 8, 4, SWAP_AB=True, FLATTEN=True), cfg(64, 128, 128, 4, 4, SWAP_AB=True),
+          cfg(64, 64, 64, 4, 4)],
     "large": [
+        cfg(128, 128, 64, 8, 4, SWAP_AB=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 64, 8, 4, SWAP_AB=True, FLATTEN=True),
         cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
-        cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
-        cfg(128, 128, 64, 8, 4, FLATTEN=True), cfg(128, 128, 128, 8, 3),
     ],
 }  # fmt: skip
 # 128x128x128 gated: 48 KiB of int8 tiles a stage (a, gate, up).
@@ -129,15 +171,26 @@ W8A8_GATED_TMA_CONFIGS = {
         cfg(128, 128, 128, 8, 3),
     ],
 }  # fmt: skip
+W8A8_GROUP_GATED_TMA_CONFIGS = {
+    64: [cfg(64, 128, 128, 4, 4), cfg(64, 64, 128, 4, 4)],
+    256: [cfg(128, 128, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
+    "large": [
+        cfg(128, 128, 128, 8, 3, WARP_SPECIALIZE=True), cfg(128, 128, 128, 8, 3, FLATTEN=True),
+        cfg(128, 128, 128, 8, 4),
+    ],
+}  # fmt: skip
 
 _GEMM = GemmLauncher(
     gemm_kernels(
-        strided={"w8a16": W8A16_STRIDED_CONFIGS, "w8a8": W8A8_STRIDED_CONFIGS,
-                 "w8a16-gated": W8A16_GATED_STRIDED_CONFIGS, "w8a8-gated": W8A8_GATED_STRIDED_CONFIGS},
-        tma={"w8a16": W8A16_TMA_CONFIGS, "w8a8": W8A8_TMA_CONFIGS,
-             "w8a16-gated": W8A16_GATED_TMA_CONFIGS, "w8a8-gated": W8A8_GATED_TMA_CONFIGS},
-        decode={"w8a16": W8A16_DECODE_CONFIGS, "w8a8": W8A8_DECODE_CONFIGS,
-                "w8a16-gated": W8A16_GATED_DECODE_CONFIGS, "w8a8-gated": W8A8_GATED_DECODE_CONFIGS},
+        strided={"w8a16": W8A16_STRIDED_CONFIGS, "w8a8": W8A8_STRIDED_CONFIGS, "w8a8-group": W8A8_GROUP_STRIDED_CONFIGS,
+                 "w8a16-gated": W8A16_GATED_STRIDED_CONFIGS, "w8a8-gated": W8A8_GATED_STRIDED_CONFIGS,
+                 "w8a8-group-gated": W8A8_GROUP_GATED_STRIDED_CONFIGS},
+        tma={"w8a16": W8A16_TMA_CONFIGS, "w8a8": W8A8_TMA_CONFIGS, "w8a8-group": W8A8_GROUP_TMA_CONFIGS,
+             "w8a16-gated": W8A16_GATED_TMA_CONFIGS, "w8a8-gated": W8A8_GATED_TMA_CONFIGS,
+             "w8a8-group-gated": W8A8_GROUP_GATED_TMA_CONFIGS},
+        decode={"w8a16": W8A16_DECODE_CONFIGS, "w8a8": W8A8_DECODE_CONFIGS, "w8a8-group": W8A8_GROUP_DECODE_CONFIGS,
+                "w8a16-gated": W8A16_GATED_DECODE_CONFIGS, "w8a8-gated": W8A8_GATED_DECODE_CONFIGS,
+                "w8a8-group-gated": W8A8_GROUP_GATED_DECODE_CONFIGS},
         decode_max_m=INT8_DECODE_MAX_M,
     )
 )  # fmt: skip
@@ -175,15 +228,19 @@ def int8_weight_gemm(
     out_dtype: torch.dtype,
     c_scale: torch.Tensor | None,
     check: Callable[[], None],
+    a_group_k: int = 0,
+    c_group_n: int = 0,
     up: QuantizedWeight | None = None,
     up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """epilogue(a @ dequant(weight)^T) for a of shape [..., K]; returns [..., N] in out_dtype.
 
     a: fp16/bf16 (w8a16) or int8 (w8a8, then `a_scale` is its float32 scale: one per row
-        of a, shape [...], or one element).
+        of a, shape [...], or one element; with a_group_k, one per row per a_group_k
+        along K, shape [..., cdiv(K, a_group_k)]).
     out_dtype: a's dtype (w8a16), fp16/bf16/fp32 (w8a8 dequantized), or int8 (w8a8
-        requantized with the one-element `c_scale`).
+        requantized with the one-element `c_scale`, or with c_group_n per row per
+        c_group_n columns, the scales written into `c_scale` [..., cdiv(N, c_group_n)]).
     path: "auto" (decode for M <= 16, else tma, where TMA can take the operands; else
         strided), "decode", "tma" or "strided".
     check: the scheme's own checks of these arguments, run with the shared ones when the
@@ -211,9 +268,10 @@ def int8_weight_gemm(
         return k, n
 
     group_size = weight.group_size
-    options = (activation, weight_layout, path, out_dtype, group_size, weight.smooth_scale is None)
+    options = (activation, weight_layout, path, out_dtype, group_size, weight.smooth_scale is None, a_group_k, c_group_n)
     return _GEMM.run(
         check_all, options, a, weight.data, bias, weight_layout=weight_layout, activation=activation, path=path,
         out=out, out_dtype=out_dtype, w_scale=weight.scale, a_scale=a_scale, c_scale=c_scale, group_k=group_size or 0,
+        a_group_k=a_group_k, c_group_n=c_group_n,
         w_up=None if up is None else up.data, up_bias=up_bias, up_scale=None if up is None else up.scale,
     )  # fmt: skip

@@ -47,7 +47,7 @@ class FusedGeluMLP(nn.Module):
         for w8a16/w8a8, stored in `config.weight_layout` ([d_ff, d_model] for W1 in
         "out_in", [d_model, d_ff] in "in_out").
     b1, b2: float biases or None.
-    config: what the op computes (dtype, GELU flavour, layout, backend, w8a8 input_quant,
+    config: what the op computes (dtype, GELU flavour, layout, backend, w8a8 activations,
         gated).
     device: where the weights go; None leaves them where they are.
     w_up, b_up: a gated MLP's up projection (W1 is then its gate), or None: a gated MLP
@@ -199,7 +199,7 @@ class FusedGeluMLP(nn.Module):
         cfg = self.config
         what = cfg.dtype if not self.quantized else f"{cfg.dtype}, {cfg.activation_dtype} activations"
         if cfg.dtype == "w8a8":
-            what += f", {cfg.input_quant} input scale"
+            what += f", activations {cfg.activations}"
         gated = "" if not cfg.gated else ", gated (" + ("separate up" if "w_up" in self.weight_names else "concatenated") + ")"
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, {what}, gelu={cfg.gelu}{gated}, "

@@ -11,12 +11,21 @@ asking for `backend="triton"` where Triton cannot run raises instead of switchin
 
 The int8 schemes take `QuantizedWeight`s (int8 data with their scales):
 
-    op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", input_quant="static"))
-    y = op(x, w1_q, b1, w2_q, b2)      # x and y bf16; int8 between the GEMMs
+    op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", activations="group:128"))
+    y = op(x, w1_q, b1, w2_q, b2)      # x and y bf16
 
-w8a16 dequantizes the weights inside the GEMMs; w8a8 quantizes x (per token, or with
-w1.input_scale), requantizes GELU's output with w1.output_scale inside GEMM1's epilogue,
-and GEMM2 reads that int8 intermediate at the same scale. A missing scale is an error.
+w8a16 dequantizes the weights inside the GEMMs. w8a8 quantizes both GEMM inputs, x and
+GELU's output h, as its activation scheme says (kernels/schemes.py's ActivationScheme;
+kernels/w8a8.py has the launches of each):
+
+    dynamic   per-token scales computed at run time: x quantized per row, GEMM1 writes h
+              in the activation dtype, h quantized per row (over all of d_ff), GEMM2
+    group:N   per token per N columns, at run time: x per (row, N columns); GEMM1's
+              epilogue requantizes h per (row, N columns) to int8 with scales it writes
+    static    calibrated per-tensor scales: x with w1.input_scale; GEMM1's epilogue
+              requantizes h with w1.output_scale; GEMM2 reads int8 h at that scale
+
+A scale the scheme needs and the weights lack is an error.
 
 Gated MLPs (GeGLU: Gemma, T5 v1.1, ModernBERT), y = (GELU(x Wg^T + bg) * (x Wu^T + bu)) W2^T + b2:
 
@@ -27,8 +36,8 @@ Gated MLPs (GeGLU: Gemma, T5 v1.1, ModernBERT), y = (GELU(x Wg^T + bg) * (x Wu^T
 GEMM1 computes the gate and up tiles of the same output columns in one kernel (one read
 of x, two accumulators, each dequantized with its own scales for int8) and writes
 GELU(gate) * up once; a concatenated weight is read in place, its halves as two views
-(kernels/gated.py). Everything else (the int8 scales, w8a8's requantization of the
-product) is as for the plain MLP.
+(kernels/gated.py). Everything else (the int8 scales, w8a8's quantization of the
+product, per scheme) is as for the plain MLP.
 """
 
 from __future__ import annotations
@@ -44,14 +53,22 @@ from kernels.gated import gate_and_up
 from kernels.gemm_base import triton_can_run
 from kernels.int8_gemm import check_weight_scales
 from kernels.quantized import QuantizedWeight
-from kernels.schemes import ACTIVATION_DTYPES, DTYPES, FLOAT_DTYPES, GELU_FLAVOURS, INT8_DTYPES, WeightLayout
-from kernels.w8a8 import quantize_activations, w8a8_linear
+from kernels.schemes import (
+    ACTIVATION_DTYPES,
+    DTYPES,
+    DYNAMIC,
+    FLOAT_DTYPES,
+    GELU_FLAVOURS,
+    INT8_DTYPES,
+    ActivationScheme,
+    WeightLayout,
+)
+from kernels.w8a8 import check_group_size, quantize_activations, w8a8_linear
 from kernels.w8a16 import w8a16_linear
 
 __all__ = ["DTYPES", "FLOAT_DTYPES", "INT8_DTYPES", "FusedMLP", "MLPConfig", "choose_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
-INPUT_QUANT = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -66,8 +83,10 @@ class MLPConfig:
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     allow_tf32: fp32 only: let the GEMMs use TF32 tensor cores.
     activation_dtype: int8 schemes only: the float dtype of x and y, "fp16" or "bf16".
-    input_quant: w8a8 only: "dynamic" (per-token scales computed at run time) or
-        "static" (the calibrated `input_scale` carried by the weights).
+    activations: w8a8 only: how x and GELU's output are scaled, an ActivationScheme or
+        its string: "dynamic" (per token, at run time; the default), "group:N" (per token
+        per N columns, at run time; N in kernels.w8a8.W8A8_GROUP_SIZES) or "static" (the
+        calibrated w1.input_scale and w1.output_scale the weights carry).
     gated: a gated MLP (GeGLU): GEMM1 is GELU(x Wg^T + bg) * (x Wu^T + bu); forward takes
         the up projection as w_up/b_up, or w1/b1 holding gate and up as their halves.
     """
@@ -78,7 +97,7 @@ class MLPConfig:
     backend: str = "auto"
     allow_tf32: bool = False
     activation_dtype: str = "fp16"
-    input_quant: str = "dynamic"
+    activations: ActivationScheme = DYNAMIC
     gated: bool = False
 
     def __post_init__(self):
@@ -87,11 +106,13 @@ class MLPConfig:
             ("gelu", self.gelu, GELU_FLAVOURS),
             ("backend", self.backend, BACKENDS),
             ("activation_dtype", self.activation_dtype, tuple(ACTIVATION_DTYPES)),
-            ("input_quant", self.input_quant, INPUT_QUANT),
         ):
             if value not in allowed:
                 raise LaunchError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         object.__setattr__(self, "weight_layout", WeightLayout.parse(self.weight_layout))
+        object.__setattr__(self, "activations", ActivationScheme.parse(self.activations))
+        if self.dtype == "w8a8" and self.activations.kind == "group":
+            check_group_size(self.activations.group_size)
         if not isinstance(self.gated, bool):
             raise LaunchError(f"gated must be True or False; got {self.gated!r}")
 
@@ -165,10 +186,14 @@ class FusedMLP:
         for name, w in weights:
             if w.group_size is not None:
                 raise LaunchError(f"w8a8 takes per-channel weight scales; {name} has {w.granularity}")
-        if w1.output_scale is None:
-            raise LaunchError("w8a8 needs w1.output_scale, the calibrated scale GELU's output is requantized to")
-        if cfg.input_quant == "static" and w1.input_scale is None:
-            raise LaunchError("input_quant='static' needs w1.input_scale, the calibrated scale of x")
+        if cfg.activations.kind != "static":
+            return  # scales computed at run time: any calibrated ones the weights carry go unused
+        if w1.input_scale is None or w1.output_scale is None:
+            missing = "w1.input_scale" if w1.input_scale is None else "w1.output_scale"
+            raise LaunchError(
+                f"activations='static' needs {missing}: the calibrated scales of x (w1.input_scale) and of "
+                "GELU's output (w1.output_scale); quantize with calibration data, or run activations='dynamic'"
+            )
         # GEMM2 reads the intermediate at w1.output_scale; a separate w2.input_scale must agree
         # (compared on the device: a host sync, so only when they are different tensors).
         if w2.input_scale is not None and w2.input_scale is not w1.output_scale:
@@ -211,14 +236,28 @@ class FusedMLP:
             h = w8a16_linear(x, gate, b_gate, activation=cfg.gelu, weight_layout=layout, **up)
             return w8a16_linear(h, w2, b2, weight_layout=layout)
 
-        # w8a8: three launches, int8 between each: quantize x, GEMM1 + bias + GELU (times the
-        # up projection) requantized to int8, GEMM2 dequantized to x's dtype.
+        scheme = cfg.activations
         if self.backend == "torch":
             return reference.w8a8_mlp_reference(
-                x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, input_quant=cfg.input_quant, **gated
+                x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme, **gated
             )
-        static_scale = gate.input_scale if cfg.input_quant == "static" else None
-        xq, x_scale = quantize_activations(x, static_scale, smooth_scale=gate.smooth_scale)
+        # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
+        if scheme.kind == "dynamic":
+            # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)
+            xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
+            h = w8a8_linear(xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype, **up)
+            hq, h_scale = quantize_activations(h)
+            return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
+        if scheme.kind == "group":
+            g = scheme.group_size
+            xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale, group_size=g)
+            hq, h_scale = w8a8_linear(
+                xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, input_group_size=g,
+                output_group_size=g, **up,
+            )  # fmt: skip
+            return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, input_group_size=g, out_dtype=x.dtype)
+        # static: three launches, int8 between each
+        xq, x_scale = quantize_activations(x, gate.input_scale, smooth_scale=gate.smooth_scale)
         h = w8a8_linear(
             xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, output_scale=gate.output_scale, **up
         )

@@ -13,12 +13,12 @@ dtype, so the benchmark can time them side by side on the same inputs.
     compile   torch.compile of `eager` (static shapes)
     dequant   w8a16 the naive way: dequantize the int8 weights in torch on every call,
               then the eager MLP
-    int_mm    w8a8 through torch._int_mm: per-token dynamic int8 quantization of x, int8
-              GEMM, dequantize, bias, GELU, requantize (with the calibrated output scale
-              gelugemm's w8a8 kernel uses), int8 GEMM, dequantize, bias
+    int_mm    w8a8 through torch._int_mm, the field's W8A8 (per-token dynamic scales) run
+              naively: quantize x per token, int8 GEMM, dequantize, bias, GELU, quantize
+              per token, int8 GEMM, dequantize, bias, each a separate torch op
 
-The int8 peers take `QuantizedWeight`s (per-channel int8 weights, float32 scales), as the
-int8 op does.
+The int8 peers take `QuantizedWeight`s (int8 weights in nn.Linear's layout, float32
+scales: per channel, or for dequant per group too), as the int8 op does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.quantized import QuantizedWeight
+from kernels.quantized import QuantizedWeight, expand_scale
 from kernels.reference import eager_gelu
 from kernels.reference import gelu as reference_gelu
 from kernels.reference import quantize_activation_reference
@@ -111,9 +111,10 @@ def cublaslt_gelu_flavour(device, dtype: torch.dtype = torch.float16) -> str:
 
 
 def dequant_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
-    """w8a16 the naive way: rebuild both float weights in torch, then the eager MLP."""
-    w1 = q1.data.to(x.dtype) * q1.scale.to(x.dtype)[:, None]
-    w2 = q2.data.to(x.dtype) * q2.scale.to(x.dtype)[:, None]
+    """w8a16 the naive way: rebuild both float weights in torch (scales per channel or
+    per group of input channels), then the eager MLP."""
+    w1 = q1.data.to(x.dtype) * expand_scale(q1.scale, q1.data.shape[1], q1.group_size).to(x.dtype)
+    w2 = q2.data.to(x.dtype) * expand_scale(q2.scale, q2.data.shape[1], q2.group_size).to(x.dtype)
     return eager_mlp(x, w1, b1, w2, b2, gelu)
 
 
@@ -126,17 +127,13 @@ def _int_mm(a_int8: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 
 
 def int_mm_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
-    """w8a8 with torch._int_mm and each (de)quantization step a separate torch op.
-
-    x is quantized per token; the GELU output with q1.output_scale where it is set (the
-    calibrated scale gelugemm's w8a8 kernel requantizes to), else per token.
-    """
+    """w8a8 with torch._int_mm and each (de)quantization step a separate torch op: x and
+    the GELU output quantized per token (float32 h, not rounded to x's dtype first)."""
     xq, x_scale = quantize_activation_reference(x)  # scale [M]
     h = _int_mm(xq, q1).float() * x_scale[:, None] * q1.scale + b1.float()
     h = eager_gelu(h, gelu)
-    hq, h_scale = quantize_activation_reference(h, q1.output_scale)
-    h_scale = h_scale.reshape(()) if q1.output_scale is not None else h_scale[:, None]
-    y = _int_mm(hq, q2).float() * h_scale * q2.scale
+    hq, h_scale = quantize_activation_reference(h)
+    y = _int_mm(hq, q2).float() * h_scale[:, None] * q2.scale
     if b2 is not None:
         y = y + b2.float()
     return y.to(x.dtype)

@@ -185,3 +185,29 @@ class ActivationScheme:
 
 DYNAMIC = ActivationScheme("dynamic")
 STATIC = ActivationScheme("static")
+
+
+def scheme_key(dtype: str, granularity: Granularity | str | None = None, activations: ActivationScheme | str | None = None) -> str:
+    """What a path runs, as tolerances and limits are keyed: the dtype for a float one,
+    "w8a16:<granularity>" ("w8a16:group:128"), "w8a8:<activations>" ("w8a8:dynamic")."""
+    if dtype == "w8a8":
+        return f"w8a8:{ActivationScheme.parse(activations)}"
+    if dtype == "w8a16":
+        return f"w8a16:{Granularity.parse(granularity)}"
+    return dtype
+
+
+def closest_key(key: str, table) -> str:
+    """The key of `table` (measured schemes) that stands for `key`: the key itself, or for a
+    group size the table does not name, group:128's where it is finer (at least as accurate),
+    else w8a16's per-channel one (the coarsest weight scales). KeyError if none applies."""
+    if key in table:
+        return key
+    dtype, _, detail = key.partition(":")
+    if detail.startswith("group:"):
+        size = Granularity.parse(detail).group_size
+        stand_in = f"{dtype}:group:128" if size <= 128 else "w8a16:per-channel"
+        if dtype == "w8a16" or size <= 128:
+            if stand_in in table:
+                return stand_in
+    raise KeyError(key)

@@ -1,11 +1,25 @@
 """w8a8: int8 activations x int8 weights on the int8 tensor cores, int32 accumulation.
 
-The MLP runs as three launches, and every tensor between them is int8:
+The MLP's two GEMM inputs, x and the GELU output h, are quantized per one of three
+activation schemes (kernels/schemes.py's ActivationScheme); kernels/op.py runs them as:
 
-    xq, x_scale = quantize_activations(x)                    # x / smooth, per-token or static
-    h  = w8a8_linear(xq, x_scale, w1, b1, activation="erf",  # int8 [M, F] in memory
-                     output_scale=w1.output_scale)
-    y  = w8a8_linear(h, w1.output_scale, w2, b2)             # fp16/bf16
+    dynamic    xq, xs = quantize_activations(x, smooth_scale=s)          # per token
+               h = w8a8_linear(xq, xs, w1, b1, activation="erf", out_dtype=x.dtype)  # 16-bit h
+               hq, hs = quantize_activations(h)                          # per token, over all of d_ff
+               y = w8a8_linear(hq, hs, w2, b2, out_dtype=x.dtype)
+    group:G    xq, xs = quantize_activations(x, smooth_scale=s, group_size=G)   # xs [M, K/G]
+               hq, hs = w8a8_linear(xq, xs, w1, b1, activation="erf", input_group_size=G,
+                                    output_group_size=G)             # int8 h, hs [M, d_ff/G]
+               y = w8a8_linear(hq, hs, w2, b2, input_group_size=G, out_dtype=x.dtype)
+    static     xq, xs = quantize_activations(x, w1.input_scale, smooth_scale=s)
+               h = w8a8_linear(xq, xs, w1, b1, activation="erf", output_scale=w1.output_scale)  # int8
+               y = w8a8_linear(h, w1.output_scale, w2, b2, out_dtype=x.dtype)
+
+`dynamic` keeps h at 16 bits between GEMM1 and its quantization: GEMM1's epilogue sees
+only BLOCK_N columns of a row, not the row's absmax. bench/RESULTS.md section 8 measured
+this 1-4% slower than `static`'s int8 intermediate, and a GEMM2 that quantizes 16-bit A
+tiles as it loads them 1.5x slower (an A operand computed in registers every K step
+breaks Triton's software pipeline). `group:G` and `static` keep h int8 in memory.
 
 Quantization is symmetric, q = round_half_even(clamp(v * (1 / scale), -127, 127)) in
 float32 with the reciprocal correctly rounded: kernels/int8.py's definition, which the
@@ -13,16 +27,18 @@ reference and calibration use too, so a kernel and its reference agree bit for b
 except where a float32 op-order difference (an fma, the erf implementation) moves a
 value across a rounding tie.
 
-- `_quantize_rows_kernel`: one program per row of x. Dynamic: a first pass over the
-  row finds absmax (after the SmoothQuant division), scale = max(absmax / 127,
-  SCALE_EPS); the second pass quantizes. Static: one pass with the calibrated scale.
+- `_quantize_rows_kernel`: one program per row of x. Dynamic per token: a first pass
+  over the row finds absmax (after the SmoothQuant division), scale = max(absmax / 127,
+  SCALE_EPS); the second pass quantizes. Per token group: one pass, each group's scale
+  from its own absmax. Static: one pass with the calibrated scale.
 - The GEMMs are kernels/int8_gemm.py's (decode, persistent TMA, strided) with an int8
   input: int8 x int8 tensor-core dots with int32 accumulation (split-K partials added
   in int32 too); the epilogue computes acc * x_scale[m] * w_scale[n] + bias in float32,
-  then GELU, then either requantizes with the calibrated output scale (GEMM1, int8
-  out) or rounds to the float output dtype (GEMM2). Weight scales are per channel:
-  per-group scales would need a float rescale of the int32 partial sum at every group
-  boundary, which this kernel does not do.
+  then GELU, then requantizes (with the calibrated output scale, or per group of G
+  columns with scales it writes) or rounds to the float output dtype. Per-group input
+  scales: the K tile is one group, whose int32 partial is promoted into a float32
+  accumulator times the group's scale inside the K loop. Weight scales are per channel:
+  per-group weight scales would need that rescale for the weight too.
 """
 
 from __future__ import annotations
@@ -38,6 +54,11 @@ from kernels.int8_gemm import int8_weight_gemm
 from kernels.launch import interpreting, launch
 from kernels.quantized import QuantizedWeight
 from kernels.schemes import FLOAT_DTYPES, WeightLayout
+
+# The group sizes of w8a8 `group:N` the kernels run: N is the K tile of the int8 GEMMs
+# (the int8 MMA takes K in steps of 32; deeper than 128 the 128x256 tiles' stages no
+# longer fit shared memory) and the width of GEMM1's requantized output groups.
+W8A8_GROUP_SIZES = (32, 64, 128)
 
 
 def check_scalar_scale(scale, device: torch.device, what: str) -> None:
@@ -68,28 +89,55 @@ def _load_smoothed(row_ptr, smooth_ptr, offs_k, K, stride_xk, HAS_SMOOTH: tl.con
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, smooth_ptr,
-    K, stride_xm, stride_xk, stride_qm,
-    DYNAMIC: tl.constexpr, HAS_SMOOTH: tl.constexpr, SCALE_EPS: tl.constexpr, BLOCK_K: tl.constexpr,
+    K, stride_xm, stride_xk, stride_qm, stride_sm,
+    DYNAMIC: tl.constexpr, GROUP: tl.constexpr, HAS_SMOOTH: tl.constexpr, SCALE_EPS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm
-    if DYNAMIC:
-        absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if GROUP > 0:
+        # One pass: each block of BLOCK_K (a multiple of GROUP) holds whole groups; each
+        # group's scale is max(absmax / 127, SCALE_EPS) over its columns (zeros past K).
+        tl.static_assert(BLOCK_K % GROUP == 0)
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        n_groups = tl.cdiv(K, GROUP)
         for k0 in range(0, K, BLOCK_K):
-            absmax = tl.maximum(absmax, tl.abs(_load_smoothed(x_row, smooth_ptr, k0 + offs, K, stride_xk, HAS_SMOOTH)))
-        # scale = max(absmax / 127, SCALE_EPS): kernels/int8.py's scale_from_absmax, finite
-        # and non-zero for an all-zero row
-        scale = tl.maximum(tl.math.div_rn(tl.max(absmax, axis=0), INT8_MAX_F32), SCALE_EPS)
-        tl.store(scale_ptr + row, scale)
+            x = tl.reshape(_load_smoothed(x_row, smooth_ptr, k0 + offs, K, stride_xk, HAS_SMOOTH), (GROUPS, GROUP))
+            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), INT8_MAX_F32), SCALE_EPS)
+            q = round_to_int8(x * tl.math.div_rn(1.0, scale)[:, None])
+            tl.store(q_row + k0 + offs, tl.reshape(q, (BLOCK_K,)), mask=k0 + offs < K)
+            groups = k0 // GROUP + tl.arange(0, GROUPS)
+            tl.store(scale_ptr + row.to(tl.int64) * stride_sm + groups, scale, mask=groups < n_groups)
     else:
-        scale = tl.load(scale_ptr)
-    inv_scale = tl.math.div_rn(1.0, scale)
-    # The row is re-read from L2 (dynamic), where the first pass left it.
-    for k0 in range(0, K, BLOCK_K):
-        x = _load_smoothed(x_row, smooth_ptr, k0 + offs, K, stride_xk, HAS_SMOOTH)
-        tl.store(q_row + k0 + offs, round_to_int8(x * inv_scale), mask=k0 + offs < K)
+        if DYNAMIC:
+            absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = _load_smoothed(x_row, smooth_ptr, k0 + offs, K, stride_xk, HAS_SMOOTH)
+                absmax = tl.maximum(absmax, tl.abs(x))
+            # scale = max(absmax / 127, SCALE_EPS): kernels/int8.py's scale_from_absmax, finite
+            # and non-zero for an all-zero row
+            scale = tl.maximum(tl.math.div_rn(tl.max(absmax, axis=0), INT8_MAX_F32), SCALE_EPS)
+            tl.store(scale_ptr + row, scale)
+        else:
+            scale = tl.load(scale_ptr)
+        inv_scale = tl.math.div_rn(1.0, scale)
+        # The row is re-read from L2 (dynamic), where the first pass left it.
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_smoothed(x_row, smooth_ptr, k0 + offs, K, stride_xk, HAS_SMOOTH)
+            tl.store(q_row + k0 + offs, round_to_int8(x * inv_scale), mask=k0 + offs < K)
+
+
+# One direct-launch slot per call signature of the activation quantizer.
+_QUANTIZE_SLOTS: dict = {}
+
+
+def check_group_size(group_size: int) -> None:
+    """The group sizes w8a8 `group:N` runs with: one K tile of the int8 GEMM per group."""
+    if group_size not in W8A8_GROUP_SIZES:
+        sizes = ", ".join(f"group:{g}" for g in W8A8_GROUP_SIZES)
+        raise LaunchError(f"w8a8 activations group:{group_size} is not supported; the int8 kernels take {sizes}")
 
 
 def quantize_activations(
@@ -97,15 +145,18 @@ def quantize_activations(
     scale: torch.Tensor | None = None,
     *,
     smooth_scale: torch.Tensor | None = None,
+    group_size: int | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization of x [..., K] (fp16, bf16 or fp32).
 
-    scale: None for dynamic per-token scales (absmax of each row / 127), or a
-        one-element float32 tensor (static, calibrated).
+    scale: None for dynamic scales (per token: absmax of each row / 127; per token group
+        with group_size), or a one-element float32 tensor (static, calibrated).
     smooth_scale: float32 [K] or None; x is divided by it per channel first (SmoothQuant).
+    group_size: dynamic only: one scale per row per group_size columns (W8A8_GROUP_SIZES).
     out: a contiguous int8 [..., K] tensor to write into (else one is allocated).
-    Returns (q int8 [..., K], scale): float32 [...] when dynamic, else `scale` itself.
+    Returns (q int8 [..., K], scale): float32 [...] when dynamic per token, [...,
+    cdiv(K, group_size)] per group, else `scale` itself.
     """
     if x.dtype not in FLOAT_DTYPES.values():
         raise LaunchError(f"activation quantization takes fp16, bf16 or fp32 input, got {x.dtype}")
@@ -117,6 +168,10 @@ def quantize_activations(
     lead = x.shape[:-1]
     if scale is not None:
         check_scalar_scale(scale, x.device, "static input scale")
+        if group_size is not None:
+            raise LaunchError("group_size is for dynamic scales; a static scale is one for the whole tensor")
+    if group_size is not None:
+        check_group_size(group_size)
     if smooth_scale is not None:
         if smooth_scale.shape != (k,) or smooth_scale.dtype != torch.float32 or smooth_scale.device != x.device:
             raise LaunchError(
@@ -128,18 +183,30 @@ def quantize_activations(
     m = x2.shape[0]
     q = output_buffer(out, (*lead, k), x, torch.int8)
     dynamic = scale is None
-    if dynamic:
+    group = group_size or 0
+    if group:
+        scale = torch.empty((*lead, -(-k // group)), dtype=torch.float32, device=x.device)
+    elif dynamic:
         scale = torch.empty(lead, dtype=torch.float32, device=x.device)
     if m > 0:
         # Under the interpreter a small block, so test rows span several.
         block_k = 32 if interpreting() else min(triton.next_power_of_2(k), 4096)
-        args = (x2, q, scale, smooth_scale if smooth_scale is not None else scale, k, x2.stride(0), x2.stride(1), q.stride(0))
+        block_k = max(block_k, group)
+        stride_sm = scale.shape[-1] if group else 0
+        args = (x2, q, scale, smooth_scale if smooth_scale is not None else scale, k, x2.stride(0), x2.stride(1),
+                q.stride(0), stride_sm)  # fmt: skip
         constexprs = dict(
-            DYNAMIC=dynamic, HAS_SMOOTH=smooth_scale is not None, SCALE_EPS=SCALE_EPS, BLOCK_K=block_k,
+            DYNAMIC=dynamic, GROUP=group, HAS_SMOOTH=smooth_scale is not None, SCALE_EPS=SCALE_EPS, BLOCK_K=block_k,
             num_warps=8 if block_k >= 2048 else 4,
         )  # fmt: skip
-        key = (x.dtype, m, k, x2.stride(0), x2.stride(1), dynamic, smooth_scale is not None)
-        launch(_quantize_rows_kernel, lambda meta: (m,), args, constexprs, key)
+        # The key fixes every tensor's 16-byte alignment too, so a repeated call launches the
+        # compiled kernel through its slot (kernels/launch.py), skipping Triton's dispatch.
+        aligned = tuple(t.data_ptr() % 16 == 0 for t in args[:4])
+        key = (x.dtype, x.device, m, k, x2.stride(0), x2.stride(1), q.stride(0), dynamic, group, smooth_scale is not None, aligned)
+        slot = _QUANTIZE_SLOTS.get(key)
+        if slot is None and len(_QUANTIZE_SLOTS) < 4096:
+            slot = _QUANTIZE_SLOTS[key] = [None]
+        launch(_quantize_rows_kernel, lambda meta: (m,), args, constexprs, key, slot=slot)
     return (q if x.dim() == 2 else q.reshape(*lead, k)), scale
 
 
@@ -158,27 +225,36 @@ def w8a8_linear(
     weight_layout: str | WeightLayout = "out_in",
     output_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float16,
+    input_group_size: int | None = None,
+    output_group_size: int | None = None,
     path: str = "auto",
     out: torch.Tensor | None = None,
     up: QuantizedWeight | None = None,
     up_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """act((xq * x_scale) @ dequant(weight)^T + bias) for int8 xq [..., K], on the int8 tensor cores.
 
-    x_scale: float32, per token (shape [...]) or one element (static).
+    x_scale: float32, per token (shape [...]) or one element (static); with
+        input_group_size G, per token per G columns ([..., cdiv(K, G)], contiguous), as
+        quantize_activations(..., group_size=G) returns it.
     weight: int8 data in `weight_layout` with per-channel float32 scales.
     activation: "none" or a GELU flavour ("erf", "tanh", "quick").
     output_scale: a one-element float32 tensor: requantize the result to int8 with it
-        (GEMM1, whose int8 output GEMM2 reads); returns int8 [..., N]. None: the result
-        in `out_dtype` (fp16, bf16 or fp32).
+        (GEMM1 of `static`, whose int8 output GEMM2 reads); returns int8 [..., N].
+    output_group_size: G: requantize the result to int8 per token per G columns, each
+        group with the scale of its own absmax (GEMM1 of `group:G`); returns (int8
+        [..., N], float32 scales [..., cdiv(N, G)]).
+    Neither: the result in `out_dtype` (fp16, bf16 or fp32).
+    input_group_size, output_group_size: one of W8A8_GROUP_SIZES.
     path: "auto", "decode" (M <= 16), "tma" or "strided", as for w8a16_linear.
     up, up_bias: a gated GEMM1's up projection (weight's shape, layout and granularity):
         act(... + bias) * (the same GEMM on up + up_bias), each dequantized with its own scales.
     out: a contiguous [..., N] tensor of the output dtype to write into.
     """
     requested_dtype = out_dtype
-    if output_scale is not None:
+    if output_scale is not None or output_group_size is not None:
         out_dtype = torch.int8
+    lead = xq.shape[:-1]
 
     def check():
         if xq.dtype != torch.int8:
@@ -188,21 +264,39 @@ def w8a8_linear(
                 f"w8a8 takes per-channel weight scales only, got {weight.granularity}: "
                 "quantize the weight per channel, or run it as w8a16"
             )
-        lead = xq.shape[:-1]
         if not isinstance(x_scale, torch.Tensor) or x_scale.dtype != torch.float32 or x_scale.device != xq.device:
             raise LaunchError(f"x_scale must be a float32 tensor on {xq.device}")
-        if x_scale.numel() != 1 and tuple(x_scale.shape) != tuple(lead):
+        if input_group_size is not None:
+            check_group_size(input_group_size)
+            want = (*lead, -(-xq.shape[-1] // input_group_size))
+            if tuple(x_scale.shape) != want or not x_scale.is_contiguous():
+                raise LaunchError(
+                    f"x_scale must hold one scale per token per {input_group_size} columns: a contiguous "
+                    f"tensor of shape {want}, got {tuple(x_scale.shape)}"
+                )
+        elif x_scale.numel() != 1 and tuple(x_scale.shape) != tuple(lead):
             raise LaunchError(
                 f"x_scale must hold one scale per token (shape {tuple(lead)}) or one for all, got {tuple(x_scale.shape)}"
             )
+        if output_scale is not None and output_group_size is not None:
+            raise LaunchError("pass output_scale (one static scale) or output_group_size (per-group scales), not both")
         if output_scale is not None:
             check_scalar_scale(output_scale, xq.device, "output_scale")
+        elif output_group_size is not None:
+            check_group_size(output_group_size)
         elif requested_dtype not in FLOAT_DTYPES.values():
             raise LaunchError(
                 f"out_dtype must be fp16, bf16 or fp32 (int8 comes with an output_scale), got {requested_dtype}"
             )
 
-    return int8_weight_gemm(
+    c_scale = output_scale
+    if output_group_size is not None:
+        check_group_size(output_group_size)
+        n = WeightLayout.parse(weight_layout).kn_shape(weight.data)[1] if isinstance(weight, QuantizedWeight) else 0
+        c_scale = torch.empty((*lead, -(-n // output_group_size)), dtype=torch.float32, device=xq.device)
+    result = int8_weight_gemm(
         xq, x_scale, weight, bias, activation=activation, weight_layout=weight_layout, path=path, out=out,
-        out_dtype=out_dtype, c_scale=output_scale, check=check, up=up, up_bias=up_bias,
+        out_dtype=out_dtype, c_scale=c_scale, check=check, a_group_k=input_group_size or 0,
+        c_group_n=output_group_size or 0, up=up, up_bias=up_bias,
     )  # fmt: skip
+    return (result, c_scale) if output_group_size is not None else result

@@ -251,6 +251,9 @@ def one_line_error(result, code=2) -> str:
         (["--tokens", "1,x"], "--tokens takes positive integers"),
         (["--tokens", "0,16"], "--tokens takes positive integers"),
         (["--gelu", "relu"], "--gelu must be erf or tanh"),
+        (["--activations", "dynamic,per-tensor"], "activations must be dynamic, group:N or static"),
+        (["--activations", "group:48"], "group:48 is not supported"),
+        (["--granularity", "group:0"], "group:N needs a positive integer N"),
         (["missing.safetensors"], "no such file"),
     ],
 )
@@ -332,12 +335,11 @@ def test_int_mm_peer_matches_the_w8a8_reference(m):
     w2, b2 = randn(d, f, scale=f**-0.5, device="cpu"), randn(d, scale=0.5, device="cpu")
     x = randn(m, d, device="cpu", dtype=torch.float16)
     q1, q2 = quantize_weight(w1), quantize_weight(w2)
-    h = torch.nn.functional.gelu(x.float() @ w1.t() + b1)
-    q1.output_scale = (h.abs().amax() / 127).reshape(())
     b1h, b2h = b1.half(), b2.half()
     out = peers.int_mm_mlp(x, q1, b1h, q2, b2h)
     assert out.shape == (m, d) and out.dtype == torch.float16
-    assert rel_err(out, w8a8_mlp_reference(x, q1, b1h, q2, b2h)) < 1e-2
+    # per-token x and h, as `dynamic` (which rounds h to fp16 before quantizing it)
+    assert rel_err(out, w8a8_mlp_reference(x, q1, b1h, q2, b2h, activations="dynamic")) < 1e-2
 
 
 @pytest.mark.parametrize("flavour", ["erf", "tanh"])
@@ -439,6 +441,35 @@ def test_run_bench_on_cpu_plans_checks_and_shares_float_peers(cpu_run):
     assert all(r.speedup is not None for r in fp16 if r.impl != "gelugemm")
     assert [r for r in result.rows if r.impl == "int_mm" and r.tokens == 3][0].note.startswith("x padded")
     assert result.failed(None) == []
+
+
+def test_int8_rows_per_activation_scheme_and_granularity(cpu_run):
+    # A group of rows per w8a8 activation scheme and per w8a16 weight granularity, each
+    # gelugemm row running its own; int_mm (per-token in torch) measured once for all schemes.
+    schemes, granularities = ["dynamic", "group:32", "static"], ["group:32", "per-channel"]
+    result = bench.run_bench(
+        [MLPShape(64, 96)], ["w8a16", "w8a8"], [3, 20], ["eager", "dequant", "int_mm"],
+        activations=schemes, granularities=granularities,
+    )  # fmt: skip
+    variants = {(r.tokens, r.variant) for r in result.rows}
+    assert variants == {(m, v) for m in (3, 20) for v in
+                        ["w8a16 group:32", "w8a16 per-channel", "w8a8 dynamic", "w8a8 group:32", "w8a8 static"]}  # fmt: skip
+    assert result.failed(None) == []
+    for row in result.rows:
+        assert row.relerr <= row.relerr_limit, (row.variant, row.impl, row.relerr)
+        if row.dtype == "w8a8":
+            assert row.granularity == "per-channel" and row.activations in schemes
+    int_mm = {r.tokens: r.time_us for r in result.rows if r.impl == "int_mm" and r.activations == "dynamic"}
+    assert all(r.time_us == int_mm[r.tokens] for r in result.rows if r.impl == "int_mm")
+    ours = [r.time_us for r in result.rows if r.impl == "gelugemm"]
+    assert len(set(ours)) == len(ours)  # each variant timed on its own
+    # group scales add bytes: 4 per group of 32 of each weight row
+    g32, chan = (mlp_min_bytes(1, MLPShape(64, 96), "w8a16", g) for g in granularities)
+    assert g32 - chan == 4 * (96 * 2 + 64 * 3) - 4 * (96 + 64)
+    table = Console(width=200, record=True)
+    table.print(bench_cli.bench_table(result))
+    text = table.export_text()
+    assert "w8a8 group:32" in text and "w8a16 per-channel" in text
 
 
 def test_a_crashing_impl_becomes_an_error_row(cpu_run, monkeypatch):

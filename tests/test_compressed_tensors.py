@@ -28,7 +28,6 @@ from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
 
-from calibration.errors import CheckpointError
 from calibration.model import load_mlps
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
@@ -84,9 +83,11 @@ def test_packing_is_compressed_tensors_own(k):
 # ---- gelugemm's output, read by the library and by transformers -----------------------------------
 
 OUTPUTS = {
-    "w8a16 per-channel": QuantizeOptions(),
+    "w8a16 per-channel": QuantizeOptions(granularity="per-channel"),
     "w8a16 group:16": QuantizeOptions(granularity="group:16"),
-    "w8a8 static": QuantizeOptions(scheme="w8a8", tokens=256),
+    "w8a8 dynamic": QuantizeOptions(scheme="w8a8"),
+    "w8a8 group:32": QuantizeOptions(scheme="w8a8", activations="group:32"),
+    "w8a8 static": QuantizeOptions(scheme="w8a8", activations="static", calib="synthetic", tokens=256),
 }
 
 
@@ -135,7 +136,7 @@ def test_smoothing_folded_into_a_pre_ln_layernorm_loads_anywhere(tmp_path):
     """ViT's layernorm_after feeds only the MLP: the output is a plain compressed-tensors
     checkpoint whose LayerNorm divides by s, and transformers computes the model with it."""
     source, model = vit_dir(tmp_path / "vit")
-    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=256)).output
+    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=256)).output
     loaded = AutoModel.from_pretrained(out).eval()
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -149,7 +150,7 @@ def test_smoothing_folded_into_a_pre_ln_layernorm_loads_anywhere(tmp_path):
 
 def test_run_time_smoothing_is_refused_by_other_loaders(tmp_path):
     source, _ = bert_dir(tmp_path / "bert")
-    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=256)).output
+    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=256)).output
     with pytest.raises(Exception, match="gelugemm_run_time_smoothing"):
         AutoModel.from_pretrained(out)
     assert verify_checkpoint(out, "w8a8").passed  # gelugemm runs it
@@ -228,15 +229,11 @@ def test_gelugemm_reads_what_the_library_compresses(tmp_path, preset, scheme):
     # verify needs the float model it was made from (another tool records none) ...
     result = runner.invoke(app, ["verify", str(ct), "--dtype", "fp16"])
     assert result.exit_code == 2 and "records no source checkpoint; pass --reference" in result.stderr
-    if preset == "W8A8":
-        # ... and gelugemm's w8a8 op runs static activation scales so far: said in one line.
-        result = runner.invoke(app, ["verify", str(ct), "--reference", str(source)])
-        assert result.exit_code == 2 and "runs static activation scales so far" in result.stderr
-        assert verify_checkpoint(ct, "fp16", reference=source, tokens=64).passed
-        with pytest.raises(CheckpointError, match="runs static activation scales so far"):
-            load_mlps(ct)
-        return
+    # ... and runs its own scheme (the W8A8 preset: per-token dynamic activations on both GEMMs).
     report = verify_checkpoint(ct, None, reference=source, tokens=64)  # its own scheme, on 64 synthetic rows
     assert report.passed and report.quantized["made_by"] == "compressed-tensors" and report.dtypes == [scheme.split()[0]]
     mlps = load_mlps(ct, backend="torch", device="cpu")
     assert list(mlps) == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
+    if preset != "W8A16":
+        want = "dynamic" if preset == "W8A8" else "static"
+        assert all(str(mlp.config.activations) == want for mlp in mlps.values())

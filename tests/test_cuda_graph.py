@@ -50,9 +50,11 @@ def test_float_op_replays_in_a_cuda_graph(dtype, m):
 
 
 @pytest.mark.parametrize("m", [1, 64])
-@pytest.mark.parametrize("scheme,input_quant", [("w8a16", "dynamic"), ("w8a8", "dynamic"), ("w8a8", "static")])
-def test_int8_op_replays_in_a_cuda_graph(scheme, input_quant, m):
+@pytest.mark.parametrize(
+    "scheme,activations", [("w8a16", "dynamic"), ("w8a8", "dynamic"), ("w8a8", "group:128"), ("w8a8", "static")]
+)
+def test_int8_op_replays_in_a_cuda_graph(scheme, activations, m):
     x_cal = randn(256, D, dtype=torch.float16)
     weights = int8_mlp(D, F, torch.float16, scheme, x=x_cal)
-    op = FusedMLP(MLPConfig(dtype=scheme, input_quant=input_quant, backend="triton"), device="cuda")
+    op = FusedMLP(MLPConfig(dtype=scheme, activations=activations, backend="triton"), device="cuda")
     replayed_equals_direct(op, m, torch.float16, weights)

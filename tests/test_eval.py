@@ -73,12 +73,12 @@ def test_encoder_reports_embedding_cosine_and_hidden_error_and_passes(setup, tmp
     code, report, output = eval_cli(tmp_path, setup["bert.int8"], "--text", setup["text"], "--device", "cpu")
     assert code == 0, output
     m = report["metrics"]
-    assert report["kind"] == "encoder" and report["scheme"] == "w8a16" and report["mlps"] == 2
+    assert report["kind"] == "encoder" and report["scheme"] == "w8a16:group:128" and report["mlps"] == 2
     assert report["model"] == str(setup["bert"]) and report["model_from"] == "the source recorded in the quantized file"
     assert 0.99 < m["embedding_cosine_min"] <= m["embedding_cosine_mean"] < 1  # quantized: close, not equal
     assert 0 < m["hidden_rel_error"] <= m["hidden_rel_error_max"] < 0.1
     assert report["gate"] == {
-        "metric": "embedding_cosine_min", "how": "min", "limit": DEFAULT_LIMITS["embedding_cosine_min"]["w8a16"],
+        "metric": "embedding_cosine_min", "how": "min", "limit": DEFAULT_LIMITS["embedding_cosine_min"]["w8a16:group:128"],
         "origin": "default", "value": m["embedding_cosine_min"], "passed": True,
     }  # fmt: skip
     assert report["pooling"] == ["mean_tokens"] and report["passed"] is True
@@ -90,7 +90,7 @@ def test_a_tampered_scale_fails_the_gate(setup, tmp_path):
     bad = tampered(setup["bert.int8"], "encoder.layer.1.intermediate.dense.weight_scale", 4.0, tmp_path / "bad.safetensors")
     code, report, output = eval_cli(tmp_path, bad, "--model", setup["bert"], "--text", setup["text"])
     assert code == 1 and report["passed"] is False and "FAIL" in output
-    assert report["metrics"]["embedding_cosine_min"] < DEFAULT_LIMITS["embedding_cosine_min"]["w8a16"]
+    assert report["metrics"]["embedding_cosine_min"] < DEFAULT_LIMITS["embedding_cosine_min"]["w8a16:group:128"]
     # The same file passes a limit the user loosens to what it measured.
     loose = report["metrics"]["embedding_cosine_min"] - 1e-3
     code, report, _ = eval_cli(tmp_path, bad, "--model", setup["bert"], "--text", setup["text"], "--tol", f"{loose}")
@@ -110,7 +110,7 @@ def test_causal_lm_reports_agreement_kl_and_perplexities(setup, tmp_path):
     # A scale x4 on GPT-2's Conv1D MLP moves the distribution far past the gate.
     bad = tampered(setup["gpt2.int8"], "transformer.h.0.mlp.c_fc.weight_scale", 4.0, tmp_path / "bad.safetensors")
     code, report, _ = eval_cli(tmp_path, bad, "--text", setup["text"], "--model", setup["gpt2"])
-    assert code == 1 and report["metrics"]["kl_mean"] > DEFAULT_LIMITS["kl_mean"]["w8a16"]
+    assert code == 1 and report["metrics"]["kl_mean"] > DEFAULT_LIMITS["kl_mean"]["w8a16:group:128"]
 
 
 def test_perplexity_is_the_models_own_loss(setup):
@@ -134,7 +134,7 @@ def test_vision_model_reports_hidden_error_on_images(setup, tmp_path):
     code, report, output = eval_cli(tmp_path, setup["vit.int8"], "--images", setup["images"])
     assert code == 0, output
     assert report["kind"] == "vision" and report["gate"]["metric"] == "hidden_rel_error"
-    assert 0 < report["metrics"]["hidden_rel_error"] < DEFAULT_LIMITS["hidden_rel_error"]["w8a16"]
+    assert 0 < report["metrics"]["hidden_rel_error"] < DEFAULT_LIMITS["hidden_rel_error"]["w8a16:group:128"]
     assert report["inputs"] == [{"kind": "images", "path": str(setup["images"].resolve()), "images": 5}]
 
 
@@ -203,7 +203,7 @@ def test_clip_reads_text_with_one_tower_and_images_with_the_other(tmp_path):
     assert [(l.fc1, l.source, l.rows) for l in both.layers] == [
         (p, "text" if p.startswith("text_model.") else "images", 137 if p.startswith("text_model.") else 5 * 17) for p in layers
     ]  # 137 tokens in the lines ([CLS] and [SEP] each), 16 patches and the class token per image
-    quantize_checkpoint(model_dir / "model.safetensors", tmp_path / "q.safetensors", QuantizeOptions(scheme="w8a8", calib=tmp_path / "calib.safetensors"))
+    quantize_checkpoint(model_dir / "model.safetensors", tmp_path / "q.safetensors", QuantizeOptions(scheme="w8a8", activations="static", calib=tmp_path / "calib.safetensors"))
     code, report, output = eval_cli(tmp_path, tmp_path / "q.safetensors", "--text", text, "--images", images)
     assert code == 0, output
     m = report["metrics"]

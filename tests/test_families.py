@@ -141,7 +141,7 @@ def test_each_family_is_found_with_its_layout_and_gelu(tmp_path, model_type, con
 @pytest.mark.parametrize("model_type,config", [("gpt2", GPT), ("gpt_bigcode", GPT), ("vit", {**SMALL, **IMAGE}), ("whisper", dict(SEQ2SEQ, num_mel_bins=8, max_source_positions=16, max_target_positions=16))])
 def test_a_real_layout_quantizes_and_verifies(tmp_path, model_type, config):
     path = hf_model_dir(tmp_path / model_type, model_type, **config)
-    out = quantize_checkpoint(path, options=QuantizeOptions(scheme="w8a8", tokens=64)).output
+    out = quantize_checkpoint(path, options=QuantizeOptions(scheme="w8a8")).output
     assert verify_checkpoint(out, "all").passed
 
 

@@ -97,9 +97,14 @@ def checkpoints(draw) -> dict:
     if spec["scheme"] == "w8a16":
         spec["options"] = draw(st.sampled_from([[], ["--granularity", f"group:{draw(st.integers(1, 80))}"]]))
     else:
-        method = draw(st.sampled_from([[], ["--method", "mse"], ["--method", "percentile:99.9"], ["--method", "max"]]))
+        activations = draw(st.sampled_from(["dynamic", "group:32", "group:64", "group:128", "static"]))
+        method = []
+        if activations == "static":
+            method = draw(st.sampled_from([[], ["--method", "mse"], ["--method", "percentile:99.9"], ["--method", "max"]]))
         smooth = draw(st.sampled_from([[], ["--smooth", str(draw(st.sampled_from([0.0, 0.5, 0.8, 1.0])))]]))
-        spec["options"] = method + smooth + ["--tokens", str(draw(st.integers(1, 48)))]
+        # calibration rows exactly where they are read: static scales, SmoothQuant's statistics
+        calib = ["--calib", "synthetic", "--tokens", str(draw(st.integers(1, 48)))] if activations == "static" or smooth else []
+        spec["options"] = ["--activations", activations] + method + smooth + calib
     return spec
 
 

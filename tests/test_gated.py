@@ -25,7 +25,7 @@ from kernels.reference import gelu, linear_reference, mlp_reference, quantize_ac
 from kernels.reference import w8a16_linear_reference
 from kernels.w8a8 import w8a8_linear
 from kernels.w8a16 import w8a16_linear
-from test_w8a8 import TOL_W8A8_VS_FLOAT64, assert_int8_matches
+from test_w8a8 import SCALE_RTOL, TOL_W8A8_VS_FLOAT64, assert_int8_matches
 from test_w8a16 import quantize_weight
 
 FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -162,32 +162,40 @@ def test_w8a16_gated_gemm1(path, lead, k, n, dtype, group_size, form, bias):
 
 
 @pytest.mark.parametrize(
-    "x_scale_kind,form,layout,out_kind",
-    [("dynamic", "separate", "out_in", "int8"), ("static", "concatenated", "in_out", "int8"), ("dynamic", "concatenated", "out_in", "fp16")],
-)
+    "scheme,form,layout",
+    [("static", "separate", "out_in"), ("dynamic", "concatenated", "out_in"), ("group:32", "concatenated", "in_out"),
+     ("group:32", "separate", "out_in")],
+)  # fmt: skip
 @pytest.mark.parametrize("path,lead,k,n", INT8_CASES)
-def test_w8a8_gated_gemm1_matches_reference_exactly(path, lead, k, n, x_scale_kind, form, layout, out_kind):
-    """Each accumulator dequantized with its own weight scales, GELU(gate) * up in float32,
-    then the product requantized with the output scale (int8 h) or rounded to fp16."""
+def test_w8a8_gated_gemm1_matches_reference_exactly(path, lead, k, n, scheme, form, layout):
+    """Each accumulator dequantized with its own weight scales (a's per-group scales promoted
+    into both per K tile), GELU(gate) * up in float32, then the product as each activation
+    scheme takes it: requantized with the static output scale, written in 16 bits
+    (dynamic), or requantized per (row, 32 columns) with the scales the kernel writes."""
     if DEVICE.type == "cuda" and path != "strided" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs an SM90+ GPU")
-    if path != "strided" and out_kind == "int8" and n % 16:
+    if path != "strided" and scheme != "dynamic" and n % 16:
         pytest.skip("int8 output rows of 16-byte multiples for TMA")
+    group = 32 if scheme.startswith("group") else None
     x = randn(*lead, k, scale=2.0)
-    xq, x_scale = quantize_activation_reference(x, torch.tensor(0.04, device=DEVICE) if x_scale_kind == "static" else None)
+    xq, x_scale = quantize_activation_reference(x, torch.tensor(0.04, device=DEVICE) if scheme == "static" else None, group_size=group)
     w1, b1, w_up, b_up = int8_gated(k, n, layout, form)
     gate, b_gate, up, b_upper = gate_and_up(w1, b1, w_up, b_up, layout)
-    output_scale = torch.tensor(0.03, device=DEVICE) if out_kind == "int8" else None
-    dtype = torch.int8 if out_kind == "int8" else torch.float16
+    kw = dict(activation="tanh", weight_layout=layout, up=up, up_bias=b_upper, input_group_size=group, output_group_size=group)
+    if scheme == "static":
+        kw["output_scale"] = torch.tensor(0.03, device=DEVICE)
+    dtype = torch.float16 if scheme == "dynamic" else torch.int8
     out = poisoned((*lead, n), dtype)
-    kw = dict(activation="tanh", weight_layout=layout, output_scale=output_scale, up=up, up_bias=b_upper)
-    w8a8_linear(xq, x_scale, gate, b_gate, path=path, out=out, **kw)
+    got = w8a8_linear(xq, x_scale, gate, b_gate, path=path, out=out, **kw)
     ref = w8a8_linear_reference(xq, x_scale, gate, b_gate, **kw)
-    if out_kind == "int8":
-        assert_int8_matches(out, ref)
-        assert out.abs().max() > 20  # the scale is not so coarse that everything rounds to 0
-    else:
+    if scheme == "dynamic":
         assert rel_err(out, ref) < TOL_VS_REFERENCE[torch.float16]
+        return
+    if group:
+        (_, scales), (ref, ref_scales) = got, ref
+        torch.testing.assert_close(scales, ref_scales, rtol=SCALE_RTOL, atol=0)
+    assert_int8_matches(out, ref)
+    assert out.abs().max() > 20  # the scale is not so coarse that everything rounds to 0
 
 
 def test_int8_gated_rejects_mismatched_scales():
@@ -252,15 +260,15 @@ def test_float_gated_mlp_both_backends(dtype, form, bias):
 
 @pytest.mark.parametrize("form,layout", [("separate", "out_in"), ("concatenated", "in_out")])
 @pytest.mark.parametrize("act", list(ACT))
-@pytest.mark.parametrize("scheme,input_quant", [("w8a16", None), ("w8a8", "dynamic"), ("w8a8", "static")])
-def test_int8_gated_mlp_both_backends(scheme, input_quant, act, form, layout):
+@pytest.mark.parametrize("scheme,activations", [("w8a16", None), ("w8a8", "dynamic"), ("w8a8", "group:32"), ("w8a8", "static")])
+def test_int8_gated_mlp_both_backends(scheme, activations, act, form, layout):
     dtype = ACT[act]
     d, f = 48, 80
     x = randn(3, 5, d, dtype=dtype, scale=2.0)
     weights = calibrated_gated(d, f, dtype, scheme, form, layout, x)
     cfg = dict(dtype=scheme, activation_dtype=act, gelu="tanh", weight_layout=layout)
-    if input_quant:
-        cfg["input_quant"] = input_quant
+    if activations:
+        cfg["activations"] = activations
     y, y_torch = run_both_backends(cfg, x, weights)
     assert y.shape == (3, 5, d) and y.dtype == dtype
     assert rel_err(y, y_torch) < TOL_VS_REFERENCE[dtype]
@@ -308,9 +316,10 @@ def test_gemma_2b_shaped_mlp_through_the_torch_backend_on_cpu():
     y = FusedMLP(MLPConfig(dtype="w8a16", gelu="tanh", gated=True, backend="torch"), device="cpu")(xh, qg, None, qd, None, qu)
     assert rel_err(y, exact) < TOL_VS_FLOAT64[torch.float16]
     h = float64_gemm1(xh.float(), qg.dequantize(), None, qu.dequantize(), None, "tanh", "out_in")
-    qg.output_scale = (h.abs().amax() / 127).float()
-    y = FusedMLP(MLPConfig(dtype="w8a8", gelu="tanh", gated=True, backend="torch"), device="cpu")(xh, qg, None, qd, None, qu)
-    assert rel_err(y, exact) < TOL_GATED_W8A8_VS_FLOAT64
+    qg.input_scale, qg.output_scale = (xh.float().abs().amax() / 127).float(), (h.abs().amax() / 127).float()
+    for activations in ("dynamic", "group:128", "static"):
+        op = FusedMLP(MLPConfig(dtype="w8a8", gelu="tanh", gated=True, backend="torch", activations=activations), device="cpu")
+        assert rel_err(op(xh, qg, None, qd, None, qu), exact) < TOL_GATED_W8A8_VS_FLOAT64, activations
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,7 +327,10 @@ def test_gemma_2b_shaped_mlp_through_the_torch_backend_on_cpu():
 # ---------------------------------------------------------------------------------------
 
 GEMMA_SHAPES = [(2048, 16384), (3072, 24576)]  # Gemma-2B, Gemma-7B
-GPU_INT8_CASES = [("w8a16", "fp16", None), ("w8a16", "bf16", None), ("w8a8", "fp16", "dynamic"), ("w8a8", "bf16", "static")]
+GPU_INT8_CASES = [
+    ("w8a16", "fp16", None), ("w8a16", "bf16", None),
+    ("w8a8", "fp16", "dynamic"), ("w8a8", "bf16", "group:128"), ("w8a8", "bf16", "static"),
+]  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -343,18 +355,18 @@ def test_float_gated_mlp_real_sizes(d, f, dtype, form, m, record_property):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 128, 2048])
 @pytest.mark.parametrize("form", ["separate", "concatenated"])
-@pytest.mark.parametrize("scheme,act,input_quant", GPU_INT8_CASES)
+@pytest.mark.parametrize("scheme,act,activations", GPU_INT8_CASES)
 @pytest.mark.parametrize("d,f", GEMMA_SHAPES)
-def test_int8_gated_mlp_real_sizes(d, f, scheme, act, input_quant, form, m, record_property):
+def test_int8_gated_mlp_real_sizes(d, f, scheme, act, activations, form, m, record_property):
     dtype = ACT[act]
     x = randn(m, d, dtype=dtype)
     weights = calibrated_gated(d, f, dtype, scheme, form, "out_in", x, bias=False)
     cfg = dict(dtype=scheme, activation_dtype=act, gelu="tanh")
-    if input_quant:
-        cfg["input_quant"] = input_quant
+    if activations:
+        cfg["activations"] = activations
     y, y_torch = run_both_backends(cfg, x, weights, device="cuda")
     err_ref, err64 = rel_err(y, y_torch), rel_err(y, float64_gated_mlp(x, *weights, "tanh", "out_in"))
-    print(f"GPU-ERR gated-mlp d={d} f={f} {scheme} {act} {input_quant} {form} M={m} vs_torch_ref={err_ref:.3e} vs_float64={err64:.3e}")
+    print(f"GPU-ERR gated-mlp d={d} f={f} {scheme} {act} {activations} {form} M={m} vs_torch_ref={err_ref:.3e} vs_float64={err64:.3e}")
     record_property("rel_err_vs_float64", err64)
     assert err_ref < TOL_VS_REFERENCE[dtype]
     assert err64 < (TOL_VS_FLOAT64[dtype] if scheme == "w8a16" else TOL_GATED_W8A8_VS_FLOAT64)

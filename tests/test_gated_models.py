@@ -101,11 +101,15 @@ def test_the_fused_module_computes_the_models_mlp(kind):
             assert rel_err(fused(x), want) < 1e-5, backend
 
 
-@pytest.mark.parametrize("kind,scheme", [("gemma", "w8a16"), ("t5", "w8a8"), ("modernbert", "w8a8"), ("gemma", "w8a8")])
-def test_quantize_and_verify(models, tmp_path, kind, scheme):
+STATIC = ["--activations", "static", "--calib", "synthetic", "--tokens", "64"]
+
+
+@pytest.mark.parametrize("kind,scheme,options", [
+    ("gemma", "w8a16", []), ("t5", "w8a8", STATIC), ("modernbert", "w8a8", []), ("gemma", "w8a8", ["--activations", "group:32"]),
+])  # fmt: skip
+def test_quantize_and_verify(models, tmp_path, kind, scheme, options):
     out = tmp_path / f"{kind}-{scheme}"
-    tokens = ["--tokens", "64"] if scheme == "w8a8" else []
-    result = runner.invoke(app, ["quantize", str(models[kind]), "--scheme", scheme, "-o", str(out), *tokens])
+    result = runner.invoke(app, ["quantize", str(models[kind]), "--scheme", scheme, "-o", str(out), *options])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["verify", str(out), "--dtype", "all", "--tokens", "64"])
     assert result.exit_code == 0, result.output
@@ -120,7 +124,7 @@ def test_compressed_tensors_output_quantizes_each_linear_the_model_has(models, t
     linear of the format: targeted by the config, decompressed by the library to gelugemm's
     int8 weights, with x's static scale on the gate and the up projection alike and the
     product's on the down projection; transformers loads the output and computes the model."""
-    options = QuantizeOptions(scheme="w8a8", tokens=64, layers="encoder" if kind == "t5" else None)
+    options = QuantizeOptions(scheme="w8a8", activations="static", calib="synthetic", tokens=64, layers="encoder" if kind == "t5" else None)
     out = Path(quantize_checkpoint(models[kind], tmp_path / "q", options).output)
     qconfig = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     group = qconfig.config_groups["group_0"]
@@ -153,7 +157,8 @@ def test_compressed_tensors_output_quantizes_each_linear_the_model_has(models, t
 def test_smoothing_folds_into_gemmas_one_plus_weight_rmsnorm(models, tmp_path):
     """Gemma's RMSNorm multiplies by (1 + weight): folding x / s into it stores (1 + w) / s - 1,
     and the quantized model through transformers then computes the float model."""
-    out = Path(quantize_checkpoint(models["gemma"], tmp_path / "q", QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=64)).output)
+    options = QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=64)
+    out = Path(quantize_checkpoint(models["gemma"], tmp_path / "q", options).output)
     name = "model.layers.0.post_attention_layernorm.weight"
     before, after = load_file(str(models["gemma"] / "model.safetensors"))[name], load_file(str(out / "model.safetensors"))[name]
     with open_quantized(out) as q:
@@ -169,7 +174,8 @@ def test_smoothing_folds_into_gemmas_one_plus_weight_rmsnorm(models, tmp_path):
 def test_t5_verifies_against_the_bf16_path_unless_asked(models, tmp_path):
     """T5 v1.1 overflows fp16: its reference path and int8 activations are bf16 (quantize
     records it; verify says so), and --activation-dtype fp16 asks for the fp16 path."""
-    out = quantize_checkpoint(models["t5"], tmp_path / "q", QuantizeOptions(scheme="w8a8", tokens=64, layers="encoder")).output
+    options = QuantizeOptions(scheme="w8a8", activations="static", calib="synthetic", tokens=64, layers="encoder")
+    out = quantize_checkpoint(models["t5"], tmp_path / "q", options).output
     report = verify_checkpoint(out, "all", tokens=32)
     assert report.passed and {layer.reference_dtype for layer in report.layers} == {"bf16"}
     assert report.gate["against"] == "bf16 path" and any("bf16" in note for note in report.notes)
@@ -217,6 +223,6 @@ def test_quantize_holds_one_float_weight_at_a_time_for_a_gated_mlp(models, monke
 
     monkeypatch.setattr(Checkpoint, "get_tensor", tracked)
     quantize_checkpoint(models["gemma"], Path(models["gemma"]).parent / "gemma-streamed",
-                        QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=32))  # fmt: skip
+                        QuantizeOptions(scheme="w8a8", activations="static", smooth=0.5, calib="synthetic", tokens=32))  # fmt: skip
     weight = 32 * 80 * 4  # fp32
     assert weight <= peak[0] <= weight + 4 * 80 * 4

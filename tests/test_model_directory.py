@@ -69,7 +69,8 @@ def test_a_sharded_directory_quantizes_like_the_single_file(tmp_path, scheme):
     source = model_dir(tmp_path / "model")
     (tmp_path / "single").mkdir()
     single = write_checkpoint(tmp_path / "single" / "model.safetensors", tensors=checkpoint_tensors("bert", n_layers=3), config=BERT_CONFIG)
-    options = QuantizeOptions(scheme=scheme, tokens=64 if scheme == "w8a8" else None)
+    static = dict(activations="static", calib="synthetic", tokens=64) if scheme == "w8a8" else {}
+    options = QuantizeOptions(scheme=scheme, **static)
     report = quantize_checkpoint(source, options=options)
     quantize_checkpoint(single, options=options)
 
@@ -127,7 +128,7 @@ def test_an_mlp_across_shards_and_smoothing_folded_into_a_layernorm_in_another_s
     third = [n for n in tensors if n not in first + second]
     source = write_sharded(tmp_path / "gpt2", tensors, [first, second, third],
                            config={"model_type": "gpt2", "activation_function": "gelu_new"})  # fmt: skip
-    report = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=128))
+    report = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=128))
     out = Path(report.output)
     record, layers = read_quantized(out)
     assert record["smoothing"] == {f"transformer.h.{i}.mlp.c_fc": "folded" for i in (0, 1)}
@@ -159,7 +160,7 @@ def test_an_mlp_across_shards_and_smoothing_folded_into_a_layernorm_in_another_s
 
 def test_post_ln_smoothing_stays_at_run_time_and_is_marked_gelugemm_only(tmp_path):
     source = model_dir(tmp_path / "bert", n_layers=2)
-    report = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=64))
+    report = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=64))
     out = Path(report.output)
     record, _ = read_quantized(out)
     assert set(record["smoothing"].values()) == {"run-time"} and record["runs_on"].startswith("gelugemm only")
@@ -250,12 +251,12 @@ def test_force_replaces_an_output_directory_whole_and_a_failed_run_leaves_it(tmp
 
     monkeypatch.setattr(quantize_module, "quantize_gemm1", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", tokens=32, force=True))
+        quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", force=True))
     assert (out / "marker").exists() and read_quantized(out)[0]["scheme"] == "w8a16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-blobs", "model-int8"]  # no temporary left
 
     monkeypatch.setattr(quantize_module, "quantize_gemm1", real)
-    assert quantize_cli(source, "--scheme", "w8a8", "--tokens", "32", "--force").exit_code == 0
+    assert quantize_cli(source, "--scheme", "w8a8", "--force").exit_code == 0
     assert not (out / "marker").exists() and read_quantized(out)[0]["scheme"] == "w8a8"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-blobs", "model-int8"]
 
@@ -314,9 +315,9 @@ def test_inspect_lists_what_quantize_would_act_on_and_writes_nothing(tmp_path):
     assert table.exit_code == 0 and "mlp.c_fc -> mlp.c_proj" in table.stdout and "ln_2 (MLP only)" in table.stdout and "GELU tanh: config.json activation_function=gelu_new" in table.stdout
     assert listing(tmp_path) == before
     # A quantized directory is described as one.
-    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8", tokens=32)).output
+    out = quantize_checkpoint(source, options=QuantizeOptions(scheme="w8a8")).output
     report = json.loads(runner.invoke(app, ["inspect", out, "--json", "-"]).stdout)
-    assert report["quantized"] == {"made_by": "gelugemm", "scheme": "w8a8", "granularity": "per-channel", "activations": "static",
+    assert report["quantized"] == {"made_by": "gelugemm", "scheme": "w8a8", "granularity": "per-channel", "activations": "dynamic",
                                    "format": "int-quantized", "quant_method": "compressed-tensors"}  # fmt: skip
 
 
@@ -349,7 +350,8 @@ def test_quantize_holds_one_float_weight_at_a_time_and_never_reads_what_it_copie
         return t
 
     monkeypatch.setattr(Checkpoint, "get_tensor", tracked)
-    quantize_checkpoint(source, options=QuantizeOptions(scheme=scheme, tokens=32 if scheme == "w8a8" else None))
+    static = dict(activations="static", calib="synthetic", tokens=32) if scheme == "w8a8" else {}
+    quantize_checkpoint(source, options=QuantizeOptions(scheme=scheme, **static))
     weight = 32 * 128 * 2
     # one weight, plus the small vectors read with it (its bias, the LayerNorm for synthetic rows)
     assert weight <= peak[0] <= weight + 4 * 128 * 2

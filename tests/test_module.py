@@ -72,20 +72,21 @@ def test_float_module_is_the_reference_mlp(dtype, layout, gelu):
 INT8_VARIANTS = [
     ("w8a16", dict(), "dynamic"),
     ("w8a16", dict(group_size=16), "dynamic"),
-    ("w8a8", dict(), "static"),
+    ("w8a8", dict(activations="static"), "static"),
     ("w8a8", dict(), "dynamic"),
-    ("w8a8", dict(smooth=0.5), "static"),
+    ("w8a8", dict(), "group:32"),
+    ("w8a8", dict(activations="static", smooth=0.5), "static"),
 ]
 
 
 @pytest.mark.parametrize("layout,gelu", [("out_in", "erf"), ("in_out", "tanh")])
-@pytest.mark.parametrize("scheme,options,input_quant", INT8_VARIANTS, ids=["w8a16", "w8a16-group16", "w8a8-static", "w8a8-dynamic", "w8a8-smooth"])
+@pytest.mark.parametrize("scheme,options,activations", INT8_VARIANTS, ids=["w8a16", "w8a16-group16", "w8a8-static", "w8a8-dynamic", "w8a8-group32", "w8a8-smooth"])
 @pytest.mark.parametrize("act", ["fp16", "bf16"])
-def test_int8_module_is_the_reference_mlp(scheme, options, input_quant, layout, gelu, act):
+def test_int8_module_is_the_reference_mlp(scheme, options, activations, layout, gelu, act):
     w1, b1, w2, b2 = float_weights(layout)
     x = torch.randn(3, 7, D_MODEL) * 2
     q1, q2 = quantize_mlp(w1, b1, w2, x.reshape(-1, D_MODEL), scheme=scheme, weight_layout=layout, gelu=gelu, **options)
-    config = MLPConfig(dtype=scheme, gelu=gelu, weight_layout=layout, backend="torch", activation_dtype=act, input_quant=input_quant)
+    config = MLPConfig(dtype=scheme, gelu=gelu, weight_layout=layout, backend="torch", activation_dtype=act, activations=activations)
     module = FusedGeluMLP(q1, b1, q2, b2, config)
     y = module(x)
     assert y.shape == x.shape and y.dtype == torch.float32
@@ -93,7 +94,7 @@ def test_int8_module_is_the_reference_mlp(scheme, options, input_quant, layout, 
     if scheme == "w8a16":
         ref = w8a16_mlp_reference(xa, q1, b1, q2, b2, gelu_flavour=gelu, weight_layout=layout)
     else:
-        ref = w8a8_mlp_reference(xa, q1, b1, q2, b2, gelu_flavour=gelu, weight_layout=layout, input_quant=input_quant)
+        ref = w8a8_mlp_reference(xa, q1, b1, q2, b2, gelu_flavour=gelu, weight_layout=layout, activations=activations)
     assert torch.equal(y, ref.float())
     float_y = mlp_reference(x.double(), *(v.double() for v in (w1, b1, w2, b2)), gelu_flavour=gelu, weight_layout=layout)
     assert rel_err(y, float_y) < TOL_QUANTIZED_VS_FLOAT[scheme]
@@ -123,10 +124,10 @@ def test_mismatched_weights_and_config_are_refused():
 
 def test_w8a8_intermediate_scales_must_agree():
     w1, b1, w2, b2 = float_weights("out_in")
-    q1, q2 = quantize_mlp(w1, b1, w2, torch.randn(64, D_MODEL), scheme="w8a8")
+    q1, q2 = quantize_mlp(w1, b1, w2, torch.randn(64, D_MODEL), scheme="w8a8", activations="static")
     q2.input_scale = q1.output_scale * 2
     with pytest.raises(GelugemmError, match="input_scale differs"):
-        FusedGeluMLP(q1, b1, q2, b2, MLPConfig(dtype="w8a8", input_quant="static"))
+        FusedGeluMLP(q1, b1, q2, b2, MLPConfig(dtype="w8a8", activations="static"))
 
 
 # ---- .to() moves everything, casts nothing -----------------------------------------------
@@ -135,8 +136,8 @@ def test_w8a8_intermediate_scales_must_agree():
 def w8a8_module(backend: str = "auto") -> tuple[FusedGeluMLP, torch.Tensor]:
     w1, b1, w2, b2 = float_weights("out_in")
     x = torch.randn(40, D_MODEL)
-    q1, q2 = quantize_mlp(w1, b1, w2, x, scheme="w8a8", smooth=0.5)
-    return FusedGeluMLP(q1, b1, q2, b2, MLPConfig(dtype="w8a8", input_quant="static", backend=backend)), x
+    q1, q2 = quantize_mlp(w1, b1, w2, x, scheme="w8a8", smooth=0.5, activations="static")
+    return FusedGeluMLP(q1, b1, q2, b2, MLPConfig(dtype="w8a8", activations="static", backend=backend)), x
 
 
 def test_to_moves_every_buffer_and_keeps_every_dtype():
@@ -175,17 +176,21 @@ def test_to_cuda_runs_the_triton_kernels():
 # ---- loading a quantized checkpoint ------------------------------------------------------
 
 
-def quantized_file(tmp_path, family: str, scheme: str):
+def quantized_file(tmp_path, family: str, scheme: str, **options):
     source = write_checkpoint(tmp_path / "model.safetensors", family, d_model=D_MODEL, d_ff=D_FF)
     output = tmp_path / f"model.{scheme}.safetensors"
-    quantize_checkpoint(source, output, QuantizeOptions(scheme=scheme))
+    quantize_checkpoint(source, output, QuantizeOptions(scheme=scheme, **options))
     return source, output
 
 
-@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("scheme,activations", [("w8a16", None), ("w8a8", "dynamic"), ("w8a8", "group:32"), ("w8a8", "static")])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])  # out_in and erf; in_out (Conv1D) and tanh
-def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme):
-    source, path = quantized_file(tmp_path, family, scheme)
+def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme, activations):
+    # the op runs each MLP with the activation scheme the file records
+    options = dict(activations=activations) if scheme == "w8a8" else {}
+    if activations == "static":
+        options.update(calib="synthetic")
+    source, path = quantized_file(tmp_path, family, scheme, **options)
     layers = find_mlps(source)
     mlps = load_mlps(path, backend="torch")
     assert list(mlps) == [layer.fc1 for layer in layers]
@@ -193,7 +198,8 @@ def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme):
         module = mlps[layer.fc1]
         cfg = module.config
         assert (cfg.dtype, cfg.gelu, cfg.weight_layout) == (scheme, layer.gelu, layer.weight_layout)
-        assert cfg.input_quant == ("static" if scheme == "w8a8" else "dynamic")
+        if scheme == "w8a8":
+            assert str(cfg.activations) == activations
         assert (module.d_model, module.d_ff) == (D_MODEL, D_FF)
         # the file's int8 weights and scales, run as the reference runs them
         w1, b1, w2, b2, *_ = load_quantized_mlp(path, layer)
@@ -202,7 +208,7 @@ def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme):
             ref = w8a16_mlp_reference(x.half(), w1, b1, w2, b2, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout)
         else:
             ref = w8a8_mlp_reference(
-                x.half(), w1, b1, w2, b2, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout, input_quant="static"
+                x.half(), w1, b1, w2, b2, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout, activations=activations
             )
         assert torch.equal(module(x), ref.float())
         one = load_mlp(path, layer.fc1, backend="torch")

@@ -1,6 +1,8 @@
 """kernels/op.py with int8 weights: FusedMLP(dtype="w8a16" | "w8a8") through the Triton
 kernels and through the torch references, against each other and against the float64
-MLP on the same dequantized weights; the errors a user gets for missing scales.
+MLP on the same dequantized weights, for every w8a8 activation scheme (dynamic, group:N,
+static; with and without SmoothQuant); what each scheme hands GEMM2; the errors a user
+gets for missing scales and unsupported group sizes.
 """
 
 import math
@@ -11,6 +13,8 @@ import torch
 import kernels.op as op_module
 from conftest import DEVICE, TOL_VS_REFERENCE, randn, rel_err
 from kernels.errors import LaunchError
+from kernels.int8 import scale_from_absmax
+from kernels.schemes import SchemeError
 from kernels.op import FusedMLP, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import mlp_reference
@@ -57,12 +61,18 @@ def run_both_backends(cfg, x, weights, device=DEVICE):
     return fused(x, *weights), plain(x, *weights)
 
 
+def w8a8_activations(variant: str) -> str:
+    """"group:32+smooth" -> "group:32": the activation scheme of a test variant."""
+    return variant.split("+")[0]
+
+
 @pytest.mark.parametrize("layout,gelu", [("out_in", "erf"), ("in_out", "tanh")])
 @pytest.mark.parametrize("act", list(ACT))
 @pytest.mark.parametrize(
     "scheme,variant",
-    [("w8a16", "per-channel"), ("w8a16", "group:16"), ("w8a8", "dynamic"), ("w8a8", "static"), ("w8a8", "static+smooth")],
-)
+    [("w8a16", "per-channel"), ("w8a16", "group:16"), ("w8a8", "dynamic"), ("w8a8", "dynamic+smooth"),
+     ("w8a8", "group:32"), ("w8a8", "group:32+smooth"), ("w8a8", "static"), ("w8a8", "static+smooth")],
+)  # fmt: skip
 def test_int8_mlp_matches_torch_backend_and_float64(scheme, variant, act, layout, gelu):
     dtype = ACT[act]
     d, f = 48, 80  # multiples of 16: the intermediate [M, f] takes the TMA path
@@ -71,82 +81,131 @@ def test_int8_mlp_matches_torch_backend_and_float64(scheme, variant, act, layout
     weights = int8_mlp(d, f, dtype, scheme, layout=layout, group_size=group_size, smooth="smooth" in variant, gelu=gelu, x=x)
     cfg = dict(dtype=scheme, activation_dtype=act, gelu=gelu, weight_layout=layout)
     if scheme == "w8a8":
-        cfg["input_quant"] = "static" if "static" in variant else "dynamic"
+        cfg["activations"] = w8a8_activations(variant)
     y, y_torch = run_both_backends(cfg, x, weights)
     assert y.shape == (3, 7, d) and y.dtype == dtype
     assert rel_err(y, y_torch) < TOL_VS_REFERENCE[dtype]
     assert rel_err(y, float64_mlp(x, *weights, gelu, layout)) < tolerance_vs_float64(scheme, dtype)
 
 
-@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
-def test_decode_and_odd_sizes(scheme):
-    # M=1 (the decode path) and d, f that no TMA row alignment allows (the strided path).
+@pytest.mark.parametrize(
+    "scheme,activations", [("w8a16", "dynamic"), ("w8a8", "dynamic"), ("w8a8", "group:32"), ("w8a8", "static")]
+)
+def test_decode_and_odd_sizes(scheme, activations):
+    # M=1 (the decode path) and d, f that no TMA row alignment allows (the strided path);
+    # f = 70: a short last group of h for group:32.
     for m, d, f in ((1, 48, 80), (1, 33, 70), (19, 33, 70)):
         x = randn(m, d, dtype=torch.float16)
         weights = int8_mlp(d, f, torch.float16, scheme, x=x, bias2=False)
-        y, y_torch = run_both_backends(dict(dtype=scheme), x, weights)
+        y, y_torch = run_both_backends(dict(dtype=scheme, activations=activations), x, weights)
         assert rel_err(y, y_torch) < TOL_VS_REFERENCE[torch.float16]
         assert rel_err(y, float64_mlp(x, *weights, "erf", "out_in")) < tolerance_vs_float64(scheme, torch.float16)
 
 
-def test_w8a8_intermediate_is_int8(monkeypatch):
-    # What the op hands GEMM2: the int8 tensor GEMM1 wrote, one byte per element.
+def record_w8a8_steps(monkeypatch) -> list:
+    """What the op passes between its launches: (launch, its inputs, its output) in order."""
     calls = []
-    real = op_module.w8a8_linear
+    for name in ("quantize_activations", "w8a8_linear"):
+        real = getattr(op_module, name)
 
-    def recording(xq, *args, **kwargs):
-        out = real(xq, *args, **kwargs)
-        calls.append((xq, out))
-        return out
+        def recording(*args, _real=real, _name=name, **kwargs):
+            out = _real(*args, **kwargs)
+            calls.append((_name, args, out))
+            return out
 
-    monkeypatch.setattr(op_module, "w8a8_linear", recording)
+        monkeypatch.setattr(op_module, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("activations", ["static", "group:32"])
+def test_w8a8_intermediate_is_int8(monkeypatch, activations):
+    # static and group:N: what GEMM2 reads is the int8 tensor GEMM1 wrote, one byte per
+    # element (group:N with its [M, f / N] scales beside it).
+    calls = record_w8a8_steps(monkeypatch)
     m, d, f = 21, 48, 80
     x = randn(m, d, dtype=torch.float16)
     weights = int8_mlp(d, f, torch.float16, "w8a8", x=x)
-    FusedMLP(MLPConfig(dtype="w8a8", backend="triton"), device=DEVICE)(x, *weights)
-    (xq, h), (h_in, y) = calls
-    assert xq.dtype == torch.int8 and h_in is h
+    FusedMLP(MLPConfig(dtype="w8a8", activations=activations, backend="triton"), device=DEVICE)(x, *weights)
+    assert [name for name, _, _ in calls] == ["quantize_activations", "w8a8_linear", "w8a8_linear"]
+    (_, _, (xq, _)), (_, gemm1_args, gemm1_out), (_, gemm2_args, y) = calls
+    assert xq.dtype == torch.int8 and gemm1_args[0] is xq
+    h = gemm1_out if activations == "static" else gemm1_out[0]
+    assert gemm2_args[0] is h
     assert h.dtype == torch.int8 and h.shape == (m, f) and h.element_size() * h.numel() == m * f
+    if activations == "group:32":
+        h_scale = gemm1_out[1]
+        assert gemm2_args[1] is h_scale and h_scale.shape == (m, -(-f // 32)) and h_scale.dtype == torch.float32
     assert y.dtype == torch.float16
+
+
+def test_w8a8_dynamic_quantizes_16_bit_h_per_token(monkeypatch):
+    # dynamic: GEMM1 writes h in the activation dtype, a row kernel quantizes it per token
+    # (each row's absmax over all f columns), GEMM2 reads that int8 h with its row scales.
+    calls = record_w8a8_steps(monkeypatch)
+    m, d, f = 21, 48, 80
+    x = randn(m, d, dtype=torch.bfloat16)
+    weights = int8_mlp(d, f, torch.bfloat16, "w8a8", x=x)
+    FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", backend="triton"), device=DEVICE)(x, *weights)
+    assert [name for name, _, _ in calls] == ["quantize_activations", "w8a8_linear", "quantize_activations", "w8a8_linear"]
+    h16 = calls[1][2]
+    assert h16.dtype == torch.bfloat16 and h16.shape == (m, f)
+    assert calls[2][1][0] is h16
+    hq, h_scale = calls[2][2]
+    assert hq.dtype == torch.int8 and h_scale.shape == (m,)
+    assert torch.equal(h_scale, scale_from_absmax(h16.float().abs().amax(dim=1)))
+    assert calls[3][1][0] is hq and calls[3][1][1] is h_scale
+
+
+def test_dynamic_and_group_need_no_calibrated_scales():
+    # The run-time schemes read no input_scale or output_scale: weights without them run.
+    x = randn(5, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    bare1, bare2 = QuantizedWeight(q1.data, q1.scale), QuantizedWeight(q2.data, q2.scale)
+    for activations in ("dynamic", "group:32"):
+        y, y_torch = run_both_backends(dict(dtype="w8a8", activations=activations), x, (bare1, b1, bare2, b2))
+        assert rel_err(y, y_torch) < TOL_VS_REFERENCE[torch.float16]
+        assert rel_err(y, float64_mlp(x, bare1, b1, bare2, b2, "erf", "out_in")) < TOL_W8A8_VS_FLOAT64
 
 
 def test_int8_config_errors():
     x = randn(5, 48, dtype=torch.float16)
     q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
     w8a8 = FusedMLP(MLPConfig(dtype="w8a8", backend="triton"), device=DEVICE)
-    static = FusedMLP(MLPConfig(dtype="w8a8", input_quant="static", backend="triton"), device=DEVICE)
+    static = FusedMLP(MLPConfig(dtype="w8a8", activations="static", backend="triton"), device=DEVICE)
     w8a16 = FusedMLP(MLPConfig(dtype="w8a16", backend="triton"), device=DEVICE)
     for op in (w8a8, w8a16):
         with pytest.raises(LaunchError, match="w1 must be a QuantizedWeight"):
             op(x, q1.dequantize().half(), b1, q2, b2)
         with pytest.raises(LaunchError, match="input is torch.bfloat16"):
             op(x.bfloat16(), q1, b1, q2, b2)
-    with pytest.raises(LaunchError, match="needs w1.output_scale"):
-        w8a8(x, QuantizedWeight(q1.data, q1.scale), b1, q2, b2)
-    with pytest.raises(LaunchError, match="needs w1.input_scale"):
+    with pytest.raises(LaunchError, match="activations='static' needs w1.output_scale"):
+        static(x, QuantizedWeight(q1.data, q1.scale, input_scale=q1.input_scale), b1, q2, b2)
+    with pytest.raises(LaunchError, match="activations='static' needs w1.input_scale"):
         static(x, QuantizedWeight(q1.data, q1.scale, output_scale=q1.output_scale), b1, q2, b2)
     with pytest.raises(LaunchError, match="per-channel weight scales"):
         w8a8(x, q1, b1, quantize_weight(randn(48, 80), 16), b2)
     with pytest.raises(LaunchError, match="differs from w1.output_scale"):
-        w8a8(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale * 2), b2)
+        static(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale * 2), b2)
     with pytest.raises(LaunchError, match="smooth_scale"):
         w8a16(x, QuantizedWeight(q1.data, q1.scale, smooth_scale=torch.ones(48, device=DEVICE)), b1, q2, b2)
     with pytest.raises(LaunchError, match=r"scale must have shape \(80,\)"):
         w8a16(x, QuantizedWeight(q1.data, q1.scale[:79]), b1, q2, b2)
     with pytest.raises(LaunchError, match="activation_dtype"):
         MLPConfig(dtype="w8a8", activation_dtype="fp32")
-    with pytest.raises(LaunchError, match="input_quant"):
-        MLPConfig(dtype="w8a8", input_quant="per-tensor")
+    with pytest.raises(SchemeError, match="activations must be dynamic, group:N or static"):
+        MLPConfig(dtype="w8a8", activations="per-tensor")
+    with pytest.raises(LaunchError, match="group:48 is not supported; the int8 kernels take group:32, group:64, group:128"):
+        MLPConfig(dtype="w8a8", activations="group:48")
     # A matching w2.input_scale is fine, as is the same tensor.
-    w8a8(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone()), b2)
+    static(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone()), b2)
 
 
 def test_torch_backend_runs_without_triton():
     # The reference backend is plain torch: it runs on any device, interpreter or not.
     x = randn(4, 48, dtype=torch.float16, device="cpu")
     weights = [t.to("cpu") for t in int8_mlp(48, 80, torch.float16, "w8a8", x=x.to(DEVICE))]
-    for scheme in ("w8a16", "w8a8"):
-        op = FusedMLP(MLPConfig(dtype=scheme, backend="torch"), device="cpu")
+    for scheme, activations in (("w8a16", "dynamic"), ("w8a8", "dynamic"), ("w8a8", "group:32"), ("w8a8", "static")):
+        op = FusedMLP(MLPConfig(dtype=scheme, activations=activations, backend="torch"), device="cpu")
         assert op(x, *weights).shape == (4, 48)
 
 
@@ -158,9 +217,13 @@ GPU_CASES = [
     # (scheme, activation dtype, variant, layout); test_w8a8.py's GPU steps use the same
     # w8a8 cases, so the two share compiled kernels and autotuning results.
     ("w8a16", "fp16", "per-channel", "out_in"),
-    ("w8a16", "bf16", "group:128", "out_in"),
+    ("w8a16", "fp16", "group:128", "out_in"),
+    ("w8a16", "bf16", "group:128", "in_out"),
     ("w8a16", "fp16", "per-channel", "in_out"),
     ("w8a8", "fp16", "dynamic", "out_in"),
+    ("w8a8", "bf16", "dynamic+smooth", "in_out"),
+    ("w8a8", "fp16", "group:128", "out_in"),
+    ("w8a8", "bf16", "group:128+smooth", "in_out"),
     ("w8a8", "bf16", "static+smooth", "in_out"),
 ]
 
@@ -172,11 +235,11 @@ GPU_CASES = [
 def test_int8_mlp_real_sizes(d, f, scheme, act, variant, layout, m, record_property):
     dtype = ACT[act]
     x = randn(m, d, dtype=dtype)
-    group_size = 128 if variant == "group:128" else None
+    group_size = 128 if scheme == "w8a16" and variant == "group:128" else None
     weights = int8_mlp(d, f, dtype, scheme, layout=layout, group_size=group_size, smooth="smooth" in variant, x=x)
     cfg = dict(dtype=scheme, activation_dtype=act, weight_layout=layout)
     if scheme == "w8a8":
-        cfg["input_quant"] = "static" if "static" in variant else "dynamic"
+        cfg["activations"] = w8a8_activations(variant)
     y, y_torch = run_both_backends(cfg, x, weights, device="cuda")
     err_ref, err64 = rel_err(y, y_torch), rel_err(y, float64_mlp(x, *weights, "erf", layout))
     print(

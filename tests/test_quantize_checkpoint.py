@@ -54,13 +54,25 @@ def check_weight(original: torch.Tensor, qw: QuantizedWeight, layout: str, encod
     assert ((target - dequantized_nk(qw, layout)).abs() <= HALF_STEP * step).all()
 
 
+# w8a8 with static activation scales, calibrated on synthetic rows
+STATIC_SYNTHETIC = dict(scheme="w8a8", activations="static", calib="synthetic")
+VARIANTS = {
+    "w8a16": dict(),  # group:128, the default
+    "w8a16 per-channel": dict(granularity="per-channel"),
+    "w8a8": dict(scheme="w8a8"),  # dynamic, the default: no activation scales in the file
+    "w8a8 static": dict(STATIC_SYNTHETIC, tokens=64),
+}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
-def test_each_family_round_trips(tmp_path, family, scheme):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_family_round_trips(tmp_path, family, variant):
     spec = FAMILIES[family]
+    scheme = variant.split()[0]
+    static = variant == "w8a8 static"
     source = write_checkpoint(tmp_path / "model.safetensors", family, d_model=16, d_ff=48)
     tensors = checkpoint_tensors(family, d_model=16, d_ff=48)
-    report = quantize_checkpoint(source, options=QuantizeOptions(scheme=scheme, tokens=64 if scheme == "w8a8" else None))
+    report = quantize_checkpoint(source, options=QuantizeOptions(**VARIANTS[variant]))
     output = tmp_path / "model.int8.safetensors"
     assert report.output == str(output) and output.is_file()
 
@@ -75,14 +87,15 @@ def test_each_family_round_trips(tmp_path, family, scheme):
             assert written[name].dtype == torch.int8 and written[name].shape == t.shape
         else:
             assert name not in written
-    # compressed-tensors' names and shapes: scales [N, 1], static input scales [1], packed int32 [N, K/4].
+    # compressed-tensors' names and shapes: scales [N, 1] (per channel, or one group of 128
+    # covering K <= 48), static input scales [1], packed int32 [N, K/4].
     expected = {}
     for layer in layers:
         for prefix, weight, (n, k) in ((layer.fc1, layer.w1, (48, 16)), (layer.fc2, layer.w2, (16, 48))):
             expected[f"{prefix}.weight_scale"] = (torch.float32, (n, 1))
-            if scheme == "w8a8":
+            if static:
                 expected[f"{prefix}.input_scale"] = (torch.float32, (1,))
-            else:
+            elif scheme == "w8a16":
                 expected[f"{prefix}.weight_packed"] = (torch.int32, (n, k // 4))
                 expected[f"{prefix}.weight_shape"] = (torch.int64, (2,))
     added = {name: (t.dtype, tuple(t.shape)) for name, t in written.items() if name not in tensors}
@@ -95,13 +108,17 @@ def test_each_family_round_trips(tmp_path, family, scheme):
         w1, b1, w2, b2, *_ = load_quantized_mlp(output, layer)
         check_weight(tensors[layer.w1], w1, layer.weight_layout)
         check_weight(tensors[layer.w2], w2, layer.weight_layout)
-        assert w1.scale.shape == (48,) and w2.scale.shape == (16,)  # [N] in memory
+        per_channel = variant != "w8a16"
+        assert (w1.group_size, w2.group_size) == ((None, None) if per_channel else (128, 128))
+        assert w1.scale.shape == ((48,) if per_channel else (48, 1)) and w2.scale.shape == ((16,) if per_channel else (16, 1))
         assert torch.equal(b1, tensors[layer.b1]) and torch.equal(b2, tensors[layer.b2])
-        if scheme == "w8a8":
+        if static:
             assert w1.input_scale.dim() == 0 and w1.input_scale.dtype == torch.float32 and w1.input_scale > 0
             assert torch.equal(w1.output_scale, w2.input_scale) and w2.output_scale is None
         else:
             assert w1.input_scale is None and w1.output_scale is None and w2.input_scale is None
+    assert (record["scheme"], record["activations"]) == (scheme, {"w8a8": "dynamic", "w8a8 static": "static"}.get(variant))
+    assert record["granularity"] == ("group:128" if variant == "w8a16" else "per-channel")
     assert [lr.fc1.prefix for lr in report.layers] == [layer.fc1 for layer in layers]
     assert all(lr.fc1.max_abs_steps <= HALF_STEP and lr.fc2.max_abs_steps <= HALF_STEP for lr in report.layers)
 
@@ -111,7 +128,7 @@ def test_metadata_record(tmp_path):
                               metadata={"format": "pt"})  # fmt: skip
     output = tmp_path / "out" / "q.safetensors"
     output.parent.mkdir()
-    options = QuantizeOptions(scheme="w8a8", method="percentile:99.9", smooth=0.5, tokens=32, seed=7)
+    options = QuantizeOptions(**STATIC_SYNTHETIC, method="percentile:99.9", smooth=0.5, tokens=32, seed=7)
     quantize_checkpoint(source, output, options)
     with safe_open(str(output), "pt") as f:
         metadata = f.metadata()
@@ -157,9 +174,10 @@ def test_smooth_scale_is_written_and_folded_into_w1(tmp_path, layout_family):
     source = write_checkpoint(tmp_path / "model.safetensors", layout_family, d_model=20, d_ff=40)
     tensors = checkpoint_tensors(layout_family, d_model=20, d_ff=40)
     output = tmp_path / "q.safetensors"
-    quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", smooth=0.5, tokens=64))
+    quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=64))
     for layer in find_mlps(source):
         w1, _, w2, _, *_ = load_quantized_mlp(output, layer)
+        assert w1.input_scale is None and w1.output_scale is None  # dynamic: smoothing alone needs calibration
         s = w1.smooth_scale
         assert s.shape == (20,) and s.dtype == torch.float32 and torch.isfinite(s).all() and (s > 0).all()
         assert not torch.allclose(s, torch.ones_like(s)) and w2.smooth_scale is None
@@ -182,7 +200,7 @@ def test_w8a8_scales_run_the_mlp_close_to_float(tmp_path, family, method, smooth
     source = write_checkpoint(tmp_path / "model.safetensors", family, d_model=32, d_ff=96)
     tensors = checkpoint_tensors(family, d_model=32, d_ff=96)
     output = tmp_path / "q.safetensors"
-    quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", method=method, smooth=smooth, tokens=256))
+    quantize_checkpoint(source, output, QuantizeOptions(**STATIC_SYNTHETIC, method=method, smooth=smooth, tokens=256))
     for layer in find_mlps(source):
         with open_checkpoint(source) as ckpt:  # held-out inputs, as verify draws them
             x, _ = calibration_inputs(ckpt, layer, tokens=256, split="verify")
@@ -207,7 +225,7 @@ def test_w8a8_scales_run_the_mlp_close_to_float(tmp_path, family, method, smooth
 def test_max_scales_are_the_absmax_of_what_the_kernels_see(tmp_path):
     source = write_checkpoint(tmp_path / "model.safetensors", "bert", d_model=16, d_ff=48)
     output = tmp_path / "q.safetensors"
-    quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", tokens=100))
+    quantize_checkpoint(source, output, QuantizeOptions(**STATIC_SYNTHETIC, tokens=100))
     layer = find_mlps(source)[0]
     with open_checkpoint(source) as ckpt:
         x, _ = calibration_inputs(ckpt, layer, tokens=100)  # the calibrate split quantize used
@@ -225,7 +243,7 @@ def test_calibration_file_is_used_and_recorded(tmp_path):
     rows[layers[0].fc1][35, 3] = 1000.0  # in the held-out quarter: quantize must not see it
     calib = write_calibration(tmp_path / "calib.safetensors", rows)
     output = tmp_path / "q.safetensors"
-    report = quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", calib=calib))
+    report = quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", activations="static", calib=calib))
     for layer in layers:
         w1, *_ = load_quantized_mlp(output, layer)
         torch.testing.assert_close(w1.input_scale * 127, rows[layer.fc1][:30].abs().max(), rtol=1e-6, atol=0)
@@ -267,7 +285,7 @@ def test_all_zero_channel_round_trips(tmp_path):
     tensors["encoder.layer.0.intermediate.dense.weight"][5] = 0
     source = write_checkpoint(tmp_path / "model.safetensors", tensors=tensors)
     output = tmp_path / "q.safetensors"
-    report = quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", tokens=16))
+    report = quantize_checkpoint(source, output, QuantizeOptions(**STATIC_SYNTHETIC, tokens=16))
     w1, *_ = load_quantized_mlp(output, find_mlps(source)[0])
     assert torch.isfinite(w1.scale).all() and w1.scale[5] > 0 and (w1.data[5] == 0).all()
     assert all(math.isfinite(lr.fc1.rel_frobenius) for lr in report.layers)
@@ -351,10 +369,21 @@ def test_nan_weight_fails_before_anything_is_written(tmp_path):
         (dict(granularity="group:0"), "--granularity"),
         (dict(scheme="w8a8", method="median"), "--method"),
         (dict(scheme="w8a8", smooth=2.0), "--smooth"),
-        (dict(scheme="w8a8", tokens=0), "--tokens"),
+        (dict(STATIC_SYNTHETIC, tokens=0), "--tokens"),
         (dict(scheme="w8a8", granularity="group:8"), "w8a8 takes per-channel"),
         (dict(method="mse"), "w8a16 does not have"),
         (dict(smooth=0.5), "w8a16 does not have"),
+        (dict(activations="dynamic"), "w8a16 does not have"),
+        (dict(scheme="w8a8", activations="per-tensor"), "--activations: activations must be dynamic, group:N or static"),
+        (dict(scheme="w8a8", activations="group:256"), "--activations group:256: the int8 kernels run group:32, group:64, group:128"),
+        # static scales and SmoothQuant's statistics need calibration rows: say what to pass
+        (dict(scheme="w8a8", activations="static"), "static activation scales need calibration rows: pass --calib FILE"),
+        (dict(scheme="w8a8", smooth=0.5), r"SmoothQuant's statistics \(--smooth\) need calibration rows: pass --calib FILE"),
+        (dict(scheme="w8a8", activations="group:128", smooth=0.5), "--calib synthetic"),
+        # dynamic scales use no calibration rows: options for them would be ignored
+        (dict(scheme="w8a8", calib="synthetic"), "--calib: --activations dynamic computes its scales at run time"),
+        (dict(scheme="w8a8", activations="group:64", tokens=64), "--tokens: --activations group:64 computes"),
+        (dict(scheme="w8a8", method="mse", smooth=0.5, calib="synthetic"), "--method sets static activation scales"),
     ],
 )
 def test_bad_options(options, complaint):
@@ -398,21 +427,26 @@ def test_output_gets_a_new_files_usual_mode(tmp_path):
     assert stat.S_IMODE((tmp_path / "model.int8.safetensors").stat().st_mode) == 0o666 & ~umask
 
 
-@pytest.mark.parametrize("scheme,smooth", [("w8a16", None), ("w8a8", None), ("w8a8", 0.5)])
+@pytest.mark.parametrize(
+    "scheme,activations,smooth",
+    [("w8a16", None, None), ("w8a8", "dynamic", None), ("w8a8", "group:32", 0.5), ("w8a8", "static", None), ("w8a8", "static", 0.5)],
+)
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, smooth):
+def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, activations, smooth):
     # The consumer's view: the file's tensors go into the op as they are, on the CPU where
     # they are read (torch backend; the op's default device would be CUDA on a GPU machine).
     source = write_checkpoint(tmp_path / "model.safetensors", family, d_model=32, d_ff=96)
     tensors = checkpoint_tensors(family, d_model=32, d_ff=96)
     output = tmp_path / "q.safetensors"
-    quantize_checkpoint(source, output, QuantizeOptions(scheme=scheme, smooth=smooth, tokens=256 if scheme == "w8a8" else None))
+    calibrated = activations == "static" or smooth is not None
+    calib = dict(calib="synthetic", tokens=256) if calibrated else {}
+    quantize_checkpoint(source, output, QuantizeOptions(scheme=scheme, activations=activations, smooth=smooth, **calib))
     for layer in find_mlps(source):
         with open_checkpoint(source) as ckpt:
             x, _ = calibration_inputs(ckpt, layer, tokens=256, split="verify")
         w1, b1, w2, b2, *_ = load_quantized_mlp(output, layer)
-        static = {"input_quant": "static"} if scheme == "w8a8" else {}
-        config = MLPConfig(dtype=scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend="torch", **static)
+        acts = {"activations": activations} if scheme == "w8a8" else {}
+        config = MLPConfig(dtype=scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend="torch", **acts)
         op = FusedMLP(config, device="cpu")
         y = op(x.half(), w1, b1.half(), w2, b2.half()).double()
         w1f, b1f, w2f, b2f = (tensors[n].double() for n in (layer.w1, layer.b1, layer.w2, layer.b2))

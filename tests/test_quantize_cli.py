@@ -33,7 +33,8 @@ def run(*args):
 
 def test_quantize_prints_a_table_and_writes_the_same_facts_as_json(tmp_path):
     source = write_checkpoint(tmp_path / "model.safetensors", "bert", n_layers=2, config={"hidden_act": "gelu"})
-    result = run(source, "--scheme", "w8a8", "--method", "percentile:99", "--tokens", "64", "--json", tmp_path / "r.json")
+    result = run(source, "--scheme", "w8a8", "--activations", "static", "--calib", "synthetic", "--method", "percentile:99",
+                 "--tokens", "64", "--json", tmp_path / "r.json")  # fmt: skip
     assert result.exit_code == 0, result.output
     output = tmp_path / "model.int8.safetensors"
     assert is_quantized_file(output)
@@ -86,9 +87,14 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list, str]]:
         "bad smooth": ([good, "--scheme", "w8a8", "--smooth", "1.5"], "--smooth"),
         "method without w8a8": ([good, "--method", "mse"], "w8a16 does not have"),
         "bad gelu": ([good, "--gelu", "relu"], "--gelu"),
-        "missing calib": ([good, "--scheme", "w8a8", "--calib", tmp_path / "nope.safetensors"], "no such file"),
-        "calib without a layer": ([good, "--scheme", "w8a8", "--calib", calib], "has no tensor 'encoder.layer.1.intermediate.dense'"),
-        "calib not safetensors": ([good, "--scheme", "w8a8", "--calib", corrupt["empty"]], "not a valid safetensors file"),
+        "missing calib": ([good, "--scheme", "w8a8", "--activations", "static", "--calib", tmp_path / "nope.safetensors"], "no such file"),
+        "calib without a layer": ([good, "--scheme", "w8a8", "--smooth", "0.5", "--calib", calib], "has no tensor 'encoder.layer.1.intermediate.dense'"),
+        "calib not safetensors": ([good, "--scheme", "w8a8", "--activations", "static", "--calib", corrupt["empty"]], "not a valid safetensors file"),
+        "static without calib": ([good, "--scheme", "w8a8", "--activations", "static"], "static activation scales need calibration rows: pass --calib FILE"),
+        "smooth without calib": ([good, "--scheme", "w8a8", "--smooth", "0.5"], "need calibration rows: pass --calib FILE"),
+        "calib with dynamic": ([good, "--scheme", "w8a8", "--calib", calib], "--activations dynamic computes its scales at run time"),
+        "unsupported group": ([good, "--scheme", "w8a8", "--activations", "group:100"], "the int8 kernels run group:32, group:64, group:128"),
+        "w8a8 group weights": ([good, "--scheme", "w8a8", "--granularity", "group:128"], "w8a8 takes per-channel weight scales"),
         "existing output": ([good, "-o", tmp_path / "taken.safetensors"], "pass --force"),
         "output is input": ([good, "-o", good, "--force"], "never overwrites its input"),
         "output dir missing": ([good, "-o", tmp_path / "no" / "q.safetensors"], "does not exist"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.reference import eager_gelu, gelu
-from kernels.schemes import ActivationScheme, Granularity, SchemeError, WeightLayout
+from kernels.schemes import ActivationScheme, Granularity, SchemeError, WeightLayout, closest_key, scheme_key
 
 
 @pytest.mark.parametrize("text", ["per-channel", "group:128", "group:7"])
@@ -50,3 +50,16 @@ def test_quick_gelu_is_x_sigmoid_1702x():
     assert torch.allclose(eager_gelu(x, "quick"), expected, rtol=1e-12, atol=1e-12)
     # and it is not the erf GELU (they differ by up to ~2e-2 near x = -2)
     assert (gelu(x, "quick") - gelu(x, "erf")).abs().max() > 1e-2
+
+
+def test_scheme_keys_and_their_closest_measured_stand_in():
+    assert [scheme_key("fp16"), scheme_key("w8a16", "group:128"), scheme_key("w8a16", None), scheme_key("w8a8", activations="group:64")] == [
+        "fp16", "w8a16:group:128", "w8a16:per-channel", "w8a8:group:64",
+    ]  # fmt: skip
+    table = {"w8a16:per-channel": 1, "w8a16:group:128": 2, "w8a8:dynamic": 3, "w8a8:group:128": 4, "w8a8:static": 5}
+    # a finer group than the table's stands in for it: at least as accurate
+    assert [closest_key(k, table) for k in ("w8a8:static", "w8a8:group:32", "w8a16:group:64", "w8a16:group:256")] == [
+        "w8a8:static", "w8a8:group:128", "w8a16:group:128", "w8a16:per-channel",
+    ]  # fmt: skip
+    with pytest.raises(KeyError):
+        closest_key("w8a8:group:256", table)  # coarser than anything measured for w8a8

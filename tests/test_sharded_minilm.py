@@ -31,7 +31,7 @@ def test_sharded_minilm_quantizes_and_verifies_like_the_single_file(tmp_path, mo
     for item in model_dir.iterdir():
         if item.name != "model.safetensors":
             (shutil.copytree if item.is_dir() else shutil.copyfile)(item, sharded / item.name)
-    options = QuantizeOptions(scheme="w8a8", tokens=64)
+    options = QuantizeOptions(scheme="w8a8", activations="static", calib="synthetic", tokens=64)
     single_out = quantize_checkpoint(model_dir, tmp_path / "single-int8", options).output
     sharded_out = quantize_checkpoint(sharded, options=options).output
     assert sorted(p.name for p in (tmp_path / "sharded-int8").glob("*.safetensors")) == [

@@ -15,6 +15,8 @@ from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.verify import (
     DEFAULT_TOLERANCES,
+    default_key,
+    default_tolerance,
     parse_dtypes,
     parse_tolerances,
     torch_mlp,
@@ -87,27 +89,45 @@ def test_parse_dtypes_and_tolerances():
             parse_tolerances(bad)
 
 
-def test_one_tolerance_per_dtype_written_once():
-    assert set(DEFAULT_TOLERANCES) == set(DTYPES)
-    # Looser where the path rounds more: fp16 < bf16 and the int8 schemes past the float ones.
-    assert DEFAULT_TOLERANCES["fp16"] < DEFAULT_TOLERANCES["bf16"] < DEFAULT_TOLERANCES["w8a16"] < DEFAULT_TOLERANCES["w8a8"]
+def test_one_tolerance_per_dtype_and_int8_scheme_written_once():
+    assert set(DEFAULT_TOLERANCES) == {
+        "fp16", "bf16", "fp32", "w8a16:per-channel", "w8a16:group:128", "w8a8:dynamic", "w8a8:group:128", "w8a8:static"
+    }  # fmt: skip
+    # every dtype's default scheme has its own
+    assert [default_key(d) for d in DTYPES] == ["fp16", "bf16", "fp32", "w8a16:group:128", "w8a8:dynamic"]
+    t = DEFAULT_TOLERANCES
+    # Looser where the path rounds more: fp16 < bf16 < w8a16, finer scales tighter, static the loosest.
+    assert t["fp16"] < t["bf16"] < t["w8a16:group:128"] < t["w8a16:per-channel"] < t["w8a8:dynamic"]
+    assert t["w8a8:group:128"] < t["w8a8:dynamic"] < t["w8a8:static"]
+    # Group sizes the table does not name: a finer group takes group:128's, a coarser w8a16 one per-channel's.
+    assert default_tolerance("w8a8:group:32") == t["w8a8:group:128"] and default_tolerance("w8a16:group:64") == t["w8a16:group:128"]
+    assert default_tolerance("w8a16:group:512") == t["w8a16:per-channel"]
+
+
+def test_tolerances_by_dtype_or_by_scheme():
+    assert parse_tolerances("w8a8=0.3,w8a8:static=0.2,w8a16:group:64=0.01") == {"w8a8": 0.3, "w8a8:static": 0.2, "w8a16:group:64": 0.01}
+    for bad, message in (("w8a8:per-channel=0.1", "activations must be"), ("w8a16:dynamic=0.1", "granularity must be"),
+                         ("fp16:x=0.1", "--tol takes"), ("w4a4=0.1", "--tol takes"), ("w8a8=0.1,bf16", "--tol takes")):  # fmt: skip
+        with pytest.raises(OptionError, match=message):
+            parse_tolerances(bad)
 
 
 def test_report_holds_both_distances_and_the_run_facts(tmp_path):
     source = write_checkpoint(tmp_path / "m.safetensors", "bert", config={"hidden_act": "gelu"})
     done = []
     report = verify_checkpoint(source, "fp16,w8a8", tol={"w8a8": 0.3}, progress=lambda *a: done.append(a))
-    assert [(r.layer, r.dtype) for r in report.rows] == [
-        (f"encoder.layer.{i}.intermediate.dense", d) for i in (0, 1) for d in ("fp16", "w8a8")
+    assert [(r.layer, r.dtype, r.scheme) for r in report.rows] == [
+        (f"encoder.layer.{i}.intermediate.dense", d, k) for i in (0, 1) for d, k in (("fp16", "fp16"), ("w8a8", "w8a8:dynamic"))
     ]
     assert [a[:2] for a in done] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     # backend "auto" on the default device: Triton on a CUDA machine, the torch reference elsewhere
     assert report.backend_asked == "auto" and report.device.startswith(DEVICE.type)
     assert report.backend == AUTO_BACKEND and report.backend_reason.startswith(AUTO_BACKEND_REASON)
-    assert report.tolerances == {"fp16": DEFAULT_TOLERANCES["fp16"], "w8a8": 0.3}
-    assert report.tolerance_origin == {"fp16": "default", "w8a8": "asked"}
+    assert report.tolerances == {"fp16": DEFAULT_TOLERANCES["fp16"], "w8a8:dynamic": 0.3}
+    assert report.tolerance_origin == {"fp16": "default", "w8a8:dynamic": "asked"}
     assert report.calibration["split"] == "verify" and report.calibration["kind"] == "synthetic"
-    assert report.in_memory_quantization["w8a8"]["method"] == "max"
+    # quantize's defaults: dynamic activations, no observer, no calibration rows
+    assert report.in_memory_quantization["w8a8"] == {"granularity": "per-channel", "activations": "dynamic", "method": None, "smooth": None}
     for layer in report.layers:
         assert layer.gelu == "erf" and layer.tokens == 512
         assert 0 < layer.fp16_path_vs_float64.rel_frobenius < 2e-3

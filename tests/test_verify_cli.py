@@ -16,12 +16,12 @@ import kernels.reference as reference_module
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import RECORD_KEY
-from calibration.verify import DEFAULT_TOLERANCES
+from calibration.verify import DEFAULT_TOLERANCES, default_key
 from checkpoints import checkpoint_tensors, write_calibration, write_checkpoint
 from conftest import AUTO_BACKEND, AUTO_BACKEND_REASON
 from gelugemm_cli import common
 from gelugemm_cli.app import app
-from kernels.op import FusedMLP
+from kernels.op import DTYPES, FusedMLP
 from test_calibration_checkpoint import corrupt_files
 
 runner = CliRunner()
@@ -97,7 +97,9 @@ def test_an_original_checkpoint_passes_every_dtype_and_the_table_shows_the_json(
     source = write_checkpoint(tmp_path / "m.safetensors", "vit")
     code, report, out = verify_json(tmp_path, source)
     assert code == 0, out
-    assert report["kind"] == "original" and report["dtypes"] == list(DEFAULT_TOLERANCES)
+    assert report["kind"] == "original" and report["dtypes"] == list(DTYPES)
+    assert [row["scheme"] for row in report["rows"][:5]] == ["fp16", "bf16", "fp32", "w8a16:group:128", "w8a8:dynamic"]
+    assert "w8a16 group:128" in out and "w8a8 dynamic" in out
     assert len(report["rows"]) == 2 * 5
     for row in report["rows"]:
         assert f"{row['vs_fp16_path']['rel_frobenius']:.2e}" in out
@@ -191,10 +193,10 @@ def perturb_op(monkeypatch, dtype: str, relative: float) -> None:
     monkeypatch.setattr(FusedMLP, "__call__", noisy)
 
 
-@pytest.mark.parametrize("dtype", list(DEFAULT_TOLERANCES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 def test_a_perturbed_op_fails_exactly_where_perturbed(tmp_path, monkeypatch, dtype):
     source = write_checkpoint(tmp_path / "m.safetensors", "bert")
-    tol = DEFAULT_TOLERANCES[dtype]
+    tol = DEFAULT_TOLERANCES[default_key(dtype)]  # quantize's default scheme, for int8
     perturb_op(monkeypatch, dtype, 2 * tol)
     code, report, _ = verify_json(tmp_path, source)
     assert code == 1
@@ -268,7 +270,7 @@ def test_an_op_computing_the_other_flavour_fails(tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(reference_module, "gelu", lambda x, flavour="erf": right(x, "tanh" if flavour == "erf" else "erf"))
     code, report, _ = verify_json(tmp_path, source, *args)
     assert code == 1 and report["rows"][0]["backend"] == "torch"
-    assert report["rows"][0]["vs_fp16_path"]["rel_frobenius"] > 2 * DEFAULT_TOLERANCES[dtype]
+    assert report["rows"][0]["vs_fp16_path"]["rel_frobenius"] > 2 * DEFAULT_TOLERANCES[default_key(dtype)]
 
 
 def test_a_triton_kernel_computing_the_other_flavour_fails(tmp_path, monkeypatch):
@@ -298,7 +300,7 @@ def test_quantized_metadata_with_the_wrong_flavour_fails_by_its_numbers(tmp_path
     assert code == 1
     row = report["rows"][0]
     assert row["gelu"] == "tanh" and report["layers"][0]["gelu"] == "erf"
-    assert row["vs_fp16_path"]["rel_frobenius"] > 2 * DEFAULT_TOLERANCES["w8a16"]  # the numbers see it here
+    assert row["vs_fp16_path"]["rel_frobenius"] > 2 * DEFAULT_TOLERANCES[row["scheme"]]  # the numbers see it here
     assert "the quantized file says GELU tanh" in out
 
 
@@ -314,7 +316,7 @@ def test_a_flavour_mismatch_fails_even_where_the_numbers_cannot_see_it(tmp_path)
     code, report, out = verify_json(tmp_path, path)
     assert code == 1
     for row in report["rows"]:
-        assert row["vs_fp16_path"]["rel_frobenius"] < DEFAULT_TOLERANCES["w8a16"]
+        assert row["vs_fp16_path"]["rel_frobenius"] < DEFAULT_TOLERANCES[row["scheme"]]
         assert row["problem"] == "runs GELU tanh (config.json hidden_act=gelu_new); the reference is erf (config.json hidden_act=gelu)"
     # Saying the model's flavour outright agrees with the file again.
     code, _, _ = verify_json(tmp_path, path, "--gelu", "tanh")
@@ -340,7 +342,7 @@ def test_the_recorded_calibration_file_is_the_default_input(tmp_path):
     calib = tmp_path / "calib.safetensors"
     save_file({f"encoder.layer.{i}.intermediate.dense": torch.randn(40, 16) for i in (0, 1)}, str(calib))
     path = tmp_path / "q.safetensors"
-    quantize_checkpoint(source, path, QuantizeOptions(scheme="w8a8", calib=calib))
+    quantize_checkpoint(source, path, QuantizeOptions(scheme="w8a8", activations="static", calib=calib))
     code, report, _ = verify_json(tmp_path, path)
     assert code == 0
     assert report["calibration"]["kind"] == "file" and report["calibration"]["from"].startswith("quantize's")

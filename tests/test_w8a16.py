@@ -18,10 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, HAS_CUDA, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
 from kernels.errors import LaunchError
 from kernels.quantized import QuantizedWeight
-from kernels.reference import linear_reference, w8a16_linear_reference
+from kernels import int8_gemm
+from kernels.reference import linear_reference, w8a16_group_weight, w8a16_linear_reference
 from kernels.w8a16 import w8a16_linear
 
 # Against float64 on the dequantized weight, w8a16 keeps the float dtype's error: a
@@ -112,6 +113,33 @@ def test_decode_kernel(lead, k, n, dtype, layout, group_size):
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs an SM90+ GPU")
     run_case("decode", lead, k, n, dtype, layout, group_size, "erf")
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["strided", "tma", "decode"])
+def test_group_dequantized_tile_is_the_reference_bit_for_bit(path, dtype, layout):
+    # One-hot rows of x pick rows of W^T out exactly (one non-zero product, float32
+    # accumulation, a value already in x's dtype), so each output row is the kernel's
+    # dequantized weight: it must equal w8a16_group_weight, the reference's definition
+    # (fp16: the scale rounded to fp16 and an fp16 multiply; bf16: a float32 multiply).
+    if DEVICE.type == "cuda" and path != "strided" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an SM90+ GPU")
+    k, n, g, m = 64, 48, 16, 16 if path == "decode" else 40
+    qw = random_quantized_weight(k, n, g, layout)
+    picks = torch.randint(0, k, (m,))
+    x = torch.zeros(m, k, dtype=dtype, device=DEVICE)
+    x[torch.arange(m), picks] = 1
+    out = w8a16_linear(x, qw, None, weight_layout=layout, path=path)
+    tile = w8a16_group_weight(qw, dtype, layout)  # [N, K]
+    assert torch.equal(out, tile[:, picks.to(DEVICE)].t())
+    if dtype == torch.float16:
+        # the definition is not the float32 one: on these scales the two differ somewhere
+        q = qw.dequantize(layout).t() if layout == "in_out" else qw.dequantize(layout)
+        assert not torch.equal(tile, q.half())
+    if path == "tma" and not HAS_CUDA:
+        # the interpreter runs w8a16's swap-AB schedule on the TMA path
+        assert int8_gemm._int8_weight_tma_kernel.best_config.kwargs.get("SWAP_AB")
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
