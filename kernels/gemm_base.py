@@ -453,6 +453,24 @@ def _load_weight(desc, off_n, k0, B_IS_NK: tl.constexpr, K_AXIS: tl.constexpr):
 
 
 @triton.jit
+def _tma_mma(desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg, stride_as,
+             GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, A_GROUP_K: tl.constexpr, B_IS_NK: tl.constexpr,
+             SWAPPED: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    # acc += the K tile ki of `a` times the weight tile at (off_n, ki) read through desc (a
+    # gated GEMM1 calls it for the gate and for the up weight): as the dot's [K, N] B operand,
+    # or SWAPPED (out^T = W @ a^T: the [N, K] weight tile is the MMA's register operand).
+    if SWAPPED:
+        q = _load_weight(desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
+        w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
+        acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
+    else:
+        q = _load_weight(desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
+        b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
+        acc = _mma(a, b, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _sum_splits(ptrs, like, SPLIT_K: tl.constexpr, T: tl.constexpr):
     # The SPLIT_K partial sums stored T elements apart from ptrs, added up in like's dtype
     # (int32 partials travel bit for bit through the float32 workspace).
@@ -577,22 +595,12 @@ def gemm_tma_kernel(
         for ki in range(k_tiles):
             # TMA fills reads past the tensor's edge with zeros: no K mask needed.
             a = a_desc.load([off_m, ki * BLOCK_K])
-            if SWAP_AB:
-                q = _load_weight(b_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
-                w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-                acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
-                if GATED:
-                    qu = _load_weight(u_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
-                    wu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-                    acc_up = _mma(wu, a.T, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
-            else:
-                q = _load_weight(b_desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
-                b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
-                acc = _mma(a, b, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
-                if GATED:
-                    qu = _load_weight(u_desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
-                    bu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
-                    acc_up = _mma(a, bu, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+            acc = _tma_mma(b_desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
+                           stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, SWAP_AB, DOT_F32, INPUT_PRECISION)  # fmt: skip
+            if GATED:
+                acc_up = _tma_mma(u_desc, a, acc_up, off_n, ki, cols, rows, K, u_scale_ptr, a_scale_ptr, stride_wsn,
+                                  stride_wsg, stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, SWAP_AB, DOT_F32,
+                                  INPUT_PRECISION)  # fmt: skip
         if SWAP_AB:
             acc = acc.T
             if GATED:
@@ -673,13 +681,11 @@ def gemm_decode_kernel(
     acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
     for ki in range(k_first, k_last):
         a = a_desc.load([0, ki * BLOCK_K])
-        q = _load_weight(b_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
-        w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-        acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
+        acc = _tma_mma(b_desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
+                       stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, True, DOT_F32, INPUT_PRECISION)  # fmt: skip
         if GATED:
-            qu = _load_weight(u_desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
-            wu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-            acc_up = _mma(wu, a.T, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
+            acc_up = _tma_mma(u_desc, a, acc_up, off_n, ki, cols, rows, K, u_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
+                              stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, True, DOT_F32, INPUT_PRECISION)  # fmt: skip
 
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
