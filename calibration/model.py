@@ -38,15 +38,27 @@ class SwapError(GelugemmError, LookupError):
     """An MLP cannot be put into a model: its prefix has no home there, or the shapes differ."""
 
 
-def checkpoint_shapes(path: str | Path, gelu: str | None = None) -> tuple[list[tuple[int, int]], str]:
+def checkpoint_shapes(path: str | Path, gelu: str | None = None, gated: bool | None = None) -> tuple[list[tuple[int, int]], str]:
     """(the distinct (d_model, d_ff) of a checkpoint's MLPs, their GELU flavour), for the benchmark.
 
     A quantized checkpoint: its quantized MLPs; else by discovery. The flavour is `gelu`
-    where given, else what config.json or the model family says.
+    where given, else what config.json or the model family says. gated: only the gated
+    MLPs (True) or only the plain ones (False); None takes them all.
     """
     with open_checkpoint(path) as ckpt:
         layers = QuantizedCheckpoint(ckpt, gelu=gelu).layers if is_quantized_checkpoint(ckpt) else mlps_in(ckpt, gelu=gelu)
-    return sorted({(layer.d_model, layer.d_ff) for layer in layers}), gelu or layers[0].gelu
+    chosen = [layer for layer in layers if gated is None or layer.is_gated == gated]
+    if not chosen:
+        kind = "gated" if gated else "plain (ungated)"
+        raise CheckpointError(f"{path} has no {kind} GELU MLP; its {len(layers)} MLP(s) are {'plain' if gated else 'gated'}")
+    return sorted({(layer.d_model, layer.d_ff) for layer in chosen}), gelu or chosen[0].gelu
+
+
+def has_gated_mlps_only(path: str | Path) -> bool:
+    """True where every MLP of a checkpoint (its quantized ones, for a quantized checkpoint) is gated."""
+    with open_checkpoint(path) as ckpt:
+        layers = QuantizedCheckpoint(ckpt).layers if is_quantized_checkpoint(ckpt) else mlps_in(ckpt)
+    return all(layer.is_gated for layer in layers)
 
 
 # ---- loading from a quantized checkpoint -------------------------------------------------
