@@ -12,6 +12,10 @@ kernels with every config of each scheme's table (w8a16 per channel and group:12
 the swap-AB schedule, w8a8 static, w8a8 group:128 in and out) and with one config for the
 rest (bf16, in_out, dynamic's 16-bit GEMM1 output, group:32 and group:64); the activation
 quantizer per token, static and per group. Exit 1 if any compile fails.
+The gated GEMM1 (GATED: gate and up accumulators) with every config of its "-gated"
+tables for fp16 and for each int8 scheme, and one config for the rest.
+
+    PYTHONPATH=. python bench/compile_check.py [float|int8|gated]
 """
 
 from __future__ import annotations
@@ -60,15 +64,20 @@ def _ints(*names):
 
 
 def gemm_types(a: str, b: str, c: str, bias: str, *, strided: bool, decode: bool,
-               w_scale: bool = False, a_scale: bool = False, c_scale: bool = False) -> tuple[dict, dict]:  # fmt: skip
-    """(runtime argument types, the None tensors) of one of kernels/gemm_base.py's kernels."""
+               w_scale: bool = False, a_scale: bool = False, c_scale: bool = False, gated: bool = False) -> tuple[dict, dict]:  # fmt: skip
+    """(runtime argument types, the None tensors and GATED) of one of kernels/gemm_base.py's kernels."""
     t = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias_ptr": f"*{bias}"}
-    absent = {}
-    for name, present in (("w_scale_ptr", w_scale), ("a_scale_ptr", a_scale), ("c_scale_ptr", c_scale)):
+    absent = {"GATED": gated}
+    for name, present in (("w_scale_ptr", w_scale), ("a_scale_ptr", a_scale), ("c_scale_ptr", c_scale),
+                          ("u_scale_ptr", w_scale and gated)):  # fmt: skip
         if present:
             t[name] = "*fp32"
         else:
             absent[name] = None
+    if gated:
+        t.update(u_ptr=f"*{b}", u_bias_ptr=f"*{bias}")
+    else:
+        absent.update(u_ptr=None, u_bias_ptr=None)
     if decode:
         t.update(partial_ptr="*fp32", arrivals_ptr="*i32")
     names = ["M", "N", "K", "M_BUCKET", "stride_am"]
@@ -157,7 +166,7 @@ def int8_cases():
         if not strided:
             t, absent = gemm_types("i8", "i8", "i8", "fp16", strided=False, decode=decode, w_scale=True, a_scale=True, c_scale=True)
             cx = dict(HAS_BIAS=True, ACTIVATION="erf", GROUP_K=0, A_GROUP_K=0, C_GROUP_N=0, DOT_F32=False,
-                      INPUT_PRECISION="ieee", INTERPRETER=False, B_IS_NK=False, NUM_SMS=132)  # fmt: skip
+                      INPUT_PRECISION="ieee", INTERPRETER=False, B_IS_NK=False, NUM_SMS=132, **absent)  # fmt: skip
             yield kernel, t, cx, _table_configs(INT8_TABLES[path]["w8a8"])[0], "w8a8 in_out"
     quantize_types = {"x_ptr": "*fp16", "q_ptr": "*i8", "scale_ptr": "*fp32", "smooth_ptr": "*fp32",
                       **_ints("K", "stride_xm", "stride_xk", "stride_qm", "stride_sm")}  # fmt: skip
@@ -169,9 +178,60 @@ def int8_cases():
         yield w8a8._quantize_rows_kernel, quantize_types, cx, triton.Config({}, num_warps=4), label
 
 
+GATED_TABLES = {
+    "float": {"tma": gemm.GATED_TMA_CONFIGS, "decode": gemm.GATED_DECODE_CONFIGS, "strided": gemm.GATED_STRIDED_CONFIGS},
+    "w8a16": {"tma": int8_gemm.W8A16_GATED_TMA_CONFIGS, "decode": int8_gemm.W8A16_GATED_DECODE_CONFIGS,
+              "strided": int8_gemm.W8A16_GATED_STRIDED_CONFIGS},
+    "w8a8": {"tma": int8_gemm.W8A8_GATED_TMA_CONFIGS, "decode": int8_gemm.W8A8_GATED_DECODE_CONFIGS,
+             "strided": int8_gemm.W8A8_GATED_STRIDED_CONFIGS},
+    "w8a8-group": {"tma": int8_gemm.W8A8_GROUP_GATED_TMA_CONFIGS, "decode": int8_gemm.W8A8_GROUP_GATED_DECODE_CONFIGS,
+                   "strided": int8_gemm.W8A8_GROUP_GATED_STRIDED_CONFIGS},
+}  # fmt: skip
+
+# The gated GEMM1: (a dtype, weight dtype, out dtype, weight group, a group, out group, table,
+# every config or the first, what it is)
+GATED_VARIANTS = [
+    ("fp16", "fp16", "fp16", 0, 0, 0, "float", True, "gated fp16"),
+    ("bf16", "bf16", "bf16", 0, 0, 0, "float", False, "gated bf16"),
+    ("fp32", "fp32", "fp32", 0, 0, 0, "float", False, "gated fp32"),
+    ("fp16", "i8", "fp16", 0, 0, 0, "w8a16", True, "gated w8a16 per channel"),
+    ("bf16", "i8", "bf16", 128, 0, 0, "w8a16", False, "gated w8a16 bf16 group:128"),
+    ("i8", "i8", "i8", 0, 0, 0, "w8a8", True, "gated w8a8 static GEMM1"),
+    ("i8", "i8", "fp16", 0, 0, 0, "w8a8", False, "gated w8a8 dynamic GEMM1 (16-bit h)"),
+    ("i8", "i8", "i8", 0, 128, 128, "w8a8-group", True, "gated w8a8 group:128 GEMM1"),
+    ("i8", "i8", "i8", 0, 64, 64, "w8a8-group", False, "gated w8a8 group:64 GEMM1"),
+]
+
+
+def gated_cases():
+    """The gated GEMM1 (GATED: the up projection's tile and accumulator beside the gate's):
+    every config of the "-gated" tables for fp16 and for each int8 scheme, one config for
+    the rest, and the weight stored [K, N] once per table."""
+    for name, kernels in (("float", gemm._GEMM.kernels), ("int8", int8_gemm._GEMM.kernels)):
+        for path, (kernel, strided, decode) in zip(("tma", "decode", "strided"), _paths(kernels)):
+            for a_dtype, b_dtype, out_dtype, group, a_group, c_group, table, every, label in GATED_VARIANTS:
+                if (table == "float") != (name == "float"):
+                    continue
+                int8 = b_dtype == "i8"
+                t, absent = gemm_types(a_dtype, b_dtype, out_dtype, "fp16" if int8 else a_dtype, strided=strided,
+                                       decode=decode, w_scale=int8, a_scale=a_dtype == "i8", c_scale=out_dtype == "i8",
+                                       gated=True)  # fmt: skip
+                cx = dict(HAS_BIAS=True, ACTIVATION="tanh", GROUP_K=group, A_GROUP_K=a_group, C_GROUP_N=c_group,
+                          DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False, **absent)  # fmt: skip
+                if not strided:
+                    cx.update(B_IS_NK=True, NUM_SMS=132)
+                configs = _table_configs(GATED_TABLES[table][path])
+                configs = configs if every else configs[:1]
+                for config in {gemm_config_key(c): c for c in (fit_groups(c, a_group, c_group) for c in configs)}.values():
+                    yield kernel, t, cx, config, label
+                if not strided and every:
+                    yield kernel, t, {**cx, "B_IS_NK": False}, fit_groups(configs[0], a_group, c_group), f"{label} in_out"
+
+
 def main() -> int:
-    which = sys.argv[1:] or ["float", "int8"]
-    cases = [c for name, gen in (("float", float_cases), ("int8", int8_cases)) if name in which for c in gen()]
+    which = sys.argv[1:] or ["float", "int8", "gated"]
+    generators = (("float", float_cases), ("int8", int8_cases), ("gated", gated_cases))
+    cases = [c for name, gen in generators if name in which for c in gen()]
     failures = []
     for kernel, types, constexprs, config, label in cases:
         t0 = time.time()

@@ -3,8 +3,8 @@
 # and verify on the real MiniLM MLPs, from the checkout with the machine's own
 # torch/triton (nothing is installed).
 #
-#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes verify eval
-#                                          (default: all), and verify-dir (not in the default)
+#   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
+#                                          eval (default: all), and verify-dir (not in the default)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -13,12 +13,15 @@
 # Triton kernels; it needs transformers on the device and the model directory in
 # $MINILM_DIR (default .cache/minilm-model: config.json, model.safetensors, tokenizer files,
 # 1_Pooling/), and says why it is skipped otherwise.
+# gated runs the gated-MLP (GeGLU) GPU tests (Gemma-2B and Gemma-7B shapes, every dtype,
+# both weight forms; GPU-ERR lines) and `bench --gated` at M=2048 and 8192, and prints
+# gelugemm's speedups over the faster eager (two GEMMs or one concatenated GEMM).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
-stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph int8-schemes verify eval)
+stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph int8-schemes gated verify eval)
 MINILM_DIR=${MINILM_DIR:-$PWD/.cache/minilm-model}
 gg() { python3 -m gelugemm_cli "$@"; }
 status=0
@@ -67,6 +70,30 @@ for stage in "${stages[@]}"; do
           --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1 || status=1
       done
       summary+=("int8-schemes: $(tail -n 1 "$OUT/int8-schemes-tests.log"); see int8-schemes-graph.txt, int8-schemes.txt")
+      ;;
+    gated)
+      # Issue 17's check: the gated GEMM1 (GELU(gate) * up in one kernel) against its reference
+      # and float64 at Gemma sizes, then Gemma-2B's and Gemma-7B's MLPs timed at M=2048, 8192.
+      python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gated.py >"$OUT/gated-tests.log" 2>&1 || status=1
+      gg bench --gated --shape 2048,16384 --shape 3072,24576 --dtype fp16,bf16,w8a16,w8a8 --tokens 2048,8192 \
+        --peers eager,cublaslt,compile,dequant,int_mm --json "$OUT/bench-gated.json" >"$OUT/bench-gated.txt" 2>&1 || status=1
+      python3 - "$OUT/bench-gated.json" >"$OUT/gated-summary.txt" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+def t(shape, dtype, m, impls):
+    ts = [r["time_us"] for r in rows if (r["d_model"], r["d_ff"]) == shape and r["dtype"] == dtype and r["tokens"] == m
+          and r["impl"] in impls and r["time_us"] and (dtype == "fp16" or r["impl"] == "gelugemm")]
+    return min(ts) if ts else None
+for shape in sorted({(r["d_model"], r["d_ff"]) for r in rows}):
+    for m in sorted({r["tokens"] for r in rows}):
+        eager = t(shape, "fp16", m, ("eager", "eager-cat"))
+        for dtype in ("fp16", "bf16", "w8a16", "w8a8"):
+            ours = t(shape, dtype, m, ("gelugemm",))
+            if ours and eager:
+                print(f"{shape[0]}x{shape[1]} M={m} {dtype}: gelugemm {ours:.0f} us, {eager / ours:.2f}x fp16 eager (faster of two GEMMs / concatenated: {eager:.0f} us)")
+PY
+      summary+=("gated: $(tail -n 1 "$OUT/gated-tests.log")")
+      while read -r line; do summary+=("  $line"); done <"$OUT/gated-summary.txt"
       ;;
     verify)
       gg verify samples/minilm-mlp.safetensors --calib samples/minilm-calib.safetensors --dtype all --backend triton \

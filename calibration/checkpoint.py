@@ -13,10 +13,12 @@ cache rather than in the resident set.
 An MLP is found by the naming convention of its family (`calibration.families`): GEMM1
 (`fc1`) and GEMM2 (`fc2`) are two linears inside one block, named
 `<block><fc1>.weight`, where `<block>` is any prefix (`encoder.layer.3.`, `transformer.h.0.`).
+A gated MLP's fc1 is its gate, with the up projection a third linear (`up`) or the second
+half of fc1's own output (`gated="concatenated"`).
 
     layers = find_mlps("model_dir", layers=r"layer\\.[01]\\.")
     with open_checkpoint("model_dir") as ckpt:
-        w1, b1, w2, b2 = read_mlp(ckpt, layers[0])
+        w1, b1, w2, b2, w_up, b_up = read_mlp(ckpt, layers[0])
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,6 +42,8 @@ from calibration.families import (
     PLAIN,
     PLAIN_CONVENTION,
     Convention,
+    activation_dtype_for,
+    check_asked_activation_dtype,
     check_asked_gelu,
     choose_family,
     conv1d_layout,
@@ -49,7 +53,7 @@ from calibration.families import (
 )
 from calibration.safetensors_stream import StoredTensor, TensorInfo, read_header, read_stored, tensor_bytes
 
-__all__ = ["TensorInfo", "MLPLayer", "Checkpoint", "open_checkpoint", "find_mlps", "mlps_in", "select_layers"]
+__all__ = ["TensorInfo", "MLPLayer", "MLPTensors", "Checkpoint", "open_checkpoint", "find_mlps", "mlps_in", "select_layers"]
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 SINGLE_FILE = "model.safetensors"
@@ -62,12 +66,18 @@ _MLP_WORDS = ("mlp", "ffn", "feed_forward", "intermediate", "fc", "dense", "c_pr
 
 @dataclass(frozen=True)
 class MLPLayer:
-    """One MLP, y = GELU(x @ W1^T + b1) @ W2^T + b2, as found in a checkpoint.
+    """One MLP, y = GELU(x @ W1^T + b1) @ W2^T + b2, as found in a checkpoint; or a gated
+    one, y = (GELU(x @ Wg^T + bg) * (x @ Wu^T + bu)) @ W2^T + b2.
 
     fc1, fc2: the prefixes of GEMM1 and GEMM2 (`encoder.layer.0.intermediate.dense`;
         `w1`/`w2` for a plain file). Quantized tensors are named after them, and fc1 is
-        the key of this layer's activations in a calibration file.
+        the key of this layer's activations in a calibration file. A gated MLP's fc1 is
+        its gate linear (`mlp.gate_proj`) or the linear holding gate and up (`mlp.Wi`).
     w1, b1, w2, b2: tensor names (biases None where the checkpoint has none).
+    gated: None (a plain GELU MLP), "separate" (the up projection is the linear `up`, its
+        tensors w_up and b_up) or "concatenated" (W1 is [2 * d_ff, d_model] in out_in:
+        rows [0, d_ff) the gate, [d_ff, 2 * d_ff) the up projection; b1 likewise).
+    d_ff: the width GEMM2 reads (the product's, for a gated MLP).
     weight_layout: "out_in" ([d_ff, d_model] for W1) or "in_out" ([d_model, d_ff]).
     norm: the prefix of the LayerNorm that feeds fc1 (`norm.weight`, `norm.bias`), or None.
     dtype: the safetensors dtype of W1 ("F32", "F16", "BF16", "F64").
@@ -76,6 +86,9 @@ class MLPLayer:
     model_type: config.json's model_type for this block (its sub-config's), or None.
     norm_feeds_only_mlp: the LayerNorm feeds this MLP and nothing else (pre-LN), so
         SmoothQuant's division can be folded into it.
+    norm_offset: the norm multiplies by (norm_offset + its weight) (Gemma's RMSNorm: 1).
+    activation_dtype: "fp16" or "bf16", the float dtype the MLP's activations run in
+        (verify's reference path, the int8 schemes' x and y), and why.
     """
 
     family: str
@@ -96,6 +109,34 @@ class MLPLayer:
     layout_source: str = "family"
     model_type: str | None = None
     norm_feeds_only_mlp: bool = False
+    gated: str | None = None
+    up: str | None = None
+    w_up: str | None = None
+    b_up: str | None = None
+    norm_offset: float = 0.0
+    activation_dtype: str = "fp16"
+    activation_dtype_source: str = "default"
+
+    @property
+    def is_gated(self) -> bool:
+        return self.gated is not None
+
+    @property
+    def fc1_rows(self) -> int:
+        """GEMM1's output width as stored: d_ff, or 2 * d_ff for a concatenated gate and up."""
+        return 2 * self.d_ff if self.gated == "concatenated" else self.d_ff
+
+    def linears(self) -> list[tuple[str, str, str | None, tuple[int, int]]]:
+        """Every linear of the MLP as (prefix, weight name, bias name, (N, K)), GEMM1's first."""
+        out = [(self.fc1, self.w1, self.b1, (self.fc1_rows, self.d_model))]
+        if self.gated == "separate":
+            out.append((self.up, self.w_up, self.b_up, (self.d_ff, self.d_model)))
+        out.append((self.fc2, self.w2, self.b2, (self.d_model, self.d_ff)))
+        return out
+
+    def tensor_names(self) -> list[str]:
+        """The MLP's weight and bias tensors in the checkpoint."""
+        return [name for _, w, b, _ in self.linears() for name in (w, b) if name is not None]
 
     def to_record(self) -> dict:
         return dict(self.__dict__)
@@ -333,10 +374,27 @@ def read_tensor(handle, name: str) -> torch.Tensor:
     return t
 
 
-def read_mlp(handle, layer: MLPLayer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(w1, b1, w2, b2) of one MLP as stored (dtype and layout), checked finite."""
+class MLPTensors(NamedTuple):
+    """One MLP's weights and biases, in the op's argument order: w1, b1, w2, b2, and a gated
+    MLP's separate up projection (w_up, b_up; None otherwise, and for a concatenated one,
+    whose w1 and b1 hold gate and up). Float tensors, or int8 QuantizedWeights."""
+
+    w1: object
+    b1: torch.Tensor | None
+    w2: object
+    b2: torch.Tensor | None
+    w_up: object = None
+    b_up: torch.Tensor | None = None
+
+    def map(self, fn) -> "MLPTensors":
+        """fn applied to every tensor present (None stays None)."""
+        return MLPTensors(*(None if t is None else fn(t) for t in self))
+
+
+def read_mlp(handle, layer: MLPLayer) -> MLPTensors:
+    """One MLP's tensors as stored (dtype and layout), checked finite."""
     read = lambda name: None if name is None else read_tensor(handle, name)  # noqa: E731
-    return read(layer.w1), read(layer.b1), read(layer.w2), read(layer.b2)
+    return MLPTensors(read(layer.w1), read(layer.b1), read(layer.w2), read(layer.b2), read(layer.w_up), read(layer.b_up))
 
 
 def norm_names(layer: MLPLayer, keys) -> tuple[str, str | None] | None:
@@ -348,11 +406,16 @@ def norm_names(layer: MLPLayer, keys) -> tuple[str, str | None] | None:
 
 
 def read_norm(handle, layer: MLPLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of the LayerNorm feeding the MLP, or None where the checkpoint has none."""
+    """(the multiplier, bias) of the LayerNorm feeding the MLP: its weight (plus the
+    family's norm_offset: Gemma's RMSNorm multiplies by 1 + weight) and bias, or None
+    where the checkpoint has none."""
     names = norm_names(layer, set(handle.keys()))
     if names is None:
         return None
-    return read_tensor(handle, names[0]), None if names[1] is None else read_tensor(handle, names[1])
+    weight = read_tensor(handle, names[0])
+    if layer.norm_offset:
+        weight = weight.to(torch.float32) + layer.norm_offset
+    return weight, None if names[1] is None else read_tensor(handle, names[1])
 
 
 # ---- finding the MLPs ---------------------------------------------------------------------------
@@ -363,16 +426,23 @@ def _shape_error(block: str, what: str, got: tuple, want: tuple) -> CheckpointEr
 
 
 def _pair_dims(block: str, w1: TensorInfo, w2: TensorInfo, w1_name: str, w2_name: str, layout: str,
-               weight_dtypes: tuple[str, ...]) -> tuple[int, int]:
-    """(d_model, d_ff) of a GEMM1/GEMM2 pair, checking the two shapes agree."""
+               weight_dtypes: tuple[str, ...], gated: str | None = None) -> tuple[int, int]:
+    """(d_model, d_ff) of a GEMM1/GEMM2 pair, checking the two shapes agree (a concatenated
+    gated GEMM1 is twice d_ff wide)."""
     for name, info in ((w1_name, w1), (w2_name, w2)):
         if len(info.shape) != 2:
             raise CheckpointError(f"{name} has shape {list(info.shape)}; an MLP weight must be 2-D")
         if info.dtype not in weight_dtypes:
             raise CheckpointError(f"{name} is {info.dtype}; quantize takes float weights ({', '.join(FLOAT_DTYPES)})")
-    d_ff, d_model = w1.shape if layout == "out_in" else w1.shape[::-1]
-    if w2.shape != w1.shape[::-1]:
-        raise _shape_error(block, w2_name, w2.shape, w1.shape[::-1])
+    rows, d_model = w1.shape if layout == "out_in" else w1.shape[::-1]
+    d_ff = rows
+    if gated == "concatenated":
+        if rows % 2:
+            raise CheckpointError(f"{w1_name} has {rows} outputs: gate and up halves need an even count")
+        d_ff = rows // 2
+    want = (d_model, d_ff) if layout == "out_in" else (d_ff, d_model)
+    if w2.shape != want:
+        raise _shape_error(block, w2_name, w2.shape, want)
     return d_model, d_ff
 
 
@@ -388,6 +458,7 @@ class _Context:
     config_path: Path
     gelu: str | None
     weight_dtypes: tuple[str, ...]
+    activation_dtype: str | None = None
 
 
 def _convention_layers(convention: Convention, ctx: _Context, claimed: set[str]) -> list[MLPLayer]:
@@ -409,19 +480,36 @@ def _convention_layers(convention: Convention, ctx: _Context, claimed: set[str])
         if GPT2 in convention.families:  # mlp.c_fc: GPT-2's Conv1D or GPT-BigCode's nn.Linear
             layout, layout_source = conv1d_layout(model_type, infos[name].shape, infos[b1].shape[0] if b1 and infos[b1].shape else None, name)
             family = convention.families[0] if layout == "in_out" else convention.families[1]
-        d_model, d_ff = _pair_dims(block, infos[name], infos[w2], name, w2, layout, ctx.weight_dtypes)
-        _check_vector(block, infos, b1, d_ff)
+        d_model, d_ff = _pair_dims(block, infos[name], infos[w2], name, w2, layout, ctx.weight_dtypes, convention.gated)
+        _check_vector(block, infos, b1, d_ff * (2 if convention.gated == "concatenated" else 1))
         _check_vector(block, infos, b2, d_model)
+        up = w_up = b_up = None
+        if convention.gated == "separate":
+            up = block + convention.up
+            w_up = f"{up}.weight"
+            if w_up not in infos:
+                raise CheckpointError(f"{name} looks like a gated {family.title} MLP but its up projection {w_up} is missing")
+            want = (d_ff, d_model) if layout == "out_in" else (d_model, d_ff)
+            if infos[w_up].shape != want:
+                raise _shape_error(block, w_up, infos[w_up].shape, want)
+            if infos[w_up].dtype != infos[name].dtype:
+                raise CheckpointError(f"{w_up} is {infos[w_up].dtype} but the gate {name} is {infos[name].dtype}")
+            b_up = f"{up}.bias" if f"{up}.bias" in infos else None
+            if (b_up is None) != (b1 is None):
+                raise CheckpointError(f"{block or 'MLP'}: one of the gate and up projections has a bias and the other not")
+            _check_vector(block, infos, b_up, d_ff)
         norm = next((block + n for n, _ in family.norms if f"{block}{n}.weight" in infos), None)
         if norm is not None:
             _check_vector(block, infos, f"{norm}.weight", d_model)
             _check_vector(block, infos, f"{norm}.bias" if f"{norm}.bias" in infos else None, d_model)
         by_model_type = family_source.startswith("config.json")
         gelu, gelu_source = gelu_for(ctx.config, ctx.config_path, block, convention, family, by_model_type, ctx.gelu)
-        claimed.add(name)
+        act_dtype, act_dtype_source = activation_dtype_for(ctx.config, block, family, ctx.activation_dtype)
+        claimed.update(n for n in (name, w_up) if n is not None)
         found.append(MLPLayer(
             family.name, fc1, fc2, name, b1, w2, b2, layout, d_model, d_ff, gelu, gelu_source, norm, infos[name].dtype,
             family_source, layout_source, model_type, norm_feeds_only_mlp(family, norm, ctx.config),
+            convention.gated, up, w_up, b_up, family.norm_offset, act_dtype, act_dtype_source,
         ))  # fmt: skip
     return found
 
@@ -439,8 +527,10 @@ def _plain_layer(ctx: _Context) -> MLPLayer | None:
     _check_vector("", infos, "b1", d_ff)
     _check_vector("", infos, b2, d_model)
     gelu = gelu_for(ctx.config, ctx.config_path, "", PLAIN_CONVENTION, PLAIN, False, ctx.gelu)
+    act_dtype = activation_dtype_for(ctx.config, "", PLAIN, ctx.activation_dtype)
     return MLPLayer("plain", "w1", "w2", "w1", "b1", "w2", b2, layout, d_model, d_ff, gelu[0], gelu[1], None,
-                    infos["w1"].dtype, "tensor names w1, b1, w2", f"bias length {d_ff}")  # fmt: skip
+                    infos["w1"].dtype, "tensor names w1, b1, w2", f"bias length {d_ff}",
+                    activation_dtype=act_dtype[0], activation_dtype_source=act_dtype[1])  # fmt: skip
 
 
 def _not_found_message(path: Path, infos: dict[str, TensorInfo]) -> str:
@@ -455,11 +545,14 @@ def _not_found_message(path: Path, infos: dict[str, TensorInfo]) -> str:
 def discover(
     path: Path, infos: dict[str, TensorInfo], config: dict | None, config_path: Path, *,
     layers: str | None = None, gelu: str | None = None, weight_dtypes: tuple[str, ...] = FLOAT_DTYPES,
+    activation_dtype: str | None = None,
 ) -> list[MLPLayer]:  # fmt: skip
     """The MLPs named in a tensor table, in layer order, optionally filtered (see find_mlps)."""
     if gelu is not None:
         check_asked_gelu(gelu)
-    ctx = _Context(infos, config, config_path, gelu, weight_dtypes)
+    if activation_dtype is not None:
+        check_asked_activation_dtype(activation_dtype)
+    ctx = _Context(infos, config, config_path, gelu, weight_dtypes, activation_dtype)
     claimed: set[str] = set()
     found: list[MLPLayer] = []
     for convention in CONVENTIONS:
@@ -473,34 +566,41 @@ def discover(
     return select_layers(found, layers)
 
 
-def mlps_in(ckpt: Checkpoint, *, layers: str | None = None, gelu: str | None = None) -> list[MLPLayer]:
+def mlps_in(
+    ckpt: Checkpoint, *, layers: str | None = None, gelu: str | None = None, activation_dtype: str | None = None
+) -> list[MLPLayer]:
     """The MLPs of an open checkpoint, in layer order, optionally filtered (see find_mlps)."""
-    return discover(ckpt.path, ckpt.infos, ckpt.config, ckpt.config_path, layers=layers, gelu=gelu)
+    return discover(
+        ckpt.path, ckpt.infos, ckpt.config, ckpt.config_path, layers=layers, gelu=gelu, activation_dtype=activation_dtype
+    )
 
 
 def select_layers(found: list[MLPLayer], layers: str | None) -> list[MLPLayer]:
-    """The MLPs whose fc1 or fc2 prefix matches the regex `layers` (re.search); all for None."""
+    """The MLPs whose fc1, fc2 (or up) prefix matches the regex `layers` (re.search); all for None."""
     if layers is None:
         return found
     try:
         pattern = re.compile(layers)
     except re.error as exc:
         raise OptionError(f"--layers {layers!r} is not a valid regular expression: {exc}") from None
-    chosen = [layer for layer in found if pattern.search(layer.fc1) or pattern.search(layer.fc2)]
+    chosen = [layer for layer in found if any(pattern.search(p) for p in (layer.fc1, layer.fc2, layer.up) if p is not None)]
     if not chosen:
         names = ", ".join(layer.fc1 for layer in found[:8]) + (", ..." if len(found) > 8 else "")
         raise CheckpointError(f"--layers {layers!r} matches none of the {len(found)} MLPs found: {names}")
     return chosen
 
 
-def find_mlps(path: str | Path, *, layers: str | None = None, gelu: str | None = None) -> list[MLPLayer]:
-    """The GELU MLPs in a checkpoint (file or model directory), in layer order.
+def find_mlps(
+    path: str | Path, *, layers: str | None = None, gelu: str | None = None, activation_dtype: str | None = None
+) -> list[MLPLayer]:
+    """The GELU MLPs (plain and gated) in a checkpoint (file or model directory), in layer order.
 
     layers: a regex; an MLP is kept when it matches its fc1 or fc2 prefix (re.search).
     gelu: "erf", "tanh" or "quick" to override config.json and the family default.
+    activation_dtype: "fp16" or "bf16" to override config.json and the family default.
     """
     with open_checkpoint(path) as ckpt:
-        return mlps_in(ckpt, layers=layers, gelu=gelu)
+        return mlps_in(ckpt, layers=layers, gelu=gelu, activation_dtype=activation_dtype)
 
 
 def largest_tensor_bytes(infos: dict[str, TensorInfo]) -> int:

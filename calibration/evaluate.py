@@ -345,7 +345,9 @@ def evaluate_quantized(
     tol = parse_tolerance(tol)
     lines = read_lines(text) if text is not None else None
     pictures = image_files(images) if images is not None else None
-    mlps = load_mlps(quantized, backend=backend)
+    # The MLPs go into the original model, whose norms were not divided by a folded
+    # SmoothQuant scale: they take its inputs and divide by s themselves.
+    mlps = load_mlps(quantized, backend=backend, original_inputs=True)
     model_from = "--model" if model_dir is not None else "the source recorded in the quantized file"
     model_dir = Path(model_dir) if model_dir is not None else recorded_model_dir(quantized)
     hf = load_model(model_dir, device)

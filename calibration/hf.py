@@ -105,11 +105,11 @@ class HFModel:
     kind: str
     device: torch.device
     layers: list[MLPLayer]  # the checkpoint's MLPs (find_mlps)
-    linears: dict[str, tuple[str, str]]  # fc1 prefix -> (fc1, fc2 module paths in `model`)
+    linears: dict[str, tuple[str, str, str | None]]  # fc1 prefix -> (fc1, fc2, a gated MLP's up module paths in `model`)
     notes: list[str] = field(default_factory=list)
 
     def fc1_modules(self) -> dict[str, nn.Module]:
-        return {prefix: self.model.get_submodule(fc1) for prefix, (fc1, _) in self.linears.items()}
+        return {prefix: self.model.get_submodule(fc1) for prefix, (fc1, *_) in self.linears.items()}
 
     def tower(self, source: str) -> nn.Module:
         """The module a batch of this source ("text" or "images") runs through; ModelError where
@@ -237,20 +237,24 @@ def _by_weights(model: nn.Module, model_dir: Path, name: str) -> str:
     return found[0]
 
 
-def linear_paths(model: nn.Module, layers: list[MLPLayer], model_dir: Path) -> dict[str, tuple[str, str]]:
-    """{fc1 prefix: (fc1 module path, fc2 module path)} in `model`: the checkpoint's own names
-    (with the base-model prefix added or removed), else the module holding the same weight,
-    for model classes that rename their checkpoint's tensors on load (transformers 5's ViT)."""
+def linear_paths(model: nn.Module, layers: list[MLPLayer], model_dir: Path) -> dict[str, tuple[str, str, str | None]]:
+    """{fc1 prefix: (fc1 module path, fc2 module path, a gated MLP's up module path or None)}
+    in `model`: the checkpoint's own names (with the base-model prefix added or removed),
+    else the module holding the same weight, for model classes that rename their
+    checkpoint's tensors on load (transformers 5's ViT)."""
     modules = dict(model.named_modules())
     found = {}
     for layer in layers:
         paths = []
-        for prefix, weight in ((layer.fc1, layer.w1), (layer.fc2, layer.w2)):
+        for prefix, weight in ((layer.fc1, layer.w1), (layer.fc2, layer.w2), (layer.up, layer.w_up)):
+            if prefix is None:
+                paths.append(None)
+                continue
             try:
                 paths.append(module_path(model, prefix, modules))
             except SwapError:
                 paths.append(_by_weights(model, model_dir, weight))
-        found[layer.fc1] = (paths[0], paths[1])
+        found[layer.fc1] = (paths[0], paths[1], paths[2])
     return found
 
 

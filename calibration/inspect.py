@@ -4,8 +4,8 @@
     report.mlps[0].family, report.mlps[0].gelu_source   # "gpt2", "config.json activation_function=gelu_new"
     report.to_dict()                                     # what `gelugemm inspect --json` writes
 
-For each MLP: its two prefixes, family, weight layout, sizes, dtype, GELU flavour, the
-LayerNorm feeding it (and whether SmoothQuant can be folded into it), the shards its
+For each MLP: its two prefixes (a gated MLP's up projection too), family, weight layout,
+sizes, dtype, GELU flavour, the activation dtype it runs in, the LayerNorm feeding it (and whether SmoothQuant can be folded into it), the shards its
 tensors sit in, and why each of those is what it is. A quantized checkpoint (gelugemm's or
 another compressed-tensors tool's) is described as such: its scheme, and its quantized MLPs.
 """
@@ -38,8 +38,12 @@ class InspectedMLP:
     gelu_source: str
     norm: str | None
     norm_feeds_only_mlp: bool  # SmoothQuant folds into the LayerNorm (else it stays at run time)
-    biases: list[str]  # "b1", "b2" where present
+    biases: list[str]  # "b1", "b2" (and "b_up") where present
     shards: list[str]  # the files holding its tensors
+    gated: str | None = None  # None, "separate" (up: the up projection's prefix) or "concatenated"
+    up: str | None = None
+    activation_dtype: str = "fp16"  # what verify's reference path and the int8 activations run in
+    activation_dtype_source: str = "default"
 
 
 @dataclass
@@ -62,18 +66,22 @@ class InspectReport:
 
 def _describe(ckpt: Checkpoint, layer: MLPLayer) -> InspectedMLP:
     family = FAMILIES.get(layer.family)
-    names = [n for n in (layer.w1, layer.b1, layer.w2, layer.b2) if n is not None and n in ckpt.infos]
-    names += [n for n in ckpt.infos if n.startswith((layer.fc1 + ".", layer.fc2 + "."))]
+    prefixes = tuple(prefix + "." for prefix, *_ in layer.linears())
+    names = [n for n in layer.tensor_names() if n in ckpt.infos]
+    names += [n for n in ckpt.infos if n.startswith(prefixes)]
     shards = sorted({ckpt.shard_of(n).name for n in names}, key=[s.name for s in ckpt.shards].index)
     return InspectedMLP(
         layer.fc1, layer.fc2, layer.family, family.title if family else layer.family, layer.family_source,
         layer.model_type, layer.weight_layout, layer.layout_source, layer.d_model, layer.d_ff, layer.dtype,
         layer.gelu, layer.gelu_source, layer.norm, layer.norm_feeds_only_mlp,
-        [b for b, name in (("b1", layer.b1), ("b2", layer.b2)) if name is not None], shards,
+        [b for b, name in (("b1", layer.b1), ("b2", layer.b2), ("b_up", layer.b_up)) if name is not None], shards,
+        layer.gated, layer.up, layer.activation_dtype, layer.activation_dtype_source,
     )  # fmt: skip
 
 
-def inspect_checkpoint(path: str | Path, *, layers: str | None = None, gelu: str | None = None) -> InspectReport:
+def inspect_checkpoint(
+    path: str | Path, *, layers: str | None = None, gelu: str | None = None, activation_dtype: str | None = None
+) -> InspectReport:
     """The MLPs `quantize` would act on in `path` (a .safetensors file or a model directory), and why."""
     with open_checkpoint(path) as ckpt:
         quantized = None
@@ -87,7 +95,7 @@ def inspect_checkpoint(path: str | Path, *, layers: str | None = None, gelu: str
                 "quant_method": q.quantization_config.get("quant_method"),
             }  # fmt: skip
         else:
-            found = mlps_in(ckpt, layers=layers, gelu=gelu)
+            found = mlps_in(ckpt, layers=layers, gelu=gelu, activation_dtype=activation_dtype)
         config = ckpt.config
         return InspectReport(
             path=str(ckpt.path), kind=ckpt.kind,

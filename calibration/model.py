@@ -38,15 +38,27 @@ class SwapError(GelugemmError, LookupError):
     """An MLP cannot be put into a model: its prefix has no home there, or the shapes differ."""
 
 
-def checkpoint_shapes(path: str | Path, gelu: str | None = None) -> tuple[list[tuple[int, int]], str]:
+def checkpoint_shapes(path: str | Path, gelu: str | None = None, gated: bool | None = None) -> tuple[list[tuple[int, int]], str]:
     """(the distinct (d_model, d_ff) of a checkpoint's MLPs, their GELU flavour), for the benchmark.
 
     A quantized checkpoint: its quantized MLPs; else by discovery. The flavour is `gelu`
-    where given, else what config.json or the model family says.
+    where given, else what config.json or the model family says. gated: only the gated
+    MLPs (True) or only the plain ones (False); None takes them all.
     """
     with open_checkpoint(path) as ckpt:
         layers = QuantizedCheckpoint(ckpt, gelu=gelu).layers if is_quantized_checkpoint(ckpt) else mlps_in(ckpt, gelu=gelu)
-    return sorted({(layer.d_model, layer.d_ff) for layer in layers}), gelu or layers[0].gelu
+    chosen = [layer for layer in layers if gated is None or layer.is_gated == gated]
+    if not chosen:
+        kind = "gated" if gated else "plain (ungated)"
+        raise CheckpointError(f"{path} has no {kind} GELU MLP; its {len(layers)} MLP(s) are {'plain' if gated else 'gated'}")
+    return sorted({(layer.d_model, layer.d_ff) for layer in chosen}), gelu or chosen[0].gelu
+
+
+def has_gated_mlps_only(path: str | Path) -> bool:
+    """True where every MLP of a checkpoint (its quantized ones, for a quantized checkpoint) is gated."""
+    with open_checkpoint(path) as ckpt:
+        layers = QuantizedCheckpoint(ckpt).layers if is_quantized_checkpoint(ckpt) else mlps_in(ckpt)
+    return all(layer.is_gated for layer in layers)
 
 
 # ---- loading from a quantized checkpoint -------------------------------------------------
@@ -68,32 +80,35 @@ def int8_op_fields(scheme: FormatScheme, where: Path | str = "checkpoint") -> di
     return {"activations": activations}
 
 
-def _config_for(q: QuantizedCheckpoint, layer, activation_dtype: str, backend: str) -> MLPConfig:
-    """The op config a quantized checkpoint asks for: its scheme, the layer's GELU and layout."""
+def _config_for(q: QuantizedCheckpoint, layer, activation_dtype: str | None, backend: str) -> MLPConfig:
+    """The op config a quantized checkpoint asks for: its scheme, the layer's GELU, layout,
+    gatedness and activation dtype (unless one is asked for)."""
     return MLPConfig(
         dtype=q.scheme.scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend=backend,
-        activation_dtype=activation_dtype, **int8_op_fields(q.scheme, q.path),
+        activation_dtype=activation_dtype or layer.activation_dtype, gated=layer.is_gated, **int8_op_fields(q.scheme, q.path),
     )  # fmt: skip
 
 
 def _module(q: QuantizedCheckpoint, layer, original_inputs: bool, activation_dtype, backend, device) -> FusedGeluMLP:
-    w1, b1, w2, b2 = q.load(layer)
+    w1, b1, w2, b2, w_up, b_up = q.load(layer)
     if q.smoothing(layer) == "folded" and not original_inputs:
         w1.smooth_scale = None  # the checkpoint's LayerNorm already divides by it
-    return FusedGeluMLP(w1, b1, w2, b2, _config_for(q, layer, activation_dtype, backend), device=device)
+    config = _config_for(q, layer, activation_dtype, backend)
+    return FusedGeluMLP(w1, b1, w2, b2, config, device=device, w_up=w_up, b_up=b_up)
 
 
 def load_mlps(
     path: str | Path,
     *,
-    activation_dtype: str = "fp16",
+    activation_dtype: str | None = None,
     backend: str = "auto",
     device: str | torch.device | None = None,
     original_inputs: bool = False,
 ) -> dict[str, FusedGeluMLP]:
     """Every quantized MLP of a checkpoint, keyed by its fc1 prefix, in layer order.
 
-    activation_dtype: the float dtype the int8 op runs its activations in, "fp16" or "bf16".
+    activation_dtype: the float dtype the int8 op runs its activations in, "fp16" or "bf16";
+        None: each MLP's own (quantize recorded it: config.json's, or its family's, T5: bf16).
     device: where the weights go (None: CPU, as read).
     original_inputs: where SmoothQuant was folded into a LayerNorm (pre-LN models), the
         modules take that LayerNorm's output as the quantized checkpoint computes it (x / s)
@@ -108,7 +123,7 @@ def load_mlp(
     path: str | Path,
     layer_prefix: str,
     *,
-    activation_dtype: str = "fp16",
+    activation_dtype: str | None = None,
     backend: str = "auto",
     device: str | torch.device | None = None,
     original_inputs: bool = False,
@@ -146,11 +161,13 @@ class _Identity(nn.Identity):
     """What a linear or activation the fused MLP already computes becomes (named, for repr)."""
 
 
-def _fc2_prefix(fc1_prefix: str) -> str:
-    """The fc2 prefix beside an fc1 prefix, by the naming families quantize knows."""
+def _sibling_prefixes(fc1_prefix: str) -> tuple[str, str | None]:
+    """(the fc2 prefix, a gated MLP's up prefix or None) beside an fc1 prefix, by the naming
+    families quantize knows."""
     for convention in (*CONVENTIONS, PLAIN_CONVENTION):
         if fc1_prefix == convention.fc1 or fc1_prefix.endswith("." + convention.fc1):
-            return fc1_prefix[: len(fc1_prefix) - len(convention.fc1)] + convention.fc2
+            block = fc1_prefix[: len(fc1_prefix) - len(convention.fc1)]
+            return block + convention.fc2, None if convention.up is None else block + convention.up
     raise SwapError(
         f"{fc1_prefix!r} is not an MLP prefix of a family gelugemm knows ({', '.join(CONVENTION_NAMES)}); "
         "pass find= to say which module it replaces"
@@ -210,12 +227,23 @@ def _activation_between(modules: Mapping[str, nn.Module], parent: str, linears: 
     return found[0] if len(found) == 1 else None
 
 
-def find_seam(model: nn.Module, fc1_path: str, fc2_path: str) -> tuple[str, tuple[str, ...]]:
+def find_seam(model: nn.Module, fc1_path: str, fc2_path: str, up_path: str | None = None) -> tuple[str, tuple[str, ...]]:
     """(the module path the fused MLP replaces, the module paths that become identities) for
-    the MLP whose linears are at fc1_path and fc2_path in `model` (see the comment above)."""
+    the MLP whose linears are at fc1_path and fc2_path (a gated MLP's up projection at
+    up_path) in `model` (see the comment above). A gated MLP's module (Gemma's `mlp`, T5's
+    `DenseReluDense`, ModernBERT's `mlp`) holds all its linears and is called on one
+    tensor: it is replaced whole, or not at all."""
     modules = dict(model.named_modules())
     fc1, fc2 = modules[fc1_path], modules[fc2_path]
     p1, p2 = _parent(fc1_path), _parent(fc2_path)
+    if up_path is not None:
+        parent = modules[p1] if p1 == p2 == _parent(up_path) else None
+        if p1 and parent is not None and _weighs_only(parent, [fc1, fc2, modules[up_path]]) and _one_input(parent):
+            return p1, ()
+        raise SwapError(
+            f"{fc1_path}, {up_path} and {fc2_path}: a gated MLP is replaced as the one module that holds its three "
+            "linears and is called on the MLP input; here they sit elsewhere (pass find= to name that module)"
+        )
     if p1 == p2:
         parent = modules[p1]
         if p1 and _weighs_only(parent, [fc1, fc2]) and _one_input(parent):
@@ -243,13 +271,17 @@ def _in_out(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _check_sizes(prefix: str, path: str, fc1: nn.Module | None, new: nn.Module) -> None:
-    """Where both sides say their sizes (the model's fc1, the new MLP's d_model/d_ff), they must agree."""
+    """Where both sides say their sizes (the model's fc1, the new MLP's d_model/d_ff), they must
+    agree (a concatenated gated fc1 is twice d_ff wide)."""
     sizes = None if fc1 is None else _in_out(fc1)
     if sizes is None or not hasattr(new, "d_model"):
         return
-    if sizes != (new.d_model, new.d_ff):
+    config = getattr(new, "config", None)
+    concatenated = getattr(config, "gated", False) and "w_up" not in getattr(new, "weight_names", ())
+    want = (new.d_model, new.d_ff * (2 if concatenated else 1))
+    if sizes != want:
         raise SwapError(
-            f"{prefix!r}: the model's {path} is d_model={sizes[0]}, d_ff={sizes[1]} "
+            f"{prefix!r}: the model's {path} is d_model={sizes[0]}, {'2 x d_ff' if concatenated else 'd_ff'}={sizes[1]} "
             f"but the new MLP is d_model={new.d_model}, d_ff={new.d_ff}"
         )
 
@@ -312,7 +344,7 @@ def plan_swaps(
     mlps: Mapping[str, nn.Module],
     *,
     find: Callable[[str], str] | Mapping[str, str] | None = None,
-    linears: Mapping[str, tuple[str, str]] | None = None,
+    linears: Mapping[str, tuple[str, str, str | None]] | None = None,
 ) -> Swaps:
     """Where each MLP of `mlps` ({fc1 prefix: module}) goes in `model`, checked, nothing replaced yet.
 
@@ -320,22 +352,25 @@ def plan_swaps(
         model, or any model named like its checkpoint) and picks the seam as described above.
         A function or dict {fc1 prefix: module path} instead names the module each MLP replaces
         whole (the MLP submodule holding fc1, the GELU and fc2).
-    linears: {fc1 prefix: (fc1 module path, fc2 module path)} where the caller has matched
-        them already (`calibration.hf` does, by weights, where a model class renames its
-        checkpoint's tensors); the seam is then picked from those modules.
+    linears: {fc1 prefix: (fc1 module path, fc2 module path, a gated MLP's up module path or
+        None)} where the caller has matched them already (`calibration.hf` does, by weights,
+        where a model class renames its checkpoint's tensors); the seam is then picked from
+        those modules.
     Raises SwapError, before anything is replaced, when a prefix has no home or the sizes differ.
     """
     modules = dict(model.named_modules())
     seams = []
     for prefix, new in mlps.items():
         if find is None and linears is not None and prefix in linears:
-            fc1_path, fc2_path = linears[prefix]
-            path, identities = find_seam(model, fc1_path, fc2_path)
+            fc1_path, fc2_path, up_path = linears[prefix]
+            path, identities = find_seam(model, fc1_path, fc2_path, up_path)
             fc1 = modules[fc1_path]
         elif find is None:
             fc1_path = module_path(model, prefix, modules)
-            fc2_path = module_path(model, _fc2_prefix(prefix), modules)
-            path, identities = find_seam(model, fc1_path, fc2_path)
+            fc2_prefix, up_prefix = _sibling_prefixes(prefix)
+            fc2_path = module_path(model, fc2_prefix, modules)
+            up_path = None if up_prefix is None else module_path(model, up_prefix, modules)
+            path, identities = find_seam(model, fc1_path, fc2_path, up_path)
             fc1 = modules[fc1_path]
         else:
             if isinstance(find, Mapping):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.errors import OptionError
+from calibration.families import check_asked_activation_dtype
 from calibration.observers import parse_method
 from calibration.smooth import check_alpha
 from kernels.schemes import ActivationScheme, Granularity, SchemeError
@@ -53,6 +54,9 @@ class QuantizeOptions:
     layers: regex restricting which MLPs are quantized; the rest are copied unchanged.
     gelu: "erf" | "tanh" to override config.json and the family default.
     force: replace an existing output file.
+    activation_dtype: "fp16" | "bf16": the float dtype the quantized MLPs' activations run
+        in, recorded per MLP for the engines that load the file; None takes config.json's
+        (torch_dtype bfloat16 -> bf16) or the family's (T5: bf16), else fp16.
 
     granularity and activations are filled in (to the defaults) at construction.
     """
@@ -68,6 +72,7 @@ class QuantizeOptions:
     gelu: str | None = None
     force: bool = False
     activations: str | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -84,6 +89,8 @@ class QuantizeOptions:
             check_alpha(self.smooth)
         if self.tokens is not None and self.tokens < 1:
             raise OptionError(f"--tokens must be at least 1; got {self.tokens}")
+        if self.activation_dtype is not None:
+            check_asked_activation_dtype(self.activation_dtype)
         if self.scheme == "w8a16":
             self._check_w8a16()
         else:

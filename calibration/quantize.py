@@ -47,9 +47,9 @@ from calibration.memory import MemoryMeter, release_free_memory
 from calibration.options import SYNTHETIC_WARNING, QuantizeOptions
 from calibration.ranks import Ranks, broadcast, together
 from calibration.ranks import current as current_ranks
-from calibration.quantize_mlp import quantize_gemm1, quantize_gemm2
+from calibration.quantize_mlp import calibrate_gemm1, check_gemm1_options, quantize_gemm1, quantize_gemm1_weight, quantize_gemm2
 from calibration.quantize_weights import weight_error
-from calibration.smooth import smooth_scale
+from calibration.smooth import input_channel_absmax, smooth_scale_from_absmax
 from calibration.quantized_file import (
     RECORD_KEY,
     SMOOTH_KEY,
@@ -97,12 +97,18 @@ class LinearReport:
 
 @dataclass
 class LayerReport:
-    fc1: LinearReport
+    fc1: LinearReport  # a gated MLP's gate (or its concatenated gate and up)
     fc2: LinearReport
     d_model: int
     d_ff: int
     calibration: str | None  # where the activations came from (w8a8)
     smoothing: str | None = None  # "folded into <LayerNorm>" or "run-time" (--smooth)
+    up: LinearReport | None = None  # a gated MLP's separate up projection
+
+    @property
+    def linears(self) -> list[LinearReport]:
+        """Every quantized linear of the MLP, GEMM1's first."""
+        return [self.fc1] + ([self.up] if self.up is not None else []) + [self.fc2]
 
 
 @dataclass
@@ -175,8 +181,9 @@ def _check_paths(ckpt: Checkpoint, source: Path, output: Path, options: Quantize
 # ---- one layer --------------------------------------------------------------------------------
 
 
-def _linear_report(prefix: str, w: torch.Tensor, qw: QuantizedWeight, layout: str, multiplier: torch.Tensor | None = None) -> LinearReport:
-    err = weight_error(w, qw, layout, multiplier=multiplier)
+def _linear_report(prefix: str, qw: QuantizedWeight, err: dict) -> LinearReport:
+    """One linear's report: its scales (read once calibration has set them) and the error
+    of its int8 weight (weight_error, measured while the float weight was in memory)."""
     item = lambda t: None if t is None else t.item()  # noqa: E731
     return LinearReport(
         prefix, list(qw.data.shape), qw.scale.min().item(), qw.scale.max().item(),
@@ -186,38 +193,73 @@ def _linear_report(prefix: str, w: torch.Tensor, qw: QuantizedWeight, layout: st
     )  # fmt: skip
 
 
+def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, x, smooth_scale) -> tuple:
+    """GEMM1 of one MLP: (q1, its weight error, b1, q_up, up's weight error, b_up), one float weight
+    in memory at a time (a gated MLP's gate, then its up projection, then the output scale
+    calibrated on the int8 weights)."""
+    layout = layer.weight_layout
+    activations = options.activations or "dynamic"
+    read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
+    b1 = read(layer.b1)
+    w1 = read(layer.w1)
+    if not layer.is_gated:
+        q1 = quantize_gemm1(
+            w1, b1, x, scheme=options.scheme, weight_layout=layout, gelu=layer.gelu, group_size=options.group_size,
+            method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale, activations=activations,
+        )  # fmt: skip
+        # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
+        return q1, weight_error(w1, q1, layout, multiplier=q1.smooth_scale), b1, None, None, None
+    static = check_gemm1_options(options.scheme, x, options.group_size, options.smooth, smooth_scale, activations)
+    kw = dict(weight_layout=layout, group_size=options.group_size, smooth_scale=smooth_scale)
+    q1 = quantize_gemm1_weight(w1, **kw)
+    err1 = weight_error(w1, q1, layout, multiplier=smooth_scale)
+    del w1
+    q_up = err_up = b_up = None
+    if layer.gated == "separate":
+        release_free_memory()  # the gate's temporaries, before the up projection is read
+        w_up, b_up = read(layer.w_up), read(layer.b_up)
+        q_up = quantize_gemm1_weight(w_up, **kw)
+        err_up = weight_error(w_up, q_up, layout, multiplier=smooth_scale)
+        del w_up
+    if static:
+        calibrate_gemm1(
+            q1, b1, x, weight_layout=layout, gelu=layer.gelu, method=options.observer or "max", gated=True, up=q_up, up_bias=b_up,
+        )  # fmt: skip
+        if q_up is not None:
+            q_up.input_scale = q1.input_scale  # the up projection reads the same x
+    return q1, err1, b1, q_up, err_up, b_up
+
+
 def _quantize_layer(
     ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, scheme: FormatScheme, smoothing: str | None,
     smooth_scale: torch.Tensor | None,
 ) -> tuple[LayerReport, dict[str, torch.Tensor]]:
     """One MLP: read, calibrate (w8a8), quantize. (report, its output tensors by name).
 
-    One float weight is in memory at a time: W1 is read, quantized, measured and dropped
-    before W2 is read.
+    One float weight is in memory at a time: W1 (a gated MLP's gate, then its up
+    projection) is read, quantized, measured and dropped before the next weight is read.
     """
     read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
-    w1, b1 = read(layer.w1), read(layer.b1)
     x, calibrated_on = None, None
     if options.observer is not None:  # static activation scales (smoothing's scale is computed beforehand)
         x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
     elif smooth_scale is not None:
         calibrated_on = "smoothing only (its scale from the calibration rows; activation scales at run time)"
-    q1 = quantize_gemm1(
-        w1, b1, x, scheme=options.scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
-        group_size=options.group_size, method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale,
-        activations=options.activations or "dynamic",
-    )  # fmt: skip
+    q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale)
     del x
-    # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
-    fc1_report = _linear_report(layer.fc1, w1, q1, layer.weight_layout, q1.smooth_scale)
-    del w1
     release_free_memory()  # W1's temporaries, before W2 is read
     out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
     if b1 is not None:
         out[layer.b1] = b1
+    up_report = None
+    if q_up is not None:
+        up_report = _linear_report(layer.up, q_up, err_up)
+        out.update(linear_tensors(layer.up, layer.w_up, q_up, layer.weight_layout, scheme))
+        if b_up is not None:
+            out[layer.b_up] = b_up
     w2, b2 = read(layer.w2), read(layer.b2)
     q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size)
-    fc2_report = _linear_report(layer.fc2, w2, q2, layer.weight_layout)
+    fc2_report = _linear_report(layer.fc2, q2, weight_error(w2, q2, layer.weight_layout))
     del w2
     release_free_memory()
     out.update(linear_tensors(layer.fc2, layer.w2, q2, layer.weight_layout, scheme))
@@ -228,25 +270,32 @@ def _quantize_layer(
         where = f"folded into {layer.norm}"
     elif smoothing == "run-time":
         where = "run-time (x / s in the op: gelugemm only)"
-    report = LayerReport(fc1_report, fc2_report, layer.d_model, layer.d_ff, calibrated_on, where)
+    report = LayerReport(_linear_report(layer.fc1, q1, err1), fc2_report, layer.d_model, layer.d_ff, calibrated_on, where, up_report)
     if smoothing == "folded":
-        # The LayerNorm's output becomes LN(x) / s: its weight and bias divided by s.
-        for name in norm_names(layer, ckpt.infos):
-            if name is not None:
-                t = ckpt.get_tensor(name)
-                out[name] = (t.to(torch.float32) / q1.smooth_scale).to(t.dtype)
+        # The norm's output becomes its output / s: its multiplier (offset + weight: Gemma's
+        # RMSNorm stores weight - 1) and bias divided by s.
+        weight_name, bias_name = norm_names(layer, ckpt.infos)
+        t = ckpt.get_tensor(weight_name)
+        out[weight_name] = ((t.to(torch.float32) + layer.norm_offset) / q1.smooth_scale - layer.norm_offset).to(t.dtype)
+        if bias_name is not None:
+            t = ckpt.get_tensor(bias_name)
+            out[bias_name] = (t.to(torch.float32) / q1.smooth_scale).to(t.dtype)
     return report, out
 
 
 def _smooth_scales(ckpt: Checkpoint, layers: list[MLPLayer], options: QuantizeOptions, meter: MemoryMeter) -> dict[str, torch.Tensor]:
     """Each MLP's SmoothQuant scale, before anything is written: a shard's header holds the
-    scales of its MLPs, and a LayerNorm that absorbs one may sit in an earlier shard."""
+    scales of its MLPs, and a LayerNorm that absorbs one may sit in an earlier shard. A
+    gated MLP's gate and up read the same x: one scale from both (one weight read at a time)."""
     if options.smooth is None:
         return {}
     scales = {}
     for layer in layers:
         x, _ = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
-        scales[layer.fc1] = smooth_scale(x, read_tensor(ckpt, layer.w1), options.smooth, layer.weight_layout)
+        w_absmax = input_channel_absmax(read_tensor(ckpt, layer.w1), layer.weight_layout)
+        if layer.w_up is not None:
+            w_absmax = torch.maximum(w_absmax, input_channel_absmax(read_tensor(ckpt, layer.w_up), layer.weight_layout))
+        scales[layer.fc1] = smooth_scale_from_absmax(x, w_absmax, options.smooth)
         meter.sample()
     return scales
 
@@ -273,7 +322,7 @@ def _plan(ckpt: Checkpoint, layers: list[MLPLayer], scheme: FormatScheme, option
     its weight was, biases and LayerNorms where they were. The MLPs come first in a shard,
     so a bad weight fails before its other tensors are copied."""
     smoothing = _smoothing(layers, options)
-    mlp_tensors = {name for layer in layers for name in (layer.w1, layer.b1, layer.w2, layer.b2) if name is not None}
+    mlp_tensors = {name for layer in layers for name in layer.tensor_names()}
     folded_norms: dict[str, int] = {}  # a LayerNorm that absorbs a layer's smoothing -> the layer
     for i, layer in enumerate(layers):
         if smoothing.get(layer.fc1) == "folded":
@@ -282,10 +331,7 @@ def _plan(ckpt: Checkpoint, layers: list[MLPLayer], scheme: FormatScheme, option
     for shard in ckpt.shards:
         tensors: dict[str, TensorInfo] = {}
         for i, layer in enumerate(layers):
-            for prefix, weight, bias, (n, k) in (
-                (layer.fc1, layer.w1, layer.b1, (layer.d_ff, layer.d_model)),
-                (layer.fc2, layer.w2, layer.b2, (layer.d_model, layer.d_ff)),
-            ):
+            for prefix, weight, bias, (n, k) in layer.linears():
                 if weight in shard.tensors:
                     for name, info in linear_plan(prefix, weight, ckpt.infos[weight], n, k, scheme).items():
                         if name in ckpt.infos and name not in mlp_tensors:
@@ -322,13 +368,13 @@ def _linear_prefixes(infos: dict[str, TensorInfo]) -> list[str]:
 def _aliases(layers: list[MLPLayer]) -> list[str]:
     """The names a loader that renames modules (transformers 5 for HF ViT) gives these MLPs' linears."""
     return [alias for layer in layers if layer.family in FAMILIES
-            for prefix in (layer.fc1, layer.fc2) for alias in FAMILIES[layer.family].module_names(prefix)]  # fmt: skip
+            for prefix, *_ in layer.linears() for alias in FAMILIES[layer.family].module_names(prefix)]  # fmt: skip
 
 
 def _config_and_record(ckpt, output, layers, options, scheme, calibration, smoothing):
-    quantized = [p for layer in layers for p in (layer.fc1, layer.fc2)]
+    quantized = [prefix for layer in layers for prefix, *_ in layer.linears()]
     linears = _linear_prefixes(ckpt.infos) + [p for p in quantized if p in ("w1", "w2")]
-    every_mlp = mlps_in(ckpt, gelu=options.gelu) if options.layers is not None else layers
+    every_mlp = mlps_in(ckpt, gelu=options.gelu, activation_dtype=options.activation_dtype) if options.layers is not None else layers
     gelugemm_only = "run-time" in smoothing.values()
     qconfig = quantization_config(
         scheme, quantized_targets(quantized + _aliases(layers), linears + _aliases(every_mlp)),
@@ -340,6 +386,11 @@ def _config_and_record(ckpt, output, layers, options, scheme, calibration, smoot
                    "(marked gelugemm_run_time_smoothing in config.json, which other loaders refuse)")  # fmt: skip
     elif scheme.activations is not None and scheme.activations.kind == "group":
         runs_on = "gelugemm and transformers (compressed-tensors); vLLM's int8 W8A8 takes token or tensor activations only"
+    elif any(layer.family == "t5" for layer in layers):
+        # transformers' compressed-tensors loader leaves T5's _keep_in_fp32_modules (wo) as
+        # float nn.Linear, which cannot run an int8 wo; vLLM has no T5.
+        runs_on = ("gelugemm; not transformers, whose compressed-tensors loader keeps T5's DenseReluDense.wo a float "
+                   "linear (T5's _keep_in_fp32_modules) and cannot read it as int8")  # fmt: skip
     else:
         runs_on = "any compressed-tensors loader: vLLM, transformers (compressed-tensors), gelugemm"
     record = build_record(
@@ -444,7 +495,7 @@ def quantize_checkpoint(
     with open_checkpoint(source) as ckpt:
         if is_quantized_checkpoint(ckpt):
             raise CheckpointError(f"{source} is already quantized (written by gelugemm quantize, or a compressed-tensors checkpoint); quantize the original checkpoint instead")
-        layers = mlps_in(ckpt, layers=options.layers, gelu=options.gelu)
+        layers = mlps_in(ckpt, layers=options.layers, gelu=options.gelu, activation_dtype=options.activation_dtype)
         is_dir = ckpt.kind == "directory"
         output = default_output(source) if output is None else Path(output)
         scheme = scheme_from_options(options.scheme, options.granularity, options.activation_scheme)

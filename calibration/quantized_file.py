@@ -3,16 +3,19 @@ module is its one owner: tensor names, scale shapes, int32 packing, the `quantiz
 gelugemm's metadata record, and reading all of it back (gelugemm's own output, or a
 compressed-tensors int8 checkpoint another tool wrote).
 
-Per quantized linear with prefix P (`MLPLayer.fc1` or `.fc2`), N outputs, K inputs:
+Per quantized linear with prefix P (`MLPLayer.fc1` or `.fc2`, a gated MLP's `.up` too: every
+linear the MLP has, ModernBERT's concatenated `Wi` as the one linear it is), N outputs, K inputs:
 
     w8a8, format "int-quantized"
       P.weight         int8, the source's layout: [N, K] (nn.Linear); GPT-2's Conv1D keeps
                        [K, N], which vLLM's GPT-2 loader transposes with its float weights
                        (a plain w1/w2 file keeps the names w1, w2)
       P.weight_scale   float32 [N, 1] (strategy "channel")
-      P.input_scale    float32 [1], static activations only (strategy "tensor"): on fc1 the
-                       scale of x; on fc2 the GELU output's, which the fused kernel's GEMM1
-                       requantizes to (the loader hands it to the op as w1.output_scale)
+      P.input_scale    float32 [1], static activations only (strategy "tensor"): on fc1 (and
+                       a gated MLP's up, which reads the same x) the scale of x; on fc2
+                       the GELU output's (a gated MLP's GELU(gate) * up), which the fused
+                       kernel's GEMM1 requantizes to (the loader hands it to the op as
+                       w1.output_scale)
     w8a16, format "pack-quantized" (llm-compressor's W8A16 layout, vLLM's weight-only int8)
       P.weight_packed  int32 [N, ceil(K / 4)]: W as [N, K] whatever the source layout,
                        q + 128 in [1, 255], four per word, the first in the lowest byte
@@ -48,6 +51,7 @@ from calibration.checkpoint import (
     FLOAT_DTYPES,
     Checkpoint,
     MLPLayer,
+    MLPTensors,
     discover,
     open_checkpoint,
 )
@@ -551,7 +555,7 @@ class QuantizedCheckpoint:
             self.layers = self._discover(gelu)
         self._schemes: dict[str, FormatScheme] = {}
         for layer in self.layers:
-            for prefix in (layer.fc1, layer.fc2):
+            for prefix, *_ in layer.linears():
                 group = _group_of(prefix, groups, ignore)
                 if group is None:
                     raise CheckpointError(f"{self.path}: {prefix} holds int8 tensors but no config group of its quantization_config targets it")
@@ -577,11 +581,11 @@ class QuantizedCheckpoint:
         found = discover(self.path, infos, self.ckpt.config, self.ckpt.config_path, gelu=gelu, weight_dtypes=FLOAT_DTYPES + ("I8",))
         quantized = []
         for layer in found:
-            flags = [infos[layer.w1].dtype == "I8", infos[layer.w2].dtype == "I8"]
+            flags = [infos[weight].dtype == "I8" for _, weight, _, _ in layer.linears()]
             if all(flags):
                 quantized.append(layer)
             elif any(flags):
-                raise CheckpointError(f"{self.path}: MLP {layer.fc1} has one int8 linear and one float; gelugemm runs both int8")
+                raise CheckpointError(f"{self.path}: MLP {layer.fc1} has int8 linears and float ones; gelugemm runs them all int8")
         if not quantized:
             raise CheckpointError(f"{self.path}: none of its {len(found)} MLPs is quantized")
         return quantized
@@ -655,19 +659,25 @@ class QuantizedCheckpoint:
         """"folded" (into the LayerNorm: the model feeds x / s), "run-time" (x / s in the op), or None."""
         return ((self.record or {}).get("smoothing") or {}).get(layer.fc1)
 
-    def load(self, layer: MLPLayer) -> tuple[QuantizedWeight, torch.Tensor | None, QuantizedWeight, torch.Tensor | None]:
-        """(w1, b1, w2, b2) of one MLP. A smoothed layer's w1.smooth_scale is set whether the
-        smoothing was folded or not: with it, the MLP takes the original LayerNorm's output."""
+    def load(self, layer: MLPLayer) -> MLPTensors:
+        """(w1, b1, w2, b2, w_up, b_up) of one MLP: int8 QuantizedWeights with their scales,
+        float biases (w_up and b_up: a gated MLP's separate up projection, else None). A
+        smoothed layer's w1.smooth_scale is set whether the smoothing was folded or not:
+        with it, the MLP takes the original LayerNorm's output."""
         try:
-            w1 = self._linear(layer.fc1, layer.w1, layer.weight_layout, layer.d_ff, layer.d_model)
-            w2 = self._linear(layer.fc2, layer.w2, layer.weight_layout, layer.d_model, layer.d_ff)
+            w1, *rest = (self._linear(prefix, weight, layer.weight_layout, n, k) for prefix, weight, _, (n, k) in layer.linears())
         except LaunchError as exc:  # QuantizedWeight's own checks
             raise CheckpointError(f"{self.path}: {layer.fc1}: {exc}") from None
+        w_up, w2 = rest if layer.gated == "separate" else (None, rest[0])
         if self.scheme.static:
             w1.output_scale = w2.input_scale  # GEMM1 requantizes the GELU output to GEMM2's input scale
+            if w_up is not None:
+                # gate and up read one x, quantized once: at the larger of their scales (vLLM's
+                # rule for a merged linear; gelugemm writes the same scale on both)
+                w1.input_scale = torch.maximum(w1.input_scale, w_up.input_scale)
         w1.smooth_scale = self.smooth_scale(layer)
-        b1, b2 = (None if name is None else self._tensor(name) for name in (layer.b1, layer.b2))
-        return w1, b1, w2, b2
+        b1, b2, b_up = (None if name is None else self._tensor(name) for name in (layer.b1, layer.b2, layer.b_up))
+        return MLPTensors(w1, b1, w2, b2, w_up, b_up)
 
 
 class _Opened:
@@ -700,8 +710,8 @@ def read_quantized(path: str | Path) -> tuple[dict, list[MLPLayer]]:
     return record, _record_layers(record, path)
 
 
-def load_quantized_mlp(path: str | Path, layer: MLPLayer) -> tuple[QuantizedWeight, torch.Tensor | None, QuantizedWeight, torch.Tensor | None]:
-    """(w1, b1, w2, b2) of one MLP of a quantized checkpoint (opens it; see QuantizedCheckpoint.load)."""
+def load_quantized_mlp(path: str | Path, layer: MLPLayer) -> MLPTensors:
+    """(w1, b1, w2, b2, w_up, b_up) of one MLP of a quantized checkpoint (opens it; see QuantizedCheckpoint.load)."""
     with open_quantized(path) as q:
         return q.load(layer)
 

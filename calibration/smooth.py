@@ -41,12 +41,28 @@ def input_channel_absmax(
 
 
 def smooth_scale(
-    x: torch.Tensor, w1: torch.Tensor, alpha: float, weight_layout: str | WeightLayout = "out_in"
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    alpha: float,
+    weight_layout: str | WeightLayout = "out_in",
+    w_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """s [K] float32 from calibration inputs x [tokens, K] and W1 in its stored layout."""
+    """s [K] float32 from calibration inputs x [tokens, K] and W1 in its stored layout.
+
+    w_up: a gated MLP's up projection, which reads the same x: max|W[:, j]| is taken over
+    the gate's and up's output channels together (both are multiplied by the one s)."""
+    w_absmax = input_channel_absmax(w1, weight_layout)
+    if w_up is not None:
+        w_absmax = torch.maximum(w_absmax, input_channel_absmax(w_up, weight_layout))
+    return smooth_scale_from_absmax(x, w_absmax, alpha)
+
+
+def smooth_scale_from_absmax(x: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """smooth_scale from x and max|W1[:, j]| [K] (a caller reading one weight at a time
+    takes the maximum over them itself)."""
     check_alpha(alpha)
     x_absmax = x.to(torch.float32).abs().amax(dim=0).clamp_min(_FLOOR)
-    w_absmax = input_channel_absmax(w1, weight_layout).clamp_min(_FLOOR)
+    w_absmax = w_absmax.clamp_min(_FLOOR)
     return (x_absmax.pow(alpha) / w_absmax.pow(1 - alpha)).clamp_min(_FLOOR)
 
 

@@ -8,7 +8,11 @@ For each MLP, on the "verify" split of its calibration inputs (rows quantize nev
 calibrates on; seeded when synthetic):
 
     fp16 path   the layer as a user runs it in fp16 today: fp16 weights and inputs,
-                F.linear -> F.gelu -> F.linear in plain torch
+                F.linear -> F.gelu -> F.linear in plain torch (a gated MLP: F.linear for
+                gate and up, or one on a concatenated weight, GELU(gate) * up, F.linear).
+                The bf16 path instead where the model runs in bf16: config.json's
+                torch_dtype says so, the family overflows fp16 (T5 v1.1, Flan-T5), or
+                --activation-dtype bf16 asks; the int8 rows then take bf16 activations.
     float64     the same three calls in float64 from the original weights: the exact MLP
     dtype rows  gelugemm's op (`FusedMLP`) in each asked dtype: the fused Triton kernels
                 on CUDA, the torch reference elsewhere (reported, never silent)
@@ -16,9 +20,10 @@ calibrates on; seeded when synthetic):
 Each row is measured against both references (`calibration.metrics`); the gate is its
 relative Frobenius error against the fp16 path, at most the tolerance of what it ran
 (`DEFAULT_TOLERANCES`, keyed by dtype and, for int8, scheme: "w8a16:group:128",
-"w8a8:dynamic", "w8a8:static", ...) or what the caller passes. The fp16 path's own
-distance from float64 is reported per layer, so a reader sees how far "what users run
-today" is from exact.
+"w8a8:dynamic", "w8a8:static", ...) or what the caller passes (against a bf16 path, a
+default tolerance is at least bf16's: the reference's own rounding is part of every row's
+distance from it). The fp16 path's own distance from float64 is reported per layer, so a
+reader sees how far "what users run today" is from exact.
 
 Where the weights come from:
 
@@ -49,15 +54,16 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from calibration.checkpoint import Checkpoint, MLPLayer, mlps_in, open_checkpoint, read_mlp, select_layers
+from calibration.checkpoint import Checkpoint, MLPLayer, MLPTensors, mlps_in, open_checkpoint, read_mlp, select_layers
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError, OptionError
+from calibration.families import check_asked_activation_dtype
 from calibration.metrics import ErrorMetrics, error_metrics
 from calibration.model import int8_op_fields
 from calibration.options import QuantizeOptions
 from calibration.ranks import current as current_ranks
 from calibration.ranks import together
-from calibration.quantize_mlp import quantize_mlp
+from calibration.quantize_mlp import quantize_gated_mlp, quantize_mlp
 from calibration.quantized_file import (
     FormatScheme,
     QuantizedCheckpoint,
@@ -100,8 +106,10 @@ DEFAULT_TOLERANCES = {
     "w8a8:static": 2.5e-1,
 }
 
-# int8 schemes take and return activations in this dtype: the fp16 path's own.
+# int8 schemes take and return activations in the reference path's dtype: fp16, unless the
+# MLP's activation dtype (MLPLayer.activation_dtype: config.json, the family, or asked) is bf16.
 INT8_ACTIVATION_DTYPE = "fp16"
+REFERENCE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # How `quantize` quantizes by default: the in-memory quantization of an original checkpoint.
 QUANTIZE_DEFAULTS = {scheme: QuantizeOptions(scheme=scheme) for scheme in INT8_DTYPES}
@@ -222,7 +230,9 @@ def _resolve_dtypes(asked: Sequence[str] | str | None, scheme: str | None) -> li
 # ---- the references ----------------------------------------------------------------------------
 
 
-def torch_mlp(x, w1, b1, w2, b2, *, gelu: str, weight_layout: str, dtype: torch.dtype) -> torch.Tensor:
+def torch_mlp(
+    x, w1, b1, w2, b2, w_up=None, b_up=None, *, gelu: str, weight_layout: str, dtype: torch.dtype, gated: bool = False
+) -> torch.Tensor:
     """F.linear -> F.gelu -> F.linear with every operand cast to `dtype`.
 
     In fp16 this is the fp16 path: what `model.half()` runs today. Eager torch rounds
@@ -230,11 +240,20 @@ def torch_mlp(x, w1, b1, w2, b2, *, gelu: str, weight_layout: str, dtype: torch.
     torch runs fp16 F.linear and F.gelu natively on CPU too (checked with torch 2.13), so
     the fp16 path is the same three calls on every device.
     In float64 it is the exact MLP.
+    gated: as the models compute it, GELU(F.linear(x, Wg, bg)) * F.linear(x, Wu, bu)
+    (Gemma, T5), or F.linear(x, W1, b1) cut in halves, GELU(first) * second (ModernBERT's
+    concatenated Wi: w_up None), each step rounded to `dtype`; then F.linear with W2.
     """
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     # Conv1D ([in, out]) weights are used through a transposed view: the same products.
     h = F.linear(cast(x), as_out_in(cast(w1), weight_layout), cast(b1))
+    if gated and w_up is None:
+        h, up = h.chunk(2, dim=-1)
+    elif gated:
+        up = F.linear(cast(x), as_out_in(cast(w_up), weight_layout), cast(b_up))
     h = eager_gelu(h, gelu)
+    if gated:
+        h = h * up
     return F.linear(h, as_out_in(cast(w2), weight_layout), cast(b2))
 
 
@@ -271,7 +290,10 @@ class LayerResult:
     gelu_source: str
     inputs: str  # where x came from (calibration_inputs' description)
     tokens: int
-    fp16_path_vs_float64: ErrorMetrics
+    fp16_path_vs_float64: ErrorMetrics  # the reference path's own error (the bf16 path's, for bf16 MLPs)
+    gated: str | None = None  # None, "separate" or "concatenated" (calibration.checkpoint.MLPLayer)
+    reference_dtype: str = "fp16"  # the reference path's dtype, and the int8 rows' activations
+    reference_dtype_source: str = "default"
 
 
 @dataclass
@@ -328,10 +350,7 @@ def _json_safe(value):
 class _Operands:
     """What a dtype row runs: the op's weights (float or QuantizedWeight) and biases."""
 
-    w1: torch.Tensor | QuantizedWeight
-    b1: torch.Tensor | None
-    w2: torch.Tensor | QuantizedWeight
-    b2: torch.Tensor | None
+    tensors: MLPTensors  # w1, b1, w2, b2, w_up, b_up
     gelu: str
     weights: str
     scheme: str  # scheme_key: the dtype, or the int8 scheme ("w8a8:dynamic")
@@ -340,18 +359,17 @@ class _Operands:
 
 def _float_operands(floats, dtype: str, gelu: str, stored: str) -> _Operands:
     want = FLOAT_DTYPES[dtype]
-    w1, b1, w2, b2 = (None if t is None else t.to(want) for t in floats)
-    return _Operands(w1, b1, w2, b2, gelu, f"{stored} weights as {dtype}", dtype)
+    return _Operands(floats.map(lambda t: t.to(want)), gelu, f"{stored} weights as {dtype}", dtype)
 
 
-def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operands, x, refs, tolerance, backend, device) -> VerifyRow:
+def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operands, x, refs, tolerance, backend, device,
+             activation_dtype: str) -> VerifyRow:  # fmt: skip
     config = MLPConfig(
         dtype=dtype, gelu=operands.gelu, weight_layout=layer.weight_layout, backend=backend,
-        activation_dtype=INT8_ACTIVATION_DTYPE, **operands.op_fields,
+        activation_dtype=activation_dtype, gated=layer.is_gated, **operands.op_fields,
     )  # fmt: skip
     op = FusedMLP(config, device=device)
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    out = op(x.to(config.torch_dtype), move(operands.w1), move(operands.b1), move(operands.w2), move(operands.b2))
+    out = op(x.to(config.torch_dtype), *operands.tensors.map(lambda t: t.to(device)))
     y16, y64 = refs
     vs16, vs64 = error_metrics(out, y16), error_metrics(out, y64)
     problem = None
@@ -365,19 +383,29 @@ def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operan
     )  # fmt: skip
 
 
+def _row_tolerance(key: str, tolerances: dict[str, float], origin: dict[str, str], reference_dtype: str) -> float:
+    """A row's tolerance: the asked one, or the default, at least the reference path's own
+    dtype's (a bf16 path is ~4e-3 from exact: every row is at least that far from it)."""
+    if origin[key] == "asked":
+        return tolerances[key]
+    return max(tolerances[key], default_tolerance(reference_dtype))
+
+
 def _verify_layer(
-    layer: MLPLayer, ref_layer: MLPLayer, floats, int8: dict[str, _Operands], x: torch.Tensor, inputs: str,
-    dtypes: list[str], tolerances: dict[str, float], backend: str, device: torch.device, step: Callable[[str], None],
+    layer: MLPLayer, ref_layer: MLPLayer, floats: MLPTensors, int8: dict[str, _Operands], x: torch.Tensor, inputs: str,
+    dtypes: list[str], tolerances: dict[str, float], origin: dict[str, str], backend: str, device: torch.device,
+    step: Callable[[str], None], activation: tuple[str, str],
 ) -> tuple[LayerResult, list[VerifyRow]]:
-    """Both references, then every asked dtype, for one MLP. floats: the reference's (w1, b1, w2, b2)."""
+    """Both references, then every asked dtype, for one MLP. floats: the reference's tensors;
+    activation: (the reference path's dtype, which the int8 rows' activations take too, why)."""
     x = x.to(device)
-    floats = tuple(None if t is None else t.to(device) for t in floats)
-    ref_kw = dict(gelu=ref_layer.gelu, weight_layout=ref_layer.weight_layout)
+    floats = floats.map(lambda t: t.to(device))
+    ref_kw = dict(gelu=ref_layer.gelu, weight_layout=ref_layer.weight_layout, gated=ref_layer.is_gated)
     y64 = torch_mlp(x, *floats, dtype=torch.float64, **ref_kw)
-    y16 = torch_mlp(x, *floats, dtype=torch.float16, **ref_kw)
+    y16 = torch_mlp(x, *floats, dtype=REFERENCE_DTYPES[activation[0]], **ref_kw)
     result = LayerResult(
         layer.fc1, layer.fc2, layer.d_model, layer.d_ff, ref_layer.dtype, ref_layer.gelu, ref_layer.gelu_source,
-        inputs, x.shape[0], error_metrics(y16, y64),
+        inputs, x.shape[0], error_metrics(y16, y64), layer.gated, activation[0], activation[1],
     )  # fmt: skip
     rows = []
     for dtype in dtypes:
@@ -385,7 +413,8 @@ def _verify_layer(
             operands = _float_operands(floats, dtype, ref_layer.gelu, ref_layer.dtype)
         else:
             operands = int8[dtype]
-        rows.append(_run_row(layer, ref_layer, dtype, operands, x, (y16, y64), tolerances[operands.scheme], backend, device))
+        tolerance = _row_tolerance(operands.scheme, tolerances, origin, activation[0])
+        rows.append(_run_row(layer, ref_layer, dtype, operands, x, (y16, y64), tolerance, backend, device, activation[0]))
         step(f"{layer.fc1} {dtype}")
     return result, rows
 
@@ -401,22 +430,26 @@ def default_key(dtype: str) -> str:
     return dtype if dtype in FLOAT_DTYPES else _row_key(dtype, _default_format(dtype))
 
 
-def _quantize_in_memory(ckpt, layer: MLPLayer, floats, scheme: str, calib, seed: int) -> _Operands:
+def _quantize_in_memory(ckpt, layer: MLPLayer, floats: MLPTensors, scheme: str, calib, seed: int) -> _Operands:
     """One MLP quantized as `gelugemm quantize --scheme SCHEME` would by default."""
     options = QUANTIZE_DEFAULTS[scheme]
-    w1, b1, w2, b2 = floats
+    w1, b1, w2, b2, w_up, b_up = floats
     x_cal = None
     if options.needs_calibration:
         # quantize's rows: all of the file's calibrate split, or its synthetic default
         x_cal, _ = calibration_inputs(ckpt, layer, calib=calib, tokens=None, seed=seed, split="calibrate")
-    q1, q2 = quantize_mlp(
-        w1, b1, w2, x_cal, scheme=scheme, weight_layout=layer.weight_layout, gelu=layer.gelu,
-        group_size=options.group_size, method=options.observer or "max", smooth=options.smooth,
-        activations=options.activations or "dynamic",
-    )  # fmt: skip
+    kw = dict(scheme=scheme, weight_layout=layer.weight_layout, gelu=layer.gelu, group_size=options.group_size,
+              method=options.observer or "max", smooth=options.smooth, activations=options.activations or "dynamic")  # fmt: skip
+    if layer.is_gated:
+        q1, q2, q_up = quantize_gated_mlp(w1, b1, w2, x_cal, w_up=w_up, b_up=b_up, **kw)
+    else:
+        (q1, q2), q_up = quantize_mlp(w1, b1, w2, x_cal, **kw), None
     fmt = _default_format(scheme)
     op_fields = int8_op_fields(fmt)
-    return _Operands(q1, b1, q2, b2, layer.gelu, "quantized in memory (quantize's defaults)", _row_key(scheme, fmt), op_fields)
+    return _Operands(
+        MLPTensors(q1, b1, q2, b2, q_up, b_up), layer.gelu, "quantized in memory (quantize's defaults)", _row_key(scheme, fmt),
+        op_fields,
+    )  # fmt: skip
 
 
 def _in_memory_description(dtypes: list[str], calib, seed: int) -> dict | None:
@@ -479,11 +512,9 @@ def _reference_layers(ref_ckpt: Checkpoint, layers: list[MLPLayer], gelu: str | 
         if ref is None:
             have = ", ".join(list(found)[:6])
             raise CheckpointError(f"reference {reference} has no MLP {layer.fc1} (it has {have})")
-        if (ref.d_model, ref.d_ff, ref.weight_layout) != (layer.d_model, layer.d_ff, layer.weight_layout):
-            raise CheckpointError(
-                f"reference {reference}: MLP {layer.fc1} has d_model {ref.d_model}, d_ff {ref.d_ff} ({ref.weight_layout}); "
-                f"the quantized file's has d_model {layer.d_model}, d_ff {layer.d_ff} ({layer.weight_layout})"
-            )
+        if (ref.d_model, ref.d_ff, ref.weight_layout, ref.gated) != (layer.d_model, layer.d_ff, layer.weight_layout, layer.gated):
+            what = lambda m: f"d_model {m.d_model}, d_ff {m.d_ff} ({m.weight_layout}{', gated ' + m.gated if m.gated else ''})"  # noqa: E731
+            raise CheckpointError(f"reference {reference}: MLP {layer.fc1} has {what(ref)}; the quantized file's has {what(layer)}")
         matched.append(ref)
     return matched
 
@@ -517,12 +548,12 @@ class _Plan:
     keys: list[str]  # every row's scheme_key, in dtype order
 
 
-def _plan_original(ckpt: Checkpoint, dtypes, layers, gelu, reference, calib, seed) -> _Plan:
+def _plan_original(ckpt: Checkpoint, dtypes, layers, gelu, reference, calib, seed, activation_dtype) -> _Plan:
     path = ckpt.path
     if reference is not None:
         raise OptionError(f"--reference is for a file written by quantize; {path} is an original checkpoint, its own weights are the reference")
     asked = _resolve_dtypes(dtypes, None)
-    found = mlps_in(ckpt, layers=layers, gelu=gelu)
+    found = mlps_in(ckpt, layers=layers, gelu=gelu, activation_dtype=activation_dtype)
 
     def int8(ckpt, layer, ref_layer, floats) -> dict[str, _Operands]:
         return {s: _quantize_in_memory(ckpt, layer, floats, s, calib, seed) for s in asked if s in INT8_DTYPES}
@@ -557,8 +588,7 @@ def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, ge
     def int8(ckpt, layer, ref_layer, floats) -> dict[str, _Operands]:
         if scheme not in asked:
             return {}
-        q1, b1, q2, b2 = q.load(layer)
-        return {scheme: _Operands(q1, b1, q2, b2, layer.gelu, f"{q.path.name} as written", _row_key(scheme, q.scheme), op_fields)}
+        return {scheme: _Operands(q.load(layer), layer.gelu, f"{q.path.name} as written", _row_key(scheme, q.scheme), op_fields)}
 
     facts = {k: (record or {}).get(k) for k in ("scheme", "granularity", "method", "smooth", "calibration")}
     facts.update(scheme=scheme, granularity=str(q.scheme.granularity),
@@ -581,6 +611,7 @@ def verify_checkpoint(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    activation_dtype: str | None = None,
 ) -> VerifyReport:
     """Run every asked dtype of every MLP in `path` and measure it against the fp16 path and float64.
 
@@ -600,8 +631,13 @@ def verify_checkpoint(
         sets the references (and an original checkpoint's rows); a quantized file's int8
         rows run the flavour its metadata records, and fail when that is not this one.
     progress: called as progress(done, total, what) after each (layer, dtype) row.
+    activation_dtype: "fp16" | "bf16": the reference path's dtype and the int8 rows'
+        activations, over each MLP's own (config.json's torch_dtype, the family's: T5 runs
+        bf16; a quantized file's as quantize recorded it; else fp16).
     """
     started = time.perf_counter()
+    if activation_dtype is not None:
+        check_asked_activation_dtype(activation_dtype)
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ran_backend, backend_reason = choose_backend(MLPConfig(backend=backend), device)  # fails now if it cannot run
@@ -613,11 +649,13 @@ def verify_checkpoint(
         if is_quantized_checkpoint(ckpt):
             plan = _plan_quantized(QuantizedCheckpoint(ckpt, gelu=gelu), stack, dtypes, layers, gelu, reference, calib, notes)
         else:
-            plan = _plan_original(ckpt, dtypes, layers, gelu, reference, calib, seed)
-        return _run(plan, path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress)
+            plan = _plan_original(ckpt, dtypes, layers, gelu, reference, calib, seed, activation_dtype)
+        return _run(plan, path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress,
+                    activation_dtype)  # fmt: skip
 
 
-def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress) -> VerifyReport:
+def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress,
+         activation_dtype) -> VerifyReport:  # fmt: skip
     tolerances, origin = _tolerances(tol, plan.keys)
     if plan.calib is not None:
         check_calibration_file(plan.calib, plan.layers)
@@ -641,8 +679,10 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
             floats = read_mlp(ref_ckpt, ref_layer)
             x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
             int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
+            # the quantized file's recorded dtype (quantize's), or the original's discovered one
+            activation = (activation_dtype, "asked for") if activation_dtype else (layer.activation_dtype, layer.activation_dtype_source)
             result, layer_rows = _verify_layer(
-                layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, backend, device, step
+                layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, origin, backend, device, step, activation
             )  # fmt: skip
             out.append((i, result, layer_rows))
         if device.type == "cuda":
@@ -654,10 +694,18 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
     rows = [row for _, _, layer_rows in verified for row in layer_rows]
 
     calibration = {**describe_source(calib=plan.calib, tokens=tokens, seed=seed, split="verify"), "from": plan.calib_from}
+    paths = sorted({result.reference_dtype for result in results})
+    against = f"{'/'.join(paths)} path" if paths else GATE_REFERENCE
+    if paths != ["fp16"] and paths:
+        notes.append(
+            f"the reference path runs in {'/'.join(paths)} where the model does "
+            f"({'; '.join(sorted({f'{r.reference_dtype}: {r.reference_dtype_source}' for r in results}))}): "
+            "the int8 rows take those activations, and a default tolerance is at least that dtype's"
+        )
     return VerifyReport(
         checkpoint=str(path), kind="original" if plan.quantized is None else "quantized", quantized=plan.quantized,
         reference=plan.reference_facts, device=_device_name(device), backend=ran_backend, backend_reason=backend_reason,
-        backend_asked=backend, gate={"metric": GATE_METRIC, "against": GATE_REFERENCE}, tolerances=tolerances,
+        backend_asked=backend, gate={"metric": GATE_METRIC, "against": against}, tolerances=tolerances,
         tolerance_origin=origin, dtypes=plan.dtypes, calibration=calibration,
         in_memory_quantization=_in_memory_description(plan.dtypes, plan.calib, seed) if plan.quantized is None else None,
         layers=results, rows=rows, notes=notes, seconds=time.perf_counter() - started,

@@ -30,7 +30,7 @@ from gelugemm_cli.common import (
     user_errors,
     write_json,
 )
-from calibration.model import checkpoint_shapes
+from calibration.model import checkpoint_shapes, has_gated_mlps_only
 from kernels import peers
 from kernels.bench import (
     BENCH_DTYPES,
@@ -38,8 +38,10 @@ from kernels.bench import (
     DEFAULT_GRANULARITIES,
     DEFAULT_SHAPES,
     DEFAULT_TOKENS,
+    GATED_SHAPES,
     QUICK_TOKENS,
     BenchResult,
+    EAGER_CAT,
     BenchRow,
     MLPShape,
     run_bench,
@@ -134,7 +136,7 @@ def _impl_label(row: BenchRow, run_gelu: str) -> str:
     label = f"[bold]{row.impl}[/bold]" if row.impl == "gelugemm" else row.impl
     if row.gelu != run_gelu:
         label += f" ({row.gelu})"
-    if row.impl in peers.FLOAT_PEERS and row.weights != row.dtype:
+    if (row.impl in peers.FLOAT_PEERS or row.impl == EAGER_CAT) and row.weights != row.dtype:
         label += f" [dim]{row.weights}[/dim]"  # a float peer in an int8 group
     return label
 
@@ -163,8 +165,9 @@ def bench_table(result: BenchResult) -> Table:
             sets.setdefault(f"{row.d_model}×{row.d_ff}", set()).add(row.rotation_sets)
     rotation = ", ".join(f"{s} {min(n)}" + (f"–{max(n)}" if len(n) > 1 else "") for s, n in sets.items())
     timing = "CUDA-graph replays (GPU time, no launch cost)" if info.timing == "cuda-graph" else "Python calls"
+    gated = "gated MLPs (GeGLU) · " if any(row.gated for row in result.rows) else ""
     table = Table(
-        title=f"gelugemm bench · {info.device} · torch {info.torch} · triton {info.triton} · timed: {timing}",
+        title=f"gelugemm bench · {gated}{info.device} · torch {info.torch} · triton {info.triton} · timed: {timing}",
         caption=(
             f"ceilings: bf16 matmul {c.matmul_tflops:.0f} TFLOP/s{int8}, copy {c.copy_gbps:.0f} GB/s · "
             f"µs: median; spread: p20 to p80 in % of it · buffer sets rotated (1 = one call's bytes "
@@ -294,7 +297,7 @@ def write_speedup_plot(result: BenchResult, path: Path) -> None:
 
 def bench(
     checkpoint: Optional[Path] = typer.Argument(
-        None, help="A safetensors checkpoint: benchmark the shapes of its MLP layers. Without one: 768×3072 and 4096×16384."
+        None, help="A safetensors checkpoint: benchmark the shapes of its MLP layers. Without one: 768×3072 and 4096×16384 (--gated: 2048×16384)."
     ),
     dtype: str = typer.Option(",".join(BENCH_DTYPES), "--dtype", help="Comma-separated dtypes: fp16, bf16, w8a16, w8a8."),
     shape: Optional[List[str]] = typer.Option(
@@ -320,6 +323,10 @@ def bench(
     warmup_ms: Optional[float] = typer.Option(None, "--warmup-ms", help="Warm-up per timing, in ms. (default 25; with --quick 5)"),
     rep_ms: Optional[float] = typer.Option(None, "--rep-ms", help="Repeats per timing, in ms. (default 100; with --quick 20)"),
     quick: bool = typer.Option(False, "--quick", help="Fewer token counts and shorter timings: a smoke run."),
+    gated: bool = typer.Option(
+        False, "--gated",
+        help="Gated MLPs (GeGLU: Gemma, T5 v1.1, ModernBERT): GELU(x Wg) * x Wu -> Wd, against eager on two GEMMs and on one concatenated GEMM (eager-cat). (default shape Gemma-2B's 2048×16384, GELU tanh; a checkpoint whose MLPs are all gated turns it on)",
+    ),  # fmt: skip
     cuda_graph: bool = typer.Option(
         False, "--cuda-graph",
         help="Time CUDA-graph replays of every impl instead of Python calls: GPU time without launch cost, as a decode loop that replays graphs sees it.",
@@ -344,20 +351,22 @@ def bench(
             raise GelugemmError(f"--gelu must be erf or tanh; got {gelu!r}")
         if plot_path is not None:
             require_matplotlib()
-        shapes = list(DEFAULT_SHAPES)
+        if checkpoint is not None and not gated:
+            gated = has_gated_mlps_only(checkpoint)
+        shapes = list(GATED_SHAPES if gated else DEFAULT_SHAPES)
         if checkpoint is not None:
-            found, gelu = checkpoint_shapes(checkpoint, gelu)
+            found, gelu = checkpoint_shapes(checkpoint, gelu, gated=gated)
             shapes = [MLPShape(*s) for s in found]
         if shape:
             shapes = list(dict.fromkeys(parse_shape(s) for s in shape))
-        gelu = gelu or "erf"
+        gelu = gelu or ("tanh" if gated else "erf")  # Gemma's and T5's GELU is the tanh form
 
         with progress_bar() as report:
             result = run_bench(
                 shapes, dtypes, token_counts, chosen_peers,
                 gelu=gelu, activation_dtype=activation_dtype,
                 activations=parse_list(activations, "activations"), granularities=parse_list(granularity, "granularity"),
-                warmup_ms=warmup_ms if warmup_ms is not None else (QUICK_WARMUP_MS if quick else DEFAULT_WARMUP_MS),
+                gated=gated, warmup_ms=warmup_ms if warmup_ms is not None else (QUICK_WARMUP_MS if quick else DEFAULT_WARMUP_MS),
                 rep_ms=rep_ms if rep_ms is not None else (QUICK_REP_MS if quick else DEFAULT_REP_MS),
                 cuda_graph=cuda_graph, progress=report, command=shlex.join(sys.argv), raise_errors=state["debug"],
             )  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from calibration.inspect import InspectReport, inspect_checkpoint
@@ -20,11 +21,12 @@ def inspect(
     checkpoint: Path = typer.Argument(..., help="A .safetensors file or a model directory (single file or sharded)."),
     layers: str | None = typer.Option(None, help="Only the MLPs whose fc1 or fc2 prefix matches this regex."),
     gelu: str | None = typer.Option(None, help="erf, tanh or quick, overriding config.json (as quantize would)."),
+    activation_dtype: str | None = typer.Option(None, "--activation-dtype", help="fp16 or bf16, overriding config.json (as quantize would)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ):
-    """List each GELU MLP of CHECKPOINT: prefixes, family, layout, sizes, GELU flavour and where each came from."""
+    """List each GELU MLP (plain or gated) of CHECKPOINT: prefixes, family, layout, sizes, GELU flavour and where each came from."""
     with user_errors():
-        report = inspect_checkpoint(checkpoint, layers=layers, gelu=gelu)
+        report = inspect_checkpoint(checkpoint, layers=layers, gelu=gelu, activation_dtype=activation_dtype)
         out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
         render(report, out)
         if json_path is not None:
@@ -63,8 +65,13 @@ def table(report: InspectReport) -> Table:
         block = _block([mlp.fc1, mlp.fc2] + ([mlp.norm] if mlp.norm else []))
         strip = lambda p: p[len(block) + 1:] if block and p.startswith(block + ".") else p  # noqa: E731
         norm = "-" if mlp.norm is None else f"{strip(mlp.norm)} ({'MLP only' if mlp.norm_feeds_only_mlp else 'shared'})"
+        gemm1 = strip(mlp.fc1)
+        if mlp.gated == "separate":
+            gemm1 = f"GELU({gemm1}) * {strip(mlp.up)}"
+        elif mlp.gated == "concatenated":
+            gemm1 = escape(f"GELU({gemm1}[:d_ff]) * {gemm1}[d_ff:]")
         grid.add_row(
-            block or "-", f"{strip(mlp.fc1)} -> {strip(mlp.fc2)}", mlp.family, mlp.weight_layout,
+            block or "-", f"{gemm1} -> {strip(mlp.fc2)}", mlp.family, mlp.weight_layout,
             f"{mlp.d_model} x {mlp.d_ff}", mlp.dtype, mlp.gelu, norm, ", ".join(mlp.shards),
         )  # fmt: skip
     return grid
@@ -74,7 +81,8 @@ def sources(report: InspectReport) -> list[str]:
     """Where the family, layout and GELU flavour came from, one line per distinct answer."""
     lines = []
     for what, key in (("family", lambda m: f"{m.family_title}: {m.family_source}"), ("layout", lambda m: f"{m.weight_layout}: {m.layout_source}"),
-                      ("GELU", lambda m: f"{m.gelu}: {m.gelu_source}")):  # fmt: skip
+                      ("GELU", lambda m: f"{m.gelu}: {m.gelu_source}"),
+                      ("activations", lambda m: f"{m.activation_dtype}: {m.activation_dtype_source}")):  # fmt: skip
         counts: dict[str, int] = {}
         for mlp in report.mlps:
             counts[key(mlp)] = counts.get(key(mlp), 0) + 1

@@ -39,12 +39,18 @@ def quantize(
     seed: int = typer.Option(0, help="Seed of the synthetic calibration rows."),
     layers: str | None = typer.Option(None, help="Quantize only the MLPs whose fc1 or fc2 prefix matches this regex."),
     gelu: str | None = typer.Option(None, help="erf, tanh or quick, overriding config.json (default: from config.json or the family)."),
+    activation_dtype: str | None = typer.Option(
+        None, "--activation-dtype",
+        help="fp16 or bf16: the float dtype the quantized MLPs run their activations in, recorded for verify and eval "
+        "(default: bf16 where config.json's torch_dtype is bfloat16 or the family overflows fp16 (T5), else fp16).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (and a --json file gelugemm did not write)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ):
     """Quantize the GELU MLPs of CHECKPOINT to int8 and write the whole checkpoint (compressed-tensors format)."""
     with user_errors():
-        options = QuantizeOptions(scheme, granularity, method, smooth, calib, tokens, seed, layers, gelu, force, activations)
+        options = QuantizeOptions(scheme, granularity, method, smooth, calib, tokens, seed, layers, gelu, force, activations,
+                                  activation_dtype=activation_dtype)  # fmt: skip
         output_path = output if output is not None else default_output(checkpoint)
         # Every output checked before the work (the checkpoint's by quantize_checkpoint itself).
         check_json_output(
@@ -83,7 +89,7 @@ def render(report: QuantizeReport, out: Console) -> None:
         table.add_column(column, justify="right")
     for layer in report.layers:
         block = _block(layer.fc1.prefix, layer.fc2.prefix)
-        for i, linear in enumerate((layer.fc1, layer.fc2)):
+        for i, linear in enumerate(layer.linears):
             table.add_row(
                 block if i == 0 else "",
                 linear.prefix[len(block):].lstrip("."),

@@ -46,6 +46,10 @@ def verify(
     backend: str = typer.Option("auto", help="auto (Triton on CUDA, torch elsewhere), triton or torch."),
     reference: Path | None = typer.Option(None, help="A quantized file's original checkpoint, instead of the one its metadata records."),
     gelu: str | None = typer.Option(None, help=r"erf, tanh or quick: the model's GELU, overriding config.json \[default: from config.json or the family]."),
+    activation_dtype: str | None = typer.Option(
+        None, "--activation-dtype",
+        help=r"fp16 or bf16: the reference path's dtype and the int8 rows' activations \[default: the model's: bf16 where config.json's torch_dtype is bfloat16 or the family overflows fp16 (T5), else fp16].",
+    ),
     seed: int = typer.Option(0, help="Seed of the synthetic inputs (without --calib)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --json file that gelugemm did not write."),
@@ -66,7 +70,7 @@ def verify(
 
             report = verify_checkpoint(
                 checkpoint, dtypes, calib=calib, tokens=tokens, layers=layers, tol=tolerances,
-                backend=backend, reference=reference, gelu=gelu, seed=seed, progress=progress,
+                backend=backend, reference=reference, gelu=gelu, seed=seed, progress=progress, activation_dtype=activation_dtype,
             )  # fmt: skip
         outputs.set_result(0 if report.passed else 1)  # kept by a signal that lands after the --json is written
         render(report, out)
@@ -106,7 +110,8 @@ def header(report: VerifyReport) -> list[str]:
         f"backend: {report.backend} ({report.backend_reason}); device {report.device}",
         inputs,
         f"GELU: {gelu}",
-        "gate: relative Frobenius error vs the fp16 path (fp16 weights and inputs, F.linear -> F.gelu -> F.linear in torch)",
+        f"gate: relative Frobenius error vs the {_path_dtype(report)} path ({_path_dtype(report)} weights and inputs, "
+        "F.linear -> F.gelu -> F.linear in torch)",
     ]
     for scheme, how in (report.in_memory_quantization or {}).items():
         cal = how.get("calibration")
@@ -119,9 +124,14 @@ def header(report: VerifyReport) -> list[str]:
     return lines
 
 
+def _path_dtype(report: VerifyReport) -> str:
+    """The reference path's dtype: fp16, bf16 where the model runs in bf16 (or fp16/bf16)."""
+    return "/".join(sorted({layer.reference_dtype for layer in report.layers})) or "fp16"
+
+
 def table(report: VerifyReport) -> Table:
-    """One row per MLP x dtype, after a row for the fp16 path itself."""
-    grid = Table(box=box.SIMPLE_HEAD, title="error vs the fp16 path (the gate) and vs float64 (exact)")
+    """One row per MLP x dtype, after a row for the reference path (fp16, or bf16) itself."""
+    grid = Table(box=box.SIMPLE_HEAD, title=f"error vs the {_path_dtype(report)} path (the gate) and vs float64 (exact)")
     grid.add_column("MLP", overflow="fold")
     grid.add_column("dtype", overflow="fold")
     grid.add_column("backend")
@@ -134,7 +144,7 @@ def table(report: VerifyReport) -> Table:
     for layer in report.layers:
         block = mlp_block(layer.fc1, layer.fc2) or layer.fc1
         own = layer.fp16_path_vs_float64
-        grid.add_row(block, "fp16 path", "torch", "-", "-", "-", "-", "-", _sci(own.rel_frobenius), "[dim]reference[/dim]")
+        grid.add_row(block, f"{layer.reference_dtype} path", "torch", "-", "-", "-", "-", "-", _sci(own.rel_frobenius), "[dim]reference[/dim]")
         for row in rows_by_layer.get(layer.fc1, []):
             m = row.vs_fp16_path
             grid.add_row(

@@ -21,6 +21,13 @@ Per row: time, TFLOP/s (TOP/s for w8a8), GB/s over the minimum bytes (x, weights
 their scales, biases and y, each once), percent of the roofline floor
 max(FLOPs / matmul ceiling, bytes / copy bandwidth), gelugemm's speedup over the row's
 impl, and the relative error against float64.
+
+`gated=True` times gated MLPs (GeGLU) instead, (GELU(x Wg^T) * x Wu^T) Wd^T without
+biases, as Gemma runs them (default shape Gemma-2B's, 2048 -> 16384): gelugemm's op on
+the gate and up weights, and the peers computing the same: eager on two GEMMs for gate
+and up ("eager") and on one GEMM over the concatenated weight ("eager-cat", ModernBERT's
+form, planned with eager), cuBLASLt's GELU epilogue on the gate GEMM, torch.compile, and
+the int8 peers on the three int8 weights.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from kernels import peers
 from kernels.errors import BackendUnavailable, GelugemmError
 from kernels.int8 import quantize_weight, scale_from_absmax
 from kernels.op import FusedMLP, MLPConfig
+from kernels.quantized import QuantizedWeight
 from kernels.reference import mlp_reference
 from kernels.schemes import ACTIVATION_DTYPES, GELU_FLAVOURS, INT8_DTYPES, ActivationScheme, Granularity
 from kernels.version import __version__
@@ -77,29 +85,38 @@ class MLPShape(NamedTuple):
 
 
 DEFAULT_SHAPES = (MLPShape(768, 3072), MLPShape(4096, 16384))
+# Gated runs: Gemma-2B's MLP (Gemma-7B's is 3072 x 24576).
+GATED_SHAPES = (MLPShape(2048, 16384),)
+# The eager peer over one concatenated gate and up weight, planned beside eager in gated runs.
+EAGER_CAT = "eager-cat"
 
 
 # ---- the arithmetic: FLOPs, bytes, roofline ------------------------------------------------
 
 
-def mlp_flops(m: int, shape: MLPShape) -> int:
-    """Multiply-adds of both GEMMs, two operations each: 2*M*d*f per GEMM (bias and GELU not counted)."""
-    return 4 * m * shape.d_model * shape.d_ff
+def mlp_flops(m: int, shape: MLPShape, gated: bool = False) -> int:
+    """Multiply-adds of every GEMM, two operations each: 2*M*d*f per GEMM, two GEMMs (three
+    for a gated MLP: gate, up, down); bias, GELU and the product not counted."""
+    return (6 if gated else 4) * m * shape.d_model * shape.d_ff
 
 
-def mlp_min_bytes(m: int, shape: MLPShape, dtype: str, granularity: str | None = None) -> int:
-    """The fewest bytes the MLP must move: x, both weights (int8: 1 byte + a float32 scale
-    per output channel, or per group of G inputs with granularity "group:G"), both biases
+def mlp_min_bytes(m: int, shape: MLPShape, dtype: str, granularity: str | None = None, gated: bool = False) -> int:
+    """The fewest bytes the MLP must move: x, every weight (int8: 1 byte + a float32 scale
+    per output channel, or per group of G inputs with granularity "group:G"), the biases
     and y, each once. x, biases and y are 2-byte floats (fp16 or bf16, the activation dtype
-    of int8 rows); the intermediate can stay on chip."""
+    of int8 rows); the intermediate can stay on chip. A gated MLP has three weights (gate,
+    up: d -> f; down: f -> d) and no biases."""
     d, f = shape
+    ups = 1 if gated else 0  # the up projection: another d x f weight
     if dtype in INT8_DTYPES:
         group = Granularity.parse(granularity).group_size
         scales = (f + d) if group is None else f * -(-d // group) + d * -(-f // group)
-        weights = 2 * d * f * 1 + scales * 4
+        scales += ups * (f if group is None else f * -(-d // group))
+        weights = (2 + ups) * d * f * 1 + scales * 4
     else:
-        weights = 2 * d * f * ACTIVATION_BYTES
-    return weights + (f + d) * ACTIVATION_BYTES + 2 * m * d * ACTIVATION_BYTES
+        weights = (2 + ups) * d * f * ACTIVATION_BYTES
+    biases = 0 if gated else (f + d) * ACTIVATION_BYTES
+    return weights + biases + 2 * m * d * ACTIVATION_BYTES
 
 
 @dataclass
@@ -265,6 +282,7 @@ class BenchRow:
     error: str | None = None
     granularity: str | None = None  # int8 rows: the weight scales, per-channel | group:N
     activations: str | None = None  # w8a8 rows: the activation scheme, dynamic | group:N | static
+    gated: bool = False  # a gated MLP (GeGLU): gate, up and down weights, no biases
 
     @property
     def shape(self) -> MLPShape:
@@ -412,6 +430,7 @@ class _Case:
     note: str | None = None
     granularity: str | None = None  # int8 weight sets: their scales' granularity
     activations: str | None = None  # gelugemm w8a8: the activation scheme
+    form: str | None = None  # gated runs: "separate" (gate and up weights) or "concatenated" (one)
     call: Callable[[int], torch.Tensor] | None = None  # fn on rotation set i, bound in _prepare
     status: str = "pending"
     relerr: float | None = None
@@ -426,11 +445,15 @@ class _Workloads:
     per group) of the float set with the same index, so float peers and int8 impls see the
     same matrices. w8a8's carry static scales for x and GELU's output too (used by
     `static` only), calibrated as a max observer would on 256 random tokens.
+
+    gated: each set is (w_gate, None, w_down, None, w_up, None), the op's argument order;
+    its "concatenated" form is (cat(w_gate, w_up), None, w_down, None), the same matrices.
     """
 
-    def __init__(self, device: torch.device, activation_dtype: str):
+    def __init__(self, device: torch.device, activation_dtype: str, gated: bool = False):
         self.device = device
         self.activation_dtype = activation_dtype
+        self.gated = gated
         self._float: dict = {}
         self._int8: dict = {}
         self._x: dict = {}
@@ -447,6 +470,12 @@ class _Workloads:
         sets = self._float.setdefault((shape, dtype), [])
         d, f = shape
         while len(sets) < n:
+            if self.gated:
+                sets.append((
+                    self._randn(f, d, dtype=dtype, scale=d**-0.5), None, self._randn(d, f, dtype=dtype, scale=f**-0.5),
+                    None, self._randn(f, d, dtype=dtype, scale=d**-0.5), None,
+                ))  # fmt: skip
+                continue
             sets.append((
                 self._randn(f, d, dtype=dtype, scale=d**-0.5), self._randn(f, dtype=dtype, scale=0.5),
                 self._randn(d, f, dtype=dtype, scale=f**-0.5), self._randn(d, dtype=dtype, scale=0.5),
@@ -454,12 +483,14 @@ class _Workloads:
         return sets
 
     def static_scales(self, shape: MLPShape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """w8a8's static scales for x and the GELU output: their amax over 256 random tokens / 127."""
+        """w8a8's static scales for x and the GELU output (gated: GELU(gate) * up): their amax
+        over 256 random tokens / 127."""
         key = (shape, dtype)
         if key not in self._static_scales:
-            w1, b1, _, _ = self.float_weights(shape, dtype, 1)[0]
+            w1, b1, _, _, *up = self.float_weights(shape, dtype, 1)[0]
             x = self._randn(256, shape.d_model, dtype=torch.float32)
-            h = torch.nn.functional.gelu(x @ w1.float().t() + b1.float())
+            h = x @ w1.float().t() + (0.0 if b1 is None else b1.float())
+            h = torch.nn.functional.gelu(h) * (x @ up[0].float().t() if self.gated else 1.0)
             self._static_scales[key] = (scale_from_absmax(x.abs().amax()), scale_from_absmax(h.abs().amax()))
         return self._static_scales[key]
 
@@ -467,17 +498,26 @@ class _Workloads:
         act = ACTIVATION_DTYPES[self.activation_dtype]
         group = Granularity.parse(granularity).group_size
         sets = self._int8.setdefault((shape, dtype, group), [])
-        for w1, b1, w2, b2 in self.float_weights(shape, act, n)[len(sets) : n]:
+        for w1, b1, w2, b2, *up in self.float_weights(shape, act, n)[len(sets) : n]:
             q1, q2 = quantize_weight(w1, group_size=group), quantize_weight(w2, group_size=group)
             if dtype == "w8a8":
                 q1.input_scale, q1.output_scale = self.static_scales(shape, act)
-            sets.append((q1, b1, q2, b2))
+            # gated: (q_gate, None, q_down, None, q_up, None)
+            sets.append((q1, b1, q2, b2, *((quantize_weight(up[0], group_size=group), None) if up else ())))
         return sets
 
-    def weight_sets(self, shape: MLPShape, weights: str, n: int, granularity: str | None = None) -> list[tuple]:
-        if weights in INT8_DTYPES:
-            return self.int8_weights(shape, weights, granularity, n)
-        return self.float_weights(shape, ACTIVATION_DTYPES[weights], n)
+    def weight_sets(self, shape: MLPShape, weights: str, n: int, granularity: str | None = None,
+                    form: str | None = None) -> list[tuple]:  # fmt: skip
+        sets = (self.int8_weights(shape, weights, granularity, n) if weights in INT8_DTYPES
+                else self.float_weights(shape, ACTIVATION_DTYPES[weights], n))  # fmt: skip
+        if form != "concatenated":
+            return sets
+        # one [2 d_ff, d_model] weight, gate rows first (made once per set, outside the timing)
+        key = (shape, weights, granularity)
+        cat = self._float.setdefault(("concatenated", key), [])
+        for w1, _, w2, _, w_up, _ in sets[len(cat) : n]:
+            cat.append((torch.cat([w1, w_up]), None, w2, None))
+        return cat
 
     def inputs(self, shape: MLPShape, dtype: torch.dtype, m: int, n: int) -> list[torch.Tensor]:
         sets = self._x.setdefault((shape, dtype, m), [])
@@ -491,10 +531,12 @@ class _Workloads:
         fn = case.build()
         n = case.n_sets
         xs = self.inputs(case.shape, self.x_dtype(case.weights), case.m, n)
-        args = [(x, *w) for x, w in zip(xs, self.weight_sets(case.shape, case.weights, n, case.granularity))]
+        sets = self.weight_sets(case.shape, case.weights, n, case.granularity, case.form)
+        # (x, w1, b1, w2, b2), and a gated set's up projection as the keywords every impl takes
+        calls = [functools.partial(fn, x, *w[:4], **dict(zip(("w_up", "b_up"), w[4:]))) for x, w in zip(xs, sets)]
 
         def call(i: int) -> torch.Tensor:
-            return fn(*args[i % n])
+            return calls[i % n]()
 
         return call
 
@@ -512,19 +554,29 @@ class _Workloads:
             # Rows spread over all of M, so a wrong tile far from the first one shows.
             rows = torch.linspace(0, m - 1, min(m, CHECK_ROWS), device=self.device).round().long().unique()
             x = self.inputs(shape, self.x_dtype(weights), m, 1)[0][rows]
-            w1, b1, w2, b2 = self.weight_sets(shape, weights, 1, granularity)[0]
-            if weights in INT8_DTYPES:
-                w1, w2 = w1.dequantize(dtype=torch.float64), w2.dequantize(dtype=torch.float64)
-            f64 = lambda t: t.to(torch.float64)  # noqa: E731
-            ref = mlp_reference(f64(x), f64(w1), f64(b1), f64(w2), f64(b2), gelu_flavour=gelu, dtype=torch.float64)
+            w1, b1, w2, b2, *up = self.weight_sets(shape, weights, 1, granularity)[0]
+            w_up, b_up = up or (None, None)
+            ref = mlp_reference(
+                f64(x), f64(w1), f64(b1), f64(w2), f64(b2), gelu_flavour=gelu, dtype=torch.float64, gated=self.gated,
+                w_up=f64(w_up), b_up=f64(b_up),
+            )  # fmt: skip
             self._refs[key] = (rows, ref)
         return self._refs[key]
 
 
-def _gelugemm_op(dtype: str, gelu: str, activation_dtype: str, device: torch.device, activations: str | None) -> FusedMLP:
+def f64(t):
+    """t in float64: a float tensor cast, an int8 weight dequantized, None kept."""
+    if t is None:
+        return None
+    return t.dequantize(dtype=torch.float64) if isinstance(t, QuantizedWeight) else t.to(torch.float64)
+
+
+def _gelugemm_op(dtype: str, gelu: str, activation_dtype: str, device: torch.device, activations: str | None,
+                 gated: bool = False) -> FusedMLP:  # fmt: skip
     config = MLPConfig(
-        dtype=dtype, gelu=gelu, backend="triton", activation_dtype=activation_dtype, activations=activations or "dynamic"
-    )
+        dtype=dtype, gelu=gelu, backend="triton", activation_dtype=activation_dtype, activations=activations or "dynamic",
+        gated=gated,
+    )  # fmt: skip
     return FusedMLP(config, device=device)
 
 
@@ -538,23 +590,25 @@ def int8_variants(dtype: str, activations, granularities) -> list[tuple[str | No
     return [(None, None)]
 
 
-def _plan(shape, dtype, variant, m, peer_names, gelu, activation_dtype, l2_bytes, device) -> list[tuple[tuple, _Case]]:
+def _plan(shape, dtype, variant, m, peer_names, gelu, activation_dtype, l2_bytes, device, gated=False) -> list[tuple[tuple, _Case]]:
     """(identity key, case) for every impl of one (shape, dtype, variant, M) group, gelugemm first.
 
     Float peers of an int8 group run on float weights in the activation dtype; their key
     leaves the group's dtype out, so the fp16 group's measurement is reused, not repeated;
     int_mm (per-token quantization in torch) is one measurement for every w8a8 scheme.
+    gated: the gated MLP's ops and peers, eager-cat beside eager.
     """
     granularity, activations = variant
     float_weights = activation_dtype if dtype in INT8_DTYPES else dtype
+    form = "separate" if gated else None
 
-    def case(impl, flavour, weights, build, note=None) -> _Case:
-        n_sets = rotation_sets(mlp_min_bytes(m, shape, weights, granularity), l2_bytes)
+    def case(impl, flavour, weights, build, note=None, form=form) -> _Case:
+        n_sets = rotation_sets(mlp_min_bytes(m, shape, weights, granularity, gated), l2_bytes)
         limit = relerr_limit(dtype, impl, activation_dtype)
         return _Case(
             shape, m, impl, flavour, weights, n_sets, build, limit, note,
             granularity=granularity if weights in INT8_DTYPES else None,
-            activations=activations if impl == "gelugemm" else None,
+            activations=activations if impl == "gelugemm" else None, form=form,
         )  # fmt: skip
 
     plans = []
@@ -562,22 +616,27 @@ def _plan(shape, dtype, variant, m, peer_names, gelu, activation_dtype, l2_bytes
     # in the run, so that its speedup compares like with like.
     flavours = [gelu] + (["tanh"] if gelu != "tanh" and "cublaslt" in peer_names else [])
     for flavour in flavours:
-        build = functools.partial(_gelugemm_op, dtype, flavour, activation_dtype, device, activations)
+        build = functools.partial(_gelugemm_op, dtype, flavour, activation_dtype, device, activations, gated)
         plans.append(((shape, dtype, variant, m, "gelugemm", flavour), case("gelugemm", flavour, dtype, build)))
 
     for peer in peer_names:
         if peer == "eager":
-            build = lambda: functools.partial(peers.eager_mlp, gelu=gelu)  # noqa: E731
+            build = lambda: functools.partial(peers.eager_mlp, gelu=gelu, gated=gated)  # noqa: E731
             plans.append(((shape, float_weights, m, peer), case(peer, gelu, float_weights, build)))
+            if gated:  # the same MLP on one concatenated gate and up weight: one GEMM for both
+                note = "one GEMM on the concatenated gate and up weight (ModernBERT's form)"
+                plans.append(((shape, float_weights, m, EAGER_CAT),
+                              case(EAGER_CAT, gelu, float_weights, build, note, form="concatenated")))  # fmt: skip
         elif peer == "cublaslt":
-            note = "cuBLASLt's GELU epilogue is tanh"
-            plans.append(((shape, float_weights, m, peer), case(peer, "tanh", float_weights, lambda: peers.cublaslt_mlp, note)))
+            note = "cuBLASLt's GELU epilogue is tanh" + (" (on the gate GEMM)" if gated else "")
+            build = lambda: functools.partial(peers.cublaslt_mlp, gated=gated)  # noqa: E731
+            plans.append(((shape, float_weights, m, peer), case(peer, "tanh", float_weights, build, note)))
         elif peer == "compile":
-            build = functools.partial(peers.compiled_mlp, gelu)
+            build = functools.partial(peers.compiled_mlp, gelu, gated)
             plans.append(((shape, float_weights, m, peer), case(peer, gelu, float_weights, build)))
         elif peers.INT8_PEERS[peer] == dtype:
             fn = peers.dequant_mlp if peer == "dequant" else peers.int_mm_mlp
-            build = lambda fn=fn: functools.partial(fn, gelu=gelu)  # noqa: E731
+            build = lambda fn=fn: functools.partial(fn, gelu=gelu, gated=gated)  # noqa: E731
             note = None
             if peer == "int_mm" and m <= 16:
                 note = f"x padded to {peers.INT_MM_MIN_ROWS} rows: torch._int_mm needs more than 16"
@@ -596,6 +655,7 @@ def run_bench(
     activation_dtype: str = "fp16",
     activations: list[str] = DEFAULT_ACTIVATIONS,
     granularities: list[str] = DEFAULT_GRANULARITIES,
+    gated: bool = False,
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     cuda_graph: bool = False,
@@ -607,6 +667,7 @@ def run_bench(
 
     activations: the w8a8 activation schemes to time ("dynamic", "group:N", "static"), a
     group of rows each; granularities: w8a16's weight scales ("group:128", "per-channel").
+    gated: time gated MLPs (GeGLU) of these shapes (see the module docstring).
 
     progress(stage, done, total, label) is called as the run goes; stages are
     "ceilings", "prepare" (autotune, compile, check) and "time".
@@ -632,12 +693,12 @@ def run_bench(
             for dtype in dtypes:
                 for variant in int8_variants(dtype, activations, granularities):
                     for m in tokens:
-                        plans = _plan(shape, dtype, variant, m, peer_names, gelu, activation_dtype, info.l2_bytes, device)
+                        plans = _plan(shape, dtype, variant, m, peer_names, gelu, activation_dtype, info.l2_bytes, device, gated)
                         for key, case in plans:
                             cases.setdefault(key, case)
                         groups.append(((shape, dtype, variant, m), [key for key, _ in plans]))
 
-        work = _Workloads(device, activation_dtype)
+        work = _Workloads(device, activation_dtype, gated)
         for done, (key, case) in enumerate(cases.items()):
             report("prepare", done, len(cases), _label(case))
             _prepare(case, work, raise_errors)
@@ -656,7 +717,7 @@ def run_bench(
 
     rows = []
     for (shape, dtype, (granularity, scheme), m), keys in groups:
-        flops, nbytes = mlp_flops(m, shape), mlp_min_bytes(m, shape, dtype, granularity)
+        flops, nbytes = mlp_flops(m, shape, gated), mlp_min_bytes(m, shape, dtype, granularity, gated)
         floor_us, bound = roofline_floor_us(flops, nbytes, ceilings, dtype)
         for key in keys:
             c = cases[key]
@@ -666,7 +727,7 @@ def run_bench(
                 "int8" if c.weights in INT8_DTYPES else c.weights, c.status, flops, nbytes, floor_us, bound,
                 time_us=t and t.median_us, p20_us=t and t.p20_us, p80_us=t and t.p80_us, reps=t and t.reps,
                 rotation_sets=c.n_sets, relerr=c.relerr, relerr_limit=c.relerr_limit, note=c.note, error=c.error,
-                granularity=granularity, activations=scheme,
+                granularity=granularity, activations=scheme, gated=gated,
             )  # fmt: skip
             fill_metrics(row)
             rows.append(row)

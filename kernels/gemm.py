@@ -1,7 +1,8 @@
 """Fused GEMM + bias + GELU on float weights: out = act(a @ W^T + bias), float32 accumulation.
 
 This is the float half of the op: GEMM1 runs with a GELU flavour as `activation`, GEMM2
-with `activation="none"`. `a` is fp16, bf16 or fp32; the weight has a's dtype and is read
+with `activation="none"`. A gated GEMM1 (GeGLU) passes the up projection too (`w_up`,
+`b_up`) and gets GELU(a @ Wg^T + bg) * (a @ Wu^T + bu), both tiles from one kernel. `a` is fp16, bf16 or fp32; the weight has a's dtype and is read
 in place in either layout (`out_in`: nn.Linear's [N, K]; `in_out`: Conv1D's [K, N]).
 
 The three kernels are kernels/gemm_base.py's, shared with the int8-weight GEMM; this
@@ -65,11 +66,36 @@ TMA_CONFIGS = {
     ],
 }  # fmt: skip
 
+# Gated GEMM1 (two accumulators, gate and up): the plain tables' tiles at half the N
+# width, so the two [128, 128] accumulators of the large configs hold what one [128, 256]
+# does; the subtiled epilogue keeps the GELU and the product on [128, 64] halves.
+GATED_DECODE_CONFIGS = {
+    16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4), cfg(16, 64, 512, 4, 3),
+         cfg(16, 64, 64, 4, 4)],
+    64: [cfg(64, 64, 128, 4, 4), cfg(64, 64, 64, 4, 4), cfg(64, 128, 64, 8, 3)],
+    256: [cfg(128, 64, 64, 8, 3), cfg(128, 64, 128, 8, 3), cfg(128, 32, 64, 4, 3)],
+}  # fmt: skip
+GATED_STRIDED_CONFIGS = {
+    16: [cfg(16, 32, 256, 4, 4), cfg(16, 64, 128, 4, 4), cfg(16, 32, 128, 4, 5)],
+    64: [cfg(64, 64, 64, 4, 4), cfg(32, 64, 128, 4, 4), cfg(64, 64, 32, 4, 3)],
+    "large": [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(128, 128, 32, 8, 3)],
+}  # fmt: skip
+GATED_TMA_CONFIGS = {
+    64: [cfg(64, 64, 128, 4, 4), cfg(64, 64, 64, 4, 4), cfg(64, 128, 64, 4, 3), cfg(64, 64, 32, 4, 3)],
+    256: [cfg(64, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3), cfg(64, 64, 32, 4, 3)],
+    "large": [
+        cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 64, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 64, 8, 3, FLATTEN=True),
+        cfg(128, 64, 64, 4, 4, FLATTEN=True), cfg(128, 128, 32, 8, 3),
+    ],
+}  # fmt: skip
+
 _GEMM = GemmLauncher(
     gemm_kernels(
-        strided={"float": STRIDED_CONFIGS},
-        tma={"float": TMA_CONFIGS},
-        decode={"float": DECODE_CONFIGS},
+        strided={"float": STRIDED_CONFIGS, "float-gated": GATED_STRIDED_CONFIGS},
+        tma={"float": TMA_CONFIGS, "float-gated": GATED_TMA_CONFIGS},
+        decode={"float": DECODE_CONFIGS, "float-gated": GATED_DECODE_CONFIGS},
         decode_max_m=FLOAT_DECODE_MAX_M,
     )
 )
@@ -88,6 +114,8 @@ def gemm_bias_act(
     allow_tf32: bool = False,
     path: str = "auto",
     out: torch.Tensor | None = None,
+    w_up: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(a @ W^T + bias) for a of shape [..., K]; returns [..., N] in a's dtype.
 
@@ -97,6 +125,9 @@ def gemm_bias_act(
     path: "auto", "tma", "decode" (M <= 128) or "strided"; "tma" and "decode" raise if
         TMA cannot take the inputs.
     out: a contiguous [..., N] tensor of a's dtype to write into (else one is allocated).
+    w_up, b_up: a gated GEMM1's up projection (W's shape, layout and strides: its own
+        weight, or the other half of a concatenated one; b_up where bias is given): returns
+        act(a @ W^T + bias) * (a @ Wup^T + b_up), the product in float32, rounded once.
     """
 
     def check(layout: WeightLayout) -> tuple[int, int]:
@@ -104,9 +135,12 @@ def gemm_bias_act(
             raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {a.dtype}")
         if w.dtype != a.dtype:
             raise LaunchError(f"weight dtype {w.dtype} differs from input dtype {a.dtype}")
+        if w_up is None and b_up is not None:
+            raise LaunchError("b_up is the bias of a gated GEMM1's up projection; pass w_up too")
         return check_operands(a, w, bias, layout)
 
     return _GEMM.run(
         check, (activation, weight_layout, allow_tf32, path), a, w, bias, weight_layout=weight_layout,
         activation=activation, path=path, out=out, out_dtype=a.dtype, input_precision="tf32" if allow_tf32 else "ieee",
+        w_up=w_up, up_bias=b_up,
     )  # fmt: skip

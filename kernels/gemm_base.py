@@ -35,6 +35,13 @@ and the constexprs that change them:
 - C_GROUP_N (w8a8 `group:N`, GEMM1): the int8 output is requantized per (row, C_GROUP_N
   columns) with a scale from that group's absmax, and the kernel writes the scales too
   (`_requantize_groups`); the epilogue tile holds whole groups (`fit_groups`).
+- GATED (a gated GEMM1, GeGLU): the up projection's tile of the same output columns is
+  loaded beside the weight tile (a second descriptor or pointer: a weight of its own, or
+  the other half of one concatenated weight) and multiplied with the same activation tile
+  into a second accumulator; `_gated_epilogue` dequantizes each accumulator with its own
+  weight's scales and bias and stores GELU(gate) * up through the one output step
+  (requantized, per tensor or per group, for w8a8). Its configs are each scheme's
+  "-gated" table: two accumulators, so tiles half as wide as the plain ones.
 
 int8 -> fp16 goes through `int8_to_fp16` (integer adds, no converter); a per-group weight
 scale multiplies in fp16 for fp16 activations and in float32 for bf16 (kernels/
@@ -44,8 +51,7 @@ The weight tile the dot takes (`_weight_tile`), the K step (`_mma`) and the epil
 (`_epilogue`, which sees the tile's rows and columns) are small jitted helpers shared by
 the three kernels, so the next operand types are branches on new constexprs there, not
 new kernels: A quantized per row as it is loaded (a step after the A load), an epilogue
-that also writes a row absmax (atomic max), a gated GEMM1 (a second weight descriptor and
-accumulator beside the first, GELU(gate) * up in the epilogue).
+that also writes a row absmax (atomic max).
 
 Host side, written once for every scheme: configs keyed by the row count's bucket and
 pruned to the scheme's table and to what fits (`gemm_kernels` builds a scheme family's
@@ -264,12 +270,10 @@ def _mma(x, y, acc, a_scale_ptr, scale_rows, ki, stride_as,
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N,
-              bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-              INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-              ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
-    # float32 out = acc * a_scale[m] * w_scale[n] + bias[n], then GELU, in this order, as
-    # kernels/reference.py computes it; then stored in OUT_DTYPE (int8: requantized).
+def _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
+                INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    # float32 acc * a_scale[m] * w_scale[n] + bias[n], in this order, as kernels/reference.py
+    # computes it (the scales where the operands are int8).
     out = acc.to(tl.float32)  # int32 -> float32 rounds to nearest even, as torch does
     if acc.dtype == tl.int32:
         # w8a8: a's scale, one per row (stride 1) or one for all rows (stride 0). (A
@@ -283,7 +287,60 @@ def _epilogue(acc, offs_m, offs_n, M, N,
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         out = out + bias.to(tl.float32)[None, :]
-    out = gelu(out, ACTIVATION)
+    return out
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N,
+              bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+              INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # float32 out = acc * a_scale[m] * w_scale[n] + bias[n], then GELU, in this order, as
+    # kernels/reference.py computes it; then stored in OUT_DTYPE (int8: requantized).
+    out = _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
+                      INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
+    return _to_output(gelu(out, ACTIVATION), offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
+
+
+@triton.jit
+def _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N,
+                    bias_ptr, up_bias_ptr, w_scale_ptr, up_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                    INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # A gated GEMM1: each accumulator dequantized with its own weight's scales and bias,
+    # GELU(gate) * up in float32 (kernels/reference.py's order), then stored as _epilogue
+    # stores (w8a8: the product requantized).
+    gate = _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
+                       INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
+    up = _dequantize(acc_up, offs_m, offs_n, M, N, up_bias_ptr, up_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
+                     INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
+    return _to_output(gelu(gate, ACTIVATION) * up, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
+
+
+@triton.jit
+def _tile_epilogue(acc, acc_up, offs_m, offs_n, M, N,
+                   bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+                   INT8_WEIGHT: tl.constexpr, GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACTIVATION: tl.constexpr, GATED: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # The output tile: _gated_epilogue of both accumulators, or _epilogue of acc (acc_up
+    # is then never read).
+    if GATED:
+        out = _gated_epilogue(
+            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr,
+            stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, OUT_DTYPE, INTERPRETER,
+        )  # fmt: skip
+    else:
+        out = _epilogue(
+            acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
+            INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, OUT_DTYPE, INTERPRETER,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _to_output(out, offs_m, offs_n, M, N, c_scale_ptr,
+               C_GROUP_N: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # float32 out stored in OUT_DTYPE (int8: requantized, per tensor or per group)
     if OUT_DTYPE == tl.int8:
         if C_GROUP_N == 0:
             # w8a8 GEMM1, static: requantize for GEMM2, q = round(clamp(out / c_scale)), the
@@ -340,8 +397,11 @@ def _requantize_groups(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N: tl.con
 # (stride_as 0), or with A_GROUP_K one per row per A_GROUP_K along K, [M, cdiv(K,
 # A_GROUP_K)] with rows stride_as apart; c_scale, the one scale an int8 output is
 # requantized with, or with C_GROUP_N the [M, cdiv(N, C_GROUP_N)] scales the kernel writes
-# for it; decode adds its split-K workspace), then sizes and strides. A scale the operands
-# do not have is passed as None (a compile-time None, never read).
+# for it; a gated GEMM1's up projection: u the up weight (b's dtype, shape and strides: a
+# weight of its own, or the other half of one concatenated weight), u_bias [N], u_scale
+# (w_scale's shape and strides); decode adds its split-K workspace), then sizes and
+# strides. A scale or tensor the operands do not have is passed as None (a compile-time
+# None, never read).
 
 
 @triton.jit
@@ -356,12 +416,78 @@ def _zero_acc(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.const
 
 
 @triton.jit
+def _accumulators(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.constexpr, GATED: tl.constexpr):
+    # (acc, acc_up): acc_up, the up projection's, only when GATED (else acc again, never read)
+    acc = _zero_acc(a_ptr, ROWS, COLS, A_GROUP_K)
+    if GATED:
+        acc_up = _zero_acc(a_ptr, ROWS, COLS, A_GROUP_K)
+    else:
+        acc_up = acc
+    return acc, acc_up
+
+
+@triton.jit
+def _weight_desc(ptr, N, K, stride_b, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_IS_NK: tl.constexpr):
+    # A weight's TMA descriptor: stored [N, K] (nn.Linear) in [BLOCK_N, BLOCK_K] tiles, or
+    # [K, N] (Conv1D) in [BLOCK_K, BLOCK_N] tiles.
+    if B_IS_NK:
+        desc = tl.make_tensor_descriptor(ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    return desc
+
+
+@triton.jit
+def _load_weight(desc, off_n, k0, B_IS_NK: tl.constexpr, K_AXIS: tl.constexpr):
+    # The weight tile at (off_n, k0) through its descriptor, oriented with K along K_AXIS:
+    # [BLOCK_K, BLOCK_N] (0, the dot's B operand) or [BLOCK_N, BLOCK_K] (1, swap-AB's A).
+    if B_IS_NK:
+        q = desc.load([off_n, k0])
+        if K_AXIS == 0:
+            q = q.T
+    else:
+        q = desc.load([k0, off_n])
+        if K_AXIS == 1:
+            q = q.T
+    return q
+
+
+@triton.jit
+def _tma_mma(desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg, stride_as,
+             GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, A_GROUP_K: tl.constexpr, B_IS_NK: tl.constexpr,
+             SWAPPED: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    # acc += the K tile ki of `a` times the weight tile at (off_n, ki) read through desc (a
+    # gated GEMM1 calls it for the gate and for the up weight): as the dot's [K, N] B operand,
+    # or SWAPPED (out^T = W @ a^T: the [N, K] weight tile is the MMA's register operand).
+    if SWAPPED:
+        q = _load_weight(desc, off_n, ki * BLOCK_K, B_IS_NK, 1)
+        w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
+        acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
+    else:
+        q = _load_weight(desc, off_n, ki * BLOCK_K, B_IS_NK, 0)
+        b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
+        acc = _mma(a, b, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _sum_splits(ptrs, like, SPLIT_K: tl.constexpr, T: tl.constexpr):
+    # The SPLIT_K partial sums stored T elements apart from ptrs, added up in like's dtype
+    # (int32 partials travel bit for bit through the float32 workspace).
+    total = tl.zeros(like.shape, dtype=like.dtype)
+    for split in range(SPLIT_K):
+        part = tl.load(ptrs + split * T, cache_modifier=".cg")
+        total += part.to(like.dtype, bitcast=True)
+    return total
+
+
+@triton.jit
 def gemm_strided_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, u_ptr, u_bias_ptr, u_scale_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_wsn, stride_wsg, stride_as,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
-    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr,
+    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, GATED: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -381,7 +507,9 @@ def gemm_strided_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
 
-    acc = _zero_acc(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K)
+    acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
+    if GATED:
+        u_ptrs = u_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     for ki in range(tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -392,12 +520,21 @@ def gemm_strided_kernel(
             q = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
         acc = _mma(a, b, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+        if GATED:
+            if EVEN_K:
+                qu = tl.load(u_ptrs)
+            else:
+                qu = tl.load(u_ptrs, mask=offs_k[:, None] < K - ki * BLOCK_K, other=0.0)
+            bu = _weight_tile(qu, a, u_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
+            acc_up = _mma(a, bu, acc_up, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+            u_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    out = _epilogue(
-        acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-        INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
+    out = _tile_epilogue(
+        acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr, c_scale_ptr,
+        stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED, c_ptr.dtype.element_ty,
+        INTERPRETER,
     )  # fmt: skip
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -405,11 +542,11 @@ def gemm_strided_kernel(
 
 @triton.jit
 def gemm_tma_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, u_ptr, u_bias_ptr, u_scale_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
-    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, B_IS_NK: tl.constexpr,
+    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, GATED: tl.constexpr, B_IS_NK: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, EPILOGUE_SUBTILE: tl.constexpr = False,
@@ -426,10 +563,9 @@ def gemm_tma_kernel(
     tl.static_assert(A_GROUP_K == 0 or A_GROUP_K == BLOCK_K, "per-group A scales take one group per K tile")
     INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if B_IS_NK:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    b_desc = _weight_desc(b_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
+    if GATED:  # the up weight: b's shape and strides
+        u_desc = _weight_desc(u_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
     # EPILOGUE_SUBTILE runs the epilogue and the store on two [BLOCK_M, BLOCK_N / 2]
     # halves: fewer live registers in the GELU and half the output staging buffer, which
     # leaves shared memory for a deeper pipeline.
@@ -453,46 +589,46 @@ def gemm_tma_kernel(
         rows = tl.where(offs_m < M, offs_m, 0)  # in-bounds scale reads for the edge tiles
         cols = tl.where(offs_n < N, offs_n, 0)
         if SWAP_AB:
-            acc = _zero_acc(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K)
+            acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
         else:
-            acc = _zero_acc(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K)
+            acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
         for ki in range(k_tiles):
             # TMA fills reads past the tensor's edge with zeros: no K mask needed.
             a = a_desc.load([off_m, ki * BLOCK_K])
-            if SWAP_AB:
-                if B_IS_NK:
-                    q = b_desc.load([off_n, ki * BLOCK_K])
-                else:
-                    q = b_desc.load([ki * BLOCK_K, off_n]).T
-                w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-                acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
-            else:
-                if B_IS_NK:
-                    q = b_desc.load([off_n, ki * BLOCK_K]).T
-                else:
-                    q = b_desc.load([ki * BLOCK_K, off_n])
-                b = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 0, DOT_F32)
-                acc = _mma(a, b, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, False, DOT_F32, INPUT_PRECISION)
+            acc = _tma_mma(b_desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
+                           stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, SWAP_AB, DOT_F32, INPUT_PRECISION)  # fmt: skip
+            if GATED:
+                acc_up = _tma_mma(u_desc, a, acc_up, off_n, ki, cols, rows, K, u_scale_ptr, a_scale_ptr, stride_wsn,
+                                  stride_wsg, stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, SWAP_AB, DOT_F32,
+                                  INPUT_PRECISION)  # fmt: skip
         if SWAP_AB:
             acc = acc.T
+            if GATED:
+                acc_up = acc_up.T
+            else:
+                acc_up = acc
         # TMA clips stores at the tensor's edge: no mask needed.
         if EPILOGUE_SUBTILE:
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            up0, up1 = tl.split(tl.permute(tl.reshape(acc_up, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
-            out0 = _epilogue(
-                acc0, offs_m, offs_n0, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-                INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
+            out0 = _tile_epilogue(
+                acc0, up0, offs_m, offs_n0, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
+                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+                out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n], out0)
-            out1 = _epilogue(
-                acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr,
-                stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
+            out1 = _tile_epilogue(
+                acc1, up1, offs_m, offs_n0 + BLOCK_N // 2, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
+                a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION,
+                GATED, out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n + BLOCK_N // 2], out1)
         else:
-            out = _epilogue(
-                acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-                INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, out_dtype, INTERPRETER,
+            out = _tile_epilogue(
+                acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
+                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+                out_dtype, INTERPRETER,
             )  # fmt: skip
             c_desc.store([off_m, off_n], out)
 
@@ -509,11 +645,12 @@ def decode_split_k(args) -> int:
 
 @triton.jit
 def gemm_decode_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, partial_ptr, arrivals_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, u_ptr, u_bias_ptr, u_scale_ptr,
+    partial_ptr, arrivals_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
-    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, B_IS_NK: tl.constexpr,
+    A_GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, GATED: tl.constexpr, B_IS_NK: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -528,10 +665,9 @@ def gemm_decode_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if B_IS_NK:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    b_desc = _weight_desc(b_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
+    if GATED:  # the up weight: b's shape and strides
+        u_desc = _weight_desc(u_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
     off_n = pid_n * BLOCK_N
     offs_n = off_n + tl.arange(0, BLOCK_N)
     cols = tl.where(offs_n < N, offs_n, 0)
@@ -542,15 +678,14 @@ def gemm_decode_kernel(
     k_first = pid_k * k_per_split
     k_last = tl.minimum(k_first + k_per_split, k_tiles)
 
-    acc = _zero_acc(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K)
+    acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
     for ki in range(k_first, k_last):
         a = a_desc.load([0, ki * BLOCK_K])
-        if B_IS_NK:
-            q = b_desc.load([off_n, ki * BLOCK_K])
-        else:
-            q = b_desc.load([ki * BLOCK_K, off_n]).T
-        w = _weight_tile(q, a, w_scale_ptr, ki * BLOCK_K, cols, K, stride_wsn, stride_wsg, GROUP_K, BLOCK_K, 1, DOT_F32)
-        acc = _mma(w, a.T, acc, a_scale_ptr, rows, ki, stride_as, A_GROUP_K, True, DOT_F32, INPUT_PRECISION)
+        acc = _tma_mma(b_desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
+                       stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, True, DOT_F32, INPUT_PRECISION)  # fmt: skip
+        if GATED:
+            acc_up = _tma_mma(u_desc, a, acc_up, off_n, ki, cols, rows, K, u_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
+                              stride_as, GROUP_K, BLOCK_K, A_GROUP_K, B_IS_NK, True, DOT_F32, INPUT_PRECISION)  # fmt: skip
 
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -560,25 +695,34 @@ def gemm_decode_kernel(
         # adds them up, runs the epilogue, and zeroes the counter for the next launch.
         # int32 partials (w8a8) travel bit for bit through the float32 workspace and add
         # up exactly; float32 ones (float a, or per-group A scales) add in float32.
+        # Gated: the tile's slots hold the up partials after the gate's.
+        T: tl.constexpr = BLOCK_N * BLOCK_M
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
-        slots = partial_ptr + pid_n * (SPLIT_K * BLOCK_N * BLOCK_M)
-        tl.store(slots + pid_k * (BLOCK_N * BLOCK_M) + tile, acc.to(tl.float32, bitcast=True))
+        if GATED:
+            slots = partial_ptr + pid_n * (2 * SPLIT_K * T)
+            tl.store(slots + (SPLIT_K + pid_k) * T + tile, acc_up.to(tl.float32, bitcast=True))
+        else:
+            slots = partial_ptr + pid_n * (SPLIT_K * T)
+        tl.store(slots + pid_k * T + tile, acc.to(tl.float32, bitcast=True))
         arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc.dtype)
-            for split in range(SPLIT_K):
-                part = tl.load(slots + split * (BLOCK_N * BLOCK_M) + tile, cache_modifier=".cg")
-                total += part.to(acc.dtype, bitcast=True)
+            total = _sum_splits(slots + tile, acc, SPLIT_K, T)
+            if GATED:
+                total_up = _sum_splits(slots + SPLIT_K * T + tile, acc, SPLIT_K, T)
+            else:
+                total_up = total  # never read
             tl.store(arrivals_ptr + pid_n, 0)
-            out = _epilogue(
-                total.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-                INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
+            out = _tile_epilogue(
+                total.T, total_up.T, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
+                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+                c_ptr.dtype.element_ty, INTERPRETER,
             )  # fmt: skip
             tl.store(c_ptrs, out, mask=c_mask)
     else:
-        out = _epilogue(
-            acc.T, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, stride_wsn, stride_as,
-            INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, c_ptr.dtype.element_ty, INTERPRETER,
+        out = _tile_epilogue(
+            acc.T, acc_up.T, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
+            c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+            c_ptr.dtype.element_ty, INTERPRETER,
         )  # fmt: skip
         tl.store(c_ptrs, out, mask=c_mask)
 
@@ -606,10 +750,11 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2
 _SMEM_BUDGET = 226 * 1024
 
 
-def _smem_bytes(config: triton.Config, a_bytes: int, b_bytes: int) -> int:
-    """Estimated shared memory: the pipelined A and B tiles plus the output staging tile."""
+def _smem_bytes(config: triton.Config, a_bytes: int, b_bytes: int, gated: bool = False) -> int:
+    """Estimated shared memory: the pipelined A and B tiles (gated: B and the up tile)
+    plus the output staging tile."""
     kw = config.kwargs
-    per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] * a_bytes + kw["BLOCK_K"] * kw["BLOCK_N"] * b_bytes
+    per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] * a_bytes + kw["BLOCK_K"] * kw["BLOCK_N"] * b_bytes * (2 if gated else 1)
     return per_stage * config.num_stages + kw["BLOCK_M"] * kw["BLOCK_N"] * a_bytes
 
 
@@ -624,7 +769,8 @@ def _config_key(c: triton.Config) -> tuple:
 
 def operand_scheme(a_dtype: torch.dtype, b_dtype: torch.dtype, a_group_k: int = 0) -> str:
     """Which config table a call tunes over: "float", "w8a16", "w8a8", or "w8a8-group" (an
-    int8 a with one scale per row per a_group_k along K)."""
+    int8 a with one scale per row per a_group_k along K). A gated GEMM1 takes the
+    scheme's "-gated" table (two accumulators: narrower tiles)."""
     if a_dtype == torch.int8:
         return "w8a8-group" if a_group_k else "w8a8"
     return "w8a16" if b_dtype == torch.int8 else "float"
@@ -671,20 +817,21 @@ def _pruner(tables: dict, interpreter_extra: dict):
         a, b = named_args["a_ptr"], named_args["b_ptr"]
         a_group_k = kwargs.get("A_GROUP_K", 0)
         c_group_n = kwargs.get("C_GROUP_N", 0)
+        gated = bool(kwargs.get("GATED", False))
         scheme = operand_scheme(a.dtype, b.dtype, a_group_k)
         if interpreting():
             c = configs[0]
             extra = interpreter_extra.get(scheme, {})
             return [fit_groups(triton.Config({**c.kwargs, **extra}, num_warps=c.num_warps, num_stages=1), a_group_k, c_group_n)]
-        table = tables[scheme]
+        table = tables[f"{scheme}-gated" if gated else scheme]
         bucket = named_args["M_BUCKET"]
         sizes = [k for k in table if k != "large" and k >= bucket]
         wanted = {_config_key(c) for c in (table[min(sizes)] if sizes else table["large"])}
         keep = _unique(fit_groups(c, a_group_k, c_group_n) for c in configs if _config_key(c) in wanted)
         # fp32 tiles take twice the shared memory of fp16 ones: drop configs that cannot fit.
         a_bytes, b_bytes = a.element_size(), b.element_size()
-        fits = [c for c in keep if _smem_bytes(c, a_bytes, b_bytes) <= _SMEM_BUDGET]
-        keep = fits or sorted(keep, key=lambda c: _smem_bytes(c, a_bytes, b_bytes))[:1]
+        fits = [c for c in keep if _smem_bytes(c, a_bytes, b_bytes, gated) <= _SMEM_BUDGET]
+        keep = fits or sorted(keep, key=lambda c: _smem_bytes(c, a_bytes, b_bytes, gated))[:1]
         keep = keep if autotune_enabled() else keep[:1]
         group_k = kwargs.get("GROUP_K", named_args.get("GROUP_K", 0))
         if group_k:
@@ -735,8 +882,8 @@ class GemmKernels:
 
 def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int) -> GemmKernels:
     """Build the three kernels from {scheme: table} for each path ("float", or "w8a16",
-    "w8a8" and "w8a8-group"; see operand_scheme)."""
-    groups = ["GROUP_K", "A_GROUP_K", "C_GROUP_N"]
+    "w8a8" and "w8a8-group", each with its "-gated" table; see operand_scheme)."""
+    groups = ["GROUP_K", "A_GROUP_K", "C_GROUP_N", "GATED"]
     return GemmKernels(
         strided=_autotuned(
             gemm_strided_kernel, strided, ["M_BUCKET", "N", "K", "stride_bk", "stride_bn", *groups],
@@ -793,6 +940,31 @@ def check_operands(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
     return k, n
 
 
+def check_up_operands(w, w_up, bias, up_bias, w_scale, up_scale) -> None:
+    """A gated GEMM1's up projection must match the gate as the kernels read both: one set
+    of strides for the two weights (two linears of one layout, or the halves of one
+    concatenated weight), a bias each or neither, scales of one shape and strides."""
+    if w_up.shape != w.shape or w_up.dtype != w.dtype or w_up.device != w.device:
+        raise LaunchError(
+            f"the up weight must have the gate weight's shape, dtype and device: gate {w.dtype} {tuple(w.shape)} on "
+            f"{w.device}, up {w_up.dtype} {tuple(w_up.shape)} on {w_up.device}"
+        )
+    if w_up.stride() != w.stride():
+        raise LaunchError(f"the up weight's strides {w_up.stride()} differ from the gate weight's {w.stride()}")
+    if (bias is None) != (up_bias is None):
+        raise LaunchError("a gated GEMM1 has a bias for gate and up, or for neither")
+    if up_bias is not None:
+        if up_bias.shape != bias.shape or up_bias.dtype != bias.dtype or up_bias.device != bias.device:
+            raise LaunchError(f"the up bias must match the gate bias: {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    if (w_scale is None) != (up_scale is None):
+        raise LaunchError("an int8 gated GEMM1 needs scales for gate and up")
+    if up_scale is not None and (up_scale.shape != w_scale.shape or up_scale.stride() != w_scale.stride()):
+        raise LaunchError(
+            f"the up weight's scales {tuple(up_scale.shape)} (strides {up_scale.stride()}) must match the gate's "
+            f"{tuple(w_scale.shape)} (strides {w_scale.stride()})"
+        )
+
+
 def output_buffer(out: torch.Tensor | None, shape: tuple, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The [M, N] buffer a launcher writes: the caller's `out`, checked, or a new one."""
     if out is None:
@@ -827,15 +999,19 @@ def _tma_aligned(t: torch.Tensor, major_stride: int) -> bool:
 
 
 def _path(kernels: GemmKernels, path: str, m: int, a: torch.Tensor, w: torch.Tensor, stride_bk: int, stride_bn: int,
-          out_aligned: bool) -> str:  # fmt: skip
+          out_aligned: bool, w_up: torch.Tensor | None = None) -> str:  # fmt: skip
     """The path a call takes: decode (few rows) or tma where TMA can take the operands,
-    else strided; a path asked for by name is checked."""
+    else strided; a path asked for by name is checked. w_up: a gated GEMM1's up weight
+    (w's strides), whose start must be aligned too (the second half of a concatenated
+    weight starts d_ff elements in)."""
+    major = stride_bn if stride_bk == 1 else stride_bk
     tma_ok = (
         _tma_supported(a.device)
         and a.stride(-1) == 1
         and (stride_bk == 1 or stride_bn == 1)
         and _tma_aligned(a, a.stride(0))
-        and _tma_aligned(w, stride_bn if stride_bk == 1 else stride_bk)
+        and _tma_aligned(w, major)
+        and (w_up is None or _tma_aligned(w_up, major))
         and out_aligned
     )
     if path in ("tma", "decode") and not tma_ok:
@@ -901,6 +1077,7 @@ def _plan(
     scale_strides: tuple[int, int, int] = (0, 0, 0),
     input_precision: str = "ieee",
     key: tuple = (),
+    w_up: torch.Tensor | None = None,
 ) -> GemmPlan:
     """The launch plan for a = [M, K] (unit or any strides) times the weight w stored in
     `layout` (a WeightLayout), into a [M, N] output with rows c_row_stride apart.
@@ -912,24 +1089,27 @@ def _plan(
         written by the kernel (0: with the one c_scale given).
     scale_strides: (w_scale's along N, w_scale's along the groups, a_scale's along M).
     key: what else selects the compiled kernel (dtypes of the tensors the kernel reads).
+    w_up: a gated GEMM1's up weight (w's shape, dtype and strides), or None.
     """
     m, k = a.shape
     n = layout.kn_shape(w)[1]
     stride_bk, stride_bn = layout.kn_strides(w)
-    path = _path(kernels, path, m, a, w, stride_bk, stride_bn, out_aligned)
+    path = _path(kernels, path, m, a, w, stride_bk, stride_bn, out_aligned, w_up)
+    gated = w_up is not None
     constexprs = dict(
         HAS_BIAS=has_bias,
         ACTIVATION=activation,
         GROUP_K=group_k,
         A_GROUP_K=a_group_k,
         C_GROUP_N=c_group_n,
+        GATED=gated,
         # bf16 under the CPU interpreter: see _dot and _weight_tile
         DOT_F32=interpreting() and a.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
         INTERPRETER=interpreting(),
     )
     key = (path, a.dtype, w.dtype, m, n, k, a.stride(0), a.stride(1), stride_bk, stride_bn, c_row_stride,
-           scale_strides, activation, group_k, a_group_k, c_group_n, input_precision, *key)  # fmt: skip
+           scale_strides, activation, group_k, a_group_k, c_group_n, input_precision, gated, *key)  # fmt: skip
     head = (m, n, k, m_bucket(m))
     if path == "strided":
 
@@ -954,16 +1134,17 @@ def _plan(
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     # Sized for the largest split-K layout among the configs autotuning may pick for this
-    # call: BLOCK_N * BLOCK_M fp32 partial sums per split of each N tile.
+    # call: BLOCK_N * BLOCK_M fp32 partial sums per split of each N tile (gated: two).
     named = dict(a_ptr=a, b_ptr=w, M_BUCKET=m_bucket(m), GROUP_K=group_k)
     configs = kernels.decode.prune(
-        kernels.decode.configs, named, GROUP_K=group_k, A_GROUP_K=a_group_k, C_GROUP_N=c_group_n
+        kernels.decode.configs, named, GROUP_K=group_k, A_GROUP_K=a_group_k, C_GROUP_N=c_group_n, GATED=gated
     )
     partial_elems, tiles = 0, 0
     for c in configs:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         splits = decode_split_k(dict(N=n, K=k, NUM_SMS=sms, BLOCK_N=bn, BLOCK_K=bk))
-        partial_elems = max(partial_elems, triton.cdiv(n, bn) * bn * c.kwargs["BLOCK_M"] * splits)
+        parts = 2 if gated else 1
+        partial_elems = max(partial_elems, triton.cdiv(n, bn) * bn * c.kwargs["BLOCK_M"] * splits * parts)
         tiles = max(tiles, triton.cdiv(n, bn))
     return GemmPlan(path, kernels.decode, grid, scalars, constexprs, key, (partial_elems, tiles))
 
@@ -1000,9 +1181,14 @@ class GemmLauncher:
         a_group_k: int = 0,
         c_group_n: int = 0,
         input_precision: str = "ieee",
+        w_up: torch.Tensor | None = None,
+        up_bias: torch.Tensor | None = None,
+        up_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """epilogue(a @ W) for a of shape [..., K] and the weight w (float, or int8 with
-        w_scale) stored in `weight_layout`; returns [..., N] in out_dtype.
+        w_scale) stored in `weight_layout`; returns [..., N] in out_dtype. With w_up (a gated
+        GEMM1): GELU(a @ W + bias) * (a @ Wup + up_bias), w_up with w's shape, dtype and
+        strides, up_scale its scales (w_scale's shape and strides).
 
         check(layout) -> (K, N): the caller's checks of its arguments, run on a new signature.
         options: every argument other than the tensors that the checks or the plan depend
@@ -1025,6 +1211,7 @@ class GemmLauncher:
             None if a_scale is None else tensor_signature(a_scale),
             None if c_scale is None else tensor_signature(c_scale),
             options,
+            None if w_up is None else (tensor_signature(w_up), tensor_signature(up_bias), tensor_signature(up_scale)),
         )  # fmt: skip
         plan = self.plans.get(signature)
         if plan is None or out is not None:
@@ -1034,6 +1221,8 @@ class GemmLauncher:
             if path not in PATHS:
                 raise LaunchError(f"path must be 'auto', 'tma', 'decode' or 'strided', got {path!r}")
             k, n = check(layout)
+            if w_up is not None:
+                check_up_operands(w, w_up, bias, up_bias, w_scale, up_scale)
         else:
             n, k = plan.scalars[1], plan.scalars[2]
         # A reshape costs microseconds of host time even as a no-op: 2-D tensors skip it
@@ -1055,15 +1244,16 @@ class GemmLauncher:
                 self.kernels, a2, w, n, layout, path=path, out_aligned=out_aligned, has_bias=bias is not None,
                 activation=activation, group_k=group_k, a_group_k=a_group_k, c_group_n=c_group_n,
                 scale_strides=(*w_scale_strides, stride_as),
-                input_precision=input_precision, key=(out_dtype, None if bias is None else bias.dtype),
+                input_precision=input_precision, key=(out_dtype, None if bias is None else bias.dtype), w_up=w_up,
             )  # fmt: skip
             if out_aligned:
                 self.plans[signature] = plan
         if plan.path != "strided":
             ensure_tma_allocator()
+        tensors = (a2, w, out2, bias, w_scale, a_scale, c_scale, w_up, up_bias, up_scale)
         if plan.workspace is None:
-            args = (a2, w, out2, bias, w_scale, a_scale, c_scale, *plan.scalars)
+            args = (*tensors, *plan.scalars)
         else:
-            args = (a2, w, out2, bias, w_scale, a_scale, c_scale, *_split_k_workspace(a.device, *plan.workspace), *plan.scalars)
+            args = (*tensors, *_split_k_workspace(a.device, *plan.workspace), *plan.scalars)
         launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot if out_aligned else None)
         return out2 if flat else out2.reshape(*a.shape[:-1], n)

@@ -124,14 +124,76 @@ W8A8_GROUP_TMA_CONFIGS = {
     ],
 }  # fmt: skip
 
+# Gated GEMM1 (gate and up accumulators side by side): each scheme's tiles at half the N
+# width (two [128, 128] accumulators where the plain kernel holds one [128, 256]).
+W8A16_GATED_DECODE_CONFIGS = {
+    16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 512, 4, 3), cfg(16, 128, 256, 4, 4), cfg(16, 64, 128, 4, 6)],
+}  # fmt: skip
+W8A8_GATED_DECODE_CONFIGS = {
+    16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 512, 4, 3), cfg(16, 128, 256, 4, 4), cfg(16, 64, 128, 4, 6)],
+}  # fmt: skip
+W8A8_GROUP_GATED_DECODE_CONFIGS = {
+    16: [cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4)],
+}  # fmt: skip
+W8A16_GATED_STRIDED_CONFIGS = {
+    16: [cfg(16, 32, 256, 4, 4), cfg(16, 32, 512, 4, 4), cfg(16, 64, 256, 4, 4)],
+    64: [cfg(64, 64, 64, 4, 4), cfg(32, 64, 128, 4, 4)],
+    "large": [cfg(128, 128, 64, 8, 3), cfg(64, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4)],
+}  # fmt: skip
+W8A8_GATED_STRIDED_CONFIGS = {
+    16: [cfg(16, 32, 256, 4, 4), cfg(16, 32, 512, 4, 4), cfg(16, 64, 256, 4, 4)],
+    64: [cfg(64, 64, 128, 4, 4), cfg(32, 64, 256, 4, 4)],
+    "large": [cfg(128, 128, 128, 8, 3), cfg(64, 128, 128, 4, 4), cfg(128, 64, 128, 4, 4)],
+}  # fmt: skip
+W8A8_GROUP_GATED_STRIDED_CONFIGS = {
+    16: [cfg(16, 64, 128, 4, 4), cfg(16, 128, 128, 4, 4)],
+    64: [cfg(64, 64, 128, 4, 4), cfg(32, 128, 128, 4, 4)],
+    "large": [cfg(128, 128, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
+}  # fmt: skip
+W8A16_GATED_TMA_CONFIGS = {
+    64: [cfg(64, 64, 128, 4, 4, SWAP_AB=True), cfg(32, 64, 128, 4, 5, SWAP_AB=True), cfg(64, 64, 128, 4, 4)],
+    256: [cfg(128, 64, 128, 8, 4, SWAP_AB=True, FLATTEN=True), cfg(64, 128, 128, 4, 4, SWAP_AB=True),
+          cfg(64, 64, 64, 4, 4)],
+    "large": [
+        cfg(128, 128, 64, 8, 4, SWAP_AB=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 64, 8, 4, SWAP_AB=True, FLATTEN=True),
+        cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+    ],
+}  # fmt: skip
+# 128x128x128 gated: 48 KiB of int8 tiles a stage (a, gate, up).
+W8A8_GATED_TMA_CONFIGS = {
+    64: [cfg(64, 64, 256, 4, 4), cfg(64, 128, 128, 4, 4)],
+    256: [cfg(128, 64, 128, 4, 4), cfg(64, 128, 128, 4, 4), cfg(128, 128, 128, 8, 3)],
+    "large": [
+        cfg(128, 128, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(128, 128, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 128, 8, 4, FLATTEN=True),
+        cfg(128, 128, 128, 8, 3),
+    ],
+}  # fmt: skip
+W8A8_GROUP_GATED_TMA_CONFIGS = {
+    64: [cfg(64, 128, 128, 4, 4), cfg(64, 64, 128, 4, 4)],
+    256: [cfg(128, 128, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
+    "large": [
+        cfg(128, 128, 128, 8, 3, WARP_SPECIALIZE=True), cfg(128, 128, 128, 8, 3, FLATTEN=True),
+        cfg(128, 128, 128, 8, 4),
+    ],
+}  # fmt: skip
+
 _GEMM = GemmLauncher(
     gemm_kernels(
-        strided={"w8a16": W8A16_STRIDED_CONFIGS, "w8a8": W8A8_STRIDED_CONFIGS, "w8a8-group": W8A8_GROUP_STRIDED_CONFIGS},
-        tma={"w8a16": W8A16_TMA_CONFIGS, "w8a8": W8A8_TMA_CONFIGS, "w8a8-group": W8A8_GROUP_TMA_CONFIGS},
-        decode={"w8a16": W8A16_DECODE_CONFIGS, "w8a8": W8A8_DECODE_CONFIGS, "w8a8-group": W8A8_GROUP_DECODE_CONFIGS},
+        strided={"w8a16": W8A16_STRIDED_CONFIGS, "w8a8": W8A8_STRIDED_CONFIGS, "w8a8-group": W8A8_GROUP_STRIDED_CONFIGS,
+                 "w8a16-gated": W8A16_GATED_STRIDED_CONFIGS, "w8a8-gated": W8A8_GATED_STRIDED_CONFIGS,
+                 "w8a8-group-gated": W8A8_GROUP_GATED_STRIDED_CONFIGS},
+        tma={"w8a16": W8A16_TMA_CONFIGS, "w8a8": W8A8_TMA_CONFIGS, "w8a8-group": W8A8_GROUP_TMA_CONFIGS,
+             "w8a16-gated": W8A16_GATED_TMA_CONFIGS, "w8a8-gated": W8A8_GATED_TMA_CONFIGS,
+             "w8a8-group-gated": W8A8_GROUP_GATED_TMA_CONFIGS},
+        decode={"w8a16": W8A16_DECODE_CONFIGS, "w8a8": W8A8_DECODE_CONFIGS, "w8a8-group": W8A8_GROUP_DECODE_CONFIGS,
+                "w8a16-gated": W8A16_GATED_DECODE_CONFIGS, "w8a8-gated": W8A8_GATED_DECODE_CONFIGS,
+                "w8a8-group-gated": W8A8_GROUP_GATED_DECODE_CONFIGS},
         decode_max_m=INT8_DECODE_MAX_M,
     )
-)
+)  # fmt: skip
 _int8_weight_strided_kernel = _GEMM.kernels.strided
 _int8_weight_tma_kernel = _GEMM.kernels.tma
 _int8_weight_decode_kernel = _GEMM.kernels.decode
@@ -168,6 +230,8 @@ def int8_weight_gemm(
     check: Callable[[], None],
     a_group_k: int = 0,
     c_group_n: int = 0,
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """epilogue(a @ dequant(weight)^T) for a of shape [..., K]; returns [..., N] in out_dtype.
 
@@ -181,14 +245,26 @@ def int8_weight_gemm(
         strided), "decode", "tma" or "strided".
     check: the scheme's own checks of these arguments, run with the shared ones when the
         call's signature has no plan yet.
+    up, up_bias: a gated GEMM1's up projection (a QuantizedWeight of weight's shape,
+        layout and granularity, and its bias where `bias` is given): the epilogue
+        dequantizes both accumulators, each with its own scales, and computes
+        act(gate) * up before the output step (w8a8: the product is requantized).
     """
     if not isinstance(weight, QuantizedWeight):
         raise LaunchError(f"weight must be a QuantizedWeight (int8 data and its scales), got {type(weight).__name__}")
+    if up is not None and not isinstance(up, QuantizedWeight):
+        raise LaunchError(f"up must be a QuantizedWeight (int8 data and its scales), got {type(up).__name__}")
 
     def check_all(layout: WeightLayout) -> tuple[int, int]:
         check()
         k, n = check_operands(a, weight.data, bias, layout)
         check_weight_scales(weight, k, n)
+        if up is not None:
+            if up.group_size != weight.group_size:
+                raise LaunchError(f"the up weight has {up.granularity} scales, the gate {weight.granularity}")
+            check_weight_scales(up, k, n, "up weight")
+        elif up_bias is not None:
+            raise LaunchError("up_bias is the bias of a gated GEMM1's up projection; pass up too")
         return k, n
 
     group_size = weight.group_size
@@ -197,4 +273,5 @@ def int8_weight_gemm(
         check_all, options, a, weight.data, bias, weight_layout=weight_layout, activation=activation, path=path,
         out=out, out_dtype=out_dtype, w_scale=weight.scale, a_scale=a_scale, c_scale=c_scale, group_k=group_size or 0,
         a_group_k=a_group_k, c_group_n=c_group_n,
+        w_up=None if up is None else up.data, up_bias=up_bias, up_scale=None if up is None else up.scale,
     )  # fmt: skip

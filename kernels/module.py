@@ -6,7 +6,10 @@
     mlp.backend                                                    # "triton" on CUDA, "torch" elsewhere
 
 A `FusedGeluMLP` holds one MLP's weights, float tensors or int8 `QuantizedWeight`s with
-their scales, as buffers, and runs `GELU(x @ W1^T + b1) @ W2^T + b2` through `FusedMLP`.
+their scales, as buffers, and runs `GELU(x @ W1^T + b1) @ W2^T + b2` through `FusedMLP`;
+with `config.gated`, the gated MLP (GeGLU) `(GELU(x Wg^T + bg) * (x Wu^T + bu)) W2^T + b2`,
+its up projection a weight of its own (`w_up`, `b_up`) or the second half of W1's
+outputs (ModernBERT's concatenated `Wi`, kept as one buffer).
 It is for inference: the weights are buffers, not parameters (the fused kernels have no
 backward pass).
 
@@ -44,8 +47,11 @@ class FusedGeluMLP(nn.Module):
         for w8a16/w8a8, stored in `config.weight_layout` ([d_ff, d_model] for W1 in
         "out_in", [d_model, d_ff] in "in_out").
     b1, b2: float biases or None.
-    config: what the op computes (dtype, GELU flavour, layout, backend, w8a8 activations).
+    config: what the op computes (dtype, GELU flavour, layout, backend, w8a8 activations,
+        gated).
     device: where the weights go; None leaves them where they are.
+    w_up, b_up: a gated MLP's up projection (W1 is then its gate), or None: a gated MLP
+        whose W1 and b1 hold gate and up as the halves of their outputs.
     """
 
     def __init__(
@@ -56,32 +62,43 @@ class FusedGeluMLP(nn.Module):
         b2: torch.Tensor | None,
         config: MLPConfig,
         device: str | torch.device | None = None,
+        w_up: torch.Tensor | QuantizedWeight | None = None,
+        b_up: torch.Tensor | None = None,
     ):
         super().__init__()
         self.config = config
         self.quantized = config.dtype not in FLOAT_DTYPES
-        for name, w in (("w1", w1), ("w2", w2)):
-            if isinstance(w, QuantizedWeight) != self.quantized:
+        if (w_up is not None or b_up is not None) and not config.gated:
+            raise GelugemmError("w_up and b_up are a gated MLP's up projection; the config says gated=False")
+        self.weight_names = ("w1", "w2") + (("w_up",) if w_up is not None else ())
+        weights = {"w1": w1, "w2": w2, "w_up": w_up}
+        for name in self.weight_names:
+            if isinstance(weights[name], QuantizedWeight) != self.quantized:
                 want = "a QuantizedWeight" if self.quantized else f"a {config.dtype} tensor"
-                raise GelugemmError(f"{name} must be {want} for dtype {config.dtype}, got {type(w).__name__}")
+                raise GelugemmError(f"{name} must be {want} for dtype {config.dtype}, got {type(weights[name]).__name__}")
         if self.quantized:
-            self.group_size = {"w1": w1.group_size, "w2": w2.group_size}
+            self.group_size = {name: weights[name].group_size for name in self.weight_names}
             _check_intermediate_scale(w1, w2)
-            for name, w in (("w1", w1), ("w2", w2)):
+            for name in self.weight_names:
+                w = weights[name]
                 self.register_buffer(name, w.data)
                 for field in _SCALE_FIELDS:
-                    if (name, field) != ("w2", "input_scale"):  # w1_output_scale stands for it
+                    # w1_output_scale stands for w2's input scale; x's scales are w1's
+                    if (name, field) != ("w2", "input_scale") and (name != "w_up" or field == "scale"):
                         self.register_buffer(f"{name}_{field}", getattr(w, field))
         else:
             dtype = config.torch_dtype
-            self.register_buffer("w1", w1.detach().to(dtype))
-            self.register_buffer("w2", w2.detach().to(dtype))
+            for name in self.weight_names:
+                self.register_buffer(name, weights[name].detach().to(dtype))
         # Float modules keep the whole fp16/bf16 path in one dtype; int8 ones keep the biases
         # as the checkpoint stores them (the kernels add them in float32 either way).
         bias_dtype = None if self.quantized else config.torch_dtype
-        for name, b in (("b1", b1), ("b2", b2)):
+        biases = (("b1", b1), ("b2", b2)) + ((("b_up", b_up),) if w_up is not None else ())
+        for name, b in biases:
             self.register_buffer(name, None if b is None else b.detach().to(dtype=bias_dtype or b.dtype))
         self.d_model, self.d_ff = config.weight_layout.kn_shape(self.w1)
+        if config.gated and w_up is None:
+            self.d_ff //= 2  # W1 holds gate and up
         if device is not None:
             self.to(device)
         else:
@@ -98,12 +115,18 @@ class FusedGeluMLP(nn.Module):
         dtype: str | None = None,
         backend: str = "auto",
         device: str | torch.device | None = None,
+        *,
+        up: nn.Linear | None = None,
+        gated: bool = False,
     ) -> FusedGeluMLP:
-        """A float MLP from the model's own two linears and its GELU.
+        """A float MLP from the model's own linears and its GELU.
 
         gelu: "erf" | "tanh", or the model's `nn.GELU` module (its `approximate` decides).
         dtype: "fp16" | "bf16" | "fp32"; None keeps the linears' dtype (an fp32 model's MLP
             then computes exactly what it did, through the op).
+        up: a gated MLP's up projection (fc1 is then its gate: Gemma's gate_proj, up_proj).
+        gated: a gated MLP whose fc1 holds gate and up as the halves of its outputs
+            (ModernBERT's Wi); implied by `up`.
         """
         if isinstance(gelu, nn.GELU):
             gelu = _GELU_MODULE_FLAVOUR[gelu.approximate]
@@ -112,12 +135,16 @@ class FusedGeluMLP(nn.Module):
             if fc1.weight.dtype not in by_torch_dtype:
                 raise GelugemmError(f"the linears are {fc1.weight.dtype}; pass dtype='fp16', 'bf16' or 'fp32'")
             dtype = by_torch_dtype[fc1.weight.dtype]
-        config = MLPConfig(dtype=dtype, gelu=gelu, weight_layout="out_in", backend=backend)
-        return cls(fc1.weight, fc1.bias, fc2.weight, fc2.bias, config, device=device)
+        config = MLPConfig(dtype=dtype, gelu=gelu, weight_layout="out_in", backend=backend, gated=gated or up is not None)
+        if up is None:
+            return cls(fc1.weight, fc1.bias, fc2.weight, fc2.bias, config, device=device)
+        return cls(fc1.weight, fc1.bias, fc2.weight, fc2.bias, config, device=device, w_up=up.weight, b_up=up.bias)
 
     # ---- what the op reads ----------------------------------------------------------
 
-    def _weight(self, name: str) -> torch.Tensor | QuantizedWeight:
+    def _weight(self, name: str) -> torch.Tensor | QuantizedWeight | None:
+        if name not in self.weight_names:
+            return None
         if not self.quantized:
             return getattr(self, name)
         # Rebuilt from the buffers on each call (a few attribute reads), so the weight
@@ -131,8 +158,9 @@ class FusedGeluMLP(nn.Module):
         return QuantizedWeight(getattr(self, name), group_size=self.group_size[name], **scales)
 
     def weights(self) -> tuple:
-        """(w1, b1, w2, b2) as the op takes them: tensors, or QuantizedWeights with their scales."""
-        return self._weight("w1"), self.b1, self._weight("w2"), self.b2
+        """(w1, b1, w2, b2, w_up, b_up) as the op takes them: tensors, or QuantizedWeights
+        with their scales (w_up and b_up None but for a gated MLP's separate up projection)."""
+        return self._weight("w1"), self.b1, self._weight("w2"), self.b2, self._weight("w_up"), getattr(self, "b_up", None)
 
     @property
     def op(self) -> FusedMLP:
@@ -172,8 +200,9 @@ class FusedGeluMLP(nn.Module):
         what = cfg.dtype if not self.quantized else f"{cfg.dtype}, {cfg.activation_dtype} activations"
         if cfg.dtype == "w8a8":
             what += f", activations {cfg.activations}"
+        gated = "" if not cfg.gated else ", gated (" + ("separate up" if "w_up" in self.weight_names else "concatenated") + ")"
         return (
-            f"d_model={self.d_model}, d_ff={self.d_ff}, {what}, gelu={cfg.gelu}, "
+            f"d_model={self.d_model}, d_ff={self.d_ff}, {what}, gelu={cfg.gelu}{gated}, "
             f"layout={cfg.weight_layout}, backend={self.backend}"
         )
 

@@ -26,6 +26,18 @@ kernels/w8a8.py has the launches of each):
               requantizes h with w1.output_scale; GEMM2 reads int8 h at that scale
 
 A scale the scheme needs and the weights lack is an error.
+
+Gated MLPs (GeGLU: Gemma, T5 v1.1, ModernBERT), y = (GELU(x Wg^T + bg) * (x Wu^T + bu)) W2^T + b2:
+
+    op = FusedMLP(MLPConfig(dtype="bf16", gelu="tanh", gated=True))
+    y = op(x, w_gate, None, w_down, None, w_up=w_up)     # gate and up as two weights
+    y = op(x, w_i, b_i, w_o, b_o)                        # or one: rows [0, d_ff) gate, [d_ff, 2 d_ff) up
+
+GEMM1 computes the gate and up tiles of the same output columns in one kernel (one read
+of x, two accumulators, each dequantized with its own scales for int8) and writes
+GELU(gate) * up once; a concatenated weight is read in place, its halves as two views
+(kernels/gated.py). Everything else (the int8 scales, w8a8's quantization of the
+product, per scheme) is as for the plain MLP.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import torch
 from kernels import reference
 from kernels.errors import BackendUnavailable, LaunchError
 from kernels.gemm import gemm_bias_act
+from kernels.gated import gate_and_up
 from kernels.gemm_base import triton_can_run
 from kernels.int8_gemm import check_weight_scales
 from kernels.quantized import QuantizedWeight
@@ -74,6 +87,8 @@ class MLPConfig:
         its string: "dynamic" (per token, at run time; the default), "group:N" (per token
         per N columns, at run time; N in kernels.w8a8.W8A8_GROUP_SIZES) or "static" (the
         calibrated w1.input_scale and w1.output_scale the weights carry).
+    gated: a gated MLP (GeGLU): GEMM1 is GELU(x Wg^T + bg) * (x Wu^T + bu); forward takes
+        the up projection as w_up/b_up, or w1/b1 holding gate and up as their halves.
     """
 
     dtype: str = "fp16"
@@ -83,6 +98,7 @@ class MLPConfig:
     allow_tf32: bool = False
     activation_dtype: str = "fp16"
     activations: ActivationScheme = DYNAMIC
+    gated: bool = False
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -97,6 +113,8 @@ class MLPConfig:
         object.__setattr__(self, "activations", ActivationScheme.parse(self.activations))
         if self.dtype == "w8a8" and self.activations.kind == "group":
             check_group_size(self.activations.group_size)
+        if not isinstance(self.gated, bool):
+            raise LaunchError(f"gated must be True or False; got {self.gated!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -120,7 +138,8 @@ def choose_backend(config: MLPConfig, device: torch.device) -> tuple[str, str]:
 
 
 class FusedMLP:
-    """GELU(x @ W1^T + b1) @ W2^T + b2 with the implementation chosen at construction."""
+    """GELU(x @ W1^T + b1) @ W2^T + b2 (gated: (GELU(x Wg^T + bg) * (x Wu^T + bu)) W2^T + b2)
+    with the implementation chosen at construction."""
 
     def __init__(self, config: MLPConfig | None = None, device: str | torch.device | None = None):
         self.config = config or MLPConfig()
@@ -146,22 +165,25 @@ class FusedMLP:
         if x.device.type != self.device.type:
             raise LaunchError(f"op was built for {self.device} but input is on {x.device}")
 
-    def _check_int8(self, x, w1, w2):
+    def _check_int8(self, x, w1, w2, w_up=None):
         cfg = self.config
         if x.dtype != cfg.torch_dtype:
             raise LaunchError(
                 f"op is configured for {cfg.dtype} with {cfg.activation_dtype} activations but input is {x.dtype}"
             )
-        for name, w in (("w1", w1), ("w2", w2)):
+        weights = (("w1", w1), ("w2", w2)) + ((("w_up", w_up),) if w_up is not None else ())
+        for name, w in weights:
             if not isinstance(w, QuantizedWeight):
                 raise LaunchError(f"{name} must be a QuantizedWeight for {cfg.dtype}, got {type(w).__name__}")
             k, n = cfg.weight_layout.kn_shape(w.data)
             check_weight_scales(w, k, n, name)
         if w2.smooth_scale is not None or (cfg.dtype == "w8a16" and w1.smooth_scale is not None):
             raise LaunchError("a SmoothQuant smooth_scale applies to w8a8's GEMM1 input only (w1)")
+        if w_up is not None and w_up.smooth_scale is not None and w_up.smooth_scale is not w1.smooth_scale:
+            raise LaunchError("x is divided by w1.smooth_scale once for gate and up: w_up carries no smooth_scale of its own")
         if cfg.dtype == "w8a16":
             return
-        for name, w in (("w1", w1), ("w2", w2)):
+        for name, w in weights:
             if w.group_size is not None:
                 raise LaunchError(f"w8a8 takes per-channel weight scales; {name} has {w.granularity}")
         if cfg.activations.kind != "static":
@@ -178,48 +200,67 @@ class FusedMLP:
             if not torch.equal(w2.input_scale.reshape(-1).cpu(), w1.output_scale.reshape(-1).cpu()):
                 raise LaunchError("w2.input_scale differs from w1.output_scale, the scale GEMM1 requantizes to")
 
-    def forward(self, x, w1, b1, w2, b2=None) -> torch.Tensor:
+    def _gemm1_operands(self, w1, b1, w_up, b_up):
+        """(w1, b1, {up, up_bias}) of GEMM1: the gate and its up projection for a gated MLP."""
+        if not self.config.gated:
+            if w_up is not None or b_up is not None:
+                raise LaunchError("w_up and b_up are a gated MLP's up projection; this op is configured with gated=False")
+            return w1, b1, {}
+        gate, b_gate, up, b_upper = gate_and_up(w1, b1, w_up, b_up, self.config.weight_layout)
+        return gate, b_gate, dict(up=up, up_bias=b_upper)
+
+    def forward(self, x, w1, b1, w2, b2=None, w_up=None, b_up=None) -> torch.Tensor:
+        """y for x [..., d_model]. A gated op takes the up projection as w_up and b_up, or
+        w1 and b1 holding gate (first half of the outputs) and up (second half)."""
         self._check_device(x)
         cfg = self.config
+        gate, b_gate, up = self._gemm1_operands(w1, b1, w_up, b_up)
+        gated = dict(gated=cfg.gated, w_up=w_up, b_up=b_up)
         if cfg.dtype in FLOAT_DTYPES:
-            self._check_float(x, (("w1", w1), ("w2", w2)))
+            self._check_float(x, (("w1", w1), ("w2", w2)) + ((("w_up", w_up),) if w_up is not None else ()))
             if self.backend == "torch":
                 return reference.mlp_reference(
-                    x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=cfg.weight_layout, dtype=x.dtype
+                    x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=cfg.weight_layout, dtype=x.dtype, **gated
                 )
             kw = dict(weight_layout=cfg.weight_layout, allow_tf32=cfg.allow_tf32)
-            h = gemm_bias_act(x, w1, b1, activation=cfg.gelu, **kw)
+            h = gemm_bias_act(x, gate, b_gate, activation=cfg.gelu, w_up=up.get("up"), b_up=up.get("up_bias"), **kw)
             return gemm_bias_act(h, w2, b2, activation="none", **kw)
 
-        self._check_int8(x, w1, w2)
+        self._check_int8(x, w1, w2, w_up)
         layout = cfg.weight_layout
         if cfg.dtype == "w8a16":
             if self.backend == "torch":
-                return reference.w8a16_mlp_reference(x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout)
-            h = w8a16_linear(x, w1, b1, activation=cfg.gelu, weight_layout=layout)
+                return reference.w8a16_mlp_reference(
+                    x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, **gated
+                )
+            h = w8a16_linear(x, gate, b_gate, activation=cfg.gelu, weight_layout=layout, **up)
             return w8a16_linear(h, w2, b2, weight_layout=layout)
 
         scheme = cfg.activations
         if self.backend == "torch":
             return reference.w8a8_mlp_reference(
-                x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme
+                x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme, **gated
             )
+        # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
         if scheme.kind == "dynamic":
             # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)
-            xq, x_scale = quantize_activations(x, smooth_scale=w1.smooth_scale)
-            h = w8a8_linear(xq, x_scale, w1, b1, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype)
+            xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
+            h = w8a8_linear(xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype, **up)
             hq, h_scale = quantize_activations(h)
             return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
         if scheme.kind == "group":
             g = scheme.group_size
-            xq, x_scale = quantize_activations(x, smooth_scale=w1.smooth_scale, group_size=g)
+            xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale, group_size=g)
             hq, h_scale = w8a8_linear(
-                xq, x_scale, w1, b1, activation=cfg.gelu, weight_layout=layout, input_group_size=g, output_group_size=g
-            )
+                xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, input_group_size=g,
+                output_group_size=g, **up,
+            )  # fmt: skip
             return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, input_group_size=g, out_dtype=x.dtype)
         # static: three launches, int8 between each
-        xq, x_scale = quantize_activations(x, w1.input_scale, smooth_scale=w1.smooth_scale)
-        h = w8a8_linear(xq, x_scale, w1, b1, activation=cfg.gelu, weight_layout=layout, output_scale=w1.output_scale)
-        return w8a8_linear(h, w1.output_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
+        xq, x_scale = quantize_activations(x, gate.input_scale, smooth_scale=gate.smooth_scale)
+        h = w8a8_linear(
+            xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, output_scale=gate.output_scale, **up
+        )
+        return w8a8_linear(h, gate.output_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
 
     __call__ = forward

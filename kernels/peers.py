@@ -19,6 +19,12 @@ dtype, so the benchmark can time them side by side on the same inputs.
 
 The int8 peers take `QuantizedWeight`s (int8 weights in nn.Linear's layout, float32
 scales: per channel, or for dequant per group too), as the int8 op does.
+
+Gated MLPs (GeGLU, `gated=True`): every peer takes the op's (x, w1, b1, w2, b2, w_up,
+b_up) and computes GELU(gate) * up as the models do: two GEMMs for gate and up (Gemma, T5:
+w1 the gate, w_up the up projection), or one GEMM on the concatenated weight whose output
+halves are gate and up (ModernBERT: w_up None; the benchmark's "eager-cat" row); cuBLASLt
+runs its GELU epilogue on the gate GEMM; int_mm quantizes x once for both.
 """
 
 from __future__ import annotations
@@ -42,21 +48,34 @@ INT_MM_MIN_ROWS = 32
 # ---- float peers ------------------------------------------------------------------------
 
 
-def eager_mlp(x, w1, b1, w2, b2, gelu: str = "erf"):
-    """The MLP as three torch calls, in x's dtype."""
-    return F.linear(eager_gelu(F.linear(x, w1, b1), gelu), w2, b2)
+def eager_mlp(x, w1, b1, w2, b2, gelu: str = "erf", *, w_up=None, b_up=None, gated: bool = False):
+    """The MLP as three torch calls, in x's dtype (gated: four, or three on a concatenated
+    gate and up weight, and the product)."""
+    h = F.linear(x, w1, b1)
+    if not gated:
+        return F.linear(eager_gelu(h, gelu), w2, b2)
+    gate, up = h.chunk(2, dim=-1) if w_up is None else (h, F.linear(x, w_up, b_up))
+    return F.linear(eager_gelu(gate, gelu) * up, w2, b2)
 
 
-def cublaslt_mlp(x, w1, b1, w2, b2):
-    """GEMM1 with cuBLASLt's bias+GELU epilogue (tanh GELU), then GEMM2 with its bias."""
-    h = torch._addmm_activation(b1, x, w1.t(), use_gelu=True)
-    return torch.addmm(b2, h, w2.t())
+def cublaslt_mlp(x, w1, b1, w2, b2, *, w_up=None, b_up=None, gated: bool = False):
+    """GEMM1 with cuBLASLt's bias+GELU epilogue (tanh GELU), then GEMM2 with its bias (gated:
+    the epilogue on the gate GEMM, a plain GEMM for up, their product; a missing bias is
+    zeros, which the epilogue needs)."""
+    if not gated:
+        h = torch._addmm_activation(b1, x, w1.t(), use_gelu=True)
+        return torch.addmm(b2, h, w2.t())
+    zeros = lambda b, n: b if b is not None else torch.zeros(n, dtype=x.dtype, device=x.device)  # noqa: E731
+    h = torch._addmm_activation(zeros(b1, w1.shape[0]), x, w1.t(), use_gelu=True) * torch.addmm(
+        zeros(b_up, w_up.shape[0]), x, w_up.t()
+    )
+    return torch.addmm(zeros(b2, w2.shape[0]), h, w2.t())
 
 
-def compiled_mlp(gelu: str = "erf"):
+def compiled_mlp(gelu: str = "erf", gated: bool = False):
     """torch.compile of the eager MLP for one GELU flavour; compiles on its first call."""
-    def mlp(x, w1, b1, w2, b2):
-        return F.linear(eager_gelu(F.linear(x, w1, b1), gelu), w2, b2)
+    def mlp(x, w1, b1, w2, b2, w_up=None, b_up=None):
+        return eager_mlp(x, w1, b1, w2, b2, gelu, w_up=w_up, b_up=b_up, gated=gated)
 
     # dynamic=False: one specialised graph per token count, as a serving stack with fixed
     # batch shapes would compile it (and no switch to dynamic shapes on the second M).
@@ -110,12 +129,18 @@ def cublaslt_gelu_flavour(device, dtype: torch.dtype = torch.float16) -> str:
 # ---- int8 peers -------------------------------------------------------------------------
 
 
-def dequant_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
-    """w8a16 the naive way: rebuild both float weights in torch (scales per channel or
+def _dequantized(q: QuantizedWeight | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if q is None:
+        return None
+    return q.data.to(dtype) * expand_scale(q.scale, q.data.shape[1], q.group_size).to(dtype)
+
+
+def dequant_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf", *, w_up=None, b_up=None,
+                gated: bool = False):  # fmt: skip
+    """w8a16 the naive way: rebuild the float weights in torch (scales per channel or
     per group of input channels), then the eager MLP."""
-    w1 = q1.data.to(x.dtype) * expand_scale(q1.scale, q1.data.shape[1], q1.group_size).to(x.dtype)
-    w2 = q2.data.to(x.dtype) * expand_scale(q2.scale, q2.data.shape[1], q2.group_size).to(x.dtype)
-    return eager_mlp(x, w1, b1, w2, b2, gelu)
+    w1, w2, w_up = (_dequantized(q, x.dtype) for q in (q1, q2, w_up))
+    return eager_mlp(x, w1, b1, w2, b2, gelu, w_up=w_up, b_up=b_up, gated=gated)
 
 
 def _int_mm(a_int8: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
@@ -126,12 +151,24 @@ def _int_mm(a_int8: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return torch._int_mm(a_int8, w.data.t())[:m]
 
 
-def int_mm_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf"):
+def int_mm_mlp(x, q1: QuantizedWeight, b1, q2: QuantizedWeight, b2, gelu: str = "erf", *, w_up=None, b_up=None,
+               gated: bool = False):  # fmt: skip
     """w8a8 with torch._int_mm and each (de)quantization step a separate torch op: x and
-    the GELU output quantized per token (float32 h, not rounded to x's dtype first)."""
+    the GELU output quantized per token (float32 h, not rounded to x's dtype first). Gated:
+    x quantized once; gate and up each dequantized with its own scales (one int8 GEMM on a
+    concatenated weight, cut in halves, where w_up is None)."""
     xq, x_scale = quantize_activation_reference(x)  # scale [M]
-    h = _int_mm(xq, q1).float() * x_scale[:, None] * q1.scale + b1.float()
-    h = eager_gelu(h, gelu)
+
+    def dequantized(q: QuantizedWeight, b) -> torch.Tensor:
+        v = _int_mm(xq, q).float() * x_scale[:, None] * q.scale
+        return v if b is None else v + b.float()
+
+    h = dequantized(q1, b1)
+    if gated:
+        gate, up = h.chunk(2, dim=-1) if w_up is None else (h, dequantized(w_up, b_up))
+        h = eager_gelu(gate, gelu) * up
+    else:
+        h = eager_gelu(h, gelu)
     hq, h_scale = quantize_activation_reference(h)
     y = _int_mm(hq, q2).float() * h_scale[:, None] * q2.scale
     if b2 is not None:

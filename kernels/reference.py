@@ -1,7 +1,10 @@
 """The op in plain torch: the readable definition every kernel is tested against.
 
 The MLP is  y = GELU(x @ W1^T + b1) @ W2^T + b2,  with W in nn.Linear's `[out, in]`
-layout, or `[in, out]` (GPT-2's Conv1D) where `weight_layout="in_out"`.
+layout, or `[in, out]` (GPT-2's Conv1D) where `weight_layout="in_out"`. A gated MLP (GeGLU)
+is  y = (GELU(x @ Wg^T + bg) * (x @ Wu^T + bu)) @ W2^T + b2:  every GEMM1 below takes the
+up projection as `up` / `up_bias` (W1 is then the gate) and multiplies GELU's output by
+it, in the GEMM's own precision, before the one rounding of the intermediate.
 
 `mlp_reference` computes the same rounding steps as the fused kernels: each GEMM
 accumulates in float32 (or float64 for the exact reference), bias and GELU are applied
@@ -15,6 +18,7 @@ import math
 
 import torch
 
+from kernels.gated import gate_and_up
 from kernels.int8 import quantize_int8, scale_from_absmax
 from kernels.quantized import QuantizedWeight, expand_scale
 from kernels.schemes import GELU_FLAVOURS, ActivationScheme, WeightLayout
@@ -66,10 +70,14 @@ def linear_reference(
     activation: str = "none",
     weight_layout: str = "out_in",
     dtype: torch.dtype | None = None,
+    up: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(x @ W^T + bias) accumulated in float32 (float64 when dtype is float64), rounded to dtype.
 
-    activation: "none", or a GELU flavour ("erf", "tanh").
+    activation: "none", or a GELU flavour ("erf", "tanh", "quick").
+    up, up_bias: a gated GEMM1's up projection: act(x @ W^T + bias) * (x @ Wup^T + up_bias),
+        the product in the accumulation precision, then rounded once.
     """
     dtype = dtype or x.dtype
     acc = accumulate_dtype(dtype)
@@ -78,7 +86,20 @@ def linear_reference(
         out = out + bias.to(acc)
     if activation != "none":
         out = gelu(out, activation)
+    if up is not None:
+        u = x.to(acc) @ as_out_in(up, weight_layout).to(acc).t()
+        if up_bias is not None:
+            u = u + up_bias.to(acc)
+        out = out * u
     return out.to(dtype)
+
+
+def _gemm1(w1, b1, gated: bool, w_up, b_up, weight_layout) -> tuple:
+    """(gate or W1, its bias, the up projection as a GEMM1 reference's up/up_bias arguments)."""
+    if not gated:
+        return w1, b1, {}
+    w1, b1, w_up, b_up = gate_and_up(w1, b1, w_up, b_up, weight_layout)
+    return w1, b1, dict(up=w_up, up_bias=b_up)
 
 
 def mlp_reference(
@@ -91,10 +112,18 @@ def mlp_reference(
     gelu_flavour: str = "erf",
     weight_layout: str = "out_in",
     dtype: torch.dtype | None = None,
+    gated: bool = False,
+    w_up: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole MLP with the kernels' rounding: GEMM1+bias+GELU, round to dtype, GEMM2+bias."""
+    """The whole MLP with the kernels' rounding: GEMM1+bias+GELU, round to dtype, GEMM2+bias.
+
+    gated: GEMM1 is GELU(x @ Wg^T + bg) * (x @ Wu^T + bu), with the up projection w_up and
+        b_up, or (w_up None) W1 and b1 holding gate and up as their two halves.
+    """
     dtype = dtype or x.dtype
-    h = linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, dtype=dtype)
+    w1, b1, up = _gemm1(w1, b1, gated, w_up, b_up, weight_layout)
+    h = linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, dtype=dtype, **up)
     return linear_reference(h, w2, b2, weight_layout=weight_layout, dtype=dtype)
 
 
@@ -151,6 +180,8 @@ def w8a8_linear_reference(
     out_dtype: torch.dtype = torch.float16,
     input_group_size: int | None = None,
     output_group_size: int | None = None,
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One w8a8 GEMM on an int8 input xq [..., K] with its scale.
 
@@ -160,27 +191,33 @@ def w8a8_linear_reference(
         float32 acc * x_scale[m]. With input_group_size G, x_scale [..., cdiv(K, G)]: the
         exact integer partial of each G-deep K block, times its scale, added into a
         float32 sum in K order (the kernel's promotion, one K tile per group).
-    Then in float32: * w_scale[n] + bias, GELU; then with `output_scale` requantized to
-    int8 (GEMM1 of static: quantize_int8(v, output_scale)); with output_group_size G
-    requantized per token per G columns with scale_from_absmax of each group, returning
-    (int8, scales [..., cdiv(N, G)]); else rounded to out_dtype (GEMM2).
+    Then in float32: * w_scale[n] + bias, GELU; a gated GEMM1 (`up`) then multiplies by
+    up's own acc (scaled as above) * up_scale[n] + up_bias; then with `output_scale`
+    requantized to int8 (GEMM1 of static: quantize_int8(v, output_scale)); with
+    output_group_size G requantized per token per G columns with scale_from_absmax of each
+    group, returning (int8, scales [..., cdiv(N, G)]); else rounded to out_dtype (GEMM2).
     """
-    w_nk = as_out_in(w.data, weight_layout).double()
-    if input_group_size is None:
-        out = (xq.double() @ w_nk.t()).float()
-        # per token: one scale per row; static: one for all (the two agree when there is one row)
-        out = out * (x_scale.float().reshape(()) if x_scale.numel() == 1 else x_scale.float()[..., None])
-    else:
-        xg, wg = _groups(xq.double(), input_group_size), _groups(w_nk, input_group_size)  # [..., G#, G], [N, G#, G]
-        out = torch.zeros((*xq.shape[:-1], w_nk.shape[0]), dtype=torch.float32, device=xq.device)
-        for g in range(xg.shape[-2]):
-            part = (xg[..., g, :] @ wg[:, g, :].t()).float()
-            out = out + part * x_scale[..., g, None].float()
-    out = out * w.scale
-    if bias is not None:
-        out = out + bias.float()
+
+    def dequantized(weight: QuantizedWeight, b: torch.Tensor | None) -> torch.Tensor:
+        w_nk = as_out_in(weight.data, weight_layout).double()
+        if input_group_size is None:
+            v = (xq.double() @ w_nk.t()).float()
+            # per token: one scale per row; static: one for all (the two agree when there is one row)
+            v = v * (x_scale.float().reshape(()) if x_scale.numel() == 1 else x_scale.float()[..., None])
+        else:
+            xg, wg = _groups(xq.double(), input_group_size), _groups(w_nk, input_group_size)  # [..., G#, G], [N, G#, G]
+            v = torch.zeros((*xq.shape[:-1], w_nk.shape[0]), dtype=torch.float32, device=xq.device)
+            for g in range(xg.shape[-2]):
+                part = (xg[..., g, :] @ wg[:, g, :].t()).float()
+                v = v + part * x_scale[..., g, None].float()
+        v = v * weight.scale
+        return v if b is None else v + b.float()
+
+    out = dequantized(w, bias)
     if activation != "none":
         out = gelu(out, activation)
+    if up is not None:
+        out = out * dequantized(up, up_bias)
     if output_scale is not None:
         return quantize_int8(out, output_scale.float().reshape(()))
     if output_group_size is not None:
@@ -198,6 +235,9 @@ def w8a8_mlp_reference(
     gelu_flavour: str = "erf",
     weight_layout: str = "out_in",
     activations: str | ActivationScheme = "dynamic",
+    gated: bool = False,
+    w_up: QuantizedWeight | None = None,
+    b_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The w8a8 MLP step by step, per activation scheme (x divided by w1.smooth_scale
     first where there is one):
@@ -209,23 +249,30 @@ def w8a8_mlp_reference(
               GEMM2 the same per K block
     static    x quantized with w1.input_scale; GEMM1 requantizes h with w1.output_scale
               (int8 h), which is then GEMM2's input scale
+
+    gated: GEMM1 is GELU(gate) * up, each dequantized with its own scales (w1 the gate with
+    w_up, or the concatenated gate and up): h is that product, in every scheme.
     """
+    w1, b1, up = _gemm1(w1, b1, gated, w_up, b_up, weight_layout)
     scheme = ActivationScheme.parse(activations)
     if scheme.kind == "static":
         xq, x_scale = quantize_activation_reference(x, w1.input_scale, w1.smooth_scale)
         h = w8a8_linear_reference(
-            xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, output_scale=w1.output_scale
+            xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, output_scale=w1.output_scale, **up
         )
         return w8a8_linear_reference(h, w1.output_scale, w2, b2, weight_layout=weight_layout, out_dtype=x.dtype)
     if scheme.kind == "dynamic":
         xq, x_scale = quantize_activation_reference(x, None, w1.smooth_scale)
-        h = w8a8_linear_reference(xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, out_dtype=x.dtype)
+        h = w8a8_linear_reference(
+            xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, out_dtype=x.dtype, **up
+        )
         hq, h_scale = quantize_activation_reference(h)
         return w8a8_linear_reference(hq, h_scale, w2, b2, weight_layout=weight_layout, out_dtype=x.dtype)
     g = scheme.group_size
     xq, x_scale = quantize_activation_reference(x, None, w1.smooth_scale, group_size=g)
     hq, h_scale = w8a8_linear_reference(
-        xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, input_group_size=g, output_group_size=g
+        xq, x_scale, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, input_group_size=g, output_group_size=g,
+        **up,
     )
     return w8a8_linear_reference(hq, h_scale, w2, b2, weight_layout=weight_layout, out_dtype=x.dtype, input_group_size=g)
 
@@ -243,22 +290,35 @@ def w8a16_group_weight(w: QuantizedWeight, dtype: torch.dtype, weight_layout: st
 
 
 def w8a16_linear_reference(
-    x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, *, activation: str = "none", weight_layout: str = "out_in"
+    x: torch.Tensor,
+    w: QuantizedWeight,
+    bias: torch.Tensor | None,
+    *,
+    activation: str = "none",
+    weight_layout: str = "out_in",
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One w8a16 GEMM: act(x @ dequant(W)^T + bias) in float32, rounded to x's dtype.
 
     Per-channel scales: acc = x @ Wq^T (integer weights), then acc * scale[n], as the
     kernel's epilogue does. Per-group scales: the kernel's dequantized tile
     (w8a16_group_weight), then the matmul.
+    up, up_bias: a gated GEMM1's up projection, computed the same way, multiplied in float32.
     """
-    if w.group_size is None:
-        out = (x.float() @ as_out_in(w.data, weight_layout).float().t()) * w.scale
-    else:
-        out = x.float() @ w8a16_group_weight(w, x.dtype, weight_layout).float().t()
-    if bias is not None:
-        out = out + bias.float()
+
+    def dequantized(weight: QuantizedWeight, b: torch.Tensor | None) -> torch.Tensor:
+        if weight.group_size is None:
+            v = (x.float() @ as_out_in(weight.data, weight_layout).float().t()) * weight.scale
+        else:
+            v = x.float() @ w8a16_group_weight(weight, x.dtype, weight_layout).float().t()
+        return v if b is None else v + b.float()
+
+    out = dequantized(w, bias)
     if activation != "none":
         out = gelu(out, activation)
+    if up is not None:
+        out = out * dequantized(up, up_bias)
     return out.to(x.dtype)
 
 
@@ -271,7 +331,12 @@ def w8a16_mlp_reference(
     *,
     gelu_flavour: str = "erf",
     weight_layout: str = "out_in",
+    gated: bool = False,
+    w_up: QuantizedWeight | None = None,
+    b_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The w8a16 MLP step by step: GEMM1 + bias + GELU rounded to x's dtype, then GEMM2 + bias."""
-    h = w8a16_linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout)
+    """The w8a16 MLP step by step: GEMM1 + bias + GELU (times the up projection, gated)
+    rounded to x's dtype, then GEMM2 + bias."""
+    w1, b1, up = _gemm1(w1, b1, gated, w_up, b_up, weight_layout)
+    h = w8a16_linear_reference(x, w1, b1, activation=gelu_flavour, weight_layout=weight_layout, **up)
     return w8a16_linear_reference(h, w2, b2, weight_layout=weight_layout)

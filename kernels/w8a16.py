@@ -26,6 +26,8 @@ def w8a16_linear(
     weight_layout: str | WeightLayout = "out_in",
     path: str = "auto",
     out: torch.Tensor | None = None,
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(x @ dequant(weight)^T + bias) for fp16/bf16 x of shape [..., K]; returns [..., N] in x's dtype.
 
@@ -34,6 +36,8 @@ def w8a16_linear(
     activation: "none" or a GELU flavour: "erf" (exact), "tanh" (approximate) or "quick".
     path: "auto", "decode" (M <= 16), "tma" or "strided"; "decode" and "tma" raise if TMA
         cannot take the operands.
+    up, up_bias: a gated GEMM1's up projection (weight's shape, layout and granularity):
+        act(... + bias) * (the same GEMM on up + up_bias), each dequantized with its own scales.
     out: a contiguous [..., N] tensor of x's dtype to write into (else one is allocated).
     """
 
@@ -45,5 +49,5 @@ def w8a16_linear(
 
     return int8_weight_gemm(
         x, None, weight, bias, activation=activation, weight_layout=weight_layout, path=path, out=out,
-        out_dtype=x.dtype, c_scale=None, check=check,
+        out_dtype=x.dtype, c_scale=None, check=check, up=up, up_bias=up_bias,
     )  # fmt: skip

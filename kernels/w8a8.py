@@ -229,6 +229,8 @@ def w8a8_linear(
     output_group_size: int | None = None,
     path: str = "auto",
     out: torch.Tensor | None = None,
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """act((xq * x_scale) @ dequant(weight)^T + bias) for int8 xq [..., K], on the int8 tensor cores.
 
@@ -245,6 +247,8 @@ def w8a8_linear(
     Neither: the result in `out_dtype` (fp16, bf16 or fp32).
     input_group_size, output_group_size: one of W8A8_GROUP_SIZES.
     path: "auto", "decode" (M <= 16), "tma" or "strided", as for w8a16_linear.
+    up, up_bias: a gated GEMM1's up projection (weight's shape, layout and granularity):
+        act(... + bias) * (the same GEMM on up + up_bias), each dequantized with its own scales.
     out: a contiguous [..., N] tensor of the output dtype to write into.
     """
     requested_dtype = out_dtype
@@ -293,6 +297,6 @@ def w8a8_linear(
     result = int8_weight_gemm(
         xq, x_scale, weight, bias, activation=activation, weight_layout=weight_layout, path=path, out=out,
         out_dtype=out_dtype, c_scale=c_scale, check=check, a_group_k=input_group_size or 0,
-        c_group_n=output_group_size or 0,
+        c_group_n=output_group_size or 0, up=up, up_bias=up_bias,
     )  # fmt: skip
     return (result, c_scale) if output_group_size is not None else result

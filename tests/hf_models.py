@@ -10,7 +10,9 @@ the names that class writes: BERT as a bare BertModel (as all-MiniLM-L6-v2 is), 
 head class (`bert.` before every name: "bert-head"); GPT-2 and GPT-NeoX from their causal
 LM classes; ViT as a bare ViTModel with a 16x16 image processor; CLIP with both towers, its
 tokenizer and image processor; BLOOM and BART for the
-swap seams that quantize's families do not reach yet. Weights are seeded, so a model is
+swap seams that quantize's families do not reach yet. Gated (GeGLU) MLPs: Gemma (causal LM,
+tanh GELU), T5 v1.1 (feed_forward_proj "gated-gelu", encoder-decoder) and ModernBERT (one
+concatenated Wi), each from its real config class. Weights are seeded, so a model is
 the same in every test; the global RNG is left alone.
 """
 
@@ -113,6 +115,25 @@ def _model(kind: str):
             activation_function="gelu",
         )  # fmt: skip
         return t.BartModel(config)
+    if kind == "gemma":
+        config = t.GemmaConfig(
+            **common, intermediate_size=D_FF, num_key_value_heads=2, head_dim=WIDTH // HEADS, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=VOCAB.index("[CLS]"), eos_token_id=VOCAB.index("[SEP]"),
+        )  # fmt: skip
+        return t.GemmaForCausalLM(config)
+    if kind == "t5":
+        config = t.T5Config(
+            vocab_size=len(VOCAB), d_model=WIDTH, d_ff=D_FF, d_kv=WIDTH // HEADS, num_layers=LAYERS, num_heads=HEADS,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=VOCAB.index("[SEP]"), decoder_start_token_id=0,
+        )  # fmt: skip
+        return t.T5ForConditionalGeneration(config)
+    if kind == "modernbert":
+        config = t.ModernBertConfig(
+            **common, intermediate_size=D_FF, max_position_embeddings=64, pad_token_id=0, cls_token_id=VOCAB.index("[CLS]"),
+            sep_token_id=VOCAB.index("[SEP]"), bos_token_id=VOCAB.index("[CLS]"), eos_token_id=VOCAB.index("[SEP]"),
+            global_attn_every_n_layers=1, local_attention=16,
+        )  # fmt: skip
+        return t.ModernBertModel(config)
     raise ValueError(kind)
 
 
@@ -139,7 +160,7 @@ def build(kind: str, directory: Path, seed: int = 0) -> Path:
 
         ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(directory)
     else:
-        _tokenizer(bert_style=kind.startswith(("bert", "clip"))).save_pretrained(directory)
+        _tokenizer(bert_style=kind.startswith(("bert", "clip", "modernbert"))).save_pretrained(directory)
     if kind == "clip":
         from transformers import CLIPImageProcessor
 

@@ -547,3 +547,82 @@ def test_cuda_graph_flag_times_graph_replays_and_says_so(cpu_run, monkeypatch, t
     assert [r["time_us"] for r in payload["rows"]] == [50.0, 50.0]
     plain = runner.invoke(app, args[:-3] + ["--json", str(path)])
     assert plain.exit_code == 0 and json.loads(path.read_text())["info"]["timing"] == "calls"
+
+
+# ---- gated MLPs (GeGLU) -------------------------------------------------------------------------
+
+
+def test_gated_flops_and_min_bytes_by_hand():
+    gemma_2b = MLPShape(2048, 16384)
+    # three GEMMs (gate, up, down): 3 * 2 * M * d * f
+    assert mlp_flops(2048, gemma_2b, gated=True) == 6 * 2048 * 2048 * 16384 == 412_316_860_416
+    # fp16: three weights 3*2048*16384*2 = 201,326,592, no biases, x and y 2*1*2048*2 = 8,192
+    assert mlp_min_bytes(1, gemma_2b, "fp16", gated=True) == 201_326_592 + 8_192
+    # int8 per channel: 3*2048*16384 bytes + float32 scales (2*16384 + 2048)*4 = 139,264
+    assert mlp_min_bytes(1, gemma_2b, "w8a8", "per-channel", gated=True) == 100_663_296 + 139_264 + 8_192
+
+
+def gated_weights(d, f, dtype=torch.float32):
+    scale = lambda n: n**-0.5  # noqa: E731
+    return randn(f, d, scale=scale(d), device="cpu", dtype=dtype), randn(d, f, scale=scale(f), device="cpu", dtype=dtype), \
+        randn(f, d, scale=scale(d), device="cpu", dtype=dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+def test_gated_peers_compute_the_gated_mlp(gelu):
+    """eager on two GEMMs and on the concatenated weight, cuBLASLt's epilogue on the gate,
+    and the dequant and int_mm peers all compute (GELU(x Wg) * x Wu) Wd."""
+    d, f, m = 32, 96, 5
+    wg, wd, wu = gated_weights(d, f)
+    x = randn(m, d, device="cpu")
+    ref = mlp_reference(x.double(), wg.double(), None, wd.double(), None, gelu_flavour=gelu, gated=True, w_up=wu.double())
+    assert rel_err(peers.eager_mlp(x, wg, None, wd, None, gelu, w_up=wu, gated=True), ref) < 1e-6
+    assert rel_err(peers.eager_mlp(x, torch.cat([wg, wu]), None, wd, None, gelu, gated=True), ref) < 1e-6
+    # cuBLASLt's epilogue is the tanh GELU (on the GPU; the two flavours differ by ~1e-4 here)
+    assert rel_err(peers.cublaslt_mlp(x, wg, None, wd, None, w_up=wu, gated=True), ref) < 1e-3
+    qg, qd, qu = (quantize_weight(w) for w in (wg, wd, wu))
+    deq = mlp_reference(x.double(), qg.dequantize(dtype=torch.float64), None, qd.dequantize(dtype=torch.float64), None,
+                        gelu_flavour=gelu, gated=True, w_up=qu.dequantize(dtype=torch.float64))  # fmt: skip
+    assert rel_err(peers.dequant_mlp(x, qg, None, qd, None, gelu, w_up=qu, gated=True), deq) < 1e-6
+    xh = x.half()
+    out = peers.int_mm_mlp(xh, qg, None, qd, None, gelu, w_up=qu, gated=True)
+    want = w8a8_mlp_reference(xh, qg, None, qd, None, gelu_flavour=gelu, activations="dynamic", gated=True, w_up=qu)
+    assert out.dtype == torch.float16 and rel_err(out, want) < 1e-2
+
+
+def test_run_bench_gated_on_cpu(cpu_run):
+    """A gated run: gelugemm's gated op on the gate and up weights, eager on two GEMMs and
+    eager-cat on one concatenated GEMM (the same matrices), the int8 peers; every row
+    checked against the float64 gated MLP, counted with three GEMMs."""
+    shape = MLPShape(32, 64)
+    result = bench.run_bench(
+        [shape], ["fp16", "w8a16", "w8a8"], [3, 20], ["eager", "cublaslt", "dequant", "int_mm"], gelu="tanh", gated=True
+    )  # fmt: skip
+    assert all(row.gated for row in result.rows) and result.failed(None) == []
+    for dtype in ("fp16", "w8a16", "w8a8"):
+        impls = [r.impl for r in result.rows if r.dtype == dtype and r.tokens == 20]
+        assert impls[0] == "gelugemm" and {"eager", "eager-cat", "cublaslt"} <= set(impls)
+    row = next(r for r in result.rows if r.impl == "gelugemm" and r.dtype == "fp16" and r.tokens == 20)
+    assert row.flops == mlp_flops(20, shape, gated=True) and row.relerr <= row.relerr_limit
+    cat = next(r for r in result.rows if r.impl == "eager-cat" and r.dtype == "fp16" and r.tokens == 20)
+    assert cat.speedup is not None and "concatenated" in cat.note
+
+
+def test_cli_gated_and_a_gated_checkpoint_turns_it_on(cpu_run, tmp_path):
+    path = tmp_path / "bench.json"
+    args = ["bench", "--gated", "--shape", "32,64", "--dtype", "fp16", "--tokens", "3", "--peers", "eager", "--json", str(path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(path.read_text())
+    assert [(r["impl"], r["gated"], r["gelu"]) for r in payload["rows"]] == [
+        ("gelugemm", True, "tanh"), ("eager", True, "tanh"), ("eager-cat", True, "tanh")
+    ]  # fmt: skip
+    assert "gated MLPs (GeGLU)" in result.stdout
+    from test_gated_models import GATED  # noqa: F401 (the tiny HF models live beside it)
+    from hf_models import build
+
+    gemma = build("gemma", tmp_path / "gemma")
+    assert bench_cli.has_gated_mlps_only(gemma)
+    assert checkpoint_shapes(gemma, gated=True) == ([MLPShape(32, 80)], "tanh")
+    with pytest.raises(GelugemmError, match="no plain .*GELU MLP"):
+        checkpoint_shapes(gemma, gated=False)

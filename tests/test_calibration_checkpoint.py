@@ -29,7 +29,7 @@ def test_finds_every_mlp_of_each_family(tmp_path, family):
         assert layer.norm == spec.norm_prefix(i)
         assert layer.dtype == "F32"
         with open_checkpoint(path) as ckpt:
-            w1, b1, w2, b2 = read_mlp(ckpt, layer)
+            w1, b1, w2, b2, *_ = read_mlp(ckpt, layer)
             assert torch.equal(w1, tensors[layer.w1]) and torch.equal(w2, tensors[layer.w2])
             assert torch.equal(b1, tensors[layer.b1]) and torch.equal(b2, tensors[layer.b2])
             norm = read_norm(ckpt, layer)

@@ -219,7 +219,7 @@ def test_gelugemm_reads_what_the_library_compresses(tmp_path, preset, scheme):
         # The MLPs, found by their names; attention.output.dense, quantized too, is not an MLP.
         assert [layer.fc1 for layer in q.layers] == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
         for layer in q.layers:
-            w1, b1, w2, b2 = q.load(layer)
+            w1, b1, w2, b2, *_ = q.load(layer)
             for prefix, qw in ((layer.fc1, w1), (layer.fc2, w2)):
                 state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".") and k != prefix + ".bias"}
                 assert torch.equal(qw.dequantize(), compressor.decompress(state, group)["weight"]), prefix

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
 from calibration.checkpoint import find_mlps
-from calibration.errors import CheckpointError
+from calibration.errors import CheckpointError, OptionError
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.verify import verify_checkpoint
@@ -27,6 +27,13 @@ GPT = dict(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16, bos_to
 SEQ2SEQ = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
                encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=60, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                decoder_start_token_id=0)  # fmt: skip
+
+
+GEMMA = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=8, vocab_size=50)
+T5 = dict(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)
+MODERNBERT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)  # fmt: skip
 
 
 def hf_model_dir(path: Path, model_type: str, **config) -> Path:
@@ -83,11 +90,26 @@ CASES = [
      [one("text_model.encoder.layers.0.", "mlp.fc1", "mlp.fc2", "siglip", "out_in", "tanh", "config.json text_config.hidden_act=gelu_pytorch_tanh", "layer_norm2", True),
       one("vision_model.encoder.layers.0.", "mlp.fc1", "mlp.fc2", "siglip", "out_in", "tanh", "config.json vision_config.hidden_act=gelu_pytorch_tanh", "layer_norm2", True),
       one("vision_model.head.", "mlp.fc1", "mlp.fc2", "siglip", "out_in", "tanh", "config.json vision_config.hidden_act=gelu_pytorch_tanh", "layernorm", True)]),
-    # Gemma 3: the vision tower (SigLIP) reads vision_config; the language model's MLP is gated (GeGLU), not found.
+    # Gemma 3: the vision tower (SigLIP) reads vision_config; the language model's gated MLP (GeGLU) its text_config.
     ("gemma3", dict(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                      head_dim=8, vocab_size=300), vision_config=dict(SMALL, **IMAGE), mm_tokens_per_image=4),
-     [one("vision_tower.encoder.layers.0.", "mlp.fc1", "mlp.fc2", "siglip", "out_in", "tanh", "config.json vision_config.hidden_act=gelu_pytorch_tanh", "layer_norm2", True),
+     [one("language_model.model.layers.0.", "mlp.gate_proj", "mlp.down_proj", "gemma", "out_in", "tanh",
+          "config.json text_config.hidden_activation=gelu_pytorch_tanh", "pre_feedforward_layernorm", True),
+      one("vision_tower.encoder.layers.0.", "mlp.fc1", "mlp.fc2", "siglip", "out_in", "tanh", "config.json vision_config.hidden_act=gelu_pytorch_tanh", "layer_norm2", True),
       one("vision_tower.head.", "mlp.fc1", "mlp.fc2", "siglip", "out_in", "tanh", "config.json vision_config.hidden_act=gelu_pytorch_tanh", "layernorm", True)]),
+    # Gated MLPs (GeGLU): Gemma 1 (its config's hidden_act, transformers' GemmaConfig field), Gemma 2
+    # (hidden_activation; pre_feedforward_layernorm feeds the MLP), T5 v1.1 (feed_forward_proj
+    # gated-gelu: the tanh GELU; its feed-forward sub-layer's own RMSNorm), ModernBERT (one Wi).
+    ("gemma", GEMMA, [one("layers.0.", "mlp.gate_proj", "mlp.down_proj", "gemma", "out_in", "tanh",
+                          "config.json hidden_act=gelu_pytorch_tanh", "post_attention_layernorm", True)]),
+    ("gemma2", GEMMA, [one("layers.0.", "mlp.gate_proj", "mlp.down_proj", "gemma", "out_in", "tanh",
+                           "config.json hidden_activation=gelu_pytorch_tanh", "pre_feedforward_layernorm", True)]),
+    ("t5", dict(T5, feed_forward_proj="gated-gelu"),
+     [one(f"{part}.block.0.layer.{i}.", "DenseReluDense.wi_0", "DenseReluDense.wo", "t5", "out_in", "tanh",
+          "config.json feed_forward_proj=gated-gelu (T5's gated-gelu is gelu_new)", "layer_norm", True)
+      for part, i in (("decoder", 2), ("encoder", 1))]),
+    ("modernbert", MODERNBERT, [one("layers.0.", "mlp.Wi", "mlp.Wo", "modernbert", "out_in", "erf",
+                                    "config.json hidden_activation=gelu", "mlp_norm", True)]),
     ("whisper", dict(SEQ2SEQ, num_mel_bins=8, max_source_positions=16, max_target_positions=16),  # pre-LN
      [one(f"{part}.layers.0.", "fc1", "fc2", "whisper", "out_in", "erf", "config.json activation_function=gelu", "final_layer_norm", True)
       for part in ("decoder", "encoder")]),
@@ -109,6 +131,11 @@ def test_each_family_is_found_with_its_layout_and_gelu(tmp_path, model_type, con
     # The layout read right: d_model is the hidden size (16), d_ff the MLP's (32 or 4 x 16).
     for layer in find_mlps(path):
         assert layer.d_model == 16 and layer.d_ff in (32, 64)
+        # gated: the up projection beside the gate, or ModernBERT's Wi holding both
+        if layer.family in ("gemma", "t5"):
+            assert layer.gated == "separate" and layer.up == layer.fc1.replace("gate_proj", "up_proj").replace("wi_0", "wi_1")
+        else:
+            assert layer.gated == ("concatenated" if layer.family == "modernbert" else None) and layer.up is None
 
 
 @pytest.mark.parametrize("model_type,config", [("gpt2", GPT), ("gpt_bigcode", GPT), ("vit", {**SMALL, **IMAGE}), ("whisper", dict(SEQ2SEQ, num_mel_bins=8, max_source_positions=16, max_target_positions=16))])
@@ -153,6 +180,55 @@ def test_a_non_gelu_model_is_refused_with_its_activation_named(tmp_path, model_t
     path = hf_model_dir(tmp_path / model_type, model_type, **config)
     with pytest.raises(CheckpointError, match=f"says {key}='{act}': not a GELU"):
         find_mlps(path)
+
+
+def test_t5_runs_bf16_and_a_bfloat16_config_says_bf16(tmp_path):
+    """T5 v1.1 / Flan-T5 overflow fp16: their activation dtype is bf16 (the reference path and
+    the int8 rows' activations); a config whose torch_dtype is bfloat16 says bf16 for any
+    family; --activation-dtype overrides both."""
+    t5 = hf_model_dir(tmp_path / "t5", "t5", **dict(T5, feed_forward_proj="gated-gelu"))
+    assert {(layer.activation_dtype, layer.activation_dtype_source) for layer in find_mlps(t5)} == {
+        ("bf16", "T5 v1.1/Flan-T5 overflow fp16 (trained in bf16)")
+    }
+    assert {layer.activation_dtype for layer in find_mlps(t5, activation_dtype="fp16")} == {"fp16"}
+    path = write_checkpoint(tmp_path / "m.safetensors", "bert", config={"model_type": "bert", "hidden_act": "gelu", "torch_dtype": "bfloat16"})
+    assert {(layer.activation_dtype, layer.activation_dtype_source) for layer in find_mlps(path)} == {("bf16", "config.json torch_dtype=bfloat16")}
+    (tmp_path / "plain").mkdir()
+    plain = write_checkpoint(tmp_path / "plain" / "m.safetensors", "bert")  # no config.json
+    assert {layer.activation_dtype for layer in find_mlps(plain)} == {"fp16"}
+    with pytest.raises(OptionError, match="--activation-dtype must be one of fp16, bf16"):
+        find_mlps(plain, activation_dtype="fp32")
+
+
+def test_gemma_legacy_hidden_act_gelu_is_the_tanh_form(tmp_path):
+    """Gemma 1's released configs say hidden_act "gelu"; transformers runs that as
+    gelu_pytorch_tanh (GemmaConfig), and so does discovery, saying why."""
+    path = hf_model_dir(tmp_path / "gemma", "gemma", **GEMMA)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    layer = find_mlps(path)[0]
+    assert (layer.gelu, layer.gelu_source) == ("tanh", "config.json hidden_act=gelu (Gemma's legacy value for the tanh GELU)")
+
+
+def test_plain_relu_t5_is_refused_with_its_activation_named(tmp_path):
+    path = hf_model_dir(tmp_path / "t5", "t5", **T5)  # feed_forward_proj defaults to relu
+    with pytest.raises(CheckpointError, match="says feed_forward_proj='relu': not a GELU"):
+        find_mlps(path)
+    gated_relu = hf_model_dir(tmp_path / "t5g", "t5", **dict(T5, feed_forward_proj="gated-relu"))
+    with pytest.raises(CheckpointError, match="says feed_forward_proj='gated-relu': not a GELU"):
+        find_mlps(gated_relu)
+
+
+def test_gate_proj_names_need_a_config_that_names_a_gelu(tmp_path):
+    """Llama's SwiGLU MLP has Gemma's names: its config's silu is refused, named; without a
+    config.json such an MLP is not guessed to be GELU, unless --gelu says so."""
+    llama = hf_model_dir(tmp_path / "llama", "llama", **dict(GEMMA, head_dim=8))
+    with pytest.raises(CheckpointError, match="says hidden_act='silu': not a GELU"):
+        find_mlps(llama)
+    (llama / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="names are shared with non-GELU models.*pass --gelu"):
+        find_mlps(llama)
+    assert find_mlps(llama, gelu="tanh")[0].gated == "separate"
 
 
 def test_timm_vit_names_and_no_activation_in_its_config(tmp_path):

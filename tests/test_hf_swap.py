@@ -76,10 +76,10 @@ def test_float_mlps_swapped_at_their_seams_leave_the_model_unchanged(kind):
     fc1_path, fc2_path, seam, identities, gelu = SEAMS[kind]
     assert find_seam(model, fc1_path, fc2_path) == (seam, identities)
     before = output(model, kind)
-    linears = {f"mlp{i}": pair for i, pair in enumerate(zip(every_layer(fc1_path), every_layer(fc2_path)))}
+    linears = {f"mlp{i}": (a, b, None) for i, (a, b) in enumerate(zip(every_layer(fc1_path), every_layer(fc2_path)))}
     if kind == "bart":  # the decoder's MLP too
-        linears["decoder"] = ("decoder.layers.0.fc1", "decoder.layers.0.fc2")
-    mlps = {name: float_mlp(model.get_submodule(a), model.get_submodule(b), gelu) for name, (a, b) in linears.items()}
+        linears["decoder"] = ("decoder.layers.0.fc1", "decoder.layers.0.fc2", None)
+    mlps = {name: float_mlp(model.get_submodule(a), model.get_submodule(b), gelu) for name, (a, b, _) in linears.items()}
     originals = {name: module for name, module in model.named_modules()}
     swaps = plan_swaps(model, mlps, linears=linears)
     with swaps.active():
@@ -106,8 +106,8 @@ def test_checkpoint_prefixes_find_the_models_modules(kind, tmp_path):
     if kind == "bert-head":  # loaded as a bare BertModel
         fc1_path, fc2_path, seam = (p.removeprefix("bert.") for p in (fc1_path, fc2_path, seam))
         identities = tuple(p.removeprefix("bert.") for p in identities)
-    assert hf.linears[layers[1].fc1] == (every_layer(fc1_path)[1], every_layer(fc2_path)[1])
-    mlps = {layer.fc1: float_mlp(*(hf.model.get_submodule(p) for p in hf.linears[layer.fc1]), layer.gelu) for layer in layers}
+    assert hf.linears[layers[1].fc1] == (every_layer(fc1_path)[1], every_layer(fc2_path)[1], None)
+    mlps = {layer.fc1: float_mlp(*(hf.model.get_submodule(p) for p in hf.linears[layer.fc1][:2]), layer.gelu) for layer in layers}
     swaps = plan_swaps(hf.model, mlps, linears=hf.linears)
     assert [s.path for s in swaps.seams] == every_layer(seam) and swaps.seams[0].identities == identities
 

@@ -155,7 +155,8 @@ def test_to_moves_every_buffer_and_keeps_every_dtype():
     module.to("meta")
     assert all(b.device.type == "meta" for b in module.buffers())
     assert module.op.device.type == "meta" and module.backend == "torch"
-    w1, _, w2, _ = module.weights()
+    w1, _, w2, _, w_up, _ = module.weights()
+    assert w_up is None
     assert all(t.device.type == "meta" for t in (w1.data, w1.scale, w1.input_scale, w1.output_scale, w1.smooth_scale))
     assert w2.input_scale is w1.output_scale and w2.data.device.type == "meta"
     assert module(x.to("meta")).shape == x.shape
@@ -201,7 +202,7 @@ def test_load_mlps_from_a_quantized_file(tmp_path, family, scheme, activations):
             assert str(cfg.activations) == activations
         assert (module.d_model, module.d_ff) == (D_MODEL, D_FF)
         # the file's int8 weights and scales, run as the reference runs them
-        w1, b1, w2, b2 = load_quantized_mlp(path, layer)
+        w1, b1, w2, b2, *_ = load_quantized_mlp(path, layer)
         x = torch.randn(9, D_MODEL) * 2
         if scheme == "w8a16":
             ref = w8a16_mlp_reference(x.half(), w1, b1, w2, b2, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout)

@@ -123,8 +123,8 @@ def test_each_rank_reads_its_slice_from_a_checkpoint(tp_run):
     assert torch.equal(y0, y1)
     layer = next(m for m in find_mlps(ckpt) if m.fc1 == "encoder.layer.1.intermediate.dense")
     with open_checkpoint(ckpt) as handle:
-        w1, b1, w2, b2 = read_mlp(handle, layer)
-        w1_0, b1_0, w2_0, b2_0 = read_mlp_shard(handle, layer, 0, WORLD)
+        w1, b1, w2, b2, *_ = read_mlp(handle, layer)
+        w1_0, b1_0, w2_0, b2_0, *_ = read_mlp_shard(handle, layer, 0, WORLD)
     assert torch.equal(w1_0, w1[:128]) and torch.equal(w2_0, w2[:, :128]) and torch.equal(b1_0, b1[:128])
     torch.manual_seed(1)
     x = torch.randn(3, 5, D_MODEL)

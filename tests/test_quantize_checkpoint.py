@@ -105,7 +105,7 @@ def test_each_family_round_trips(tmp_path, family, variant):
     assert read_layers == layers
     for layer in layers:
         assert layer.weight_layout == spec.weight_layout
-        w1, b1, w2, b2 = load_quantized_mlp(output, layer)
+        w1, b1, w2, b2, *_ = load_quantized_mlp(output, layer)
         check_weight(tensors[layer.w1], w1, layer.weight_layout)
         check_weight(tensors[layer.w2], w2, layer.weight_layout)
         per_channel = variant != "w8a16"
@@ -162,7 +162,7 @@ def test_group_scales_are_written_and_read_back(tmp_path, layout_family):
     record, layers = read_quantized(output)
     assert (record["granularity"], record["group_size"]) == ("group:8", 8)
     for layer in layers:
-        w1, _, w2, _ = load_quantized_mlp(output, layer)
+        w1, _, w2, _, *_ = load_quantized_mlp(output, layer)
         assert w1.group_size == 8 and w1.scale.shape == (40, 3)  # K = 20: groups of 8, 8, 4
         assert w2.scale.shape == (20, 5)
         check_weight(tensors[layer.w1], w1, layer.weight_layout)
@@ -176,7 +176,7 @@ def test_smooth_scale_is_written_and_folded_into_w1(tmp_path, layout_family):
     output = tmp_path / "q.safetensors"
     quantize_checkpoint(source, output, QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=64))
     for layer in find_mlps(source):
-        w1, _, w2, _ = load_quantized_mlp(output, layer)
+        w1, _, w2, _, *_ = load_quantized_mlp(output, layer)
         assert w1.input_scale is None and w1.output_scale is None  # dynamic: smoothing alone needs calibration
         s = w1.smooth_scale
         assert s.shape == (20,) and s.dtype == torch.float32 and torch.isfinite(s).all() and (s > 0).all()
@@ -204,7 +204,7 @@ def test_w8a8_scales_run_the_mlp_close_to_float(tmp_path, family, method, smooth
     for layer in find_mlps(source):
         with open_checkpoint(source) as ckpt:  # held-out inputs, as verify draws them
             x, _ = calibration_inputs(ckpt, layer, tokens=256, split="verify")
-        w1, b1, w2, b2 = load_quantized_mlp(output, layer)
+        w1, b1, w2, b2, *_ = load_quantized_mlp(output, layer)
         w1f, w2f = (tensors[n].double() for n in (layer.w1, layer.w2))
         exact = mlp_reference(x.double(), w1f, b1.double(), w2f, b2.double(), gelu_flavour=layer.gelu,
                               weight_layout=layer.weight_layout)  # fmt: skip
@@ -229,7 +229,7 @@ def test_max_scales_are_the_absmax_of_what_the_kernels_see(tmp_path):
     layer = find_mlps(source)[0]
     with open_checkpoint(source) as ckpt:
         x, _ = calibration_inputs(ckpt, layer, tokens=100)  # the calibrate split quantize used
-    w1, b1, _, _ = load_quantized_mlp(output, layer)
+    w1, b1, _, _, *_ = load_quantized_mlp(output, layer)
     torch.testing.assert_close(w1.input_scale * 127, x.abs().max(), rtol=1e-6, atol=0)
     # The GELU output of GEMM1 run on int8 x and int8 W1, in float32.
     h = gelu(fake_quantize(x, w1.input_scale) @ w1.dequantize().t() + b1, layer.gelu)
@@ -275,7 +275,7 @@ def test_bf16_source_keeps_bf16_biases(tmp_path):
     output = tmp_path / "q.safetensors"
     quantize_checkpoint(source, output)
     for layer in find_mlps(source):
-        w1, b1, w2, _ = load_quantized_mlp(output, layer)
+        w1, b1, w2, _, *_ = load_quantized_mlp(output, layer)
         assert b1.dtype == torch.bfloat16 and torch.equal(b1, tensors[layer.b1])
         check_weight(tensors[layer.w1], w1, "out_in")
 
@@ -444,7 +444,7 @@ def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, activations, smo
     for layer in find_mlps(source):
         with open_checkpoint(source) as ckpt:
             x, _ = calibration_inputs(ckpt, layer, tokens=256, split="verify")
-        w1, b1, w2, b2 = load_quantized_mlp(output, layer)
+        w1, b1, w2, b2, *_ = load_quantized_mlp(output, layer)
         acts = {"activations": activations} if scheme == "w8a8" else {}
         config = MLPConfig(dtype=scheme, gelu=layer.gelu, weight_layout=layer.weight_layout, backend="torch", **acts)
         op = FusedMLP(config, device="cpu")
