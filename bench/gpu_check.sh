@@ -74,7 +74,7 @@ for stage in "${stages[@]}"; do
     gated)
       # Issue 17's check: the gated GEMM1 (GELU(gate) * up in one kernel) against its reference
       # and float64 at Gemma sizes, then Gemma-2B's and Gemma-7B's MLPs timed at M=2048, 8192.
-      python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gated.py >"$OUT/gated-tests.log" 2>&1 || status=1
+      python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu -rA tests/test_gated.py >"$OUT/gated-tests.log" 2>&1 || status=1
       gg bench --gated --shape 2048,16384 --shape 3072,24576 --dtype fp16,bf16,w8a16,w8a8 --tokens 2048,8192 \
         --peers eager,cublaslt,compile,dequant,int_mm --json "$OUT/bench-gated.json" >"$OUT/bench-gated.txt" 2>&1 || status=1
       python3 - "$OUT/bench-gated.json" >"$OUT/gated-summary.txt" <<'PY'
