@@ -33,6 +33,10 @@ ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # The product of two 16-bit-rounded-once terms: the plain MLP's tolerances hold (the
 # intermediate is still rounded once); w8a8's relative noise adds up over gate and up.
 TOL_GATED_W8A8_VS_FLOAT64 = TOL_W8A8_VS_FLOAT64
+# Except static: one per-tensor step for GELU(gate) * up, a product of two Gaussians whose
+# absmax over M x d_ff values grows with M (heavy tails). The torch reference itself is 5.4%
+# from float64 at Gemma-2B/7B, M=2048 (4.5% at M=128): the scheme's error, not the kernel's.
+TOL_GATED_W8A8_STATIC_VS_FLOAT64 = 7e-2
 
 
 def gated_weights(k, n, dtype=torch.float32, layout="out_in", form="separate", bias=True):
@@ -369,4 +373,7 @@ def test_int8_gated_mlp_real_sizes(d, f, scheme, act, activations, form, m, reco
     print(f"GPU-ERR gated-mlp d={d} f={f} {scheme} {act} {activations} {form} M={m} vs_torch_ref={err_ref:.3e} vs_float64={err64:.3e}")
     record_property("rel_err_vs_float64", err64)
     assert err_ref < TOL_VS_REFERENCE[dtype]
-    assert err64 < (TOL_VS_FLOAT64[dtype] if scheme == "w8a16" else TOL_GATED_W8A8_VS_FLOAT64)
+    if scheme == "w8a16":
+        assert err64 < TOL_VS_FLOAT64[dtype]
+    else:
+        assert err64 < (TOL_GATED_W8A8_STATIC_VS_FLOAT64 if activations == "static" else TOL_GATED_W8A8_VS_FLOAT64)
