@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 
 from kernels.int8 import SCALE_EPS
 
-from kernels import gemm, int8_gemm, w8a8
+from kernels import dequant, gemm, int8_gemm, w8a8
 from kernels.gemm_base import fit_groups
 from kernels.launch import _heuristic_layers, _innermost
 
@@ -228,9 +228,21 @@ def gated_cases():
                     yield kernel, t, {**cx, "B_IS_NK": False}, fit_groups(configs[0], a_group, c_group), f"{label} in_out"
 
 
+def dequant_cases():
+    """w8a16's large-M dequantize pass (kernels/dequant.py): fp16 and bf16, both layouts,
+    with the launcher's default warps and stages."""
+    types = {"q_ptr": "*i8", "s_ptr": "*fp32", **_ints("R", "C", "stride_qr", "stride_qc", "stride_or", "stride_oc",
+                                                        "stride_sn", "stride_sg")}  # fmt: skip
+    for out, rows_are_n in itertools.product(("fp16", "bf16"), (True, False)):
+        cx = dict(GROUP=128, ROWS_ARE_N=rows_are_n, OUT_FP16=out == "fp16", INTERPRETER=False,
+                  BLOCK_R=dequant.BLOCK_ROWS, BLOCK_C=dequant.BLOCK_COLS)  # fmt: skip
+        label = f"w8a16 dequantize {out} {'out_in' if rows_are_n else 'in_out'}"
+        yield dequant._dequant_group_kernel, {**types, "out_ptr": f"*{out}"}, cx, triton.Config({}, num_warps=4, num_stages=3), label
+
+
 def main() -> int:
     which = sys.argv[1:] or ["float", "int8", "gated"]
-    generators = (("float", float_cases), ("int8", int8_cases), ("gated", gated_cases))
+    generators = (("float", float_cases), ("int8", int8_cases), ("int8", dequant_cases), ("gated", gated_cases))
     cases = [c for name, gen in generators if name in which for c in gen()]
     failures = []
     for kernel, types, constexprs, config, label in cases:
