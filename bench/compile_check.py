@@ -233,10 +233,11 @@ def dequant_cases():
     with the launcher's default warps and stages."""
     types = {"q_ptr": "*i8", "s_ptr": "*fp32", **_ints("R", "C", "stride_qr", "stride_qc", "stride_or", "stride_oc",
                                                         "stride_sn", "stride_sg")}  # fmt: skip
-    for out, rows_are_n in itertools.product(("fp16", "bf16"), (True, False)):
-        cx = dict(GROUP=128, ROWS_ARE_N=rows_are_n, OUT_FP16=out == "fp16", INTERPRETER=False,
-                  BLOCK_R=dequant.BLOCK_ROWS, BLOCK_C=dequant.BLOCK_COLS)  # fmt: skip
-        label = f"w8a16 dequantize {out} {'out_in' if rows_are_n else 'in_out'}"
+    for out, rows_are_n, group in itertools.product(("fp16", "bf16"), (True, False), (128, 32)):
+        block_g, block_other = dequant._blocks(group, rows_are_n)
+        cx = dict(GROUP=group, BLOCK_G=block_g, BLOCK_OTHER=block_other, ROWS_ARE_N=rows_are_n, OUT_FP16=out == "fp16",
+                  INTERPRETER=False)  # fmt: skip
+        label = f"w8a16 dequantize {out} {'out_in' if rows_are_n else 'in_out'} group:{group}"
         yield dequant._dequant_group_kernel, {**types, "out_ptr": f"*{out}"}, cx, triton.Config({}, num_warps=4, num_stages=3), label
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.bench import graph_time
+from kernels.dequant import dequantize_group_weight
 from kernels.int8 import quantize_weight
 from kernels.w8a16 import W8A16_DEQUANT_MIN_M, w8a16_linear
 
@@ -36,6 +37,10 @@ def main() -> None:
     b1 = torch.randn(FF, device="cuda", dtype=torch.float16)
     b2 = torch.randn(D, device="cuda", dtype=torch.float16)
     print(f"W8A16_DEQUANT_MIN_M = {W8A16_DEQUANT_MIN_M}; {torch.cuda.get_device_name()}")
+    t_pass = graph_time(lambda i: (dequantize_group_weight(q1[i], torch.float16), dequantize_group_weight(q2[i], torch.float16)),
+                        sets, 25, 200).median_us
+    moved = 2 * D * FF * 3  # 1 byte read, 2 written per weight, two weights
+    print(f"dequantize pass, both weights: {t_pass:.0f} us, {moved / t_pass / 1e3:.0f} GB/s")
     print(f"{'M':>6} {'in-loop us':>11} {'dequant us':>11} {'eager us':>9} {'in-loop/eager':>14} {'dequant/eager':>14}")
     for m in (128, 256, 512, 1024, 2048, 8192):
         x = [torch.randn(m, D, device="cuda", dtype=torch.float16) for _ in range(sets)]

@@ -18,40 +18,67 @@ import triton
 import triton.language as tl
 
 from kernels.errors import LaunchError
-from kernels.gemm_base import _bf16_round_nearest
+from kernels.gemm_base import _bf16_round_nearest, int8_to_fp16
 from kernels.launch import interpreting
 from kernels.quantized import QuantizedWeight
 from kernels.schemes import ACTIVATION_DTYPES, WeightLayout
 
-BLOCK_ROWS, BLOCK_COLS = 32, 256
+# One program per (group along K, block of output channels): the group's scale is loaded
+# once per channel, never per element. A group of G values spans next_power_of_2(G) lanes.
+TILE_ELEMENTS = 8192
+
+
+def _blocks(group_size: int, rows_are_n: bool) -> tuple[int, int]:
+    block_g = triton.next_power_of_2(group_size)
+    # the other side: output channels, contiguous in memory for in_out (coalesced stores)
+    block_other = max(32 if rows_are_n else 128, TILE_ELEMENTS // block_g)
+    return block_g, block_other
 
 
 @triton.jit
 def _dequant_group_kernel(
     q_ptr, s_ptr, out_ptr, R, C,
     stride_qr, stride_qc, stride_or, stride_oc, stride_sn, stride_sg,
-    GROUP: tl.constexpr, ROWS_ARE_N: tl.constexpr, OUT_FP16: tl.constexpr, INTERPRETER: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_OTHER: tl.constexpr, ROWS_ARE_N: tl.constexpr,
+    OUT_FP16: tl.constexpr, INTERPRETER: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    mask = (r < R) & (c < C)
-    q = tl.load(q_ptr + r * stride_qr + c * stride_qc, mask=mask, other=0)
-    # The data is [N, K] (out_in) or [K, N] (in_out); the scales are [N, cdiv(K, G)].
+    # The data is [N, K] (out_in: rows are N) or [K, N] (in_out); the scales [N, cdiv(K, G)].
     if ROWS_ARE_N:
-        s_offs = r * stride_sn + (c // GROUP) * stride_sg
+        g = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK_OTHER + tl.arange(0, BLOCK_OTHER)
+        n_count = R
+        k_count = C
     else:
-        s_offs = c * stride_sn + (r // GROUP) * stride_sg
-    s = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
+        g = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_OTHER + tl.arange(0, BLOCK_OTHER)
+        n_count = C
+        k_count = R
+    lane = tl.arange(0, BLOCK_G)
+    k = g * GROUP + lane
+    k_ok = (lane < GROUP) & (k < k_count)
+    n_ok = n < n_count
+    s = tl.load(s_ptr + n * stride_sn + g * stride_sg, mask=n_ok, other=0.0)
+    if ROWS_ARE_N:
+        offs_r = n[:, None]
+        offs_c = k[None, :]
+        mask = n_ok[:, None] & k_ok[None, :]
+        scale = s[:, None]
+    else:
+        offs_r = k[:, None]
+        offs_c = n[None, :]
+        mask = k_ok[:, None] & n_ok[None, :]
+        scale = s[None, :]
+    q = tl.load(q_ptr + offs_r * stride_qr + offs_c * stride_qc, mask=mask, other=0)
     if OUT_FP16:
-        # an fp16 scale times a 7-bit integer is exact in float32: one rounding, to fp16
-        w = (q.to(tl.float32) * s.to(tl.float16).to(tl.float32)).to(tl.float16)
+        # the in-loop tile's arithmetic: int8 -> fp16 by integer adds, times the fp16 scale
+        # (an exact product rounded once)
+        w = int8_to_fp16(q) * scale.to(tl.float16)
     else:
-        v = q.to(tl.float32) * s
+        v = q.to(tl.float32) * scale
         if INTERPRETER:
             v = _bf16_round_nearest(v)
         w = v.to(tl.bfloat16)
-    tl.store(out_ptr + r * stride_or + c * stride_oc, w, mask=mask)
+    tl.store(out_ptr + offs_r * stride_or + offs_c * stride_oc, w, mask=mask)
 
 
 def dequantize_group_weight(
@@ -78,11 +105,12 @@ def dequantize_group_weight(
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     if out.numel() == 0:
         return out
-    rows, cols = q.shape
-    grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS))
+    rows_are_n = layout is WeightLayout.OUT_IN
+    block_g, block_other = _blocks(weight.group_size, rows_are_n)
+    grid = (triton.cdiv(n, block_other), groups) if rows_are_n else (groups, triton.cdiv(n, block_other))
     _dequant_group_kernel[grid](
-        q, scale, out, rows, cols, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        scale.stride(0), scale.stride(1), GROUP=weight.group_size, ROWS_ARE_N=layout is WeightLayout.OUT_IN,
-        OUT_FP16=dtype == torch.float16, INTERPRETER=interpreting(), BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS,
+        q, scale, out, q.shape[0], q.shape[1], q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale.stride(0), scale.stride(1), GROUP=weight.group_size, BLOCK_G=block_g, BLOCK_OTHER=block_other,
+        ROWS_ARE_N=rows_are_n, OUT_FP16=dtype == torch.float16, INTERPRETER=interpreting(),
     )  # fmt: skip
     return out
