@@ -13,12 +13,17 @@ rows; W2's per-channel scales are per output channel (d_model), so every rank ke
 them, and its group scales are split along d_ff with the columns (shard edges fall on group
 edges). Static activation scales (x's, the GELU output's) are the same on every rank.
 w8a8 `dynamic` quantizes each rank's slice of the GELU output with its own per-row scale: a
-row's scale covers d_ff / R columns instead of d_ff, a finer grid than one GPU's (measured in
-bench/RESULTS.md).
+row's scale covers d_ff / R columns instead of d_ff, a finer grid than one GPU's, so the result
+differs from one GPU's (about 1% relative on MiniLM) and is a little more accurate (bench/
+tp_accuracy.py, bench/RESULTS.md section 10). Every other scheme computes one GPU's int8
+products; each rank's partial output is rounded to the output dtype before the all-reduce.
 
     shard = shard_mlp_weights(w1, b1, w2, layout, rank, world)      # this rank's (w1, b1, w2)
     tp = TensorParallelMLP(FusedGeluMLP(*shard, None, config), b2)  # b2 added after the all-reduce
     y = tp(x)                                                        # the same on every rank
+
+`tensor_parallel_in_one_process` computes what R ranks of it compute, one shard after the
+other in one process (no process group): to see on one device what a split changes.
 """
 
 from __future__ import annotations
@@ -140,4 +145,31 @@ class TensorParallelMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.shard(x)
         dist.all_reduce(y, group=self.group)
-        return y if self.b2 is None else y + self.b2.to(y.dtype)
+        return _add_b2(y, self.b2)
+
+
+def _add_b2(y: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+    return y if b2 is None else y + b2.to(y.dtype)
+
+
+def tensor_parallel_in_one_process(
+    w1: torch.Tensor | QuantizedWeight,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor | QuantizedWeight,
+    b2: torch.Tensor | None,
+    config,
+    x: torch.Tensor,
+    world: int,
+) -> torch.Tensor:
+    """What `world` ranks of TensorParallelMLP return for x, computed rank after rank here:
+    each rank's FusedGeluMLP shard (shard_mlp_weights), the partial outputs summed in rank
+    order in their dtype (an all-reduce may add them in another order: with more than two
+    ranks the sum's last bit can differ), then b2. Plain (not gated) MLPs."""
+    if config.gated:
+        raise ShardError("tensor_parallel_in_one_process splits plain MLPs; a gated MLP's shards come from load_tp_mlp")
+    y = None
+    for rank in range(world):
+        shard = shard_mlp_weights(w1, b1, w2, config.weight_layout, rank, world)
+        partial = FusedGeluMLP(*shard, None, config)(x)
+        y = partial if y is None else y + partial
+    return _add_b2(y, b2)
