@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, poisoned, randn, rel_err
+from int8_helpers import assert_int8_matches, quantize_weight
 from kernels.errors import LaunchError
 from kernels.gated import gate_and_up
 from kernels.gemm import gemm_bias_act
@@ -25,8 +26,6 @@ from kernels.reference import gelu, linear_reference, mlp_reference, quantize_ac
 from kernels.reference import w8a16_linear_reference
 from kernels.w8a8 import w8a8_linear
 from kernels.w8a16 import w8a16_linear
-from test_w8a8 import SCALE_RTOL, TOL_W8A8_VS_FLOAT64, assert_int8_matches
-from test_w8a16 import quantize_weight
 
 FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
