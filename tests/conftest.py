@@ -1,4 +1,5 @@
-"""Shared test setup: the device, per-dtype tolerances (written once), poisoned outputs.
+"""Shared test setup: the device, per-dtype tolerances (written once), poisoned outputs,
+the fixtures more than one test module uses, and the `gpu` and `tma` markers.
 
 Without CUDA the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set
 here before anything imports Triton), on small shapes. Tests marked `gpu` run the same
@@ -13,6 +14,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# After TRITON_INTERPRET: importing the kernels defines their Triton functions.
+import kernels.bench as bench  # noqa: E402
+from bench_helpers import H100, synthetic_info  # noqa: E402
+from kernels.bench import Timing  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -102,6 +108,31 @@ def quick_configs_for_small_shapes(request, monkeypatch):
     autotune as users do."""
     if "gpu" not in request.keywords:
         monkeypatch.setenv("GELUGEMM_AUTOTUNE", "0")
+
+
+@pytest.fixture
+def cpu_run(monkeypatch):
+    """run_bench on the CPU: Triton in its interpreter, fixed ceilings, a fake clock."""
+    if HAS_CUDA:
+        pytest.skip("the CPU stand-in is for machines without CUDA")
+    monkeypatch.setattr(bench, "require_cuda", lambda: torch.device("cpu"))
+    monkeypatch.setattr(bench, "measure_ceilings", lambda *a: H100)
+    monkeypatch.setattr(
+        bench, "_run_info",
+        lambda device, ceilings, gelu, act, warmup, rep, command, names: synthetic_info(ceilings=ceilings, command=command),
+    )  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    timed = []
+
+    def fake_time(call, n_sets, warmup_ms, rep_ms):
+        call(n_sets - 1)  # the last rotation set, and past it (i wraps around)
+        call(n_sets)
+        timed.append(call)
+        us = 100.0 + len(timed)
+        return Timing(us, us, us, 2)
+
+    monkeypatch.setattr(bench, "median_time", fake_time)
+    return timed
 
 
 def pytest_collection_modifyitems(config, items):
