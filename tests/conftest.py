@@ -135,8 +135,35 @@ def cpu_run(monkeypatch):
     return timed
 
 
+# The TMA paths: "tma", and "decode", which loads its tiles through TMA too. They need Hopper
+# (SM90+) on a GPU; Triton's CPU interpreter runs them anywhere.
+TMA_PATHS = ("tma", "decode")
+
+
+def on_paths(cases: list) -> list:
+    """parametrize cases whose first value is a kernel path ("strided", "tma", "decode",
+    "auto"), each a path or a tuple starting with one: those on a TMA path marked `tma`.
+    Their ids stay those of the plain values."""
+    params = []
+    for case in cases:
+        values = case if isinstance(case, tuple) else (case,)
+        params.append(pytest.param(*values, marks=[pytest.mark.tma] if values[0] in TMA_PATHS else []))
+    return params
+
+
+def tma_unavailable() -> bool:
+    """A CUDA GPU older than SM90 (asked only when a `tma` test is collected on a CUDA machine)."""
+    return HAS_CUDA and torch.cuda.get_device_capability()[0] < 9
+
+
 def pytest_collection_modifyitems(config, items):
-    # `gpu`-marked tests are skipped without CUDA with a visible reason.
+    # `gpu`-marked tests are skipped without CUDA, `tma`-marked ones on a GPU without TMA,
+    # each with a visible reason.
+    no_tma = None
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if item.get_closest_marker("tma") is not None:
+            no_tma = tma_unavailable() if no_tma is None else no_tma
+            if no_tma:
+                item.add_marker(pytest.mark.skip(reason="TMA needs an SM90+ GPU"))

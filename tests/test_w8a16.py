@@ -15,7 +15,7 @@ tests/test_op_int8.py (whole MLP).
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, TOL_W8A16_VS_FLOAT64, TOL_W8A16_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, HAS_CUDA, TOL_W8A16_VS_FLOAT64, TOL_W8A16_VS_REFERENCE, on_paths, poisoned, randn, rel_err
 from int8_helpers import random_quantized_weight
 from kernels.errors import LaunchError
 from kernels.quantized import QuantizedWeight
@@ -69,31 +69,27 @@ def test_strided_kernel(lead, k, n, dtype, layout, group_size):
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype,group_size", DTYPE_GROUPS, ids=str)
 @pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
+@pytest.mark.tma
 def test_tma_kernel(lead, k, n, dtype, layout, group_size):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_case("tma", lead, k, n, dtype, layout, group_size, "tanh")
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype,group_size", DTYPE_GROUPS, ids=str)
 @pytest.mark.parametrize("lead,k,n", DECODE_SHAPES)
+@pytest.mark.tma
 def test_decode_kernel(lead, k, n, dtype, layout, group_size):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_case("decode", lead, k, n, dtype, layout, group_size, "erf")
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("path", ["strided", "tma", "decode"])
+@pytest.mark.parametrize("path", on_paths(["strided", "tma", "decode"]))
 def test_group_dequantized_tile_is_the_reference_bit_for_bit(path, dtype, layout):
     # One-hot rows of x pick rows of W^T out exactly (one non-zero product, float32
     # accumulation, a value already in x's dtype), so each output row is the kernel's
     # dequantized weight: it must equal w8a16_group_weight, the reference's definition
     # (fp16: the scale rounded to fp16 and an fp16 multiply; bf16: a float32 multiply).
-    if DEVICE.type == "cuda" and path != "strided" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     k, n, g, m = 64, 48, 16, 16 if path == "decode" else 40
     qw = random_quantized_weight(k, n, g, layout)
     picks = torch.randint(0, k, (m,))

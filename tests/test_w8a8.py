@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, poisoned, randn, rel_err
+from conftest import DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, on_paths, poisoned, randn, rel_err
 from int8_helpers import assert_int8_matches, calibrate, quantize_weight, random_quantized_weight
 from kernels.errors import LaunchError
 from kernels.reference import (
@@ -163,24 +163,21 @@ def test_gemm1_requantized_strided(lead, k, n, layout, activation, x_scale_kind)
 @pytest.mark.parametrize("x_scale_kind", ["per-token", "static"])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("path,lead,k,n", [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES])
+@pytest.mark.tma
 def test_gemm1_requantized_tma_and_decode(path, lead, k, n, layout, x_scale_kind):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm1(path, lead, k, n, layout, "erf", x_scale_kind)
 
 
 @pytest.mark.parametrize("layout,out_dtype", [("out_in", torch.float16), ("in_out", torch.bfloat16)], ids=str)
 @pytest.mark.parametrize(
     "path,lead,k,n",
-    [("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES],
+    on_paths([("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES]),
 )
 def test_gemm2_dequantized(path, lead, k, n, layout, out_dtype):
-    if path != "strided" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm2(path, lead, k, n, layout, out_dtype, "per-token" if len(lead) == 1 else "static")
 
 
-ALL_PATHS = [("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES]
+ALL_PATHS = on_paths([("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES])
 
 
 @pytest.mark.parametrize("layout,group", [("out_in", 32), ("in_out", 32), ("out_in", 64)])
@@ -189,16 +186,12 @@ def test_gemm1_per_group_in_and_out(path, lead, k, n, layout, group):
     # group:G's GEMM1: x's scales per (row, G columns) promoted per K tile; GELU's output
     # requantized per (row, G columns), the kernel writing those scales (N = 45, 48, 100,
     # 112: short last groups; TMA edge tiles whose second epilogue half lies past N).
-    if path != "strided" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm1(path, lead, k, n, layout, "erf", f"group:{group}", output=f"group:{group}")
 
 
 @pytest.mark.parametrize("layout,group,out_dtype", [("out_in", 32, torch.float16), ("in_out", 32, torch.bfloat16), ("out_in", 64, torch.float16)], ids=str)
 @pytest.mark.parametrize("path,lead,k,n", ALL_PATHS)
 def test_gemm2_per_group_input(path, lead, k, n, layout, group, out_dtype):
-    if path != "strided" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm2(path, lead, k, n, layout, out_dtype, f"group:{group}")
 
 
