@@ -114,3 +114,14 @@ def test_the_checker_sees_every_form_of_a_test_module_import(tmp_path):
         (4, "test_w8a8"), (5, "test_w8a16"), (6, "test_bench"), (7, "test_op"), (8, "test_gemm"), (9, "test_gated"),
         (12, "test_module"),
     ]  # fmt: skip
+
+
+def test_the_sm90_skip_is_written_once():
+    # A test that runs a TMA path is marked `tma` (conftest.on_paths for a path parameter);
+    # conftest alone asks the GPU its capability and skips it below SM90.
+    def asks(path):
+        names = (n.attr if isinstance(n, ast.Attribute) else n.id for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, (ast.Attribute, ast.Name)))  # fmt: skip
+        return "get_device_capability" in names
+
+    assert [p.name for p in sorted(TESTS.glob("*.py")) if asks(p)] == ["conftest.py"]
