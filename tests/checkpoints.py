@@ -8,7 +8,8 @@ feeding each MLP, and tensors that must not be taken for an MLP (attention proje
 with look-alike names, embeddings, an int64 buffer), so discovery and copy-through are
 both exercised. Weights have a different magnitude per output channel so per-channel
 scales differ, and LayerNorm weights and biases are far from 1 and 0 so synthetic
-calibration inputs visibly follow them.
+calibration inputs visibly follow them. `corrupt_files` writes files that are not valid
+safetensors, each broken its own way; `all_tensors` reads a (sharded) directory back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
 @dataclass(frozen=True)
@@ -164,3 +165,32 @@ def write_sharded(
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in `directory`, by name."""
+    out = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def corrupt_files(tmp_path: Path) -> dict[str, Path]:
+    """{what is wrong: path}: a BERT checkpoint written in tmp_path, then broken six ways
+    (truncated, empty, not safetensors, a bad header), none a valid safetensors file."""
+    good = write_checkpoint(tmp_path / "good.safetensors", "bert")
+    data = good.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    files = {
+        "truncated data": data[: len(data) - 100],
+        "truncated header": data[:30],
+        "empty": b"",
+        "not safetensors": b"PK\x03\x04 this is a zip file, not a checkpoint",
+        "corrupt header": data[:8] + data[8 : 8 + header_len].replace(b'"dtype"', b'"dtipe"', 1) + data[8 + header_len :],
+        "header length past the end": (len(data) * 2).to_bytes(8, "little") + data[8:],
+    }
+    paths = {}
+    for what, content in files.items():
+        paths[what] = tmp_path / (what.replace(" ", "_") + ".safetensors")
+        paths[what].write_bytes(content)
+    return paths

@@ -1,4 +1,5 @@
-"""Shared test setup: the device, per-dtype tolerances (written once), poisoned outputs.
+"""Shared test setup: the device, per-dtype tolerances (written once), poisoned outputs,
+the fixtures more than one test module uses, and the `gpu` and `tma` markers.
 
 Without CUDA the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set
 here before anything imports Triton), on small shapes. Tests marked `gpu` run the same
@@ -13,6 +14,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# After TRITON_INTERPRET: importing the kernels defines their Triton functions.
+import kernels.bench as bench  # noqa: E402
+from bench_helpers import H100, synthetic_info  # noqa: E402
+from kernels.bench import Timing  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -30,6 +36,57 @@ TOL_VS_FLOAT64 = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e
 TOL_VS_REFERENCE = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 # fp32 inputs with allow_tf32: operands rounded to 10 mantissa bits.
 TOL_TF32 = 5e-3
+
+# int8 kernels (tests/int8_helpers.py makes their weights). w8a16 against float64 on the
+# dequantized weight keeps the float dtype's error: a per-channel scale multiplies a float32
+# sum of exact int-weight products; a group scale's dequantized weight is rounded once to the
+# activation dtype, well inside it. Against its step-by-step reference: summation order and
+# the odd output rounding flip.
+TOL_W8A16_VS_FLOAT64 = TOL_VS_FLOAT64
+TOL_W8A16_VS_REFERENCE = TOL_VS_REFERENCE
+# The w8a8 MLP against the float64 MLP on the same dequantized weights: dominated by
+# quantizing x (per token or static, 127 levels) and GELU's output (one static scale
+# from the calibration max), each about 1% relative noise on random data.
+TOL_W8A8_VS_FLOAT64 = 5e-2
+# int8 results against the step-by-step reference: at most this fraction of elements
+# off, each by at most 1 (rounding ties moved by float32 op order).
+MAX_TIE_FLIPS = 1e-3
+# A per-group scale of GEMM1's output, kernel against reference: the float32 value it is
+# the absmax of may differ in its last bits (another fma, erf, summation order).
+SCALE_RTOL = 1e-5
+
+
+def tol_int8_vs_float64(scheme: str, dtype: torch.dtype) -> float:
+    """An int8 MLP's tolerance against the float64 MLP on its dequantized weights."""
+    return TOL_W8A16_VS_FLOAT64[dtype] if scheme == "w8a16" else TOL_W8A8_VS_FLOAT64
+
+
+# Whole MLPs and models against the float ones they replace (relative Frobenius error of the
+# output), each measured on the tests' own random weights, with headroom. They are not
+# calibration/verify.py's DEFAULT_TOLERANCES (the library's table; tests read it from there),
+# which grade a user's checkpoint against its fp16 path at 2-2.4x the worst error measured
+# on real weights (all-MiniLM-L6-v2); these hold the tests' random weights to what was
+# measured on them.
+#
+# A quantized MLP, or the tiny BERT of tests/hf_models.py with its MLPs quantized. Measured
+# over 200 seeds (MLP on its calibration inputs): w8a16 median 0.6-0.8%, max 1.0%; w8a8
+# median 1.5%, max 2.2%. The tiny BERT (last hidden states, w8a8 calibrated on synthetic
+# rows), weights seeded 0 as the tests build it: w8a16 1.2%, w8a8 3.0%; seeds 0-4: at most
+# 1.7% and 3.7%.
+TOL_QUANTIZED_VS_FLOAT = {"w8a16": 0.02, "w8a8": 0.05}
+# A model with int8 MLPs read through compressed-tensors, against the float model: int8 noise
+# on two small random MLPs, measured at 1e-4 - 3e-3 (test_compressed_tensors).
+TOL_COMPRESSED_TENSORS_MODEL = 2e-2
+# A tiny gated model (Gemma, T5, ModernBERT) with w8a8 MLPs (calibrated on synthetic rows)
+# against the float one: measured 5e-3 - 6e-2 on these tiny random models, whose weights
+# are 10x transformers' init (tests/hf_models.py; test_gated_models).
+TOL_GATED_MODEL = 1e-1
+# Float32 MLPs swapped into a tiny model on the op's torch backend, against the model's own
+# float32 modules: the same operations, only the summation order differs, over the tiny
+# models' K <= 128 (test_hf_swap). Tighter than TOL_VS_REFERENCE[float32], which also holds
+# the Triton kernels (backend "auto" on a GPU, the CPU interpreter) at K up to 16384.
+TOL_SWAPPED_FP32 = 1e-6
+
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN or Inf anywhere in out gives inf."""
@@ -80,8 +137,60 @@ def quick_configs_for_small_shapes(request, monkeypatch):
         monkeypatch.setenv("GELUGEMM_AUTOTUNE", "0")
 
 
+@pytest.fixture
+def cpu_run(monkeypatch):
+    """run_bench on the CPU: Triton in its interpreter, fixed ceilings, a fake clock."""
+    if HAS_CUDA:
+        pytest.skip("the CPU stand-in is for machines without CUDA")
+    monkeypatch.setattr(bench, "require_cuda", lambda: torch.device("cpu"))
+    monkeypatch.setattr(bench, "measure_ceilings", lambda *a: H100)
+    monkeypatch.setattr(
+        bench, "_run_info",
+        lambda device, ceilings, gelu, act, warmup, rep, command, names: synthetic_info(ceilings=ceilings, command=command),
+    )  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    timed = []
+
+    def fake_time(call, n_sets, warmup_ms, rep_ms):
+        call(n_sets - 1)  # the last rotation set, and past it (i wraps around)
+        call(n_sets)
+        timed.append(call)
+        us = 100.0 + len(timed)
+        return Timing(us, us, us, 2)
+
+    monkeypatch.setattr(bench, "median_time", fake_time)
+    return timed
+
+
+# The TMA paths: "tma", and "decode", which loads its tiles through TMA too. They need Hopper
+# (SM90+) on a GPU; Triton's CPU interpreter runs them anywhere.
+TMA_PATHS = ("tma", "decode")
+
+
+def on_paths(cases: list) -> list:
+    """parametrize cases whose first value is a kernel path ("strided", "tma", "decode",
+    "auto"), each a path or a tuple starting with one: those on a TMA path marked `tma`.
+    Their ids stay those of the plain values."""
+    params = []
+    for case in cases:
+        values = case if isinstance(case, tuple) else (case,)
+        params.append(pytest.param(*values, marks=[pytest.mark.tma] if values[0] in TMA_PATHS else []))
+    return params
+
+
+def tma_unavailable() -> bool:
+    """A CUDA GPU older than SM90 (asked only when a `tma` test is collected on a CUDA machine)."""
+    return HAS_CUDA and torch.cuda.get_device_capability()[0] < 9
+
+
 def pytest_collection_modifyitems(config, items):
-    # `gpu`-marked tests are skipped without CUDA with a visible reason.
+    # `gpu`-marked tests are skipped without CUDA, `tma`-marked ones on a GPU without TMA,
+    # each with a visible reason.
+    no_tma = None
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if item.get_closest_marker("tma") is not None:
+            no_tma = tma_unavailable() if no_tma is None else no_tma
+            if no_tma:
+                item.add_marker(pytest.mark.skip(reason="TMA needs an SM90+ GPU"))

@@ -16,20 +16,16 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import kernels.bench as bench
+from bench_helpers import BIG, H100, synthetic_result, synthetic_row
 from checkpoints import write_checkpoint
 from conftest import HAS_CUDA, randn, rel_err
 from gelugemm_cli import bench as bench_cli
 from gelugemm_cli.app import app
 from kernels import peers
 from kernels.bench import (
-    BenchResult,
-    BenchRow,
     Ceilings,
     MLPShape,
-    RunInfo,
     Timing,
-    fill_metrics,
-    fill_speedups,
     mlp_flops,
     mlp_min_bytes,
     relerr_limit,
@@ -41,9 +37,7 @@ from kernels.reference import mlp_reference, w8a8_mlp_reference
 from calibration.model import checkpoint_shapes
 from kernels.int8 import quantize_weight
 
-# The H100 ceilings in DESIGN.md (anchors-h100.json): bf16 808 TFLOP/s, int8 957 TOP/s, copy 3020 GB/s.
-H100 = Ceilings(matmul_tflops=807.856, int8_tops=956.736, copy_gbps=3019.997)
-BIG, SMALL = MLPShape(4096, 16384), MLPShape(768, 3072)
+SMALL = MLPShape(768, 3072)
 
 runner = CliRunner()
 
@@ -109,46 +103,6 @@ def test_relerr_limits_follow_what_each_impl_rounds():
 
 
 # ---- a synthetic result: metrics, speedups, JSON, table -----------------------------------------
-
-
-def synthetic_info(**kw) -> RunInfo:
-    fields = dict(
-        device="NVIDIA H100 80GB HBM3", capability="9.0", sm_count=132, l2_bytes=50 * 2**20,
-        torch="2.11.0+cu130", triton="3.6.0", cuda="13.0", gelugemm="0.1.0", date="2026-11-25T00:00:00+00:00",
-        ceilings=H100, gelu="erf", activation_dtype="fp16", cublaslt_gelu="tanh", warmup_ms=25.0, rep_ms=100.0,
-        command="gelugemm bench --dtype fp16",
-    )  # fmt: skip
-    fields.update(kw)
-    return RunInfo(**fields)
-
-
-def synthetic_row(impl, time_us, m=2048, dtype="fp16", gelu="erf", status="ok", relerr=3e-4, **kw) -> BenchRow:
-    flops, nbytes = mlp_flops(m, BIG), mlp_min_bytes(m, BIG, dtype)
-    floor_us, bound = roofline_floor_us(flops, nbytes, H100, dtype)
-    weights = "int8" if dtype in bench.INT8_DTYPES and impl in ("gelugemm", "dequant", "int_mm") else "fp16"
-    row = BenchRow(
-        BIG.d_model, BIG.d_ff, dtype, m, impl, gelu, weights, status, flops, nbytes, floor_us, bound,
-        time_us=time_us, p20_us=time_us and time_us * 0.99, p80_us=time_us and time_us * 1.02,
-        reps=100 if time_us else None, rotation_sets=1, relerr=relerr, relerr_limit=5e-3, **kw,
-    )  # fmt: skip
-    fill_metrics(row)
-    return row
-
-
-def synthetic_result() -> BenchResult:
-    rows = [
-        synthetic_row("gelugemm", 760.0),
-        synthetic_row("gelugemm", 770.0, gelu="tanh"),
-        synthetic_row("eager", 862.0),
-        synthetic_row("cublaslt", 823.0, gelu="tanh", note="cuBLASLt's GELU epilogue is tanh"),
-        synthetic_row("compile", 876.0),
-        synthetic_row("gelugemm", None, dtype="w8a16", status="unavailable", relerr=None,
-                      error="dtype w8a16 is not implemented yet for shape [/x] [bold]"),
-        synthetic_row("eager", 862.0, dtype="w8a16"),
-        synthetic_row("dequant", 1500.0, dtype="w8a16", status="wrong", relerr=0.5),
-    ]  # fmt: skip
-    fill_speedups(rows)
-    return BenchResult(synthetic_info(), rows)
 
 
 def test_metrics_by_hand():
@@ -384,31 +338,6 @@ def test_median_time_counts_and_quantiles(monkeypatch):
     assert set(calls) == {0, 1, 2}  # every rotation set is used
 
 
-@pytest.fixture
-def cpu_run(monkeypatch):
-    """run_bench on the CPU: Triton in its interpreter, fixed ceilings, a fake clock."""
-    if HAS_CUDA:
-        pytest.skip("the CPU stand-in is for machines without CUDA")
-    monkeypatch.setattr(bench, "require_cuda", lambda: torch.device("cpu"))
-    monkeypatch.setattr(bench, "measure_ceilings", lambda *a: H100)
-    monkeypatch.setattr(
-        bench, "_run_info",
-        lambda device, ceilings, gelu, act, warmup, rep, command, names: synthetic_info(ceilings=ceilings, command=command),
-    )  # fmt: skip
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    timed = []
-
-    def fake_time(call, n_sets, warmup_ms, rep_ms):
-        call(n_sets - 1)  # the last rotation set, and past it (i wraps around)
-        call(n_sets)
-        timed.append(call)
-        us = 100.0 + len(timed)
-        return Timing(us, us, us, 2)
-
-    monkeypatch.setattr(bench, "median_time", fake_time)
-    return timed
-
-
 def test_run_bench_on_cpu_plans_checks_and_shares_float_peers(cpu_run):
     shape = MLPShape(32, 64)
     stages = []
@@ -618,7 +547,6 @@ def test_cli_gated_and_a_gated_checkpoint_turns_it_on(cpu_run, tmp_path):
         ("gelugemm", True, "tanh"), ("eager", True, "tanh"), ("eager-cat", True, "tanh")
     ]  # fmt: skip
     assert "gated MLPs (GeGLU)" in result.stdout
-    from test_gated_models import GATED  # noqa: F401 (the tiny HF models live beside it)
     from hf_models import build
 
     gemma = build("gemma", tmp_path / "gemma")

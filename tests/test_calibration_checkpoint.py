@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from calibration.checkpoint import find_mlps, open_checkpoint, read_mlp, read_norm
 from calibration.errors import CheckpointError, OptionError
-from checkpoints import FAMILIES, checkpoint_tensors, write_checkpoint
+from checkpoints import FAMILIES, checkpoint_tensors, corrupt_files, write_checkpoint
 
 D_MODEL, D_FF = 16, 48
 
@@ -161,25 +161,6 @@ def test_bf16_and_fp16_checkpoints(tmp_path):
     for dtype, name in ((torch.bfloat16, "BF16"), (torch.float16, "F16")):
         path = write_checkpoint(tmp_path / f"{name}.safetensors", "bert", dtype=dtype)
         assert {layer.dtype for layer in find_mlps(path)} == {name}
-
-
-def corrupt_files(tmp_path):
-    good = write_checkpoint(tmp_path / "good.safetensors", "bert")
-    data = good.read_bytes()
-    header_len = int.from_bytes(data[:8], "little")
-    files = {
-        "truncated data": data[: len(data) - 100],
-        "truncated header": data[:30],
-        "empty": b"",
-        "not safetensors": b"PK\x03\x04 this is a zip file, not a checkpoint",
-        "corrupt header": data[:8] + data[8 : 8 + header_len].replace(b'"dtype"', b'"dtipe"', 1) + data[8 + header_len :],
-        "header length past the end": (len(data) * 2).to_bytes(8, "little") + data[8:],
-    }
-    paths = {}
-    for what, content in files.items():
-        paths[what] = tmp_path / (what.replace(" ", "_") + ".safetensors")
-        paths[what].write_bytes(content)
-    return paths
 
 
 def test_invalid_files_are_checkpoint_errors(tmp_path):

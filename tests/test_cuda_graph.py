@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import randn
+from int8_helpers import int8_mlp
 from kernels.op import FusedMLP, MLPConfig
-from test_op_int8 import int8_mlp
 
 pytestmark = pytest.mark.gpu
 

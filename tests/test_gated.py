@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, on_paths, poisoned, randn, rel_err
+from int8_helpers import assert_int8_matches, quantize_weight
 from kernels.errors import LaunchError
 from kernels.gated import gate_and_up
 from kernels.gemm import gemm_bias_act
@@ -25,8 +26,6 @@ from kernels.reference import gelu, linear_reference, mlp_reference, quantize_ac
 from kernels.reference import w8a16_linear_reference
 from kernels.w8a8 import w8a8_linear
 from kernels.w8a16 import w8a16_linear
-from test_w8a8 import SCALE_RTOL, TOL_W8A8_VS_FLOAT64, assert_int8_matches
-from test_w8a16 import quantize_weight
 
 FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -74,10 +73,8 @@ FORMS = [("out_in", "separate", True), ("in_out", "concatenated", True), ("out_i
 
 @pytest.mark.parametrize("layout,form,bias", FORMS)
 @pytest.mark.parametrize("dtype", list(FLOAT.values()), ids=str)
-@pytest.mark.parametrize("path,lead,k,n", FLOAT_CASES)
+@pytest.mark.parametrize("path,lead,k,n", on_paths(FLOAT_CASES))
 def test_float_gated_gemm1(path, lead, k, n, dtype, layout, form, bias):
-    if DEVICE.type == "cuda" and path != "strided" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     if form == "concatenated" and layout == "in_out" and path != "strided" and (n * dtype.itemsize) % 16:
         pytest.skip("the up half of an in_out weight starts n elements in: TMA needs that 16-byte aligned")
     x = randn(*lead, k, dtype=dtype)
@@ -149,10 +146,8 @@ def int8_gated(k, n, layout, form, group_size=None, bias=True, dtype=torch.float
     [(torch.float16, None, "separate", True), (torch.bfloat16, 32, "concatenated", True), (torch.float16, 16, "concatenated", False)],
     ids=str,
 )
-@pytest.mark.parametrize("path,lead,k,n", INT8_CASES)
+@pytest.mark.parametrize("path,lead,k,n", on_paths(INT8_CASES))
 def test_w8a16_gated_gemm1(path, lead, k, n, dtype, group_size, form, bias):
-    if DEVICE.type == "cuda" and path != "strided" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     layout = "out_in" if form == "separate" else "in_out"
     x = randn(*lead, k, dtype=dtype)
     w1, b1, w_up, b_up = int8_gated(k, n, layout, form, group_size, bias, dtype)
@@ -170,14 +165,12 @@ def test_w8a16_gated_gemm1(path, lead, k, n, dtype, group_size, form, bias):
     [("static", "separate", "out_in"), ("dynamic", "concatenated", "out_in"), ("group:32", "concatenated", "in_out"),
      ("group:32", "separate", "out_in")],
 )  # fmt: skip
-@pytest.mark.parametrize("path,lead,k,n", INT8_CASES)
+@pytest.mark.parametrize("path,lead,k,n", on_paths(INT8_CASES))
 def test_w8a8_gated_gemm1_matches_reference_exactly(path, lead, k, n, scheme, form, layout):
     """Each accumulator dequantized with its own weight scales (a's per-group scales promoted
     into both per K tile), GELU(gate) * up in float32, then the product as each activation
     scheme takes it: requantized with the static output scale, written in 16 bits
     (dynamic), or requantized per (row, 32 columns) with the scales the kernel writes."""
-    if DEVICE.type == "cuda" and path != "strided" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     if path != "strided" and scheme != "dynamic" and n % 16:
         pytest.skip("int8 output rows of 16-byte multiples for TMA")
     group = 32 if scheme.startswith("group") else None

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
 from kernels.errors import LaunchError
 from kernels.gemm import gemm_bias_act
 from kernels.reference import linear_reference
@@ -59,9 +59,8 @@ def test_strided_kernel(lead, k, n, dtype, layout, activation):
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
+@pytest.mark.tma
 def test_tma_kernel(lead, k, n, dtype, layout, activation):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_case("tma", lead, k, n, dtype, layout, activation)
 
 
@@ -74,9 +73,8 @@ DECODE_SHAPES = [((1,), 264, 40), ((16,), 264, 136), ((2, 3), 72, 40), ((37,), 1
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,k,n", DECODE_SHAPES)
+@pytest.mark.tma
 def test_decode_kernel(lead, k, n, dtype, layout, activation):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_case("decode", lead, k, n, dtype, layout, activation)
 
 
@@ -160,11 +158,10 @@ def test_gemm1_real_sizes(d, f, dtype, m):
 
 
 @pytest.mark.parametrize("m", [1, 37])
+@pytest.mark.tma
 def test_a_misaligned_out_after_an_aligned_call_takes_the_strided_path(monkeypatch, m):
     # The first call caches a TMA (or decode) plan for these shapes; a caller's `out` that
     # starts off a 16-byte boundary must not reuse it: TMA stores need aligned rows.
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     import kernels.gemm as gemm_module
     import kernels.gemm_base as gemm_base
 

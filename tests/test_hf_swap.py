@@ -17,13 +17,10 @@ from torch import nn
 from calibration.checkpoint import find_mlps
 from calibration.hf import load_model
 from calibration.model import SwapError, find_seam, module_path, plan_swaps, swap_mlps
-from conftest import rel_err
+from conftest import TOL_SWAPPED_FP32, rel_err
 from hf_models import build, tiny_model
 from kernels.module import FusedGeluMLP
 from kernels.op import MLPConfig
-
-# The float path of the op in fp32 against the model's own fp32 modules: summation order only.
-TOL_SWAPPED_FP32 = 1e-6
 
 # kind -> (fc1 and fc2 module paths of layer 0, the module the fused MLP replaces, the
 # modules that become identities, the model's GELU flavour)

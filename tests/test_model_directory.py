@@ -20,7 +20,7 @@ from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import RECORD_KEY, SMOOTH_KEY, open_quantized, read_quantized, sha256_file
 from calibration.verify import verify_checkpoint
-from checkpoints import checkpoint_tensors, write_checkpoint, write_sharded
+from checkpoints import all_tensors, checkpoint_tensors, write_checkpoint, write_sharded
 from gelugemm_cli import common
 from gelugemm_cli.app import app
 
@@ -51,13 +51,6 @@ def model_dir(path: Path, family="bert", shards=3, config=BERT_CONFIG, n_layers=
     (path.parent / f"{path.name}-blobs" / "2_Dense" / "config.json").write_text('{"in_features": 16}')
     (path / "2_Dense").symlink_to(path.parent / f"{path.name}-blobs" / "2_Dense")
     return path
-
-
-def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    return out
 
 
 def listing(root: Path) -> list[str]:

@@ -5,39 +5,20 @@ static; with and without SmoothQuant); what each scheme hands GEMM2; the errors 
 gets for missing scales and unsupported group sizes.
 """
 
-import math
-
 import pytest
 import torch
 
 import kernels.op as op_module
-from conftest import DEVICE, TOL_VS_REFERENCE, randn, rel_err
+from conftest import DEVICE, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, randn, rel_err, tol_int8_vs_float64
+from int8_helpers import int8_mlp, quantize_weight
 from kernels.errors import LaunchError
 from kernels.int8 import scale_from_absmax
 from kernels.schemes import SchemeError
 from kernels.op import FusedMLP, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import mlp_reference
-from test_w8a8 import TOL_W8A8_VS_FLOAT64, calibrate
-from test_w8a16 import TOL_W8A16_VS_FLOAT64, quantize_weight
 
 ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def int8_mlp(d, f, act_dtype, scheme, *, layout="out_in", group_size=None, smooth=False, gelu="erf", x=None, bias2=True):
-    """Quantized MLP weights, with the w8a8 scales calibrated on x."""
-    w1 = randn(f, d, scale=1 / math.sqrt(d))
-    w2 = randn(d, f, scale=1 / math.sqrt(f))
-    smooth_scale = (torch.rand(d, device=DEVICE) + 0.5) if smooth else None
-    # SmoothQuant: W1 is stored multiplied by the smoothing scale along its input dim.
-    q1 = quantize_weight(w1 if smooth_scale is None else w1 * smooth_scale, group_size, layout)
-    q2 = quantize_weight(w2, group_size, layout)
-    b1 = randn(f, dtype=act_dtype, scale=0.5)
-    b2 = randn(d, dtype=act_dtype, scale=0.5) if bias2 else None
-    if scheme == "w8a8":
-        q1.smooth_scale = smooth_scale
-        q1.input_scale, q1.output_scale = calibrate(x, q1, b1, gelu, smooth_scale, layout)
-    return q1, b1, q2, b2
 
 
 def float64_mlp(x, q1, b1, q2, b2, gelu, layout):
@@ -48,10 +29,6 @@ def float64_mlp(x, q1, b1, q2, b2, gelu, layout):
         xs, q1.dequantize(layout, torch.float64), b1.double(), q2.dequantize(layout, torch.float64),
         None if b2 is None else b2.double(), gelu_flavour=gelu, weight_layout=layout,
     )  # fmt: skip
-
-
-def tolerance_vs_float64(scheme, dtype):
-    return TOL_W8A16_VS_FLOAT64[dtype] if scheme == "w8a16" else TOL_W8A8_VS_FLOAT64
 
 
 def run_both_backends(cfg, x, weights, device=DEVICE):
@@ -85,7 +62,7 @@ def test_int8_mlp_matches_torch_backend_and_float64(scheme, variant, act, layout
     y, y_torch = run_both_backends(cfg, x, weights)
     assert y.shape == (3, 7, d) and y.dtype == dtype
     assert rel_err(y, y_torch) < TOL_VS_REFERENCE[dtype]
-    assert rel_err(y, float64_mlp(x, *weights, gelu, layout)) < tolerance_vs_float64(scheme, dtype)
+    assert rel_err(y, float64_mlp(x, *weights, gelu, layout)) < tol_int8_vs_float64(scheme, dtype)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +76,7 @@ def test_decode_and_odd_sizes(scheme, activations):
         weights = int8_mlp(d, f, torch.float16, scheme, x=x, bias2=False)
         y, y_torch = run_both_backends(dict(dtype=scheme, activations=activations), x, weights)
         assert rel_err(y, y_torch) < TOL_VS_REFERENCE[torch.float16]
-        assert rel_err(y, float64_mlp(x, *weights, "erf", "out_in")) < tolerance_vs_float64(scheme, torch.float16)
+        assert rel_err(y, float64_mlp(x, *weights, "erf", "out_in")) < tol_int8_vs_float64(scheme, torch.float16)
 
 
 def record_w8a8_steps(monkeypatch) -> list:
@@ -249,4 +226,4 @@ def test_int8_mlp_real_sizes(d, f, scheme, act, variant, layout, m, record_prope
     record_property("rel_err_vs_torch_reference", err_ref)
     record_property("rel_err_vs_float64", err64)
     assert err_ref < TOL_VS_REFERENCE[dtype]
-    assert err64 < tolerance_vs_float64(scheme, dtype)
+    assert err64 < tol_int8_vs_float64(scheme, dtype)

@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 import calibration.outputs as outputs
 import calibration.quantize as quantize_module
 import gelugemm_cli.verify as verify_cli
+from bench_helpers import synthetic_result
 from calibration.errors import CheckpointError, OutputError
 from calibration.quantized_file import is_quantized_file, sha256_file
 from checkpoints import write_checkpoint
 from gelugemm_cli import common
 from gelugemm_cli.app import app
-from test_bench import cpu_run, synthetic_result  # noqa: F401  (cpu_run: a fixture)
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -390,7 +390,7 @@ def test_every_json_is_stamped_with_tool_and_schema_version(tmp_path, model):
     assert not outputs.is_own_file(model)
 
 
-def test_bench_json_is_stamped_too(tmp_path, cpu_run):  # noqa: F811
+def test_bench_json_is_stamped_too(tmp_path, cpu_run):
     path = tmp_path / "b.json"
     args = ["bench", "--shape", "32,64", "--dtype", "fp16", "--tokens", "3", "--peers", "eager", "--json", path]
     assert invoke(*args).exit_code == 0

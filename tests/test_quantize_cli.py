@@ -10,10 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from calibration.quantized_file import is_quantized_file, read_quantized, sha256_file
-from checkpoints import checkpoint_tensors, write_calibration, write_checkpoint
+from checkpoints import checkpoint_tensors, corrupt_files, write_calibration, write_checkpoint
 from gelugemm_cli import common
 from gelugemm_cli.app import app
-from test_calibration_checkpoint import corrupt_files
 
 runner = CliRunner()
 # Rich hard-wraps at the console width (80 where there is no terminal); wide enough that

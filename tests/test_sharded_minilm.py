@@ -11,9 +11,8 @@ from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import read_quantized
 from calibration.verify import verify_checkpoint
-from checkpoints import write_sharded
+from checkpoints import all_tensors, write_sharded
 from hf_models import minilm_dir
-from test_model_directory import all_tensors
 
 
 @pytest.fixture(scope="module")

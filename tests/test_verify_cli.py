@@ -17,12 +17,11 @@ from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import RECORD_KEY
 from calibration.verify import DEFAULT_TOLERANCES, default_key
-from checkpoints import checkpoint_tensors, write_calibration, write_checkpoint
+from checkpoints import checkpoint_tensors, corrupt_files, write_calibration, write_checkpoint
 from conftest import AUTO_BACKEND, AUTO_BACKEND_REASON
 from gelugemm_cli import common
 from gelugemm_cli.app import app
 from kernels.op import DTYPES, FusedMLP
-from test_calibration_checkpoint import corrupt_files
 
 runner = CliRunner()
 WIDE = 400  # one message, one line (see test_quantize_cli.py)

@@ -12,25 +12,16 @@ its reference as the GPU's does. The GPU tests at real sizes are in
 tests/test_op_int8.py (whole MLP).
 """
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import DEVICE, HAS_CUDA, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, HAS_CUDA, TOL_W8A16_VS_FLOAT64, TOL_W8A16_VS_REFERENCE, on_paths, poisoned, randn, rel_err
+from int8_helpers import random_quantized_weight
 from kernels.errors import LaunchError
 from kernels.quantized import QuantizedWeight
 from kernels import int8_gemm
 from kernels.reference import linear_reference, w8a16_group_weight, w8a16_linear_reference
 from kernels.w8a16 import w8a16_linear
-
-# Against float64 on the dequantized weight, w8a16 keeps the float dtype's error: a
-# per-channel scale multiplies a float32 sum of exact int-weight products; a group
-# scale's dequantized weight is rounded once to the activation dtype, well inside it.
-TOL_W8A16_VS_FLOAT64 = TOL_VS_FLOAT64
-# Against its step-by-step reference: summation order and the odd output rounding flip.
-TOL_W8A16_VS_REFERENCE = TOL_VS_REFERENCE
 
 # (leading dims, K, N): M=1, M=37 (> 16), batch dims; K and N multiples of no block size.
 STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100), ((19,), 130, 7)]
@@ -44,28 +35,6 @@ DECODE_SHAPES = [((1,), 80, 48), ((16,), 80, 48), ((2, 3), 272, 48), ((5,), 272,
 DTYPE_GROUPS = [
     (torch.float16, None), (torch.bfloat16, None), (torch.bfloat16, 32), (torch.float16, 16), (torch.float16, 24)
 ]
-
-
-def quantize_weight(w: torch.Tensor, group_size: int | None = None, layout: str = "out_in") -> QuantizedWeight:
-    """Symmetric int8 of a float weight w [N, K]: scale = absmax / 127 per output channel,
-    or per group of `group_size` along K; the int8 data stored in `layout`."""
-    w = w.float()
-    n, k = w.shape
-    if group_size is None:
-        scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127
-        per_element = scale[:, None]
-    else:
-        groups = math.ceil(k / group_size)
-        padded = F.pad(w.abs(), (0, groups * group_size - k)).reshape(n, groups, group_size)
-        scale = padded.amax(dim=-1).clamp_min(1e-8) / 127
-        per_element = scale.repeat_interleave(group_size, dim=1)[:, :k]
-    q = torch.round(w / per_element).clamp(-127, 127).to(torch.int8)
-    data = q if layout == "out_in" else q.t().contiguous()
-    return QuantizedWeight(data.to(DEVICE), scale.to(DEVICE), group_size)
-
-
-def random_quantized_weight(k, n, group_size=None, layout="out_in") -> QuantizedWeight:
-    return quantize_weight(randn(n, k, scale=1 / math.sqrt(k)), group_size, layout)
 
 
 def check_w8a16(out, x, qw, b, activation, layout):
@@ -100,31 +69,27 @@ def test_strided_kernel(lead, k, n, dtype, layout, group_size):
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype,group_size", DTYPE_GROUPS, ids=str)
 @pytest.mark.parametrize("lead,k,n", TMA_SHAPES)
+@pytest.mark.tma
 def test_tma_kernel(lead, k, n, dtype, layout, group_size):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_case("tma", lead, k, n, dtype, layout, group_size, "tanh")
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype,group_size", DTYPE_GROUPS, ids=str)
 @pytest.mark.parametrize("lead,k,n", DECODE_SHAPES)
+@pytest.mark.tma
 def test_decode_kernel(lead, k, n, dtype, layout, group_size):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_case("decode", lead, k, n, dtype, layout, group_size, "erf")
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("path", ["strided", "tma", "decode"])
+@pytest.mark.parametrize("path", on_paths(["strided", "tma", "decode"]))
 def test_group_dequantized_tile_is_the_reference_bit_for_bit(path, dtype, layout):
     # One-hot rows of x pick rows of W^T out exactly (one non-zero product, float32
     # accumulation, a value already in x's dtype), so each output row is the kernel's
     # dequantized weight: it must equal w8a16_group_weight, the reference's definition
     # (fp16: the scale rounded to fp16 and an fp16 multiply; bf16: a float32 multiply).
-    if DEVICE.type == "cuda" and path != "strided" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     k, n, g, m = 64, 48, 16, 16 if path == "decode" else 40
     qw = random_quantized_weight(k, n, g, layout)
     picks = torch.randint(0, k, (m,))

@@ -18,26 +18,16 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, on_paths, poisoned, randn, rel_err
+from int8_helpers import assert_int8_matches, calibrate, quantize_weight, random_quantized_weight
 from kernels.errors import LaunchError
 from kernels.reference import (
-    as_out_in,
-    gelu,
     linear_reference,
     mlp_reference,
     quantize_activation_reference,
     w8a8_linear_reference,
 )
 from kernels.w8a8 import quantize_activations, w8a8_linear
-from test_w8a16 import quantize_weight, random_quantized_weight
-
-# int8 results against the step-by-step reference: at most this fraction of elements
-# off, each by at most 1 (rounding ties moved by float32 op order).
-MAX_TIE_FLIPS = 1e-3
-# The w8a8 MLP against the float64 MLP on the same dequantized weights: dominated by
-# quantizing x (per token or static, 127 levels) and GELU's output (one static scale
-# from the calibration max), each about 1% relative noise on random data.
-TOL_W8A8_VS_FLOAT64 = 5e-2
 
 # (leading dims, K, N): M=1, M=37 (> 16), batch dims; odd K and N.
 STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100)]
@@ -49,25 +39,6 @@ DECODE_SHAPES = [((1,), 80, 48), ((16,), 80, 48), ((2, 3), 272, 48), ((5,), 272,
 
 def scalar(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32, device=DEVICE)
-
-
-def calibrate(x, w1, b1, gelu_flavour, smooth_scale=None, layout="out_in"):
-    """(input_scale, output_scale) by absmax over this data, as a max observer would:
-    x / smooth, and GELU(x @ W1^T + b1) on the dequantized weight."""
-    xs = x.float() if smooth_scale is None else x.float() / smooth_scale
-    h = gelu(xs @ as_out_in(w1.dequantize(layout), layout).t() + b1.float(), gelu_flavour)
-    return xs.abs().amax() / 127, h.abs().amax() / 127
-
-
-def assert_int8_matches(out, ref):
-    """Equal except at most MAX_TIE_FLIPS of the elements, each off by 1."""
-    assert out.dtype == torch.int8 and out.shape == ref.shape
-    assert not (out == -128).any(), "an element was never written (the poison value is outside [-127, 127])"
-    diff = (out.int() - ref.int()).abs()
-    flips = (diff != 0).sum().item()
-    assert diff.max().item() <= 1, f"int8 results differ by up to {diff.max().item()}"
-    assert flips <= max(1, MAX_TIE_FLIPS * out.numel()), f"{flips} of {out.numel()} int8 results differ"
-    return flips
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,10 +115,6 @@ def dequantized_input(xq, x_scale, group):
     return xq.double() * (x_scale.double() if x_scale.numel() == 1 else x_scale.double()[..., None])
 
 
-# A per-group scale of GEMM1's output, kernel against reference: the float32 value it is
-# the absmax of may differ in its last bits (another fma, erf, summation order).
-SCALE_RTOL = 1e-5
-
 
 def run_gemm1(path, lead, k, n, layout, activation, x_scale_kind, output="static"):
     """GEMM1: int8 in, bias, GELU, requantized int8 out (with one static scale, or per
@@ -196,24 +163,21 @@ def test_gemm1_requantized_strided(lead, k, n, layout, activation, x_scale_kind)
 @pytest.mark.parametrize("x_scale_kind", ["per-token", "static"])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("path,lead,k,n", [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES])
+@pytest.mark.tma
 def test_gemm1_requantized_tma_and_decode(path, lead, k, n, layout, x_scale_kind):
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm1(path, lead, k, n, layout, "erf", x_scale_kind)
 
 
 @pytest.mark.parametrize("layout,out_dtype", [("out_in", torch.float16), ("in_out", torch.bfloat16)], ids=str)
 @pytest.mark.parametrize(
     "path,lead,k,n",
-    [("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES],
+    on_paths([("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES]),
 )
 def test_gemm2_dequantized(path, lead, k, n, layout, out_dtype):
-    if path != "strided" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm2(path, lead, k, n, layout, out_dtype, "per-token" if len(lead) == 1 else "static")
 
 
-ALL_PATHS = [("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES]
+ALL_PATHS = on_paths([("strided", *s) for s in STRIDED_SHAPES] + [("tma", *s) for s in TMA_SHAPES] + [("decode", *s) for s in DECODE_SHAPES])
 
 
 @pytest.mark.parametrize("layout,group", [("out_in", 32), ("in_out", 32), ("out_in", 64)])
@@ -222,16 +186,12 @@ def test_gemm1_per_group_in_and_out(path, lead, k, n, layout, group):
     # group:G's GEMM1: x's scales per (row, G columns) promoted per K tile; GELU's output
     # requantized per (row, G columns), the kernel writing those scales (N = 45, 48, 100,
     # 112: short last groups; TMA edge tiles whose second epilogue half lies past N).
-    if path != "strided" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm1(path, lead, k, n, layout, "erf", f"group:{group}", output=f"group:{group}")
 
 
 @pytest.mark.parametrize("layout,group,out_dtype", [("out_in", 32, torch.float16), ("in_out", 32, torch.bfloat16), ("out_in", 64, torch.float16)], ids=str)
 @pytest.mark.parametrize("path,lead,k,n", ALL_PATHS)
 def test_gemm2_per_group_input(path, lead, k, n, layout, group, out_dtype):
-    if path != "strided" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs an SM90+ GPU")
     run_gemm2(path, lead, k, n, layout, out_dtype, f"group:{group}")
 
 
