@@ -4,7 +4,7 @@
 # torch/triton (nothing is installed).
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
-#                                          eval (default: all), and verify-dir (not in the default)
+#                                          eval (default: all), and verify-dir, w8a16-dequant (not in the default)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -150,10 +150,22 @@ PY
         summary+=("verify-dir $scheme: $(tail -n 1 "$OUT/verify-dir-$scheme.txt")")
       done
       ;;
+    w8a16-dequant)
+      # Where w8a16's dequantize-then-float-GEMM schedule overtakes the in-loop conversion
+      # (kernels/w8a16.py's W8A16_DEQUANT_MIN_M), and the pass's own bandwidth.
+      python3 bench/probe_w8a16_dequant.py >"$OUT/w8a16-dequant.txt" 2>&1 || status=1
+      while read -r line; do summary+=("  $line"); done <"$OUT/w8a16-dequant.txt"
+      ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   summary+=("  ($stage took $((SECONDS - t0)) s)")
 done
+
+# A device session brings back a few files: GPU_CHECK_PACK=FILE.tgz packs every log and
+# JSON under $OUT into one (quantized checkpoints left out).
+if [[ -n ${GPU_CHECK_PACK:-} ]]; then
+  tar czf "$GPU_CHECK_PACK" -C "$OUT" --exclude='*.safetensors' . || status=1
+fi
 
 echo "== summary"
 cat "$OUT/env.txt"
