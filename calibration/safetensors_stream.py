@@ -14,6 +14,8 @@ import json
 import math
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -33,6 +35,9 @@ TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 # Raw copies move this many bytes at a time: the copy's memory, whatever the tensor's size.
 COPY_CHUNK = 16 << 20
+# Tensors handed to write_stream's writer thread and not yet written (their memory stays
+# alive until they are): one being written, one waiting.
+WRITES_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -137,19 +142,29 @@ def write_stream(
 
     `tensors` must yield exactly the plan's names, in its order, with its dtypes and shapes:
     a torch tensor, or a StoredTensor whose bytes are copied from its file as they are.
+
+    The writes run on one background thread, in order, at most WRITES_IN_FLIGHT tensors
+    behind: while the OS takes one tensor's bytes, the caller computes the next (quantize's
+    next layer). A write's error is raised here, at the next tensor or at the end.
     """
     written = out.write(header_bytes(plan, metadata))
     expected = iter(plan.items())
-    for name, t in tensors:
-        want_name, want = next(expected, (None, None))
-        got = t.info if isinstance(t, StoredTensor) else TensorInfo(DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
-        if name != want_name or got != want:
-            raise RuntimeError(f"tensor stream out of plan: got {name} {got}, planned {want_name} {want}")
-        if isinstance(t, StoredTensor):
-            written += _copy_bytes(out, t)
-        else:
-            # Raw bytes in native (little-endian) order, whatever the dtype.
-            written += out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    in_flight: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-write") as writer:
+        for name, t in tensors:
+            want_name, want = next(expected, (None, None))
+            got = t.info if isinstance(t, StoredTensor) else TensorInfo(DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+            if name != want_name or got != want:
+                raise RuntimeError(f"tensor stream out of plan: got {name} {got}, planned {want_name} {want}")
+            if isinstance(t, StoredTensor):
+                in_flight.append(writer.submit(_copy_bytes, out, t))
+            else:
+                # Raw bytes in native (little-endian) order, whatever the dtype (the view keeps t alive).
+                in_flight.append(writer.submit(out.write, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data))
+            while len(in_flight) > WRITES_IN_FLIGHT:
+                written += in_flight.popleft().result()
+        while in_flight:
+            written += in_flight.popleft().result()
     missing = [name for name, _ in expected]
     if missing:
         raise RuntimeError(f"tensor stream ended before the plan: {len(missing)} missing, first {missing[0]}")
