@@ -35,9 +35,10 @@ TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 # Raw copies move this many bytes at a time: the copy's memory, whatever the tensor's size.
 COPY_CHUNK = 16 << 20
-# Tensors handed to write_stream's writer thread and not yet written (their memory stays
-# alive until they are): one being written, one waiting.
-WRITES_IN_FLIGHT = 2
+# Bytes handed to write_stream's writer thread and not yet written (their tensors stay alive
+# until they are): about one 4096 x 16384 MLP's int8 weights, so that the next layer is read
+# and quantized while this one's are written. One tensor larger than this waits alone.
+WRITE_AHEAD_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -143,13 +144,14 @@ def write_stream(
     `tensors` must yield exactly the plan's names, in its order, with its dtypes and shapes:
     a torch tensor, or a StoredTensor whose bytes are copied from its file as they are.
 
-    The writes run on one background thread, in order, at most WRITES_IN_FLIGHT tensors
-    behind: while the OS takes one tensor's bytes, the caller computes the next (quantize's
-    next layer). A write's error is raised here, at the next tensor or at the end.
+    The writes run on one background thread, in order, at most WRITE_AHEAD_BYTES behind:
+    while the OS takes one layer's bytes, the caller computes the next (quantize's next
+    layer). A write's error is raised here, at a later tensor or at the end.
     """
     written = out.write(header_bytes(plan, metadata))
     expected = iter(plan.items())
-    in_flight: deque[Future] = deque()
+    in_flight: deque[tuple[Future, int]] = deque()  # (the write, its bytes)
+    ahead = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-write") as writer:
         for name, t in tensors:
             want_name, want = next(expected, (None, None))
@@ -157,14 +159,18 @@ def write_stream(
             if name != want_name or got != want:
                 raise RuntimeError(f"tensor stream out of plan: got {name} {got}, planned {want_name} {want}")
             if isinstance(t, StoredTensor):
-                in_flight.append(writer.submit(_copy_bytes, out, t))
+                in_flight.append((writer.submit(_copy_bytes, out, t), t.end - t.begin))
             else:
                 # Raw bytes in native (little-endian) order, whatever the dtype (the view keeps t alive).
-                in_flight.append(writer.submit(out.write, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data))
-            while len(in_flight) > WRITES_IN_FLIGHT:
-                written += in_flight.popleft().result()
-        while in_flight:
-            written += in_flight.popleft().result()
+                data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+                in_flight.append((writer.submit(out.write, data), len(data)))
+            ahead += in_flight[-1][1]
+            while ahead > WRITE_AHEAD_BYTES and len(in_flight) > 1:
+                done, size = in_flight.popleft()
+                written += done.result()
+                ahead -= size
+        for done, _ in in_flight:
+            written += done.result()
     missing = [name for name, _ in expected]
     if missing:
         raise RuntimeError(f"tensor stream ended before the plan: {len(missing)} missing, first {missing[0]}")
