@@ -28,6 +28,9 @@ BLOCK_ELEMENTS = 1 << 20
 # stays in cache through the block's passes; the buffers are reused from block to block
 # (a fresh temporary per pass was page-faulted in each time: 3x slower on the 2-core CI host).
 QUANTIZE_BLOCK_ELEMENTS = 1 << 19
+# On a GPU (verify quantizes an original checkpoint's weights where it runs them) a block is
+# a kernel launch per pass: 64 MB buffers, a 4096 x 16384 weight in four blocks.
+DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 
 def row_blocks(n: int, k: int, elements: int = BLOCK_ELEMENTS) -> list[slice]:
@@ -38,19 +41,21 @@ def row_blocks(n: int, k: int, elements: int = BLOCK_ELEMENTS) -> list[slice]:
 
 class _Blocks:
     """A weight's output channels a block at a time, in three float32 scratch buffers
-    [rows, groups * G] reused by every block: `block` (W's rows), `q` and `tmp`.
+    [rows, groups * G] on the weight's device, reused by every block: `block` (W's rows),
+    `q` and `tmp`.
 
     Per channel G is K (one group); per group the last group is zero-padded, and the
     padding columns stay zero (a zero changes no absmax, no sum, and quantizes to 0).
     """
 
-    def __init__(self, n: int, k: int, group_size: int | None):
+    def __init__(self, n: int, k: int, group_size: int | None, device: torch.device):
         self.n, self.k = n, k
         self.group = group_size or max(k, 1)
         self.groups = -(-k // self.group)
-        self.rows = min(n, max(1, QUANTIZE_BLOCK_ELEMENTS // (self.groups * self.group)))
         width = self.groups * self.group
-        self.block, self.q, self.tmp = (torch.zeros(self.rows, width) for _ in range(3))
+        elements = QUANTIZE_BLOCK_ELEMENTS if device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+        self.rows = max(1, min(n, elements // width))
+        self.block, self.q, self.tmp = (torch.zeros(self.rows, width, device=device) for _ in range(3))
 
     def __iter__(self):
         """(start, rows) of each block."""
@@ -124,7 +129,9 @@ def quantize_weight_blocked(
     multiplier: torch.Tensor | None = None,
     error: WeightError | None = None,
 ) -> QuantizedWeight:
-    """`kernels.int8.quantize_weight`, a block of output channels at a time (bit for bit the same).
+    """`kernels.int8.quantize_weight`, a block of output channels at a time (bit for bit the same),
+    on W's device (every step is IEEE float32 arithmetic, correctly rounded on a GPU as on
+    the CPU: the same int8 values and scales; tests/test_calibration_weights.py checks it).
 
     multiplier: float32 [K], applied along K in float32 before quantizing (SmoothQuant's
         W1 * s; the same products as calibration.smooth.fold_into_weight).
@@ -133,11 +140,11 @@ def quantize_weight_blocked(
     """
     w_nk = as_out_in(w, weight_layout)
     n, k = w_nk.shape
-    blocks = _Blocks(n, k, group_size)
-    data = torch.empty(n, k, dtype=torch.int8)
+    blocks = _Blocks(n, k, group_size, w.device)
+    data = torch.empty(n, k, dtype=torch.int8, device=w.device)
     # Written in place: a small tensor kept per block would sit between the blocks'
     # temporaries in the allocator's heap and keep it from giving their memory back.
-    scale = torch.empty(n, blocks.groups, dtype=torch.float32)
+    scale = torch.empty(n, blocks.groups, dtype=torch.float32, device=w.device)
     for start, r in blocks:
         block = blocks.load(w_nk, start, r, multiplier)
         q, block_scale = blocks.quantize(block)
@@ -166,7 +173,7 @@ def weight_error(
     w_nk = as_out_in(w, weight_layout)
     q_nk = as_out_in(qw.data, weight_layout)
     n, k = w_nk.shape
-    blocks = _Blocks(n, k, qw.group_size)
+    blocks = _Blocks(n, k, qw.group_size, w.device)
     scale = qw.scale.view(n, blocks.groups)
     error = WeightError()
     for start, r in blocks:

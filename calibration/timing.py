@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 OTHER = "other"
 
 
 class PhaseTimer:
-    def __init__(self) -> None:
+    """sync: called before each clock reading (torch.cuda.synchronize where work runs on a
+    GPU: its kernels run after the call that launched them, and their time is that phase's)."""
+
+    def __init__(self, sync: Callable[[], object] | None = None) -> None:
+        self.sync = sync
         self.started = time.perf_counter()
         self.seconds: dict[str, float] = {}
         self._stack: list[str] = []
@@ -35,14 +39,19 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + now - self._mark
         self._mark = now
 
+    def _now(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self._charge(time.perf_counter())
+        self._charge(self._now())
         self._stack.append(name)
         try:
             yield
         finally:
-            self._charge(time.perf_counter())
+            self._charge(self._now())
             self._stack.pop()
 
     def total(self) -> float:

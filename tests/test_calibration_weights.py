@@ -117,3 +117,22 @@ def test_blocked_quantization_is_quantize_weight_bit_for_bit(monkeypatch, layout
     measured = error.to_dict()  # float32 differences: about 1e-5 of a step (see HALF_STEP)
     assert measured["rel_frobenius"] == pytest.approx((diff.norm() / encodes.double().norm()).item(), rel=1e-4)
     assert measured["max_abs_steps"] == pytest.approx((diff.abs() / step).max().item(), abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [None, 128, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantizing_on_the_gpu_gives_the_cpu_s_int8_bit_for_bit(group_size, dtype):
+    """verify quantizes an original checkpoint's weights on the GPU it runs them on: the int8
+    values, scales and error must be those quantize writes from the CPU (IEEE float32 on both)."""
+    n, k = 8192, 3072  # two device blocks (1 << 24 elements each), 48 CPU blocks
+    w = (torch.randn(n, k) * torch.rand(n, 1).add(0.01) * 0.05).to(dtype)
+    w[7] = 0
+    cpu_error, gpu_error = WeightError(), WeightError()
+    on_cpu = quantize_weight_blocked(w, group_size=group_size, error=cpu_error)
+    on_gpu = quantize_weight_blocked(w.cuda(), group_size=group_size, error=gpu_error)
+    assert on_gpu.data.is_cuda and torch.equal(on_gpu.data.cpu(), on_cpu.data)
+    assert torch.equal(on_gpu.scale.cpu(), on_cpu.scale)
+    assert torch.equal(on_cpu.data, quantize_weight(w, group_size=group_size).data)
+    assert gpu_error.to_dict()["max_abs_steps"] == pytest.approx(cpu_error.to_dict()["max_abs_steps"], abs=1e-6)
+    assert gpu_error.to_dict()["rel_frobenius"] == pytest.approx(cpu_error.to_dict()["rel_frobenius"], rel=1e-6)

@@ -39,3 +39,13 @@ def test_a_phase_that_raises_is_still_counted():
 
 def test_phases_text_puts_the_largest_first_and_other_last():
     assert phases_text({OTHER: 5.0, "read": 0.5, "quantize": 1.25}) == "quantize 1.25 s, read 0.50 s, other 5.00 s"
+
+
+def test_sync_runs_before_every_clock_reading():
+    """On a GPU the phase's kernels are waited for before its clock stops (sync: cuda.synchronize)."""
+    calls = []
+    timer = PhaseTimer(sync=lambda: calls.append(len(calls)))
+    with timer.phase("op"):
+        with timer.phase("metrics"):
+            pass
+    assert len(calls) == 4  # entering and leaving each phase
