@@ -48,7 +48,7 @@ from calibration.options import SYNTHETIC_WARNING, QuantizeOptions
 from calibration.ranks import Ranks, broadcast, together
 from calibration.ranks import current as current_ranks
 from calibration.quantize_mlp import calibrate_gemm1, check_gemm1_options, quantize_gemm1, quantize_gemm1_weight, quantize_gemm2
-from calibration.quantize_weights import WeightError
+from calibration.quantize_weights import WeightError, compute_threads, intra_op_threads
 from calibration.smooth import input_channel_absmax, smooth_scale_from_absmax
 from calibration.quantized_file import (
     RECORD_KEY,
@@ -66,7 +66,15 @@ from calibration.quantized_file import (
     sha256_file,
 )
 from calibration.outputs import atomic_output, check_output
-from calibration.safetensors_stream import DTYPE_BYTES, StoredTensor, TensorInfo, header_bytes, tensor_bytes, write_stream
+from calibration.safetensors_stream import (
+    DTYPE_BYTES,
+    ReadBuffer,
+    StoredTensor,
+    TensorInfo,
+    header_bytes,
+    tensor_bytes,
+    write_stream,
+)
 from kernels.quantized import QuantizedWeight
 from kernels.version import __version__
 
@@ -197,28 +205,31 @@ def _linear_report(prefix: str, qw: QuantizedWeight, err: WeightError) -> Linear
     )  # fmt: skip
 
 
-def _reader(ckpt: Checkpoint, timer: PhaseTimer) -> Callable[[str | None], torch.Tensor | None]:
-    """read_tensor, timed as "read"; None for a tensor the MLP does not have."""
+def _reader(ckpt: Checkpoint, timer: PhaseTimer, weights: ReadBuffer) -> Callable[..., torch.Tensor | None]:
+    """read(name), read_tensor timed as "read"; None for a tensor the MLP does not have.
+    read(name, dropped=True): a float weight dropped once quantized, read into `weights`
+    (overwritten by the next such read); biases, which are written out, get their own memory."""
 
-    def read(name: str | None) -> torch.Tensor | None:
+    def read(name: str | None, dropped: bool = False) -> torch.Tensor | None:
         if name is None:
             return None
         with timer.phase("read"):
-            return read_tensor(ckpt, name)
+            return read_tensor(ckpt, name, buffer=weights if dropped else None)
 
     return read
 
 
-def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, x, smooth_scale, timer: PhaseTimer) -> tuple:
+def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, x, smooth_scale, timer: PhaseTimer,
+                    weights: ReadBuffer) -> tuple:  # fmt: skip
     """GEMM1 of one MLP: (q1, its weight error, b1, q_up, up's weight error, b_up), one float weight
     in memory at a time (a gated MLP's gate, then its up projection, then the output scale
     calibrated on the int8 weights). The stored W1 encodes W1 * smooth_scale: that is what
     its error is measured against."""
     layout = layer.weight_layout
     activations = options.activations or "dynamic"
-    read = _reader(ckpt, timer)
+    read = _reader(ckpt, timer, weights)
     b1 = read(layer.b1)
-    w1 = read(layer.w1)
+    w1 = read(layer.w1, dropped=True)
     err1 = WeightError()
     if not layer.is_gated:
         with timer.phase("quantize"):
@@ -236,7 +247,7 @@ def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions,
     q_up = err_up = b_up = None
     if layer.gated == "separate":
         release_free_memory()  # the gate's temporaries, before the up projection is read
-        w_up, b_up = read(layer.w_up), read(layer.b_up)
+        w_up, b_up = read(layer.w_up, dropped=True), read(layer.b_up)
         err_up = WeightError()
         with timer.phase("quantize"):
             q_up = quantize_gemm1_weight(w_up, **kw, error=err_up)
@@ -254,21 +265,22 @@ def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions,
 
 def _quantize_layer(
     ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, scheme: FormatScheme, smoothing: str | None,
-    smooth_scale: torch.Tensor | None, timer: PhaseTimer,
+    smooth_scale: torch.Tensor | None, timer: PhaseTimer, weights: ReadBuffer,
 ) -> tuple[LayerReport, dict[str, torch.Tensor]]:
     """One MLP: read, calibrate (w8a8), quantize. (report, its output tensors by name).
 
     One float weight is in memory at a time: W1 (a gated MLP's gate, then its up
-    projection) is read, quantized, measured and dropped before the next weight is read.
+    projection) is read, quantized, measured and dropped before the next weight is read, each
+    into the same buffer (`weights`).
     """
-    read = _reader(ckpt, timer)
+    read = _reader(ckpt, timer, weights)
     x, calibrated_on = None, None
     if options.observer is not None:  # static activation scales (smoothing's scale is computed beforehand)
         with timer.phase("calibration inputs"):
             x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
     elif smooth_scale is not None:
         calibrated_on = "smoothing only (its scale from the calibration rows; activation scales at run time)"
-    q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale, timer)
+    q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale, timer, weights)
     del x
     release_free_memory()  # W1's temporaries, before W2 is read
     out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
@@ -280,7 +292,7 @@ def _quantize_layer(
         out.update(linear_tensors(layer.up, layer.w_up, q_up, layer.weight_layout, scheme))
         if b_up is not None:
             out[layer.b_up] = b_up
-    w2, b2 = read(layer.w2), read(layer.b2)
+    w2, b2 = read(layer.w2, dropped=True), read(layer.b2)
     err2 = WeightError()
     with timer.phase("quantize"):
         q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size, error=err2)
@@ -501,26 +513,6 @@ def _expected_bytes(ckpt: Checkpoint, plan: _Plan, layers: list[MLPLayer], copy:
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def compute_threads() -> int:
-    """torch's intra-op threads for quantize: every core but one, which is left to the writer
-    thread (safetensors_stream.write_stream) and the OS's page cache. On a 2-core host one
-    thread computes while the other core writes; two OpenMP threads sharing their cores with
-    the writer (or any other busy process) wait on each other at every op of every block:
-    quantize ran 5-80x slower that way."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(torch.get_num_threads(), cores - 1))
-
-
-@contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def quantize_checkpoint(
     source: str | Path,
     output: str | Path | None = None,
@@ -531,9 +523,10 @@ def quantize_checkpoint(
 
     output: None writes `<name>.int8.safetensors` beside a file, `DIR-int8/` beside a directory.
     progress: called as progress(done, total, layer) once each MLP is written (a progress bar).
-    Runs torch on compute_threads() threads (restored after).
+    Runs torch on calibration.quantize_weights.compute_threads() threads (restored after): one
+    core is left to the writer thread.
     """
-    with _intra_op_threads(compute_threads()):
+    with intra_op_threads(compute_threads()):
         return _quantize_checkpoint(source, output, options, progress)
 
 
@@ -569,13 +562,14 @@ def _quantize_checkpoint(source, output, options, progress) -> QuantizeReport:
                 smooth_scales = _smooth_scales(ckpt, layers, options, meter)
         reports: dict[int, LayerReport] = {}
         pending: dict[int, dict[str, torch.Tensor]] = {}
+        weights = ReadBuffer()  # every float weight is read into it, one at a time
 
         def produce(i: int, name: str) -> torch.Tensor:
             """Output tensor `name` of layer i, quantizing the layer the first time one is asked for."""
             if i not in pending:
                 layer = layers[i]
                 reports[i], pending[i] = _quantize_layer(
-                    ckpt, layer, options, scheme, plan.smoothing.get(layer.fc1), smooth_scales.get(layer.fc1), timer
+                    ckpt, layer, options, scheme, plan.smoothing.get(layer.fc1), smooth_scales.get(layer.fc1), timer, weights
                 )  # fmt: skip
                 meter.sample()  # this layer's float and int8 weights and its calibration inputs are alive here
                 if progress is not None:

@@ -13,7 +13,10 @@ not by reading W again: quantize's whole cost is a few passes over cached blocks
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -31,6 +34,29 @@ QUANTIZE_BLOCK_ELEMENTS = 1 << 19
 # On a GPU (verify quantizes an original checkpoint's weights where it runs them) a block is
 # a kernel launch per pass: 64 MB buffers, a 4096 x 16384 weight in four blocks.
 DEVICE_BLOCK_ELEMENTS = 1 << 24
+
+
+def compute_threads() -> int:
+    """torch's intra-op threads for quantizing on the CPU: every core but one. The blocks are
+    small and many (a few hundred passes of ~100 us per weight), and two OpenMP threads on a
+    2-core host wait on each other at every pass whenever the other core is busy (quantize's
+    writer thread, any other process): 5-80x slower, where one thread is 1.7x slower on an
+    idle host and never stalls. The core left over writes (quantize) or is the OS's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores - 1))
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch.set_num_threads(n) for the block, restored after."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def row_blocks(n: int, k: int, elements: int = BLOCK_ELEMENTS) -> list[slice]:
@@ -138,6 +164,11 @@ def quantize_weight_blocked(
     error: a WeightError to add this weight's error to (W * multiplier against q * s),
         measured on each block as it is quantized.
     """
+    with intra_op_threads(compute_threads() if w.device.type == "cpu" else torch.get_num_threads()):
+        return _quantize_blocked(w, weight_layout, group_size, multiplier, error)
+
+
+def _quantize_blocked(w, weight_layout, group_size, multiplier, error) -> QuantizedWeight:
     w_nk = as_out_in(w, weight_layout)
     n, k = w_nk.shape
     blocks = _Blocks(n, k, group_size, w.device)

@@ -97,3 +97,22 @@ def test_writes_run_in_order_behind_the_stream():
     assert written == len(data)
     body = torch.frombuffer(bytearray(data[-8 * 4000 :]), dtype=torch.float32).view(8, 1000)
     assert torch.equal(body, torch.arange(8.0)[:, None].expand(8, 1000)) and produced == list(tensors)
+
+
+def test_reads_into_one_buffer_are_the_tensors_and_reuse_its_memory(tmp_path):
+    """quantize reads each float weight into one ReadBuffer: the same values as a plain read,
+    the same memory each time (grown when a larger tensor comes)."""
+    from calibration.safetensors_stream import ReadBuffer, read_header, read_stored
+
+    tensors = {"small": torch.randn(3, 5).half(), "big": torch.randn(40, 7), "mid": torch.randn(6).bfloat16()}
+    path = tmp_path / "t.safetensors"
+    with open(path, "wb") as f:
+        write_stream(f, plan_of(tensors), iter(tensors.items()), {})
+    stored, _ = read_header(path)
+    buffer = ReadBuffer()
+    first = read_stored(stored["small"], buffer=buffer)
+    assert torch.equal(first, tensors["small"]) and first.dtype == torch.float16
+    big = read_stored(stored["big"], buffer=buffer)  # larger: the buffer grows
+    assert torch.equal(big, tensors["big"]) and torch.equal(big, read_stored(stored["big"]))
+    mid = read_stored(stored["mid"], buffer=buffer)
+    assert torch.equal(mid, tensors["mid"]) and mid.data_ptr() == big.data_ptr()  # the same memory
