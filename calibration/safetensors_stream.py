@@ -83,16 +83,19 @@ class ReadBuffer:
     each tensor before it reads the next (quantize: one float weight at a time). Its pages stay
     mapped: a fresh allocation per 4096 x 16384 fp16 weight is page-faulted in each time, and
     the kernel zeroing those pages took 4x as long as copying the bytes from the page cache
-    (62 against 13 ms per 128 MiB on the 2-core CI host). It grows to the largest tensor read."""
+    (62 against 13 ms per 128 MiB on the 2-core CI host). It grows to the largest tensor read.
+    pin_memory: page-locked, for tensors copied on to a GPU (verify): the copy runs at the
+    bus's speed, without the driver staging it through its own buffer."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin_memory: bool = False) -> None:
         self._bytes: torch.Tensor | None = None
+        self.pin_memory = pin_memory
 
     def take(self, nbytes: int) -> torch.Tensor:
         """uint8 [nbytes], overwriting what the last take() returned."""
         if self._bytes is None or self._bytes.numel() < nbytes:
             self._bytes = None  # the old one freed before the larger one is made
-            self._bytes = torch.empty(nbytes, dtype=torch.uint8)
+            self._bytes = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
         return self._bytes[:nbytes]
 
 

@@ -53,7 +53,16 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from calibration.checkpoint import Checkpoint, MLPLayer, MLPTensors, mlps_in, open_checkpoint, read_mlp, select_layers
+from calibration.checkpoint import (
+    Checkpoint,
+    MLPLayer,
+    MLPTensors,
+    mlps_in,
+    open_checkpoint,
+    read_mlp,
+    read_tensor,
+    select_layers,
+)
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError, OptionError
 from calibration.families import check_asked_activation_dtype
@@ -62,6 +71,7 @@ from calibration.model import int8_op_fields
 from calibration.options import QuantizeOptions
 from calibration.ranks import current as current_ranks
 from calibration.ranks import together
+from calibration.safetensors_stream import ReadBuffer
 from calibration.timing import PhaseTimer
 from calibration.quantize_mlp import quantize_gated_mlp, quantize_mlp
 from calibration.quantized_file import (
@@ -694,15 +704,16 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
         if progress is not None:
             progress(done, total, what)
 
+    # On a GPU every float tensor goes through one pinned host buffer on its way there.
+    staging = ReadBuffer(pin_memory=True) if device.type == "cuda" else None
+
     def verify_mine() -> list[tuple[int, LayerResult, list[VerifyRow]]]:
         ref_ckpt = plan.reference
         out = []
         for i in mine:
             layer, ref_layer = plan.layers[i], plan.ref_layers[i]
-            with timer.phase("read"):
-                floats = read_mlp(ref_ckpt, ref_layer)
-            with timer.phase("to device"):  # once per MLP: the references, the float rows and in-memory int8 read them there
-                floats = floats.map(lambda t: t.to(device))
+            # once per MLP: the references, the float rows and in-memory int8 read them there
+            floats = _read_to_device(ref_ckpt, ref_layer, device, staging, timer)
             with timer.phase("inputs"):
                 x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
             with timer.phase(plan.int8_phase):
@@ -741,6 +752,28 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
         in_memory_quantization=_in_memory_description(plan.dtypes, plan.calib, seed) if plan.quantized is None else None,
         layers=results, rows=rows, notes=notes, seconds=timing["seconds"], timing=timing,
     )  # fmt: skip
+
+
+def _read_to_device(ckpt: Checkpoint, layer: MLPLayer, device: torch.device, staging: ReadBuffer | None,
+                    timer: PhaseTimer) -> MLPTensors:  # fmt: skip
+    """The MLP's float tensors (read_mlp's: checked finite) on `device`. With a staging buffer
+    (a GPU), each is read into it and copied from it, one tensor at a time: no host memory
+    per tensor, and a copy from page-locked memory."""
+    if staging is None:
+        with timer.phase("read"):
+            floats = read_mlp(ckpt, layer)
+        with timer.phase("to device"):
+            return floats.map(lambda t: t.to(device))
+
+    def one(name: str | None) -> torch.Tensor | None:
+        if name is None:
+            return None
+        with timer.phase("read"):
+            t = read_tensor(ckpt, name, buffer=staging)
+        with timer.phase("to device"):  # a copy, finished before the buffer is read into again
+            return t.to(device, copy=True)
+
+    return MLPTensors(one(layer.w1), one(layer.b1), one(layer.w2), one(layer.b2), one(layer.w_up), one(layer.b_up))
 
 
 def _device_name(device: torch.device) -> str:
