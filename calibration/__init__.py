@@ -2,7 +2,7 @@
 
     checkpoint.py          open_checkpoint (a file or a model directory, sharded), find_mlps, read_mlp
     families.py            the GELU MLP families: names, layouts, LayerNorms, GELU from config.json
-    quantize_weights.py    int8 weights a block of channels at a time; weight_error
+    quantize_weights.py    int8 weights a block of channels at a time, the weight error measured on the way
     model.py               load_mlps, swap_mlps, plan_swaps: quantized MLPs as modules, put at their seam in a model
     hf.py                  a local model directory through transformers (the `hf` extra): loading, inputs, fc1 modules
     capture.py             calibrate_model: what each MLP reads on real text or images, the --calib file
@@ -17,5 +17,6 @@
     safetensors_stream.py  safetensors headers, reads, and writing one tensor at a time
     safetensors_header.py  a safetensors header checked before the file is mapped
     outputs.py             every output: checked before the work, written all or nothing
+    timing.py              PhaseTimer: where a run's seconds went, for quantize's and verify's timing line
     options.py, errors.py, memory.py
 """

@@ -51,7 +51,7 @@ from calibration.families import (
     model_type_of,
     norm_feeds_only_mlp,
 )
-from calibration.safetensors_stream import StoredTensor, TensorInfo, read_header, read_stored, tensor_bytes
+from calibration.safetensors_stream import ReadBuffer, StoredTensor, TensorInfo, read_header, read_stored, tensor_bytes
 
 __all__ = ["TensorInfo", "MLPLayer", "MLPTensors", "Checkpoint", "open_checkpoint", "find_mlps", "mlps_in", "select_layers"]
 
@@ -315,10 +315,11 @@ class Checkpoint:
             self._handles[path] = open(path, "rb")
         return self._handles[path]
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def get_tensor(self, name: str, buffer: ReadBuffer | None = None) -> torch.Tensor:
+        """The tensor as stored (read into `buffer` where given: valid until its next read)."""
         stored = self.stored(name)
         try:
-            return read_stored(stored, self._handle(stored.path))
+            return read_stored(stored, self._handle(stored.path), buffer=buffer)
         except OSError as exc:
             raise CheckpointError(f"{stored.path}: cannot read {name}: {exc.strerror or exc}") from None
 
@@ -363,15 +364,24 @@ def tensor_infos(handle) -> dict[str, TensorInfo]:
     return {name: TensorInfo(handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape())) for name in handle.keys()}
 
 
-def read_tensor(handle, name: str) -> torch.Tensor:
-    """One tensor as stored; a float tensor holding NaN or Inf is a CheckpointError."""
-    t = handle.get_tensor(name)
-    if t.is_floating_point():
-        # a block at a time: a bool mask of the whole tensor would be half an fp16 weight again
+def read_tensor(handle, name: str, buffer: ReadBuffer | None = None) -> torch.Tensor:
+    """One tensor as stored; a float tensor holding NaN or Inf is a CheckpointError.
+    buffer: a Checkpoint reads it there (safetensors_stream.ReadBuffer: valid until its next read)."""
+    t = handle.get_tensor(name) if buffer is None else handle.get_tensor(name, buffer=buffer)
+    if t.is_floating_point() and not all_finite(t):
+        # counted only now: a bool mask is half an fp16 weight again, so a block at a time
         bad = sum(int((~torch.isfinite(block)).sum()) for block in t.reshape(-1).split(1 << 22))
-        if bad:
-            raise CheckpointError(f"{name} holds {bad} NaN/Inf value(s); cannot quantize it")
+        raise CheckpointError(f"{name} holds {bad} NaN/Inf value(s); cannot quantize it")
     return t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a float tensor: its min and max are finite (aminmax propagates NaN).
+    One reduction without temporaries, ~50x faster than an isfinite mask and its sum."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 class MLPTensors(NamedTuple):

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -44,11 +43,12 @@ from calibration.data import calibration_inputs, check_calibration_file, describ
 from calibration.errors import CheckpointError
 from calibration.families import FAMILIES
 from calibration.memory import MemoryMeter, release_free_memory
+from calibration.timing import PhaseTimer
 from calibration.options import SYNTHETIC_WARNING, QuantizeOptions
 from calibration.ranks import Ranks, broadcast, together
 from calibration.ranks import current as current_ranks
 from calibration.quantize_mlp import calibrate_gemm1, check_gemm1_options, quantize_gemm1, quantize_gemm1_weight, quantize_gemm2
-from calibration.quantize_weights import weight_error
+from calibration.quantize_weights import WeightError, compute_threads, intra_op_threads
 from calibration.smooth import input_channel_absmax, smooth_scale_from_absmax
 from calibration.quantized_file import (
     RECORD_KEY,
@@ -66,7 +66,15 @@ from calibration.quantized_file import (
     sha256_file,
 )
 from calibration.outputs import atomic_output, check_output
-from calibration.safetensors_stream import DTYPE_BYTES, StoredTensor, TensorInfo, header_bytes, tensor_bytes, write_stream
+from calibration.safetensors_stream import (
+    DTYPE_BYTES,
+    ReadBuffer,
+    StoredTensor,
+    TensorInfo,
+    header_bytes,
+    tensor_bytes,
+    write_stream,
+)
 from kernels.quantized import QuantizedWeight
 from kernels.version import __version__
 
@@ -136,6 +144,9 @@ class QuantizeReport:
     largest_shard_bytes: int
     memory: dict  # calibration.memory.MemoryMeter.facts(): start and peak resident bytes
     seconds: float
+    # where the seconds went (calibration.timing): phases, the dominant one, and mb_per_s,
+    # the checkpoint's bytes over the whole run's seconds
+    timing: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the user should know about the result
     version: str = __version__
     record: dict = field(default_factory=dict)  # the metadata record written to every shard
@@ -181,50 +192,72 @@ def _check_paths(ckpt: Checkpoint, source: Path, output: Path, options: Quantize
 # ---- one layer --------------------------------------------------------------------------------
 
 
-def _linear_report(prefix: str, qw: QuantizedWeight, err: dict) -> LinearReport:
+def _linear_report(prefix: str, qw: QuantizedWeight, err: WeightError) -> LinearReport:
     """One linear's report: its scales (read once calibration has set them) and the error
-    of its int8 weight (weight_error, measured while the float weight was in memory)."""
+    of its int8 weight (measured while it was quantized, the float weight in memory)."""
     item = lambda t: None if t is None else t.item()  # noqa: E731
+    error = err.to_dict()
     return LinearReport(
         prefix, list(qw.data.shape), qw.scale.min().item(), qw.scale.max().item(),
-        err["rel_frobenius"], err["max_abs_steps"], item(qw.input_scale), item(qw.output_scale),
+        error["rel_frobenius"], error["max_abs_steps"], item(qw.input_scale), item(qw.output_scale),
         None if qw.smooth_scale is None else qw.smooth_scale.min().item(),
         None if qw.smooth_scale is None else qw.smooth_scale.max().item(),
     )  # fmt: skip
 
 
-def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, x, smooth_scale) -> tuple:
+def _reader(ckpt: Checkpoint, timer: PhaseTimer, weights: ReadBuffer) -> Callable[..., torch.Tensor | None]:
+    """read(name), read_tensor timed as "read"; None for a tensor the MLP does not have.
+    read(name, dropped=True): a float weight dropped once quantized, read into `weights`
+    (overwritten by the next such read); biases, which are written out, get their own memory."""
+
+    def read(name: str | None, dropped: bool = False) -> torch.Tensor | None:
+        if name is None:
+            return None
+        with timer.phase("read"):
+            return read_tensor(ckpt, name, buffer=weights if dropped else None)
+
+    return read
+
+
+def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, x, smooth_scale, timer: PhaseTimer,
+                    weights: ReadBuffer) -> tuple:  # fmt: skip
     """GEMM1 of one MLP: (q1, its weight error, b1, q_up, up's weight error, b_up), one float weight
     in memory at a time (a gated MLP's gate, then its up projection, then the output scale
-    calibrated on the int8 weights)."""
+    calibrated on the int8 weights). The stored W1 encodes W1 * smooth_scale: that is what
+    its error is measured against."""
     layout = layer.weight_layout
     activations = options.activations or "dynamic"
-    read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
+    read = _reader(ckpt, timer, weights)
     b1 = read(layer.b1)
-    w1 = read(layer.w1)
+    w1 = read(layer.w1, dropped=True)
+    err1 = WeightError()
     if not layer.is_gated:
-        q1 = quantize_gemm1(
-            w1, b1, x, scheme=options.scheme, weight_layout=layout, gelu=layer.gelu, group_size=options.group_size,
-            method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale, activations=activations,
-        )  # fmt: skip
-        # The stored W1 encodes W1 * smooth_scale: that is what its error is measured against.
-        return q1, weight_error(w1, q1, layout, multiplier=q1.smooth_scale), b1, None, None, None
+        with timer.phase("quantize"):
+            q1 = quantize_gemm1(
+                w1, b1, x, scheme=options.scheme, weight_layout=layout, gelu=layer.gelu, group_size=options.group_size,
+                method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale, activations=activations,
+                error=err1,
+            )  # fmt: skip
+        return q1, err1, b1, None, None, None
     static = check_gemm1_options(options.scheme, x, options.group_size, options.smooth, smooth_scale, activations)
     kw = dict(weight_layout=layout, group_size=options.group_size, smooth_scale=smooth_scale)
-    q1 = quantize_gemm1_weight(w1, **kw)
-    err1 = weight_error(w1, q1, layout, multiplier=smooth_scale)
+    with timer.phase("quantize"):
+        q1 = quantize_gemm1_weight(w1, **kw, error=err1)
     del w1
     q_up = err_up = b_up = None
     if layer.gated == "separate":
         release_free_memory()  # the gate's temporaries, before the up projection is read
-        w_up, b_up = read(layer.w_up), read(layer.b_up)
-        q_up = quantize_gemm1_weight(w_up, **kw)
-        err_up = weight_error(w_up, q_up, layout, multiplier=smooth_scale)
+        w_up, b_up = read(layer.w_up, dropped=True), read(layer.b_up)
+        err_up = WeightError()
+        with timer.phase("quantize"):
+            q_up = quantize_gemm1_weight(w_up, **kw, error=err_up)
         del w_up
     if static:
-        calibrate_gemm1(
-            q1, b1, x, weight_layout=layout, gelu=layer.gelu, method=options.observer or "max", gated=True, up=q_up, up_bias=b_up,
-        )  # fmt: skip
+        with timer.phase("quantize"):
+            calibrate_gemm1(
+                q1, b1, x, weight_layout=layout, gelu=layer.gelu, method=options.observer or "max", gated=True, up=q_up,
+                up_bias=b_up,
+            )  # fmt: skip
         if q_up is not None:
             q_up.input_scale = q1.input_scale  # the up projection reads the same x
     return q1, err1, b1, q_up, err_up, b_up
@@ -232,20 +265,22 @@ def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions,
 
 def _quantize_layer(
     ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, scheme: FormatScheme, smoothing: str | None,
-    smooth_scale: torch.Tensor | None,
+    smooth_scale: torch.Tensor | None, timer: PhaseTimer, weights: ReadBuffer,
 ) -> tuple[LayerReport, dict[str, torch.Tensor]]:
     """One MLP: read, calibrate (w8a8), quantize. (report, its output tensors by name).
 
     One float weight is in memory at a time: W1 (a gated MLP's gate, then its up
-    projection) is read, quantized, measured and dropped before the next weight is read.
+    projection) is read, quantized, measured and dropped before the next weight is read, each
+    into the same buffer (`weights`).
     """
-    read = lambda name: None if name is None else read_tensor(ckpt, name)  # noqa: E731
+    read = _reader(ckpt, timer, weights)
     x, calibrated_on = None, None
     if options.observer is not None:  # static activation scales (smoothing's scale is computed beforehand)
-        x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
+        with timer.phase("calibration inputs"):
+            x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
     elif smooth_scale is not None:
         calibrated_on = "smoothing only (its scale from the calibration rows; activation scales at run time)"
-    q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale)
+    q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale, timer, weights)
     del x
     release_free_memory()  # W1's temporaries, before W2 is read
     out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
@@ -257,9 +292,11 @@ def _quantize_layer(
         out.update(linear_tensors(layer.up, layer.w_up, q_up, layer.weight_layout, scheme))
         if b_up is not None:
             out[layer.b_up] = b_up
-    w2, b2 = read(layer.w2), read(layer.b2)
-    q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size)
-    fc2_report = _linear_report(layer.fc2, q2, weight_error(w2, q2, layer.weight_layout))
+    w2, b2 = read(layer.w2, dropped=True), read(layer.b2)
+    err2 = WeightError()
+    with timer.phase("quantize"):
+        q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size, error=err2)
+    fc2_report = _linear_report(layer.fc2, q2, err2)
     del w2
     release_free_memory()
     out.update(linear_tensors(layer.fc2, layer.w2, q2, layer.weight_layout, scheme))
@@ -486,8 +523,15 @@ def quantize_checkpoint(
 
     output: None writes `<name>.int8.safetensors` beside a file, `DIR-int8/` beside a directory.
     progress: called as progress(done, total, layer) once each MLP is written (a progress bar).
+    Runs torch on calibration.quantize_weights.compute_threads() threads (restored after): one
+    core is left to the writer thread.
     """
-    started = time.perf_counter()
+    with intra_op_threads(compute_threads()):
+        return _quantize_checkpoint(source, output, options, progress)
+
+
+def _quantize_checkpoint(source, output, options, progress) -> QuantizeReport:
+    timer = PhaseTimer()
     meter = MemoryMeter()
     options = options or QuantizeOptions()
     source = Path(source)
@@ -506,20 +550,27 @@ def quantize_checkpoint(
         calibration = None
         if options.needs_calibration:
             calibration = describe_source(calib=options.calib_file, tokens=options.tokens, seed=options.seed)
-        if calibration and calibration["kind"] == "file":
-            check_calibration_file(options.calib_file, layers)
-            calibration["sha256"] = sha256_file(options.calib_file)
-        qconfig, record, runs_on = _config_and_record(ckpt, output, layers, options, scheme, calibration, plan.smoothing)
+        with timer.phase("sha256"):  # of the calibration file and every source shard, for the record
+            if calibration and calibration["kind"] == "file":
+                check_calibration_file(options.calib_file, layers)
+                calibration["sha256"] = sha256_file(options.calib_file)
+            qconfig, record, runs_on = _config_and_record(ckpt, output, layers, options, scheme, calibration, plan.smoothing)
         record_text = json.dumps(record)
-        smooth_scales = _smooth_scales(ckpt, layers, options, meter)
+        smooth_scales = {}
+        if options.smooth is not None:
+            with timer.phase("smoothing scales"):
+                smooth_scales = _smooth_scales(ckpt, layers, options, meter)
         reports: dict[int, LayerReport] = {}
         pending: dict[int, dict[str, torch.Tensor]] = {}
+        weights = ReadBuffer()  # every float weight is read into it, one at a time
 
         def produce(i: int, name: str) -> torch.Tensor:
             """Output tensor `name` of layer i, quantizing the layer the first time one is asked for."""
             if i not in pending:
                 layer = layers[i]
-                reports[i], pending[i] = _quantize_layer(ckpt, layer, options, scheme, plan.smoothing.get(layer.fc1), smooth_scales.get(layer.fc1))
+                reports[i], pending[i] = _quantize_layer(
+                    ckpt, layer, options, scheme, plan.smoothing.get(layer.fc1), smooth_scales.get(layer.fc1), timer, weights
+                )  # fmt: skip
                 meter.sample()  # this layer's float and int8 weights and its calibration inputs are alive here
                 if progress is not None:
                     progress(len(reports), len(layers), layer)
@@ -549,17 +600,19 @@ def quantize_checkpoint(
             # one shard: rank 0's work (other ranks under torchrun have none)
             if ranks.root:
                 shard = ckpt.shards[0]
-                written = _write_atomically(output, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+                with timer.phase("write"):  # what quantizing the layers inside it took is theirs
+                    written = _write_atomically(output, plan.shards[shard.name], tensors(shard.name), metadata(shard))
             gathered = together(ranks, lambda: dict(reports))
         else:
             with _shared_directory_output(output, ranks) as tmp:
 
                 def write_mine() -> tuple[int, dict[int, LayerReport]]:
                     # under torchrun each rank writes every world-th shard, quantizing the layers they hold
-                    size = sum(
-                        _write_file(tmp / shard.name, plan.shards[shard.name], tensors(shard.name), metadata(shard))
-                        for i, shard in enumerate(ckpt.shards) if ranks.mine(i)
-                    )  # fmt: skip
+                    with timer.phase("write"):  # what quantizing the layers inside it took is theirs
+                        size = sum(
+                            _write_file(tmp / shard.name, plan.shards[shard.name], tensors(shard.name), metadata(shard))
+                            for i, shard in enumerate(ckpt.shards) if ranks.mine(i)
+                        )  # fmt: skip
                     return size, dict(reports)
 
                 parts = together(ranks, write_mine)
@@ -572,12 +625,15 @@ def quantize_checkpoint(
                         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
                     if ckpt.config is not None:
                         (tmp / CONFIG_FILE).write_text(json.dumps({**ckpt.config, "quantization_config": qconfig}, indent=2) + "\n")
-                    _copy_files(ckpt.directory, tmp, copy)
+                    with timer.phase("write"):
+                        _copy_files(ckpt.directory, tmp, copy)
                 files_copied = [str(p) for p in copy]
         for part in gathered:  # a layer whose tensors sit in two ranks' shards is reported by both, alike
             reports.update(part)
         largest = max([tensor_bytes(info) for info in ckpt.infos.values() if info.dtype in DTYPE_BYTES] + [0])
         source_bytes, largest_shard = ckpt.total_bytes, ckpt.largest_shard_bytes
+    timing = timer.facts()
+    timing["mb_per_s"] = source_bytes / timing["seconds"] / 1e6
     return QuantizeReport(
         source=str(source), output=str(output), output_kind="directory" if is_dir else "file", scheme=options.scheme,
         granularity=options.granularity, activations=record["activations"], method=options.observer,
@@ -585,5 +641,5 @@ def quantize_checkpoint(
         layers=[reports[i] for i in range(len(layers))], tensors_copied=len(plan.copies), shards=list(plan.shards),
         files_copied=files_copied, files_skipped=files_skipped, runs_on=runs_on, source_bytes=source_bytes,
         output_bytes=written, largest_tensor_bytes=largest, largest_shard_bytes=largest_shard, memory=meter.facts(),
-        seconds=time.perf_counter() - started, warnings=[SYNTHETIC_WARNING] if options.synthetic else [], record=record,
+        seconds=timing["seconds"], timing=timing, warnings=[SYNTHETIC_WARNING] if options.synthetic else [], record=record,
     )  # fmt: skip

@@ -29,7 +29,7 @@ import torch
 from calibration.errors import OptionError
 from calibration.observers import activation_scale
 from calibration.options import SCHEMES
-from calibration.quantize_weights import dequantized_rows, quantize_weight_blocked, row_blocks
+from calibration.quantize_weights import WeightError, dequantized_rows, quantize_weight_blocked, row_blocks
 from calibration.smooth import smooth_scale as compute_smooth_scale
 from kernels.gated import gate_and_up
 from kernels.int8 import fake_quantize
@@ -130,28 +130,31 @@ def quantize_gemm1(
     smooth: float | None = None,
     smooth_scale: torch.Tensor | None = None,
     activations: str | ActivationScheme = "dynamic",
+    error: WeightError | None = None,
 ) -> QuantizedWeight:
     """W1 as int8 and, for w8a8, its smoothing scale and (static) the scales of its input
     and of its GELU output (quantize_mlp's first half: W2 is not needed, so a caller can
-    hold one float weight at a time)."""
+    hold one float weight at a time). error: a WeightError to measure the int8 W1 (W1 *
+    smoothing scale) into, as it is quantized."""
     static = check_gemm1_options(scheme, x, group_size, smooth, smooth_scale, activations)
     if scheme == "w8a16":
-        return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size)
+        return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size, error=error)
     s = smooth_scale
     if s is None and smooth is not None:
         s = compute_smooth_scale(x.to(torch.float32), w1, smooth, weight_layout)
-    q1 = quantize_gemm1_weight(w1, weight_layout=weight_layout, group_size=group_size, smooth_scale=s)
+    q1 = quantize_gemm1_weight(w1, weight_layout=weight_layout, group_size=group_size, smooth_scale=s, error=error)
     if static:
         calibrate_gemm1(q1, b1, x, weight_layout=weight_layout, gelu=gelu, method=method)
     return q1
 
 
 def quantize_gemm1_weight(
-    w: torch.Tensor, *, weight_layout: str = "out_in", group_size: int | None = None, smooth_scale: torch.Tensor | None = None
+    w: torch.Tensor, *, weight_layout: str = "out_in", group_size: int | None = None, smooth_scale: torch.Tensor | None = None,
+    error: WeightError | None = None,
 ) -> QuantizedWeight:
     """A GEMM1 weight (W1, a gated MLP's gate or up) as int8: W * smooth_scale along K
     (SmoothQuant folded in) is what is quantized; smooth_scale is kept on it."""
-    q = quantize_weight_blocked(w, weight_layout=weight_layout, group_size=group_size, multiplier=smooth_scale)
+    q = quantize_weight_blocked(w, weight_layout=weight_layout, group_size=group_size, multiplier=smooth_scale, error=error)
     q.smooth_scale = smooth_scale
     return q
 
@@ -189,9 +192,10 @@ def calibrate_gemm1(
     q1.output_scale = activation_scale(h, method)
 
 
-def quantize_gemm2(w2: torch.Tensor, q1: QuantizedWeight, *, weight_layout: str = "out_in", group_size: int | None = None) -> QuantizedWeight:
+def quantize_gemm2(w2: torch.Tensor, q1: QuantizedWeight, *, weight_layout: str = "out_in", group_size: int | None = None,
+                   error: WeightError | None = None) -> QuantizedWeight:  # fmt: skip
     """W2 as int8; for w8a8 its input scale is GEMM1's output scale."""
-    q2 = quantize_weight_blocked(w2, weight_layout=weight_layout, group_size=group_size)
+    q2 = quantize_weight_blocked(w2, weight_layout=weight_layout, group_size=group_size, error=error)
     if q1.output_scale is not None:
         q2.input_scale = q1.output_scale.clone()
     return q2

@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,10 +316,21 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_files(paths: list[Path]) -> list[str]:
+    """sha256_file of each path, several files at once on as many cores (hashlib lets go of
+    the GIL while it hashes): a sharded checkpoint hashes about cores times faster."""
+    workers = min(len(paths), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256") as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def source_facts(ckpt: Checkpoint, relative_to: Path | None = None) -> dict:
     """The record of a source checkpoint: its path, and the sha256 of its index and each shard."""
     path = ckpt.path.resolve()
-    files = [{"name": s.name, "sha256": sha256_file(s.path), "bytes": s.path.stat().st_size} for s in ckpt.shards]
+    digests = sha256_files([s.path for s in ckpt.shards])
+    files = [{"name": s.name, "sha256": d, "bytes": s.path.stat().st_size} for s, d in zip(ckpt.shards, digests)]
     facts = {
         "kind": ckpt.kind,
         "path": str(path),
@@ -339,7 +351,10 @@ def _matches(candidate: Path, recorded: dict) -> bool:
         index = recorded.get("index")
         if index is not None and (not (candidate / index["name"]).is_file() or sha256_file(candidate / index["name"]) != index["sha256"]):
             return False
-        return all((candidate / f["name"]).is_file() and sha256_file(candidate / f["name"]) == f["sha256"] for f in recorded["files"])
+        paths = [candidate / f["name"] for f in recorded["files"]]
+        if not all(p.is_file() for p in paths):
+            return False
+        return sha256_files(paths) == [f["sha256"] for f in recorded["files"]]
     return candidate.is_file() and sha256_file(candidate) == recorded["sha256"]
 
 

@@ -45,7 +45,6 @@ opened once.
 from __future__ import annotations
 
 import math
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +53,16 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from calibration.checkpoint import Checkpoint, MLPLayer, MLPTensors, mlps_in, open_checkpoint, read_mlp, select_layers
+from calibration.checkpoint import (
+    Checkpoint,
+    MLPLayer,
+    MLPTensors,
+    mlps_in,
+    open_checkpoint,
+    read_mlp,
+    read_tensor,
+    select_layers,
+)
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError, OptionError
 from calibration.families import check_asked_activation_dtype
@@ -63,6 +71,8 @@ from calibration.model import int8_op_fields
 from calibration.options import QuantizeOptions
 from calibration.ranks import current as current_ranks
 from calibration.ranks import together
+from calibration.safetensors_stream import ReadBuffer
+from calibration.timing import PhaseTimer
 from calibration.quantize_mlp import quantize_gated_mlp, quantize_mlp
 from calibration.quantized_file import (
     FormatScheme,
@@ -316,6 +326,9 @@ class VerifyReport:
     rows: list[VerifyRow]
     notes: list[str] = field(default_factory=list)  # things a reader must not miss (header lines)
     seconds: float = 0.0
+    # where the seconds went (calibration.timing): phases, the dominant one, and per_mlp_s,
+    # the whole run's seconds over the MLPs verified
+    timing: dict = field(default_factory=dict)
     version: str = __version__
 
     @property
@@ -363,15 +376,19 @@ def _float_operands(floats, dtype: str, gelu: str, stored: str) -> _Operands:
 
 
 def _run_row(layer: MLPLayer, ref_layer: MLPLayer, dtype: str, operands: _Operands, x, refs, tolerance, backend, device,
-             activation_dtype: str) -> VerifyRow:  # fmt: skip
+             activation_dtype: str, timer: PhaseTimer) -> VerifyRow:  # fmt: skip
     config = MLPConfig(
         dtype=dtype, gelu=operands.gelu, weight_layout=layer.weight_layout, backend=backend,
         activation_dtype=activation_dtype, gated=layer.is_gated, **operands.op_fields,
     )  # fmt: skip
-    op = FusedMLP(config, device=device)
-    out = op(x.to(config.torch_dtype), *operands.tensors.map(lambda t: t.to(device)))
+    with timer.phase("to device"):
+        tensors = operands.tensors.map(lambda t: t.to(device))
+    with timer.phase("op"):
+        op = FusedMLP(config, device=device)
+        out = op(x.to(config.torch_dtype), *tensors)
     y16, y64 = refs
-    vs16, vs64 = error_metrics(out, y16), error_metrics(out, y64)
+    with timer.phase("metrics"):
+        vs16, vs64 = error_metrics(out, y16), error_metrics(out, y64)
     problem = None
     if operands.gelu != ref_layer.gelu:
         # On typical activations the two flavours differ by ~1e-4 of the output, under every
@@ -394,27 +411,34 @@ def _row_tolerance(key: str, tolerances: dict[str, float], origin: dict[str, str
 def _verify_layer(
     layer: MLPLayer, ref_layer: MLPLayer, floats: MLPTensors, int8: dict[str, _Operands], x: torch.Tensor, inputs: str,
     dtypes: list[str], tolerances: dict[str, float], origin: dict[str, str], backend: str, device: torch.device,
-    step: Callable[[str], None], activation: tuple[str, str],
+    step: Callable[[str], None], activation: tuple[str, str], timer: PhaseTimer,
 ) -> tuple[LayerResult, list[VerifyRow]]:
     """Both references, then every asked dtype, for one MLP. floats: the reference's tensors;
     activation: (the reference path's dtype, which the int8 rows' activations take too, why)."""
-    x = x.to(device)
-    floats = floats.map(lambda t: t.to(device))
+    with timer.phase("to device"):
+        x = x.to(device)
+        floats = floats.map(lambda t: t.to(device))
     ref_kw = dict(gelu=ref_layer.gelu, weight_layout=ref_layer.weight_layout, gated=ref_layer.is_gated)
-    y64 = torch_mlp(x, *floats, dtype=torch.float64, **ref_kw)
-    y16 = torch_mlp(x, *floats, dtype=REFERENCE_DTYPES[activation[0]], **ref_kw)
+    with timer.phase("references"):
+        y64 = torch_mlp(x, *floats, dtype=torch.float64, **ref_kw)
+        y16 = torch_mlp(x, *floats, dtype=REFERENCE_DTYPES[activation[0]], **ref_kw)
+    with timer.phase("metrics"):
+        own_error = error_metrics(y16, y64)
     result = LayerResult(
         layer.fc1, layer.fc2, layer.d_model, layer.d_ff, ref_layer.dtype, ref_layer.gelu, ref_layer.gelu_source,
-        inputs, x.shape[0], error_metrics(y16, y64), layer.gated, activation[0], activation[1],
+        inputs, x.shape[0], own_error, layer.gated, activation[0], activation[1],
     )  # fmt: skip
     rows = []
     for dtype in dtypes:
         if dtype in FLOAT_DTYPES:
-            operands = _float_operands(floats, dtype, ref_layer.gelu, ref_layer.dtype)
+            with timer.phase("to device"):  # a cast on the device
+                operands = _float_operands(floats, dtype, ref_layer.gelu, ref_layer.dtype)
         else:
             operands = int8[dtype]
         tolerance = _row_tolerance(operands.scheme, tolerances, origin, activation[0])
-        rows.append(_run_row(layer, ref_layer, dtype, operands, x, (y16, y64), tolerance, backend, device, activation[0]))
+        rows.append(
+            _run_row(layer, ref_layer, dtype, operands, x, (y16, y64), tolerance, backend, device, activation[0], timer)
+        )
         step(f"{layer.fc1} {dtype}")
     return result, rows
 
@@ -431,13 +455,17 @@ def default_key(dtype: str) -> str:
 
 
 def _quantize_in_memory(ckpt, layer: MLPLayer, floats: MLPTensors, scheme: str, calib, seed: int) -> _Operands:
-    """One MLP quantized as `gelugemm quantize --scheme SCHEME` would by default."""
+    """One MLP quantized as `gelugemm quantize --scheme SCHEME` would by default, on the device
+    its float weights are on (the same int8 values and scales as on the CPU: IEEE float32
+    arithmetic throughout), so a GPU run neither quantizes on the host nor copies int8 weights."""
     options = QUANTIZE_DEFAULTS[scheme]
-    w1, b1, w2, b2, w_up, b_up = floats
     x_cal = None
     if options.needs_calibration:
-        # quantize's rows: all of the file's calibrate split, or its synthetic default
+        # quantize's rows: all of the file's calibrate split, or its synthetic default;
+        # calibration computes on the CPU, as quantize does
         x_cal, _ = calibration_inputs(ckpt, layer, calib=calib, tokens=None, seed=seed, split="calibrate")
+        floats = floats.map(lambda t: t.cpu())
+    w1, b1, w2, b2, w_up, b_up = floats
     kw = dict(scheme=scheme, weight_layout=layer.weight_layout, gelu=layer.gelu, group_size=options.group_size,
               method=options.observer or "max", smooth=options.smooth, activations=options.activations or "dynamic")  # fmt: skip
     if layer.is_gated:
@@ -546,6 +574,7 @@ class _Plan:
     quantized: dict | None  # a quantized file's record: scheme, granularity, method, smooth, calibration
     int8: Callable  # (reference handle, layer, ref_layer, floats) -> {scheme: _Operands}
     keys: list[str]  # every row's scheme_key, in dtype order
+    int8_phase: str = "quantize"  # what int8() spends its time on: quantizing in memory, or reading the file
 
 
 def _plan_original(ckpt: Checkpoint, dtypes, layers, gelu, reference, calib, seed, activation_dtype) -> _Plan:
@@ -564,18 +593,21 @@ def _plan_original(ckpt: Checkpoint, dtypes, layers, gelu, reference, calib, see
     return _Plan(found, found, ckpt, facts, asked, calib, calib_from, None, int8, keys)
 
 
-def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, gelu, reference, calib, notes: list[str]) -> _Plan:
+def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, gelu, reference, calib, notes: list[str],
+                    timer: PhaseTimer) -> _Plan:  # fmt: skip
     record = q.record
     chosen = select_layers(q.layers, layers)
     scheme = q.scheme.scheme
     asked = _resolve_dtypes(dtypes, scheme)
     op_fields = int8_op_fields(q.scheme, q.path) if scheme in asked else {}
-    ref_path, ref_facts = _reference_for(q, reference, notes)
+    with timer.phase("sha256"):  # the reference checked against the record
+        ref_path, ref_facts = _reference_for(q, reference, notes)
     ref_ckpt = stack.enter_context(open_checkpoint(ref_path))
     ref_layers = _reference_layers(ref_ckpt, chosen, gelu)
     calib_from = "--calib"
     if calib is None:
-        calib = _recorded_calibration(record, notes)
+        with timer.phase("sha256"):
+            calib = _recorded_calibration(record, notes)
         calib_from = "quantize's calibration file, from the record" if calib is not None else "synthetic (no --calib)"
     mismatched = [(layer, ref) for layer, ref in zip(chosen, ref_layers) if layer.gelu != ref.gelu]
     if mismatched and scheme in asked:
@@ -594,7 +626,7 @@ def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, ge
     facts.update(scheme=scheme, granularity=str(q.scheme.granularity),
                  activations=None if q.scheme.activations is None else str(q.scheme.activations), made_by=q.made_by)  # fmt: skip
     keys = [d if d in FLOAT_DTYPES else _row_key(d, q.scheme) for d in asked]
-    return _Plan(chosen, ref_layers, ref_ckpt, ref_facts, asked, calib, calib_from, facts, int8, keys)
+    return _Plan(chosen, ref_layers, ref_ckpt, ref_facts, asked, calib, calib_from, facts, int8, keys, int8_phase="read")
 
 
 def verify_checkpoint(
@@ -635,11 +667,12 @@ def verify_checkpoint(
         activations, over each MLP's own (config.json's torch_dtype, the family's: T5 runs
         bf16; a quantized file's as quantize recorded it; else fp16).
     """
-    started = time.perf_counter()
     if activation_dtype is not None:
         check_asked_activation_dtype(activation_dtype)
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # On a GPU each phase's kernels are waited for before its clock stops.
+    timer = PhaseTimer(sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None)
     ran_backend, backend_reason = choose_backend(MLPConfig(backend=backend), device)  # fails now if it cannot run
     if tokens is not None and tokens < 1:
         raise OptionError(f"--tokens must be at least 1; got {tokens}")
@@ -647,15 +680,15 @@ def verify_checkpoint(
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(path))  # a missing or invalid checkpoint is a CheckpointError here
         if is_quantized_checkpoint(ckpt):
-            plan = _plan_quantized(QuantizedCheckpoint(ckpt, gelu=gelu), stack, dtypes, layers, gelu, reference, calib, notes)
+            plan = _plan_quantized(QuantizedCheckpoint(ckpt, gelu=gelu), stack, dtypes, layers, gelu, reference, calib, notes, timer)
         else:
             plan = _plan_original(ckpt, dtypes, layers, gelu, reference, calib, seed, activation_dtype)
-        return _run(plan, path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress,
+        return _run(plan, path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, timer, progress,
                     activation_dtype)  # fmt: skip
 
 
-def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, started, progress,
-         activation_dtype) -> VerifyReport:  # fmt: skip
+def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, backend_reason, seed, notes, timer: PhaseTimer,
+         progress, activation_dtype) -> VerifyReport:  # fmt: skip
     tolerances, origin = _tolerances(tol, plan.keys)
     if plan.calib is not None:
         check_calibration_file(plan.calib, plan.layers)
@@ -671,18 +704,25 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
         if progress is not None:
             progress(done, total, what)
 
+    # On a GPU every float tensor goes through one pinned host buffer on its way there.
+    staging = ReadBuffer(pin_memory=True) if device.type == "cuda" else None
+
     def verify_mine() -> list[tuple[int, LayerResult, list[VerifyRow]]]:
         ref_ckpt = plan.reference
         out = []
         for i in mine:
             layer, ref_layer = plan.layers[i], plan.ref_layers[i]
-            floats = read_mlp(ref_ckpt, ref_layer)
-            x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
-            int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
+            # once per MLP: the references, the float rows and in-memory int8 read them there
+            floats = _read_to_device(ref_ckpt, ref_layer, device, staging, timer)
+            with timer.phase("inputs"):
+                x, inputs = calibration_inputs(ref_ckpt, ref_layer, calib=plan.calib, tokens=tokens, seed=seed, split="verify")
+            with timer.phase(plan.int8_phase):
+                int8 = plan.int8(ref_ckpt, layer, ref_layer, floats)
             # the quantized file's recorded dtype (quantize's), or the original's discovered one
             activation = (activation_dtype, "asked for") if activation_dtype else (layer.activation_dtype, layer.activation_dtype_source)
             result, layer_rows = _verify_layer(
-                layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, origin, backend, device, step, activation
+                layer, ref_layer, floats, int8, x, inputs, plan.dtypes, tolerances, origin, backend, device, step, activation,
+                timer,
             )  # fmt: skip
             out.append((i, result, layer_rows))
         if device.type == "cuda":
@@ -702,14 +742,38 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
             f"({'; '.join(sorted({f'{r.reference_dtype}: {r.reference_dtype_source}' for r in results}))}): "
             "the int8 rows take those activations, and a default tolerance is at least that dtype's"
         )
+    timing = timer.facts()
+    timing["per_mlp_s"] = timing["seconds"] / max(1, len(results))
     return VerifyReport(
         checkpoint=str(path), kind="original" if plan.quantized is None else "quantized", quantized=plan.quantized,
         reference=plan.reference_facts, device=_device_name(device), backend=ran_backend, backend_reason=backend_reason,
         backend_asked=backend, gate={"metric": GATE_METRIC, "against": against}, tolerances=tolerances,
         tolerance_origin=origin, dtypes=plan.dtypes, calibration=calibration,
         in_memory_quantization=_in_memory_description(plan.dtypes, plan.calib, seed) if plan.quantized is None else None,
-        layers=results, rows=rows, notes=notes, seconds=time.perf_counter() - started,
+        layers=results, rows=rows, notes=notes, seconds=timing["seconds"], timing=timing,
     )  # fmt: skip
+
+
+def _read_to_device(ckpt: Checkpoint, layer: MLPLayer, device: torch.device, staging: ReadBuffer | None,
+                    timer: PhaseTimer) -> MLPTensors:  # fmt: skip
+    """The MLP's float tensors (read_mlp's: checked finite) on `device`. With a staging buffer
+    (a GPU), each is read into it and copied from it, one tensor at a time: no host memory
+    per tensor, and a copy from page-locked memory."""
+    if staging is None:
+        with timer.phase("read"):
+            floats = read_mlp(ckpt, layer)
+        with timer.phase("to device"):
+            return floats.map(lambda t: t.to(device))
+
+    def one(name: str | None) -> torch.Tensor | None:
+        if name is None:
+            return None
+        with timer.phase("read"):
+            t = read_tensor(ckpt, name, buffer=staging)
+        with timer.phase("to device"):  # a copy, finished before the buffer is read into again
+            return t.to(device, copy=True)
+
+    return MLPTensors(one(layer.w1), one(layer.b1), one(layer.w2), one(layer.b2), one(layer.w_up), one(layer.b_up))
 
 
 def _device_name(device: torch.device) -> str:

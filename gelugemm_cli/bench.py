@@ -154,6 +154,14 @@ def _num(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _vs_best_peer(row: BenchRow) -> str:
+    """'✓ 1.08× cublaslt (tanh)' on a gelugemm row ahead of the group's fastest peer, '✗ 0.91× eager' behind."""
+    if row.vs_best_peer is None:
+        return ""
+    mark, colour = ("✓", "green") if row.beats_best_peer else ("✗", "red")
+    return f"[{colour}]{mark} {row.vs_best_peer:.2f}×[/{colour}] {escape(row.best_peer)}"
+
+
 def bench_table(result: BenchResult) -> Table:
     """One row per (shape, dtype, M, impl); gelugemm first in each group, then its peers."""
     info = result.info
@@ -173,7 +181,8 @@ def bench_table(result: BenchResult) -> Table:
             f"µs: median; spread: p20 to p80 in % of it · buffer sets rotated (1 = one call's bytes "
             f"exceed 3× L2, cold by size): {rotation} · "
             f"floor = max(FLOPs/matmul, bytes/copy), B = bytes-bound, F = FLOPs-bound · "
-            f"×: gelugemm's speedup over the row (same GELU) · cuBLASLt GELU checked: {info.cublaslt_gelu or 'n/a'} · "
+            f"×: gelugemm's speedup over the row (same GELU) · vs best peer: the fastest peer of the group "
+            f"(any GELU; int8 groups: the float peers too) ÷ gelugemm, ✓ ahead, ✗ behind · cuBLASLt GELU checked: {info.cublaslt_gelu or 'n/a'} · "
             f"{info.date}"
         ),
         caption_justify="left",
@@ -181,7 +190,7 @@ def bench_table(result: BenchResult) -> Table:
     for name, justify in (("shape", "left"), ("dtype", "left"), ("M", "right"), ("impl", "left"),
                           ("µs", "right"), ("spread %", "right"), ("TFLOP/s", "right"), ("GB/s", "right"),
                           ("floor µs", "right"), ("% floor", "right"), ("gelugemm ×", "right"),
-                          ("rel err", "right")):  # fmt: skip
+                          ("vs best peer", "left"), ("rel err", "right")):  # fmt: skip
         table.add_column(name, justify=justify)
 
     groups: dict[tuple, list[BenchRow]] = {}
@@ -210,7 +219,7 @@ def bench_table(result: BenchResult) -> Table:
                 f"{d}×{f}" if first else "", dtype if first else "", str(m) if first else "",
                 _impl_label(row, info.gelu), *timing,
                 f"{_num(row.floor_us)} {row.floor_bound[0].upper()}" if first else "",
-                _num(row.pct_of_floor), speedup, relerr,
+                _num(row.pct_of_floor), speedup, _vs_best_peer(row), relerr,
                 end_section=i == len(rows) - 1,
             )  # fmt: skip
     return table
@@ -304,7 +313,7 @@ def bench(
         None, "--shape", help="d_model,d_ff to benchmark (repeatable); replaces the checkpoint's and the default shapes."
     ),
     tokens: Optional[str] = typer.Option(
-        None, "--tokens", help="Comma-separated token counts M. (default 1,16,128,2048,8192; with --quick 1,128,2048)"
+        None, "--tokens", help=f"Comma-separated token counts M. (default {','.join(map(str, DEFAULT_TOKENS))}; with --quick {','.join(map(str, QUICK_TOKENS))})"
     ),
     peer_names: str = typer.Option(
         ",".join(peers.PEERS), "--peers",

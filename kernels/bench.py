@@ -20,7 +20,9 @@ One run, on one CUDA device:
 Per row: time, TFLOP/s (TOP/s for w8a8), GB/s over the minimum bytes (x, weights with
 their scales, biases and y, each once), percent of the roofline floor
 max(FLOPs / matmul ceiling, bytes / copy bandwidth), gelugemm's speedup over the row's
-impl, and the relative error against float64.
+impl, and the relative error against float64. Each gelugemm row also names the fastest
+peer of its group and says whether it beats it (best_peer, vs_best_peer, beats_best_peer:
+fill_best_peer says which peers count).
 
 `gated=True` times gated MLPs (GeGLU) instead, (GELU(x Wg^T) * x Wu^T) Wd^T without
 biases, as Gemma runs them (default shape Gemma-2B's, 2048 -> 16384): gelugemm's op on
@@ -54,7 +56,7 @@ from kernels.w8a8 import check_group_size
 BENCH_DTYPES = ("fp16", "bf16", "w8a16", "w8a8")
 ACTIVATION_BYTES = 2  # fp16 and bf16: x, biases and y of every row
 IMPLS = ("gelugemm",) + peers.PEERS
-DEFAULT_TOKENS = (1, 16, 128, 2048, 8192)
+DEFAULT_TOKENS = (1, 16, 128, 256, 512, 1024, 2048, 8192)
 # The int8 rows' variants: w8a16's weight granularity, w8a8's activation scheme (the
 # defaults gelugemm quantize writes). w8a8's weights are per channel.
 DEFAULT_GRANULARITIES = ("group:128",)
@@ -276,6 +278,11 @@ class BenchRow:
     pct_of_floor: float | None = None  # floor / time * 100
     speedup: float | None = None  # gelugemm's: this impl's time / gelugemm's time
     speedup_vs: str | None = None  # the gelugemm row it is taken against, e.g. "gelugemm tanh"
+    # gelugemm rows: the fastest peer of the group (see fill_best_peer) and how gelugemm fares
+    best_peer: str | None = None  # its label: "cublaslt (tanh)", "eager fp16", "int_mm"
+    best_peer_us: float | None = None
+    vs_best_peer: float | None = None  # best_peer_us / time_us: > 1 is gelugemm ahead
+    beats_best_peer: bool | None = None  # vs_best_peer > 1; None where either was not measured right
     relerr: float | None = None  # ||out - ref|| / ||ref|| against float64 on CHECK_ROWS rows
     relerr_limit: float | None = None
     note: str | None = None
@@ -363,6 +370,43 @@ def fill_speedups(rows: list[BenchRow]) -> None:
             base = ours.get(row.gelu) or next(iter(ours.values()))
             row.speedup = row.time_us / base.time_us
             row.speedup_vs = f"gelugemm {base.gelu}"
+
+
+def peer_label(row: BenchRow) -> str:
+    """A peer as best_peer names it: the impl, its GELU where it is not the gelugemm row's,
+    its weights where they are not the group's (a float peer in an int8 group)."""
+    label = row.impl
+    if row.weights != row.dtype and row.weights != "int8":
+        label += f" {row.weights}"
+    return label
+
+
+def fill_best_peer(rows: list[BenchRow]) -> None:
+    """On every gelugemm row: the fastest peer of its (shape, dtype variant, M) group and
+    whether gelugemm beats it.
+
+    The peers are every other impl of the group that was timed and passed its float64
+    check (status "ok"): for fp16 and bf16 rows the float peers in that dtype; for int8
+    rows the float peers in the activation dtype (eager, cuBLASLt, torch.compile and, in
+    gated runs, eager-cat) and the group's int8 peer (dequant for w8a16, int_mm for w8a8).
+    A peer counts whatever GELU it computes: cuBLASLt's tanh epilogue is the bar for the
+    erf row too, as it is for a user who can switch to it. A gelugemm row that was not
+    measured right, or a group without a measured peer, gets None, never a verdict.
+    """
+    groups: dict[tuple, list[BenchRow]] = {}
+    for row in rows:
+        groups.setdefault((row.d_model, row.d_ff, row.variant, row.tokens, row.gated), []).append(row)
+    for group in groups.values():
+        measured = [r for r in group if r.impl != "gelugemm" and r.status == "ok" and r.time_us]
+        best = min(measured, key=lambda r: r.time_us, default=None)
+        for row in group:
+            if row.impl != "gelugemm" or best is None:
+                continue
+            row.best_peer = peer_label(best) + (f" ({best.gelu})" if best.gelu != row.gelu else "")
+            row.best_peer_us = best.time_us
+            if row.status == "ok" and row.time_us:
+                row.vs_best_peer = best.time_us / row.time_us
+                row.beats_best_peer = row.vs_best_peer > 1.0
 
 
 # ---- running it -----------------------------------------------------------------------------
@@ -732,6 +776,7 @@ def run_bench(
             fill_metrics(row)
             rows.append(row)
     fill_speedups(rows)
+    fill_best_peer(rows)
     return BenchResult(info, rows)
 
 

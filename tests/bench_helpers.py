@@ -12,6 +12,7 @@ from kernels.bench import (
     Ceilings,
     MLPShape,
     RunInfo,
+    fill_best_peer,
     fill_metrics,
     fill_speedups,
     mlp_flops,
@@ -61,4 +62,5 @@ def synthetic_result() -> BenchResult:
         synthetic_row("dequant", 1500.0, dtype="w8a16", status="wrong", relerr=0.5),
     ]  # fmt: skip
     fill_speedups(rows)
+    fill_best_peer(rows)
     return BenchResult(synthetic_info(), rows)

@@ -8,6 +8,7 @@ measurements and speedups are exercised without a GPU. No test asserts a time.
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -26,6 +27,7 @@ from kernels.bench import (
     Ceilings,
     MLPShape,
     Timing,
+    fill_best_peer,
     mlp_flops,
     mlp_min_bytes,
     relerr_limit,
@@ -126,6 +128,49 @@ def test_speedups_compare_like_gelu_with_like():
     assert by[("w8a16", "eager", "erf")].speedup is None
 
 
+def test_best_peer_is_the_fastest_measured_peer_of_any_gelu():
+    by = {(r.dtype, r.impl, r.gelu): r for r in synthetic_result().rows}
+    erf, tanh = by[("fp16", "gelugemm", "erf")], by[("fp16", "gelugemm", "tanh")]
+    # cuBLASLt (823, tanh) is faster than eager (862) and compile (876): the bar for both rows
+    assert (erf.best_peer, erf.best_peer_us) == ("cublaslt (tanh)", 823.0)
+    assert erf.vs_best_peer == pytest.approx(823 / 760) and erf.beats_best_peer is True
+    assert (tanh.best_peer, tanh.vs_best_peer, tanh.beats_best_peer) == ("cublaslt", pytest.approx(823 / 770), True)
+    # a gelugemm row that was not measured has no verdict; peers carry none
+    w8a16 = by[("w8a16", "gelugemm", "erf")]
+    assert (w8a16.best_peer, w8a16.vs_best_peer, w8a16.beats_best_peer) == ("eager fp16", None, None)
+    assert all(r.best_peer is None and r.beats_best_peer is None for r in synthetic_result().rows if r.impl != "gelugemm")
+
+
+def test_best_peer_of_an_int8_row_counts_the_float_peers_and_skips_wrong_ones():
+    w8a8 = dict(dtype="w8a8", activations="dynamic")  # every row of a group carries its variant
+    rows = [
+        synthetic_row("gelugemm", 900.0, **w8a8),
+        synthetic_row("eager", 862.0, **w8a8),  # fp16 eager in the int8 group: the fastest measured right
+        synthetic_row("cublaslt", 700.0, gelu="tanh", status="wrong", relerr=0.5, **w8a8),  # does not count
+        synthetic_row("compile", None, status="error", relerr=None, **w8a8),
+        synthetic_row("int_mm", 1200.0, **w8a8),
+        synthetic_row("gelugemm", 500.0, m=16, **w8a8),
+        synthetic_row("int_mm", 520.0, m=16, **w8a8),  # another M: its own group
+        synthetic_row("gelugemm", 300.0, m=1, **w8a8),  # no peer at M=1
+        synthetic_row("int_mm", 250.0, m=1, dtype="w8a8", activations="static"),  # another variant's peer
+    ]  # fmt: skip
+    fill_best_peer(rows)
+    big, small, alone = rows[0], rows[5], rows[7]
+    assert (big.best_peer, big.best_peer_us) == ("eager fp16", 862.0)
+    assert big.vs_best_peer == pytest.approx(862 / 900) and big.beats_best_peer is False
+    assert (small.best_peer, small.vs_best_peer, small.beats_best_peer) == ("int_mm", pytest.approx(520 / 500), True)
+    assert (alone.best_peer, alone.vs_best_peer, alone.beats_best_peer) == (None, None, None)
+    # a wrong gelugemm row is not said to beat anything, however fast
+    wrong = [synthetic_row("gelugemm", 1.0, status="wrong", relerr=0.5), synthetic_row("eager", 862.0)]
+    fill_best_peer(wrong)
+    assert (wrong[0].best_peer, wrong[0].vs_best_peer, wrong[0].beats_best_peer) == ("eager", None, None)
+
+
+def test_default_tokens_include_the_medium_m_points():
+    assert {256, 512, 1024} <= set(bench.DEFAULT_TOKENS)
+    assert list(bench.DEFAULT_TOKENS) == sorted(bench.DEFAULT_TOKENS)
+
+
 def test_failed_lists_rows_not_measured_right():
     result = synthetic_result()
     assert [(r.impl, r.status) for r in result.failed("gelugemm")] == [("gelugemm", "unavailable")]
@@ -140,8 +185,11 @@ def test_json_has_rows_and_run_info():
     assert info["ceilings"] == {"matmul_tflops": 807.856, "int8_tops": 956.736, "copy_gbps": 3019.997}
     row = payload["rows"][2]
     for key in ("d_model", "d_ff", "dtype", "tokens", "impl", "gelu", "time_us", "tflops", "gbps", "floor_us",
-                "floor_bound", "pct_of_floor", "speedup", "speedup_vs", "relerr", "relerr_limit", "status"):  # fmt: skip
+                "floor_bound", "pct_of_floor", "speedup", "speedup_vs", "relerr", "relerr_limit", "status",
+                "best_peer", "best_peer_us", "vs_best_peer", "beats_best_peer"):  # fmt: skip
         assert key in row
+    ours = payload["rows"][0]
+    assert (ours["impl"], ours["best_peer"], ours["beats_best_peer"]) == ("gelugemm", "cublaslt (tanh)", True)
     assert (row["impl"], row["time_us"], row["floor_bound"]) == ("eager", 862.0, "flops")
 
 
@@ -159,6 +207,9 @@ def test_table_renders_every_row_with_speedups_and_flags():
     assert "1.13×" in text  # 862 / 760
     assert "1.07×" in text  # cuBLASLt (tanh) against gelugemm tanh: 823 / 770
     assert "cublaslt (tanh)" in text
+    assert "vs best peer" in text
+    assert "✓ 1.08× cublaslt (tanh)" in text  # 823 / 760, on the erf row
+    assert "✓ 1.07× cublaslt" in text  # 823 / 770, on the tanh row
     assert "681 F" in text  # floor of the group, FLOPs-bound
     assert "unavailable" in text
     assert "✗ 5.0e-01" in text  # the wrong row is flagged, not hidden
@@ -372,6 +423,31 @@ def test_run_bench_on_cpu_plans_checks_and_shares_float_peers(cpu_run):
     assert result.failed(None) == []
 
 
+def best_measured_peer(result, row):
+    """The fastest peer row measured right in gelugemm row's group, found from the rows."""
+    group = [r for r in result.rows if (r.d_model, r.d_ff, r.variant, r.tokens) == (row.d_model, row.d_ff, row.variant, row.tokens)]
+    return min((r for r in group if r.impl != "gelugemm" and r.status == "ok"), key=lambda r: r.time_us)
+
+
+def test_run_bench_says_whether_gelugemm_beats_the_best_peer(cpu_run):
+    # The fake clock times each measurement 1 µs after the one before, in plan order: the
+    # fp16 group's gelugemm rows come first (ahead of every peer); an int8 group's gelugemm
+    # rows come after the fp16 group's eager and cuBLASLt, which are its float peers (behind).
+    result = bench.run_bench([MLPShape(32, 64)], ["fp16", "w8a16", "w8a8"], [3, 20], ["eager", "cublaslt", "dequant", "int_mm"])
+    ours = [r for r in result.rows if r.impl == "gelugemm"]
+    assert len(ours) == 12  # 3 dtypes x 2 M x (erf, tanh twin)
+    for row in ours:
+        best = best_measured_peer(result, row)
+        assert row.best_peer_us == best.time_us and row.vs_best_peer == pytest.approx(best.time_us / row.time_us)
+        assert row.beats_best_peer is (row.dtype == "fp16")
+        if row.dtype == "fp16":
+            assert row.best_peer == ("eager" if row.gelu == "erf" else "eager (erf)")
+        else:  # fp16 eager, measured once for the three groups, is the bar for the int8 ones
+            assert row.best_peer == ("eager fp16" if row.gelu == "erf" else "eager fp16 (erf)")
+    text = render(bench_cli.bench_table(result))
+    assert len(re.findall(r"✓ \d", text)) == 4 and len(re.findall(r"✗ \d", text)) == 8
+
+
 def test_int8_rows_per_activation_scheme_and_granularity(cpu_run):
     # A group of rows per w8a8 activation scheme and per w8a16 weight granularity, each
     # gelugemm row running its own; int_mm (per-token in torch) measured once for all schemes.
@@ -535,6 +611,26 @@ def test_run_bench_gated_on_cpu(cpu_run):
     assert row.flops == mlp_flops(20, shape, gated=True) and row.relerr <= row.relerr_limit
     cat = next(r for r in result.rows if r.impl == "eager-cat" and r.dtype == "fp16" and r.tokens == 20)
     assert cat.speedup is not None and "concatenated" in cat.note
+    for ours in (r for r in result.rows if r.impl == "gelugemm"):
+        assert ours.best_peer_us == best_measured_peer(result, ours).time_us and ours.beats_best_peer is not None
+
+
+def test_gated_best_peer_counts_eager_cat(cpu_run, monkeypatch):
+    """With a clock that runs backwards, the last peer planned in a group is its fastest:
+    eager-cat, planned after eager, is the bar the gated rows are held to."""
+    timed = []
+
+    def backwards(call, n_sets, warmup_ms, rep_ms):
+        call(0)
+        timed.append(call)
+        us = 1000.0 - len(timed)
+        return Timing(us, us, us, 2)
+
+    monkeypatch.setattr(bench, "median_time", backwards)
+    result = bench.run_bench([MLPShape(32, 64)], ["fp16"], [3], ["cublaslt", "eager"], gelu="tanh", gated=True)
+    ours = next(r for r in result.rows if r.impl == "gelugemm")
+    cat = next(r for r in result.rows if r.impl == "eager-cat")
+    assert (ours.best_peer, ours.best_peer_us, ours.beats_best_peer) == ("eager-cat", cat.time_us, False)
 
 
 def test_cli_gated_and_a_gated_checkpoint_turns_it_on(cpu_run, tmp_path):

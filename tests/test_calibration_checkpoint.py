@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from calibration.checkpoint import find_mlps, open_checkpoint, read_mlp, read_norm
+from calibration.checkpoint import all_finite, find_mlps, open_checkpoint, read_mlp, read_norm
 from calibration.errors import CheckpointError, OptionError
 from checkpoints import FAMILIES, checkpoint_tensors, corrupt_files, write_checkpoint
 
@@ -155,6 +155,17 @@ def test_nan_or_inf_weights_are_refused_on_read(tmp_path, bad):
     layer = find_mlps(path)[1]
     with open_checkpoint(path) as ckpt, pytest.raises(CheckpointError, match=r"output\.dense\.weight holds 1 NaN/Inf"):
         read_mlp(ckpt, layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_sees_one_bad_value_anywhere(dtype, bad):
+    w = torch.randn(33, 70).to(dtype)
+    assert all_finite(w) and all_finite(w.t()) and all_finite(torch.zeros(0, 4, dtype=dtype))
+    for where in [(0, 0), (17, 41), (32, 69)]:
+        poisoned = w.clone()
+        poisoned[where] = bad
+        assert not all_finite(poisoned) and not all_finite(poisoned.t())
 
 
 def test_bf16_and_fp16_checkpoints(tmp_path):

@@ -58,3 +58,61 @@ def test_a_stream_that_strays_from_its_plan_is_a_bug(stream):
     plan = {"a": TensorInfo("F32", (2,)), "b": TensorInfo("F32", (2,))}
     with pytest.raises(RuntimeError, match="tensor stream"):
         write_stream(io.BytesIO(), plan, iter(stream), {})
+
+
+class FailingFile(io.BytesIO):
+    """A file whose writes fail after the first `good` ones, as a full disk does."""
+
+    def __init__(self, good: int):
+        super().__init__()
+        self.good = good
+
+    def write(self, data):
+        if self.good == 0:
+            raise OSError(28, "No space left on device")
+        self.good -= 1
+        return super().write(data)
+
+
+@pytest.mark.parametrize("good", [1, 3, 5])  # the header and 0, 2 or 4 tensors
+def test_a_write_that_fails_in_the_writer_thread_is_raised(good):
+    tensors = {f"t{i}": torch.randn(64) for i in range(6)}
+    with pytest.raises(OSError, match="No space left"):
+        write_stream(FailingFile(good), plan_of(tensors), iter(tensors.items()), {})
+
+
+def test_writes_run_in_order_behind_the_stream():
+    """Each tensor is handed to the writer as it comes, and the bytes land in plan order."""
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    produced = []
+
+    def stream():
+        for name, t in tensors.items():
+            produced.append(name)
+            yield name, t
+
+    out = io.BytesIO()
+    written = write_stream(out, plan_of(tensors), stream(), {})
+    data = out.getvalue()
+    assert written == len(data)
+    body = torch.frombuffer(bytearray(data[-8 * 4000 :]), dtype=torch.float32).view(8, 1000)
+    assert torch.equal(body, torch.arange(8.0)[:, None].expand(8, 1000)) and produced == list(tensors)
+
+
+def test_reads_into_one_buffer_are_the_tensors_and_reuse_its_memory(tmp_path):
+    """quantize reads each float weight into one ReadBuffer: the same values as a plain read,
+    the same memory each time (grown when a larger tensor comes)."""
+    from calibration.safetensors_stream import ReadBuffer, read_header, read_stored
+
+    tensors = {"small": torch.randn(3, 5).half(), "big": torch.randn(40, 7), "mid": torch.randn(6).bfloat16()}
+    path = tmp_path / "t.safetensors"
+    with open(path, "wb") as f:
+        write_stream(f, plan_of(tensors), iter(tensors.items()), {})
+    stored, _ = read_header(path)
+    buffer = ReadBuffer()
+    first = read_stored(stored["small"], buffer=buffer)
+    assert torch.equal(first, tensors["small"]) and first.dtype == torch.float16
+    big = read_stored(stored["big"], buffer=buffer)  # larger: the buffer grows
+    assert torch.equal(big, tensors["big"]) and torch.equal(big, read_stored(stored["big"]))
+    mid = read_stored(stored["mid"], buffer=buffer)
+    assert torch.equal(mid, tensors["mid"]) and mid.data_ptr() == big.data_ptr()  # the same memory

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from calibration.quantize_weights import weight_error
+import calibration.quantize_weights as quantize_weights
+from calibration.quantize_weights import WeightError, quantize_weight_blocked, weight_error
 from kernels.int8 import INT8_MAX, SCALE_EPS, fake_quantize, quantize_int8, quantize_weight
 
 # |W - q*s| <= s/2, up to the float32 rounding of W / s (values up to 127 carry an
@@ -87,3 +88,51 @@ def test_fake_quantize_clips_to_the_range():
     scale = torch.tensor(0.1)
     out = fake_quantize(torch.tensor([100.0, -100.0, 0.04, 0.06]), scale)
     torch.testing.assert_close(out, torch.tensor([12.7, -12.7, 0.0, 0.1]))
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("group_size", [None, 8, 5])  # 5 does not divide K = 40: a short last group
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_blocked_quantization_is_quantize_weight_bit_for_bit(monkeypatch, layout, group_size, dtype, smoothed):
+    """quantize's weights, a few rows at a time in reused buffers (blocks of 3 rows here, the
+    last one short), are kernels.int8.quantize_weight's; the error measured while quantizing
+    is weight_error's and the float64 one's."""
+    monkeypatch.setattr(quantize_weights, "QUANTIZE_BLOCK_ELEMENTS", 3 * 40)
+    n, k = 13, 40
+    w_nk = torch.randn(n, k) * torch.rand(n, 1).add(0.01) * 3
+    w_nk[4] = 0  # an all-zero channel
+    w = (w_nk if layout == "out_in" else w_nk.t().contiguous()).to(dtype)
+    multiplier = torch.rand(k) + 0.5 if smoothed else None
+    error = WeightError()
+    got = quantize_weight_blocked(w, weight_layout=layout, group_size=group_size, multiplier=multiplier, error=error)
+
+    encodes = as_nk(w, layout).to(torch.float32) * (1.0 if multiplier is None else multiplier)  # what is quantized
+    want = quantize_weight(encodes, group_size=group_size)
+    assert torch.equal(as_nk(got.data, layout), want.data) and got.data.shape == w.shape
+    assert torch.equal(got.scale, want.scale) and got.scale.shape == want.scale.shape
+    assert error.to_dict() == weight_error(w, got, layout, multiplier=multiplier)
+    step = got.scale.double()[:, None] if group_size is None else got.scale.double()[:, torch.arange(k) // group_size]
+    diff = encodes.double() - as_nk(got.data, layout).double() * step
+    measured = error.to_dict()  # float32 differences: about 1e-5 of a step (see HALF_STEP)
+    assert measured["rel_frobenius"] == pytest.approx((diff.norm() / encodes.double().norm()).item(), rel=1e-4)
+    assert measured["max_abs_steps"] == pytest.approx((diff.abs() / step).max().item(), abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [None, 128, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantizing_on_the_gpu_gives_the_cpu_s_int8_bit_for_bit(group_size, dtype):
+    """verify quantizes an original checkpoint's weights on the GPU it runs them on: the int8
+    values, scales and error must be those quantize writes from the CPU (IEEE float32 on both)."""
+    n, k = 8192, 3072  # two device blocks (1 << 24 elements each), 48 CPU blocks
+    w = (torch.randn(n, k) * torch.rand(n, 1).add(0.01) * 0.05).to(dtype)
+    w[7] = 0
+    cpu_error, gpu_error = WeightError(), WeightError()
+    on_cpu = quantize_weight_blocked(w, group_size=group_size, error=cpu_error)
+    on_gpu = quantize_weight_blocked(w.cuda(), group_size=group_size, error=gpu_error)
+    assert on_gpu.data.is_cuda and torch.equal(on_gpu.data.cpu(), on_cpu.data)
+    assert torch.equal(on_gpu.scale.cpu(), on_cpu.scale)
+    assert torch.equal(on_cpu.data, quantize_weight(w, group_size=group_size).data)
+    assert gpu_error.to_dict()["max_abs_steps"] == pytest.approx(cpu_error.to_dict()["max_abs_steps"], abs=1e-6)
+    assert gpu_error.to_dict()["rel_frobenius"] == pytest.approx(cpu_error.to_dict()["rel_frobenius"], rel=1e-6)

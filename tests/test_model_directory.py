@@ -333,8 +333,8 @@ def test_quantize_holds_one_float_weight_at_a_time_and_never_reads_what_it_copie
     peak, read_names = [0], []
     real = Checkpoint.get_tensor
 
-    def tracked(self, name):
-        t = real(self, name)
+    def tracked(self, name, **kw):  # kw: the ReadBuffer quantize reads weights into
+        t = real(self, name, **kw)
         key = id(t)
         live[key] = t.numel() * t.element_size()
         weakref.finalize(t, live.pop, key, None)

@@ -301,6 +301,25 @@ def test_report_facts(tmp_path):
     assert facts["memory"]["peak_rss_bytes"] >= facts["memory"]["start_rss_bytes"] > 0
     assert facts["tensors_copied"] == len(checkpoint_tensors("bert")) - 8  # 2 MLPs x (2 weights + 2 biases)
     assert facts["record"]["scheme"] == "w8a16" and facts["method"] is None
+    # where the time went: the phases and "other" add up to the run's seconds
+    timing = facts["timing"]
+    assert timing["seconds"] == facts["seconds"] > 0
+    assert {"read", "quantize", "write", "sha256", "other"} <= set(timing["phases"])
+    assert sum(timing["phases"].values()) == pytest.approx(timing["seconds"], rel=1e-6)
+    assert timing["dominant"] in timing["phases"]
+    assert timing["mb_per_s"] == pytest.approx(facts["source_bytes"] / timing["seconds"] / 1e6)
+
+
+def test_quantize_leaves_torch_threads_as_it_found_them(tmp_path, monkeypatch):
+    """quantize computes on every core but one (the writer thread's) and restores torch's setting."""
+    seen = []
+    real = quantize_module._quantize_layer
+    monkeypatch.setattr(quantize_module, "_quantize_layer", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    quantize_checkpoint(write_checkpoint(tmp_path / "model.safetensors", "bert"))
+    assert torch.get_num_threads() == before
+    assert seen and set(seen) == {quantize_module.compute_threads()}
+    assert 1 <= quantize_module.compute_threads() <= max(1, before)
 
 
 def test_default_output_name(tmp_path):

@@ -49,6 +49,11 @@ def test_quantize_prints_a_table_and_writes_the_same_facts_as_json(tmp_path):
         assert f"{layer_report['fc1']['input_scale']:.3g}" in result.stdout
     assert "intermediate.dense" in result.stdout and "erf" in result.stdout
     assert "peak memory" in result.stdout
+    # one timing line: seconds, MB/s of checkpoint, the phases and the one that dominates
+    timing = report["timing"]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("time: "))
+    assert f"time: {timing['seconds']:.1f} s, {timing['mb_per_s']:.0f} MB/s of checkpoint" in line
+    assert "read " in line and "quantize " in line and f"{timing['dominant']} dominates" in line
 
 
 def test_json_to_stdout_is_pure_json(tmp_path):

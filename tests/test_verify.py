@@ -151,3 +151,24 @@ def test_in_memory_quantization_is_what_quantize_writes(tmp_path, scheme):
     assert from_file.kind == "quantized" and from_file.reference["how"] == "source recorded in the quantized file"
     for a, b in zip(in_memory.rows, from_file.rows, strict=True):
         assert a.vs_fp16_path == b.vs_fp16_path and a.vs_float64 == b.vs_float64
+
+
+def test_reading_through_one_staging_buffer_gives_the_mlp_s_own_tensors(tmp_path):
+    """On a GPU verify reads each float tensor into one pinned buffer and copies it to the
+    device from there: every tensor arrives whole and in its own memory (here on the CPU)."""
+    from calibration.checkpoint import find_mlps, open_checkpoint, read_mlp
+    from calibration.safetensors_stream import ReadBuffer
+    from calibration.timing import PhaseTimer
+    from calibration.verify import _read_to_device
+
+    path = write_checkpoint(tmp_path / "m.safetensors", "bert")
+    with open_checkpoint(path) as ckpt:
+        layer = find_mlps(path)[1]
+        want = read_mlp(ckpt, layer)
+        timer = PhaseTimer()
+        got = _read_to_device(ckpt, layer, torch.device("cpu"), ReadBuffer(), timer)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+    pointers = [t.data_ptr() for t in got if t is not None]
+    assert len(set(pointers)) == len(pointers)  # none left pointing into the buffer
+    assert {"read", "to device"} <= set(timer.facts()["phases"])

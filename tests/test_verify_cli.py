@@ -90,6 +90,14 @@ def test_a_correct_quantization_passes(tmp_path, scheme, family):
     assert report["backend"] == AUTO_BACKEND and all(row["backend"] == AUTO_BACKEND for row in report["rows"])
     assert f"backend: {AUTO_BACKEND} ({AUTO_BACKEND_REASON}" in out
     assert report["passed"] and "PASS: all 8 rows" in out
+    # one timing line: seconds, seconds per MLP, the phases (the source's sha256 checked
+    # among them) and the one that dominates; the phases add up to the seconds
+    timing = report["timing"]
+    assert timing["seconds"] == report["seconds"] and timing["per_mlp_s"] == pytest.approx(timing["seconds"] / 2)
+    assert {"read", "to device", "references", "op", "metrics", "sha256", "other"} <= set(timing["phases"])
+    assert sum(timing["phases"].values()) == pytest.approx(timing["seconds"], rel=1e-6)
+    assert f"time: {timing['seconds']:.1f} s, {timing['per_mlp_s']:.2f} s per MLP; " in out
+    assert f"{timing['dominant']} dominates" in out
 
 
 def test_an_original_checkpoint_passes_every_dtype_and_the_table_shows_the_json(tmp_path):
@@ -106,6 +114,7 @@ def test_an_original_checkpoint_passes_every_dtype_and_the_table_shows_the_json(
     for layer in report["layers"]:
         assert f"{layer['fp16_path_vs_float64']['rel_frobenius']:.2e}" in out
     assert "fp16 path" in out and "PASS: all 10 rows" in out
+    assert "quantize" in report["timing"]["phases"]  # its int8 rows, quantized in memory
 
 
 def test_the_samples_pass_on_real_activations(tmp_path):

@@ -1,0 +1,70 @@
+"""Speed of `gelugemm quantize` on a synthetic sharded fp16 model (CPU; no GPU needed).
+
+    python bench/quantize_speed.py                          # 8 x 4096x16384 fp16 MLPs, 4 shards (2.1 GB)
+    python bench/quantize_speed.py --runs 3 --code /tmp/old # another checkout's code, for a before/after
+
+Builds a GPT-NeoX-named model directory in a temporary folder (bench/quantize_memory.py's
+builder: one shard in memory at a time; deleted at the end), then runs
+`gelugemm quantize DIR --scheme S --force --json FILE` in a fresh process per run and
+scheme (w8a16: group:128, w8a8: dynamic, the defaults), and prints per run: the wall time
+of the process (interpreter and imports included), the run's own seconds (the report's),
+MB/s of checkpoint over each, and where the time went (the report's `timing`, where the
+code has it). The checkpoint was just written, so it is read from the page cache: this
+measures quantize, not the disk it reads from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_memory import build  # noqa: E402
+
+
+def run(source: Path, scheme: str, code: Path, report: Path) -> tuple[float, dict]:
+    command = [sys.executable, "-m", "gelugemm_cli", "quantize", str(source), "--scheme", scheme, "--force", "--json", str(report)]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    started = time.perf_counter()
+    subprocess.run(command, capture_output=True, text=True, check=True, env=env, cwd=code)
+    return time.perf_counter() - started, json.loads(report.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mlps", type=int, default=8)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=4096)
+    parser.add_argument("--d-ff", type=int, default=16384)
+    parser.add_argument("--schemes", default="w8a16,w8a8")
+    parser.add_argument("--runs", type=int, default=2, help="runs per scheme")
+    parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent,
+                        help="the checkout whose gelugemm runs (default: this one)")  # fmt: skip
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gelugemm-quantize-speed-") as tmp:
+        source = Path(tmp) / "model"
+        source.mkdir()
+        build(source, args.mlps, args.shards, args.d_model, args.d_ff)
+        total = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+        print(f"model: {args.mlps} x {args.d_model}x{args.d_ff} fp16 MLPs, {args.shards} shards, {total / 1e9:.2f} GB; "
+              f"code: {args.code}; {os.cpu_count()} CPUs")  # fmt: skip
+        print("| scheme | run | wall s | MB/s (wall) | report s | MB/s (report) | phases (s) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        for scheme in args.schemes.split(","):
+            for i in range(args.runs):
+                wall, report = run(source, scheme, args.code, Path(tmp) / "report.json")
+                seconds = report["seconds"]
+                timing = report.get("timing") or {}
+                phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(timing.get("phases", {}).items(), key=lambda kv: -kv[1]))
+                print(f"| {scheme} | {i + 1} | {wall:.1f} | {total / wall / 1e6:.0f} | {seconds:.1f} | "
+                      f"{total / seconds / 1e6:.0f} | {phases or 'n/a'} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
