@@ -20,6 +20,7 @@ from int8_helpers import assert_int8_matches, quantize_weight
 from kernels.errors import LaunchError
 from kernels.gated import gate_and_up
 from kernels.gemm import gemm_bias_act
+from kernels.int8 import quantize_weight as quantize_cpu_weight
 from kernels.op import FusedMLP, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import gelu, linear_reference, mlp_reference, quantize_activation_reference, w8a8_linear_reference
@@ -300,7 +301,9 @@ def test_gemma_2b_shaped_mlp_through_the_torch_backend_on_cpu():
         y = op(c(x), c(gate), None, c(down), None, c(up))
         exact = float64_gated_mlp(c(x), c(gate), None, c(down), None, c(up), None, "tanh", "out_in")
         assert rel_err(y, exact) < TOL_VS_FLOAT64[dtype], name
-    qg, qu, qd = (quantize_weight(w) for w in (gate, up, down))
+    # the library's quantizer keeps the CPU tensors where they are (the tests' helper moves
+    # its result to the test device, a GPU where there is one)
+    qg, qu, qd = (quantize_cpu_weight(w) for w in (gate, up, down))
     xh = x.half()
     exact = float64_gated_mlp(xh, qg, None, qd, None, qu, None, "tanh", "out_in")
     y = FusedMLP(MLPConfig(dtype="w8a16", gelu="tanh", gated=True, backend="torch"), device="cpu")(xh, qg, None, qd, None, qu)
