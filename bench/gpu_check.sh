@@ -4,7 +4,8 @@
 # torch/triton (nothing is installed).
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
-#                                          eval (default: all), and verify-dir, w8a16-dequant (not in the default)
+#                                          eval (default: all), and verify-dir, w8a16-dequant, tests-a, tests-b
+#                                          (not in the default; tests-a + tests-b = tests, in two device calls)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -36,12 +37,21 @@ summary=()
 for stage in "${stages[@]}"; do
   t0=$SECONDS
   case $stage in
-    tests)
+    tests|tests-a|tests-b)
       # -n: compiles run in parallel; the autotuner's choices under that load are not
-      # kept (the benchmark stages tune again, alone).
-      python3 -m pytest -q -p no:cacheprovider -n 12 --junitxml="$OUT/junit.xml" tests/ >"$OUT/pytest.log" 2>&1 || status=1
+      # kept (the benchmark stages tune again, alone). tests-a and tests-b are the suite's
+      # two halves by file name (test_a* .. test_gemm, the rest), each inside one device
+      # call's limit; -rf names every failure in the log.
+      files=(tests/test_*.py)
+      case $stage in
+        tests-a) files=($(printf '%s\n' "${files[@]}" | awk '$0 <= "tests/test_gemm.py"')) ;;
+        tests-b) files=($(printf '%s\n' "${files[@]}" | awk '$0 > "tests/test_gemm.py"')) ;;
+      esac
+      python3 -m pytest -q -rf -p no:cacheprovider -n 12 --junitxml="$OUT/junit-$stage.xml" "${files[@]}" \
+        >"$OUT/pytest-$stage.log" 2>&1 || status=1
       find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete 2>/dev/null
-      summary+=("tests: $(tail -n 1 "$OUT/pytest.log")")
+      summary+=("$stage: $(tail -n 1 "$OUT/pytest-$stage.log")")
+      while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/pytest-$stage.log")
       ;;
     bench-float)
       gg bench --dtype fp16,bf16 --json "$OUT/bench-float.json" --plot "$OUT/bench-float.png" >"$OUT/bench-float.txt" 2>&1 || status=1
