@@ -11,6 +11,7 @@ from conftest import DEVICE, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, 
 from kernels import w8a16 as w8a16_module
 from kernels.dequant import dequantize_group_weight
 from kernels.errors import LaunchError
+from kernels.gated import gate_and_up
 from kernels.int8 import quantize_weight
 from kernels.reference import linear_reference, w8a16_group_weight, w8a16_linear_reference
 from kernels.w8a16 import w8a16_linear
@@ -105,3 +106,19 @@ def test_dequant_path_rejects_bad_operands():
         w8a16_linear(x, bad, None, path="dequant")
     with pytest.raises(LaunchError, match="fp16 or bf16"):
         dequantize_group_weight(qw, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_concatenated_gated_weight_dequantizes_each_half_in_place(layout):
+    # ModernBERT's Wi: one [2n, k] weight whose halves are views (strided for in_out)
+    k, n, g = 64, 40, 16
+    x = randn(33, k, dtype=torch.float16)
+    wi = group_weight(k, 2 * n, g, layout)
+    b = randn(2 * n, dtype=torch.float16)
+    gate, b_gate, up, b_up = gate_and_up(wi, b, None, None, layout)
+    got = w8a16_linear(x, gate, b_gate, activation="tanh", weight_layout=layout, path="dequant", up=up, up_bias=b_up)
+    ref = w8a16_linear_reference(x, gate, b_gate, activation="tanh", weight_layout=layout, up=up, up_bias=b_up)
+    assert rel_err(got, ref) < TOL_VS_REFERENCE[torch.float16]
+    for half in (gate, up):
+        want = w8a16_group_weight(half, torch.float16, layout)
+        assert torch.equal(dequantize_group_weight(half, torch.float16, layout), want if layout == "out_in" else want.t())
