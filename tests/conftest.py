@@ -52,9 +52,10 @@ TOL_W8A8_VS_FLOAT64 = 5e-2
 # intermediate is still rounded once); w8a8's relative noise adds up over gate and up.
 TOL_GATED_W8A8_VS_FLOAT64 = TOL_W8A8_VS_FLOAT64
 # Except static: one per-tensor step for GELU(gate) * up, a product of two Gaussians whose
-# absmax over M x d_ff values grows with M (heavy tails). The torch reference itself is 5.4%
-# from float64 at Gemma-2B/7B, M=2048 (4.5% at M=128): the scheme's error, not the kernel's.
-TOL_GATED_W8A8_STATIC_VS_FLOAT64 = 7e-2
+# absmax over M x d_ff values is heavy-tailed. The torch reference itself is 5.4% from float64
+# at Gemma-2B/7B, M=2048; at M=4 (the CPU test) 3.6% on average over 150 seeds, 5.8% at worst,
+# 6.0% for one CI seed: the scheme's error, not the kernel's (a wrong scale gives far more).
+TOL_GATED_W8A8_STATIC_VS_FLOAT64 = 1e-1
 # int8 results against the step-by-step reference: at most this fraction of elements
 # off, each by at most 1 (rounding ties moved by float32 op order).
 MAX_TIE_FLIPS = 1e-3
