@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterable
 
 import torch
 
+from calibration.errors import CheckpointError
 from calibration.safetensors_header import DTYPE_BYTES
 from calibration.safetensors_header import read_header as checked_header
 
@@ -113,6 +114,9 @@ def read_stored(stored: StoredTensor, handle: BinaryIO | None = None, rows: tupl
         row_bytes = math.prod(shape[1:]) * DTYPE_BYTES[info.dtype]
         begin += rows[0] * row_bytes
         shape[0] = rows[1] - rows[0]
+    if info.dtype not in TORCH_DTYPES:
+        # a dtype the format allows (U32, F8 ...) that no tensor gelugemm reads is stored in
+        raise CheckpointError(f"{stored.path}: cannot read a {info.dtype} tensor (gelugemm reads {', '.join(TORCH_DTYPES)})")
     dtype = TORCH_DTYPES[info.dtype]
     if buffer is not None:
         out = buffer.take(math.prod(shape) * DTYPE_BYTES[info.dtype]).view(dtype).view(shape)

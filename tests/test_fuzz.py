@@ -308,3 +308,15 @@ def test_a_100_mb_header_is_refused_unread(tmp_path):
         assert "header length" in result.stderr
         if before is not None:
             assert files_in(tmp_path) == before
+
+
+@pytest.mark.parametrize("dtype", ["U16", "U32", "U64"])
+def test_a_tensor_of_a_dtype_gelugemm_does_not_read_is_one_checkpoint_error(tmp_path, dtype):
+    """Found by the fuzz suite (one flipped header byte turned F32 into U32): a dtype the
+    format allows but no reader here maps was a KeyError."""
+    nbytes = {"U16": 2, "U32": 4, "U64": 8}[dtype] * 4
+    header = json.dumps({"w": {"dtype": dtype, "shape": [4], "data_offsets": [0, nbytes]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\1" * nbytes)
+    with open_checkpoint(path) as ckpt, pytest.raises(CheckpointError, match=f"cannot read a {dtype} tensor"):
+        ckpt.get_tensor("w")
