@@ -94,7 +94,7 @@ def dequantize_group_weight(
         raise LaunchError(f"dequantized weight dtype must be fp16 or bf16, got {dtype}")
     if q.dtype != torch.int8 or q.dim() != 2:
         raise LaunchError(f"weight data must be a 2-D int8 tensor, got {q.dtype} of shape {tuple(q.shape)}")
-    n, k = (q.shape[0], q.shape[1]) if layout is WeightLayout.OUT_IN else (q.shape[1], q.shape[0])
+    k, n = layout.kn_shape(q)
     groups = triton.cdiv(k, weight.group_size)
     if scale.dtype != torch.float32 or tuple(scale.shape) != (n, groups):
         raise LaunchError(f"group scales must be float32 of shape ({n}, {groups}), got {scale.dtype} {tuple(scale.shape)}")

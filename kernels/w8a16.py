@@ -81,7 +81,7 @@ def _dequant_then_gemm(x, weight, bias, activation, weight_layout, out, up, up_b
     if weight.data.dim() != 2:
         raise LaunchError(f"weight data must be 2-D, got shape {tuple(weight.data.shape)}")
     k = x.shape[-1]
-    n = weight.data.shape[0] if layout is WeightLayout.OUT_IN else weight.data.shape[1]
+    n = layout.kn_shape(weight.data)[1]
     check_weight_scales(weight, k, n)
     w = dequantize_group_weight(weight, x.dtype, layout)
     w_up = None
