@@ -15,7 +15,9 @@ quantizer per token, static and per group. Exit 1 if any compile fails.
 The gated GEMM1 (GATED: gate and up accumulators) with every config of its "-gated"
 tables for fp16 and for each int8 scheme, and one config for the rest.
 
-    PYTHONPATH=. python bench/compile_check.py [float|int8|gated]
+    PYTHONPATH=. python bench/compile_check.py [float|int8|gated|split]
+
+`split`: the TMA kernel's split-K tile loop, one config per variant above.
 """
 
 from __future__ import annotations
@@ -37,16 +39,19 @@ from kernels.launch import _heuristic_layers, _innermost
 TARGET = GPUTarget("cuda", 90, 32)
 # Sizes the heuristics (split-K, EVEN_K) see: a 4096x16384 GEMM on 132 SMs.
 SIZES = dict(M=2048, N=16384, K=4096, NUM_SMS=132)
+# GEMM2 at 128 rows: fewer output tiles than SMs, so a TMA config with MAX_SPLIT_K splits K
+SPLIT_SIZES = dict(M=128, N=4096, K=16384, NUM_SMS=132)
 
 
-def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config):
+def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config, sizes: dict = SIZES):
     """Compile `kernel` with runtime argument types `types` (a tensor the call does not
-    have is a constexpr None); return (compiled kernel, None) or (None, the error)."""
+    have is a constexpr None), its heuristics evaluated at `sizes`; return (compiled
+    kernel, None) or (None, the error)."""
     jit = _innermost(kernel)
     values = {**constexprs, **config.kwargs}
     for layer in _heuristic_layers(kernel):
         for name, rule in layer.values.items():
-            values[name] = rule({**SIZES, **values})
+            values[name] = rule({**sizes, **values})
     for param in jit.params:
         if param.name not in types and param.name not in values:
             values[param.name] = param.default
@@ -78,7 +83,7 @@ def gemm_types(a: str, b: str, c: str, bias: str, *, strided: bool, decode: bool
         t.update(u_ptr=f"*{b}", u_bias_ptr=f"*{bias}")
     else:
         absent.update(u_ptr=None, u_bias_ptr=None)
-    if decode:
+    if not strided:  # the split-K workspace
         t.update(partial_ptr="*fp32", arrivals_ptr="*i32")
     names = ["M", "N", "K", "M_BUCKET", "stride_am"]
     names += ["stride_ak", "stride_bk", "stride_bn"] if strided else ["stride_b"]
@@ -241,14 +246,31 @@ def dequant_cases():
         yield dequant._dequant_group_kernel, {**types, "out_ptr": f"*{out}"}, cx, triton.Config({}, num_warps=4, num_stages=3), label
 
 
+def split_k_cases():
+    """The TMA kernel's split-K tile loop: each float, int8 and gated variant's one-config
+    case (a plain tile loop: no flatten or warp specialization) with MAX_SPLIT_K = 8, its
+    SPLIT_K evaluated at GEMM2's 128-row shape, where it splits."""
+    tma = {gemm._GEMM.kernels.tma, int8_gemm._GEMM.kernels.tma}
+    seen = set()
+    for gen in (float_cases, int8_cases, gated_cases):
+        for kernel, types, cx, config, label in gen():
+            if kernel not in tma or (id(kernel), label.split(" in_out")[0]) in seen:
+                continue
+            seen.add((id(kernel), label.split(" in_out")[0]))
+            kwargs = {k: v for k, v in config.kwargs.items() if k not in ("FLATTEN", "WARP_SPECIALIZE")}
+            split = triton.Config({**kwargs, "MAX_SPLIT_K": 8}, num_warps=config.num_warps, num_stages=config.num_stages)
+            yield kernel, types, cx, split, f"{label} split-K", SPLIT_SIZES
+
+
 def main() -> int:
-    which = sys.argv[1:] or ["float", "int8", "gated"]
-    generators = (("float", float_cases), ("int8", int8_cases), ("int8", dequant_cases), ("gated", gated_cases))
+    which = sys.argv[1:] or ["float", "int8", "gated", "split"]
+    generators = (("float", float_cases), ("int8", int8_cases), ("int8", dequant_cases), ("gated", gated_cases),
+                  ("split", split_k_cases))  # fmt: skip
     cases = [c for name, gen in generators if name in which for c in gen()]
     failures = []
-    for kernel, types, constexprs, config, label in cases:
+    for kernel, types, constexprs, config, label, *sizes in cases:
         t0 = time.time()
-        _, error = compile_one(kernel, types, constexprs, config)
+        _, error = compile_one(kernel, types, constexprs, config, *sizes)
         name = _innermost(kernel).__name__
         print(f"{'FAIL' if error else 'ok  '} {time.time() - t0:5.1f}s {name} {label} {config}", flush=True)
         if error:

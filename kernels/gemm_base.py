@@ -399,7 +399,7 @@ def _requantize_groups(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N: tl.con
 # requantized with, or with C_GROUP_N the [M, cdiv(N, C_GROUP_N)] scales the kernel writes
 # for it; a gated GEMM1's up projection: u the up weight (b's dtype, shape and strides: a
 # weight of its own, or the other half of one concatenated weight), u_bias [N], u_scale
-# (w_scale's shape and strides); decode adds its split-K workspace), then sizes and
+# (w_scale's shape and strides); decode and tma add their split-K workspace), then sizes and
 # strides. A scale or tensor the operands do not have is passed as None (a compile-time
 # None, never read).
 
@@ -543,6 +543,7 @@ def gemm_strided_kernel(
 @triton.jit
 def gemm_tma_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, u_ptr, u_bias_ptr, u_scale_ptr,
+    partial_ptr, arrivals_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_b, stride_cm, stride_wsn, stride_wsg, stride_as,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_K: tl.constexpr,
@@ -550,7 +551,7 @@ def gemm_tma_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, EPILOGUE_SUBTILE: tl.constexpr = False,
-    SWAP_AB: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False, MAX_SPLIT_K: tl.constexpr = 1, SPLIT_K: tl.constexpr = 1,
 ):  # fmt: skip
     # B_IS_NK: the weight is stored [N, K] (nn.Linear), read as [BLOCK_N, BLOCK_K] tiles
     # (transposed in registers where the dot wants [K, N]: K-major, the layout the int8
@@ -560,7 +561,13 @@ def gemm_tma_kernel(
     # registers, its B operand only from shared memory: converted as B, the tile would
     # make a round trip through shared memory every K step); the accumulator is
     # [BLOCK_N, BLOCK_M], transposed for the epilogue.
+    # SPLIT_K (tma_split_k, for configs that allow it with MAX_SPLIT_K): when the output
+    # has fewer tiles than there are SMs (GEMM2 at a few hundred rows: N = d_model is
+    # narrow and K = d_ff long), each tile's K range is cut in SPLIT_K shares, each a work
+    # unit of its own, reduced serially by the last share to finish (as in the decode
+    # kernel).
     tl.static_assert(A_GROUP_K == 0 or A_GROUP_K == BLOCK_K, "per-group A scales take one group per K tile")
+    tl.static_assert(SPLIT_K == 1 or not (FLATTEN or WARP_SPECIALIZE), "split-K runs the plain tile loop")
     INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = _weight_desc(b_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
@@ -573,14 +580,19 @@ def gemm_tma_kernel(
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N // 2])
     else:
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
-    out_dtype = c_ptr.dtype.element_ty
 
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile_id in tl.range(
-        tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    k_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    for unit in tl.range(
+        tl.program_id(0), num_pid_m * num_pid_n * SPLIT_K, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
     ):
+        # the shares of one tile are consecutive units: they run at once on neighbouring
+        # SMs, and the last one's reads of the others' partials hit L2
+        tile_id = unit // SPLIT_K
+        k_first = (unit % SPLIT_K) * k_per_split
+        k_last = tl.minimum(k_first + k_per_split, k_tiles)
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -592,7 +604,7 @@ def gemm_tma_kernel(
             acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
         else:
             acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
-        for ki in range(k_tiles):
+        for ki in range(k_first, k_last):
             # TMA fills reads past the tensor's edge with zeros: no K mask needed.
             a = a_desc.load([off_m, ki * BLOCK_K])
             acc = _tma_mma(b_desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
@@ -607,30 +619,87 @@ def gemm_tma_kernel(
                 acc_up = acc_up.T
             else:
                 acc_up = acc
-        # TMA clips stores at the tensor's edge: no mask needed.
-        if EPILOGUE_SUBTILE:
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            up0, up1 = tl.split(tl.permute(tl.reshape(acc_up, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
-            out0 = _tile_epilogue(
-                acc0, up0, offs_m, offs_n0, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
-                c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
-                out_dtype, INTERPRETER,
-            )  # fmt: skip
-            c_desc.store([off_m, off_n], out0)
-            out1 = _tile_epilogue(
-                acc1, up1, offs_m, offs_n0 + BLOCK_N // 2, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
-                a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION,
-                GATED, out_dtype, INTERPRETER,
-            )  # fmt: skip
-            c_desc.store([off_m, off_n + BLOCK_N // 2], out1)
+        if SPLIT_K > 1:
+            # Serial split-K, as in the decode kernel: each share stores its partial sums;
+            # the last to arrive at this tile (an acq_rel atomic, so the other partials are
+            # visible) adds them up, zeroes the counter for the next launch and runs the
+            # epilogue. Gated: the tile's slots hold the up partials after the gate's.
+            T: tl.constexpr = BLOCK_M * BLOCK_N
+            tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            share = unit % SPLIT_K
+            if GATED:
+                slots = partial_ptr + tile_id * (2 * SPLIT_K * T)
+                tl.store(slots + (SPLIT_K + share) * T + tile, acc_up.to(tl.float32, bitcast=True))
+            else:
+                slots = partial_ptr + tile_id * (SPLIT_K * T)
+            tl.store(slots + share * T + tile, acc.to(tl.float32, bitcast=True))
+            arrived = tl.atomic_add(arrivals_ptr + tile_id, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = _sum_splits(slots + tile, acc, SPLIT_K, T)
+                if GATED:
+                    total_up = _sum_splits(slots + SPLIT_K * T + tile, acc, SPLIT_K, T)
+                else:
+                    total_up = total
+                tl.store(arrivals_ptr + tile_id, 0)
+                _tma_store_tile(
+                    c_desc, total, total_up, off_m, off_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
+                    a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS,
+                    ACTIVATION, GATED, EPILOGUE_SUBTILE, c_ptr.dtype.element_ty, INTERPRETER,
+                )  # fmt: skip
         else:
-            out = _tile_epilogue(
-                acc, acc_up, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
+            _tma_store_tile(
+                c_desc, acc, acc_up, off_m, off_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
                 c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
-                out_dtype, INTERPRETER,
+                EPILOGUE_SUBTILE, c_ptr.dtype.element_ty, INTERPRETER,
             )  # fmt: skip
-            c_desc.store([off_m, off_n], out)
+
+
+@triton.jit
+def _tma_store_tile(c_desc, acc, acc_up, off_m, off_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
+                    a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT: tl.constexpr,
+                    GROUP_K: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                    GATED: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, out_dtype: tl.constexpr,
+                    INTERPRETER: tl.constexpr):  # fmt: skip
+    # The TMA kernel's epilogue for the [BLOCK_M, BLOCK_N] tile at (off_m, off_n), stored
+    # through c_desc (TMA clips stores at the tensor's edge: no mask needed).
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    BLOCK_N: tl.constexpr = acc.shape[1]
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    if EPILOGUE_SUBTILE:
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        up0, up1 = tl.split(tl.permute(tl.reshape(acc_up, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
+        out0 = _tile_epilogue(
+            acc0, up0, offs_m, offs_n0, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
+            c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
+            out_dtype, INTERPRETER,
+        )  # fmt: skip
+        c_desc.store([off_m, off_n], out0)
+        out1 = _tile_epilogue(
+            acc1, up1, offs_m, offs_n0 + BLOCK_N // 2, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
+            a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION,
+            GATED, out_dtype, INTERPRETER,
+        )  # fmt: skip
+        c_desc.store([off_m, off_n + BLOCK_N // 2], out1)
+    else:
+        out = _tile_epilogue(
+            acc, acc_up, offs_m, off_n + tl.arange(0, BLOCK_N), M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
+            a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION,
+            GATED, out_dtype, INTERPRETER,
+        )  # fmt: skip
+        c_desc.store([off_m, off_n], out)
+
+
+def tma_split_k(args) -> int:
+    """How many ways the TMA kernel splits K (configs opt in with MAX_SPLIT_K): enough
+    work units to fill the SMs when the output has fewer tiles than there are SMs, at
+    most MAX_SPLIT_K, with at least four K tiles a share for the pipeline."""
+    cap = args.get("MAX_SPLIT_K", 1)
+    if cap <= 1:
+        return 1
+    tiles = triton.cdiv(args["M"], args["BLOCK_M"]) * triton.cdiv(args["N"], args["BLOCK_N"])
+    k_tiles = triton.cdiv(args["K"], args["BLOCK_K"])
+    return max(1, min(cap, args["NUM_SMS"] // tiles, k_tiles // 4))
 
 
 def decode_split_k(args) -> int:
@@ -864,7 +933,7 @@ def _autotuned(body, tables: dict, key: list, heuristics: dict, interpreter_extr
     tuned = triton.autotune(
         configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **_autotune_kwargs()
     )(triton.heuristics(heuristics)(body))
-    tuned.prune = prune  # for sizing the decode workspace from the configs a call may take
+    tuned.prune = prune  # for sizing the split-K workspace from the configs a call may take
     return tuned
 
 
@@ -889,11 +958,11 @@ def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int) -> G
             gemm_strided_kernel, strided, ["M_BUCKET", "N", "K", "stride_bk", "stride_bn", *groups],
             {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0},
         ),  # fmt: skip
-        # the interpreter runs the subtiled epilogue that most large-M configs use, and
-        # w8a16's swap-AB schedule
+        # the interpreter runs the subtiled epilogue that most large-M configs use, w8a16's
+        # swap-AB schedule, and split-K where a call has fewer tiles than its 4 programs
         tma=_autotuned(
-            gemm_tma_kernel, tma, ["M_BUCKET", "N", "K", "B_IS_NK", *groups], {},
-            interpreter_extra={"w8a16": {"SWAP_AB": True}}, EPILOGUE_SUBTILE=True,
+            gemm_tma_kernel, tma, ["M_BUCKET", "N", "K", "B_IS_NK", *groups], {"SPLIT_K": tma_split_k},
+            interpreter_extra={"w8a16": {"SWAP_AB": True}}, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=4,
         ),  # fmt: skip
         decode=_autotuned(
             gemm_decode_kernel, decode, ["M_BUCKET", "N", "K", "B_IS_NK", *groups], {"SPLIT_K": decode_split_k},
@@ -1056,7 +1125,7 @@ class GemmPlan:
     scalars: tuple  # the runtime ints after the tensor arguments
     constexprs: dict
     key: tuple
-    workspace: tuple | None  # (partial elements, tiles) for split-K decode
+    workspace: tuple | None  # (partial elements, tiles) for split-K (decode and tma; None: strided)
     slot: list = field(default_factory=lambda: [None])
 
 
@@ -1123,30 +1192,35 @@ def _plan(
     sms = num_programs(a.device)
     scalars = (*head, a.stride(0), stride_bn if b_is_nk else stride_bk, c_row_stride, *scale_strides)
     constexprs.update(B_IS_NK=b_is_nk, NUM_SMS=sms)
+    # The split-K workspace, sized for the largest layout among the configs autotuning may
+    # pick for this call: BLOCK_M * BLOCK_N fp32 partial sums per share of each output
+    # tile (gated: two), and an arrival counter per tile.
+    kernel = kernels.tma if path == "tma" else kernels.decode
+    named = dict(a_ptr=a, b_ptr=w, M_BUCKET=m_bucket(m), GROUP_K=group_k)
+    configs = kernel.prune(kernel.configs, named, GROUP_K=group_k, A_GROUP_K=a_group_k, C_GROUP_N=c_group_n, GATED=gated)
+    split_k = tma_split_k if path == "tma" else decode_split_k
+    partial_elems, tiles = 0, 0
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        tiles_c = triton.cdiv(n, bn) * (triton.cdiv(m, bm) if path == "tma" else 1)
+        splits = split_k(dict(c.kwargs, M=m, N=n, K=k, NUM_SMS=sms))
+        if splits > 1:
+            partial_elems = max(partial_elems, tiles_c * bm * bn * splits * (2 if gated else 1))
+            tiles = max(tiles, tiles_c)
+    workspace = (partial_elems, tiles)
+
     if path == "tma":
 
         def grid(meta):
-            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            return (min(sms, tiles * meta["SPLIT_K"]),)
 
-        return GemmPlan(path, kernels.tma, grid, scalars, constexprs, key, None)
+        return GemmPlan(path, kernels.tma, grid, scalars, constexprs, key, workspace)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    # Sized for the largest split-K layout among the configs autotuning may pick for this
-    # call: BLOCK_N * BLOCK_M fp32 partial sums per split of each N tile (gated: two).
-    named = dict(a_ptr=a, b_ptr=w, M_BUCKET=m_bucket(m), GROUP_K=group_k)
-    configs = kernels.decode.prune(
-        kernels.decode.configs, named, GROUP_K=group_k, A_GROUP_K=a_group_k, C_GROUP_N=c_group_n, GATED=gated
-    )
-    partial_elems, tiles = 0, 0
-    for c in configs:
-        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        splits = decode_split_k(dict(N=n, K=k, NUM_SMS=sms, BLOCK_N=bn, BLOCK_K=bk))
-        parts = 2 if gated else 1
-        partial_elems = max(partial_elems, triton.cdiv(n, bn) * bn * c.kwargs["BLOCK_M"] * splits * parts)
-        tiles = max(tiles, triton.cdiv(n, bn))
-    return GemmPlan(path, kernels.decode, grid, scalars, constexprs, key, (partial_elems, tiles))
+    return GemmPlan(path, kernels.decode, grid, scalars, constexprs, key, workspace)
 
 
 class GemmLauncher:

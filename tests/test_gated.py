@@ -59,8 +59,11 @@ def float64_gemm1(x, gate, b_gate, up, b_up, activation, layout):
 # ---------------------------------------------------------------------------------------
 
 # (path, leading dims, K, N): odd shapes for strided; 16-byte rows for TMA and decode
-# (whose K = 264 splits K in two under the interpreter).
-FLOAT_CASES = [("strided", (2, 3), 33, 24), ("tma", (2, 21), 136, 56), ("decode", (1,), 264, 40), ("decode", (16,), 72, 56)]
+# (K = 264 and 528 split K in two under the interpreter, on decode and on TMA).
+FLOAT_CASES = [
+    ("strided", (2, 3), 33, 24), ("tma", (2, 21), 136, 56), ("tma", (3,), 528, 40), ("decode", (1,), 264, 40),
+    ("decode", (16,), 72, 56),
+]  # fmt: skip
 # (layout, weight form, biases): both forms in both layouts, with and without biases
 FORMS = [("out_in", "separate", True), ("in_out", "concatenated", True), ("out_in", "concatenated", False), ("in_out", "separate", False)]
 
@@ -121,8 +124,12 @@ def test_gated_gemm1_rejects_mismatched_up_operands():
 # The int8 gated GEMM1
 # ---------------------------------------------------------------------------------------
 
-# int8 rows of 16-byte multiples for TMA and decode (w8a8's int8 output too)
-INT8_CASES = [("strided", (37,), 70, 45), ("tma", (37,), 80, 48), ("decode", (5,), 272, 48), ("decode", (1,), 80, 112)]
+# int8 rows of 16-byte multiples for TMA and decode (w8a8's int8 output too); K = 528 on
+# TMA splits K in two under the interpreter
+INT8_CASES = [
+    ("strided", (37,), 70, 45), ("tma", (37,), 80, 48), ("tma", (3,), 528, 48), ("decode", (5,), 272, 48),
+    ("decode", (1,), 80, 112),
+]  # fmt: skip
 
 
 def int8_gated(k, n, layout, form, group_size=None, bias=True, dtype=torch.float16):

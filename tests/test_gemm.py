@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
-from conftest import TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import HAS_CUDA, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
 from kernels.errors import LaunchError
+from kernels import gemm
 from kernels.gemm import gemm_bias_act
 from kernels.reference import linear_reference
 
@@ -21,7 +22,10 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (leading dims, K, N): M=1, M=37, batch dims; K and N multiples of no block size.
 # The TMA path needs 16-byte aligned rows, so its shapes keep K and N multiples of 8.
 STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100), ((19,), 130, 7)]
-TMA_SHAPES = [((1,), 72, 40), ((37,), 72, 40), ((2, 21), 136, 56)]
+# The last two have fewer output tiles than the interpreter's 4 programs and K long enough
+# for the TMA kernel to split it (serial split-K in 2 and 4 shares).
+TMA_SHAPES = [((1,), 72, 40), ((37,), 72, 40), ((2, 21), 136, 56), ((3,), 528, 40), ((2,), 1040, 24)]
+SPLIT_K_SHAPES = TMA_SHAPES[-2:]
 
 
 def make_weight(k, n, dtype, layout):
@@ -76,6 +80,21 @@ DECODE_SHAPES = [((1,), 264, 40), ((16,), 264, 136), ((2, 3), 72, 40), ((37,), 1
 @pytest.mark.tma
 def test_decode_kernel(lead, k, n, dtype, layout, activation):
     run_case("decode", lead, k, n, dtype, layout, activation)
+
+
+def tma_plans(m: int, k: int) -> list:
+    return [p for p in gemm._GEMM.plans.values() if p.path == "tma" and p.scalars[0] == m and p.scalars[2] == k]
+
+
+@pytest.mark.tma
+def test_tma_split_k_leaves_counters_ready_for_the_next_call():
+    # As for decode: each launch must find its counters at zero again. Under the
+    # interpreter these shapes do split (a workspace was sized for them).
+    for lead, k, n in SPLIT_K_SHAPES:
+        for _ in range(2):
+            run_case("tma", lead, k, n, torch.float16, "in_out", "erf")
+        if not HAS_CUDA:
+            assert all(p.workspace[0] > 0 for p in tma_plans(math.prod(lead), k))
 
 
 def test_decode_split_k_leaves_counters_ready_for_the_next_call():

@@ -26,7 +26,8 @@ from kernels.w8a16 import w8a16_linear
 # (leading dims, K, N): M=1, M=37 (> 16), batch dims; K and N multiples of no block size.
 STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100), ((19,), 130, 7)]
 # TMA needs 16-byte rows: K and N multiples of 16 for int8, still not of the 32 blocks.
-TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112)]
+# The last two split K under the interpreter (fewer tiles than its 4 programs).
+TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112), ((3,), 528, 48), ((2,), 1040, 16)]
 # Decode (M <= 16, TMA, swap-AB): K = 272 gives the interpreter's 4 "SMs" a split-K of 2.
 DECODE_SHAPES = [((1,), 80, 48), ((16,), 80, 48), ((2, 3), 272, 48), ((5,), 272, 112)]
 # (activation dtype, group size): per-channel, and one group size per branch of the

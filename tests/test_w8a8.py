@@ -32,7 +32,8 @@ from kernels.w8a8 import quantize_activations, w8a8_linear
 # (leading dims, K, N): M=1, M=37 (> 16), batch dims; odd K and N.
 STRIDED_SHAPES = [((1,), 70, 45), ((37,), 70, 45), ((2, 3), 33, 100)]
 # TMA: int8 rows of 16-byte multiples (K, N multiples of 16), not of the 32 blocks.
-TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112)]
+# The last two split K under the interpreter (fewer tiles than its 4 programs).
+TMA_SHAPES = [((1,), 80, 48), ((37,), 80, 48), ((2, 21), 144, 112), ((3,), 528, 48), ((2,), 1040, 16)]
 # Decode (M <= 16): K = 272 splits K in two under the interpreter.
 DECODE_SHAPES = [((1,), 80, 48), ((16,), 80, 48), ((2, 3), 272, 48), ((5,), 272, 112)]
 
