@@ -260,6 +260,11 @@ def split_k_cases():
             kwargs = {k: v for k, v in config.kwargs.items() if k not in ("FLATTEN", "WARP_SPECIALIZE")}
             split = triton.Config({**kwargs, "MAX_SPLIT_K": 8}, num_warps=config.num_warps, num_stages=config.num_stages)
             yield kernel, types, cx, split, f"{label} split-K", SPLIT_SIZES
+    # every config the tables let split, at the shape where it does
+    for gen in (float_cases, int8_cases):
+        for kernel, types, cx, config, label in gen():
+            if kernel in tma and config.kwargs.get("MAX_SPLIT_K", 1) > 1:
+                yield kernel, types, cx, config, f"{label} split-K (table)", SPLIT_SIZES
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ CUDA-graph replays (kernels.bench.graph_time): GPU time, no host launch cost. We
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -51,6 +52,10 @@ def config(tile, split: int):
 
 def force(launcher, kernel, table: dict, c) -> None:
     """Make `c` the one config the kernel runs for every M bucket."""
+    if kernel is gemm._gemm_decode_kernel:
+        # the decode kernel at up to 128 rows, as it ran before FLOAT_DECODE_MAX_M became 64
+        table.setdefault(256, [])
+        launcher.kernels = dataclasses.replace(launcher.kernels, decode_max_m=128)
     for key in table:
         table[key][:] = [c]
     kernel.configs = [c]
@@ -80,6 +85,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="128,256,512,1024")
     ap.add_argument("--warmup-ms", type=float, default=10)
     ap.add_argument("--rep-ms", type=float, default=60)
+    ap.add_argument("--kinds", default="fp16,w8a8", help="which sweeps: fp16, w8a8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     d, f = args.d, args.f
@@ -109,7 +115,8 @@ def main() -> None:
             if m > 16:
                 record("int_mm", g, m, "torch._int_mm", timed(lambda i: torch._int_mm(xq, qw[g].data.t()), args.warmup_ms, args.rep_ms))
 
-    float_cands = [(t, s) for t in FLOAT_TILES for s in (1, 8)]
+    kinds = args.kinds.split(",")
+    float_cands = [(t, s) for t in FLOAT_TILES for s in (1, 8)] if "fp16" in kinds else []
     for tile, split in float_cands:
         c = config(tile, split)
         force(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c)
@@ -119,17 +126,17 @@ def main() -> None:
                 out = torch.empty(m, n, device=dev, dtype=torch.float16)
                 call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="tma", out=out)  # noqa: E731
                 record("fp16", g, m, f"tma {tile} split<={split}", timed(call, args.warmup_ms, args.rep_ms))
-    for tile in FLOAT_DECODE:
+    for tile in FLOAT_DECODE if "fp16" in kinds else []:
         c = config(tile, 1)
         force(gemm._GEMM, gemm._gemm_decode_kernel, gemm.DECODE_CONFIGS, c)
-        for m in [t for t in tokens if t <= gemm.FLOAT_DECODE_MAX_M]:
+        for m in [t for t in tokens if t <= 128]:  # the decode configs' BLOCK_M
             for g, (k, n, act) in gemms.items():
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 out = torch.empty(m, n, device=dev, dtype=torch.float16)
                 call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="decode", out=out)  # noqa: E731
                 record("fp16", g, m, f"decode {tile}", timed(call, args.warmup_ms, args.rep_ms))
 
-    for tile, split in [(t, s) for t in INT8_TILES for s in (1, 8)]:
+    for tile, split in [(t, s) for t in INT8_TILES for s in (1, 8)] if "w8a8" in kinds else []:
         c = config(tile, split)
         force(int8_gemm._GEMM, int8_gemm._int8_weight_tma_kernel, int8_gemm.W8A8_TMA_CONFIGS, c)
         for m in tokens:

@@ -8,9 +8,9 @@ in place in either layout (`out_in`: nn.Linear's [N, K]; `in_out`: Conv1D's [K, 
 The three kernels are kernels/gemm_base.py's, shared with the int8-weight GEMM; this
 module holds the float configs they are tuned over and the launcher:
 
-- decode (M <= 128 = FLOAT_DECODE_MAX_M, TMA operands): swap-AB, split-K; on an H100 a
-  4096x16384 MLP stays bound by its weight bytes up to about 128 rows;
-- tma (M > 128, TMA operands): the persistent Hopper kernel;
+- decode (M <= 64 = FLOAT_DECODE_MAX_M, TMA operands): swap-AB, split-K;
+- tma (M > 64, TMA operands): the persistent Hopper kernel, with split-K configs for the
+  medium rows whose GEMM2 has fewer output tiles than there are SMs;
 - strided: any strides and alignment.
 
 `gemm_bias_act` is the launcher: it checks dtypes, shapes, strides and devices, and
@@ -27,22 +27,23 @@ from kernels.errors import LaunchError
 from kernels.gemm_base import GemmLauncher, cfg, check_operands, gemm_kernels
 from kernels.schemes import FLOAT_DTYPES, WeightLayout
 
-# The float decode kernel streams the weight once for up to this many rows (BLOCK_M up
-# to 128); on an H100 a 4096x16384 MLP stays bound by its weight bytes up to about here.
-FLOAT_DECODE_MAX_M = 128
+# The float decode kernel streams the weight once for up to this many rows. It ran the
+# rows up to 128 until the TMA kernel had split-K: at M = 128 the split TMA kernel took a
+# 4096x16384 MLP's GEMMs in 47 + 51 us against decode's 68 + 54 (H200,
+# bench/probe_medium_m.py, bench/RESULTS.md section 15).
+FLOAT_DECODE_MAX_M = 64
 
 # ---------------------------------------------------------------------------------------
 # Configs: keyed by m_bucket(M) (kernels/gemm_base.py)
 # ---------------------------------------------------------------------------------------
 
-# Decode (M <= 128) through TMA, swap-AB, split-K. Every config of a bucket has
+# Decode (M <= 64) through TMA, swap-AB, split-K. Every config of a bucket has
 # BLOCK_M >= the bucket's largest M: one M tile holds all rows. The last 16-row config
 # fits fp32 tiles.
 DECODE_CONFIGS = {
     16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4),
          cfg(16, 128, 256, 4, 3), cfg(16, 64, 512, 4, 3), cfg(16, 64, 64, 4, 4)],
     64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 128, 4, 3), cfg(64, 64, 64, 4, 4)],
-    256: [cfg(128, 64, 128, 4, 3), cfg(128, 128, 64, 8, 4), cfg(128, 64, 64, 4, 3)],
 }  # fmt: skip
 
 # 16 rows without TMA stream the weight: small N tiles give enough programs.
@@ -54,10 +55,22 @@ STRIDED_CONFIGS = {
 
 # Each list ends or starts with a config small enough for fp32 tiles' shared memory.
 # Measured on the H100 (bench/RESULTS.md): 128x256x64 with the subtiled epilogue and a
-# flattened or warp-specialized tile loop led at M >= 2048.
+# flattened or warp-specialized tile loop led at M >= 2048. From 65 to 1024 rows, the
+# leaders of bench/probe_medium_m.py on an H200 (section 15), each allowed to split K:
+# GEMM2 of a 4096x16384 MLP has 32 to 128 output tiles there, and split-K took it from
+# 95 to 51 us at M = 128 and from 99 to 70 us at M = 256.
 TMA_CONFIGS = {
     64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 128, 128, 4, 3), cfg(64, 64, 32, 4, 3)],
-    256: [cfg(64, 128, 64, 4, 4), cfg(128, 128, 64, 8, 4), cfg(64, 256, 64, 8, 4), cfg(64, 128, 32, 4, 3)],
+    256: [
+        cfg(128, 128, 128, 8, 3, MAX_SPLIT_K=8), cfg(128, 128, 64, 8, 4, MAX_SPLIT_K=8),
+        cfg(64, 256, 64, 8, 4, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8),
+        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8), cfg(64, 128, 32, 4, 3),
+    ],
+    1024: [
+        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8), cfg(128, 128, 64, 4, 4, MAX_SPLIT_K=8),
+        cfg(128, 128, 128, 8, 3, MAX_SPLIT_K=8), cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(128, 128, 32, 8, 3),
+    ],
     "large": [
         cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
         cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
@@ -122,7 +135,7 @@ def gemm_bias_act(
     activation: "none" or a GELU flavour: "erf" (exact), "tanh" (approximate) or "quick".
     weight_layout: "out_in" for W stored [N, K], "in_out" for W stored [K, N].
     allow_tf32: let fp32 inputs use TF32 tensor cores (about 1e-3 relative error).
-    path: "auto", "tma", "decode" (M <= 128) or "strided"; "tma" and "decode" raise if
+    path: "auto", "tma", "decode" (M <= 64) or "strided"; "tma" and "decode" raise if
         TMA cannot take the inputs.
     out: a contiguous [..., N] tensor of a's dtype to write into (else one is allocated).
     w_up, b_up: a gated GEMM1's up projection (W's shape, layout and strides: its own

@@ -79,7 +79,7 @@ W8A8_STRIDED_CONFIGS = {
 W8A16_TMA_CONFIGS = {
     64: [cfg(64, 128, 128, 4, 4, SWAP_AB=True), cfg(32, 128, 128, 4, 5, SWAP_AB=True), cfg(64, 64, 128, 4, 4)],
     256: [cfg(128, 128, 128, 8, 4, SWAP_AB=True, FLATTEN=True), cfg(64, 128, 128, 4, 4, SWAP_AB=True),
-          cfg(64, 128, 64, 4, 4)],
+          cfg(64, 128, 128, 4, 4, SWAP_AB=True, MAX_SPLIT_K=8), cfg(64, 128, 64, 4, 4)],
     "large": [
         cfg(128, 256, 64, 8, 4, SWAP_AB=True, WARP_SPECIALIZE=True),
         cfg(128, 256, 64, 8, 4, SWAP_AB=True, FLATTEN=True),
@@ -89,9 +89,19 @@ W8A16_TMA_CONFIGS = {
 }  # fmt: skip
 # 128x256x128: 48 KiB of int8 tiles a stage; the subtiled epilogue halves the output
 # staging buffer (and the live registers of the GELU), leaving room for a 4th stage.
+# From 17 to 1024 rows, bench/probe_medium_m.py's leaders on an H200 (bench/RESULTS.md
+# section 15), each allowed to split K where GEMM2 has fewer tiles than SMs.
 W8A8_TMA_CONFIGS = {
-    64: [cfg(64, 128, 128, 4, 4), cfg(64, 64, 256, 4, 4), cfg(64, 128, 256, 4, 3)],
-    256: [cfg(128, 128, 128, 8, 4), cfg(64, 256, 128, 8, 4), cfg(128, 64, 128, 4, 4), cfg(64, 128, 128, 4, 4)],
+    64: [cfg(64, 128, 128, 4, 4, MAX_SPLIT_K=8), cfg(64, 64, 256, 4, 4, MAX_SPLIT_K=8), cfg(64, 128, 256, 4, 3)],
+    256: [
+        cfg(64, 256, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 128, 8, 4, MAX_SPLIT_K=8),
+        cfg(64, 64, 256, 4, 4, MAX_SPLIT_K=8), cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8),
+        cfg(64, 128, 128, 4, 4),
+    ],
+    1024: [
+        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8), cfg(128, 128, 128, 8, 4, MAX_SPLIT_K=8),
+        cfg(64, 256, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+    ],
     "large": [
         cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
         cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
