@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.bench import graph_time
-from kernels.gemm import gemm_bias_act
+from kernels.gemm import FLOAT_DECODE_MAX_M, gemm_bias_act
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
              torch.randn(d, f, device="cuda", dtype=dtype) / math.sqrt(f), torch.randn(d, device="cuda", dtype=dtype))
             for _ in range(n_sets)
         ]  # fmt: skip
-        for m in (16, 32, 64, 96, 128, 192):
+        for m in (16, 32, 48, 64, 96, 128, 192):
             xs = [torch.randn(m, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
 
             def ours(path):
@@ -38,7 +38,7 @@ def main():
                 return F.linear(F.gelu(F.linear(xs[i], w1, b1)), w2, b2)
 
             row = []
-            for call in (ours("decode") if m <= 128 else None, ours("tma"), eager):
+            for call in (ours("decode") if m <= FLOAT_DECODE_MAX_M else None, ours("tma"), eager):
                 if call is None:
                     row.append("-")
                     continue

@@ -59,17 +59,21 @@ STRIDED_CONFIGS = {
 # leaders of bench/probe_medium_m.py on an H200 (section 15), each allowed to split K:
 # GEMM2 of a 4096x16384 MLP has 32 to 128 output tiles there, and split-K took it from
 # 95 to 51 us at M = 128 and from 99 to 70 us at M = 256.
+# Small tiles without split-K stay in each list for small models (768x3072: the whole
+# GEMM is a few microseconds, and a split's reduction costs more than it spreads).
 TMA_CONFIGS = {
-    64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 128, 128, 4, 3), cfg(64, 64, 32, 4, 3)],
+    64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 128, 128, 4, 3), cfg(64, 64, 32, 4, 3),
+         cfg(64, 64, 128, 4, 4, MAX_SPLIT_K=8), cfg(64, 128, 64, 4, 4, MAX_SPLIT_K=8)],
     256: [
         cfg(128, 128, 128, 8, 3, MAX_SPLIT_K=8), cfg(128, 128, 64, 8, 4, MAX_SPLIT_K=8),
         cfg(64, 256, 64, 8, 4, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8),
-        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8), cfg(64, 128, 32, 4, 3),
+        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8), cfg(64, 64, 128, 4, 4),
+        cfg(64, 128, 64, 4, 4), cfg(64, 128, 32, 4, 3),
     ],
     1024: [
         cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8), cfg(128, 128, 64, 4, 4, MAX_SPLIT_K=8),
         cfg(128, 128, 128, 8, 3, MAX_SPLIT_K=8), cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
-        cfg(128, 128, 32, 8, 3),
+        cfg(64, 128, 64, 4, 4), cfg(64, 64, 128, 4, 4), cfg(128, 128, 32, 8, 3),
     ],
     "large": [
         cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),

@@ -92,15 +92,17 @@ W8A16_TMA_CONFIGS = {
 # From 17 to 1024 rows, bench/probe_medium_m.py's leaders on an H200 (bench/RESULTS.md
 # section 15), each allowed to split K where GEMM2 has fewer tiles than SMs.
 W8A8_TMA_CONFIGS = {
-    64: [cfg(64, 128, 128, 4, 4, MAX_SPLIT_K=8), cfg(64, 64, 256, 4, 4, MAX_SPLIT_K=8), cfg(64, 128, 256, 4, 3)],
+    64: [cfg(64, 128, 128, 4, 4, MAX_SPLIT_K=8), cfg(64, 64, 256, 4, 4, MAX_SPLIT_K=8), cfg(64, 128, 256, 4, 3),
+         cfg(64, 128, 128, 4, 4)],
     256: [
         cfg(64, 256, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 128, 8, 4, MAX_SPLIT_K=8),
         cfg(64, 64, 256, 4, 4, MAX_SPLIT_K=8), cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8),
-        cfg(64, 128, 128, 4, 4),
+        cfg(64, 128, 128, 4, 4), cfg(64, 64, 256, 4, 4),
     ],
     1024: [
         cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=8), cfg(128, 128, 128, 8, 4, MAX_SPLIT_K=8),
         cfg(64, 256, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
+        cfg(64, 128, 128, 4, 4),
     ],
     "large": [
         cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
