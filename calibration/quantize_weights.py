@@ -175,12 +175,21 @@ def quantize_weight_blocked(
     """
     home = w.device
     there = home if device is None else torch.device(device)
-    if there != home:
-        w = w.to(there, non_blocking=w.is_pinned())  # in its stored layout: a contiguous copy
-        multiplier = None if multiplier is None else multiplier.to(there)
-    with intra_op_threads(compute_threads() if there.type == "cpu" else torch.get_num_threads()):
-        qw = _quantize_blocked(w, weight_layout, group_size, multiplier, error)
-    return qw if there == home else qw.to(home)
+    if there == home:
+        with intra_op_threads(compute_threads() if home.type == "cpu" else torch.get_num_threads()):
+            return _quantize_blocked(w, weight_layout, group_size, multiplier, error)
+    w = w.to(there, non_blocking=w.is_pinned())  # in its stored layout: a contiguous copy
+    multiplier = None if multiplier is None else multiplier.to(there)
+    qw = _quantize_blocked(w, weight_layout, group_size, multiplier, error)
+    return QuantizedWeight(_copied_back(qw.data, home), qw.scale.to(home), qw.group_size)
+
+
+def _copied_back(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    """A GPU result copied to `home`, waiting for it. On the CPU into page-locked memory: the
+    copy runs at the bus's speed, and torch's pinned-memory cache hands the same pages back
+    weight after weight, where a fresh 64 MB tensor would be page-faulted in each time."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=home, pin_memory=home.type == "cpu" and t.is_cuda)
+    return out.copy_(t)
 
 
 def _quantize_blocked(w, weight_layout, group_size, multiplier, error) -> QuantizedWeight:
