@@ -167,7 +167,8 @@ def quantize_weight_blocked(
         W1 * s; the same products as calibration.smooth.fold_into_weight).
     error: a WeightError to add this weight's error to (W * multiplier against q * s),
         measured on each block as it is quantized. Its sums are float64 in another order on
-        a GPU: the same numbers to about 1e-12 relative, not bit for bit.
+        a GPU: the same numbers to about 1e-9 relative or better, not bit for bit (its max
+        is order-free).
     device: where to compute (None: W's own). W and the multiplier are copied there and the
         int8 values and scales come back to W's device (quantize: CPU weights, a GPU's
         arithmetic). From page-locked memory the copy does not block the host; the results'
