@@ -176,6 +176,8 @@ def quantize_weight_blocked(
     """
     home = w.device
     there = home if device is None else torch.device(device)
+    if there.type == home.type and there.index in (None, home.index):  # "cuda" for a weight on cuda:0
+        there = home
     if there == home:
         with intra_op_threads(compute_threads() if home.type == "cpu" else torch.get_num_threads()):
             return _quantize_blocked(w, weight_layout, group_size, multiplier, error)
