@@ -4,8 +4,9 @@
 # torch/triton (nothing is installed).
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
-#                                          eval (default: all), and verify-dir, w8a16-dequant, tests-a, tests-b
-#                                          (not in the default; tests-a + tests-b = tests, in two device calls)
+#                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
+#                                          tests-a, tests-b (not in the default; tests-a + tests-b = tests, in
+#                                          two device calls)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -165,6 +166,18 @@ PY
       # (kernels/w8a16.py's W8A16_DEQUANT_MIN_M), and the pass's own bandwidth.
       python3 bench/probe_w8a16_dequant.py >"$OUT/w8a16-dequant.txt" 2>&1 || status=1
       while read -r line; do summary+=("  $line"); done <"$OUT/w8a16-dequant.txt"
+      ;;
+    quantize-speed)
+      # Issue 16's quantize target, >= 1 GB/s of checkpoint where a GPU is present: bench/quantize_speed.py's
+      # 2.15 GB fp16 model (8 x 4096x16384 MLPs, read from the page cache), the weights quantized on the
+      # GPU, then on this host's CPU (two runs per scheme each; about 2 minutes in all).
+      rm -f "$OUT/quantize-speed.txt"
+      for device in cuda cpu; do
+        python3 bench/quantize_speed.py --device $device >>"$OUT/quantize-speed.txt" 2>&1 || status=1
+      done
+      summary+=("quantize-speed: MB/s of checkpoint over the report's seconds (wall), see quantize-speed.txt")
+      while read -r line; do summary+=("  $line"); done < <(awk -F'|' '$2 ~ /w8a/ {gsub(/ +$|^ +/, "", $2); gsub(/ +$|^ +/, "", $3);
+        printf "%s on %s, run %d: %d MB/s (%d wall)\n", $2, $3, $4, $8, $6}' "$OUT/quantize-speed.txt")
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

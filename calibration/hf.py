@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from calibration.checkpoint import MLPLayer, find_mlps, open_checkpoint
+from calibration.devices import resolve_device
 from calibration.errors import ModelError, OptionError
 from calibration.model import SwapError, module_path
 
@@ -256,17 +257,6 @@ def linear_paths(model: nn.Module, layers: list[MLPLayer], model_dir: Path) -> d
                 paths.append(_by_weights(model, model_dir, weight))
         found[layer.fc1] = (paths[0], paths[1], paths[2])
     return found
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise OptionError(f"--device must be cpu or cuda; got {device}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA device here")
-    return device
 
 
 # ---- text ----------------------------------------------------------------------------------

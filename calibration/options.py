@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from calibration.devices import AUTO, resolve_device
 from calibration.errors import OptionError
 from calibration.families import check_asked_activation_dtype
 from calibration.observers import parse_method
@@ -57,6 +60,9 @@ class QuantizeOptions:
     activation_dtype: "fp16" | "bf16": the float dtype the quantized MLPs' activations run
         in, recorded per MLP for the engines that load the file; None takes config.json's
         (torch_dtype bfloat16 -> bf16) or the family's (T5: bf16), else fp16.
+    device: where the weights are quantized and their error measured: "auto" (a CUDA GPU
+        when torch sees one, else the CPU), "cpu" or "cuda" (calibration.devices). Either
+        gives the same int8 values and scales, bit for bit.
 
     granularity and activations are filled in (to the defaults) at construction.
     """
@@ -73,8 +79,11 @@ class QuantizeOptions:
     force: bool = False
     activations: str | None = None
     activation_dtype: str | None = None
+    device: str = AUTO
 
     def __post_init__(self):
+        if self.device != AUTO:  # (auto is always valid; resolved when the run starts)
+            resolve_device(self.device)  # cuda without a CUDA device fails here, before any work
         if self.scheme not in SCHEMES:
             raise OptionError(f"--scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
         granularity = str(Granularity(parse_granularity(self.granularity or DEFAULT_GRANULARITY[self.scheme])))
@@ -154,6 +163,11 @@ class QuantizeOptions:
     def synthetic(self) -> bool:
         """Calibration rows are drawn, not read from a file."""
         return self.calib == SYNTHETIC
+
+    @property
+    def compute_device(self) -> torch.device:
+        """The device `device` names here (auto resolved)."""
+        return resolve_device(self.device)
 
     @property
     def group_size(self) -> int | None:

@@ -40,6 +40,7 @@ from calibration.checkpoint import (
     read_tensor,
 )
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
+from calibration.devices import device_name
 from calibration.errors import CheckpointError
 from calibration.families import FAMILIES
 from calibration.memory import MemoryMeter, release_free_memory
@@ -144,11 +145,13 @@ class QuantizeReport:
     largest_shard_bytes: int
     memory: dict  # calibration.memory.MemoryMeter.facts(): start and peak resident bytes
     seconds: float
+    device: str  # where the weights were quantized: "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)"
     # where the seconds went (calibration.timing): phases, the dominant one, and mb_per_s,
     # the checkpoint's bytes over the whole run's seconds
     timing: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the user should know about the result
     version: str = __version__
+    device_asked: str = "auto"  # --device as given: auto, cpu or cuda
     record: dict = field(default_factory=dict)  # the metadata record written to every shard
 
     def to_dict(self) -> dict:
@@ -220,11 +223,12 @@ def _reader(ckpt: Checkpoint, timer: PhaseTimer, weights: ReadBuffer) -> Callabl
 
 
 def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, x, smooth_scale, timer: PhaseTimer,
-                    weights: ReadBuffer) -> tuple:  # fmt: skip
+                    weights: ReadBuffer, device: torch.device) -> tuple:  # fmt: skip
     """GEMM1 of one MLP: (q1, its weight error, b1, q_up, up's weight error, b_up), one float weight
     in memory at a time (a gated MLP's gate, then its up projection, then the output scale
     calibrated on the int8 weights). The stored W1 encodes W1 * smooth_scale: that is what
-    its error is measured against."""
+    its error is measured against. Weights are quantized on `device` and come back to the
+    CPU, where the static scales are calibrated."""
     layout = layer.weight_layout
     activations = options.activations or "dynamic"
     read = _reader(ckpt, timer, weights)
@@ -236,11 +240,11 @@ def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions,
             q1 = quantize_gemm1(
                 w1, b1, x, scheme=options.scheme, weight_layout=layout, gelu=layer.gelu, group_size=options.group_size,
                 method=options.observer or "max", smooth=options.smooth, smooth_scale=smooth_scale, activations=activations,
-                error=err1,
+                error=err1, device=device,
             )  # fmt: skip
         return q1, err1, b1, None, None, None
     static = check_gemm1_options(options.scheme, x, options.group_size, options.smooth, smooth_scale, activations)
-    kw = dict(weight_layout=layout, group_size=options.group_size, smooth_scale=smooth_scale)
+    kw = dict(weight_layout=layout, group_size=options.group_size, smooth_scale=smooth_scale, device=device)
     with timer.phase("quantize"):
         q1 = quantize_gemm1_weight(w1, **kw, error=err1)
     del w1
@@ -265,13 +269,14 @@ def _quantize_gemm1(ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions,
 
 def _quantize_layer(
     ckpt: Checkpoint, layer: MLPLayer, options: QuantizeOptions, scheme: FormatScheme, smoothing: str | None,
-    smooth_scale: torch.Tensor | None, timer: PhaseTimer, weights: ReadBuffer,
+    smooth_scale: torch.Tensor | None, timer: PhaseTimer, weights: ReadBuffer, device: torch.device,
 ) -> tuple[LayerReport, dict[str, torch.Tensor]]:
     """One MLP: read, calibrate (w8a8), quantize. (report, its output tensors by name).
 
     One float weight is in memory at a time: W1 (a gated MLP's gate, then its up
     projection) is read, quantized, measured and dropped before the next weight is read, each
-    into the same buffer (`weights`).
+    into the same buffer (`weights`), and quantized on `device` (its int8 values and scales
+    come back to the CPU, for the writer).
     """
     read = _reader(ckpt, timer, weights)
     x, calibrated_on = None, None
@@ -280,7 +285,7 @@ def _quantize_layer(
             x, calibrated_on = calibration_inputs(ckpt, layer, calib=options.calib_file, tokens=options.tokens, seed=options.seed)
     elif smooth_scale is not None:
         calibrated_on = "smoothing only (its scale from the calibration rows; activation scales at run time)"
-    q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale, timer, weights)
+    q1, err1, b1, q_up, err_up, b_up = _quantize_gemm1(ckpt, layer, options, x, smooth_scale, timer, weights, device)
     del x
     release_free_memory()  # W1's temporaries, before W2 is read
     out = dict(linear_tensors(layer.fc1, layer.w1, q1, layer.weight_layout, scheme))
@@ -295,7 +300,7 @@ def _quantize_layer(
     w2, b2 = read(layer.w2, dropped=True), read(layer.b2)
     err2 = WeightError()
     with timer.phase("quantize"):
-        q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size, error=err2)
+        q2 = quantize_gemm2(w2, q1, weight_layout=layer.weight_layout, group_size=options.group_size, error=err2, device=device)
     fc2_report = _linear_report(layer.fc2, q2, err2)
     del w2
     release_free_memory()
@@ -524,7 +529,9 @@ def quantize_checkpoint(
     output: None writes `<name>.int8.safetensors` beside a file, `DIR-int8/` beside a directory.
     progress: called as progress(done, total, layer) once each MLP is written (a progress bar).
     Runs torch on calibration.quantize_weights.compute_threads() threads (restored after): one
-    core is left to the writer thread.
+    core is left to the writer thread. options.device: where the weights are quantized and
+    their error measured (auto: a CUDA GPU when there is one); reading, calibration,
+    smoothing's statistics and writing stay on the CPU, and the output is the same bit for bit.
     """
     with intra_op_threads(compute_threads()):
         return _quantize_checkpoint(source, output, options, progress)
@@ -536,6 +543,7 @@ def _quantize_checkpoint(source, output, options, progress) -> QuantizeReport:
     options = options or QuantizeOptions()
     source = Path(source)
     ranks = current_ranks()
+    device = options.compute_device
     with open_checkpoint(source) as ckpt:
         if is_quantized_checkpoint(ckpt):
             raise CheckpointError(f"{source} is already quantized (written by gelugemm quantize, or a compressed-tensors checkpoint); quantize the original checkpoint instead")
@@ -562,14 +570,20 @@ def _quantize_checkpoint(source, output, options, progress) -> QuantizeReport:
                 smooth_scales = _smooth_scales(ckpt, layers, options, meter)
         reports: dict[int, LayerReport] = {}
         pending: dict[int, dict[str, torch.Tensor]] = {}
-        weights = ReadBuffer()  # every float weight is read into it, one at a time
+        if device.type == "cuda":
+            with timer.phase("cuda init"):  # the context, once: a fixed cost the report shows apart
+                torch.zeros(1, device=device)
+        # Every float weight is read into it, one at a time; page-locked for a GPU, which copies
+        # from it without the driver staging the bytes through a buffer of its own.
+        weights = ReadBuffer(pin_memory=device.type == "cuda")
 
         def produce(i: int, name: str) -> torch.Tensor:
             """Output tensor `name` of layer i, quantizing the layer the first time one is asked for."""
             if i not in pending:
                 layer = layers[i]
                 reports[i], pending[i] = _quantize_layer(
-                    ckpt, layer, options, scheme, plan.smoothing.get(layer.fc1), smooth_scales.get(layer.fc1), timer, weights
+                    ckpt, layer, options, scheme, plan.smoothing.get(layer.fc1), smooth_scales.get(layer.fc1), timer, weights,
+                    device,
                 )  # fmt: skip
                 meter.sample()  # this layer's float and int8 weights and its calibration inputs are alive here
                 if progress is not None:
@@ -641,5 +655,5 @@ def _quantize_checkpoint(source, output, options, progress) -> QuantizeReport:
         layers=[reports[i] for i in range(len(layers))], tensors_copied=len(plan.copies), shards=list(plan.shards),
         files_copied=files_copied, files_skipped=files_skipped, runs_on=runs_on, source_bytes=source_bytes,
         output_bytes=written, largest_tensor_bytes=largest, largest_shard_bytes=largest_shard, memory=meter.facts(),
-        seconds=timing["seconds"], timing=timing, warnings=[SYNTHETIC_WARNING] if options.synthetic else [], record=record,
+        seconds=timing["seconds"], device=device_name(device), device_asked=str(options.device), timing=timing, warnings=[SYNTHETIC_WARNING] if options.synthetic else [], record=record,
     )  # fmt: skip

@@ -131,18 +131,21 @@ def quantize_gemm1(
     smooth_scale: torch.Tensor | None = None,
     activations: str | ActivationScheme = "dynamic",
     error: WeightError | None = None,
+    device: torch.device | str | None = None,
 ) -> QuantizedWeight:
     """W1 as int8 and, for w8a8, its smoothing scale and (static) the scales of its input
     and of its GELU output (quantize_mlp's first half: W2 is not needed, so a caller can
     hold one float weight at a time). error: a WeightError to measure the int8 W1 (W1 *
-    smoothing scale) into, as it is quantized."""
+    smoothing scale) into, as it is quantized. device: where the weight is quantized
+    (quantize_weight_blocked's; the result comes back to W1's device, where the smoothing
+    scale and the static scales are computed)."""
     static = check_gemm1_options(scheme, x, group_size, smooth, smooth_scale, activations)
     if scheme == "w8a16":
-        return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size, error=error)
+        return quantize_weight_blocked(w1, weight_layout=weight_layout, group_size=group_size, error=error, device=device)
     s = smooth_scale
     if s is None and smooth is not None:
         s = compute_smooth_scale(x.to(torch.float32), w1, smooth, weight_layout)
-    q1 = quantize_gemm1_weight(w1, weight_layout=weight_layout, group_size=group_size, smooth_scale=s, error=error)
+    q1 = quantize_gemm1_weight(w1, weight_layout=weight_layout, group_size=group_size, smooth_scale=s, error=error, device=device)
     if static:
         calibrate_gemm1(q1, b1, x, weight_layout=weight_layout, gelu=gelu, method=method)
     return q1
@@ -150,11 +153,12 @@ def quantize_gemm1(
 
 def quantize_gemm1_weight(
     w: torch.Tensor, *, weight_layout: str = "out_in", group_size: int | None = None, smooth_scale: torch.Tensor | None = None,
-    error: WeightError | None = None,
+    error: WeightError | None = None, device: torch.device | str | None = None,
 ) -> QuantizedWeight:
     """A GEMM1 weight (W1, a gated MLP's gate or up) as int8: W * smooth_scale along K
-    (SmoothQuant folded in) is what is quantized; smooth_scale is kept on it."""
-    q = quantize_weight_blocked(w, weight_layout=weight_layout, group_size=group_size, multiplier=smooth_scale, error=error)
+    (SmoothQuant folded in) is what is quantized, on `device` (None: W's); smooth_scale is kept on it."""
+    q = quantize_weight_blocked(w, weight_layout=weight_layout, group_size=group_size, multiplier=smooth_scale, error=error,
+                                device=device)  # fmt: skip
     q.smooth_scale = smooth_scale
     return q
 
@@ -193,9 +197,9 @@ def calibrate_gemm1(
 
 
 def quantize_gemm2(w2: torch.Tensor, q1: QuantizedWeight, *, weight_layout: str = "out_in", group_size: int | None = None,
-                   error: WeightError | None = None) -> QuantizedWeight:  # fmt: skip
-    """W2 as int8; for w8a8 its input scale is GEMM1's output scale."""
-    q2 = quantize_weight_blocked(w2, weight_layout=weight_layout, group_size=group_size, error=error)
+                   error: WeightError | None = None, device: torch.device | str | None = None) -> QuantizedWeight:  # fmt: skip
+    """W2 as int8 (quantized on `device`, None: W2's); for w8a8 its input scale is GEMM1's output scale."""
+    q2 = quantize_weight_blocked(w2, weight_layout=weight_layout, group_size=group_size, error=error, device=device)
     if q1.output_scale is not None:
         q2.input_scale = q1.output_scale.clone()
     return q2

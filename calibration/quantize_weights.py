@@ -31,8 +31,10 @@ BLOCK_ELEMENTS = 1 << 20
 # stays in cache through the block's passes; the buffers are reused from block to block
 # (a fresh temporary per pass was page-faulted in each time: 3x slower on the 2-core CI host).
 QUANTIZE_BLOCK_ELEMENTS = 1 << 19
-# On a GPU (verify quantizes an original checkpoint's weights where it runs them) a block is
-# a kernel launch per pass: 64 MB buffers, a 4096 x 16384 weight in four blocks.
+# On a GPU (quantize --device cuda; verify quantizes an original checkpoint's weights where it
+# runs them) a block is a kernel launch per pass, and memory is no constraint: 64 MB buffers,
+# a 4096 x 16384 weight in four blocks, ~20 bandwidth-bound passes each (~2 ms per weight on
+# an H100; the launches and the error's per-block .item() add well under a millisecond).
 DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -154,18 +156,43 @@ def quantize_weight_blocked(
     group_size: int | None = None,
     multiplier: torch.Tensor | None = None,
     error: WeightError | None = None,
+    device: torch.device | str | None = None,
 ) -> QuantizedWeight:
     """`kernels.int8.quantize_weight`, a block of output channels at a time (bit for bit the same),
-    on W's device (every step is IEEE float32 arithmetic, correctly rounded on a GPU as on
-    the CPU: the same int8 values and scales; tests/test_calibration_weights.py checks it).
+    on W's device or on `device` (every step is IEEE float32 arithmetic, correctly rounded on
+    a GPU as on the CPU: the same int8 values and scales; tests/test_calibration_weights.py
+    and tests/test_quantize_device.py check it).
 
     multiplier: float32 [K], applied along K in float32 before quantizing (SmoothQuant's
         W1 * s; the same products as calibration.smooth.fold_into_weight).
     error: a WeightError to add this weight's error to (W * multiplier against q * s),
-        measured on each block as it is quantized.
+        measured on each block as it is quantized. Its sums are float64 in another order on
+        a GPU: the same numbers to about 1e-9 relative or better, not bit for bit (its max
+        is order-free).
+    device: where to compute (None: W's own). W and the multiplier are copied there and the
+        int8 values and scales come back to W's device (quantize: CPU weights, a GPU's
+        arithmetic). From page-locked memory the copy does not block the host; the results'
+        copy back does, so W may be overwritten once this returns.
     """
-    with intra_op_threads(compute_threads() if w.device.type == "cpu" else torch.get_num_threads()):
-        return _quantize_blocked(w, weight_layout, group_size, multiplier, error)
+    home = w.device
+    there = home if device is None else torch.device(device)
+    if there.type == home.type and there.index in (None, home.index):  # "cuda" for a weight on cuda:0
+        there = home
+    if there == home:
+        with intra_op_threads(compute_threads() if home.type == "cpu" else torch.get_num_threads()):
+            return _quantize_blocked(w, weight_layout, group_size, multiplier, error)
+    w = w.to(there, non_blocking=w.is_pinned())  # in its stored layout: a contiguous copy
+    multiplier = None if multiplier is None else multiplier.to(there)
+    qw = _quantize_blocked(w, weight_layout, group_size, multiplier, error)
+    return QuantizedWeight(_copied_back(qw.data, home), qw.scale.to(home), qw.group_size)
+
+
+def _copied_back(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    """A GPU result copied to `home`, waiting for it. On the CPU into page-locked memory: the
+    copy runs at the bus's speed, and torch's pinned-memory cache hands the same pages back
+    weight after weight, where a fresh 64 MB tensor would be page-faulted in each time."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=home, pin_memory=home.type == "cpu" and t.is_cuda)
+    return out.copy_(t)
 
 
 def _quantize_blocked(w, weight_layout, group_size, multiplier, error) -> QuantizedWeight:
