@@ -30,7 +30,7 @@ from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import open_quantized
 from calibration.verify import verify_checkpoint
-from conftest import TOL_GATED_MODEL, TOL_VS_REFERENCE, rel_err
+from conftest import DEVICE, TOL_GATED_MODEL, TOL_VS_REFERENCE, rel_err
 from gelugemm_cli.app import app
 from hf_models import build, tiny_model, write_lines
 from kernels.module import FusedGeluMLP
@@ -78,11 +78,11 @@ def test_discovery_finds_each_gated_family(models):
 def test_the_fused_module_computes_the_models_mlp(kind):
     """FusedGeluMLP.from_linears on the model's own linears (gate and up, or the one Wi)
     equals the model's MLP module in fp32, through the torch backend and the Triton kernels
-    (the CPU interpreter here)."""
-    model = tiny_model(kind)
+    (the CPU interpreter here, the GPU where there is one)."""
+    model = tiny_model(kind).to(DEVICE)  # the Triton backend runs where the weights are
     path, (gate, up, down), gelu = GATED[kind]
     module = model.get_submodule(path)
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, device=DEVICE)
     with torch.no_grad():
         want = module(x)
         for backend in ("torch", "triton"):
@@ -156,6 +156,7 @@ def test_compressed_tensors_output_quantizes_each_linear_the_model_has(models, t
 def test_smoothing_folds_into_gemmas_one_plus_weight_rmsnorm(models, tmp_path):
     """Gemma's RMSNorm multiplies by (1 + weight): folding x / s into it stores (1 + w) / s - 1,
     and the quantized model through transformers then computes the float model."""
+    pytest.importorskip("compressed_tensors")  # transformers loads the quantized model through it
     options = QuantizeOptions(scheme="w8a8", smooth=0.5, calib="synthetic", tokens=64)
     out = Path(quantize_checkpoint(models["gemma"], tmp_path / "q", options).output)
     name = "model.layers.0.post_attention_layernorm.weight"
