@@ -1,6 +1,6 @@
 """Tensor-parallel MLP on several GPUs of one host: gelugemm's TP op against one GPU and eager TP.
 
-    torchrun --nproc-per-node 2 bench/probe_tp.py [--shape 14336,57344] [--tokens 2048,8192] [--dtype fp16,w8a8]
+    torchrun --nproc-per-node 2 bench/probe_tp.py [--shape 14336,57344] [--tokens 2048,8192] [--dtype fp16,w8a8,w8a8-static]
 
 Per (dtype, M), timed with CUDA events around each call after warm-up (median over ranks'
 medians, the slowest rank reported), all ranks in step (a barrier before each timing):
@@ -87,12 +87,17 @@ def main():
         name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
         print(f"{name} x{world} | torch {torch.__version__} | {d}x{f} | us, slowest rank's median")
         print(f"{'dtype':>6s} {'M':>6s} {'one GPU':>9s} {'TP':>9s} {'eager TP':>9s} {'TP speed-up':>11s} {'vs eager TP':>11s} {'TP err':>9s}")
-    for dtype in args.dtype.split(","):
-        config = MLPConfig(dtype=dtype, backend="torch" if DEVICE == "cpu" else "triton")
+    for name in args.dtype.split(","):
+        # w8a8: the default (dynamic) activation scheme; w8a8-static: GELU's output
+        # requantized with one calibrated scale in GEMM1's epilogue
+        dtype, _, activations = name.partition("-")
+        config = MLPConfig(dtype=dtype, backend="torch" if DEVICE == "cpu" else "triton", activations=activations or "dynamic")
         if dtype == "w8a8":
             q1, q2 = quantize_weight(w1.float()), quantize_weight(w2.float())
-            x_cal = torch.randn(256, d, device=DEVICE)
-            q1.output_scale = (F.gelu(x_cal @ w1.float().t() + b1.float()).abs().amax() / 127).reshape(())
+            if activations == "static":
+                x_cal = torch.randn(256, d, device=DEVICE)
+                q1.input_scale = (x_cal.abs().amax() / 127).reshape(())
+                q1.output_scale = (F.gelu(x_cal @ w1.float().t() + b1.float()).abs().amax() / 127).reshape(())
             full_w = (q1, b1, q2)
         else:
             full_w = (w1, b1, w2)
@@ -118,7 +123,7 @@ def main():
             t_tp = median_us(lambda: tp(x))
             t_eager = median_us(lambda: eager_tp(x))
             if rank == 0:
-                print(f"{dtype:>6s} {m:6d} {t_one:9.0f} {t_tp:9.0f} {t_eager:9.0f} {t_one / t_tp:10.2f}x "
+                print(f"{name:>6s} {m:6d} {t_one:9.0f} {t_tp:9.0f} {t_eager:9.0f} {t_one / t_tp:10.2f}x "
                       f"{t_eager / t_tp:10.2f}x {err:9.2e}", flush=True)  # fmt: skip
         del one, tp, shard
         torch.cuda.empty_cache()
