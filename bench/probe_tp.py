@@ -70,7 +70,13 @@ def main():
     parser.add_argument("--tokens", default="2048,8192")
     parser.add_argument("--dtype", default="fp16,w8a8")
     parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on CPU (gloo, torch backend)")
+    parser.add_argument("--gemm-sms", type=int, default=0,
+                        help="launch the persistent GEMMs on this many SMs (0: all), leaving the rest to NCCL's kernels")
     args = parser.parse_args()
+    if args.gemm_sms:
+        import kernels.gemm_base as gemm_base
+
+        gemm_base.num_programs = lambda device: args.gemm_sms  # a probe: every GEMM of this run
     d, f = (int(v) for v in args.shape.split(","))
     global DEVICE
     if args.cpu:
