@@ -6,9 +6,7 @@ Per (dtype, M), timed with CUDA events around each call after warm-up (median ov
 medians, the slowest rank reported), all ranks in step (a barrier before each timing):
 
   one GPU    gelugemm's op on rank 0 with the whole MLP (the other ranks idle)
-  TP         gelugemm's TensorParallelMLP: each rank its slice of d_ff, the all-reduce
-             overlapped with the GEMMs by row chunks (the default)
-  TP 1 AR    the same with one all-reduce after the whole shard (chunk_rows=0)
+  TP         gelugemm's TensorParallelMLP: each rank its slice of d_ff, one all-reduce
   eager TP   two cuBLAS GEMMs on the same slices (F.linear, GELU, F.linear), the all-reduce, b2
 
 and the TP output's relative error against one GPU's (fp16) or float64 on a few rows.
@@ -70,13 +68,7 @@ def main():
     parser.add_argument("--tokens", default="2048,8192")
     parser.add_argument("--dtype", default="fp16,w8a8")
     parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on CPU (gloo, torch backend)")
-    parser.add_argument("--gemm-sms", type=int, default=0,
-                        help="launch the persistent GEMMs on this many SMs (0: all), leaving the rest to NCCL's kernels")
     args = parser.parse_args()
-    if args.gemm_sms:
-        import kernels.gemm_base as gemm_base
-
-        gemm_base.num_programs = lambda device: args.gemm_sms  # a probe: every GEMM of this run
     d, f = (int(v) for v in args.shape.split(","))
     global DEVICE
     if args.cpu:
@@ -94,8 +86,7 @@ def main():
     if rank == 0:
         name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
         print(f"{name} x{world} | torch {torch.__version__} | {d}x{f} | us, slowest rank's median")
-        print(f"{'dtype':>11s} {'M':>6s} {'one GPU':>9s} {'TP':>9s} {'TP 1 AR':>9s} {'eager TP':>9s} {'TP speed-up':>11s} "
-              f"{'vs eager TP':>11s} {'TP err':>9s}")  # fmt: skip
+        print(f"{'dtype':>6s} {'M':>6s} {'one GPU':>9s} {'TP':>9s} {'eager TP':>9s} {'TP speed-up':>11s} {'vs eager TP':>11s} {'TP err':>9s}")
     for name in args.dtype.split(","):
         # w8a8: the default (dynamic) activation scheme; w8a8-static: GELU's output
         # requantized with one calibrated scale in GEMM1's epilogue
@@ -112,9 +103,7 @@ def main():
             full_w = (w1, b1, w2)
         one = FusedGeluMLP(*full_w, b2, config) if rank == 0 else None
         shard = shard_mlp_weights(*full_w, "out_in", rank, world)
-        shard_mlp = FusedGeluMLP(*shard, None, config)
-        tp = TensorParallelMLP(shard_mlp, b2)  # the all-reduce overlapped with row chunks (the default)
-        tp_one = TensorParallelMLP(shard_mlp, b2, chunk_rows=0)  # one all-reduce after the whole shard
+        tp = TensorParallelMLP(FusedGeluMLP(*shard, None, config), b2)
         w1_r, b1_r, w2_r = shard_mlp_weights(w1, b1, w2, "out_in", rank, world)
 
         def eager_tp(x):
@@ -132,12 +121,11 @@ def main():
                 err = ((y_tp[rows].double() - exact).norm() / exact.norm()).item()
             t_one = median_us(lambda: one(x) if one is not None else None)
             t_tp = median_us(lambda: tp(x))
-            t_one_ar = median_us(lambda: tp_one(x))
             t_eager = median_us(lambda: eager_tp(x))
             if rank == 0:
-                print(f"{name:>11s} {m:6d} {t_one:9.0f} {t_tp:9.0f} {t_one_ar:9.0f} {t_eager:9.0f} {t_one / t_tp:10.2f}x "
-                      f"{t_eager / t_tp:10.2f}x {err:9.2e}  ({tp.chunks(m)} chunks)", flush=True)  # fmt: skip
-        del one, tp, tp_one, shard_mlp, shard
+                print(f"{name:>6s} {m:6d} {t_one:9.0f} {t_tp:9.0f} {t_eager:9.0f} {t_one / t_tp:10.2f}x "
+                      f"{t_eager / t_tp:10.2f}x {err:9.2e}", flush=True)  # fmt: skip
+        del one, tp, shard
         torch.cuda.empty_cache()
     dist.destroy_process_group()
 

@@ -120,15 +120,6 @@ def shard_mlp_weights(
     return w1_r, None if b1 is None else b1[start:stop].contiguous(), w2_r
 
 
-# Overlap of the all-reduce with the GEMMs: from 2 * OVERLAP_MIN_ROWS rows, the rows are cut
-# into chunks of at least OVERLAP_MIN_ROWS (at most OVERLAP_MAX_CHUNKS), and each chunk's
-# all-reduce runs on the communicator's stream while the next chunk's GEMMs run; only the
-# last chunk's all-reduce is left exposed. 1024 rows keep each chunk's GEMMs near their
-# large-M rate (bench/RESULTS.md section 15).
-OVERLAP_MIN_ROWS = 1024
-OVERLAP_MAX_CHUNKS = 4
-
-
 class TensorParallelMLP(nn.Module):
     """One rank's shard of the MLP and the all-reduce that completes it.
 
@@ -136,23 +127,14 @@ class TensorParallelMLP(nn.Module):
         without b2 (b2 must be added once, not once per rank).
     b2: the full second bias, or None.
     group: the process group the MLP is split over (None: the default group).
-    chunk_rows, max_chunks: the overlap of communication with computation: with M rows,
-        min(max_chunks, M // chunk_rows) chunks (no chunking below two); chunk_rows=0: one
-        all-reduce after the whole shard. Rows are independent (every scheme's activation
-        scales are per row or static): chunking changes only the float summation order
-        of the smaller GEMMs (their configs are tuned for fewer rows).
     """
 
-    def __init__(self, shard: FusedGeluMLP, b2: torch.Tensor | None, group=None, *,
-                 chunk_rows: int = OVERLAP_MIN_ROWS, max_chunks: int = OVERLAP_MAX_CHUNKS):  # fmt: skip
+    def __init__(self, shard: FusedGeluMLP, b2: torch.Tensor | None, group=None):
         super().__init__()
         if shard.b2 is not None:
             raise ShardError("the shard must be built without b2: TensorParallelMLP adds it once, after the all-reduce")
-        if chunk_rows < 0 or max_chunks < 1:
-            raise ShardError(f"chunk_rows must be >= 0 and max_chunks >= 1, got {chunk_rows} and {max_chunks}")
         self.shard = shard
         self.group = group
-        self.chunk_rows, self.max_chunks = chunk_rows, max_chunks
         self.register_buffer("b2", None if b2 is None else b2.detach())
         self.d_model = shard.d_model
 
@@ -160,26 +142,10 @@ class TensorParallelMLP(nn.Module):
     def backend(self) -> str:
         return self.shard.backend
 
-    def chunks(self, rows: int) -> int:
-        """How many all-reduces a call with this many rows makes."""
-        if self.chunk_rows == 0:
-            return 1
-        return max(1, min(self.max_chunks, rows // self.chunk_rows))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = self.chunks(x.numel() // max(x.shape[-1], 1))
-        if chunks == 1:
-            y = self.shard(x)
-            dist.all_reduce(y, group=self.group)
-            return _add_b2(y, self.b2)
-        parts, pending = [], []
-        for rows in x.reshape(-1, x.shape[-1]).tensor_split(chunks):
-            part = self.shard(rows)
-            pending.append(dist.all_reduce(part, group=self.group, async_op=True))
-            parts.append(part)
-        for work in pending:
-            work.wait()  # the current stream waits for the communicator's
-        return _add_b2(torch.cat(parts), self.b2).reshape(*x.shape[:-1], self.d_model)
+        y = self.shard(x)
+        dist.all_reduce(y, group=self.group)
+        return _add_b2(y, self.b2)
 
 
 def _add_b2(y: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:

@@ -86,11 +86,8 @@ def _rank_main(rank: int, store: str, out_dir: str, checkpoint: str):
         exact = FusedGeluMLP(*(_weights(case["layout"])), MLPConfig(dtype="fp32", gelu=case["gelu"],
                              weight_layout=case["layout"], backend="torch"))(x.double().float())  # fmt: skip
         in_one_process = tensor_parallel_in_one_process(w1, b1, w2, b2, config, x, WORLD)
-        # the 15 rows in 3 chunks, each chunk's all-reduce in flight while the next computes
-        tp_chunked = TensorParallelMLP(FusedGeluMLP(*shard, None, config), b2, chunk_rows=4, max_chunks=3)
         verdicts[name] = {"vs_single": rel_err(y, full), "vs_fp32": rel_err(y, exact), "single_vs_fp32": rel_err(full, exact),
-                          "same_as_in_one_process": torch.equal(y, in_one_process),
-                          "chunks": tp_chunked.chunks(15), "chunked_vs_whole": rel_err(tp_chunked(x), y)}  # fmt: skip
+                          "same_as_in_one_process": torch.equal(y, in_one_process)}  # fmt: skip
     # from a checkpoint: each rank reads its slice
     tp = load_tp_mlp(checkpoint, "encoder.layer.1.intermediate.dense", MLPConfig(dtype="fp32", backend="torch"),
                      rank=rank, world=WORLD)  # fmt: skip
@@ -114,10 +111,6 @@ def test_tensor_parallel_equals_one_process(tp_run, name):
     for verdict in (r[name] for r in ranks):
         # two fp16 partials add to the same number in either order: the one-process simulation is exact
         assert verdict["same_as_in_one_process"]
-        # rows are independent in every scheme (per-row or static activation scales): overlapping the
-        # all-reduce with row chunks changes only the float summation order of smaller GEMMs
-        assert verdict["chunks"] == 3
-        assert verdict["chunked_vs_whole"] < TOL_VS_REFERENCE[FLOAT_DTYPES.get(case["dtype"], torch.float16)]
         if case["dtype"] in FLOAT_DTYPES:
             # the same products, summed in another order (two partial sums, then the all-reduce)
             assert verdict["vs_single"] < TOL_VS_REFERENCE[FLOAT_DTYPES[case["dtype"]]]
