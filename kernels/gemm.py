@@ -8,7 +8,8 @@ in place in either layout (`out_in`: nn.Linear's [N, K]; `in_out`: Conv1D's [K, 
 The three kernels are kernels/gemm_base.py's, shared with the int8-weight GEMM; this
 module holds the float configs they are tuned over and the launcher:
 
-- decode (M <= 64 = FLOAT_DECODE_MAX_M, TMA operands): swap-AB, split-K;
+- decode (M <= 64 = FLOAT_DECODE_MAX_M, TMA operands; M <= 16 for weights of more than
+  FLOAT_DECODE_LARGE_WEIGHT elements): swap-AB, split-K;
 - tma (M > 64, TMA operands): the persistent Hopper kernel, with split-K configs for the
   medium rows whose GEMM2 has fewer output tiles than there are SMs;
 - strided: any strides and alignment.
@@ -32,6 +33,13 @@ from kernels.schemes import FLOAT_DTYPES, WeightLayout
 # 4096x16384 MLP's GEMMs in 47 + 51 us against decode's 68 + 54 (H200,
 # bench/probe_medium_m.py, bench/RESULTS.md section 15).
 FLOAT_DECODE_MAX_M = 64
+# ... for weights of at most FLOAT_DECODE_LARGE_WEIGHT elements. A larger weight takes the
+# decode kernel up to FLOAT_DECODE_LARGE_WEIGHT_MAX_M rows only: at 4096x16384 (67M
+# elements a weight) the split TMA kernel ran the MLP at M = 32 and 64 in 91 and 86 us
+# against decode's 106 and 101, while at 768x3072 (2.4M) decode ran 20.6 us against TMA's
+# 24.4 (H200, bench/probe_small_m.py, bench/RESULTS.md section 15).
+FLOAT_DECODE_LARGE_WEIGHT = 1 << 24
+FLOAT_DECODE_LARGE_WEIGHT_MAX_M = 16
 
 # ---------------------------------------------------------------------------------------
 # Configs: keyed by m_bucket(M) (kernels/gemm_base.py)
@@ -114,6 +122,8 @@ _GEMM = GemmLauncher(
         tma={"float": TMA_CONFIGS, "float-gated": GATED_TMA_CONFIGS},
         decode={"float": DECODE_CONFIGS, "float-gated": GATED_DECODE_CONFIGS},
         decode_max_m=FLOAT_DECODE_MAX_M,
+        large_weight=FLOAT_DECODE_LARGE_WEIGHT,
+        large_weight_decode_max_m=FLOAT_DECODE_LARGE_WEIGHT_MAX_M,
     )
 )
 _gemm_strided_kernel = _GEMM.kernels.strided

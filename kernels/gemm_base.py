@@ -941,16 +941,25 @@ def _autotuned(body, tables: dict, key: list, heuristics: dict, interpreter_extr
 @dataclass(frozen=True)
 class GemmKernels:
     """One scheme family's three autotuned kernels (the shared bodies, its own configs),
-    and the most rows its decode configs hold (every decode config of a bucket has
-    BLOCK_M >= the bucket's largest M)."""
+    the most rows its decode configs hold (every decode config of a bucket has BLOCK_M >=
+    the bucket's largest M), and the rows "auto" sends to decode: up to decode_max_m for a
+    weight of at most large_weight elements, up to large_weight_decode_max_m above it."""
 
     strided: object
     tma: object
     decode: object
     decode_max_m: int
+    large_weight: int | None = None
+    large_weight_decode_max_m: int | None = None
+
+    def auto_decode_max_m(self, w: torch.Tensor) -> int:
+        if self.large_weight is not None and w.numel() > self.large_weight:
+            return self.large_weight_decode_max_m
+        return self.decode_max_m
 
 
-def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int) -> GemmKernels:
+def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int, large_weight: int | None = None,
+                 large_weight_decode_max_m: int | None = None) -> GemmKernels:  # fmt: skip
     """Build the three kernels from {scheme: table} for each path ("float", or "w8a16",
     "w8a8" and "w8a8-group", each with its "-gated" table; see operand_scheme)."""
     groups = ["GROUP_K", "A_GROUP_K", "C_GROUP_N", "GATED"]
@@ -970,6 +979,8 @@ def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int) -> G
             BLOCK_M=decode_max_m,
         ),  # fmt: skip
         decode_max_m=decode_max_m,
+        large_weight=large_weight,
+        large_weight_decode_max_m=large_weight_decode_max_m,
     )
 
 
@@ -1092,7 +1103,7 @@ def _path(kernels: GemmKernels, path: str, m: int, a: torch.Tensor, w: torch.Ten
     if path == "decode" and m > kernels.decode_max_m:
         raise LaunchError(f"the decode path takes at most {kernels.decode_max_m} rows, got {m}")
     if path == "auto":
-        path = ("decode" if m <= kernels.decode_max_m else "tma") if tma_ok else "strided"
+        path = ("decode" if m <= kernels.auto_decode_max_m(w) else "tma") if tma_ok else "strided"
     return path
 
 

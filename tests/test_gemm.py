@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, HAS_CUDA, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
 from kernels.errors import LaunchError
 from kernels import gemm
 from kernels.gemm import gemm_bias_act
@@ -95,6 +95,20 @@ def test_tma_split_k_leaves_counters_ready_for_the_next_call():
             run_case("tma", lead, k, n, torch.float16, "in_out", "erf")
         if not HAS_CUDA:
             assert all(p.workspace[0] > 0 for p in tma_plans(math.prod(lead), k))
+
+
+@pytest.mark.tma
+def test_auto_takes_decode_up_to_64_rows_for_small_weights_and_16_for_large():
+    # A 4096x16384-class weight runs 17..64 rows faster on the split TMA kernel; a
+    # 768x3072-class one on decode (kernels/gemm.py). Only the choice is checked here.
+    from kernels.gemm_base import _path
+
+    k = 4096
+    for n, m, want in ((1024, 64, "decode"), (gemm.FLOAT_DECODE_LARGE_WEIGHT // k + 8, 64, "tma"),
+                       (gemm.FLOAT_DECODE_LARGE_WEIGHT // k + 8, 16, "decode"), (1024, 65, "tma")):  # fmt: skip
+        a = torch.empty(m, k, dtype=torch.float16, device=DEVICE)
+        w = torch.empty(n, k, dtype=torch.float16, device=DEVICE)
+        assert _path(gemm._GEMM.kernels, "auto", m, a, w, 1, k, True) == want, (n, m)
 
 
 def test_decode_split_k_leaves_counters_ready_for_the_next_call():
