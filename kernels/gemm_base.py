@@ -8,7 +8,9 @@ decide at compile time what the tile loop and the epilogue do):
 
 - `gemm_tma_kernel`, the Hopper path: a persistent grid (one program per SM walking
   output tiles in grouped order) that loads and stores through TMA tensor descriptors.
-  It needs unit stride along the last dim and 16-byte aligned rows.
+  It needs unit stride along the last dim and 16-byte aligned rows. Configs with
+  MAX_SPLIT_K split K when the output has fewer tiles than there are SMs (GEMM2 at
+  medium M), reduced serially as in the decode kernel.
 - `gemm_decode_kernel`, few rows (at most the BLOCK_M of its configs: 64 for float
   weights, 16 for int8 ones), where the cost is reading the weight once: swap-AB (the
   weight tile on the MMA's wide side, the few tokens on its narrow side), TMA loads,
