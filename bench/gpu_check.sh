@@ -5,8 +5,8 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          tests-a, tests-b (not in the default; tests-a + tests-b = tests, in
-#                                          two device calls)
+#                                          medium-m, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
 # verify also runs the full six-MLP MiniLM file when .cache/minilm/ holds it (see
@@ -178,6 +178,28 @@ PY
       summary+=("quantize-speed: MB/s of checkpoint over the report's seconds (wall), see quantize-speed.txt")
       while read -r line; do summary+=("  $line"); done < <(awk -F'|' '$2 ~ /w8a/ {gsub(/ +$|^ +/, "", $2); gsub(/ +$|^ +/, "", $3);
         printf "%s on %s, run %d: %d MB/s (%d wall)\n", $2, $3, $4, $8, $6}' "$OUT/quantize-speed.txt")
+      ;;
+    medium-m)
+      # Issue 16's medium rows (bench/RESULTS.md section 15): the whole MLP at both standard
+      # shapes from 16 to 1024 rows as CUDA-graph replays, and which float path each row
+      # count wants (decode, TMA, strided; FLOAT_DECODE_MAX_M and the large-weight bound).
+      gg bench --cuda-graph --shape 4096,16384 --shape 768,3072 --dtype fp16,bf16,w8a8,w8a16 \
+        --tokens 16,32,64,128,256,512,1024 --peers eager,cublaslt --json "$OUT/medium-m.json" >"$OUT/medium-m.txt" 2>&1 || status=1
+      python3 bench/probe_small_m.py >"$OUT/medium-m-paths.txt" 2>&1 || status=1
+      summary+=("medium-m: see medium-m.txt; the paths, us:")
+      while read -r line; do summary+=("  $line"); done <"$OUT/medium-m-paths.txt"
+      ;;
+    tp)
+      # Issue 18 on every GPU of this host (two or more): BLOOM-176B's MLP split across them
+      # against one GPU and eager TP (bench/probe_tp.py; NVLink multicast off).
+      gpus=$(nvidia-smi -L | wc -l)
+      if [[ $gpus -lt 2 ]]; then
+        summary+=("tp: skipped, this host has $gpus GPU (use a two-GPU machine kind)")
+      else
+        NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node "$gpus" bench/probe_tp.py --shape 14336,57344 --tokens 2048,8192 \
+          --dtype fp16,w8a8,w8a8-static >"$OUT/tp.txt" 2>&1 || status=1
+        while read -r line; do summary+=("  $line"); done < <(grep -E '^ *(dtype|fp16|w8a8)' "$OUT/tp.txt")
+      fi
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
