@@ -57,6 +57,15 @@ def build(directory: Path, mlps: int, shards: int, d_model: int, d_ff: int) -> t
     return 2 * d_model * d_ff * 2, largest_shard
 
 
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic model's size and the schemes run on it (shared with bench/quantize_speed.py)."""
+    parser.add_argument("--mlps", type=int, default=8)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=4096)
+    parser.add_argument("--d-ff", type=int, default=16384)
+    parser.add_argument("--schemes", default="w8a16,w8a8")
+
+
 def measure(source: Path, scheme: str) -> dict:
     command = [sys.executable, "-m", "gelugemm_cli", "quantize", str(source), "--scheme", scheme, "--force", "--json", "-"]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -65,11 +74,7 @@ def measure(source: Path, scheme: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mlps", type=int, default=8)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=4096)
-    parser.add_argument("--d-ff", type=int, default=16384)
-    parser.add_argument("--schemes", default="w8a16,w8a8")
+    model_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "model"

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_memory import build  # noqa: E402
+from quantize_memory import build, model_arguments  # noqa: E402
 
 
 def run(source: Path, scheme: str, code: Path, report: Path, device: str | None) -> tuple[float, dict]:
@@ -44,11 +44,7 @@ def run(source: Path, scheme: str, code: Path, report: Path, device: str | None)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mlps", type=int, default=8)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=4096)
-    parser.add_argument("--d-ff", type=int, default=16384)
-    parser.add_argument("--schemes", default="w8a16,w8a8")
+    model_arguments(parser)
     parser.add_argument("--runs", type=int, default=2, help="runs per scheme")
     parser.add_argument("--device", default=None, help="quantize's --device: auto, cpu or cuda (default: not passed, so auto)")
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent,
