@@ -15,11 +15,14 @@ safetensors, each broken its own way; `all_tensors` reads a (sharded) directory 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from calibration.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -194,3 +197,30 @@ def corrupt_files(tmp_path: Path) -> dict[str, Path]:
         paths[what] = tmp_path / (what.replace(" ", "_") + ".safetensors")
         paths[what].write_bytes(content)
     return paths
+
+
+@dataclass
+class WeightReads:
+    """What quantize read through Checkpoint.get_tensor: the most bytes of read tensors alive
+    at once, and the names read, in order."""
+
+    peak: int = 0
+    names: list = field(default_factory=list)
+
+
+def track_weight_reads(monkeypatch) -> WeightReads:
+    """Wrap Checkpoint.get_tensor so that each tensor it returns counts until it is freed."""
+    reads, live = WeightReads(), {}
+    real = Checkpoint.get_tensor
+
+    def tracked(self, name, **kw):  # kw: the ReadBuffer quantize reads weights into
+        t = real(self, name, **kw)
+        key = id(t)
+        live[key] = t.numel() * t.element_size()
+        weakref.finalize(t, live.pop, key, None)
+        reads.peak = max(reads.peak, sum(live.values()))
+        reads.names.append(name)
+        return t
+
+    monkeypatch.setattr(Checkpoint, "get_tensor", tracked)
+    return reads

@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
 
 from calibration.capture import calibrate_model
-from calibration.checkpoint import Checkpoint, find_mlps
+from calibration.checkpoint import find_mlps
 from calibration.evaluate import evaluate_quantized
 from calibration.hf import load_model
 from calibration.model import load_mlps, plan_swaps
@@ -32,6 +32,7 @@ from calibration.quantized_file import open_quantized
 from calibration.verify import verify_checkpoint
 from conftest import DEVICE, TOL_GATED_MODEL, TOL_VS_REFERENCE, rel_err
 from gelugemm_cli.app import app
+from checkpoints import track_weight_reads
 from hf_models import build, tiny_model, write_lines
 from kernels.module import FusedGeluMLP
 
@@ -208,21 +209,8 @@ def test_calibrate_then_eval_swaps_the_whole_gated_mlp_module(models, tmp_path, 
 def test_quantize_holds_one_float_weight_at_a_time_for_a_gated_mlp(models, monkeypatch):
     """The gate, then the up projection, then the down projection: never two float weights
     read at once (the output scale is calibrated on the int8 gate and up)."""
-    live: dict[int, int] = {}
-    peak = [0]
-    real = Checkpoint.get_tensor
-    import weakref
-
-    def tracked(self, name, **kw):  # kw: the ReadBuffer quantize reads weights into
-        t = real(self, name, **kw)
-        key = id(t)
-        live[key] = t.numel() * t.element_size()
-        weakref.finalize(t, live.pop, key, None)
-        peak[0] = max(peak[0], sum(live.values()))
-        return t
-
-    monkeypatch.setattr(Checkpoint, "get_tensor", tracked)
+    reads = track_weight_reads(monkeypatch)
     quantize_checkpoint(models["gemma"], Path(models["gemma"]).parent / "gemma-streamed",
                         QuantizeOptions(scheme="w8a8", activations="static", smooth=0.5, calib="synthetic", tokens=32))  # fmt: skip
     weight = 32 * 80 * 4  # fp32
-    assert weight <= peak[0] <= weight + 4 * 80 * 4
+    assert weight <= reads.peak <= weight + 4 * 80 * 4

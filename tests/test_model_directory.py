@@ -3,7 +3,6 @@ not at all, the other model files copied, a lying index refused, and `gelugemm i
 
 import json
 import os
-import weakref
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import calibration.quantize as quantize_module
-from calibration.checkpoint import Checkpoint, find_mlps
+from calibration.checkpoint import find_mlps
 from calibration.errors import CheckpointError
 from calibration.model import load_mlps
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import RECORD_KEY, SMOOTH_KEY, open_quantized, read_quantized, sha256_file
 from calibration.verify import verify_checkpoint
-from checkpoints import all_tensors, checkpoint_tensors, write_checkpoint, write_sharded
+from checkpoints import all_tensors, checkpoint_tensors, track_weight_reads, write_checkpoint, write_sharded
 from gelugemm_cli import common
 from gelugemm_cli.app import app
 
@@ -329,26 +328,13 @@ def test_quantize_holds_one_float_weight_at_a_time_and_never_reads_what_it_copie
     tensors = checkpoint_tensors("gpt-neox", n_layers=4, d_model=32, d_ff=128, dtype=torch.float16)
     tensors["embed_in.weight"] = torch.randn(4096, 32).half()  # 4x an MLP weight
     source = write_sharded(tmp_path / "model", tensors, 3, config={"model_type": "gpt_neox", "hidden_act": "gelu"})
-    live: dict[int, int] = {}
-    peak, read_names = [0], []
-    real = Checkpoint.get_tensor
-
-    def tracked(self, name, **kw):  # kw: the ReadBuffer quantize reads weights into
-        t = real(self, name, **kw)
-        key = id(t)
-        live[key] = t.numel() * t.element_size()
-        weakref.finalize(t, live.pop, key, None)
-        peak[0] = max(peak[0], sum(live.values()))
-        read_names.append(name)
-        return t
-
-    monkeypatch.setattr(Checkpoint, "get_tensor", tracked)
+    reads = track_weight_reads(monkeypatch)
     static = dict(activations="static", calib="synthetic", tokens=32) if scheme == "w8a8" else {}
     quantize_checkpoint(source, options=QuantizeOptions(scheme=scheme, **static))
     weight = 32 * 128 * 2
     # one weight, plus the small vectors read with it (its bias, the LayerNorm for synthetic rows)
-    assert weight <= peak[0] <= weight + 4 * 128 * 2
-    assert "embed_in.weight" not in read_names and all_tensors(tmp_path / "model-int8")["embed_in.weight"].equal(tensors["embed_in.weight"])
+    assert weight <= reads.peak <= weight + 4 * 128 * 2
+    assert "embed_in.weight" not in reads.names and all_tensors(tmp_path / "model-int8")["embed_in.weight"].equal(tensors["embed_in.weight"])
 
 
 @pytest.mark.parametrize("damage", [
