@@ -484,6 +484,39 @@ def _sum_splits(ptrs, like, SPLIT_K: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
+def _split_k_arrive(acc, acc_up, partial_ptr, arrivals_ptr, tile_id, share, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
+    # Serial split-K, one output tile's share `share` of SPLIT_K: store this share's partial
+    # sums in the tile's slots (gated: the up partials after the gate's), then count it in
+    # (an acq_rel atomic, so the other shares' partials are visible to the last). Returns
+    # (last, total, total_up): the last share to arrive gets the sums and zeroes the
+    # counter for the next launch; the others get their own accumulators back, unused.
+    # int32 partials (w8a8) travel bit for bit through the float32 workspace and add up
+    # exactly; float32 ones add in float32.
+    ROWS: tl.constexpr = acc.shape[0]
+    COLS: tl.constexpr = acc.shape[1]
+    T: tl.constexpr = ROWS * COLS
+    tile = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    if GATED:
+        slots = partial_ptr + tile_id * (2 * SPLIT_K * T)
+        tl.store(slots + (SPLIT_K + share) * T + tile, acc_up.to(tl.float32, bitcast=True))
+    else:
+        slots = partial_ptr + tile_id * (SPLIT_K * T)
+    tl.store(slots + share * T + tile, acc.to(tl.float32, bitcast=True))
+    arrived = tl.atomic_add(arrivals_ptr + tile_id, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    total = acc
+    total_up = acc_up
+    if last:
+        total = _sum_splits(slots + tile, acc, SPLIT_K, T)
+        if GATED:
+            total_up = _sum_splits(slots + SPLIT_K * T + tile, acc, SPLIT_K, T)
+        else:
+            total_up = total  # never read
+        tl.store(arrivals_ptr + tile_id, 0)
+    return last, total, total_up
+
+
+@triton.jit
 def gemm_strided_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, w_scale_ptr, a_scale_ptr, c_scale_ptr, u_ptr, u_bias_ptr, u_scale_ptr,
     M, N, K, M_BUCKET,
@@ -622,27 +655,10 @@ def gemm_tma_kernel(
             else:
                 acc_up = acc
         if SPLIT_K > 1:
-            # Serial split-K, as in the decode kernel: each share stores its partial sums;
-            # the last to arrive at this tile (an acq_rel atomic, so the other partials are
-            # visible) adds them up, zeroes the counter for the next launch and runs the
-            # epilogue. Gated: the tile's slots hold the up partials after the gate's.
-            T: tl.constexpr = BLOCK_M * BLOCK_N
-            tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            share = unit % SPLIT_K
-            if GATED:
-                slots = partial_ptr + tile_id * (2 * SPLIT_K * T)
-                tl.store(slots + (SPLIT_K + share) * T + tile, acc_up.to(tl.float32, bitcast=True))
-            else:
-                slots = partial_ptr + tile_id * (SPLIT_K * T)
-            tl.store(slots + share * T + tile, acc.to(tl.float32, bitcast=True))
-            arrived = tl.atomic_add(arrivals_ptr + tile_id, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = _sum_splits(slots + tile, acc, SPLIT_K, T)
-                if GATED:
-                    total_up = _sum_splits(slots + SPLIT_K * T + tile, acc, SPLIT_K, T)
-                else:
-                    total_up = total
-                tl.store(arrivals_ptr + tile_id, 0)
+            # the last share of the tile to finish runs its epilogue on the sums
+            last, total, total_up = _split_k_arrive(acc, acc_up, partial_ptr, arrivals_ptr, tile_id, unit % SPLIT_K,
+                                                    SPLIT_K, GATED)  # fmt: skip
+            if last:
                 _tma_store_tile(
                     c_desc, total, total_up, off_m, off_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
                     a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS,
@@ -762,28 +778,9 @@ def gemm_decode_kernel(
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K > 1:
-        # Serial split-K: each split writes its partial sum; the last split to arrive for
-        # this N tile (counted by an acq_rel atomic, so the other partials are visible)
-        # adds them up, runs the epilogue, and zeroes the counter for the next launch.
-        # int32 partials (w8a8) travel bit for bit through the float32 workspace and add
-        # up exactly; float32 ones (float a, or per-group A scales) add in float32.
-        # Gated: the tile's slots hold the up partials after the gate's.
-        T: tl.constexpr = BLOCK_N * BLOCK_M
-        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
-        if GATED:
-            slots = partial_ptr + pid_n * (2 * SPLIT_K * T)
-            tl.store(slots + (SPLIT_K + pid_k) * T + tile, acc_up.to(tl.float32, bitcast=True))
-        else:
-            slots = partial_ptr + pid_n * (SPLIT_K * T)
-        tl.store(slots + pid_k * T + tile, acc.to(tl.float32, bitcast=True))
-        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = _sum_splits(slots + tile, acc, SPLIT_K, T)
-            if GATED:
-                total_up = _sum_splits(slots + SPLIT_K * T + tile, acc, SPLIT_K, T)
-            else:
-                total_up = total  # never read
-            tl.store(arrivals_ptr + pid_n, 0)
+        # the last split of this N tile to finish runs its epilogue on the sums
+        last, total, total_up = _split_k_arrive(acc, acc_up, partial_ptr, arrivals_ptr, pid_n, pid_k, SPLIT_K, GATED)
+        if last:
             out = _tile_epilogue(
                 total.T, total_up.T, offs_m, offs_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
                 c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
