@@ -15,9 +15,10 @@ quantizer per token, static and per group. Exit 1 if any compile fails.
 The gated GEMM1 (GATED: gate and up accumulators) with every config of its "-gated"
 tables for fp16 and for each int8 scheme, and one config for the rest.
 
-    PYTHONPATH=. python bench/compile_check.py [float|int8|gated|split]
+    PYTHONPATH=. python bench/compile_check.py [float|int8|gated|split|fused]
 
-`split`: the TMA kernel's split-K tile loop, one config per variant above.
+`split`: the TMA kernel's split-K tile loop, one config per variant above. `fused`: the
+one-launch MLP (kernels/fused_mlp.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from triton.compiler import ASTSource
 
 from kernels.int8 import SCALE_EPS
 
-from kernels import dequant, gemm, int8_gemm, w8a8
+from kernels import dequant, fused_mlp, gemm, int8_gemm, w8a8
 from kernels.gemm_base import fit_groups
 from kernels.launch import _heuristic_layers, _innermost
 
@@ -267,10 +268,29 @@ def split_k_cases():
                 yield kernel, types, cx, config, f"{label} split-K (table)", SPLIT_SIZES
 
 
+def fused_cases():
+    """The one-launch MLP (kernels/fused_mlp.py): every config for fp16 with both biases,
+    one config for bf16, fp32 and the layouts and biases."""
+    configs = list({gemm_config_key(c): c for cfgs in fused_mlp.FUSED_CONFIGS.values() for c in cfgs}.values())
+    kernel = fused_mlp._fused_mlp
+
+    def types(dt):
+        return {"x_ptr": f"*{dt}", "w1_ptr": f"*{dt}", "b1_ptr": f"*{dt}", "w2_ptr": f"*{dt}", "b2_ptr": f"*{dt}",
+                "y_ptr": f"*{dt}", "h_ptr": f"*{dt}", "partial_ptr": "*fp32", "counters_ptr": "*i32",
+                **_ints("M", "D", "F", "M_BUCKET", "NUM_PROGRAMS", "stride_xm", "stride_xk", "stride_w1k",
+                        "stride_w1n", "stride_w2k", "stride_w2n", "stride_ym")}  # fmt: skip
+
+    base = dict(HAS_B1=True, HAS_B2=True, ACTIVATION="erf", DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)
+    for config in configs:
+        yield kernel, types("fp16"), base, config, "fused fp16 erf"
+    for dt, act, b2 in (("bf16", "tanh", True), ("fp32", "quick", False), ("fp16", "tanh", False)):
+        yield kernel, types(dt), {**base, "ACTIVATION": act, "HAS_B2": b2}, configs[0], f"fused {dt} {act} b2={b2}"
+
+
 def main() -> int:
-    which = sys.argv[1:] or ["float", "int8", "gated", "split"]
+    which = sys.argv[1:] or ["float", "int8", "gated", "split", "fused"]
     generators = (("float", float_cases), ("int8", int8_cases), ("int8", dequant_cases), ("gated", gated_cases),
-                  ("split", split_k_cases))  # fmt: skip
+                  ("split", split_k_cases), ("fused", fused_cases))  # fmt: skip
     cases = [c for name, gen in generators if name in which for c in gen()]
     failures = []
     for kernel, types, constexprs, config, label, *sizes in cases:

@@ -263,9 +263,12 @@ def pack_int8(q_nk: torch.Tensor) -> torch.Tensor:
     words are the int8 bytes XOR 0x80, viewed four at a time: one byte copy, no wider temporary.
     """
     n, k = q_nk.shape
-    biased = q_nk.contiguous().view(torch.uint8) ^ 0x80
-    if k % PACK_FACTOR:
-        biased = torch.nn.functional.pad(biased, (0, PACK_FACTOR - k % PACK_FACTOR))
+    # A fresh row-major buffer: an elementwise result (or a pad) keeps a transposed input's
+    # strides on CUDA, and an [N, 1] column's rows would not be four bytes apart.
+    words = -(-k // PACK_FACTOR)
+    biased = torch.empty((n, words * PACK_FACTOR), dtype=torch.uint8, device=q_nk.device)
+    torch.bitwise_xor(q_nk.view(torch.uint8), 0x80, out=biased[:, :k])
+    biased[:, k:] = 0
     return biased.view(torch.int32)
 
 

@@ -48,6 +48,7 @@ import torch
 
 from kernels import reference
 from kernels.errors import BackendUnavailable, LaunchError
+from kernels.fused_mlp import fused_mlp, fused_mlp_applies
 from kernels.gemm import gemm_bias_act
 from kernels.gated import gate_and_up
 from kernels.gemm_base import triton_can_run
@@ -223,6 +224,8 @@ class FusedMLP:
                     x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=cfg.weight_layout, dtype=x.dtype, **gated
                 )
             kw = dict(weight_layout=cfg.weight_layout, allow_tf32=cfg.allow_tf32)
+            if not cfg.gated and fused_mlp_applies(x.numel() // max(x.shape[-1], 1), w1, w2):
+                return fused_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, **kw)
             h = gemm_bias_act(x, gate, b_gate, activation=cfg.gelu, w_up=up.get("up"), b_up=up.get("up_bias"), **kw)
             return gemm_bias_act(h, w2, b2, activation="none", **kw)
 

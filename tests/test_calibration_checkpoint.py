@@ -192,3 +192,22 @@ def test_config_beside_the_checkpoint_is_the_one_read(tmp_path):
     path = sub / "m.safetensors"
     save_file(checkpoint_tensors("bert"), str(path))
     assert {layer.gelu for layer in find_mlps(path)} == {"erf"}
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (1, 4), (6, 3), (5, 9)])
+def test_int8_packing_takes_transposed_weights_on_every_device(shape):
+    # A Conv1D weight reaches the packer as a transposed view; on CUDA an elementwise
+    # result keeps those strides, and a one-column weight's rows were not four bytes apart.
+    from calibration.quantized_file import pack_int8, unpack_int8
+    from conftest import DEVICE
+
+    q = torch.randint(-128, 128, (shape[1], shape[0]), dtype=torch.int8, device=DEVICE).t()
+    packed = pack_int8(q)
+    n, k = shape
+    assert packed.dtype == torch.int32 and packed.shape == (n, -(-k // 4))
+    assert torch.equal(unpack_int8(packed, n, k), q)
+    # compressed-tensors' layout: byte j of word w holds q[:, 4w + j] + 128, padding bytes 0
+    expected = torch.zeros((n, packed.shape[1] * 4), dtype=torch.int64)
+    expected[:, :k] = q.cpu().to(torch.int64) + 128
+    words = (expected.reshape(n, -1, 4) << torch.tensor([0, 8, 16, 24])).sum(-1)
+    assert torch.equal(packed.cpu().to(torch.int64) & 0xFFFFFFFF, words)

@@ -1,0 +1,73 @@
+"""The one-launch MLP (kernels/fused_mlp.py) against the two GEMM launches and torch eager,
+for small models at few rows: CUDA-graph replays (GPU time) and calls from Python (what a
+caller without graphs sees), the same weights and inputs, each checked against float64.
+(Kernel-development probe: picks FUSED_MAX_M and FUSED_MAX_WEIGHT.)
+
+    python3 bench/probe_fused.py [--shapes 768x3072,384x1536,1024x4096] [--tokens 1,16,...] [--dtype fp16]
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import kernels.fused_mlp as fused_module
+from kernels.bench import graph_time, median_time, rotation_sets
+from kernels.fused_mlp import fused_mlp
+from kernels.gemm import gemm_bias_act
+from kernels.reference import mlp_reference
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="768x3072,384x1536,1024x4096")
+    parser.add_argument("--tokens", default="1,16,32,64,128,256")
+    parser.add_argument("--dtype", default="fp16")
+    args = parser.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    print(f"{'d x f':>10s} {'M':>5s} | {'fused':>7s} {'2 launch':>8s} {'eager':>7s} | {'fused':>7s} {'2 launch':>8s} "
+          f"{'eager':>7s} | {'err64':>8s}  config   (us; graph | calls)")  # fmt: skip
+    for shape in args.shapes.split(","):
+        d, f = map(int, shape.split("x"))
+        n_sets = rotation_sets(2 * d * f * 2, l2)
+        sets = [
+            (torch.randn(f, d, device="cuda", dtype=dtype) / math.sqrt(d), torch.randn(f, device="cuda", dtype=dtype),
+             torch.randn(d, f, device="cuda", dtype=dtype) / math.sqrt(f), torch.randn(d, device="cuda", dtype=dtype))
+            for _ in range(n_sets)
+        ]  # fmt: skip
+        for m in map(int, args.tokens.split(",")):
+            xs = [torch.randn(m, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
+
+            def fused(i):
+                return fused_mlp(xs[i], *sets[i], activation="tanh")
+
+            def two(i):
+                w1, b1, w2, b2 = sets[i]
+                return gemm_bias_act(gemm_bias_act(xs[i], w1, b1, activation="tanh"), w2, b2)
+
+            def eager(i):
+                w1, b1, w2, b2 = sets[i]
+                return F.linear(F.gelu(F.linear(xs[i], w1, b1), approximate="tanh"), w2, b2)
+
+            exact = mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", dtype=torch.float64)
+            y = fused(0)
+            err = ((y.double() - exact).norm() / exact.norm()).item()
+            config = fused_module._fused_mlp.best_config
+            graph, calls = [], []
+            for call in (fused, two, eager):
+                for i in range(n_sets):
+                    call(i)
+                torch.cuda.synchronize()
+                graph.append(graph_time(call, n_sets, 10, 50).median_us)
+                calls.append(median_time(call, n_sets, 10, 50).median_us)
+            kw = config.kwargs if config is not None else {}
+            label = "x".join(str(kw.get(k)) for k in ("BLOCK_M", "BLOCK_F", "BLOCK_D", "BLOCK_K", "SPLIT_F"))
+            print(f"{d:>4d}x{f:<5d} {m:5d} | {graph[0]:7.1f} {graph[1]:8.1f} {graph[2]:7.1f} | {calls[0]:7.1f} "
+                  f"{calls[1]:8.1f} {calls[2]:7.1f} | {err:8.1e}  {label}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
