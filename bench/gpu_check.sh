@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -188,6 +188,23 @@ PY
       python3 bench/probe_small_m.py >"$OUT/medium-m-paths.txt" 2>&1 || status=1
       summary+=("medium-m: see medium-m.txt; the paths, us:")
       while read -r line; do summary+=("  $line"); done <"$OUT/medium-m-paths.txt"
+      ;;
+    fused)
+      # Issue 16's small model: the one-launch MLP (kernels/fused_mlp.py) against the two
+      # GEMM launches and eager, graph and calls (bench/probe_fused.py); then the op through
+      # `gelugemm bench` at 768x3072 in both modes, and the host cost at 4096x16384, M <= 16
+      # (calls against graph, every dtype).
+      python3 bench/probe_fused.py >"$OUT/fused-probe.txt" 2>&1 || status=1
+      gg bench --cuda-graph --shape 768,3072 --dtype fp16,bf16 --tokens 1,16,32,64,128 --peers eager,cublaslt \
+        >"$OUT/fused-graph.txt" 2>&1 || status=1
+      gg bench --shape 768,3072 --dtype fp16,bf16 --tokens 1,16,32,64,128 --peers eager,cublaslt \
+        >"$OUT/fused-calls.txt" 2>&1 || status=1
+      for mode in --cuda-graph ""; do
+        gg bench $mode --shape 4096,16384 --dtype fp16,bf16,w8a8,w8a16 --tokens 1,16 --peers eager \
+          >>"$OUT/host-cost.txt" 2>&1 || status=1
+      done
+      summary+=("fused: see fused-graph.txt, fused-calls.txt, host-cost.txt; the probe, us:")
+      while read -r line; do summary+=("  $line"); done <"$OUT/fused-probe.txt"
       ;;
     tp)
       # Issue 18 on every GPU of this host (two or more): BLOOM-176B's MLP split across them
