@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.errors import LaunchError
-from kernels.gemm_base import _dot, _epilogue, _split_k_arrive, autotune_enabled, cfg, m_bucket, tensor_signature
+from kernels.gemm_base import _dot, _epilogue, _split_k_arrive, autotune_enabled, tensor_signature
 from kernels.launch import interpreting, launch, num_programs
 from kernels.schemes import FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
 
@@ -147,11 +147,15 @@ def fused_mlp_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Configs: keyed by m_bucket(M)
+# Configs: keyed by fused_bucket(M)
 # ---------------------------------------------------------------------------------------
-# BLOCK_F is GEMM1's output tile width, BLOCK_D GEMM2's; BLOCK_K is both K steps. At
-# 768x3072 and 16 rows, 16x64 GEMM1 tiles are 48 units and 8 shares of twelve 64-wide
-# GEMM2 tiles 96 more: about one unit per SM.
+# BLOCK_F is GEMM1's output tile width, BLOCK_D GEMM2's; BLOCK_K is both K steps. The
+# time is a chain of latencies (GEMM1's K loop, the wait, GEMM2's share of K, the
+# reduction), so the leaders make as many short units as there are SMs: at 768x3072 and
+# up to 32 rows, 16x64 GEMM1 tiles (48 a row block) and GEMM2 split four or eight ways over
+# 128-deep K steps; from 33 rows one 64-row block. On an H200 (bench/probe_fused.py,
+# bench/RESULTS.md section 16) a bucket tuned at 32 rows and reused at 64 ran 16.2 us where
+# 64-row tiles ran 13.8 at 128 rows: the buckets are powers of two.
 
 
 def _fcfg(bm, bf, bd, bk, split, warps=4, stages=3) -> triton.Config:
@@ -163,13 +167,20 @@ def _fcfg(bm, bf, bd, bk, split, warps=4, stages=3) -> triton.Config:
 
 
 FUSED_CONFIGS = {
-    16: [_fcfg(16, 64, 64, 128, 4), _fcfg(16, 64, 64, 128, 8), _fcfg(16, 32, 64, 128, 4), _fcfg(16, 64, 64, 64, 8),
-         _fcfg(16, 128, 64, 64, 4), _fcfg(16, 64, 128, 64, 8)],
-    64: [_fcfg(32, 64, 64, 128, 4), _fcfg(32, 64, 64, 128, 8), _fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8),
-         _fcfg(16, 64, 64, 128, 4), _fcfg(32, 32, 64, 128, 4), _fcfg(32, 64, 64, 64, 4), _fcfg(64, 64, 64, 64, 4)],
-    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8), _fcfg(64, 32, 64, 128, 8), _fcfg(32, 64, 64, 128, 8),
-          _fcfg(64, 64, 64, 64, 4), _fcfg(64, 128, 64, 64, 2), _fcfg(128, 64, 64, 64, 2, warps=8)],
+    16: [_fcfg(16, 64, 64, 128, 8), _fcfg(16, 64, 64, 128, 4), _fcfg(16, 32, 64, 128, 4), _fcfg(16, 64, 64, 64, 8)],
+    32: [_fcfg(16, 64, 64, 128, 4), _fcfg(16, 64, 64, 128, 8), _fcfg(32, 64, 64, 128, 4), _fcfg(32, 64, 64, 128, 8)],
+    64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8), _fcfg(32, 64, 64, 128, 4), _fcfg(32, 64, 64, 128, 8),
+         _fcfg(64, 32, 64, 128, 8)],
+    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8), _fcfg(64, 32, 64, 128, 8), _fcfg(64, 64, 64, 64, 4),
+          _fcfg(128, 64, 64, 64, 2, warps=8)],
 }  # fmt: skip
+
+
+def fused_bucket(m: int) -> int:
+    """Autotuning key for the row count: the next power of two from 16."""
+    return max(16, triton.next_power_of_2(m))
+
+
 # Under the interpreter: small tiles, so test shapes cross several tiles in each dim and
 # GEMM2 splits.
 _INTERPRETER_CONFIG = _fcfg(16, 32, 32, 32, 2, stages=1)
@@ -178,9 +189,7 @@ _INTERPRETER_CONFIG = _fcfg(16, 32, 32, 32, 2, stages=1)
 def _configs_for(m: int) -> list[triton.Config]:
     if interpreting():
         return [_INTERPRETER_CONFIG]
-    bucket = m_bucket(m)
-    sizes = [k for k in FUSED_CONFIGS if k >= bucket]
-    configs = FUSED_CONFIGS[min(sizes)] if sizes else FUSED_CONFIGS[max(FUSED_CONFIGS)]
+    configs = FUSED_CONFIGS[min(fused_bucket(m), max(FUSED_CONFIGS))]
     return configs if autotune_enabled() else configs[:1]
 
 
@@ -334,7 +343,7 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32):
         INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
         INTERPRETER=interpreting(),
     )
-    scalars = (m, d, f, m_bucket(m), programs, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n, d)
+    scalars = (m, d, f, fused_bucket(m), programs, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n, d)
     key = ("fused", x.dtype, m, d, f, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n,
            activation, allow_tf32, b1 is not None, b2 is not None)  # fmt: skip
     return grid, scalars, constexprs, key, _sizes(m, d, f), [None], d
