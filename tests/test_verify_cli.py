@@ -217,15 +217,17 @@ def test_a_perturbed_op_fails_exactly_where_perturbed(tmp_path, monkeypatch, dty
 
 
 def test_a_perturbed_triton_kernel_fails(tmp_path, monkeypatch):
-    """GEMM2 of the fused float path returns a result 1% off (the kernel the op calls on CUDA)."""
+    """The fused float path's output is 1% off: GEMM2 of the two launches, or the one-launch
+    MLP that small models take (the kernels the op calls on CUDA)."""
     source = write_checkpoint(tmp_path / "m.safetensors", "bert", n_layers=1)
-    real = op_module.gemm_bias_act
+    real, real_fused = op_module.gemm_bias_act, op_module.fused_mlp
 
     def off_by_one_percent(a, w, bias=None, *, activation="none", **kw):
         out = real(a, w, bias, activation=activation, **kw)
         return out * 1.01 if activation == "none" else out
 
     monkeypatch.setattr(op_module, "gemm_bias_act", off_by_one_percent)
+    monkeypatch.setattr(op_module, "fused_mlp", lambda *args, **kw: real_fused(*args, **kw) * 1.01)
     code, report, _ = verify_json(tmp_path, source, "--backend", "triton", "--tokens", "16", "--dtype", "fp16,fp32")
     assert code == 1 and report["backend"] == "triton"
     assert [row["passed"] for row in report["rows"]] == [False, False]
@@ -285,9 +287,10 @@ def test_a_triton_kernel_computing_the_other_flavour_fails(tmp_path, monkeypatch
     source = gelu_tail_checkpoint(tmp_path / "m.safetensors", *SENSITIVE["fp16"])
     args = ("--backend", "triton", "--tokens", "32", "--dtype", "fp16")
     assert verify_json(tmp_path, source, *args)[0] == 0
-    real = op_module.gemm_bias_act
+    real, real_fused = op_module.gemm_bias_act, op_module.fused_mlp
     swapped = {"erf": "tanh", "tanh": "erf", "none": "none"}
     monkeypatch.setattr(op_module, "gemm_bias_act", lambda a, w, b=None, *, activation="none", **kw: real(a, w, b, activation=swapped[activation], **kw))
+    monkeypatch.setattr(op_module, "fused_mlp", lambda *args, activation, **kw: real_fused(*args, activation=swapped[activation], **kw))
     code, report, _ = verify_json(tmp_path, source, *args)
     assert code == 1 and report["rows"][0]["backend"] == "triton"
 
