@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
 import json
 import os
 import re
@@ -311,34 +312,61 @@ def decode_scale(text: str, size: int, where: str) -> torch.Tensor:
 # ---- the source: where it is and its sha256s -----------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
+class HashingStopped(Exception):
+    """sha256_file was asked to stop before the end of its file."""
+
+
+def sha256_file(path: str | Path, stop: threading.Event | None = None) -> str:
+    """The file's sha256 (hex); with `stop`, raises HashingStopped once it is set."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
+            if stop is not None and stop.is_set():
+                raise HashingStopped(str(path))
             digest.update(block)
     return digest.hexdigest()
 
 
+def hashing_workers(files: int) -> int:
+    """Threads to hash `files` files at once: one each, up to the cores this process may use
+    (hashlib lets go of the GIL while it hashes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(files, cores))
+
+
 def sha256_files(paths: list[Path]) -> list[str]:
-    """sha256_file of each path, several files at once on as many cores (hashlib lets go of
-    the GIL while it hashes): a sharded checkpoint hashes about cores times faster."""
-    workers = min(len(paths), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """sha256_file of each path, several files at once on as many cores: a sharded
+    checkpoint hashes about cores times faster."""
+    workers = hashing_workers(len(paths))
     if workers <= 1:
         return [sha256_file(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256") as pool:
         return list(pool.map(sha256_file, paths))
 
 
-def source_facts(ckpt: Checkpoint, relative_to: Path | None = None) -> dict:
-    """The record of a source checkpoint: its path, and the sha256 of its index and each shard."""
+# Stands in for a source digest still being computed: a sha256's length, so a header written
+# with it keeps its size when the digest replaces it (quantize hashes while it writes).
+PENDING_SHA256 = "0" * 64
+
+
+def source_files(ckpt: Checkpoint) -> list[Path]:
+    """The files a source record hashes: each shard, then the index where there is one."""
+    return [s.path for s in ckpt.shards] + ([ckpt.index_path] if ckpt.index_path is not None else [])
+
+
+def source_facts(ckpt: Checkpoint, relative_to: Path | None = None, digests: list[str] | None = None) -> dict:
+    """The record of a source checkpoint: its path, and the sha256 of its index and each shard.
+    digests: those of source_files(ckpt), in its order, where the caller has them (or
+    PENDING_SHA256 placeholders); else they are computed here."""
     path = ckpt.path.resolve()
-    digests = sha256_files([s.path for s in ckpt.shards])
+    if digests is None:
+        digests = sha256_files(source_files(ckpt))
     files = [{"name": s.name, "sha256": d, "bytes": s.path.stat().st_size} for s, d in zip(ckpt.shards, digests)]
     facts = {
         "kind": ckpt.kind,
         "path": str(path),
         "relative_path": os.path.relpath(path, relative_to.resolve()) if relative_to is not None else None,
-        "index": None if ckpt.index_path is None else {"name": ckpt.index_path.name, "sha256": sha256_file(ckpt.index_path)},
+        "index": None if ckpt.index_path is None else {"name": ckpt.index_path.name, "sha256": digests[len(ckpt.shards)]},
         "files": files,
     }
     if ckpt.kind == "file":
@@ -390,9 +418,10 @@ def resolve_source(path: str | Path, record: dict) -> Path:
 
 def build_record(
     ckpt: Checkpoint, output: Path, layers: list[MLPLayer], scheme: FormatScheme, method: str | None, smooth: float | None,
-    calibration: dict | None, qconfig: dict, smoothing: dict[str, str], runs_on: str,
+    calibration: dict | None, qconfig: dict, smoothing: dict[str, str], runs_on: str, digests: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """gelugemm's record, stored under RECORD_KEY in the metadata of every output shard.
+    digests: the source files' sha256s, as source_facts takes them.
 
     smoothing: {fc1: "folded" | "run-time"} (their scales go under SMOOTH_KEY + fc1).
     runs_on: which engines can run the output, in words.
@@ -414,7 +443,7 @@ def build_record(
         "calibration": calibration,
         "gelu": layers[0].gelu,
         "gelu_source": layers[0].gelu_source,
-        "source": source_facts(ckpt, relative_to=output.resolve().parent),
+        "source": source_facts(ckpt, relative_to=output.resolve().parent, digests=digests),
         "quantization_config": qconfig,
         "layers": [layer.to_record() for layer in layers],
     }

@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import torch
 
@@ -169,11 +169,16 @@ def write_stream(
     plan: dict[str, TensorInfo],
     tensors: Iterable[tuple[str, torch.Tensor | StoredTensor]],
     metadata: dict[str, str],
+    final_metadata: Callable[[], dict[str, str]] | None = None,
 ) -> int:
     """Write the planned tensors as they come; returns the bytes written.
 
     `tensors` must yield exactly the plan's names, in its order, with its dtypes and shapes:
     a torch tensor, or a StoredTensor whose bytes are copied from its file as they are.
+
+    final_metadata: called once every tensor is written; its result replaces `metadata` in
+    the header, rewritten in place. It must give a header of the same length (values that
+    were placeholders of their final length: quantize's source digests, hashed meanwhile).
 
     The writes run on one background thread, in order, at most WRITE_AHEAD_BYTES behind:
     while the OS takes one layer's bytes, the caller computes the next (quantize's next
@@ -205,6 +210,13 @@ def write_stream(
     missing = [name for name, _ in expected]
     if missing:
         raise RuntimeError(f"tensor stream ended before the plan: {len(missing)} missing, first {missing[0]}")
+    if final_metadata is not None:
+        first, final = header_bytes(plan, metadata), header_bytes(plan, final_metadata())
+        if len(final) != len(first):
+            raise RuntimeError(f"final metadata changes the header's length ({len(first)} -> {len(final)} bytes)")
+        out.seek(0)
+        out.write(final)
+        out.seek(0, os.SEEK_END)
     return written
 
 

@@ -116,3 +116,23 @@ def test_reads_into_one_buffer_are_the_tensors_and_reuse_its_memory(tmp_path):
     assert torch.equal(big, tensors["big"]) and torch.equal(big, read_stored(stored["big"]))
     mid = read_stored(stored["mid"], buffer=buffer)
     assert torch.equal(mid, tensors["mid"]) and mid.data_ptr() == big.data_ptr()  # the same memory
+
+
+def test_final_metadata_rewrites_the_header_in_place(tmp_path):
+    # quantize writes placeholders of a digest's length, and the digests once the data is out
+    tensors = {"a": torch.randn(3, 4), "b": torch.randint(-127, 128, (5,), dtype=torch.int8)}
+    path = tmp_path / "out.safetensors"
+    with open(path, "wb") as f:
+        written = write_stream(f, plan_of(tensors), iter(tensors.items()), {"digest": "0" * 64},
+                               lambda: {"digest": "ab" * 32})  # fmt: skip
+    assert written == path.stat().st_size
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"digest": "ab" * 32}
+    back = load_file(str(path))
+    assert all(torch.equal(back[name], t) for name, t in tensors.items())
+
+
+def test_final_metadata_of_another_length_is_refused():
+    tensors = {"a": torch.randn(2)}
+    with pytest.raises(RuntimeError, match="changes the header's length"):
+        write_stream(io.BytesIO(), plan_of(tensors), iter(tensors.items()), {"digest": "0" * 64}, lambda: {"digest": "0" * 72})

@@ -78,11 +78,15 @@ def test_a_sharded_directory_quantizes_like_the_single_file(tmp_path, scheme):
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards == report.shards
     index = json.loads((out / "model.safetensors.index.json").read_text())
     held = {}
+    records = []
     for shard in shards:
         with safe_open(str(out / shard), "pt") as f:
             held.update({name: shard for name in f.keys()})
-            assert json.loads(f.metadata()[RECORD_KEY])["format"] == "gelugemm-int8"
+            records.append(json.loads(f.metadata()[RECORD_KEY]))
+            assert records[-1]["format"] == "gelugemm-int8"
             assert f.metadata()["format"] == "pt"
+    # every shard's header carries the same record, with the source digests hashed during the run
+    assert all(r == records[0] for r in records) and records[0] == report.record
     assert index["weight_map"] == held
     assert index["metadata"] == {"total_size": sum(t.numel() * t.element_size() for t in all_tensors(out).values()), "format": "pt"}
     source_index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]

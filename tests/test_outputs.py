@@ -236,7 +236,7 @@ def test_disk_full_mid_write_is_one_line_and_leaves_nothing(tmp_path, model, mon
     block, as a full disk does)."""
     real = quantize_module.write_stream
 
-    def fills_up(f, plan, tensors, metadata):
+    def fills_up(f, plan, tensors, metadata, final_metadata=None):
         f.write(b"x" * 4096)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

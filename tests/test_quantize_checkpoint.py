@@ -1,5 +1,6 @@
 """calibration/quantize.py and calibration/quantized_file.py: the int8 checkpoint, written and read back."""
 
+import hashlib
 import json
 import math
 import os
@@ -471,3 +472,18 @@ def test_the_op_runs_a_quantized_file(tmp_path, family, scheme, activations, smo
         w1f, b1f, w2f, b2f = (tensors[n].double() for n in (layer.w1, layer.b1, layer.w2, layer.b2))
         exact = mlp_reference(x.double(), w1f, b1f, w2f, b2f, gelu_flavour=layer.gelu, weight_layout=layer.weight_layout)
         assert ((y - exact).norm() / exact.norm()).item() < INT8_MLP_REL_ERR
+
+
+def test_source_hashing_stops_when_asked(tmp_path):
+    # a failed quantize stops hashing the source instead of waiting for it before exiting
+    import threading
+
+    from calibration.quantized_file import HashingStopped
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"\x01" * (3 << 20))
+    assert sha256_file(path) == hashlib.sha256(b"\x01" * (3 << 20)).hexdigest()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(HashingStopped):
+        sha256_file(path, stop)
