@@ -28,11 +28,13 @@ def weights(d, f, dtype, layout="out_in", biases=(True, True), device=DEVICE):
 
 def poison_workspace(dtype):
     # every h and partial element NaN: a tile the kernel fails to write (or reads before
-    # it is written) shows in the result
-    for (_, _, ws_dtype), (h, partial, _) in fused_module._workspaces.items():
-        if ws_dtype == dtype:
-            h.fill_(float("nan"))
-            partial.fill_(float("nan"))
+    # it is written) shows in the result. (Inference mode: a workspace an earlier test
+    # allocated under it is an inference tensor, which only takes writes there.)
+    with torch.inference_mode():
+        for (_, _, ws_dtype), (h, partial, _) in fused_module._workspaces.items():
+            if ws_dtype == dtype:
+                h.fill_(float("nan"))
+                partial.fill_(float("nan"))
 
 
 def check(x, w1, b1, w2, b2, gelu="erf", layout="out_in", allow_tf32=False):
