@@ -19,6 +19,10 @@ Every program takes its units in order, GEMM1 units first, and the grid is at mo
 program per SM: a program only waits once its own GEMM1 units are done, for units that
 programs already resident are working on. (The CPU interpreter runs programs one after
 the other, so it gets one program: it does every GEMM1 unit, then every GEMM2 unit.)
+That needs every program resident at once, as a persistent grid of one program per SM
+assumes: where the process gets fewer SMs than the device has (an MPS client with a low
+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, an SM partition), waiting programs could hold the SMs
+that the rest need. GELUGEMM_FUSED_MLP=0 turns this path off (the two GEMM launches run).
 The counters are left at zero for the next launch: the last GEMM2 unit of a row block to
 read h resets them.
 
@@ -27,6 +31,9 @@ Loads are pointer loads (either weight layout, any strides); h travels through L
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -253,10 +260,22 @@ def _sizes(m: int, d: int, f: int) -> tuple[int, int, int]:
     return m * f, partial, counters
 
 
+@functools.lru_cache(maxsize=None)
+def fused_mlp_enabled() -> bool:
+    """GELUGEMM_FUSED_MLP=0 turns the one-launch path off (read once; see the module's
+    docstring for when to)."""
+    return os.environ.get("GELUGEMM_FUSED_MLP", "1") not in ("", "0")
+
+
 def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the op runs a float MLP of m rows in this one launch (small weights, few
-    rows: see FUSED_MAX_WEIGHT and FUSED_MAX_M)."""
-    return 0 < m <= FUSED_MAX_M and w1.numel() <= FUSED_MAX_WEIGHT and w2.numel() <= FUSED_MAX_WEIGHT
+    rows: see FUSED_MAX_WEIGHT and FUSED_MAX_M; not with GELUGEMM_FUSED_MLP=0)."""
+    return (
+        0 < m <= FUSED_MAX_M
+        and w1.numel() <= FUSED_MAX_WEIGHT
+        and w2.numel() <= FUSED_MAX_WEIGHT
+        and fused_mlp_enabled()
+    )
 
 
 _plans: dict = {}

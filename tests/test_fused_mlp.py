@@ -9,7 +9,7 @@ import torch
 import kernels.fused_mlp as fused_module
 from conftest import DEVICE, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, randn, rel_err
 from kernels.errors import LaunchError
-from kernels.fused_mlp import FUSED_MAX_M, FUSED_MAX_WEIGHT, fused_mlp, fused_mlp_applies
+from kernels.fused_mlp import FUSED_MAX_M, FUSED_MAX_WEIGHT, fused_mlp, fused_mlp_applies, fused_mlp_enabled
 from kernels.op import FusedMLP, MLPConfig
 from kernels.reference import mlp_reference
 
@@ -144,6 +144,18 @@ def test_the_op_takes_one_launch_for_small_models_at_few_rows():
     assert not fused_mlp_applies(FUSED_MAX_M + 1, small, small.t())
     assert not fused_mlp_applies(16, large, large.t())
     assert large.numel() > FUSED_MAX_WEIGHT >= small.numel()
+
+
+def test_gelugemm_fused_mlp_0_turns_the_one_launch_off(monkeypatch):
+    small = torch.empty(3072, 768)
+    monkeypatch.setenv("GELUGEMM_FUSED_MLP", "0")
+    fused_mlp_enabled.cache_clear()
+    try:
+        assert not fused_mlp_applies(16, small, small.t())
+    finally:
+        monkeypatch.undo()
+        fused_mlp_enabled.cache_clear()
+    assert fused_mlp_applies(16, small, small.t())
 
 
 def test_op_runs_the_fused_launch_and_matches_the_reference(monkeypatch):
