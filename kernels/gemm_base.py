@@ -502,6 +502,9 @@ def _split_k_arrive(acc, acc_up, partial_ptr, arrivals_ptr, tile_id, share, SPLI
     else:
         slots = partial_ptr + tile_id * (SPLIT_K * T)
     tl.store(slots + share * T + tile, acc.to(tl.float32, bitcast=True))
+    # One thread makes the atomic: the barrier puts every thread's partial stores before its
+    # release (the barrier then the release, as a CTA-wide semaphore is written in CUDA).
+    tl.debug_barrier()
     arrived = tl.atomic_add(arrivals_ptr + tile_id, 1, sem="acq_rel")
     last = arrived == SPLIT_K - 1
     total = acc
