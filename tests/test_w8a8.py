@@ -83,6 +83,23 @@ def test_quantize_matches_reference_exactly(lead, k, dtype, mode, smooth):
                 assert (rows[:, g0 : g0 + group].amax(dim=-1) == 127).all()
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static", "group:32"])
+def test_repeated_calls_reuse_the_plan_with_each_calls_own_tensors(mode):
+    # a repeated call signature skips the checks (kernels/w8a8.py's plan): each call must
+    # still quantize its own x with its own scale and smoothing, into its own output
+    k, group = 70, group_of(mode)
+    smooth_scale = (torch.rand(k) + 0.5).to(DEVICE)
+    for i in range(3):
+        x = randn(2, 5, k, dtype=torch.float16, scale=1.0 + i)
+        static = scalar(0.05 * (i + 1)) if mode == "static" else None
+        smooth_scale = smooth_scale * (1.0 + 0.1 * i)
+        out = poisoned((2, 5, k), torch.int8) if i == 1 else None  # a caller's own output, once
+        q, scale = quantize_activations(x, static, smooth_scale=smooth_scale, group_size=group, out=out)
+        q_ref, scale_ref = quantize_activation_reference(x, static, smooth_scale, group_size=group)
+        assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref), i
+        assert out is None or q.data_ptr() == out.data_ptr()
+
+
 def test_rounding_is_half_to_even_and_clamped():
     # With scale 1, q = round_half_even(clamp(x)): the magic-number rounding must give
     # the ties to even, keep non-ties, and clamp beyond +-127.
