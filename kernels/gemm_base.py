@@ -1141,6 +1141,9 @@ class GemmPlan:
     key: tuple
     workspace: tuple | None  # (partial elements, tiles) for split-K (decode and tma; None: strided)
     slot: list = field(default_factory=lambda: [None])
+    # where no config of the call splits K (workspace (0, 0)): the buffers passed for the
+    # kernel's workspace arguments, which it never reads, kept so a launch skips the lookup
+    idle_workspace: list = field(default_factory=lambda: [None])
 
 
 def _plan(
@@ -1341,6 +1344,11 @@ class GemmLauncher:
         tensors = (a2, w, out2, bias, w_scale, a_scale, c_scale, w_up, up_bias, up_scale)
         if plan.workspace is None:
             args = (*tensors, *plan.scalars)
+        elif plan.workspace[0] == 0:
+            workspace = plan.idle_workspace[0]
+            if workspace is None:
+                workspace = plan.idle_workspace[0] = _split_k_workspace(a.device, 0, 0)
+            args = (*tensors, *workspace, *plan.scalars)
         else:
             args = (*tensors, *_split_k_workspace(a.device, *plan.workspace), *plan.scalars)
         launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot if out_aligned else None)

@@ -218,9 +218,8 @@ def quantize_activations(
     # Everything the checks and the launch depend on; a repeated call skips both (a decode
     # step quantizes twice per MLP, and each check costs host time).
     signature = None
-    if out is None and isinstance(x, torch.Tensor) and all(
-        t is None or isinstance(t, torch.Tensor) for t in (scale, smooth_scale)
-    ):
+    if (out is None and isinstance(x, torch.Tensor) and (scale is None or isinstance(scale, torch.Tensor))
+            and (smooth_scale is None or isinstance(smooth_scale, torch.Tensor))):  # fmt: skip
         signature = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, tensor_signature(scale),
                      tensor_signature(smooth_scale), group_size)  # fmt: skip
     plan = _QUANTIZE_PLANS.get(signature) if signature is not None else None
