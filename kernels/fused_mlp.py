@@ -22,7 +22,8 @@ the other, so it gets one program: it does every GEMM1 unit, then every GEMM2 un
 That needs every program resident at once, as a persistent grid of one program per SM
 assumes: where the process gets fewer SMs than the device has (an MPS client with a low
 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, an SM partition), waiting programs could hold the SMs
-that the rest need. GELUGEMM_FUSED_MLP=0 turns this path off (the two GEMM launches run).
+that the rest need. GELUGEMM_FUSED_MLP=0 turns this path off (the two GEMM launches run);
+so does CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100 in the environment.
 The counters are left at zero for the next launch: the last GEMM2 unit of a row block to
 read h resets them.
 
@@ -263,8 +264,16 @@ def _sizes(m: int, d: int, f: int) -> tuple[int, int, int]:
 @functools.lru_cache(maxsize=None)
 def fused_mlp_enabled() -> bool:
     """GELUGEMM_FUSED_MLP=0 turns the one-launch path off (read once; see the module's
-    docstring for when to)."""
-    return os.environ.get("GELUGEMM_FUSED_MLP", "1") not in ("", "0")
+    docstring for when to). It is off too for an MPS client whose environment limits its
+    share of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100); a limit set by the MPS
+    control daemon alone is not visible here, hence the switch."""
+    if os.environ.get("GELUGEMM_FUSED_MLP", "1") in ("", "0"):
+        return False
+    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "").strip()
+    try:
+        return not share or float(share) >= 100
+    except ValueError:
+        return True
 
 
 def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:

@@ -146,16 +146,28 @@ def test_the_op_takes_one_launch_for_small_models_at_few_rows():
     assert large.numel() > FUSED_MAX_WEIGHT >= small.numel()
 
 
-def test_gelugemm_fused_mlp_0_turns_the_one_launch_off(monkeypatch):
+@pytest.mark.parametrize(
+    "env,on",
+    [
+        ({"GELUGEMM_FUSED_MLP": "0"}, False),
+        ({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"}, False),
+        ({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"}, True),
+        ({"GELUGEMM_FUSED_MLP": "1"}, True),
+    ],
+)
+def test_the_one_launch_is_off_when_asked_or_when_mps_limits_the_sms(monkeypatch, env, on):
+    # its programs wait on one another: every one of them must be resident (module docstring)
     small = torch.empty(3072, 768)
-    monkeypatch.setenv("GELUGEMM_FUSED_MLP", "0")
+    for name in ("GELUGEMM_FUSED_MLP", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     fused_mlp_enabled.cache_clear()
     try:
-        assert not fused_mlp_applies(16, small, small.t())
+        assert fused_mlp_applies(16, small, small.t()) == on
     finally:
         monkeypatch.undo()
         fused_mlp_enabled.cache_clear()
-    assert fused_mlp_applies(16, small, small.t())
 
 
 def test_op_runs_the_fused_launch_and_matches_the_reference(monkeypatch):
