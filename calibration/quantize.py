@@ -650,15 +650,19 @@ def _quantize_open_checkpoint(ckpt, source, output, options, progress) -> Quanti
                     meta[SMOOTH_KEY + layer.fc1] = encode_scale(smooth_scales[layer.fc1])
             return meta
 
-        def final_metadata(shard) -> Callable[[], dict[str, str]]:
-            """metadata(shard) with the source's digests in the record, once they are computed."""
+        final_text: list[str] = []
 
-            def final() -> dict[str, str]:
-                with timer.phase("sha256"):  # only what is left of the hashing when a shard is written
+        def final_record_text() -> str:
+            """The record with the source's digests in it (the first call waits for them)."""
+            if not final_text:
+                with timer.phase("sha256"):  # only what is left of the hashing when it is needed
                     record["source"] = source_facts(ckpt, relative_to=output.resolve().parent, digests=hashes.digests())
-                return metadata(shard, json.dumps(record))
+                final_text.append(json.dumps(record))
+            return final_text[0]
 
-            return final
+        def final_metadata(shard) -> Callable[[], dict[str, str]]:
+            """metadata(shard) with the final record, for write_stream to rewrite the header with."""
+            return lambda: metadata(shard, final_record_text())
 
         written = 0
         files_copied = []
@@ -701,9 +705,7 @@ def _quantize_open_checkpoint(ckpt, source, output, options, progress) -> Quanti
             reports.update(part)
         largest = max([tensor_bytes(info) for info in ckpt.infos.values() if info.dtype in DTYPE_BYTES] + [0])
         source_bytes, largest_shard = ckpt.total_bytes, ckpt.largest_shard_bytes
-        # every shard's header has the digests; the report's record gets them too (a rank that wrote no shard included)
-        with timer.phase("sha256"):
-            record["source"] = source_facts(ckpt, relative_to=output.resolve().parent, digests=hashes.digests())
+        final_record_text()  # the report's record has the digests too (a rank that wrote no shard included)
         timing = timer.facts()
         timing["mb_per_s"] = source_bytes / timing["seconds"] / 1e6
         return QuantizeReport(
