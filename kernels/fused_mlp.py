@@ -41,7 +41,15 @@ import triton
 import triton.language as tl
 
 from kernels.errors import LaunchError
-from kernels.gemm_base import _dot, _epilogue, _split_k_arrive, autotune_enabled, tensor_signature
+from kernels.gemm_base import (
+    _config_key,
+    _dot,
+    _epilogue,
+    _split_k_arrive,
+    _unique,
+    autotune_enabled,
+    tensor_signature,
+)
 from kernels.launch import interpreting, launch, num_programs
 from kernels.schemes import FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
 
@@ -204,8 +212,8 @@ def _configs_for(m: int) -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    wanted = {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in _configs_for(named_args["M"])}
-    keep = [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps) in wanted]
+    wanted = {_config_key(c) for c in _configs_for(named_args["M"])}
+    keep = [c for c in configs if _config_key(c) in wanted]
     return keep or configs[:1]
 
 
@@ -213,11 +221,7 @@ def _all_configs() -> list[triton.Config]:
     if interpreting():
         # a second (never chosen) config makes the autotuner consult the pruner
         return [_INTERPRETER_CONFIG, _fcfg(16, 32, 32, 32, 1, stages=1)]
-    unique = {}
-    for configs in FUSED_CONFIGS.values():
-        for c in configs:
-            unique[(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)] = c
-    return list(unique.values())
+    return _unique(c for configs in FUSED_CONFIGS.values() for c in configs)
 
 
 _fused_mlp = triton.autotune(
