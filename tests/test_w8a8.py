@@ -83,20 +83,21 @@ def test_quantize_matches_reference_exactly(lead, k, dtype, mode, smooth):
                 assert (rows[:, g0 : g0 + group].amax(dim=-1) == 127).all()
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static", "group:32"])
-def test_repeated_calls_reuse_the_plan_with_each_calls_own_tensors(mode):
+def test_repeated_calls_reuse_the_plan_with_each_calls_own_tensors():
     # a repeated call signature skips the checks (kernels/w8a8.py's plan): each call must
-    # still quantize its own x with its own scale and smoothing, into its own output
-    k, group = 70, group_of(mode)
-    smooth_scale = (torch.rand(k) + 0.5).to(DEVICE)
-    for i in range(3):
+    # still quantize its own x with its own scale and smoothing, into its own output, and
+    # calls of one x shape with another scheme or smoothing must not take its plan
+    k = 70
+    calls = [(mode, smooth) for _ in range(2) for mode in ("dynamic", "static", "group:32") for smooth in (False, True)]
+    for i, (mode, smooth) in enumerate(calls):
+        group = group_of(mode)
         x = randn(2, 5, k, dtype=torch.float16, scale=1.0 + i)
         static = scalar(0.05 * (i + 1)) if mode == "static" else None
-        smooth_scale = smooth_scale * (1.0 + 0.1 * i)
-        out = poisoned((2, 5, k), torch.int8) if i == 1 else None  # a caller's own output, once
+        smooth_scale = (torch.rand(k) + 0.5).to(DEVICE) if smooth else None
+        out = poisoned((2, 5, k), torch.int8) if i == 3 else None  # a caller's own output, once
         q, scale = quantize_activations(x, static, smooth_scale=smooth_scale, group_size=group, out=out)
         q_ref, scale_ref = quantize_activation_reference(x, static, smooth_scale, group_size=group)
-        assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref), i
+        assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref), (i, mode, smooth)
         assert out is None or q.data_ptr() == out.data_ptr()
 
 
