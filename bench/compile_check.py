@@ -269,22 +269,41 @@ def split_k_cases():
 
 
 def fused_cases():
-    """The one-launch MLP (kernels/fused_mlp.py): every config for fp16 with both biases,
-    one config for bf16, fp32 and the layouts and biases."""
-    configs = list({gemm_config_key(c): c for cfgs in fused_mlp.FUSED_CONFIGS.values() for c in cfgs}.values())
+    """The one-launch MLP (kernels/fused_mlp.py): every float config for fp16 with both
+    biases, one config for bf16, fp32 and the layouts and biases; every w8a8 config for
+    fp16 with SmoothQuant, one for bf16 without."""
     kernel = fused_mlp._fused_mlp
+    w8a8_kernel = fused_mlp._fused_w8a8_mlp
 
-    def types(dt):
-        return {"x_ptr": f"*{dt}", "w1_ptr": f"*{dt}", "b1_ptr": f"*{dt}", "w2_ptr": f"*{dt}", "b2_ptr": f"*{dt}",
-                "y_ptr": f"*{dt}", "h_ptr": f"*{dt}", "partial_ptr": "*fp32", "counters_ptr": "*i32",
-                **_ints("M", "D", "F", "M_BUCKET", "NUM_PROGRAMS", "stride_xm", "stride_xk", "stride_w1k",
-                        "stride_w1n", "stride_w2k", "stride_w2n", "stride_ym")}  # fmt: skip
+    def unique(tables):
+        return list({gemm_config_key(c): c for cfgs in tables.values() for c in cfgs}.values())
 
-    base = dict(HAS_B1=True, HAS_B2=True, ACTIVATION="erf", DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)
+    def types(dt, w8a8=False):
+        w = "i8" if w8a8 else dt
+        t = {"x_ptr": f"*{dt}", "w1_ptr": f"*{w}", "b1_ptr": f"*{dt}", "w2_ptr": f"*{w}", "b2_ptr": f"*{dt}",
+             "y_ptr": f"*{dt}", "h_ptr": f"*{dt}", "partial_ptr": "*fp32", "counters_ptr": "*i32",
+             **_ints("M", "D", "F", "M_BUCKET", "NUM_PROGRAMS", "stride_xm", "stride_xk", "stride_w1k",
+                     "stride_w1n", "stride_w2k", "stride_w2n", "stride_ym", "stride_w1s", "stride_w2s")}  # fmt: skip
+        if w8a8:
+            t.update(w1_scale_ptr="*fp32", w2_scale_ptr="*fp32", smooth_ptr="*fp32", absmax_ptr="*fp32")
+        return t
+
+    absent = dict(w1_scale_ptr=None, w2_scale_ptr=None, smooth_ptr=None, absmax_ptr=None)
+    base = dict(HAS_B1=True, HAS_B2=True, ACTIVATION="erf", W8A8=False, HAS_SMOOTH=False, DOT_F32=False,
+                INPUT_PRECISION="ieee", INTERPRETER=False)  # fmt: skip
+    configs = unique(fused_mlp.FUSED_CONFIGS)
     for config in configs:
-        yield kernel, types("fp16"), base, config, "fused fp16 erf"
+        yield kernel, types("fp16"), {**base, **absent}, config, "fused fp16 erf"
     for dt, act, b2 in (("bf16", "tanh", True), ("fp32", "quick", False), ("fp16", "tanh", False)):
-        yield kernel, types(dt), {**base, "ACTIVATION": act, "HAS_B2": b2}, configs[0], f"fused {dt} {act} b2={b2}"
+        cx = {**base, **absent, "ACTIVATION": act, "HAS_B2": b2}
+        yield kernel, types(dt), cx, configs[0], f"fused {dt} {act} b2={b2}"
+    w8a8 = {**base, "W8A8": True, "HAS_SMOOTH": True}
+    w8a8_configs = unique(fused_mlp.FUSED_W8A8_CONFIGS)
+    for config in w8a8_configs:
+        yield w8a8_kernel, types("fp16", True), w8a8, config, "fused w8a8 fp16 erf smooth"
+    types_bf16 = {k: v for k, v in types("bf16", True).items() if k != "smooth_ptr"}
+    cx = {**w8a8, "HAS_SMOOTH": False, "smooth_ptr": None, "ACTIVATION": "tanh"}
+    yield w8a8_kernel, types_bf16, cx, w8a8_configs[0], "fused w8a8 bf16 tanh"
 
 
 def main() -> int:

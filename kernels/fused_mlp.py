@@ -42,15 +42,21 @@ import triton.language as tl
 
 from kernels.errors import LaunchError
 from kernels.gemm_base import (
+    INT8_MAX_F32,
+    SCALE_EPS_F32,
     _config_key,
     _dot,
     _epilogue,
     _split_k_arrive,
+    _to_output,
     _unique,
     autotune_enabled,
+    gelu,
+    round_to_int8,
     tensor_signature,
 )
 from kernels.launch import interpreting, launch, num_programs
+from kernels.quantized import QuantizedWeight
 from kernels.schemes import FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
 
 # The op runs the MLP in this one launch for float weights of at most FUSED_MAX_WEIGHT
@@ -59,32 +65,89 @@ from kernels.schemes import FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
 # and 20 us at 256 rows against eager's 16 (bench/probe_fused.py, bench/RESULTS.md section 16).
 FUSED_MAX_WEIGHT = 1 << 22
 FUSED_MAX_M = 128
+# w8a8 `dynamic` (fused_w8a8_mlp): its four launches (quantize x, GEMM1, quantize h, GEMM2)
+# cost more host time than a decode step's GPU time even at 4096x16384.
+FUSED_W8A8_MAX_WEIGHT = 1 << 26
+FUSED_W8A8_MAX_M = 16
+FUSED_W8A8_SMALL_MAX_M = 128
 
 
 @triton.jit
-def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, pid_m, pid_f, M, D, F,
-                stride_xm, stride_xk, stride_w1k, stride_w1n,
-                HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+def _x_tile(x_ptr, smooth_ptr, rows, offs_k, D, stride_xm, stride_xk, W8A8: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    # x[rows, offs_k] as loaded, or for w8a8 in float32 divided by the SmoothQuant scale
+    # (div_rn, as kernels/w8a8.py's quantizer divides: Triton's "/" is approximate on the GPU)
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < D, other=0.0)
+    if W8A8:
+        a = a.to(tl.float32)
+        if HAS_SMOOTH:
+            a = tl.math.div_rn(a, tl.load(smooth_ptr + offs_k, mask=offs_k < D, other=1.0)[None, :])
+    return a
+
+
+@triton.jit
+def _row_scale(absmax):
+    # dynamic per-token scale = max(absmax / 127, SCALE_EPS): kernels/int8.py's scale_from_absmax
+    return tl.maximum(tl.math.div_rn(absmax, INT8_MAX_F32), SCALE_EPS_F32)
+
+
+@triton.jit
+def _w8a8_out(acc, a_scale, offs_m, offs_n, M, N, w_scale_ptr, stride_ws, bias_ptr,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # int32 acc * a_scale[m] * w_scale[n] + bias[n], then GELU, in this order (kernels/gemm_base.py's
+    # _dequantize, with the row scales in registers), stored in OUT_DTYPE
+    out = acc.to(tl.float32) * a_scale[:, None]
+    out = out * tl.load(w_scale_ptr + offs_n * stride_ws, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return _to_output(gelu(out, ACTIVATION), offs_m, offs_n, M, N, None, 0, OUT_DTYPE, INTERPRETER)
+
+
+@triton.jit
+def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr, pid_m, pid_f, M, D, F,
+                stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w1s,
+                HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, W8A8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     # h[rows, cols] = GELU(x[rows] @ W1[cols]^T + b1[cols]), stored in x's dtype; then
-    # counted into ready[pid_m].
+    # counted into ready[pid_m]. w8a8: x's rows quantized per token first (a pass for their
+    # absmax, then each K step quantized as it is loaded), and each row's absmax of the
+    # stored h folded into absmax[row], from which GEMM2 quantizes h.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_k = tl.arange(0, BLOCK_K)
     rows = tl.where(offs_m < M, offs_m, 0)
     cols = tl.where(offs_f < F, offs_f, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    if W8A8:
+        absmax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            a = _x_tile(x_ptr, smooth_ptr, rows, k0 + offs_k, D, stride_xm, stride_xk, True, HAS_SMOOTH)
+            absmax = tl.maximum(absmax, tl.abs(a))
+        x_scale = _row_scale(tl.max(absmax, axis=1))
+        inv_x_scale = tl.math.div_rn(1.0, x_scale)
+        acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_in = (k0 + offs_k) < D
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk, mask=k_in[None, :], other=0.0)
+        a = _x_tile(x_ptr, smooth_ptr, rows, k0 + offs_k, D, stride_xm, stride_xk, W8A8, HAS_SMOOTH)
+        if W8A8:
+            a = round_to_int8(a * inv_x_scale[:, None])
         b = tl.load(w1_ptr + (k0 + offs_k)[:, None] * stride_w1k + cols[None, :] * stride_w1n, mask=k_in[:, None],
                     other=0.0)  # fmt: skip
         acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
-    h = _epilogue(acc, offs_m, offs_f, M, F, b1_ptr, None, None, None, 0, 0, False, 0, 0, HAS_B1, ACTIVATION,
-                  h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
-    tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h, mask=(offs_m[:, None] < M) & (offs_f[None, :] < F))
-    # every thread's stores before the one release that publishes them
+    h_mask = (offs_m[:, None] < M) & (offs_f[None, :] < F)
+    if W8A8:
+        h = _w8a8_out(acc, x_scale, offs_m, offs_f, M, F, w1_scale_ptr, stride_w1s, b1_ptr, HAS_B1, ACTIVATION,
+                      h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+        # h is quantized per token over all of d_ff, at 16 bits as stored (kernels/w8a8.py's
+        # dynamic scheme): absmax starts at zero, every value folded in is >= 0
+        magnitude = tl.where(h_mask, tl.abs(h.to(tl.float32)), 0.0)
+        tl.atomic_max(absmax_ptr + offs_m, tl.max(magnitude, axis=1), mask=offs_m < M, sem="relaxed")
+    else:
+        h = _epilogue(acc, offs_m, offs_f, M, F, b1_ptr, None, None, None, 0, 0, False, 0, 0, HAS_B1, ACTIVATION,
+                      h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+    tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h, mask=h_mask)
+    # every thread's stores (and absmax atomics) before the one release that publishes them
     tl.debug_barrier()
     tl.atomic_add(ready_ptr + pid_m, 1, sem="release")
 
@@ -92,16 +155,19 @@ def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, pid_m, pid_f, M, D, F,
 @triton.jit
 def fused_mlp_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, h_ptr, partial_ptr, counters_ptr,
+    w1_scale_ptr, w2_scale_ptr, smooth_ptr, absmax_ptr,
     M, D, F, M_BUCKET, NUM_PROGRAMS,
-    stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n, stride_ym,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACTIVATION: tl.constexpr,
-    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n, stride_ym, stride_w1s, stride_w2s,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACTIVATION: tl.constexpr, W8A8: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_F: tl.constexpr,
 ):  # fmt: skip
     # x [M, D]; W1 as [K = D, N = F] through (stride_w1k, stride_w1n), W2 as [K = F, N = D]
     # (either layout); h [M, F] contiguous, the workspace; counters: ready[row blocks],
-    # consumed[row blocks], then the split-K arrivals of each y tile.
+    # consumed[row blocks], then the split-K arrivals of each y tile. w8a8 (dynamic): int8
+    # weights with per-channel scales (w1_scale, w2_scale), x divided by smooth where
+    # HAS_SMOOTH; absmax [M] float32, each row's h absmax, zero between launches.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_f = tl.cdiv(F, BLOCK_F)
     num_pid_d = tl.cdiv(D, BLOCK_D)
@@ -116,9 +182,10 @@ def fused_mlp_kernel(
     for unit in range(tl.program_id(0), units, NUM_PROGRAMS):
         if unit < units1:
             # row-block-major: the first row block's h completes first
-            _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, unit // num_pid_f, unit % num_pid_f, M, D, F,
-                        stride_xm, stride_xk, stride_w1k, stride_w1n, HAS_B1, ACTIVATION, DOT_F32, INPUT_PRECISION,
-                        INTERPRETER, BLOCK_M, BLOCK_F, BLOCK_K)  # fmt: skip
+            _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr,
+                        unit // num_pid_f, unit % num_pid_f, M, D, F, stride_xm, stride_xk, stride_w1k, stride_w1n,
+                        stride_w1s, HAS_B1, ACTIVATION, W8A8, HAS_SMOOTH, DOT_F32, INPUT_PRECISION, INTERPRETER,
+                        BLOCK_M, BLOCK_F, BLOCK_K)  # fmt: skip
         else:
             # the shares of one y tile are consecutive units: they run at once, and the
             # last one's reads of the others' partials hit L2
@@ -134,33 +201,47 @@ def fused_mlp_kernel(
             ready = tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire")
             while ready < num_pid_f:
                 ready = tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire")
-            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            if W8A8:
+                # h's per-token scale; each K step of h is quantized with it as it is loaded
+                h_scale = _row_scale(tl.load(absmax_ptr + rows, cache_modifier=".cg"))
+                inv_h_scale = tl.math.div_rn(1.0, h_scale)
+                acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             k_first = share * k_per_split
             k_last = tl.minimum(k_first + k_per_split, k_tiles)
             for ki in range(k_first, k_last):
                 k_in = (ki * BLOCK_K + offs_k) < F
                 a = tl.load(h_ptr + rows[:, None] * F + (ki * BLOCK_K + offs_k)[None, :], mask=k_in[None, :],
                             other=0.0, cache_modifier=".cg")  # fmt: skip
+                if W8A8:
+                    a = round_to_int8(a.to(tl.float32) * inv_h_scale[:, None])
                 b = tl.load(w2_ptr + (ki * BLOCK_K + offs_k)[:, None] * stride_w2k + cols[None, :] * stride_w2n,
                             mask=k_in[:, None], other=0.0)  # fmt: skip
                 acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
-            # the last unit of the row block to have read h leaves both counters at zero
+            # The last unit of the row block to have read h (and its absmax) leaves the
+            # counters and the absmax at zero for the next launch; acq_rel orders every
+            # unit's reads before its count.
             tl.debug_barrier()
-            consumed = tl.atomic_add(consumed_ptr + pid_m, 1, sem="relaxed")
+            consumed = tl.atomic_add(consumed_ptr + pid_m, 1, sem="acq_rel")
             if consumed == num_pid_d * SPLIT_F - 1:
+                if W8A8:
+                    tl.store(absmax_ptr + offs_m, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=offs_m < M)
                 tl.atomic_xchg(ready_ptr + pid_m, 0, sem="relaxed")
                 tl.atomic_xchg(consumed_ptr + pid_m, 0, sem="relaxed")
             y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_d[None, :]
             y_mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+            last = True
+            total = acc
             if SPLIT_F > 1:
                 last, total, _ = _split_k_arrive(acc, acc, partial_ptr, arrivals_ptr, tile_id, share, SPLIT_F, False)
-                if last:
+            if last:
+                if W8A8:
+                    y = _w8a8_out(total, h_scale, offs_m, offs_d, M, D, w2_scale_ptr, stride_w2s, b2_ptr, HAS_B2,
+                                  "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+                else:
                     y = _epilogue(total, offs_m, offs_d, M, D, b2_ptr, None, None, None, 0, 0, False, 0, 0, HAS_B2,
                                   "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
-                    tl.store(y_ptrs, y, mask=y_mask)
-            else:
-                y = _epilogue(acc, offs_m, offs_d, M, D, b2_ptr, None, None, None, 0, 0, False, 0, 0, HAS_B2, "none",
-                              y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
                 tl.store(y_ptrs, y, mask=y_mask)
 
 
@@ -192,6 +273,16 @@ FUSED_CONFIGS = {
     128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8), _fcfg(64, 32, 64, 128, 8), _fcfg(64, 64, 64, 64, 4),
           _fcfg(128, 64, 64, 64, 2, warps=8)],
 }  # fmt: skip
+# w8a8: the int8 dot takes twice the K per byte, so the K steps are twice as deep (the
+# weight bytes a step keeps in flight stay those of the float tables).
+FUSED_W8A8_CONFIGS = {
+    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 128, 64, 256, 4), _fcfg(16, 32, 64, 256, 4),
+         _fcfg(16, 64, 64, 128, 8)],
+    32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(32, 64, 64, 128, 8), _fcfg(16, 64, 64, 256, 8)],
+    64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
+    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8),
+          _fcfg(128, 64, 64, 128, 2, warps=8)],
+}  # fmt: skip
 
 
 def fused_bucket(m: int) -> int:
@@ -204,31 +295,37 @@ def fused_bucket(m: int) -> int:
 _INTERPRETER_CONFIG = _fcfg(16, 32, 32, 32, 2, stages=1)
 
 
-def _configs_for(m: int) -> list[triton.Config]:
+def _configs_for(m: int, tables: dict) -> list[triton.Config]:
     if interpreting():
         return [_INTERPRETER_CONFIG]
-    configs = FUSED_CONFIGS[min(fused_bucket(m), max(FUSED_CONFIGS))]
+    configs = tables[min(fused_bucket(m), max(tables))]
     return configs if autotune_enabled() else configs[:1]
 
 
-def _prune(configs, named_args, **kwargs):
-    wanted = {_config_key(c) for c in _configs_for(named_args["M"])}
-    keep = [c for c in configs if _config_key(c) in wanted]
-    return keep or configs[:1]
+def _pruner(tables: dict):
+    def prune(configs, named_args, **kwargs):
+        wanted = {_config_key(c) for c in _configs_for(named_args["M"], tables)}
+        keep = [c for c in configs if _config_key(c) in wanted]
+        return keep or configs[:1]
+
+    return prune
 
 
-def _all_configs() -> list[triton.Config]:
+def _autotuned(tables: dict):
     if interpreting():
         # a second (never chosen) config makes the autotuner consult the pruner
-        return [_INTERPRETER_CONFIG, _fcfg(16, 32, 32, 32, 1, stages=1)]
-    return _unique(c for configs in FUSED_CONFIGS.values() for c in configs)
+        configs = [_INTERPRETER_CONFIG, _fcfg(16, 32, 32, 32, 1, stages=1)]
+    else:
+        configs = _unique(c for table in tables.values() for c in table)
+    return triton.autotune(
+        configs=configs,
+        key=["M_BUCKET", "D", "F", "stride_w1k", "stride_w2k"],
+        prune_configs_by={"early_config_prune": _pruner(tables)},
+    )(fused_mlp_kernel)
 
 
-_fused_mlp = triton.autotune(
-    configs=_all_configs(),
-    key=["M_BUCKET", "D", "F", "stride_w1k", "stride_w2k"],
-    prune_configs_by={"early_config_prune": _prune},
-)(fused_mlp_kernel)
+_fused_mlp = _autotuned(FUSED_CONFIGS)
+_fused_w8a8_mlp = _autotuned(FUSED_W8A8_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,33 +335,35 @@ _fused_mlp = triton.autotune(
 _workspaces: dict = {}
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_elems: int, counters: int):
-    """(h, fp32 partials, int32 counters) for one device and stream, grown as needed and
-    kept between launches: launches on one stream run in order, and each leaves the
-    counters at zero."""
+def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_elems: int, counters: int, rows: int):
+    """(h, fp32 partials, int32 counters, fp32 h absmax per row) for one device and stream,
+    grown as needed and kept between launches: launches on one stream run in order, and
+    each leaves the counters and the absmax at zero."""
     stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
     key = (device, stream, dtype)
-    h, partial, count = _workspaces.get(key, (None, None, None))
+    h, partial, count, absmax = _workspaces.get(key, (None, None, None, None))
     if h is None or h.numel() < h_elems:
         h = torch.empty(max(h_elems, 1 << 16), dtype=dtype, device=device)
     if partial is None or partial.numel() < partial_elems:
         partial = torch.empty(max(partial_elems, 1 << 16), dtype=torch.float32, device=device)
     if count is None or count.numel() < counters:
         count = torch.zeros(max(counters, 1024), dtype=torch.int32, device=device)
-    _workspaces[key] = (h, partial, count)
-    return h, partial, count
+    if absmax is None or absmax.numel() < rows:
+        absmax = torch.zeros(max(rows, 1024), dtype=torch.float32, device=device)
+    _workspaces[key] = (h, partial, count, absmax)
+    return h, partial, count, absmax
 
 
-def _sizes(m: int, d: int, f: int) -> tuple[int, int, int]:
-    """(h elements, partial elements, counters) for the largest layout any config of m's
-    bucket may take."""
+def _sizes(m: int, d: int, f: int, tables: dict) -> tuple[int, int, int, int]:
+    """(h elements, partial elements, counters, rows) for the largest layout any config of
+    m's bucket may take."""
     partial, counters = 0, 0
-    for c in _configs_for(m):
+    for c in _configs_for(m, tables):
         bm, bd, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["SPLIT_F"]
         tiles = triton.cdiv(m, bm) * triton.cdiv(d, bd)
         partial = max(partial, tiles * bm * bd * split)
         counters = max(counters, 2 * triton.cdiv(m, bm) + tiles)
-    return m * f, partial, counters
+    return m * f, partial, counters, m
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,6 +392,22 @@ def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     )
 
 
+def fused_w8a8_applies(m: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
+    """Whether the op runs a w8a8 `dynamic` MLP of m rows in this one launch: per-channel
+    weights of at most FUSED_W8A8_MAX_WEIGHT elements each, at most FUSED_W8A8_MAX_M rows
+    (FUSED_W8A8_SMALL_MAX_M for weights of at most FUSED_MAX_WEIGHT); not with
+    GELUGEMM_FUSED_MLP=0."""
+    largest = max(w1.data.numel(), w2.data.numel())
+    max_m = FUSED_W8A8_SMALL_MAX_M if largest <= FUSED_MAX_WEIGHT else FUSED_W8A8_MAX_M
+    return (
+        0 < m <= max_m
+        and largest <= FUSED_W8A8_MAX_WEIGHT
+        and w1.group_size is None
+        and w2.group_size is None
+        and fused_mlp_enabled()
+    )
+
+
 _plans: dict = {}
 
 
@@ -317,29 +432,89 @@ def fused_mlp(
     )  # fmt: skip
     plan = _plans.get(signature)
     if plan is None:
-        plan = _plan(x, w1, b1, w2, b2, activation, WeightLayout.parse(weight_layout), allow_tf32)
+        plan = _plan(x, w1, b1, w2, b2, activation, WeightLayout.parse(weight_layout), allow_tf32, None)
         _plans[signature] = plan
-    grid, scalars, constexprs, key, sizes, slot, d = plan
+    return _run(plan, x, w1, b1, w2, b2, None, None, None)
+
+
+def fused_w8a8_mlp(
+    x: torch.Tensor,
+    w1: QuantizedWeight,
+    b1: torch.Tensor | None,
+    w2: QuantizedWeight,
+    b2: torch.Tensor | None = None,
+    *,
+    activation: str = "erf",
+    weight_layout: str | WeightLayout = "out_in",
+) -> torch.Tensor:
+    """The w8a8 `dynamic` MLP in one launch, as kernels/w8a8.py's four launches compute it:
+    x quantized per token (divided by w1.smooth_scale first, where there is one), GEMM1 on
+    the int8 tensor cores with GELU, h rounded to x's dtype, h quantized per token over all
+    of d_ff, GEMM2. x [..., d_model] fp16, bf16 or fp32; w1, w2 QuantizedWeights with
+    per-channel scales (data [d_ff, d_model] and [d_model, d_ff], or [in, out] with
+    weight_layout="in_out"); float biases. Returns [..., d_model] in x's dtype."""
+    for name, w in (("w1", w1), ("w2", w2)):
+        if not isinstance(w, QuantizedWeight):
+            raise LaunchError(f"{name} must be a QuantizedWeight (int8 data and its scales), got {type(w).__name__}")
+    smooth = w1.smooth_scale
+    signature = (
+        x.shape, x.stride(), x.dtype, x.device, tensor_signature(w1.data), tensor_signature(w2.data),
+        tensor_signature(b1), tensor_signature(b2), activation, weight_layout, tensor_signature(w1.scale),
+        tensor_signature(w2.scale), tensor_signature(smooth), w1.group_size, w2.group_size, w2.smooth_scale is None,
+    )  # fmt: skip
+    plan = _plans.get(signature)
+    if plan is None:
+        plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, (w1, w2))
+        _plans[signature] = plan
+    return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, smooth)
+
+
+def _run(plan, x, w1, b1, w2, b2, w1_scale, w2_scale, smooth):
+    kernel, grid, scalars, constexprs, key, sizes, slot, d = plan
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view where strides allow
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     if x2.shape[0] == 0:
         return y
-    h, partial, counters = _workspace(x.device, x.dtype, *sizes)
-    args = (x2, w1, b1, w2, b2, y, h, partial, counters, *scalars)
-    launch(_fused_mlp, grid, args, constexprs, key, slot=slot)
+    h, partial, counters, absmax = _workspace(x.device, x.dtype, *sizes)
+    quantized = w1_scale is not None
+    args = (x2, w1, b1, w2, b2, y, h, partial, counters, w1_scale, w2_scale, smooth, absmax if quantized else None,
+            *scalars)  # fmt: skip
+    launch(kernel, grid, args, constexprs, key, slot=slot)
     return y
 
 
-def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32):
+def _check_scales(quantized, x, layout: WeightLayout) -> None:
+    # w8a8's weights: per-channel float32 scales, one per output channel, on x's device;
+    # a SmoothQuant scale on w1 only
+    w1, w2 = quantized
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w.group_size is not None:
+            raise LaunchError(f"w8a8 takes per-channel weight scales; {name} has {w.granularity}")
+        n = layout.kn_shape(w.data)[1]
+        if w.scale.dim() != 1 or w.scale.shape[0] != n or w.scale.device != x.device:
+            raise LaunchError(
+                f"{name} scale must be a float32 [{n}] vector on {x.device}, got {tuple(w.scale.shape)} on {w.scale.device}"
+            )
+    if w2.smooth_scale is not None:
+        raise LaunchError("a SmoothQuant smooth_scale applies to w8a8's GEMM1 input only (w1)")
+    s, d = w1.smooth_scale, x.shape[-1]
+    if s is not None and (s.shape != (d,) or s.dtype != torch.float32 or s.device != x.device or s.stride(0) != 1):
+        raise LaunchError(f"smooth_scale must be a contiguous float32 [{d}] vector on {x.device}")
+
+
+def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quantized):
     if activation not in GELU_FLAVOURS:
         raise LaunchError(f"activation must be one of {GELU_FLAVOURS}, got {activation!r}")
     if x.dtype not in FLOAT_DTYPES.values():
         raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {x.dtype}")
+    weight_dtype = x.dtype if quantized is None else torch.int8
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise LaunchError(f"{name} dtype {t.dtype} differs from input dtype {x.dtype}")
+        want = weight_dtype if name[0] == "w" else x.dtype
+        if t.dtype != want and not (quantized is not None and name[0] == "b" and t.dtype.is_floating_point):
+            what = "int8 data" if name[0] == "w" and quantized is not None else "input dtype"
+            raise LaunchError(f"{name} dtype {t.dtype} differs from {what} {want}")
         if t.device != x.device:
             raise LaunchError(f"{name} is on {t.device} but x is on {x.device}")
     for name, w in (("w1", w1), ("w2", w2)):
@@ -355,7 +530,9 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32):
     for name, b, n in (("b1", b1, f), ("b2", b2, d)):
         if b is not None and (b.dim() != 1 or b.shape[0] != n or b.stride(0) != 1):
             raise LaunchError(f"{name} must be a contiguous [{n}] vector, got shape {tuple(b.shape)}")
-    x2 = x if x.dim() == 2 else x.reshape(-1, d)  # as fused_mlp reshapes it
+    if quantized is not None:
+        _check_scales(quantized, x, layout)
+    x2 = x if x.dim() == 2 else x.reshape(-1, d)  # as _run reshapes it
     m = x2.shape[0]
     stride_xm, stride_xk = x2.stride()
     stride_w1k, stride_w1n = layout.kn_strides(w1)
@@ -373,11 +550,16 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32):
         HAS_B1=b1 is not None,
         HAS_B2=b2 is not None,
         ACTIVATION=activation,
-        DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+        W8A8=quantized is not None,
+        HAS_SMOOTH=quantized is not None and quantized[0].smooth_scale is not None,
+        DOT_F32=interpreting() and x.dtype == torch.bfloat16 and quantized is None,
         INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
         INTERPRETER=interpreting(),
     )
-    scalars = (m, d, f, fused_bucket(m), programs, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n, d)
+    scale_strides = (0, 0) if quantized is None else (quantized[0].scale.stride(0), quantized[1].scale.stride(0))
+    scalars = (m, d, f, fused_bucket(m), programs, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n,
+               d, *scale_strides)  # fmt: skip
     key = ("fused", x.dtype, m, d, f, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n,
-           activation, allow_tf32, b1 is not None, b2 is not None)  # fmt: skip
-    return grid, scalars, constexprs, key, _sizes(m, d, f), [None], d
+           activation, allow_tf32, b1 is not None, b2 is not None, *scale_strides, *constexprs.values())  # fmt: skip
+    tables, kernel = (FUSED_CONFIGS, _fused_mlp) if quantized is None else (FUSED_W8A8_CONFIGS, _fused_w8a8_mlp)
+    return kernel, grid, scalars, constexprs, key, _sizes(m, d, f, tables), [None], d

@@ -48,7 +48,7 @@ import torch
 
 from kernels import reference
 from kernels.errors import BackendUnavailable, LaunchError
-from kernels.fused_mlp import fused_mlp, fused_mlp_applies
+from kernels.fused_mlp import fused_mlp, fused_mlp_applies, fused_w8a8_applies, fused_w8a8_mlp
 from kernels.gemm import gemm_bias_act
 from kernels.gated import gate_and_up
 from kernels.gemm_base import triton_can_run
@@ -246,6 +246,9 @@ class FusedMLP:
             )
         # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
         if scheme.kind == "dynamic":
+            if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), w1, w2):
+                # the four launches below in one (kernels/fused_mlp.py): few rows, where host time rules
+                return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout)
             # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)
             xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
             h = w8a8_linear(xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype, **up)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, MAX_TIE_FLIPS, randn
 from kernels.quantized import QuantizedWeight
-from kernels.reference import as_out_in, gelu
+from kernels.reference import as_out_in, gelu, mlp_reference
 
 
 def quantize_weight(w: torch.Tensor, group_size: int | None = None, layout: str = "out_in") -> QuantizedWeight:
@@ -72,3 +72,14 @@ def int8_mlp(d, f, act_dtype, scheme, *, layout="out_in", group_size=None, smoot
         q1.smooth_scale = smooth_scale
         q1.input_scale, q1.output_scale = calibrate(x, q1, b1, gelu, smooth_scale, layout)
     return q1, b1, q2, b2
+
+
+def float64_mlp(x, q1, b1, q2, b2, gelu, layout):
+    """The exact MLP on the dequantized weights (x divided by the smoothing scale, which
+    W1 carries)."""
+    xs = x.double() if q1.smooth_scale is None else x.double() / q1.smooth_scale.double()
+    return mlp_reference(
+        xs, q1.dequantize(layout, torch.float64), None if b1 is None else b1.double(),
+        q2.dequantize(layout, torch.float64), None if b2 is None else b2.double(), gelu_flavour=gelu,
+        weight_layout=layout,
+    )  # fmt: skip

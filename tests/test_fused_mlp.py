@@ -1,5 +1,5 @@
-"""kernels/fused_mlp.py: the whole float MLP in one launch, against the torch reference and
-float64; its workspace left ready for the next launch; its checks."""
+"""kernels/fused_mlp.py: the whole MLP in one launch (float, and w8a8 `dynamic`), against the
+torch reference and float64; its workspace left ready for the next launch; its checks."""
 
 import math
 
@@ -7,11 +7,24 @@ import pytest
 import torch
 
 import kernels.fused_mlp as fused_module
-from conftest import DEVICE, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, randn, rel_err
+from conftest import DEVICE, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, randn, rel_err
 from kernels.errors import LaunchError
-from kernels.fused_mlp import FUSED_MAX_M, FUSED_MAX_WEIGHT, fused_mlp, fused_mlp_applies, fused_mlp_enabled
+from int8_helpers import float64_mlp, int8_mlp, quantize_weight
+from kernels.fused_mlp import (
+    FUSED_MAX_M,
+    FUSED_MAX_WEIGHT,
+    FUSED_W8A8_MAX_M,
+    FUSED_W8A8_MAX_WEIGHT,
+    FUSED_W8A8_SMALL_MAX_M,
+    fused_mlp,
+    fused_mlp_applies,
+    fused_mlp_enabled,
+    fused_w8a8_applies,
+    fused_w8a8_mlp,
+)
+from kernels.quantized import QuantizedWeight
 from kernels.op import FusedMLP, MLPConfig
-from kernels.reference import mlp_reference
+from kernels.reference import mlp_reference, w8a8_mlp_reference
 
 FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,7 +44,7 @@ def poison_workspace(dtype):
     # it is written) shows in the result. (Inference mode: a workspace an earlier test
     # allocated under it is an inference tensor, which only takes writes there.)
     with torch.inference_mode():
-        for (_, _, ws_dtype), (h, partial, _) in fused_module._workspaces.items():
+        for (_, _, ws_dtype), (h, partial, _, _) in fused_module._workspaces.items():
             if ws_dtype == dtype:
                 h.fill_(float("nan"))
                 partial.fill_(float("nan"))
@@ -94,9 +107,14 @@ def test_back_to_back_launches_each_see_only_their_own_input():
     w1, b1, w2, b2 = weights(48, 80, torch.float16)
     for m in (21, 21, 5, 37, 21):
         check(randn(m, 48, dtype=torch.float16), w1, b1, w2, b2)
-    for (_, _, dtype), (_, _, counters) in fused_module._workspaces.items():
-        if dtype == torch.float16:
+    assert_workspace_at_rest(torch.float16)
+
+
+def assert_workspace_at_rest(dtype):
+    for (_, _, ws_dtype), (_, _, counters, absmax) in fused_module._workspaces.items():
+        if ws_dtype == dtype:
             assert int(counters.abs().sum()) == 0
+            assert float(absmax.abs().sum()) == 0.0
 
 
 def test_zero_rows_give_an_empty_result():
@@ -193,6 +211,143 @@ def test_op_runs_the_fused_launch_and_matches_the_reference(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# w8a8 `dynamic` in one launch: the four launches' arithmetic (kernels/w8a8.py)
+# ---------------------------------------------------------------------------------------
+
+
+def check_w8a8(x, q1, b1, q2, b2, gelu="erf", layout="out_in"):
+    y = fused_w8a8_mlp(x, q1, b1, q2, b2, activation=gelu, weight_layout=layout)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    ref = w8a8_mlp_reference(x, q1, b1, q2, b2, gelu_flavour=gelu, weight_layout=layout, activations="dynamic")
+    assert rel_err(y, ref) < TOL_VS_REFERENCE[x.dtype]
+    assert rel_err(y, float64_mlp(x, q1, b1, q2, b2, gelu, layout)) < TOL_W8A8_VS_FLOAT64
+    return y
+
+
+@pytest.mark.parametrize("dtype", list(FLOAT))
+@pytest.mark.parametrize("m,d,f", SHAPES)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_fused_w8a8_matches_the_reference_and_float64(dtype, m, d, f, smooth):
+    torch.manual_seed(m * 1000 + d + f + smooth)
+    tdtype = FLOAT[dtype]
+    q1, b1, q2, b2 = int8_mlp(d, f, tdtype, "w8a8", x=randn(m, d, dtype=tdtype), smooth=smooth)
+    fused_w8a8_mlp(randn(m, d, dtype=tdtype), q1, b1, q2, b2)  # sizes the workspace, to poison it
+    poison_workspace(tdtype)
+    check_w8a8(randn(m, d, dtype=tdtype), q1, b1, q2, b2)
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh", "quick"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias2", [True, False])
+def test_fused_w8a8_every_gelu_layout_and_bias(gelu, layout, bias2):
+    torch.manual_seed(8)
+    x = randn(3, 7, 40, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(40, 96, torch.float16, "w8a8", x=x, layout=layout, gelu=gelu, bias2=bias2)
+    check_w8a8(x, q1, b1, q2, b2, gelu=gelu, layout=layout)
+    check_w8a8(x, q1, None, q2, b2, gelu=gelu, layout=layout)
+
+
+def test_fused_w8a8_rows_of_very_different_size_get_their_own_scales():
+    # per-token scales: a row 1000x larger must not flatten the others to zero
+    torch.manual_seed(9)
+    x = randn(6, 48, dtype=torch.float16)
+    x[2] *= 1000
+    x[4] = 0  # an all-zero row: its scale floors at SCALE_EPS, its GEMM1 output is the bias
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    y = check_w8a8(x, q1, b1, q2, b2)
+    for row in (0, 1, 3, 4, 5):
+        assert rel_err(y[row], float64_mlp(x[row : row + 1], q1, b1, q2, b2, "erf", "out_in")[0]) < TOL_W8A8_VS_FLOAT64
+
+
+def test_fused_w8a8_takes_strided_rows():
+    torch.manual_seed(10)
+    x = randn(20, 80, dtype=torch.bfloat16)[:, ::2]  # strides (80, 2)
+    q1, b1, q2, b2 = int8_mlp(40, 64, torch.bfloat16, "w8a8", x=x, smooth=True)
+    check_w8a8(x, q1, b1, q2, b2)
+
+
+def test_fused_w8a8_back_to_back_launches_leave_the_workspace_at_rest():
+    # each launch's h absmax must start from zero: a stale one would shrink the next
+    # input's h to a few int8 levels
+    torch.manual_seed(11)
+    x = randn(37, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    for m, scale in ((21, 100.0), (21, 1.0), (5, 1.0), (37, 0.01), (21, 1.0)):
+        check_w8a8(randn(m, 48, dtype=torch.float16, scale=scale), q1, b1, q2, b2)
+    assert_workspace_at_rest(torch.float16)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("float_weight", "w1 must be a QuantizedWeight"),
+        ("group_weight", "w8a8 takes per-channel weight scales; w2 has group:32"),
+        ("w2_smooth", "smooth_scale applies to w8a8's GEMM1 input only"),
+        ("smooth_shape", r"smooth_scale must be a contiguous float32 \[48\] vector"),
+        ("scale_shape", r"w1 scale must be a float32 \[80\] vector"),
+        ("w2_shape", "w2 must map d_ff=80 to d_model=48"),
+        ("int8_input", "input dtype must be fp16, bf16 or fp32"),
+    ],
+)
+def test_fused_w8a8_rejects_bad_operands(case, message):
+    x = randn(4, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    if case == "float_weight":
+        q1 = q1.dequantize()
+    elif case == "group_weight":
+        q2 = quantize_weight(q2.dequantize(), group_size=32)
+    elif case == "w2_smooth":
+        q2.smooth_scale = torch.ones(80, device=DEVICE)
+    elif case == "smooth_shape":
+        q1.smooth_scale = torch.ones(40, device=DEVICE)
+    elif case == "scale_shape":
+        q1 = QuantizedWeight(q1.data, q1.scale[:40])
+    elif case == "w2_shape":
+        q2 = QuantizedWeight(q2.data[:, :64], q2.scale)
+    elif case == "int8_input":
+        x = x.to(torch.int8)
+    with pytest.raises(LaunchError, match=message):
+        fused_w8a8_mlp(x, q1, b1, q2, b2)
+
+
+def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
+    def qw(n, k, group_size=None):
+        return QuantizedWeight(torch.empty(n, k, dtype=torch.int8), torch.empty(n), group_size)
+
+    small, large, larger = qw(3072, 768), qw(16384, 4096), qw(16384, 8192)
+    assert fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M, small, small)
+    assert not fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M + 1, small, small)
+    assert fused_w8a8_applies(1, large, large) and fused_w8a8_applies(FUSED_W8A8_MAX_M, large, large)
+    assert not fused_w8a8_applies(FUSED_W8A8_MAX_M + 1, large, large)
+    assert not fused_w8a8_applies(1, larger, larger)
+    assert not fused_w8a8_applies(1, qw(3072, 768, 128), small)
+    assert small.data.numel() <= FUSED_MAX_WEIGHT < large.data.numel() <= FUSED_W8A8_MAX_WEIGHT < larger.data.numel()
+
+
+def test_the_op_runs_w8a8_dynamic_in_one_launch_with_the_four_launches_answer(monkeypatch):
+    import kernels.op as op_module
+
+    calls = []
+    real = fused_module.fused_w8a8_mlp
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    torch.manual_seed(12)
+    x = randn(2, 5, 48, dtype=torch.float16)
+    weights = int8_mlp(48, 80, torch.float16, "w8a8", x=x, smooth=True)
+    op = FusedMLP(MLPConfig(dtype="w8a8", activations="dynamic", backend="triton"), device=DEVICE)
+    monkeypatch.setattr(op_module, "fused_w8a8_mlp", spy)
+    y = op(x, *weights)
+    assert calls == [x.shape]
+    monkeypatch.setattr(op_module, "fused_w8a8_applies", lambda *args: False)
+    y_four = op(x, *weights)
+    assert calls == [x.shape]
+    assert rel_err(y, y_four) < TOL_VS_REFERENCE[torch.float16]
+
+
+# ---------------------------------------------------------------------------------------
 # GPU: the sizes the fused launch is for
 # ---------------------------------------------------------------------------------------
 
@@ -209,3 +364,21 @@ def test_fused_mlp_real_sizes(dtype, d, f, m):
     poison_workspace(tdtype)
     for _ in range(3):  # a fresh input each launch: counters and partials reused
         check(randn(m, d, dtype=tdtype), w1, b1, w2, b2, gelu="tanh")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "d,f,m",
+    [(768, 3072, 1), (768, 3072, 16), (768, 3072, 64), (768, 3072, 128), (384, 1536, 33), (1024, 4096, 100),
+     (4096, 16384, 1), (4096, 16384, 16)],
+)  # fmt: skip
+def test_fused_w8a8_real_sizes(dtype, d, f, m):
+    torch.manual_seed(m + d + 1)
+    tdtype = FLOAT[dtype]
+    q1, b1, q2, b2 = int8_mlp(d, f, tdtype, "w8a8", x=randn(m, d, dtype=tdtype), smooth=True)
+    fused_w8a8_mlp(randn(m, d, dtype=tdtype), q1, b1, q2, b2)
+    poison_workspace(tdtype)
+    for _ in range(3):  # a fresh input each launch: counters, partials and absmax reused
+        check_w8a8(randn(m, d, dtype=tdtype), q1, b1, q2, b2, gelu="tanh")
+    assert_workspace_at_rest(tdtype)
