@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -205,6 +205,24 @@ PY
       done
       summary+=("fused: see fused-graph.txt, fused-calls.txt, host-cost.txt; the probe, us:")
       while read -r line; do summary+=("  $line"); done <"$OUT/fused-probe.txt"
+      ;;
+    fused-w8a8)
+      # Issue 16's w8a8 host cost: the one-launch w8a8 `dynamic` MLP (kernels/fused_mlp.py's
+      # fused_w8a8_mlp) on the GPU tests, the probe against its four launches and fp16 eager
+      # (graph and calls), then the op through `gelugemm bench` in both modes.
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused_mlp.py -k w8a8 >"$OUT/fused-w8a8-tests.log" 2>&1 \
+        || status=1
+      summary+=("fused-w8a8 tests: $(tail -n 1 "$OUT/fused-w8a8-tests.log")")
+      python3 bench/probe_fused.py --dtype w8a8 --shapes 768x3072,4096x16384 --tokens 1,16,32,64,128 \
+        >"$OUT/fused-w8a8-probe.txt" 2>&1 || status=1
+      for mode in --cuda-graph ""; do
+        gg bench $mode --shape 4096,16384 --dtype w8a8 --activations dynamic --tokens 1,16 --peers eager \
+          >>"$OUT/fused-w8a8-host-cost.txt" 2>&1 || status=1
+        gg bench $mode --shape 768,3072 --dtype w8a8 --activations dynamic --tokens 1,16,64,128 --peers eager \
+          >>"$OUT/fused-w8a8-768.txt" 2>&1 || status=1
+      done
+      summary+=("fused-w8a8: see fused-w8a8-host-cost.txt, fused-w8a8-768.txt; the probe, us:")
+      while read -r line; do summary+=("  $line"); done <"$OUT/fused-w8a8-probe.txt"
       ;;
     tp)
       # Issue 18 on every GPU of this host (two or more): BLOOM-176B's MLP split across them
