@@ -246,8 +246,11 @@ class FusedMLP:
             )
         # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
         if scheme.kind == "dynamic":
-            if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), w1, w2):
-                # the four launches below in one (kernels/fused_mlp.py): few rows, where host time rules
+            m = x.numel() // max(x.shape[-1], 1)
+            capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not cfg.gated and fused_w8a8_applies(m, w1, w2, capturing):
+                # the four launches below in one (kernels/fused_mlp.py): few rows, where host time
+                # rules (in a CUDA graph, only where the one launch is as fast on the GPU)
                 return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout)
             # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)
             xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
