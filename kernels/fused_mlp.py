@@ -66,19 +66,18 @@ from kernels.schemes import FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
 FUSED_MAX_WEIGHT = 1 << 22
 FUSED_MAX_M = 128
 # w8a8 `dynamic` (fused_w8a8_mlp): its four launches (quantize x, GEMM1, quantize h, GEMM2)
-# cost more host time than a decode step's GPU time even at 4096x16384, but at 4096x16384 the
-# four take less GPU time than the one (TMA and tuned split-K against pointer loads). So the
-# op takes the one launch for calls from Python, and the four when a CUDA graph is being
-# captured (host time is then paid once), except where the one is as fast on the GPU too.
-# H200 (bench/probe_fused.py --dtype w8a8, bench/RESULTS.md section 17), us, graph | calls:
-# 768x3072 M=1-32: one 15.6-21.1, four 16.0-23.7 | one 42-69, four 128-139; M=64, 128: one
-# 24.8, 40.0, four 23.9, 23.1 | one 77, 45, four 258, 132. 4096x16384 M=1, 16: one 77, 75,
-# four 59, 60 | one 79, 77, four 139, 226; M=32-128: one 149-214, four 84-85 | one 150-217,
-# four 218-237.
+# cost more host time than a decode step's GPU time even at 4096x16384. On small models the
+# one launch is as fast on the GPU up to 64 rows, and the op takes it; above FUSED_MAX_WEIGHT
+# the four take less GPU time (TMA and tuned split-K against pointer loads), so the op takes
+# the one launch for calls from Python and the four when a CUDA graph is being captured (host
+# time is then paid once). H200 (bench/probe_fused.py --dtype w8a8, bench/RESULTS.md section
+# 17), us, graph | calls: 768x3072 M=1-32: one 15.6-21.1, four 16.0-23.7 | one 42-69, four
+# 128-139; M=64: one 24.8, four 23.9 | one 77, four 258; M=128: one 40.0, four 23.1.
+# 4096x16384 M=1, 16: one 77, 75, four 59, 60 | one 79, 77, four 139, 226; M=32, 64: one
+# 157, 149, four 85 | one 158, 150, four 228, 237; M=128: one 217, four 218 (calls).
 FUSED_W8A8_MAX_WEIGHT = 1 << 26  # weights of 4096x16384 and smaller
-FUSED_W8A8_SMALL_MAX_M = 128  # calls, weights of at most FUSED_MAX_WEIGHT elements
-FUSED_W8A8_MAX_M = 64  # calls, larger weights
-FUSED_W8A8_GRAPH_MAX_M = 32  # graph capture, weights of at most FUSED_MAX_WEIGHT elements (never larger ones)
+FUSED_W8A8_SMALL_MAX_M = 64  # weights of at most FUSED_MAX_WEIGHT elements, graph or not
+FUSED_W8A8_MAX_M = 64  # larger weights, calls from Python only
 
 
 @triton.jit
@@ -404,16 +403,15 @@ def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 def fused_w8a8_applies(m: int, w1: QuantizedWeight, w2: QuantizedWeight, capturing: bool = False) -> bool:
     """Whether the op runs a w8a8 `dynamic` MLP of m rows in this one launch: per-channel
-    weights of at most FUSED_W8A8_MAX_WEIGHT elements each and few rows (the bounds above:
-    FUSED_W8A8_SMALL_MAX_M rows for weights of at most FUSED_MAX_WEIGHT, FUSED_W8A8_MAX_M for
-    larger ones; capturing a CUDA graph, FUSED_W8A8_GRAPH_MAX_M for small weights only);
-    not with GELUGEMM_FUSED_MLP=0."""
+    weights and few rows (the bounds above: up to FUSED_W8A8_SMALL_MAX_M rows for weights of
+    at most FUSED_MAX_WEIGHT elements; up to FUSED_W8A8_MAX_M for weights of at most
+    FUSED_W8A8_MAX_WEIGHT, unless a CUDA graph is being captured); not with
+    GELUGEMM_FUSED_MLP=0."""
     largest = max(w1.data.numel(), w2.data.numel())
-    small = largest <= FUSED_MAX_WEIGHT
-    if capturing:
-        max_m = FUSED_W8A8_GRAPH_MAX_M if small else 0
+    if largest <= FUSED_MAX_WEIGHT:
+        max_m = FUSED_W8A8_SMALL_MAX_M
     else:
-        max_m = FUSED_W8A8_SMALL_MAX_M if small else FUSED_W8A8_MAX_M
+        max_m = 0 if capturing else FUSED_W8A8_MAX_M
     return (
         0 < m <= max_m
         and largest <= FUSED_W8A8_MAX_WEIGHT
