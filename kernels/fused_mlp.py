@@ -66,18 +66,14 @@ from kernels.schemes import FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
 FUSED_MAX_WEIGHT = 1 << 22
 FUSED_MAX_M = 128
 # w8a8 `dynamic` (fused_w8a8_mlp): its four launches (quantize x, GEMM1, quantize h, GEMM2)
-# cost more host time than a decode step's GPU time even at 4096x16384. On small models the
-# one launch is as fast on the GPU up to 64 rows, and the op takes it; above FUSED_MAX_WEIGHT
-# the four take less GPU time (TMA and tuned split-K against pointer loads), so the op takes
-# the one launch for calls from Python and the four when a CUDA graph is being captured (host
-# time is then paid once). H200 (bench/probe_fused.py --dtype w8a8, bench/RESULTS.md section
-# 17), us, graph | calls: 768x3072 M=1-32: one 15.6-21.1, four 16.0-23.7 | one 42-69, four
-# 128-139; M=64: one 24.8, four 23.9 | one 77, four 258; M=128: one 40.0, four 23.1.
-# 4096x16384 M=1, 16: one 77, 75, four 59, 60 | one 79, 77, four 139, 226; M=32, 64: one
-# 157, 149, four 85 | one 158, 150, four 228, 237; M=128: one 217, four 218 (calls).
+# cost more host time than a decode step's GPU time even at 4096x16384; the one launch is
+# as fast on the GPU up to 16 rows there and up to 128 on small models. H200, us, graph
+# (bench/probe_fused.py --dtype w8a8, bench/RESULTS.md section 17): 4096x16384 M=1, 16: one
+# 60.0, 57.6, four 61.0, 61.6; M=32-128: one 147-208, four 59-71. 768x3072 M=1-128: one
+# 14.3-23.4, four 17.2-27.2.
 FUSED_W8A8_MAX_WEIGHT = 1 << 26  # weights of 4096x16384 and smaller
-FUSED_W8A8_SMALL_MAX_M = 64  # weights of at most FUSED_MAX_WEIGHT elements, graph or not
-FUSED_W8A8_MAX_M = 64  # larger weights, calls from Python only
+FUSED_W8A8_MAX_M = 16  # weights of more than FUSED_MAX_WEIGHT elements
+FUSED_W8A8_SMALL_MAX_M = 128  # weights of at most FUSED_MAX_WEIGHT elements
 
 
 @triton.jit
@@ -282,15 +278,16 @@ FUSED_CONFIGS = {
           _fcfg(128, 64, 64, 64, 2, warps=8)],
 }  # fmt: skip
 # w8a8: the int8 dot takes twice the K per byte, so the K steps are twice as deep (the
-# weight bytes a step keeps in flight stay those of the float tables).
+# weight bytes a step keeps in flight stay those of the float tables). At 4096x16384 the
+# 128-wide GEMM2 tiles (32 of them, split 4 ways) led: 60 us at M=1 where 64-wide ones ran
+# 77; 5 stages, 8 warps, 32-wide GEMM1 tiles and 128-deep K steps were never chosen at up to
+# 16 rows (dropped). A 128-row GEMM1 tile (8 warps, GEMM2 split 2 ways) ran 40 us at
+# 768x3072, M=128, against 23 for 64-row tiles: dropped.
 FUSED_W8A8_CONFIGS = {
-    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 128, 64, 256, 4), _fcfg(16, 32, 64, 256, 4),
-         _fcfg(16, 64, 64, 128, 8), _fcfg(16, 128, 64, 256, 4, stages=5), _fcfg(16, 128, 128, 256, 4),
-         _fcfg(16, 128, 64, 256, 4, warps=8)],
+    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 128, 64, 256, 4), _fcfg(16, 128, 128, 256, 4)],
     32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(32, 64, 64, 128, 8), _fcfg(16, 64, 64, 256, 8)],
     64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
-    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8),
-          _fcfg(128, 64, 64, 128, 2, warps=8)],
+    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
 }  # fmt: skip
 
 
@@ -401,17 +398,13 @@ def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     )
 
 
-def fused_w8a8_applies(m: int, w1: QuantizedWeight, w2: QuantizedWeight, capturing: bool = False) -> bool:
+def fused_w8a8_applies(m: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
     """Whether the op runs a w8a8 `dynamic` MLP of m rows in this one launch: per-channel
-    weights and few rows (the bounds above: up to FUSED_W8A8_SMALL_MAX_M rows for weights of
-    at most FUSED_MAX_WEIGHT elements; up to FUSED_W8A8_MAX_M for weights of at most
-    FUSED_W8A8_MAX_WEIGHT, unless a CUDA graph is being captured); not with
+    weights of at most FUSED_W8A8_MAX_WEIGHT elements each, at most FUSED_W8A8_MAX_M rows
+    (FUSED_W8A8_SMALL_MAX_M for weights of at most FUSED_MAX_WEIGHT); not with
     GELUGEMM_FUSED_MLP=0."""
     largest = max(w1.data.numel(), w2.data.numel())
-    if largest <= FUSED_MAX_WEIGHT:
-        max_m = FUSED_W8A8_SMALL_MAX_M
-    else:
-        max_m = 0 if capturing else FUSED_W8A8_MAX_M
+    max_m = FUSED_W8A8_SMALL_MAX_M if largest <= FUSED_MAX_WEIGHT else FUSED_W8A8_MAX_M
     return (
         0 < m <= max_m
         and largest <= FUSED_W8A8_MAX_WEIGHT

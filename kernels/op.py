@@ -51,7 +51,7 @@ from kernels.errors import BackendUnavailable, LaunchError
 from kernels.fused_mlp import fused_mlp, fused_mlp_applies, fused_w8a8_applies, fused_w8a8_mlp
 from kernels.gemm import gemm_bias_act
 from kernels.gated import gate_and_up
-from kernels.gemm_base import tensor_signature, triton_can_run
+from kernels.gemm_base import triton_can_run
 from kernels.int8_gemm import check_weight_scales
 from kernels.quantized import QuantizedWeight
 from kernels.schemes import (
@@ -148,7 +148,6 @@ class FusedMLP:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.backend, self.backend_reason = choose_backend(self.config, self.device)
-        self._warmed: set = set()  # see _warm_w8a8_launches
 
     def __repr__(self) -> str:
         return f"FusedMLP({self.config}, device={self.device}, backend={self.backend!r})"
@@ -247,14 +246,14 @@ class FusedMLP:
             )
         # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
         if scheme.kind == "dynamic":
-            m = x.numel() // max(x.shape[-1], 1)
-            capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-            if not cfg.gated and fused_w8a8_applies(m, w1, w2, capturing):
-                # the four launches in one (kernels/fused_mlp.py): few rows, where host time rules
-                if not capturing and not fused_w8a8_applies(m, w1, w2, True):
-                    self._warm_w8a8_launches(x, w1, b1, w2, b2)
+            if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), w1, w2):
+                # the four launches below in one (kernels/fused_mlp.py): few rows, where host time rules
                 return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout)
-            return self._w8a8_dynamic(x, gate, b_gate, w2, b2, up)
+            # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)
+            xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
+            h = w8a8_linear(xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype, **up)
+            hq, h_scale = quantize_activations(h)
+            return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
         if scheme.kind == "group":
             g = scheme.group_size
             xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale, group_size=g)
@@ -269,25 +268,5 @@ class FusedMLP:
             xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, output_scale=gate.output_scale, **up
         )
         return w8a8_linear(h, gate.output_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
-
-    def _w8a8_dynamic(self, x, gate, b_gate, w2, b2, up):
-        """w8a8 `dynamic` in four launches; h at 16 bits between GEMM1 and its per-row
-        quantization (kernels/w8a8.py says why)."""
-        cfg, layout = self.config, self.config.weight_layout
-        xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
-        h = w8a8_linear(xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype, **up)
-        hq, h_scale = quantize_activations(h)
-        return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
-
-    def _warm_w8a8_launches(self, x, w1, b1, w2, b2) -> None:
-        """Run the four w8a8 launches once per call signature that Python calls take in one
-        launch but a CUDA-graph capture takes in four (kernels/fused_mlp.py's bounds): a graph
-        captured after warm-up calls then finds them compiled and tuned, as it must (tuning
-        cannot run inside a capture)."""
-        signature = (x.shape, x.stride(), x.dtype, x.device, tensor_signature(w1.data), tensor_signature(w2.data),
-                     tensor_signature(b1), tensor_signature(b2), self.config.gelu)  # fmt: skip
-        if signature not in self._warmed:
-            self._w8a8_dynamic(x, w1, b1, w2, b2, {})
-            self._warmed.add(signature)
 
     __call__ = forward

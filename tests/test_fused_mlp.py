@@ -321,9 +321,6 @@ def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
     assert not fused_w8a8_applies(FUSED_W8A8_MAX_M + 1, large, large)
     assert not fused_w8a8_applies(1, larger, larger)
     assert not fused_w8a8_applies(1, qw(3072, 768, 128), small)
-    # capturing a CUDA graph: only where the one launch is as fast on the GPU as the four
-    assert fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M, small, small, capturing=True)
-    assert not fused_w8a8_applies(1, large, large, capturing=True)
     assert small.data.numel() <= FUSED_MAX_WEIGHT < large.data.numel() <= FUSED_W8A8_MAX_WEIGHT < larger.data.numel()
 
 
@@ -348,28 +345,6 @@ def test_the_op_runs_w8a8_dynamic_in_one_launch_with_the_four_launches_answer(mo
     y_four = op(x, *weights)
     assert calls == [x.shape]
     assert rel_err(y, y_four) < TOL_VS_REFERENCE[torch.float16]
-
-
-def test_the_first_one_launch_call_above_the_small_weights_warms_the_four_launches(monkeypatch):
-    # a graph captured later takes the four launches there; tuning cannot run inside a capture
-    import kernels.op as op_module
-
-    monkeypatch.setattr(fused_module, "FUSED_MAX_WEIGHT", 1000)  # 48x80 weights count as large
-    one, four = [], []
-    real_one, real_four = fused_module.fused_w8a8_mlp, FusedMLP._w8a8_dynamic
-    monkeypatch.setattr(op_module, "fused_w8a8_mlp", lambda *a, **kw: one.append(1) or real_one(*a, **kw))
-    monkeypatch.setattr(FusedMLP, "_w8a8_dynamic", lambda *a, **kw: four.append(1) or real_four(*a, **kw))
-    torch.manual_seed(14)
-    x = randn(5, 48, dtype=torch.float16)
-    weights = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
-    op = FusedMLP(MLPConfig(dtype="w8a8", activations="dynamic", backend="triton"), device=DEVICE)
-    y = op(x, *weights)
-    assert (one, four) == ([1], [1])
-    op(randn(5, 48, dtype=torch.float16), *weights)  # the same signature: warmed already
-    assert (one, four) == ([1, 1], [1])
-    op(randn(7, 48, dtype=torch.float16), *weights)  # a new one
-    assert (one, four) == ([1, 1, 1], [1, 1])
-    assert rel_err(y, w8a8_mlp_reference(x, *weights, activations="dynamic")) < TOL_VS_REFERENCE[torch.float16]
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,41 +382,3 @@ def test_fused_w8a8_real_sizes(dtype, d, f, m):
     for _ in range(3):  # a fresh input each launch: counters, partials and absmax reused
         check_w8a8(randn(m, d, dtype=tdtype), q1, b1, q2, b2, gelu="tanh")
     assert_workspace_at_rest(tdtype)
-
-
-@pytest.mark.gpu
-def test_a_graph_captured_after_warm_up_runs_the_four_w8a8_launches_above_the_small_weights():
-    # above FUSED_MAX_WEIGHT, calls from Python take the one launch and a capture the four
-    # (faster on the GPU); the warm-up call tuned the four, so the capture succeeds, and its
-    # replays give the reference's answer
-    import kernels.op as op_module
-
-    torch.manual_seed(13)
-    d, f = 2048, 4096  # 2^23 elements a weight: above FUSED_MAX_WEIGHT
-    x = randn(8, d, dtype=torch.float16)
-    q1, b1, q2, b2 = int8_mlp(d, f, torch.float16, "w8a8", x=x)
-    op = FusedMLP(MLPConfig(dtype="w8a8", activations="dynamic", backend="triton"), device=DEVICE)
-    calls = []
-    real = fused_module.fused_w8a8_mlp
-    mp = pytest.MonkeyPatch()
-    mp.setattr(op_module, "fused_w8a8_mlp", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            op(x, q1, b1, q2, b2)  # the user's warm-up
-        torch.cuda.current_stream().wait_stream(side)
-        assert calls == [1]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_graph = op(x, q1, b1, q2, b2)
-        assert calls == [1]  # the capture took the four launches
-    finally:
-        mp.undo()
-    for _ in range(2):
-        x.copy_(randn(8, d, dtype=torch.float16))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = w8a8_mlp_reference(x, q1, b1, q2, b2, activations="dynamic")
-        assert rel_err(y_graph, ref) < TOL_VS_REFERENCE[torch.float16]
-        assert rel_err(op(x, q1, b1, q2, b2), ref) < TOL_VS_REFERENCE[torch.float16]
