@@ -210,12 +210,14 @@ PY
       # Issue 16's w8a8 host cost: the one-launch w8a8 `dynamic` MLP (kernels/fused_mlp.py's
       # fused_w8a8_mlp) on the GPU tests, the probe against its four launches and fp16 eager
       # (graph and calls), then the op through `gelugemm bench` in both modes.
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused_mlp.py tests/test_cuda_graph.py -k "w8a8 or int8_op" \
-        >"$OUT/fused-w8a8-tests.log" 2>&1 \
-        || status=1
-      summary+=("fused-w8a8 tests: $(tail -n 1 "$OUT/fused-w8a8-tests.log")")
-      python3 bench/probe_fused.py --dtype w8a8 --shapes 768x3072,4096x16384 --tokens 1,16,32,64,128 \
+      python3 -m pytest -q -rf -p no:cacheprovider -n 8 -m gpu tests/test_fused_mlp.py tests/test_cuda_graph.py \
+        >"$OUT/fused-w8a8-tests.log" 2>&1 || status=1
+      summary+=("fused-w8a8 tests (with the float one-launch and CUDA-graph tests): $(tail -n 1 "$OUT/fused-w8a8-tests.log")")
+      while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/fused-w8a8-tests.log")
+      python3 bench/probe_fused.py --dtype w8a8 --shapes 768x3072 --tokens 1,16,32,64,128 \
         >"$OUT/fused-w8a8-probe.txt" 2>&1 || status=1
+      python3 bench/probe_fused.py --dtype w8a8 --shapes 4096x16384 --tokens 1,16 | tail -n +2 \
+        >>"$OUT/fused-w8a8-probe.txt" 2>&1 || status=1
       for mode in --cuda-graph ""; do
         gg bench $mode --shape 4096,16384 --dtype w8a8 --activations dynamic --tokens 1,16 --peers eager \
           >>"$OUT/fused-w8a8-host-cost.txt" 2>&1 || status=1
