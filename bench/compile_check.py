@@ -298,7 +298,7 @@ def fused_cases():
         cx = {**base, **absent, "ACTIVATION": act, "HAS_B2": b2}
         yield kernel, types(dt), cx, configs[0], f"fused {dt} {act} b2={b2}"
     w8a8 = {**base, "W8A8": True, "HAS_SMOOTH": True}
-    w8a8_configs = unique(fused_mlp.FUSED_W8A8_CONFIGS)
+    w8a8_configs = unique(fused_mlp.FUSED_W8A8_CONFIGS) + unique(fused_mlp.FUSED_W8A8_LARGE_CONFIGS)
     for config in w8a8_configs:
         yield w8a8_kernel, types("fp16", True), w8a8, config, "fused w8a8 fp16 erf smooth"
     types_bf16 = {k: v for k, v in types("bf16", True).items() if k != "smooth_ptr"}

@@ -278,17 +278,24 @@ FUSED_CONFIGS = {
           _fcfg(128, 64, 64, 64, 2, warps=8)],
 }  # fmt: skip
 # w8a8: the int8 dot takes twice the K per byte, so the K steps are twice as deep (the
-# weight bytes a step keeps in flight stay those of the float tables). At 4096x16384 the
-# 128-wide GEMM2 tiles (32 of them, split 4 ways) led: 60 us at M=1 where 64-wide ones ran
-# 77; 5 stages, 8 warps, 32-wide GEMM1 tiles and 128-deep K steps were never chosen at up to
-# 16 rows (dropped). A 128-row GEMM1 tile (8 warps, GEMM2 split 2 ways) ran 40 us at
-# 768x3072, M=128, against 23 for 64-row tiles: dropped.
+# weight bytes a step keeps in flight stay those of the float tables). 5 stages, 8 warps,
+# 32-wide GEMM1 tiles and 128-deep K steps were never chosen at up to 16 rows (dropped). A
+# 128-row GEMM1 tile (8 warps, GEMM2 split 2 ways) ran 40 us at 768x3072, M=128, against 23
+# for 64-row tiles: dropped.
 FUSED_W8A8_CONFIGS = {
-    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 128, 64, 256, 4), _fcfg(16, 128, 128, 256, 4)],
+    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4)],
     32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(32, 64, 64, 128, 8), _fcfg(16, 64, 64, 256, 8)],
     64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
     128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
 }  # fmt: skip
+
+
+# w8a8 above FUSED_MAX_WEIGHT elements a weight (the op runs it up to 16 rows there): one
+# config. At 4096x16384, M=1 and 16, 128-wide GEMM2 tiles (32 of them, split 4 ways) ran
+# 57.2-60.0 us in two runs of bench/probe_fused.py, where the 64-wide ones ran 74.9-77.2;
+# `gelugemm bench`, tuning among both in its own process, ran 75-79 us in that run: the
+# autotuner's choice there is not to be trusted.
+FUSED_W8A8_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
 
 
 def fused_bucket(m: int) -> int:
@@ -301,37 +308,41 @@ def fused_bucket(m: int) -> int:
 _INTERPRETER_CONFIG = _fcfg(16, 32, 32, 32, 2, stages=1)
 
 
-def _configs_for(m: int, tables: dict) -> list[triton.Config]:
+def _configs_for(m: int, d: int, f: int, tables: dict, large: dict | None) -> list[triton.Config]:
     if interpreting():
         return [_INTERPRETER_CONFIG]
-    configs = tables[min(fused_bucket(m), max(tables))]
+    bucket = fused_bucket(m)
+    if large is not None and d * f > FUSED_MAX_WEIGHT and bucket in large:
+        return large[bucket]
+    configs = tables[min(bucket, max(tables))]
     return configs if autotune_enabled() else configs[:1]
 
 
-def _pruner(tables: dict):
+def _pruner(tables: dict, large: dict | None):
     def prune(configs, named_args, **kwargs):
-        wanted = {_config_key(c) for c in _configs_for(named_args["M"], tables)}
+        m, d, f = named_args["M"], named_args["D"], named_args["F"]
+        wanted = {_config_key(c) for c in _configs_for(m, d, f, tables, large)}
         keep = [c for c in configs if _config_key(c) in wanted]
         return keep or configs[:1]
 
     return prune
 
 
-def _autotuned(tables: dict):
+def _autotuned(tables: dict, large: dict | None = None):
     if interpreting():
         # a second (never chosen) config makes the autotuner consult the pruner
         configs = [_INTERPRETER_CONFIG, _fcfg(16, 32, 32, 32, 1, stages=1)]
     else:
-        configs = _unique(c for table in tables.values() for c in table)
+        configs = _unique(c for table in (tables, large or {}) for configs in table.values() for c in configs)
     return triton.autotune(
         configs=configs,
         key=["M_BUCKET", "D", "F", "stride_w1k", "stride_w2k"],
-        prune_configs_by={"early_config_prune": _pruner(tables)},
+        prune_configs_by={"early_config_prune": _pruner(tables, large)},
     )(fused_mlp_kernel)
 
 
 _fused_mlp = _autotuned(FUSED_CONFIGS)
-_fused_w8a8_mlp = _autotuned(FUSED_W8A8_CONFIGS)
+_fused_w8a8_mlp = _autotuned(FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,11 +371,11 @@ def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_e
     return h, partial, count, absmax
 
 
-def _sizes(m: int, d: int, f: int, tables: dict) -> tuple[int, int, int, int]:
+def _sizes(m: int, d: int, f: int, tables: dict, large: dict | None) -> tuple[int, int, int, int]:
     """(h elements, partial elements, counters, rows) for the largest layout any config of
     m's bucket may take."""
     partial, counters = 0, 0
-    for c in _configs_for(m, tables):
+    for c in _configs_for(m, d, f, tables, large):
         bm, bd, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["SPLIT_F"]
         tiles = triton.cdiv(m, bm) * triton.cdiv(d, bd)
         partial = max(partial, tiles * bm * bd * split)
@@ -567,5 +578,8 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
                d, *scale_strides)  # fmt: skip
     key = ("fused", x.dtype, m, d, f, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n,
            activation, allow_tf32, b1 is not None, b2 is not None, *scale_strides, *constexprs.values())  # fmt: skip
-    tables, kernel = (FUSED_CONFIGS, _fused_mlp) if quantized is None else (FUSED_W8A8_CONFIGS, _fused_w8a8_mlp)
-    return kernel, grid, scalars, constexprs, key, _sizes(m, d, f, tables), [None], d
+    if quantized is None:
+        kernel, sizes = _fused_mlp, _sizes(m, d, f, FUSED_CONFIGS, None)
+    else:
+        kernel, sizes = _fused_w8a8_mlp, _sizes(m, d, f, FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS)
+    return kernel, grid, scalars, constexprs, key, sizes, [None], d

@@ -347,6 +347,18 @@ def test_the_op_runs_w8a8_dynamic_in_one_launch_with_the_four_launches_answer(mo
     assert rel_err(y, y_four) < TOL_VS_REFERENCE[torch.float16]
 
 
+def test_w8a8_decode_above_the_small_weights_runs_its_one_measured_config(monkeypatch):
+    # the autotuner picked a 64-wide GEMM2 tile there in one process (75-79 us at
+    # 4096x16384) where the 128-wide one ran 57-60: FUSED_W8A8_LARGE_CONFIGS pins it
+    monkeypatch.setattr(fused_module, "interpreting", lambda: False)
+    w8a8 = (fused_module.FUSED_W8A8_CONFIGS, fused_module.FUSED_W8A8_LARGE_CONFIGS)
+    for m in (1, 16):
+        assert fused_module._configs_for(m, 4096, 16384, *w8a8) == fused_module.FUSED_W8A8_LARGE_CONFIGS[16]
+        assert fused_module._configs_for(m, 768, 3072, *w8a8)[0] in fused_module.FUSED_W8A8_CONFIGS[16]
+        assert fused_module._configs_for(m, 4096, 16384, fused_module.FUSED_CONFIGS, None)[0] in fused_module.FUSED_CONFIGS[16]
+    assert fused_module._configs_for(64, 4096, 16384, *w8a8)[0] in fused_module.FUSED_W8A8_CONFIGS[64]
+
+
 # ---------------------------------------------------------------------------------------
 # GPU: the sizes the fused launch is for
 # ---------------------------------------------------------------------------------------
