@@ -1,4 +1,4 @@
-"""The whole float MLP in one launch, for small models at few rows:
+"""The whole MLP in one launch, for small float models at few rows and for w8a8 `dynamic`:
 
     y = GELU(x @ W1^T + b1) @ W2^T + b2
 
@@ -29,6 +29,15 @@ read h resets them.
 
 Loads are pointer loads (either weight layout, any strides); h travels through L2
 (`.cg`: never a stale L1 line).
+
+w8a8 `dynamic` (fused_w8a8_mlp) runs the same units with int8 weights on the int8 tensor
+cores: a GEMM1 unit takes the absmax of its rows of x (after the SmoothQuant division) in a
+first pass and quantizes each K step of x as it loads it; its epilogue stores h in x's dtype,
+as the four launches do, and folds each row's absmax of h into absmax[row] (an atomic max,
+before the release); a GEMM2 unit reads its rows' absmax once the row block is complete and
+quantizes each K step of h as it loads it. The last reader of a row block zeroes its absmax
+with its counters. The arithmetic is kernels/w8a8.py's, so the result equals the four
+launches' (kernels/reference.py's w8a8_mlp_reference).
 """
 
 from __future__ import annotations

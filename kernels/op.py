@@ -19,7 +19,8 @@ GELU's output h, as its activation scheme says (kernels/schemes.py's ActivationS
 kernels/w8a8.py has the launches of each):
 
     dynamic   per-token scales computed at run time: x quantized per row, GEMM1 writes h
-              in the activation dtype, h quantized per row (over all of d_ff), GEMM2
+              in the activation dtype, h quantized per row (over all of d_ff), GEMM2 (at few
+              rows, all in one launch: kernels/fused_mlp.py)
     group:N   per token per N columns, at run time: x per (row, N columns); GEMM1's
               epilogue requantizes h per (row, N columns) to int8 with scales it writes
     static    calibrated per-tensor scales: x with w1.input_scale; GEMM1's epilogue

@@ -7,6 +7,8 @@ activation schemes (kernels/schemes.py's ActivationScheme); kernels/op.py runs t
                h = w8a8_linear(xq, xs, w1, b1, activation="erf", out_dtype=x.dtype)  # 16-bit h
                hq, hs = quantize_activations(h)                          # per token, over all of d_ff
                y = w8a8_linear(hq, hs, w2, b2, out_dtype=x.dtype)
+               (at few rows the op runs these four in one launch: kernels/fused_mlp.py's
+               fused_w8a8_mlp, the same arithmetic)
     group:G    xq, xs = quantize_activations(x, smooth_scale=s, group_size=G)   # xs [M, K/G]
                hq, hs = w8a8_linear(xq, xs, w1, b1, activation="erf", input_group_size=G,
                                     output_group_size=G)             # int8 h, hs [M, d_ff/G]
