@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels.fused_mlp as fused_module
+import kernels.op as op_module
 from conftest import DEVICE, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, randn, rel_err
 from kernels.errors import LaunchError
 from int8_helpers import float64_mlp, int8_mlp, quantize_weight
@@ -188,18 +189,22 @@ def test_the_one_launch_is_off_when_asked_or_when_mps_limits_the_sms(monkeypatch
         fused_mlp_enabled.cache_clear()
 
 
-def test_op_runs_the_fused_launch_and_matches_the_reference(monkeypatch):
-    # the op's triton backend at a small size goes through fused_mlp and keeps its answer
+def spy_on_op(monkeypatch, name: str) -> list:
+    """The shapes of x the op passes to its `name` launcher (kernels/op.py's import of it)."""
     calls = []
-    real = fused_module.fused_mlp
+    real = getattr(op_module, name)
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    import kernels.op as op_module
+    monkeypatch.setattr(op_module, name, spy)
+    return calls
 
-    monkeypatch.setattr(op_module, "fused_mlp", spy)
+
+def test_op_runs_the_fused_launch_and_matches_the_reference(monkeypatch):
+    # the op's triton backend at a small size goes through fused_mlp and keeps its answer
+    calls = spy_on_op(monkeypatch, "fused_mlp")
     torch.manual_seed(6)
     w1, b1, w2, b2 = weights(48, 80, torch.float16)
     x = randn(2, 5, 48, dtype=torch.float16)
@@ -325,20 +330,11 @@ def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
 
 
 def test_the_op_runs_w8a8_dynamic_in_one_launch_with_the_four_launches_answer(monkeypatch):
-    import kernels.op as op_module
-
-    calls = []
-    real = fused_module.fused_w8a8_mlp
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
     torch.manual_seed(12)
     x = randn(2, 5, 48, dtype=torch.float16)
     weights = int8_mlp(48, 80, torch.float16, "w8a8", x=x, smooth=True)
     op = FusedMLP(MLPConfig(dtype="w8a8", activations="dynamic", backend="triton"), device=DEVICE)
-    monkeypatch.setattr(op_module, "fused_w8a8_mlp", spy)
+    calls = spy_on_op(monkeypatch, "fused_w8a8_mlp")
     y = op(x, *weights)
     assert calls == [x.shape]
     monkeypatch.setattr(op_module, "fused_w8a8_applies", lambda *args: False)
