@@ -82,6 +82,10 @@ FUSED_MAX_M = 128
 # 14.3-23.4, four 17.2-27.2.
 FUSED_W8A8_MAX_WEIGHT = 1 << 26  # weights of 4096x16384 and smaller
 FUSED_W8A8_MAX_M = 16  # weights of more than FUSED_MAX_WEIGHT elements
+# ... and only where the pinned decode config (FUSED_W8A8_LARGE_CONFIGS) gives each GEMM about
+# an H100's or H200's SM count of units (132), as at 4096x16384: at 2048x8192 it would give
+# 64, half the SMs streaming weights (not measured; the four launches run there).
+FUSED_W8A8_MIN_UNITS = 96
 FUSED_W8A8_SMALL_MAX_M = 128  # weights of at most FUSED_MAX_WEIGHT elements
 
 
@@ -418,13 +422,21 @@ def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     )
 
 
-def fused_w8a8_applies(m: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
-    """Whether the op runs a w8a8 `dynamic` MLP of m rows in this one launch: per-channel
-    weights of at most FUSED_W8A8_MAX_WEIGHT elements each, at most FUSED_W8A8_MAX_M rows
-    (FUSED_W8A8_SMALL_MAX_M for weights of at most FUSED_MAX_WEIGHT); not with
-    GELUGEMM_FUSED_MLP=0."""
+def fused_w8a8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
+    """Whether the op runs a w8a8 `dynamic` MLP of m rows and d_model d in this one launch:
+    per-channel weights, at most FUSED_W8A8_SMALL_MAX_M rows for weights of at most
+    FUSED_MAX_WEIGHT elements; at most FUSED_W8A8_MAX_M rows for larger ones of at most
+    FUSED_W8A8_MAX_WEIGHT, where the pinned config gives each GEMM FUSED_W8A8_MIN_UNITS
+    units (as at 4096x16384, where it was measured: 128 each); not with GELUGEMM_FUSED_MLP=0."""
     largest = max(w1.data.numel(), w2.data.numel())
-    max_m = FUSED_W8A8_SMALL_MAX_M if largest <= FUSED_MAX_WEIGHT else FUSED_W8A8_MAX_M
+    if largest <= FUSED_MAX_WEIGHT:
+        max_m = FUSED_W8A8_SMALL_MAX_M
+    else:
+        f = w1.data.numel() // max(d, 1)
+        tile = FUSED_W8A8_LARGE_CONFIGS[16][0].kwargs
+        units1 = triton.cdiv(f, tile["BLOCK_F"])
+        units2 = triton.cdiv(d, tile["BLOCK_D"]) * tile["SPLIT_F"]
+        max_m = FUSED_W8A8_MAX_M if min(units1, units2) >= FUSED_W8A8_MIN_UNITS else 0
     return (
         0 < m <= max_m
         and largest <= FUSED_W8A8_MAX_WEIGHT

@@ -247,7 +247,7 @@ class FusedMLP:
             )
         # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
         if scheme.kind == "dynamic":
-            if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), w1, w2):
+            if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), x.shape[-1], w1, w2):
                 # the four launches below in one (kernels/fused_mlp.py): few rows, where host time rules
                 return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout)
             # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)

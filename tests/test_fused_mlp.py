@@ -320,13 +320,18 @@ def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
         return QuantizedWeight(torch.empty(n, k, dtype=torch.int8), torch.empty(n), group_size)
 
     small, large, larger = qw(3072, 768), qw(16384, 4096), qw(16384, 8192)
-    assert fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M, small, small)
-    assert not fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M + 1, small, small)
-    assert fused_w8a8_applies(1, large, large) and fused_w8a8_applies(FUSED_W8A8_MAX_M, large, large)
-    assert not fused_w8a8_applies(FUSED_W8A8_MAX_M + 1, large, large)
-    assert not fused_w8a8_applies(1, larger, larger)
-    assert not fused_w8a8_applies(1, qw(3072, 768, 128), small)
+    assert fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M, 768, small, small)
+    assert not fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M + 1, 768, small, small)
+    assert fused_w8a8_applies(1, 4096, large, large) and fused_w8a8_applies(FUSED_W8A8_MAX_M, 4096, large, large)
+    assert not fused_w8a8_applies(FUSED_W8A8_MAX_M + 1, 4096, large, large)
+    assert not fused_w8a8_applies(1, 8192, larger, larger)
+    assert not fused_w8a8_applies(1, 768, qw(3072, 768, 128), small)
     assert small.data.numel() <= FUSED_MAX_WEIGHT < large.data.numel() <= FUSED_W8A8_MAX_WEIGHT < larger.data.numel()
+    # between the two sizes, only where the pinned config keeps every SM streaming weights
+    assert not fused_w8a8_applies(1, 2048, qw(8192, 2048), qw(2048, 8192))  # 64 units a GEMM
+    assert fused_w8a8_applies(1, 5120, qw(12800, 5120), qw(5120, 12800))  # 100 and 160
+    # the layout does not matter: d_ff is the weight's size over d_model
+    assert fused_w8a8_applies(1, 4096, qw(4096, 16384), qw(16384, 4096))
 
 
 def test_the_op_runs_w8a8_dynamic_in_one_launch_with_the_four_launches_answer(monkeypatch):
