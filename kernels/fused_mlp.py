@@ -306,8 +306,8 @@ FUSED_W8A8_CONFIGS = {
 # w8a8 above FUSED_MAX_WEIGHT elements a weight (the op runs it up to 16 rows there): one
 # config. At 4096x16384, M=1 and 16, 128-wide GEMM2 tiles (32 of them, split 4 ways) ran
 # 57.2-60.0 us in two runs of bench/probe_fused.py, where the 64-wide ones ran 74.9-77.2;
-# `gelugemm bench`, tuning among both in its own process, ran 75-79 us in that run: the
-# autotuner's choice there is not to be trusted.
+# `gelugemm bench`, tuning among both widths in its own process, ran 75-79 us in the same
+# run (the 64-wide tiles' time, so most likely their pick): pinned, not tuned.
 FUSED_W8A8_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
 
 
