@@ -545,14 +545,15 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
         raise LaunchError(f"activation must be one of {GELU_FLAVOURS}, got {activation!r}")
     if x.dtype not in FLOAT_DTYPES.values():
         raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {x.dtype}")
-    weight_dtype = x.dtype if quantized is None else torch.int8
+    # float: every tensor in x's dtype; w8a8: int8 weights, biases of any float dtype
+    weight_dtype, weight_what = (x.dtype, "input dtype") if quantized is None else (torch.int8, "int8 data")
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is None:
             continue
-        want = weight_dtype if name[0] == "w" else x.dtype
-        if t.dtype != want and not (quantized is not None and name[0] == "b" and t.dtype.is_floating_point):
-            what = "int8 data" if name[0] == "w" and quantized is not None else "input dtype"
-            raise LaunchError(f"{name} dtype {t.dtype} differs from {what} {want}")
+        if name[0] == "w" and t.dtype != weight_dtype:
+            raise LaunchError(f"{name} dtype {t.dtype} differs from {weight_what} {weight_dtype}")
+        if name[0] == "b" and t.dtype != x.dtype and (quantized is None or not t.dtype.is_floating_point):
+            raise LaunchError(f"{name} dtype {t.dtype} differs from input dtype {x.dtype}")
         if t.device != x.device:
             raise LaunchError(f"{name} is on {t.device} but x is on {x.device}")
     for name, w in (("w1", w1), ("w2", w2)):
