@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -226,6 +226,25 @@ PY
       done
       summary+=("fused-w8a8: see fused-w8a8-host-cost.txt, fused-w8a8-768.txt; the probe, us:")
       while read -r line; do summary+=("  $line"); done <"$OUT/fused-w8a8-probe.txt"
+      ;;
+    fused-sweep)
+      # Issue 16's medium rows on small models: every candidate config of the one-launch MLP
+      # forced alone (bench/probe_fused_configs.py), fp16 from 256 rows and w8a8 from 64,
+      # against the op's other path and eager; then the pinned 4096x16384 w8a8 decode config
+      # through `gelugemm bench`, both modes.
+      python3 bench/probe_fused_configs.py --dtype fp16 --shapes 768x3072 --tokens 256,512,1024 \
+        --json "$OUT/sweep-fp16.json" >"$OUT/sweep.txt" 2>&1 || status=1
+      python3 bench/probe_fused_configs.py --dtype w8a8 --shapes 768x3072 --tokens 64,128,256,512,1024 \
+        --json "$OUT/sweep-w8a8.json" >>"$OUT/sweep.txt" 2>&1 || status=1
+      python3 bench/probe_fused_configs.py --dtype fp16 --shapes 384x1536,1024x4096 --tokens 256,1024 \
+        --json "$OUT/sweep-fp16-other.json" >>"$OUT/sweep.txt" 2>&1 || status=1
+      for mode in --cuda-graph ""; do
+        gg bench $mode --shape 4096,16384 --dtype w8a8 --activations dynamic --tokens 1,16 --peers eager \
+          >>"$OUT/fused-w8a8-host-cost.txt" 2>&1 || status=1
+      done
+      summary+=("fused-sweep: see sweep.txt; the leaders, and the pinned config through the bench:")
+      while read -r line; do summary+=("  $line"); done < <(grep -A3 -E '^(fp16|bf16|w8a8) ' "$OUT/sweep.txt" | grep -v '^--')
+      while read -r line; do summary+=("  $line"); done < <(grep -E 'gelugemm|eager' "$OUT/fused-w8a8-host-cost.txt" | head -12)
       ;;
     tp)
       # Issue 18 on every GPU of this host (two or more): BLOOM-176B's MLP split across them

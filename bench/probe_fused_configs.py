@@ -1,0 +1,146 @@
+"""Every candidate config of the one-launch MLP (kernels/fused_mlp.py), forced one at a time,
+against the op's other paths and eager on the same weights and inputs: CUDA-graph replays
+(GPU time), µs. For picking the tables and the row bounds (FUSED_MAX_M,
+FUSED_W8A8_SMALL_MAX_M); a config that fails to compile or to match the reference says so.
+
+    python3 bench/probe_fused_configs.py [--dtype fp16|bf16|w8a8] [--shapes 768x3072] [--tokens 256,512,1024]
+        [--json FILE]
+
+Each config runs alone (a one-config autotuner: nothing is benchmarked by Triton's autotuner).
+"two" is the op's float path without the one launch (two GEMM launches), "four" the w8a8
+`dynamic` path's four launches; "eager" is fp16/bf16 torch (F.linear, F.gelu, F.linear).
+"""
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+import kernels.fused_mlp as fm
+from kernels.bench import graph_time, rotation_sets
+from kernels.gemm import gemm_bias_act
+from kernels.quantized import QuantizedWeight
+from kernels.reference import mlp_reference, w8a8_mlp_reference
+from kernels.w8a8 import quantize_activations, w8a8_linear
+
+c = fm._fcfg
+FLOAT_CANDIDATES = [
+    c(64, 64, 64, 128, 4), c(64, 64, 64, 128, 2), c(64, 128, 64, 128, 4), c(64, 128, 128, 64, 4),
+    c(64, 128, 128, 64, 2), c(64, 128, 64, 64, 4, stages=4), c(128, 64, 64, 128, 4, warps=8),
+    c(128, 128, 128, 64, 2, warps=8), c(128, 128, 128, 64, 4, warps=8), c(128, 128, 64, 64, 4, warps=8),
+    c(128, 128, 64, 64, 2, warps=8), c(128, 128, 128, 64, 1, warps=8), c(128, 256, 128, 64, 2, warps=8),
+    c(128, 128, 64, 64, 4, warps=4),
+]  # fmt: skip
+W8A8_CANDIDATES = [
+    c(64, 64, 64, 128, 4), c(64, 64, 64, 256, 4), c(64, 64, 64, 128, 8), c(32, 64, 64, 256, 4),
+    c(64, 128, 64, 128, 4), c(64, 128, 128, 128, 4), c(64, 128, 128, 128, 2), c(128, 128, 128, 128, 2, warps=8),
+    c(128, 128, 64, 128, 4, warps=8), c(128, 64, 64, 128, 4, warps=8), c(64, 64, 64, 64, 4, stages=4),
+]  # fmt: skip
+
+
+def label(cfg):
+    kw = cfg.kwargs
+    return "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_F", "BLOCK_D", "BLOCK_K", "SPLIT_F")) + (
+        f" w{cfg.num_warps}s{cfg.num_stages}"
+    )
+
+
+def force(cfg, w8a8):
+    """Make the one launch run cfg alone, for every row count."""
+    table = {b: [cfg] for b in (16, 32, 64, 128, 256, 512, 1024, 2048)}
+    if w8a8:
+        fm.FUSED_W8A8_CONFIGS, fm.FUSED_W8A8_LARGE_CONFIGS = table, {}
+        fm._fused_w8a8_mlp = fm._autotuned(table, {})
+    else:
+        fm.FUSED_CONFIGS = table
+        fm._fused_mlp = fm._autotuned(table)
+    fm._plans.clear()
+
+
+def quantized(n, k):
+    data = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    return QuantizedWeight(data, torch.full((n,), 1 / (73 * math.sqrt(k)), device="cuda"))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="768x3072")
+    parser.add_argument("--tokens", default="256,512,1024")
+    parser.add_argument("--dtype", default="fp16")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    w8a8 = args.dtype == "w8a8"
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    candidates = W8A8_CANDIDATES if w8a8 else FLOAT_CANDIDATES
+    torch.manual_seed(0)
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    records = []
+    for shape in args.shapes.split(","):
+        d, f = map(int, shape.split("x"))
+        n_sets = rotation_sets(2 * d * f * (1 if w8a8 else 2), l2)
+        float_sets = [
+            (torch.randn(f, d, device="cuda", dtype=dtype) / math.sqrt(d), torch.randn(f, device="cuda", dtype=dtype),
+             torch.randn(d, f, device="cuda", dtype=dtype) / math.sqrt(f), torch.randn(d, device="cuda", dtype=dtype))
+            for _ in range(n_sets)
+        ]  # fmt: skip
+        sets = [(quantized(f, d), b1, quantized(d, f), b2) for _, b1, _, b2 in float_sets] if w8a8 else float_sets
+        for m in map(int, args.tokens.split(",")):
+            xs = [torch.randn(m, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
+
+            def one(i):
+                if w8a8:
+                    return fm.fused_w8a8_mlp(xs[i], *sets[i], activation="tanh")
+                return fm.fused_mlp(xs[i], *sets[i], activation="tanh")
+
+            def other(i):
+                w1, b1, w2, b2 = sets[i]
+                if w8a8:
+                    xq, x_scale = quantize_activations(xs[i])
+                    h = w8a8_linear(xq, x_scale, w1, b1, activation="tanh", out_dtype=dtype)
+                    hq, h_scale = quantize_activations(h)
+                    return w8a8_linear(hq, h_scale, w2, b2, out_dtype=dtype)
+                return gemm_bias_act(gemm_bias_act(xs[i], w1, b1, activation="tanh"), w2, b2)
+
+            def eager(i):
+                w1, b1, w2, b2 = float_sets[i]
+                return F.linear(F.gelu(F.linear(xs[i], w1, b1), approximate="tanh"), w2, b2)
+
+            if w8a8:
+                exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", activations="dynamic").double()
+                limit = 1e-2  # the kernel equals the reference up to rounding order in GEMM2's split sums
+            else:
+                exact = mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", dtype=torch.float64)
+                limit = 2e-3 if dtype == torch.float16 else 1e-2
+
+            def err(y):
+                return ((y.double() - exact).norm() / exact.norm()).item()
+
+            base = {}
+            for name, call in (("eager", eager), ("two" if not w8a8 else "four", other)):
+                base[name] = graph_time(call, n_sets, 10, 50).median_us
+            rows = []
+            for cfg in candidates:
+                force(cfg, w8a8)
+                try:
+                    e = err(one(0))
+                    t = graph_time(one, n_sets, 10, 50).median_us if e < limit else float("nan")
+                    note = "" if e < limit else f"WRONG err {e:.1e}"
+                except Exception as exc:  # out of shared memory, a compile failure: say so, go on
+                    t, e, note = float("nan"), float("nan"), f"FAILED {type(exc).__name__}: {str(exc)[:80]}"
+                rows.append((t, label(cfg), e, note))
+                records.append(dict(dtype=args.dtype, d=d, f=f, m=m, config=label(cfg), us=t, err=e, note=note, **base))
+            rows.sort(key=lambda r: (math.isnan(r[0]), r[0]))
+            eager_us = base["eager"]
+            print(f"{args.dtype} {d}x{f} M={m}: eager {eager_us:.1f} us, "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in base.items() if k != "eager"), flush=True)  # fmt: skip
+            for t, name, e, note in rows:
+                print(f"    {name:<26s} {t:7.1f} us  {eager_us / t:5.2f}x eager  err {e:.1e} {note}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(records, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
