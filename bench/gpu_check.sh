@@ -228,23 +228,25 @@ PY
       while read -r line; do summary+=("  $line"); done <"$OUT/fused-w8a8-probe.txt"
       ;;
     fused-sweep)
-      # Issue 16's medium rows on small models: every candidate config of the one-launch MLP
-      # forced alone (bench/probe_fused_configs.py), fp16 from 256 rows and w8a8 from 64,
-      # against the op's other path and eager; then the pinned 4096x16384 w8a8 decode config
-      # through `gelugemm bench`, both modes.
-      python3 bench/probe_fused_configs.py --dtype fp16 --shapes 768x3072 --tokens 256,512,1024 \
-        --json "$OUT/sweep-fp16.json" >"$OUT/sweep.txt" 2>&1 || status=1
-      python3 bench/probe_fused_configs.py --dtype w8a8 --shapes 768x3072 --tokens 64,128,256,512,1024 \
-        --json "$OUT/sweep-w8a8.json" >>"$OUT/sweep.txt" 2>&1 || status=1
-      python3 bench/probe_fused_configs.py --dtype fp16 --shapes 384x1536,1024x4096 --tokens 256,1024 \
-        --json "$OUT/sweep-fp16-other.json" >>"$OUT/sweep.txt" 2>&1 || status=1
-      for mode in --cuda-graph ""; do
-        gg bench $mode --shape 4096,16384 --dtype w8a8 --activations dynamic --tokens 1,16 --peers eager \
-          >>"$OUT/fused-w8a8-host-cost.txt" 2>&1 || status=1
-      done
-      summary+=("fused-sweep: see sweep.txt; the leaders, and the pinned config through the bench:")
-      while read -r line; do summary+=("  $line"); done < <(grep -A3 -E '^(fp16|bf16|w8a8) ' "$OUT/sweep.txt" | grep -v '^--')
-      while read -r line; do summary+=("  $line"); done < <(grep -E 'gelugemm|eager' "$OUT/fused-w8a8-host-cost.txt" | head -12)
+      # Issue 16's medium rows on small models and the one-launch w8a16: every candidate config
+      # of the one-launch MLP forced alone (bench/probe_fused_configs.py), fp16 from 256 rows,
+      # w8a8 from 64, w8a16 (group:128) from 1, against the op's other path and eager; then
+      # the 4096x16384 w8a8 decode rows through the probe and `gelugemm bench` (M = 1, 2, 16).
+      sweep() { python3 bench/probe_fused_configs.py "$@" >>"$OUT/sweep.txt" 2>&1 || status=1; }
+      sweep --dtype fp16 --shapes 768x3072 --tokens 256,512,1024 --json "$OUT/sweep-fp16.json"
+      sweep --dtype w8a8 --shapes 768x3072 --tokens 64,128,256 --json "$OUT/sweep-w8a8.json"
+      sweep --dtype fp16 --shapes 384x1536,1024x4096 --tokens 256,1024 --json "$OUT/sweep-fp16-other.json"
+      sweep --dtype w8a16 --shapes 768x3072,384x1536 --tokens 1,16,64,128 --json "$OUT/sweep-w8a16.json"
+      sweep --dtype w8a16 --shapes 4096x16384 --tokens 1,16 --json "$OUT/sweep-w8a16-large.json"
+      python3 bench/probe_fused.py --dtype w8a8 --shapes 4096x16384 --tokens 1,2,16 >"$OUT/fused-w8a8-probe.txt" 2>&1 || status=1
+      gg bench --cuda-graph --shape 4096,16384 --dtype w8a8 --activations dynamic --tokens 1,2,16 --peers eager \
+        >"$OUT/fused-w8a8-host-cost.txt" 2>&1 || status=1
+      summary+=("fused-sweep: see sweep.txt; the leaders:")
+      while read -r line; do summary+=("  $line"); done < <(grep -A2 -E '^(fp16|bf16|w8a8|w8a16) ' "$OUT/sweep.txt" | grep -v '^--')
+      while read -r line; do summary+=("  $line"); done < <(grep -E 'FAILED|WRONG|Error' "$OUT/sweep.txt" | head -5)
+      summary+=("w8a8 4096x16384 decode, probe (graph | calls):")
+      while read -r line; do summary+=("  $line"); done <"$OUT/fused-w8a8-probe.txt"
+      while read -r line; do summary+=("  $line"); done < <(grep -E '│ +(4096|  )' "$OUT/fused-w8a8-host-cost.txt" | grep -E 'gelugemm|eager' | cut -c1-80)
       ;;
     tp)
       # Issue 18 on every GPU of this host (two or more): BLOOM-176B's MLP split across them

@@ -3,12 +3,12 @@ against the op's other paths and eager on the same weights and inputs: CUDA-grap
 (GPU time), µs. For picking the tables and the row bounds (FUSED_MAX_M,
 FUSED_W8A8_SMALL_MAX_M); a config that fails to compile or to match the reference says so.
 
-    python3 bench/probe_fused_configs.py [--dtype fp16|bf16|w8a8] [--shapes 768x3072] [--tokens 256,512,1024]
+    python3 bench/probe_fused_configs.py [--dtype fp16|bf16|w8a8|w8a16] [--shapes 768x3072] [--tokens 256,512,1024]
         [--json FILE]
 
 Each config runs alone (a one-config autotuner: nothing is benchmarked by Triton's autotuner).
-"two" is the op's float path without the one launch (two GEMM launches), "four" the w8a8
-`dynamic` path's four launches; "eager" is fp16/bf16 torch (F.linear, F.gelu, F.linear).
+"two" is the op's float or w8a16 path without the one launch (two GEMM launches; w8a16 with
+group:128 weights, its default), "four" the w8a8 `dynamic` path's four launches; "eager" is fp16/bf16 torch (F.linear, F.gelu, F.linear).
 """
 
 import argparse
@@ -22,8 +22,9 @@ import kernels.fused_mlp as fm
 from kernels.bench import graph_time, rotation_sets
 from kernels.gemm import gemm_bias_act
 from kernels.quantized import QuantizedWeight
-from kernels.reference import mlp_reference, w8a8_mlp_reference
+from kernels.reference import mlp_reference, w8a8_mlp_reference, w8a16_mlp_reference
 from kernels.w8a8 import quantize_activations, w8a8_linear
+from kernels.w8a16 import w8a16_linear
 
 c = fm._fcfg
 FLOAT_CANDIDATES = [
@@ -38,6 +39,11 @@ W8A8_CANDIDATES = [
     c(64, 128, 64, 128, 4), c(64, 128, 128, 128, 4), c(64, 128, 128, 128, 2), c(128, 128, 128, 128, 2, warps=8),
     c(128, 128, 64, 128, 4, warps=8), c(128, 64, 64, 128, 4, warps=8), c(64, 64, 64, 64, 4, stages=4),
 ]  # fmt: skip
+W8A16_CANDIDATES = [
+    c(16, 64, 64, 256, 8), c(16, 64, 64, 256, 4), c(16, 64, 64, 128, 8), c(16, 128, 128, 256, 4),
+    c(16, 128, 128, 128, 4), c(16, 64, 128, 256, 4), c(16, 128, 64, 256, 8), c(16, 128, 128, 512, 4, stages=2),
+    c(32, 64, 64, 256, 4), c(64, 64, 64, 128, 4), c(64, 64, 64, 256, 4), c(64, 128, 64, 128, 4),
+]  # fmt: skip
 
 
 def label(cfg):
@@ -47,21 +53,26 @@ def label(cfg):
     )
 
 
-def force(cfg, w8a8):
+def force(cfg, scheme):
     """Make the one launch run cfg alone, for every row count."""
     table = {b: [cfg] for b in (16, 32, 64, 128, 256, 512, 1024, 2048)}
-    if w8a8:
+    if scheme == "w8a8":
         fm.FUSED_W8A8_CONFIGS, fm.FUSED_W8A8_LARGE_CONFIGS = table, {}
         fm._fused_w8a8_mlp = fm._autotuned(table, {})
+    elif scheme == "w8a16":
+        fm.FUSED_W8A16_CONFIGS, fm.FUSED_W8A16_LARGE_CONFIGS = table, {}
+        fm._fused_w8a16_mlp = fm._autotuned(table, {})
     else:
         fm.FUSED_CONFIGS = table
         fm._fused_mlp = fm._autotuned(table)
     fm._plans.clear()
 
 
-def quantized(n, k):
+def quantized(n, k, group_size=None):
     data = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-    return QuantizedWeight(data, torch.full((n,), 1 / (73 * math.sqrt(k)), device="cuda"))
+    shape = (n,) if group_size is None else (n, -(-k // group_size))
+    scale = torch.full(shape, 1 / (73 * math.sqrt(k)), device="cuda") * (0.5 + torch.rand(shape, device="cuda"))
+    return QuantizedWeight(data, scale, group_size)
 
 
 def main():
@@ -71,27 +82,34 @@ def main():
     parser.add_argument("--dtype", default="fp16")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    w8a8 = args.dtype == "w8a8"
+    scheme = args.dtype if args.dtype in ("w8a8", "w8a16") else None
+    w8a8 = scheme == "w8a8"
+    group_size = 128 if scheme == "w8a16" else None  # w8a16's default granularity
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    candidates = W8A8_CANDIDATES if w8a8 else FLOAT_CANDIDATES
+    candidates = {"w8a8": W8A8_CANDIDATES, "w8a16": W8A16_CANDIDATES, None: FLOAT_CANDIDATES}[scheme]
     torch.manual_seed(0)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     records = []
     for shape in args.shapes.split(","):
         d, f = map(int, shape.split("x"))
-        n_sets = rotation_sets(2 * d * f * (1 if w8a8 else 2), l2)
+        n_sets = rotation_sets(2 * d * f * (1 if scheme else 2), l2)
         float_sets = [
             (torch.randn(f, d, device="cuda", dtype=dtype) / math.sqrt(d), torch.randn(f, device="cuda", dtype=dtype),
              torch.randn(d, f, device="cuda", dtype=dtype) / math.sqrt(f), torch.randn(d, device="cuda", dtype=dtype))
             for _ in range(n_sets)
         ]  # fmt: skip
-        sets = [(quantized(f, d), b1, quantized(d, f), b2) for _, b1, _, b2 in float_sets] if w8a8 else float_sets
+        if scheme:
+            sets = [(quantized(f, d, group_size), b1, quantized(d, f, group_size), b2) for _, b1, _, b2 in float_sets]
+        else:
+            sets = float_sets
         for m in map(int, args.tokens.split(",")):
             xs = [torch.randn(m, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
 
             def one(i):
                 if w8a8:
                     return fm.fused_w8a8_mlp(xs[i], *sets[i], activation="tanh")
+                if scheme == "w8a16":
+                    return fm.fused_w8a16_mlp(xs[i], *sets[i], activation="tanh")
                 return fm.fused_mlp(xs[i], *sets[i], activation="tanh")
 
             def other(i):
@@ -101,6 +119,8 @@ def main():
                     h = w8a8_linear(xq, x_scale, w1, b1, activation="tanh", out_dtype=dtype)
                     hq, h_scale = quantize_activations(h)
                     return w8a8_linear(hq, h_scale, w2, b2, out_dtype=dtype)
+                if scheme == "w8a16":
+                    return w8a16_linear(w8a16_linear(xs[i], w1, b1, activation="tanh"), w2, b2)
                 return gemm_bias_act(gemm_bias_act(xs[i], w1, b1, activation="tanh"), w2, b2)
 
             def eager(i):
@@ -110,6 +130,9 @@ def main():
             if w8a8:
                 exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", activations="dynamic").double()
                 limit = 1e-2  # the kernel equals the reference up to rounding order in GEMM2's split sums
+            elif scheme == "w8a16":
+                exact = w8a16_mlp_reference(xs[0], *sets[0], gelu_flavour="tanh").double()
+                limit = 2e-3
             else:
                 exact = mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", dtype=torch.float64)
                 limit = 2e-3 if dtype == torch.float16 else 1e-2
@@ -118,11 +141,11 @@ def main():
                 return ((y.double() - exact).norm() / exact.norm()).item()
 
             base = {}
-            for name, call in (("eager", eager), ("two" if not w8a8 else "four", other)):
+            for name, call in (("eager", eager), ("four" if w8a8 else "two", other)):
                 base[name] = graph_time(call, n_sets, 10, 50).median_us
             rows = []
             for cfg in candidates:
-                force(cfg, w8a8)
+                force(cfg, scheme)
                 try:
                     e = err(one(0))
                     t = graph_time(one, n_sets, 10, 50).median_us if e < limit else float("nan")

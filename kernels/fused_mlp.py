@@ -59,14 +59,16 @@ from kernels.gemm_base import (
     _split_k_arrive,
     _to_output,
     _unique,
+    _weight_tile,
     autotune_enabled,
     gelu,
     round_to_int8,
     tensor_signature,
 )
+from kernels.int8_gemm import check_weight_scales
 from kernels.launch import interpreting, launch, num_programs
 from kernels.quantized import QuantizedWeight
-from kernels.schemes import FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
+from kernels.schemes import ACTIVATION_DTYPES, FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
 
 # The op runs the MLP in this one launch for float weights of at most FUSED_MAX_WEIGHT
 # elements each (1024x4096 and smaller) and at most FUSED_MAX_M rows; larger ones take the
@@ -87,6 +89,8 @@ FUSED_W8A8_MAX_M = 16  # weights of more than FUSED_MAX_WEIGHT elements
 # 64, half the SMs streaming weights (not measured; the four launches run there).
 FUSED_W8A8_MIN_UNITS = 96
 FUSED_W8A8_SMALL_MAX_M = 128  # weights of at most FUSED_MAX_WEIGHT elements
+# w8a16 (fused_w8a16_mlp): the same bounds as w8a8 (not yet measured on a GPU).
+FUSED_W8A16_SMALL_MAX_M = 128
 
 
 @triton.jit
@@ -121,14 +125,17 @@ def _w8a8_out(acc, a_scale, offs_m, offs_n, M, N, w_scale_ptr, stride_ws, bias_p
 
 @triton.jit
 def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr, pid_m, pid_f, M, D, F,
-                stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w1s,
+                stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w1s, stride_w1sg,
                 HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, W8A8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                W8A16: tl.constexpr, GROUP_K: tl.constexpr,
                 DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     # h[rows, cols] = GELU(x[rows] @ W1[cols]^T + b1[cols]), stored in x's dtype; then
     # counted into ready[pid_m]. w8a8: x's rows quantized per token first (a pass for their
     # absmax, then each K step quantized as it is loaded), and each row's absmax of the
-    # stored h folded into absmax[row], from which GEMM2 quantizes h.
+    # stored h folded into absmax[row], from which GEMM2 quantizes h. w8a16: each int8
+    # weight tile dequantized in registers (kernels/gemm_base.py's _weight_tile: per group
+    # on the tile, per channel in the epilogue), as the two w8a16 launches do.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_k = tl.arange(0, BLOCK_K)
@@ -151,6 +158,8 @@ def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_pt
             a = round_to_int8(a * inv_x_scale[:, None])
         b = tl.load(w1_ptr + (k0 + offs_k)[:, None] * stride_w1k + cols[None, :] * stride_w1n, mask=k_in[:, None],
                     other=0.0)  # fmt: skip
+        if W8A16:
+            b = _weight_tile(b, a, w1_scale_ptr, k0, cols, D, stride_w1s, stride_w1sg, GROUP_K, BLOCK_K, 0, DOT_F32)
         acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
     h_mask = (offs_m[:, None] < M) & (offs_f[None, :] < F)
     if W8A8:
@@ -161,8 +170,8 @@ def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_pt
         magnitude = tl.where(h_mask, tl.abs(h.to(tl.float32)), 0.0)
         tl.atomic_max(absmax_ptr + offs_m, tl.max(magnitude, axis=1), mask=offs_m < M, sem="relaxed")
     else:
-        h = _epilogue(acc, offs_m, offs_f, M, F, b1_ptr, None, None, None, 0, 0, False, 0, 0, HAS_B1, ACTIVATION,
-                      h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+        h = _epilogue(acc, offs_m, offs_f, M, F, b1_ptr, w1_scale_ptr, None, None, stride_w1s, 0, W8A16, GROUP_K, 0,
+                      HAS_B1, ACTIVATION, h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
     tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h, mask=h_mask)
     # every thread's stores (and absmax atomics) before the one release that publishes them
     tl.debug_barrier()
@@ -175,8 +184,9 @@ def fused_mlp_kernel(
     w1_scale_ptr, w2_scale_ptr, smooth_ptr, absmax_ptr,
     M, D, F, M_BUCKET, NUM_PROGRAMS,
     stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n, stride_ym, stride_w1s, stride_w2s,
+    stride_w1sg, stride_w2sg,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACTIVATION: tl.constexpr, W8A8: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, W8A16: tl.constexpr, GROUP_K: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_F: tl.constexpr,
 ):  # fmt: skip
@@ -184,7 +194,9 @@ def fused_mlp_kernel(
     # (either layout); h [M, F] contiguous, the workspace; counters: ready[row blocks],
     # consumed[row blocks], then the split-K arrivals of each y tile. w8a8 (dynamic): int8
     # weights with per-channel scales (w1_scale, w2_scale), x divided by smooth where
-    # HAS_SMOOTH; absmax [M] float32, each row's h absmax, zero between launches.
+    # HAS_SMOOTH; absmax [M] float32, each row's h absmax, zero between launches. w8a16:
+    # int8 weights with per-channel ([N], stride_w*s) or per-group scales ([N, K / GROUP_K],
+    # strides stride_w*s and stride_w*sg).
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_f = tl.cdiv(F, BLOCK_F)
     num_pid_d = tl.cdiv(D, BLOCK_D)
@@ -201,8 +213,8 @@ def fused_mlp_kernel(
             # row-block-major: the first row block's h completes first
             _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr,
                         unit // num_pid_f, unit % num_pid_f, M, D, F, stride_xm, stride_xk, stride_w1k, stride_w1n,
-                        stride_w1s, HAS_B1, ACTIVATION, W8A8, HAS_SMOOTH, DOT_F32, INPUT_PRECISION, INTERPRETER,
-                        BLOCK_M, BLOCK_F, BLOCK_K)  # fmt: skip
+                        stride_w1s, stride_w1sg, HAS_B1, ACTIVATION, W8A8, HAS_SMOOTH, W8A16, GROUP_K, DOT_F32,
+                        INPUT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_F, BLOCK_K)  # fmt: skip
         else:
             # the shares of one y tile are consecutive units: they run at once, and the
             # last one's reads of the others' partials hit L2
@@ -235,6 +247,9 @@ def fused_mlp_kernel(
                     a = round_to_int8(a.to(tl.float32) * inv_h_scale[:, None])
                 b = tl.load(w2_ptr + (ki * BLOCK_K + offs_k)[:, None] * stride_w2k + cols[None, :] * stride_w2n,
                             mask=k_in[:, None], other=0.0)  # fmt: skip
+                if W8A16:
+                    b = _weight_tile(b, a, w2_scale_ptr, ki * BLOCK_K, cols, F, stride_w2s, stride_w2sg, GROUP_K,
+                                     BLOCK_K, 0, DOT_F32)  # fmt: skip
                 acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
             # The last unit of the row block to have read h (and its absmax) leaves the
             # counters and the absmax at zero for the next launch; acq_rel orders every
@@ -257,8 +272,8 @@ def fused_mlp_kernel(
                     y = _w8a8_out(total, h_scale, offs_m, offs_d, M, D, w2_scale_ptr, stride_w2s, b2_ptr, HAS_B2,
                                   "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
                 else:
-                    y = _epilogue(total, offs_m, offs_d, M, D, b2_ptr, None, None, None, 0, 0, False, 0, 0, HAS_B2,
-                                  "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+                    y = _epilogue(total, offs_m, offs_d, M, D, b2_ptr, w2_scale_ptr, None, None, stride_w2s, 0, W8A16,
+                                  GROUP_K, 0, HAS_B2, "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
                 tl.store(y_ptrs, y, mask=y_mask)
 
 
@@ -311,6 +326,18 @@ FUSED_W8A8_CONFIGS = {
 FUSED_W8A8_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
 
 
+# w8a16: the float tables' tiles with K steps twice as deep (the int8 weight bytes a step keeps
+# in flight stay those of the float tables). Not yet measured on a GPU.
+FUSED_W8A16_CONFIGS = {
+    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 64, 64, 128, 8)],
+    32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(32, 64, 64, 128, 8)],
+    64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4)],
+    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
+}  # fmt: skip
+# w8a16 decode above FUSED_MAX_WEIGHT elements: the w8a8 decode config's tiles (not yet measured).
+FUSED_W8A16_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
+
+
 def fused_bucket(m: int) -> int:
     """Autotuning key for the row count: the next power of two from 16."""
     return max(16, triton.next_power_of_2(m))
@@ -356,6 +383,7 @@ def _autotuned(tables: dict, large: dict | None = None):
 
 _fused_mlp = _autotuned(FUSED_CONFIGS)
 _fused_w8a8_mlp = _autotuned(FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS)
+_fused_w8a16_mlp = _autotuned(FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,22 +456,30 @@ def fused_w8a8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight)
     FUSED_MAX_WEIGHT elements; at most FUSED_W8A8_MAX_M rows for larger ones of at most
     FUSED_W8A8_MAX_WEIGHT, where the pinned config gives each GEMM FUSED_W8A8_MIN_UNITS
     units (as at 4096x16384, where it was measured: 128 each); not with GELUGEMM_FUSED_MLP=0."""
+    per_channel = w1.group_size is None and w2.group_size is None
+    return per_channel and _int8_applies(m, d, w1, w2, FUSED_W8A8_SMALL_MAX_M, FUSED_W8A8_LARGE_CONFIGS)
+
+
+def fused_w8a16_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
+    """Whether the op runs a w8a16 MLP of m rows and d_model d in this one launch: both
+    weights of one granularity, the row and weight bounds of fused_w8a8_applies with
+    FUSED_W8A16_SMALL_MAX_M and FUSED_W8A16_LARGE_CONFIGS."""
+    return w1.group_size == w2.group_size and _int8_applies(
+        m, d, w1, w2, FUSED_W8A16_SMALL_MAX_M, FUSED_W8A16_LARGE_CONFIGS
+    )
+
+
+def _int8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight, small_max_m: int, large: dict) -> bool:
     largest = max(w1.data.numel(), w2.data.numel())
     if largest <= FUSED_MAX_WEIGHT:
-        max_m = FUSED_W8A8_SMALL_MAX_M
+        max_m = small_max_m
     else:
         f = w1.data.numel() // max(d, 1)
-        tile = FUSED_W8A8_LARGE_CONFIGS[16][0].kwargs
+        tile = large[16][0].kwargs
         units1 = triton.cdiv(f, tile["BLOCK_F"])
         units2 = triton.cdiv(d, tile["BLOCK_D"]) * tile["SPLIT_F"]
         max_m = FUSED_W8A8_MAX_M if min(units1, units2) >= FUSED_W8A8_MIN_UNITS else 0
-    return (
-        0 < m <= max_m
-        and largest <= FUSED_W8A8_MAX_WEIGHT
-        and w1.group_size is None
-        and w2.group_size is None
-        and fused_mlp_enabled()
-    )
+    return 0 < m <= max_m and largest <= FUSED_W8A8_MAX_WEIGHT and fused_mlp_enabled()
 
 
 _plans: dict = {}
@@ -502,9 +538,40 @@ def fused_w8a8_mlp(
     )  # fmt: skip
     plan = _plans.get(signature)
     if plan is None:
-        plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, (w1, w2))
+        plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, ("w8a8", w1, w2))
         _plans[signature] = plan
     return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, smooth)
+
+
+def fused_w8a16_mlp(
+    x: torch.Tensor,
+    w1: QuantizedWeight,
+    b1: torch.Tensor | None,
+    w2: QuantizedWeight,
+    b2: torch.Tensor | None = None,
+    *,
+    activation: str = "erf",
+    weight_layout: str | WeightLayout = "out_in",
+) -> torch.Tensor:
+    """The w8a16 MLP in one launch, as kernels/w8a16.py's two launches compute it: each int8
+    weight tile dequantized in registers (per-group scales on the tile, per-channel ones in
+    the epilogue), GEMM1 with GELU, h rounded to x's dtype, GEMM2. x [..., d_model] fp16 or
+    bf16; w1, w2 QuantizedWeights of one granularity (data [d_ff, d_model] and [d_model,
+    d_ff], or [in, out] with weight_layout="in_out"); biases in x's dtype. Returns [..., d_model]
+    in x's dtype."""
+    for name, w in (("w1", w1), ("w2", w2)):
+        if not isinstance(w, QuantizedWeight):
+            raise LaunchError(f"{name} must be a QuantizedWeight (int8 data and its scales), got {type(w).__name__}")
+    signature = (
+        "w8a16", x.shape, x.stride(), x.dtype, x.device, tensor_signature(w1.data), tensor_signature(w2.data),
+        tensor_signature(b1), tensor_signature(b2), activation, weight_layout, tensor_signature(w1.scale),
+        tensor_signature(w2.scale), w1.group_size, w2.group_size, w1.smooth_scale is None, w2.smooth_scale is None,
+    )  # fmt: skip
+    plan = _plans.get(signature)
+    if plan is None:
+        plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, ("w8a16", w1, w2))
+        _plans[signature] = plan
+    return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, None)
 
 
 def _run(plan, x, w1, b1, w2, b2, w1_scale, w2_scale, smooth):
@@ -514,17 +581,27 @@ def _run(plan, x, w1, b1, w2, b2, w1_scale, w2_scale, smooth):
     if x2.shape[0] == 0:
         return y
     h, partial, counters, absmax = _workspace(x.device, x.dtype, *sizes)
-    quantized = w1_scale is not None
-    args = (x2, w1, b1, w2, b2, y, h, partial, counters, w1_scale, w2_scale, smooth, absmax if quantized else None,
-            *scalars)  # fmt: skip
+    args = (x2, w1, b1, w2, b2, y, h, partial, counters, w1_scale, w2_scale, smooth,
+            absmax if constexprs["W8A8"] else None, *scalars)  # fmt: skip
     launch(kernel, grid, args, constexprs, key, slot=slot)
     return y
 
 
 def _check_scales(quantized, x, layout: WeightLayout) -> None:
     # w8a8's weights: per-channel float32 scales, one per output channel, on x's device;
-    # a SmoothQuant scale on w1 only
-    w1, w2 = quantized
+    # a SmoothQuant scale on w1 only. w8a16's: per channel or per group, the same for both
+    # weights, on x's device; no SmoothQuant scale.
+    scheme, w1, w2 = quantized
+    if scheme == "w8a16":
+        for name, w in (("w1", w1), ("w2", w2)):
+            if w.scale.device != x.device:
+                raise LaunchError(f"{name} scale is on {w.scale.device} but x is on {x.device}")
+            check_weight_scales(w, *layout.kn_shape(w.data), name)
+            if w.smooth_scale is not None:
+                raise LaunchError(f"{name} carries a SmoothQuant smooth_scale, which only w8a8 applies (to its int8 input)")
+        if w1.group_size != w2.group_size:
+            raise LaunchError(f"w1 and w2 must have one granularity in one launch; got {w1.granularity} and {w2.granularity}")
+        return
     for name, w in (("w1", w1), ("w2", w2)):
         if w.group_size is not None:
             raise LaunchError(f"w8a8 takes per-channel weight scales; {name} has {w.granularity}")
@@ -543,9 +620,12 @@ def _check_scales(quantized, x, layout: WeightLayout) -> None:
 def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quantized):
     if activation not in GELU_FLAVOURS:
         raise LaunchError(f"activation must be one of {GELU_FLAVOURS}, got {activation!r}")
+    scheme = None if quantized is None else quantized[0]
     if x.dtype not in FLOAT_DTYPES.values():
         raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {x.dtype}")
-    # float: every tensor in x's dtype; w8a8: int8 weights, biases of any float dtype
+    if scheme == "w8a16" and x.dtype not in ACTIVATION_DTYPES.values():
+        raise LaunchError(f"w8a16 input dtype must be fp16 or bf16, got {x.dtype}")
+    # float: every tensor in x's dtype; int8: int8 weights, biases of any float dtype
     weight_dtype, weight_what = (x.dtype, "input dtype") if quantized is None else (torch.int8, "int8 data")
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is None:
@@ -585,23 +665,29 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
 
     # The units loop strides by the SM count (NUM_PROGRAMS); with fewer units than SMs the
     # grid has one program per unit, each running one.
+    group_k = 0 if scheme != "w8a16" else quantized[1].group_size or 0
     constexprs = dict(
         HAS_B1=b1 is not None,
         HAS_B2=b2 is not None,
         ACTIVATION=activation,
-        W8A8=quantized is not None,
-        HAS_SMOOTH=quantized is not None and quantized[0].smooth_scale is not None,
-        DOT_F32=interpreting() and x.dtype == torch.bfloat16 and quantized is None,
+        W8A8=scheme == "w8a8",
+        HAS_SMOOTH=scheme == "w8a8" and quantized[1].smooth_scale is not None,
+        W8A16=scheme == "w8a16",
+        GROUP_K=group_k,
+        DOT_F32=interpreting() and x.dtype == torch.bfloat16 and scheme != "w8a8",
         INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
         INTERPRETER=interpreting(),
     )
-    scale_strides = (0, 0) if quantized is None else (quantized[0].scale.stride(0), quantized[1].scale.stride(0))
+    # (w1 scale's stride along N, w2's; along the groups, w1's, w2's)
+    scale_strides = (0, 0, 0, 0)
+    if scheme is not None:
+        s1, s2 = quantized[1].scale, quantized[2].scale
+        scale_strides = (s1.stride(0), s2.stride(0), s1.stride(1) if group_k else 0, s2.stride(1) if group_k else 0)
     scalars = (m, d, f, fused_bucket(m), programs, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n,
                d, *scale_strides)  # fmt: skip
     key = ("fused", x.dtype, m, d, f, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n,
            activation, allow_tf32, b1 is not None, b2 is not None, *scale_strides, *constexprs.values())  # fmt: skip
-    if quantized is None:
-        kernel, sizes = _fused_mlp, _sizes(m, d, f, FUSED_CONFIGS, None)
-    else:
-        kernel, sizes = _fused_w8a8_mlp, _sizes(m, d, f, FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS)
-    return kernel, grid, scalars, constexprs, key, sizes, [None], d
+    tables = {None: (_fused_mlp, FUSED_CONFIGS, None), "w8a8": (_fused_w8a8_mlp, FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS),
+              "w8a16": (_fused_w8a16_mlp, FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)}  # fmt: skip
+    kernel, configs, large = tables[scheme]
+    return kernel, grid, scalars, constexprs, key, _sizes(m, d, f, configs, large), [None], d

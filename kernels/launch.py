@@ -143,7 +143,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple, slot: list |
 
 def _run(hit, args, device_index) -> None:
     # The same call Triton's JITFunction.run makes once it has the compiled kernel.
-    compiled, g, tail = hit
+    compiled, g, tail, _ = hit
     stream = _stream(device_index)
     enter, exit_ = _hooks()
     metadata = None if enter is None else compiled.launch_metadata(g, stream, *args, *tail)
@@ -173,7 +173,10 @@ def _remember(kernel, grid, args, constexprs, full_key) -> None:
         compiled = compiled.result()
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
         return
-    _compiled[full_key] = (compiled, g, tuple(values[name] for name in jit.arg_names[len(args) :]))
+    # The entry holds the kernel object too: its id is in the key, and a freed kernel's id
+    # can be another kernel's (a config-sweeping probe that builds an autotuner per config
+    # got the previous one's compiled kernel, for the new one's workspace: an illegal address).
+    _compiled[full_key] = (compiled, g, tuple(values[name] for name in jit.arg_names[len(args) :]), kernel)
 
 
 def launch_cache_size() -> int:

@@ -14,7 +14,8 @@ The int8 schemes take `QuantizedWeight`s (int8 data with their scales):
     op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", activations="group:128"))
     y = op(x, w1_q, b1, w2_q, b2)      # x and y bf16
 
-w8a16 dequantizes the weights inside the GEMMs. w8a8 quantizes both GEMM inputs, x and
+w8a16 dequantizes the weights inside the GEMMs (at few rows, both GEMMs in one launch:
+kernels/fused_mlp.py). w8a8 quantizes both GEMM inputs, x and
 GELU's output h, as its activation scheme says (kernels/schemes.py's ActivationScheme;
 kernels/w8a8.py has the launches of each):
 
@@ -49,7 +50,14 @@ import torch
 
 from kernels import reference
 from kernels.errors import BackendUnavailable, LaunchError
-from kernels.fused_mlp import fused_mlp, fused_mlp_applies, fused_w8a8_applies, fused_w8a8_mlp
+from kernels.fused_mlp import (
+    fused_mlp,
+    fused_mlp_applies,
+    fused_w8a8_applies,
+    fused_w8a8_mlp,
+    fused_w8a16_applies,
+    fused_w8a16_mlp,
+)
 from kernels.gemm import gemm_bias_act
 from kernels.gated import gate_and_up
 from kernels.gemm_base import triton_can_run
@@ -237,6 +245,9 @@ class FusedMLP:
                 return reference.w8a16_mlp_reference(
                     x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, **gated
                 )
+            if not cfg.gated and fused_w8a16_applies(x.numel() // max(x.shape[-1], 1), x.shape[-1], w1, w2):
+                # both GEMMs in one launch (kernels/fused_mlp.py): few rows, where host time rules
+                return fused_w8a16_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout)
             h = w8a16_linear(x, gate, b_gate, activation=cfg.gelu, weight_layout=layout, **up)
             return w8a16_linear(h, w2, b2, weight_layout=layout)
 
