@@ -1,5 +1,5 @@
-"""kernels/fused_mlp.py: the whole MLP in one launch (float, and w8a8 `dynamic`), against the
-torch reference and float64; its workspace left ready for the next launch; its checks."""
+"""kernels/fused_mlp.py: the whole MLP in one launch (float, w8a8 `dynamic` and w8a16), against
+the torch reference and float64; its workspace left ready for the next launch; its checks."""
 
 import math
 
@@ -8,7 +8,17 @@ import torch
 
 import kernels.fused_mlp as fused_module
 import kernels.op as op_module
-from conftest import DEVICE, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, randn, rel_err
+from conftest import (
+    DEVICE,
+    TOL_TF32,
+    TOL_VS_FLOAT64,
+    TOL_VS_REFERENCE,
+    TOL_W8A8_VS_FLOAT64,
+    TOL_W8A16_VS_FLOAT64,
+    TOL_W8A16_VS_REFERENCE,
+    randn,
+    rel_err,
+)
 from kernels.errors import LaunchError
 from int8_helpers import float64_mlp, int8_mlp, quantize_weight
 from kernels.fused_mlp import (
@@ -17,15 +27,18 @@ from kernels.fused_mlp import (
     FUSED_W8A8_MAX_M,
     FUSED_W8A8_MAX_WEIGHT,
     FUSED_W8A8_SMALL_MAX_M,
+    FUSED_W8A16_SMALL_MAX_M,
     fused_mlp,
     fused_mlp_applies,
     fused_mlp_enabled,
     fused_w8a8_applies,
     fused_w8a8_mlp,
+    fused_w8a16_applies,
+    fused_w8a16_mlp,
 )
 from kernels.quantized import QuantizedWeight
 from kernels.op import FusedMLP, MLPConfig
-from kernels.reference import mlp_reference, w8a8_mlp_reference
+from kernels.reference import mlp_reference, w8a8_mlp_reference, w8a16_mlp_reference
 
 FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -361,6 +374,113 @@ def test_w8a8_decode_above_the_small_weights_runs_its_one_measured_config(monkey
 
 
 # ---------------------------------------------------------------------------------------
+# w8a16 in one launch
+# ---------------------------------------------------------------------------------------
+
+
+def check_w8a16(x, q1, b1, q2, b2, gelu="erf", layout="out_in"):
+    y = fused_w8a16_mlp(x, q1, b1, q2, b2, activation=gelu, weight_layout=layout)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    ref = w8a16_mlp_reference(x, q1, b1, q2, b2, gelu_flavour=gelu, weight_layout=layout)
+    assert rel_err(y, ref) < TOL_W8A16_VS_REFERENCE[x.dtype]
+    assert rel_err(y, float64_mlp(x, q1, b1, q2, b2, gelu, layout)) < TOL_W8A16_VS_FLOAT64[x.dtype]
+    return y
+
+
+# per channel, and a group size for each branch of the per-group dequantization under the
+# interpreter's BLOCK_K = 32: 32 (a tile inside one group), 16 (two whole groups a tile),
+# 24 (neither divides: a gather); each shape's last group is short somewhere
+W8A16_CASES = [(torch.float16, None), (torch.bfloat16, None), (torch.bfloat16, 32), (torch.float16, 16),
+               (torch.float16, 24)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,group_size", W8A16_CASES)
+@pytest.mark.parametrize("m,d,f", SHAPES)
+def test_fused_w8a16_matches_the_reference_and_float64(dtype, group_size, m, d, f):
+    torch.manual_seed(m * 1000 + d + f + (group_size or 0))
+    q1, b1, q2, b2 = int8_mlp(d, f, dtype, "w8a16", group_size=group_size)
+    fused_w8a16_mlp(randn(m, d, dtype=dtype), q1, b1, q2, b2)  # sizes the workspace, to poison it
+    poison_workspace(dtype)
+    check_w8a16(randn(m, d, dtype=dtype), q1, b1, q2, b2)
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh", "quick"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias2", [True, False])
+def test_fused_w8a16_every_gelu_layout_and_bias(gelu, layout, bias2):
+    torch.manual_seed(13)
+    x = randn(3, 7, 40, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(40, 96, torch.float16, "w8a16", layout=layout, group_size=32, bias2=bias2)
+    check_w8a16(x, q1, b1, q2, b2, gelu=gelu, layout=layout)
+    check_w8a16(x, q1, None, q2, b2, gelu=gelu, layout=layout)
+
+
+def test_fused_w8a16_takes_strided_rows_and_leaves_the_workspace_at_rest():
+    torch.manual_seed(14)
+    q1, b1, q2, b2 = int8_mlp(40, 64, torch.bfloat16, "w8a16", group_size=16)
+    for m in (20, 3, 20):
+        check_w8a16(randn(m, 80, dtype=torch.bfloat16)[:, ::2], q1, b1, q2, b2)  # strides (80, 2)
+    assert_workspace_at_rest(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("float_weight", "w2 must be a QuantizedWeight"),
+        ("mixed_granularity", "one granularity in one launch; got group:32 and per-channel"),
+        ("smooth", "w1 carries a SmoothQuant smooth_scale, which only w8a8 applies"),
+        ("scale_shape", r"w2 has group scales \(group_size 32 over K=80\): scale must have shape \(48, 3\)"),
+        ("w2_shape", "w2 must map d_ff=80 to d_model=48"),
+        ("fp32_input", "w8a16 input dtype must be fp16 or bf16"),
+    ],
+)
+def test_fused_w8a16_rejects_bad_operands(case, message):
+    x = randn(4, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a16", group_size=32)
+    if case == "float_weight":
+        q2 = q2.dequantize()
+    elif case == "mixed_granularity":
+        q2 = quantize_weight(q2.dequantize())
+    elif case == "smooth":
+        q1.smooth_scale = torch.ones(48, device=DEVICE)
+    elif case == "scale_shape":
+        q2 = QuantizedWeight(q2.data, q2.scale[:, :2].contiguous(), 32)
+    elif case == "w2_shape":
+        q2 = QuantizedWeight(q2.data[:, :64], q2.scale[:, :2].contiguous(), 32)
+    elif case == "fp32_input":
+        x = x.float()
+    with pytest.raises(LaunchError, match=message):
+        fused_w8a16_mlp(x, q1, b1, q2, b2)
+
+
+def test_the_op_takes_one_w8a16_launch_for_small_models_and_for_decode():
+    def qw(n, k, group_size=128):
+        return QuantizedWeight(torch.empty(n, k, dtype=torch.int8), torch.empty(n), group_size)
+
+    small, large = qw(3072, 768), qw(16384, 4096)
+    assert fused_w8a16_applies(FUSED_W8A16_SMALL_MAX_M, 768, small, small)
+    assert not fused_w8a16_applies(FUSED_W8A16_SMALL_MAX_M + 1, 768, small, small)
+    assert fused_w8a16_applies(FUSED_W8A8_MAX_M, 4096, large, large)
+    assert not fused_w8a16_applies(FUSED_W8A8_MAX_M + 1, 4096, large, large)
+    assert not fused_w8a16_applies(1, 768, qw(3072, 768, None), small)  # one granularity for both
+    assert fused_w8a16_applies(1, 768, qw(3072, 768, None), qw(768, 3072, None))
+
+
+def test_the_op_runs_w8a16_in_one_launch_with_the_two_launches_answer(monkeypatch):
+    torch.manual_seed(15)
+    x = randn(2, 5, 48, dtype=torch.bfloat16)
+    weights = int8_mlp(48, 80, torch.bfloat16, "w8a16", group_size=16)
+    op = FusedMLP(MLPConfig(dtype="w8a16", activation_dtype="bf16", backend="triton"), device=DEVICE)
+    calls = spy_on_op(monkeypatch, "fused_w8a16_mlp")
+    y = op(x, *weights)
+    assert calls == [x.shape]
+    monkeypatch.setattr(op_module, "fused_w8a16_applies", lambda *args: False)
+    y_two = op(x, *weights)
+    assert calls == [x.shape]
+    assert rel_err(y, y_two) < TOL_W8A16_VS_REFERENCE[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------
 # GPU: the sizes the fused launch is for
 # ---------------------------------------------------------------------------------------
 
@@ -394,4 +514,21 @@ def test_fused_w8a8_real_sizes(dtype, d, f, m):
     poison_workspace(tdtype)
     for _ in range(3):  # a fresh input each launch: counters, partials and absmax reused
         check_w8a8(randn(m, d, dtype=tdtype), q1, b1, q2, b2, gelu="tanh")
+    assert_workspace_at_rest(tdtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("group_size", [128, None])
+@pytest.mark.parametrize(
+    "d,f,m", [(768, 3072, 1), (768, 3072, 16), (768, 3072, 64), (768, 3072, 128), (384, 1536, 33), (4096, 16384, 16)]
+)  # fmt: skip
+def test_fused_w8a16_real_sizes(dtype, group_size, d, f, m):
+    torch.manual_seed(m + d + 2)
+    tdtype = FLOAT[dtype]
+    q1, b1, q2, b2 = int8_mlp(d, f, tdtype, "w8a16", group_size=group_size)
+    fused_w8a16_mlp(randn(m, d, dtype=tdtype), q1, b1, q2, b2)
+    poison_workspace(tdtype)
+    for _ in range(3):  # a fresh input each launch: counters and partials reused
+        check_w8a16(randn(m, d, dtype=tdtype), q1, b1, q2, b2, gelu="tanh")
     assert_workspace_at_rest(tdtype)
