@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -226,6 +226,24 @@ PY
       done
       summary+=("fused-w8a8: see fused-w8a8-host-cost.txt, fused-w8a8-768.txt; the probe, us:")
       while read -r line; do summary+=("  $line"); done <"$OUT/fused-w8a8-probe.txt"
+      ;;
+    fused-medium)
+      # Issue 16 after the sweep: the one-launch float MLP up to 1024 rows on small models and
+      # w8a16 in one launch (small models up to 128 rows, 4096x16384 decode): their GPU tests
+      # with the op's and CUDA graphs', then the op through `gelugemm bench`, graph and calls.
+      python3 -m pytest -q -rf -p no:cacheprovider -n 8 -m gpu tests/test_fused_mlp.py tests/test_cuda_graph.py \
+        tests/test_op_int8.py tests/test_w8a16.py >"$OUT/fused-medium-tests.log" 2>&1 || status=1
+      summary+=("fused-medium tests: $(tail -n 1 "$OUT/fused-medium-tests.log")")
+      while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/fused-medium-tests.log")
+      # (graph, then calls, in each file: a device call brings back few files)
+      for mode in --cuda-graph ""; do
+        gg bench $mode --shape 768,3072 --shape 384,1536 --dtype fp16,bf16 --tokens 256,512,1024 --peers eager,cublaslt \
+          >>"$OUT/fused-medium-float.txt" 2>&1 || status=1
+        gg bench $mode --shape 768,3072 --dtype w8a16 --tokens 1,16,64,128 --peers eager >>"$OUT/fused-medium-w8a16.txt" 2>&1 || status=1
+        gg bench $mode --shape 4096,16384 --dtype w8a16,w8a8 --activations dynamic --tokens 1,2,16 --peers eager \
+          >>"$OUT/fused-medium-decode.txt" 2>&1 || status=1
+      done
+      summary+=("fused-medium: see fused-medium-float.txt, fused-medium-w8a16.txt, fused-medium-decode.txt")
       ;;
     fused-sweep)
       # Issue 16's medium rows on small models and the one-launch w8a16: every candidate config

@@ -72,10 +72,13 @@ from kernels.schemes import ACTIVATION_DTYPES, FLOAT_DTYPES, GELU_FLAVOURS, Weig
 
 # The op runs the MLP in this one launch for float weights of at most FUSED_MAX_WEIGHT
 # elements each (1024x4096 and smaller) and at most FUSED_MAX_M rows; larger ones take the
-# two GEMM launches. On an H200 at 768x3072 it ran 11-14 us up to 128 rows, 1.1-1.35x eager,
-# and 20 us at 256 rows against eager's 16 (bench/probe_fused.py, bench/RESULTS.md section 16).
+# two GEMM launches. On an H200 (bench/RESULTS.md sections 16 and 18) at 768x3072 it ran
+# 11-14 us up to 128 rows (1.1-1.35x eager), and from 256 to 1024 rows 18-35 us against the
+# two launches' 29-35 (eager 16-26); at 384x1536 and 1024x4096 it led the two launches too.
+# fp32 takes it up to FUSED_MAX_M_FP32 rows (its medium-M tiles are not measured).
 FUSED_MAX_WEIGHT = 1 << 22
-FUSED_MAX_M = 128
+FUSED_MAX_M = 1024
+FUSED_MAX_M_FP32 = 128
 # w8a8 `dynamic` (fused_w8a8_mlp): its four launches (quantize x, GEMM1, quantize h, GEMM2)
 # cost more host time than a decode step's GPU time even at 4096x16384; the one launch is
 # as fast on the GPU up to 16 rows there and up to 128 on small models. H200, us, graph
@@ -89,7 +92,9 @@ FUSED_W8A8_MAX_M = 16  # weights of more than FUSED_MAX_WEIGHT elements
 # 64, half the SMs streaming weights (not measured; the four launches run there).
 FUSED_W8A8_MIN_UNITS = 96
 FUSED_W8A8_SMALL_MAX_M = 128  # weights of at most FUSED_MAX_WEIGHT elements
-# w8a16 (fused_w8a16_mlp): the same bounds as w8a8 (not yet measured on a GPU).
+# w8a16 (fused_w8a16_mlp): the same bounds as w8a8. At 768x3072 the one launch ran 11-18 us up
+# to 128 rows against the two launches' 24-43 (0.92-1.30x fp16 eager); at 4096x16384 55.6-57.5
+# us at M <= 16 against 77-78 (bench/probe_fused_configs.py, bench/RESULTS.md section 18).
 FUSED_W8A16_SMALL_MAX_M = 128
 
 
@@ -304,6 +309,12 @@ FUSED_CONFIGS = {
          _fcfg(64, 32, 64, 128, 8)],
     128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8), _fcfg(64, 32, 64, 128, 8), _fcfg(64, 64, 64, 64, 4),
           _fcfg(128, 64, 64, 64, 2, warps=8)],
+    # From 129 rows, bench/probe_fused_configs.py's leaders (H200, bench/RESULTS.md section
+    # 18): 128-row blocks with 8 warps, wider tiles as the rows grow.
+    256: [_fcfg(128, 64, 64, 128, 4, warps=8), _fcfg(64, 64, 64, 128, 2), _fcfg(64, 64, 64, 128, 4)],
+    512: [_fcfg(128, 128, 64, 64, 2, warps=8), _fcfg(128, 128, 128, 64, 4, warps=8), _fcfg(64, 128, 128, 64, 2)],
+    1024: [_fcfg(128, 256, 128, 64, 2, warps=8), _fcfg(128, 128, 64, 64, 2, warps=8),
+           _fcfg(128, 128, 128, 64, 2, warps=8)],
 }  # fmt: skip
 # w8a8: the int8 dot takes twice the K per byte, so the K steps are twice as deep (the
 # weight bytes a step keeps in flight stay those of the float tables). 5 stages, 8 warps,
@@ -326,15 +337,17 @@ FUSED_W8A8_CONFIGS = {
 FUSED_W8A8_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
 
 
-# w8a16: the float tables' tiles with K steps twice as deep (the int8 weight bytes a step keeps
-# in flight stay those of the float tables). Not yet measured on a GPU.
+# w8a16: bench/probe_fused_configs.py's leaders at 768x3072 and 384x1536 (H200, bench/RESULTS.md
+# section 18; M = 32 was not swept: the neighbours' leaders).
 FUSED_W8A16_CONFIGS = {
-    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 64, 64, 128, 8)],
-    32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(32, 64, 64, 128, 8)],
-    64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4)],
-    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
+    16: [_fcfg(16, 64, 64, 128, 8), _fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4)],
+    32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(16, 64, 64, 128, 8)],
+    64: [_fcfg(32, 64, 64, 256, 4), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 128, 128, 128, 4)],
+    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(16, 128, 128, 128, 4), _fcfg(32, 64, 64, 256, 4)],
 }  # fmt: skip
-# w8a16 decode above FUSED_MAX_WEIGHT elements: the w8a8 decode config's tiles (not yet measured).
+# w8a16 decode above FUSED_MAX_WEIGHT elements: at 4096x16384 the w8a8 decode config's tiles
+# ran 57.5 and 55.6 us at M = 1 and 16 (128-deep K steps 66-67, 64-wide GEMM1 tiles 65-74);
+# the two launches 77-78, fp16 eager 77-79 (section 18). Pinned, as for w8a8.
 FUSED_W8A16_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
 
 
@@ -348,10 +361,11 @@ def fused_bucket(m: int) -> int:
 _INTERPRETER_CONFIG = _fcfg(16, 32, 32, 32, 2, stages=1)
 
 
-def _configs_for(m: int, d: int, f: int, tables: dict, large: dict | None) -> list[triton.Config]:
+def _configs_for(m: int, d: int, f: int, tables: dict, large: dict | None, wide: bool = False) -> list[triton.Config]:
+    # wide: fp32 x, whose tiles take twice the shared memory: the medium-M tiles do not fit
     if interpreting():
         return [_INTERPRETER_CONFIG]
-    bucket = fused_bucket(m)
+    bucket = min(fused_bucket(m), FUSED_MAX_M_FP32) if wide else fused_bucket(m)
     if large is not None and d * f > FUSED_MAX_WEIGHT and bucket in large:
         return large[bucket]
     configs = tables[min(bucket, max(tables))]
@@ -361,7 +375,8 @@ def _configs_for(m: int, d: int, f: int, tables: dict, large: dict | None) -> li
 def _pruner(tables: dict, large: dict | None):
     def prune(configs, named_args, **kwargs):
         m, d, f = named_args["M"], named_args["D"], named_args["F"]
-        wanted = {_config_key(c) for c in _configs_for(m, d, f, tables, large)}
+        wide = named_args["x_ptr"].element_size() == 4
+        wanted = {_config_key(c) for c in _configs_for(m, d, f, tables, large, wide)}
         keep = [c for c in configs if _config_key(c) in wanted]
         return keep or configs[:1]
 
@@ -412,11 +427,11 @@ def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_e
     return h, partial, count, absmax
 
 
-def _sizes(m: int, d: int, f: int, tables: dict, large: dict | None) -> tuple[int, int, int, int]:
+def _sizes(m: int, d: int, f: int, tables: dict, large: dict | None, wide: bool) -> tuple[int, int, int, int]:
     """(h elements, partial elements, counters, rows) for the largest layout any config of
     m's bucket may take."""
     partial, counters = 0, 0
-    for c in _configs_for(m, d, f, tables, large):
+    for c in _configs_for(m, d, f, tables, large, wide):
         bm, bd, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["SPLIT_F"]
         tiles = triton.cdiv(m, bm) * triton.cdiv(d, bd)
         partial = max(partial, tiles * bm * bd * split)
@@ -441,9 +456,9 @@ def fused_mlp_enabled() -> bool:
 
 def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the op runs a float MLP of m rows in this one launch (small weights, few
-    rows: see FUSED_MAX_WEIGHT and FUSED_MAX_M; not with GELUGEMM_FUSED_MLP=0)."""
+    rows: see FUSED_MAX_WEIGHT, FUSED_MAX_M and FUSED_MAX_M_FP32; not with GELUGEMM_FUSED_MLP=0)."""
     return (
-        0 < m <= FUSED_MAX_M
+        0 < m <= (FUSED_MAX_M_FP32 if w1.dtype == torch.float32 else FUSED_MAX_M)
         and w1.numel() <= FUSED_MAX_WEIGHT
         and w2.numel() <= FUSED_MAX_WEIGHT
         and fused_mlp_enabled()
@@ -690,4 +705,5 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
     tables = {None: (_fused_mlp, FUSED_CONFIGS, None), "w8a8": (_fused_w8a8_mlp, FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS),
               "w8a16": (_fused_w8a16_mlp, FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)}  # fmt: skip
     kernel, configs, large = tables[scheme]
-    return kernel, grid, scalars, constexprs, key, _sizes(m, d, f, configs, large), [None], d
+    sizes = _sizes(m, d, f, configs, large, x.dtype == torch.float32)
+    return kernel, grid, scalars, constexprs, key, sizes, [None], d

@@ -23,6 +23,7 @@ from kernels.errors import LaunchError
 from int8_helpers import float64_mlp, int8_mlp, quantize_weight
 from kernels.fused_mlp import (
     FUSED_MAX_M,
+    FUSED_MAX_M_FP32,
     FUSED_MAX_WEIGHT,
     FUSED_W8A8_MAX_M,
     FUSED_W8A8_MAX_WEIGHT,
@@ -169,13 +170,27 @@ def test_fused_mlp_rejects_bad_operands(case, message):
 
 
 def test_the_op_takes_one_launch_for_small_models_at_few_rows():
-    small = torch.empty(3072, 768)
-    large = torch.empty(16384, 4096)
+    small = torch.empty(3072, 768, dtype=torch.float16)
+    large = torch.empty(16384, 4096, dtype=torch.float16)
     assert fused_mlp_applies(1, small, small.t())
     assert fused_mlp_applies(FUSED_MAX_M, small, small.t())
     assert not fused_mlp_applies(FUSED_MAX_M + 1, small, small.t())
     assert not fused_mlp_applies(16, large, large.t())
     assert large.numel() > FUSED_MAX_WEIGHT >= small.numel()
+    # fp32 only up to the rows whose tiles fit its shared memory
+    small32 = small.float()
+    assert fused_mlp_applies(FUSED_MAX_M_FP32, small32, small32.t())
+    assert not fused_mlp_applies(FUSED_MAX_M_FP32 + 1, small32, small32.t())
+    assert FUSED_MAX_M_FP32 < FUSED_MAX_M
+
+
+def test_fp32_at_medium_rows_tunes_over_the_tiles_that_fit_it(monkeypatch):
+    # a direct fused_mlp call with fp32 x above FUSED_MAX_M_FP32 rows keeps its bucket's
+    # smaller tiles: the medium-M ones (128 x 256 x 64 in 3 stages) exceed the shared memory
+    monkeypatch.setattr(fused_module, "interpreting", lambda: False)
+    tables = fused_module.FUSED_CONFIGS
+    assert fused_module._configs_for(1024, 768, 3072, tables, None)[0] in tables[1024]
+    assert fused_module._configs_for(1024, 768, 3072, tables, None, wide=True)[0] in tables[FUSED_MAX_M_FP32]
 
 
 @pytest.mark.parametrize(
@@ -371,6 +386,9 @@ def test_w8a8_decode_above_the_small_weights_runs_its_one_measured_config(monkey
         assert fused_module._configs_for(m, 768, 3072, *w8a8)[0] in fused_module.FUSED_W8A8_CONFIGS[16]
         assert fused_module._configs_for(m, 4096, 16384, fused_module.FUSED_CONFIGS, None)[0] in fused_module.FUSED_CONFIGS[16]
     assert fused_module._configs_for(64, 4096, 16384, *w8a8)[0] in fused_module.FUSED_W8A8_CONFIGS[64]
+    w8a16 = (fused_module.FUSED_W8A16_CONFIGS, fused_module.FUSED_W8A16_LARGE_CONFIGS)
+    for m in (1, 16):
+        assert fused_module._configs_for(m, 4096, 16384, *w8a16) == fused_module.FUSED_W8A16_LARGE_CONFIGS[16]
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,7 +506,7 @@ def test_the_op_runs_w8a16_in_one_launch_with_the_two_launches_answer(monkeypatc
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("d,f", [(768, 3072), (384, 1536), (1024, 4096)])
-@pytest.mark.parametrize("m", [1, 16, 33, 64, 100, 128])
+@pytest.mark.parametrize("m", [1, 16, 33, 64, 100, 128, 256, 700, 1024])
 def test_fused_mlp_real_sizes(dtype, d, f, m):
     torch.manual_seed(m + d)
     tdtype = FLOAT[dtype]
