@@ -44,6 +44,9 @@ SIZES = dict(M=2048, N=16384, K=4096, NUM_SMS=132)
 SPLIT_SIZES = dict(M=128, N=4096, K=16384, NUM_SMS=132)
 
 
+SHARED_MEMORY_LIMIT = 232448  # bytes a program may take on sm_90 (227 KiB)
+
+
 def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config, sizes: dict = SIZES):
     """Compile `kernel` with runtime argument types `types` (a tensor the call does not
     have is a constexpr None), its heuristics evaluated at `sizes`; return (compiled
@@ -60,9 +63,15 @@ def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config, si
     source = ASTSource(fn=jit, signature=signature, constexprs={n: values[n] for n in jit.arg_names if n in values})
     try:
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        return triton.compile(source, target=TARGET, options=options), None
+        compiled = triton.compile(source, target=TARGET, options=options)
     except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1
         return None, " | ".join(str(exc).strip().splitlines()[-3:])[:300]
+    # what loading it on the GPU would refuse (Triton checks only there): more shared memory
+    # than an H100/H200 gives one program
+    shared = getattr(compiled.metadata, "shared", 0)
+    if shared > SHARED_MEMORY_LIMIT:
+        return None, f"needs {shared} bytes of shared memory, more than {SHARED_MEMORY_LIMIT}"
+    return compiled, None
 
 
 def _ints(*names):
@@ -270,35 +279,46 @@ def split_k_cases():
 
 def fused_cases():
     """The one-launch MLP (kernels/fused_mlp.py): every float config for fp16 with both
-    biases, one config for bf16, fp32 and the layouts and biases; every w8a8 config for
-    fp16 with SmoothQuant, one for bf16 without."""
+    biases and for fp32 (every one within the shared memory limit), one config for bf16 and the layouts and
+    biases; every w8a8 config for fp16 with SmoothQuant, one for bf16 without; every w8a16
+    config for fp16 per group of 128, one for bf16 per channel."""
     kernel = fused_mlp._fused_mlp
     w8a8_kernel = fused_mlp._fused_w8a8_mlp
+    w8a16_kernel = fused_mlp._fused_w8a16_mlp
 
-    def unique(tables):
-        return list({gemm_config_key(c): c for cfgs in tables.values() for c in cfgs}.values())
+    def unique(*tables):
+        return list({gemm_config_key(c): c for table in tables for c in table.values()}.values())
 
     def types(dt, w8a8=False):
         w = "i8" if w8a8 else dt
         t = {"x_ptr": f"*{dt}", "w1_ptr": f"*{w}", "b1_ptr": f"*{dt}", "w2_ptr": f"*{w}", "b2_ptr": f"*{dt}",
              "y_ptr": f"*{dt}", "h_ptr": f"*{dt}", "partial_ptr": "*fp32", "counters_ptr": "*i32",
              **_ints("M", "D", "F", "M_BUCKET", "NUM_PROGRAMS", "stride_xm", "stride_xk", "stride_w1k",
-                     "stride_w1n", "stride_w2k", "stride_w2n", "stride_ym", "stride_w1s", "stride_w2s")}  # fmt: skip
+                     "stride_w1n", "stride_w2k", "stride_w2n", "stride_ym", "stride_w1s", "stride_w2s",
+                     "stride_w1sg", "stride_w2sg")}  # fmt: skip
         if w8a8:
             t.update(w1_scale_ptr="*fp32", w2_scale_ptr="*fp32", smooth_ptr="*fp32", absmax_ptr="*fp32")
         return t
 
     absent = dict(w1_scale_ptr=None, w2_scale_ptr=None, smooth_ptr=None, absmax_ptr=None)
-    base = dict(HAS_B1=True, HAS_B2=True, ACTIVATION="erf", W8A8=False, HAS_SMOOTH=False, DOT_F32=False,
-                INPUT_PRECISION="ieee", INTERPRETER=False)  # fmt: skip
+    base = dict(HAS_B1=True, HAS_B2=True, ACTIVATION="erf", W8A8=False, HAS_SMOOTH=False, W8A16=False, GROUP_K=0,
+                DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)  # fmt: skip
     configs = unique(fused_mlp.FUSED_CONFIGS)
     for config in configs:
         yield kernel, types("fp16"), {**base, **absent}, config, "fused fp16 erf"
-    for dt, act, b2 in (("bf16", "tanh", True), ("fp32", "quick", False), ("fp16", "tanh", False)):
+        yield kernel, types("fp32"), {**base, **absent}, config, "fused fp32 erf"
+    for dt, act, b2 in (("bf16", "tanh", True), ("fp16", "tanh", False)):
         cx = {**base, **absent, "ACTIVATION": act, "HAS_B2": b2}
         yield kernel, types(dt), cx, configs[0], f"fused {dt} {act} b2={b2}"
+    w8a16 = {**base, "W8A16": True, "GROUP_K": 128, "smooth_ptr": None, "absmax_ptr": None}
+    w8a16_types = types("fp16", True)  # the int8 weights and their scales
+    w8a16_configs = unique(fused_mlp.FUSED_W8A16_CONFIGS, fused_mlp.FUSED_W8A16_LARGE_CONFIGS)
+    for config in w8a16_configs:
+        yield w8a16_kernel, w8a16_types, w8a16, config, "fused w8a16 fp16 group:128"
+    bf16_types = {**w8a16_types, "x_ptr": "*bf16", "b1_ptr": "*bf16", "b2_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16"}
+    yield w8a16_kernel, bf16_types, {**w8a16, "GROUP_K": 0}, w8a16_configs[0], "fused w8a16 bf16 per-channel"
     w8a8 = {**base, "W8A8": True, "HAS_SMOOTH": True}
-    w8a8_configs = unique(fused_mlp.FUSED_W8A8_CONFIGS) + unique(fused_mlp.FUSED_W8A8_LARGE_CONFIGS)
+    w8a8_configs = unique(fused_mlp.FUSED_W8A8_CONFIGS, fused_mlp.FUSED_W8A8_LARGE_CONFIGS)
     for config in w8a8_configs:
         yield w8a8_kernel, types("fp16", True), w8a8, config, "fused w8a8 fp16 erf smooth"
     types_bf16 = {k: v for k, v in types("bf16", True).items() if k != "smooth_ptr"}

@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -244,6 +244,25 @@ PY
           >>"$OUT/fused-medium-decode.txt" 2>&1 || status=1
       done
       summary+=("fused-medium: see fused-medium-float.txt, fused-medium-w8a16.txt, fused-medium-decode.txt")
+      ;;
+    fused-final)
+      # Issue 16, session 10's last check: the pinned one-launch configs (one per row bucket)
+      # on the GPU tests of the one launch, the op, CUDA graphs and w8a16; the op through
+      # `gelugemm bench` (graph) at 768x3072 float and w8a16; the 4096x16384 int8 decode rows
+      # with tanh (the bench's default is erf) and the probe with erf, to place the bench's
+      # slower M=1 w8a8 row.
+      python3 -m pytest -q -rf -p no:cacheprovider -n 8 -m gpu tests/test_fused_mlp.py tests/test_cuda_graph.py \
+        tests/test_op_int8.py tests/test_w8a16.py tests/test_op.py >"$OUT/final-tests.log" 2>&1 || status=1
+      summary+=("fused-final tests: $(tail -n 1 "$OUT/final-tests.log")")
+      while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/final-tests.log")
+      {
+        gg bench --cuda-graph --shape 768,3072 --dtype fp16 --tokens 128,256,512,1024 --peers eager,cublaslt
+        gg bench --cuda-graph --shape 768,3072 --dtype w8a16 --tokens 64,128 --peers eager
+        gg bench --cuda-graph --shape 4096,16384 --dtype w8a16,w8a8 --activations dynamic --gelu tanh --tokens 1,2,16 --peers eager
+        python3 bench/probe_fused.py --dtype w8a8 --gelu erf --shapes 4096x16384 --tokens 1,2,16
+      } >"$OUT/final-bench.txt" 2>&1 || status=1
+      summary+=("fused-final: see final-bench.txt")
+      while read -r line; do summary+=("  $line"); done < <(grep -E '^ *4096x16384 ' "$OUT/final-bench.txt")
       ;;
     fused-sweep)
       # Issue 16's medium rows on small models and the one-launch w8a16: every candidate config

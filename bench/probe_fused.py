@@ -6,6 +6,7 @@ GEMM1, quantize h, GEMM2) and fp16 eager, checked against the w8a8 torch referen
 (Kernel-development probe: picks FUSED_MAX_M, FUSED_MAX_WEIGHT and the w8a8 bounds.)
 
     python3 bench/probe_fused.py [--shapes 768x3072,384x1536,1024x4096] [--tokens 1,16,...] [--dtype fp16|bf16|w8a8]
+        [--gelu erf|tanh|quick]
 """
 
 import argparse
@@ -34,7 +35,9 @@ def main():
     parser.add_argument("--shapes", default="768x3072,384x1536,1024x4096")
     parser.add_argument("--tokens", default="1,16,32,64,128,256")
     parser.add_argument("--dtype", default="fp16")
+    parser.add_argument("--gelu", default="tanh", help="the GELU flavour of every path: erf, tanh or quick")
     args = parser.parse_args()
+    gelu = args.gelu
     w8a8 = args.dtype == "w8a8"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "w8a8": torch.float16}[args.dtype]
     torch.manual_seed(0)
@@ -62,26 +65,31 @@ def main():
 
             def fused(i):
                 if w8a8:
-                    return fused_w8a8_mlp(xs[i], *sets[i], activation="tanh")
-                return fused_mlp(xs[i], *sets[i], activation="tanh")
+                    return fused_w8a8_mlp(xs[i], *sets[i], activation=gelu)
+                return fused_mlp(xs[i], *sets[i], activation=gelu)
 
             def two(i):
                 w1, b1, w2, b2 = sets[i]
                 if w8a8:  # the op's four launches of `dynamic`
                     xq, x_scale = quantize_activations(xs[i])
-                    h = w8a8_linear(xq, x_scale, w1, b1, activation="tanh", out_dtype=dtype)
+                    h = w8a8_linear(xq, x_scale, w1, b1, activation=gelu, out_dtype=dtype)
                     hq, h_scale = quantize_activations(h)
                     return w8a8_linear(hq, h_scale, w2, b2, out_dtype=dtype)
-                return gemm_bias_act(gemm_bias_act(xs[i], w1, b1, activation="tanh"), w2, b2)
+                return gemm_bias_act(gemm_bias_act(xs[i], w1, b1, activation=gelu), w2, b2)
 
             def eager(i):
                 w1, b1, w2, b2 = float_sets[i] if w8a8 else sets[i]
-                return F.linear(F.gelu(F.linear(xs[i], w1, b1), approximate="tanh"), w2, b2)
+                hidden = F.linear(xs[i], w1, b1)
+                if gelu == "quick":
+                    hidden = hidden * torch.sigmoid(1.702 * hidden)
+                else:
+                    hidden = F.gelu(hidden, approximate="tanh" if gelu == "tanh" else "none")
+                return F.linear(hidden, w2, b2)
 
             if w8a8:
-                exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", activations="dynamic").double()
+                exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour=gelu, activations="dynamic").double()
             else:
-                exact = mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", dtype=torch.float64)
+                exact = mlp_reference(xs[0], *sets[0], gelu_flavour=gelu, dtype=torch.float64)
             y = fused(0)
             err = ((y.double() - exact).norm() / exact.norm()).item()
             config = (fused_module._fused_w8a8_mlp if w8a8 else fused_module._fused_mlp).best_config

@@ -6,7 +6,7 @@ FUSED_W8A8_SMALL_MAX_M); a config that fails to compile or to match the referenc
     python3 bench/probe_fused_configs.py [--dtype fp16|bf16|w8a8|w8a16] [--shapes 768x3072] [--tokens 256,512,1024]
         [--json FILE]
 
-Each config runs alone (a one-config autotuner: nothing is benchmarked by Triton's autotuner).
+Each config runs alone (the one-launch kernel never autotunes: each row bucket has one config).
 "two" is the op's float or w8a16 path without the one launch (two GEMM launches; w8a16 with
 group:128 weights, its default), "four" the w8a8 `dynamic` path's four launches; "eager" is fp16/bf16 torch (F.linear, F.gelu, F.linear).
 """
@@ -54,17 +54,17 @@ def label(cfg):
 
 
 def force(cfg, scheme):
-    """Make the one launch run cfg alone, for every row count."""
-    table = {b: [cfg] for b in (16, 32, 64, 128, 256, 512, 1024, 2048)}
+    """Make the one launch run cfg, for every row count and weight size."""
+    table = {b: cfg for b in (16, 32, 64, 128, 256, 512, 1024, 2048)}
     if scheme == "w8a8":
         fm.FUSED_W8A8_CONFIGS, fm.FUSED_W8A8_LARGE_CONFIGS = table, {}
-        fm._fused_w8a8_mlp = fm._autotuned(table, {})
+        fm._fused_w8a8_mlp = fm._dispatched(table, {})
     elif scheme == "w8a16":
         fm.FUSED_W8A16_CONFIGS, fm.FUSED_W8A16_LARGE_CONFIGS = table, {}
-        fm._fused_w8a16_mlp = fm._autotuned(table, {})
+        fm._fused_w8a16_mlp = fm._dispatched(table, {})
     else:
         fm.FUSED_CONFIGS = table
-        fm._fused_mlp = fm._autotuned(table)
+        fm._fused_mlp = fm._dispatched(table)
     fm._plans.clear()
 
 

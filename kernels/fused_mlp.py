@@ -60,7 +60,6 @@ from kernels.gemm_base import (
     _to_output,
     _unique,
     _weight_tile,
-    autotune_enabled,
     gelu,
     round_to_int8,
     tensor_signature,
@@ -75,10 +74,8 @@ from kernels.schemes import ACTIVATION_DTYPES, FLOAT_DTYPES, GELU_FLAVOURS, Weig
 # two GEMM launches. On an H200 (bench/RESULTS.md sections 16 and 18) at 768x3072 it ran
 # 11-14 us up to 128 rows (1.1-1.35x eager), and from 256 to 1024 rows 18-35 us against the
 # two launches' 29-35 (eager 16-26); at 384x1536 and 1024x4096 it led the two launches too.
-# fp32 takes it up to FUSED_MAX_M_FP32 rows (its medium-M tiles are not measured).
 FUSED_MAX_WEIGHT = 1 << 22
 FUSED_MAX_M = 1024
-FUSED_MAX_M_FP32 = 128
 # w8a8 `dynamic` (fused_w8a8_mlp): its four launches (quantize x, GEMM1, quantize h, GEMM2)
 # cost more host time than a decode step's GPU time even at 4096x16384; the one launch is
 # as fast on the GPU up to 16 rows there and up to 128 on small models. H200, us, graph
@@ -283,15 +280,21 @@ def fused_mlp_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Configs: keyed by fused_bucket(M)
+# Configs: one per fused_bucket(M), measured, not tuned
 # ---------------------------------------------------------------------------------------
 # BLOCK_F is GEMM1's output tile width, BLOCK_D GEMM2's; BLOCK_K is both K steps. The
 # time is a chain of latencies (GEMM1's K loop, the wait, GEMM2's share of K, the
 # reduction), so the leaders make as many short units as there are SMs: at 768x3072 and
 # up to 32 rows, 16x64 GEMM1 tiles (48 a row block) and GEMM2 split four or eight ways over
-# 128-deep K steps; from 33 rows one 64-row block. On an H200 (bench/probe_fused.py,
-# bench/RESULTS.md section 16) a bucket tuned at 32 rows and reused at 64 ran 16.2 us where
-# 64-row tiles ran 13.8 at 128 rows: the buckets are powers of two.
+# 128-deep K steps; from 33 rows 64-row blocks, from 129 rows 128-row blocks with 8 warps.
+#
+# Each bucket runs the one config that led bench/probe_fused_configs.py (every candidate
+# timed alone, CUDA-graph replays; probe_fused.py in session 8) on an H200 (bench/RESULTS.md
+# sections 16 to 18), not an autotuner's pick: three times Triton's autotuner chose a config
+# that ran 1.2-1.45x slower in the same process than the probe's leader (w8a8 decode at
+# 4096x16384: 75-79 us against 57-60; w8a16 at 768x3072, M=128: 25.7 against 17.7; fp16 at
+# M=1024: 39.7 against 34.7). The buckets are powers of two: a bucket tuned at 32 rows and
+# reused at 64 ran 16.2 us where 64-row tiles ran 13.8 at 128 rows (section 16).
 
 
 def _fcfg(bm, bf, bd, bk, split, warps=4, stages=3) -> triton.Config:
@@ -302,57 +305,45 @@ def _fcfg(bm, bf, bd, bk, split, warps=4, stages=3) -> triton.Config:
     )
 
 
+# 768x3072 leaders, µs (section 16: 16-128 rows; section 18: 256-1024, with the runners-up
+# 64x64x64x128x2 19.1, 128x128x128x64x4 26.3, 128x128x128x64x2 36.6)
 FUSED_CONFIGS = {
-    16: [_fcfg(16, 64, 64, 128, 8), _fcfg(16, 64, 64, 128, 4), _fcfg(16, 32, 64, 128, 4), _fcfg(16, 64, 64, 64, 8)],
-    32: [_fcfg(16, 64, 64, 128, 4), _fcfg(16, 64, 64, 128, 8), _fcfg(32, 64, 64, 128, 4), _fcfg(32, 64, 64, 128, 8)],
-    64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8), _fcfg(32, 64, 64, 128, 4), _fcfg(32, 64, 64, 128, 8),
-         _fcfg(64, 32, 64, 128, 8)],
-    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 128, 8), _fcfg(64, 32, 64, 128, 8), _fcfg(64, 64, 64, 64, 4),
-          _fcfg(128, 64, 64, 64, 2, warps=8)],
-    # From 129 rows, bench/probe_fused_configs.py's leaders (H200, bench/RESULTS.md section
-    # 18): 128-row blocks with 8 warps, wider tiles as the rows grow.
-    256: [_fcfg(128, 64, 64, 128, 4, warps=8), _fcfg(64, 64, 64, 128, 2), _fcfg(64, 64, 64, 128, 4)],
-    512: [_fcfg(128, 128, 64, 64, 2, warps=8), _fcfg(128, 128, 128, 64, 4, warps=8), _fcfg(64, 128, 128, 64, 2)],
-    1024: [_fcfg(128, 256, 128, 64, 2, warps=8), _fcfg(128, 128, 64, 64, 2, warps=8),
-           _fcfg(128, 128, 128, 64, 2, warps=8)],
-}  # fmt: skip
+    16: _fcfg(16, 64, 64, 128, 8),  # 11.0
+    32: _fcfg(32, 64, 64, 128, 8),  # 12.5
+    64: _fcfg(64, 64, 64, 128, 8),  # 13.8
+    128: _fcfg(64, 64, 64, 128, 4),  # 13.9
+    256: _fcfg(128, 64, 64, 128, 4, warps=8),  # 18.3
+    512: _fcfg(128, 128, 64, 64, 2, warps=8),  # 25.5
+    1024: _fcfg(128, 256, 128, 64, 2, warps=8),  # 34.7
+}
 # w8a8: the int8 dot takes twice the K per byte, so the K steps are twice as deep (the
-# weight bytes a step keeps in flight stay those of the float tables). 5 stages, 8 warps,
-# 32-wide GEMM1 tiles and 128-deep K steps were never chosen at up to 16 rows (dropped). A
-# 128-row GEMM1 tile (8 warps, GEMM2 split 2 ways) ran 40 us at 768x3072, M=128, against 23
-# for 64-row tiles: dropped.
+# weight bytes a step keeps in flight stay those of the float tables). 768x3072 leaders
+# (sections 17 and 18; a 128-row GEMM1 tile ran 35-46 us at 64 and 128 rows).
 FUSED_W8A8_CONFIGS = {
-    16: [_fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4)],
-    32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(32, 64, 64, 128, 8), _fcfg(16, 64, 64, 256, 8)],
-    64: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
-    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(64, 64, 64, 256, 4), _fcfg(64, 64, 64, 128, 8)],
-}  # fmt: skip
-
-
-# w8a8 above FUSED_MAX_WEIGHT elements a weight (the op runs it up to 16 rows there): one
-# config. At 4096x16384, M=1 and 16, 128-wide GEMM2 tiles (32 of them, split 4 ways) ran
-# 57.2-60.0 us in two runs of bench/probe_fused.py, where the 64-wide ones ran 74.9-77.2;
-# `gelugemm bench`, tuning among both widths in its own process, ran 75-79 us in the same
-# run (the 64-wide tiles' time, so most likely their pick): pinned, not tuned.
-FUSED_W8A8_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
-
-
-# w8a16: bench/probe_fused_configs.py's leaders at 768x3072 and 384x1536 (H200, bench/RESULTS.md
-# section 18; M = 32 was not swept: the neighbours' leaders).
+    16: _fcfg(16, 64, 64, 256, 8),
+    32: _fcfg(16, 64, 64, 256, 4),
+    64: _fcfg(64, 64, 64, 128, 8),  # 22.2-22.8 (64x64x64x128x4: 23.2-23.3)
+    128: _fcfg(64, 64, 64, 128, 4),  # 23.1-23.2
+}
+# w8a16: 768x3072 and 384x1536 leaders (section 18), µs at 768x3072; M = 32 was not swept
+# (the 16-row leader's tiles with the 64-row leader's depth).
 FUSED_W8A16_CONFIGS = {
-    16: [_fcfg(16, 64, 64, 128, 8), _fcfg(16, 64, 64, 256, 8), _fcfg(16, 64, 64, 256, 4)],
-    32: [_fcfg(16, 64, 64, 256, 4), _fcfg(32, 64, 64, 256, 4), _fcfg(16, 64, 64, 128, 8)],
-    64: [_fcfg(32, 64, 64, 256, 4), _fcfg(16, 64, 64, 256, 4), _fcfg(16, 128, 128, 128, 4)],
-    128: [_fcfg(64, 64, 64, 128, 4), _fcfg(16, 128, 128, 128, 4), _fcfg(32, 64, 64, 256, 4)],
-}  # fmt: skip
-# w8a16 decode above FUSED_MAX_WEIGHT elements: at 4096x16384 the w8a8 decode config's tiles
-# ran 57.5 and 55.6 us at M = 1 and 16 (128-deep K steps 66-67, 64-wide GEMM1 tiles 65-74);
-# the two launches 77-78, fp16 eager 77-79 (section 18). Pinned, as for w8a8.
-FUSED_W8A16_LARGE_CONFIGS = {16: [_fcfg(16, 128, 128, 256, 4)]}
+    16: _fcfg(16, 64, 64, 128, 8),  # 11.3-11.8
+    32: _fcfg(16, 64, 64, 256, 4),
+    64: _fcfg(32, 64, 64, 256, 4),  # 14.3
+    128: _fcfg(64, 64, 64, 128, 4),  # 17.7 (at 384x1536 12.6 against its leader's 12.1)
+}
+
+# Above FUSED_MAX_WEIGHT elements a weight (int8, up to 16 rows): at 4096x16384, M=1 and 16,
+# 128-wide GEMM2 tiles (32 of them, split 4 ways) ran w8a8 in 57.2-60.0 us where the 64-wide
+# ones ran 74.9-77.2 (section 17), and w8a16 in 55.6-57.5 us where 128-deep K steps ran
+# 66-67 and 64-wide GEMM1 tiles 65-74 (section 18).
+FUSED_W8A8_LARGE_CONFIGS = {16: _fcfg(16, 128, 128, 256, 4)}
+FUSED_W8A16_LARGE_CONFIGS = {16: _fcfg(16, 128, 128, 256, 4)}
 
 
 def fused_bucket(m: int) -> int:
-    """Autotuning key for the row count: the next power of two from 16."""
+    """The configs' key for the row count: the next power of two from 16."""
     return max(16, triton.next_power_of_2(m))
 
 
@@ -361,44 +352,43 @@ def fused_bucket(m: int) -> int:
 _INTERPRETER_CONFIG = _fcfg(16, 32, 32, 32, 2, stages=1)
 
 
-def _configs_for(m: int, d: int, f: int, tables: dict, large: dict | None, wide: bool = False) -> list[triton.Config]:
-    # wide: fp32 x, whose tiles take twice the shared memory: the medium-M tiles do not fit
+def _config_for(m: int, d: int, f: int, table: dict, large: dict | None) -> triton.Config:
+    """The config of m rows' bucket (tables end at their largest bucket); large: the one for
+    weights above FUSED_MAX_WEIGHT elements."""
     if interpreting():
-        return [_INTERPRETER_CONFIG]
-    bucket = min(fused_bucket(m), FUSED_MAX_M_FP32) if wide else fused_bucket(m)
+        return _INTERPRETER_CONFIG
+    bucket = fused_bucket(m)
     if large is not None and d * f > FUSED_MAX_WEIGHT and bucket in large:
         return large[bucket]
-    configs = tables[min(bucket, max(tables))]
-    return configs if autotune_enabled() else configs[:1]
+    return table[min(bucket, max(table))]
 
 
-def _pruner(tables: dict, large: dict | None):
+def _pruner(table: dict, large: dict | None):
     def prune(configs, named_args, **kwargs):
-        m, d, f = named_args["M"], named_args["D"], named_args["F"]
-        wide = named_args["x_ptr"].element_size() == 4
-        wanted = {_config_key(c) for c in _configs_for(m, d, f, tables, large, wide)}
-        keep = [c for c in configs if _config_key(c) in wanted]
-        return keep or configs[:1]
+        wanted = _config_key(_config_for(named_args["M"], named_args["D"], named_args["F"], table, large))
+        return [c for c in configs if _config_key(c) == wanted]
 
     return prune
 
 
-def _autotuned(tables: dict, large: dict | None = None):
+def _dispatched(table: dict, large: dict | None = None):
+    # Triton's autotuner as a dispatcher: its pruner keeps the one config of the call's bucket
+    # (nothing is benchmarked)
     if interpreting():
         # a second (never chosen) config makes the autotuner consult the pruner
         configs = [_INTERPRETER_CONFIG, _fcfg(16, 32, 32, 32, 1, stages=1)]
     else:
-        configs = _unique(c for table in (tables, large or {}) for configs in table.values() for c in configs)
+        configs = _unique(c for t in (table, large or {}) for c in t.values())
     return triton.autotune(
         configs=configs,
         key=["M_BUCKET", "D", "F", "stride_w1k", "stride_w2k"],
-        prune_configs_by={"early_config_prune": _pruner(tables, large)},
+        prune_configs_by={"early_config_prune": _pruner(table, large)},
     )(fused_mlp_kernel)
 
 
-_fused_mlp = _autotuned(FUSED_CONFIGS)
-_fused_w8a8_mlp = _autotuned(FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS)
-_fused_w8a16_mlp = _autotuned(FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)
+_fused_mlp = _dispatched(FUSED_CONFIGS)
+_fused_w8a8_mlp = _dispatched(FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS)
+_fused_w8a16_mlp = _dispatched(FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,16 +417,12 @@ def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_e
     return h, partial, count, absmax
 
 
-def _sizes(m: int, d: int, f: int, tables: dict, large: dict | None, wide: bool) -> tuple[int, int, int, int]:
-    """(h elements, partial elements, counters, rows) for the largest layout any config of
-    m's bucket may take."""
-    partial, counters = 0, 0
-    for c in _configs_for(m, d, f, tables, large, wide):
-        bm, bd, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["SPLIT_F"]
-        tiles = triton.cdiv(m, bm) * triton.cdiv(d, bd)
-        partial = max(partial, tiles * bm * bd * split)
-        counters = max(counters, 2 * triton.cdiv(m, bm) + tiles)
-    return m * f, partial, counters, m
+def _sizes(m: int, d: int, f: int, table: dict, large: dict | None) -> tuple[int, int, int, int]:
+    """(h elements, partial elements, counters, rows) for the layout m's config takes."""
+    c = _config_for(m, d, f, table, large)
+    bm, bd, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["SPLIT_F"]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(d, bd)
+    return m * f, tiles * bm * bd * split, 2 * triton.cdiv(m, bm) + tiles, m
 
 
 @functools.lru_cache(maxsize=None)
@@ -456,9 +442,9 @@ def fused_mlp_enabled() -> bool:
 
 def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the op runs a float MLP of m rows in this one launch (small weights, few
-    rows: see FUSED_MAX_WEIGHT, FUSED_MAX_M and FUSED_MAX_M_FP32; not with GELUGEMM_FUSED_MLP=0)."""
+    rows: see FUSED_MAX_WEIGHT and FUSED_MAX_M; not with GELUGEMM_FUSED_MLP=0)."""
     return (
-        0 < m <= (FUSED_MAX_M_FP32 if w1.dtype == torch.float32 else FUSED_MAX_M)
+        0 < m <= FUSED_MAX_M
         and w1.numel() <= FUSED_MAX_WEIGHT
         and w2.numel() <= FUSED_MAX_WEIGHT
         and fused_mlp_enabled()
@@ -490,7 +476,7 @@ def _int8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight, smal
         max_m = small_max_m
     else:
         f = w1.data.numel() // max(d, 1)
-        tile = large[16][0].kwargs
+        tile = large[16].kwargs
         units1 = triton.cdiv(f, tile["BLOCK_F"])
         units2 = triton.cdiv(d, tile["BLOCK_D"]) * tile["SPLIT_F"]
         max_m = FUSED_W8A8_MAX_M if min(units1, units2) >= FUSED_W8A8_MIN_UNITS else 0
@@ -705,5 +691,4 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
     tables = {None: (_fused_mlp, FUSED_CONFIGS, None), "w8a8": (_fused_w8a8_mlp, FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS),
               "w8a16": (_fused_w8a16_mlp, FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)}  # fmt: skip
     kernel, configs, large = tables[scheme]
-    sizes = _sizes(m, d, f, configs, large, x.dtype == torch.float32)
-    return kernel, grid, scalars, constexprs, key, sizes, [None], d
+    return kernel, grid, scalars, constexprs, key, _sizes(m, d, f, configs, large), [None], d
