@@ -180,7 +180,10 @@ def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_pt
     tl.atomic_add(ready_ptr + pid_m, 1, sem="release")
 
 
-@triton.jit
+# M is not specialized: Triton compiles a separate kernel for M == 1, and with the erf GELU
+# that one ran the w8a8 decode MLP at 4096x16384 in 79-80 us against 59-60 at M = 2 (H200,
+# bench/RESULTS.md section 18). M only bounds rows and masks; nothing gains from its value.
+@triton.jit(do_not_specialize=["M"])
 def fused_mlp_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, h_ptr, partial_ptr, counters_ptr,
     w1_scale_ptr, w2_scale_ptr, smooth_ptr, absmax_ptr,
