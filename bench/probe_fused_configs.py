@@ -4,7 +4,7 @@ against the op's other paths and eager on the same weights and inputs: CUDA-grap
 FUSED_W8A8_SMALL_MAX_M); a config that fails to compile or to match the reference says so.
 
     python3 bench/probe_fused_configs.py [--dtype fp16|bf16|w8a8|w8a16] [--shapes 768x3072] [--tokens 256,512,1024]
-        [--json FILE]
+        [--json FILE] [--gelu erf|tanh]
 
 Each config runs alone (the one-launch kernel never autotunes: each row bucket has one config).
 "two" is the op's float or w8a16 path without the one launch (two GEMM launches; w8a16 with
@@ -81,7 +81,9 @@ def main():
     parser.add_argument("--tokens", default="256,512,1024")
     parser.add_argument("--dtype", default="fp16")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--gelu", default="tanh", help="erf or tanh (every path)")
     args = parser.parse_args()
+    gelu = args.gelu
     scheme = args.dtype if args.dtype in ("w8a8", "w8a16") else None
     w8a8 = scheme == "w8a8"
     group_size = 128 if scheme == "w8a16" else None  # w8a16's default granularity
@@ -107,34 +109,34 @@ def main():
 
             def one(i):
                 if w8a8:
-                    return fm.fused_w8a8_mlp(xs[i], *sets[i], activation="tanh")
+                    return fm.fused_w8a8_mlp(xs[i], *sets[i], activation=gelu)
                 if scheme == "w8a16":
-                    return fm.fused_w8a16_mlp(xs[i], *sets[i], activation="tanh")
-                return fm.fused_mlp(xs[i], *sets[i], activation="tanh")
+                    return fm.fused_w8a16_mlp(xs[i], *sets[i], activation=gelu)
+                return fm.fused_mlp(xs[i], *sets[i], activation=gelu)
 
             def other(i):
                 w1, b1, w2, b2 = sets[i]
                 if w8a8:
                     xq, x_scale = quantize_activations(xs[i])
-                    h = w8a8_linear(xq, x_scale, w1, b1, activation="tanh", out_dtype=dtype)
+                    h = w8a8_linear(xq, x_scale, w1, b1, activation=gelu, out_dtype=dtype)
                     hq, h_scale = quantize_activations(h)
                     return w8a8_linear(hq, h_scale, w2, b2, out_dtype=dtype)
                 if scheme == "w8a16":
-                    return w8a16_linear(w8a16_linear(xs[i], w1, b1, activation="tanh"), w2, b2)
-                return gemm_bias_act(gemm_bias_act(xs[i], w1, b1, activation="tanh"), w2, b2)
+                    return w8a16_linear(w8a16_linear(xs[i], w1, b1, activation=gelu), w2, b2)
+                return gemm_bias_act(gemm_bias_act(xs[i], w1, b1, activation=gelu), w2, b2)
 
             def eager(i):
                 w1, b1, w2, b2 = float_sets[i]
-                return F.linear(F.gelu(F.linear(xs[i], w1, b1), approximate="tanh"), w2, b2)
+                return F.linear(F.gelu(F.linear(xs[i], w1, b1), approximate="tanh" if gelu == "tanh" else "none"), w2, b2)
 
             if w8a8:
-                exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", activations="dynamic").double()
+                exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour=gelu, activations="dynamic").double()
                 limit = 1e-2  # the kernel equals the reference up to rounding order in GEMM2's split sums
             elif scheme == "w8a16":
-                exact = w8a16_mlp_reference(xs[0], *sets[0], gelu_flavour="tanh").double()
+                exact = w8a16_mlp_reference(xs[0], *sets[0], gelu_flavour=gelu).double()
                 limit = 2e-3
             else:
-                exact = mlp_reference(xs[0], *sets[0], gelu_flavour="tanh", dtype=torch.float64)
+                exact = mlp_reference(xs[0], *sets[0], gelu_flavour=gelu, dtype=torch.float64)
                 limit = 2e-3 if dtype == torch.float16 else 1e-2
 
             def err(y):
