@@ -1,4 +1,5 @@
-"""The whole MLP in one launch, for small float models at few rows and for w8a8 `dynamic`:
+"""The whole MLP in one launch, for small float models (up to 1024 rows) and for int8 (w8a8
+`dynamic`, w8a16) at few rows:
 
     y = GELU(x @ W1^T + b1) @ W2^T + b2
 
@@ -38,6 +39,11 @@ before the release); a GEMM2 unit reads its rows' absmax once the row block is c
 quantizes each K step of h as it loads it. The last reader of a row block zeroes its absmax
 with its counters. The arithmetic is kernels/w8a8.py's, so the result equals the four
 launches' (kernels/reference.py's w8a8_mlp_reference).
+
+w8a16 (fused_w8a16_mlp) runs the float units with int8 weights: each weight tile is
+dequantized in registers as kernels/w8a16.py's two launches dequantize it (a per-group scale
+on the tile, a per-channel one in the epilogue), so the result is theirs up to the order of
+GEMM2's split sums.
 """
 
 from __future__ import annotations

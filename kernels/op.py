@@ -15,9 +15,9 @@ The int8 schemes take `QuantizedWeight`s (int8 data with their scales):
     y = op(x, w1_q, b1, w2_q, b2)      # x and y bf16
 
 w8a16 dequantizes the weights inside the GEMMs (at few rows, both GEMMs in one launch:
-kernels/fused_mlp.py). w8a8 quantizes both GEMM inputs, x and
-GELU's output h, as its activation scheme says (kernels/schemes.py's ActivationScheme;
-kernels/w8a8.py has the launches of each):
+kernels/fused_mlp.py). w8a8 quantizes both GEMM inputs, x and GELU's output h, as its
+activation scheme says (kernels/schemes.py's ActivationScheme; kernels/w8a8.py has the
+launches of each):
 
     dynamic   per-token scales computed at run time: x quantized per row, GEMM1 writes h
               in the activation dtype, h quantized per row (over all of d_ff), GEMM2 (at few
