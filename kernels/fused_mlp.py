@@ -537,20 +537,7 @@ def fused_w8a8_mlp(
     of d_ff, GEMM2. x [..., d_model] fp16, bf16 or fp32; w1, w2 QuantizedWeights with
     per-channel scales (data [d_ff, d_model] and [d_model, d_ff], or [in, out] with
     weight_layout="in_out"); float biases. Returns [..., d_model] in x's dtype."""
-    for name, w in (("w1", w1), ("w2", w2)):
-        if not isinstance(w, QuantizedWeight):
-            raise LaunchError(f"{name} must be a QuantizedWeight (int8 data and its scales), got {type(w).__name__}")
-    smooth = w1.smooth_scale
-    signature = (
-        x.shape, x.stride(), x.dtype, x.device, tensor_signature(w1.data), tensor_signature(w2.data),
-        tensor_signature(b1), tensor_signature(b2), activation, weight_layout, tensor_signature(w1.scale),
-        tensor_signature(w2.scale), tensor_signature(smooth), w1.group_size, w2.group_size, w2.smooth_scale is None,
-    )  # fmt: skip
-    plan = _plans.get(signature)
-    if plan is None:
-        plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, ("w8a8", w1, w2))
-        _plans[signature] = plan
-    return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, smooth)
+    return _int8_mlp("w8a8", x, w1, b1, w2, b2, activation, weight_layout)
 
 
 def fused_w8a16_mlp(
@@ -567,21 +554,27 @@ def fused_w8a16_mlp(
     weight tile dequantized in registers (per-group scales on the tile, per-channel ones in
     the epilogue), GEMM1 with GELU, h rounded to x's dtype, GEMM2. x [..., d_model] fp16 or
     bf16; w1, w2 QuantizedWeights of one granularity (data [d_ff, d_model] and [d_model,
-    d_ff], or [in, out] with weight_layout="in_out"); biases in x's dtype. Returns [..., d_model]
-    in x's dtype."""
+    d_ff], or [in, out] with weight_layout="in_out"); float biases. Returns [..., d_model] in
+    x's dtype."""
+    return _int8_mlp("w8a16", x, w1, b1, w2, b2, activation, weight_layout)
+
+
+def _int8_mlp(scheme, x, w1, b1, w2, b2, activation, weight_layout):
     for name, w in (("w1", w1), ("w2", w2)):
         if not isinstance(w, QuantizedWeight):
             raise LaunchError(f"{name} must be a QuantizedWeight (int8 data and its scales), got {type(w).__name__}")
     signature = (
-        "w8a16", x.shape, x.stride(), x.dtype, x.device, tensor_signature(w1.data), tensor_signature(w2.data),
+        scheme, x.shape, x.stride(), x.dtype, x.device, tensor_signature(w1.data), tensor_signature(w2.data),
         tensor_signature(b1), tensor_signature(b2), activation, weight_layout, tensor_signature(w1.scale),
-        tensor_signature(w2.scale), w1.group_size, w2.group_size, w1.smooth_scale is None, w2.smooth_scale is None,
+        tensor_signature(w2.scale), tensor_signature(w1.smooth_scale), tensor_signature(w2.smooth_scale),
+        w1.group_size, w2.group_size,
     )  # fmt: skip
     plan = _plans.get(signature)
     if plan is None:
-        plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, ("w8a16", w1, w2))
+        plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, (scheme, w1, w2))
         _plans[signature] = plan
-    return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, None)
+    smooth = w1.smooth_scale if scheme == "w8a8" else None
+    return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, smooth)
 
 
 def _run(plan, x, w1, b1, w2, b2, w1_scale, w2_scale, smooth):
