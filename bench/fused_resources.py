@@ -1,0 +1,96 @@
+"""Registers, spills and shared memory of the one-launch MLP's compiled kernels
+(kernels/fused_mlp.py), without a GPU: each config is compiled for sm_90 with the
+specialization a call of the given shape gets on the GPU (16-byte divisibility of the
+pointers and of the sizes and strides that are multiples of 16; arguments equal to 1 as
+constants; M never specialized, as the kernel says), and cuobjdump reads the cubin.
+
+    python3 bench/fused_resources.py [--shape 4096x16384] [--m 16] [--dtype fp16|w8a16|w8a8] [--candidates]
+
+One row per config and GELU: REG (registers a thread), STACK (bytes of local memory a
+thread: spills), shared memory. A config with STACK > 0 spills, and a GELU that changes REG
+changes the schedule. --candidates compiles bench/probe_fused_configs.py's candidates
+instead of the tables' configs. (Kernel-development tool: the reading of a time.)
+"""
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.compiler import ASTSource
+
+import bench.compile_check as cc
+import bench.probe_fused_configs as candidates
+from kernels import fused_mlp as fm
+from kernels.launch import _innermost
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_as_called(kernel, types: dict, constexprs: dict, config: triton.Config, ints: dict):
+    """The cubin a call with these integer arguments would compile to on an sm_90 GPU."""
+    jit = _innermost(kernel)
+    values = {**constexprs, **config.kwargs}
+    values.update({n: 1 for n, v in ints.items() if v == 1 and n not in jit.do_not_specialize})
+    for param in jit.params:
+        if param.name not in types and param.name not in values and param.name not in ints:
+            values[param.name] = param.default
+    signature = {n: "constexpr" if n in values else types[n] for n in jit.arg_names}
+    aligned = [
+        i for i, n in enumerate(jit.arg_names)
+        if n not in values and n not in jit.do_not_specialize
+        and (signature[n].startswith("*") or ints.get(n, 1) % 16 == 0)
+    ]  # fmt: skip
+    source = ASTSource(
+        fn=jit, signature=signature, constexprs={n: values[n] for n in jit.arg_names if n in values},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )  # fmt: skip
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton.compile(source, target=cc.TARGET, options=options)
+
+
+def resources(compiled) -> dict:
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as fh:
+        fh.write(compiled.asm["cubin"])
+        fh.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+    fields = dict(f.split(":", 1) for line in out.splitlines() if "REG:" in line for f in line.split() if ":" in f)
+    return {"REG": int(fields["REG"]), "STACK": int(fields["STACK"]), "shared": compiled.metadata.shared}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="4096x16384")
+    parser.add_argument("--m", type=int, default=16)
+    parser.add_argument("--dtype", default="w8a16")
+    parser.add_argument("--candidates", action="store_true")
+    args = parser.parse_args()
+    d, f = map(int, args.shape.split("x"))
+    m = args.m
+    cases = {label: (kernel, types, cx) for kernel, types, cx, _, label in cc.fused_cases()}
+    ints = dict(M=m, D=d, F=f, M_BUCKET=fm.fused_bucket(m), NUM_PROGRAMS=132, stride_xm=d, stride_xk=1, stride_w1k=1,
+                stride_w1n=d, stride_w2k=1, stride_w2n=f, stride_ym=d, stride_w1s=1, stride_w2s=1, stride_w1sg=0,
+                stride_w2sg=0)  # fmt: skip
+    if args.dtype == "w8a16":  # group:128 scales, [N, K / 128] row-major
+        kernel, types, cx = cases["fused w8a16 fp16 group:128"]
+        ints.update(stride_w1s=d // 128, stride_w2s=f // 128, stride_w1sg=1, stride_w2sg=1)
+        table, large, pool = fm.FUSED_W8A16_CONFIGS, fm.FUSED_W8A16_LARGE_CONFIGS, candidates.W8A16_CANDIDATES
+    elif args.dtype == "w8a8":
+        kernel, types, cx = cases["fused w8a8 fp16 erf smooth"]
+        cx = {**cx, "HAS_SMOOTH": False, "smooth_ptr": None}
+        table, large, pool = fm.FUSED_W8A8_CONFIGS, fm.FUSED_W8A8_LARGE_CONFIGS, candidates.W8A8_CANDIDATES
+    else:
+        kernel, types, cx = cases["fused fp16 erf"]
+        table, large, pool = fm.FUSED_CONFIGS, None, candidates.FLOAT_CANDIDATES
+    configs = pool if args.candidates else [fm._config_for(m, d, f, table, large)]
+    print(f"{args.dtype} {d}x{f} M={m}, triton {triton.__version__}, sm_90")
+    for config in configs:
+        for gelu in ("erf", "tanh"):
+            r = resources(compile_as_called(kernel, types, {**cx, "ACTIVATION": gelu}, config, ints))
+            print(f"  {candidates.label(config):<26s} {gelu:<4s} REG {r['REG']:3d}  STACK {r['STACK']:4d}  "
+                  f"shared {r['shared']}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
