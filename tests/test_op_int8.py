@@ -168,6 +168,38 @@ def test_int8_config_errors():
     static(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone()), b2)
 
 
+def test_repeated_calls_skip_the_checks_until_an_operand_changes(monkeypatch):
+    # a decode loop calls with the same weights: the op checks them once, and again as soon
+    # as any weight, tensor or scale is another object (a wrong one must still be refused)
+    x = randn(5, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a16", group_size=16)
+    op = FusedMLP(MLPConfig(dtype="w8a16", backend="triton"), device=DEVICE)
+    checks = []
+    real = op._check_int8
+    monkeypatch.setattr(op, "_check_int8", lambda *args: checks.append(1) or real(*args))
+    op(x, q1, b1, q2, b2)
+    op(randn(5, 48, dtype=torch.float16), q1, b1, q2, b2)
+    assert len(checks) == 1
+    q2.scale = q2.scale[:, :2]  # the same weight object, a scale of the wrong shape
+    with pytest.raises(LaunchError, match=r"w2 has group scales \(group_size 16 over K=80\): scale must have shape"):
+        op(x, q1, b1, q2, b2)
+    with pytest.raises(LaunchError, match="input is torch.bfloat16"):
+        op(x.bfloat16(), q1, b1, *int8_mlp(48, 80, torch.float16, "w8a16", group_size=16)[2:])
+    assert len(checks) == 3
+
+
+def test_static_checks_every_call():
+    # static compares w2.input_scale with w1.output_scale by value, which can change in place
+    x = randn(5, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    q2 = QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone())
+    static = FusedMLP(MLPConfig(dtype="w8a8", activations="static", backend="triton"), device=DEVICE)
+    static(x, q1, b1, q2, b2)
+    q2.input_scale.mul_(2)
+    with pytest.raises(LaunchError, match="differs from w1.output_scale"):
+        static(x, q1, b1, q2, b2)
+
+
 def test_torch_backend_runs_without_triton():
     # The reference backend is plain torch: it runs on any device, interpreter or not.
     x = randn(4, 48, dtype=torch.float16, device="cpu")
