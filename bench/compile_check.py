@@ -47,12 +47,18 @@ SPLIT_SIZES = dict(M=128, N=4096, K=16384, NUM_SMS=132)
 SHARED_MEMORY_LIMIT = 232448  # bytes a program may take on sm_90 (227 KiB)
 
 
-def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config, sizes: dict = SIZES):
+def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config, sizes: dict = SIZES,
+                specialize: dict | None = None):  # fmt: skip
     """Compile `kernel` with runtime argument types `types` (a tensor the call does not
     have is a constexpr None), its heuristics evaluated at `sizes`; return (compiled
-    kernel, None) or (None, the error)."""
+    kernel, None) or (None, the error). specialize: integer arguments' values, to compile
+    as a call with them is specialized on the GPU (a value of 1 a constant, multiples of 16
+    and every pointer 16-byte divisible; not the kernel's do_not_specialize arguments).
+    Without it nothing is assumed of them."""
     jit = _innermost(kernel)
     values = {**constexprs, **config.kwargs}
+    ints = specialize or {}
+    values.update({n: 1 for n, v in ints.items() if v == 1 and n not in jit.do_not_specialize})
     for layer in _heuristic_layers(kernel):
         for name, rule in layer.values.items():
             values[name] = rule({**sizes, **values})
@@ -60,7 +66,15 @@ def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config, si
         if param.name not in types and param.name not in values:
             values[param.name] = param.default
     signature = {n: "constexpr" if n in values else types[n] for n in jit.arg_names}
-    source = ASTSource(fn=jit, signature=signature, constexprs={n: values[n] for n in jit.arg_names if n in values})
+    aligned = [
+        i for i, n in enumerate(jit.arg_names)
+        if specialize is not None and n not in values and n not in jit.do_not_specialize
+        and (signature[n].startswith("*") or ints.get(n, 1) % 16 == 0)
+    ]  # fmt: skip
+    source = ASTSource(
+        fn=jit, signature=signature, constexprs={n: values[n] for n in jit.arg_names if n in values},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )  # fmt: skip
     try:
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         compiled = triton.compile(source, target=TARGET, options=options)

@@ -18,36 +18,12 @@ import subprocess
 import tempfile
 
 import triton
-from triton.compiler import ASTSource
 
 import bench.compile_check as cc
 import bench.probe_fused_configs as candidates
 from kernels import fused_mlp as fm
-from kernels.launch import _innermost
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def compile_as_called(kernel, types: dict, constexprs: dict, config: triton.Config, ints: dict):
-    """The cubin a call with these integer arguments would compile to on an sm_90 GPU."""
-    jit = _innermost(kernel)
-    values = {**constexprs, **config.kwargs}
-    values.update({n: 1 for n, v in ints.items() if v == 1 and n not in jit.do_not_specialize})
-    for param in jit.params:
-        if param.name not in types and param.name not in values and param.name not in ints:
-            values[param.name] = param.default
-    signature = {n: "constexpr" if n in values else types[n] for n in jit.arg_names}
-    aligned = [
-        i for i, n in enumerate(jit.arg_names)
-        if n not in values and n not in jit.do_not_specialize
-        and (signature[n].startswith("*") or ints.get(n, 1) % 16 == 0)
-    ]  # fmt: skip
-    source = ASTSource(
-        fn=jit, signature=signature, constexprs={n: values[n] for n in jit.arg_names if n in values},
-        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
-    )  # fmt: skip
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    return triton.compile(source, target=cc.TARGET, options=options)
 
 
 def resources(compiled) -> dict:
@@ -87,7 +63,11 @@ def main():
     print(f"{args.dtype} {d}x{f} M={m}, triton {triton.__version__}, sm_90")
     for config in configs:
         for gelu in ("erf", "tanh"):
-            r = resources(compile_as_called(kernel, types, {**cx, "ACTIVATION": gelu}, config, ints))
+            compiled, error = cc.compile_one(kernel, types, {**cx, "ACTIVATION": gelu}, config, specialize=ints)
+            if error:
+                print(f"  {candidates.label(config):<26s} {gelu:<4s} {error}", flush=True)
+                continue
+            r = resources(compiled)
             print(f"  {candidates.label(config):<26s} {gelu:<4s} REG {r['REG']:3d}  STACK {r['STACK']:4d}  "
                   f"shared {r['shared']}", flush=True)  # fmt: skip
 
