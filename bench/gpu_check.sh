@@ -26,6 +26,14 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench-float bench-int8 bench-graph int8-schemes gated verify eval)
 MINILM_DIR=${MINILM_DIR:-$PWD/.cache/minilm-model}
 gg() { python3 -m gelugemm_cli "$@"; }
+# gpu_tests NAME TEST_FILE...: the files' GPU tests (pytest -m gpu, 8 workers) into
+# $OUT/NAME-tests.log; the summary gets the result line and every failure.
+gpu_tests() {
+  local name=$1; shift
+  python3 -m pytest -q -rf -p no:cacheprovider -n 8 -m gpu "$@" >"$OUT/$name-tests.log" 2>&1 || status=1
+  summary+=("$name tests: $(tail -n 1 "$OUT/$name-tests.log")")
+  while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/$name-tests.log")
+}
 status=0
 summary=()
 
@@ -210,10 +218,7 @@ PY
       # Issue 16's w8a8 host cost: the one-launch w8a8 `dynamic` MLP (kernels/fused_mlp.py's
       # fused_w8a8_mlp) on the GPU tests, the probe against its four launches and fp16 eager
       # (graph and calls), then the op through `gelugemm bench` in both modes.
-      python3 -m pytest -q -rf -p no:cacheprovider -n 8 -m gpu tests/test_fused_mlp.py tests/test_cuda_graph.py \
-        >"$OUT/fused-w8a8-tests.log" 2>&1 || status=1
-      summary+=("fused-w8a8 tests (with the float one-launch and CUDA-graph tests): $(tail -n 1 "$OUT/fused-w8a8-tests.log")")
-      while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/fused-w8a8-tests.log")
+      gpu_tests fused-w8a8 tests/test_fused_mlp.py tests/test_cuda_graph.py
       python3 bench/probe_fused.py --dtype w8a8 --shapes 768x3072 --tokens 1,16,32,64,128 \
         >"$OUT/fused-w8a8-probe.txt" 2>&1 || status=1
       python3 bench/probe_fused.py --dtype w8a8 --shapes 4096x16384 --tokens 1,16 | tail -n +2 \
@@ -231,10 +236,7 @@ PY
       # Issue 16 after the sweep: the one-launch float MLP up to 1024 rows on small models and
       # w8a16 in one launch (small models up to 128 rows, 4096x16384 decode): their GPU tests
       # with the op's and CUDA graphs', then the op through `gelugemm bench`, graph and calls.
-      python3 -m pytest -q -rf -p no:cacheprovider -n 8 -m gpu tests/test_fused_mlp.py tests/test_cuda_graph.py \
-        tests/test_op_int8.py tests/test_w8a16.py >"$OUT/fused-medium-tests.log" 2>&1 || status=1
-      summary+=("fused-medium tests: $(tail -n 1 "$OUT/fused-medium-tests.log")")
-      while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/fused-medium-tests.log")
+      gpu_tests fused-medium tests/test_fused_mlp.py tests/test_cuda_graph.py tests/test_op_int8.py tests/test_w8a16.py
       # (graph, then calls, in each file: a device call brings back few files)
       for mode in --cuda-graph ""; do
         gg bench $mode --shape 768,3072 --shape 384,1536 --dtype fp16,bf16 --tokens 256,512,1024 --peers eager,cublaslt \
@@ -251,10 +253,8 @@ PY
       # `gelugemm bench` (graph) at 768x3072 float and w8a16; the 4096x16384 int8 decode rows
       # with tanh (the bench's default is erf) and the probe with erf, to place the bench's
       # slower M=1 w8a8 row.
-      python3 -m pytest -q -rf -p no:cacheprovider -n 8 -m gpu tests/test_fused_mlp.py tests/test_cuda_graph.py \
-        tests/test_op_int8.py tests/test_w8a16.py tests/test_op.py >"$OUT/final-tests.log" 2>&1 || status=1
-      summary+=("fused-final tests: $(tail -n 1 "$OUT/final-tests.log")")
-      while read -r line; do summary+=("  $line"); done < <(grep -E '^(FAILED|ERROR) ' "$OUT/final-tests.log")
+      gpu_tests fused-final tests/test_fused_mlp.py tests/test_cuda_graph.py tests/test_op_int8.py tests/test_w8a16.py \
+        tests/test_op.py
       {
         gg bench --cuda-graph --shape 768,3072 --dtype fp16 --tokens 128,256,512,1024 --peers eager,cublaslt
         gg bench --cuda-graph --shape 768,3072 --dtype w8a16 --tokens 64,128 --peers eager
