@@ -24,10 +24,22 @@ from kernels.reference import mlp_reference, w8a8_mlp_reference
 from kernels.w8a8 import quantize_activations, w8a8_linear
 
 
-def quantized(n, k):
-    """A random per-channel int8 weight [n, k], scaled like a 1/sqrt(k) float one."""
+def quantized(n, k, group_size=None):
+    """A random int8 weight [n, k] with per-channel (or per-group) scales, scaled like a
+    1/sqrt(k) float one."""
     data = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-    return QuantizedWeight(data, torch.full((n,), 1 / (73 * math.sqrt(k)), device="cuda"))
+    shape = (n,) if group_size is None else (n, -(-k // group_size))
+    scale = torch.full(shape, 1 / (73 * math.sqrt(k)), device="cuda") * (0.5 + torch.rand(shape, device="cuda"))
+    return QuantizedWeight(data, scale, group_size)
+
+
+def float_weight_sets(d, f, dtype, n_sets):
+    """n_sets random (W1 [f, d], b1, W2 [d, f], b2) in dtype, the weights scaled by 1/sqrt(fan-in)."""
+    return [
+        (torch.randn(f, d, device="cuda", dtype=dtype) / math.sqrt(d), torch.randn(f, device="cuda", dtype=dtype),
+         torch.randn(d, f, device="cuda", dtype=dtype) / math.sqrt(f), torch.randn(d, device="cuda", dtype=dtype))
+        for _ in range(n_sets)
+    ]  # fmt: skip
 
 
 def main():
@@ -52,11 +64,7 @@ def main():
     for shape in args.shapes.split(","):
         d, f = map(int, shape.split("x"))
         n_sets = rotation_sets(2 * d * f * (1 if w8a8 else 2), l2)
-        sets = [
-            (torch.randn(f, d, device="cuda", dtype=dtype) / math.sqrt(d), torch.randn(f, device="cuda", dtype=dtype),
-             torch.randn(d, f, device="cuda", dtype=dtype) / math.sqrt(f), torch.randn(d, device="cuda", dtype=dtype))
-            for _ in range(n_sets)
-        ]  # fmt: skip
+        sets = float_weight_sets(d, f, dtype, n_sets)
         if w8a8:
             float_sets = sets
             sets = [(quantized(f, d), b1, quantized(d, f), b2) for _, b1, _, b2 in float_sets]

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels.fused_mlp as fm
+from bench.probe_fused import float_weight_sets, quantized
 from kernels.bench import graph_time, rotation_sets
 from kernels.gemm import gemm_bias_act
-from kernels.quantized import QuantizedWeight
 from kernels.reference import mlp_reference, w8a8_mlp_reference, w8a16_mlp_reference
 from kernels.w8a8 import quantize_activations, w8a8_linear
 from kernels.w8a16 import w8a16_linear
@@ -68,13 +68,6 @@ def force(cfg, scheme):
     fm._plans.clear()
 
 
-def quantized(n, k, group_size=None):
-    data = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-    shape = (n,) if group_size is None else (n, -(-k // group_size))
-    scale = torch.full(shape, 1 / (73 * math.sqrt(k)), device="cuda") * (0.5 + torch.rand(shape, device="cuda"))
-    return QuantizedWeight(data, scale, group_size)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="768x3072")
@@ -95,11 +88,7 @@ def main():
     for shape in args.shapes.split(","):
         d, f = map(int, shape.split("x"))
         n_sets = rotation_sets(2 * d * f * (1 if scheme else 2), l2)
-        float_sets = [
-            (torch.randn(f, d, device="cuda", dtype=dtype) / math.sqrt(d), torch.randn(f, device="cuda", dtype=dtype),
-             torch.randn(d, f, device="cuda", dtype=dtype) / math.sqrt(f), torch.randn(d, device="cuda", dtype=dtype))
-            for _ in range(n_sets)
-        ]  # fmt: skip
+        float_sets = float_weight_sets(d, f, dtype, n_sets)
         if scheme:
             sets = [(quantized(f, d, group_size), b1, quantized(d, f, group_size), b2) for _, b1, _, b2 in float_sets]
         else:
