@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -263,6 +263,26 @@ PY
       } >"$OUT/final-bench.txt" 2>&1 || status=1
       summary+=("fused-final: see final-bench.txt")
       while read -r line; do summary+=("  $line"); done < <(grep -E '^ *4096x16384 ' "$OUT/final-bench.txt")
+      ;;
+    gelu-erf)
+      # Issue 16, session 11: the erf GELU written from tl.exp instead of libdevice's erf, which
+      # made ptxas spill the pinned w8a16 decode config and the 1024-row float one launch
+      # (bench/fused_resources.py). The bench's default GELU is erf: w8a16/w8a8 decode (graph,
+      # then calls twice for the host cost), 768x3072 float at medium M, 4096x16384 fp16 at
+      # large M; then the w8a16 one launch's candidates at 4096x16384 from 32 to 128 rows.
+      {
+        gg bench --cuda-graph --shape 4096,16384 --dtype w8a16,w8a8 --tokens 1,2,16 --peers eager
+        gg bench --cuda-graph --shape 4096,16384 --dtype w8a16 --gelu tanh --tokens 1,16 --peers eager
+        gg bench --cuda-graph --shape 768,3072 --dtype fp16,bf16 --tokens 128,256,512,1024 --peers eager,cublaslt
+        gg bench --cuda-graph --shape 4096,16384 --dtype fp16 --tokens 2048,8192 --peers eager,cublaslt
+      } >"$OUT/erf-bench.txt" 2>&1 || status=1
+      for run in 1 2; do
+        gg bench --shape 4096,16384 --dtype w8a16 --tokens 1,16 --peers eager >>"$OUT/erf-host-cost.txt" 2>&1 || status=1
+      done
+      python3 bench/probe_fused_configs.py --dtype w8a16 --gelu erf --shapes 4096x16384 --tokens 32,64,128 \
+        --json "$OUT/sweep-w8a16-mid.json" >"$OUT/sweep-w8a16-mid.txt" 2>&1 || status=1
+      summary+=("gelu-erf: see erf-bench.txt, erf-host-cost.txt, sweep-w8a16-mid.txt")
+      while read -r line; do summary+=("  $line"); done < <(grep -hE '^ *(4096x16384|768x3072) ' "$OUT/erf-bench.txt" "$OUT/erf-host-cost.txt")
       ;;
     fused-sweep)
       # Issue 16's medium rows on small models and the one-launch w8a16: every candidate config
