@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -283,6 +283,16 @@ PY
         --json "$OUT/sweep-w8a16-mid.json" >"$OUT/sweep-w8a16-mid.txt" 2>&1 || status=1
       summary+=("gelu-erf: see erf-bench.txt, erf-host-cost.txt, sweep-w8a16-mid.txt")
       while read -r line; do summary+=("  $line"); done < <(grep -hE '^ *(4096x16384|768x3072) ' "$OUT/erf-bench.txt" "$OUT/erf-host-cost.txt")
+      ;;
+    w8a16-rows)
+      # Issue 16, session 11: w8a16 group:128 at 4096x16384 through `gelugemm bench` (erf) from
+      # decode to 128 rows, the one launch now taking up to 64 rows, in GPU time (graph) and
+      # called from Python, against fp16 eager and the dequantize-then-fp16 peer.
+      {
+        gg bench --cuda-graph --shape 4096,16384 --dtype w8a16 --tokens 1,16,32,64,128 --peers eager,dequant
+        gg bench --shape 4096,16384 --dtype w8a16 --tokens 1,16,32,64 --peers eager
+      } >"$OUT/w8a16-rows.txt" 2>&1 || status=1
+      summary+=("w8a16-rows: see w8a16-rows.txt")
       ;;
     fused-sweep)
       # Issue 16's medium rows on small models and the one-launch w8a16: every candidate config

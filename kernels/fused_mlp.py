@@ -89,15 +89,18 @@ FUSED_MAX_M = 1024
 # 60.0, 57.6, four 61.0, 61.6; M=32-128: one 147-208, four 59-71. 768x3072 M=1-128: one
 # 14.3-23.4, four 17.2-27.2.
 FUSED_W8A8_MAX_WEIGHT = 1 << 26  # weights of 4096x16384 and smaller
-FUSED_W8A8_MAX_M = 16  # weights of more than FUSED_MAX_WEIGHT elements
+# Weights of more than FUSED_MAX_WEIGHT elements run it up to the largest row bucket of the
+# scheme's large-weight configs (FUSED_W8A8_MAX_M, FUSED_W8A16_MAX_M, below the tables) ...
 # ... and only where the pinned decode config (FUSED_W8A8_LARGE_CONFIGS) gives each GEMM about
 # an H100's or H200's SM count of units (132), as at 4096x16384: at 2048x8192 it would give
 # 64, half the SMs streaming weights (not measured; the four launches run there).
 FUSED_W8A8_MIN_UNITS = 96
 FUSED_W8A8_SMALL_MAX_M = 128  # weights of at most FUSED_MAX_WEIGHT elements
-# w8a16 (fused_w8a16_mlp): the same bounds as w8a8. At 768x3072 the one launch ran 11-18 us up
-# to 128 rows against the two launches' 24-43 (0.92-1.30x fp16 eager); at 4096x16384 55.6-57.5
-# us at M <= 16 against 77-78 (bench/probe_fused_configs.py, bench/RESULTS.md section 18).
+# w8a16 (fused_w8a16_mlp): the same bounds as w8a8, but up to 64 rows at large weights. At
+# 768x3072 the one launch ran 11-18 us up to 128 rows against the two launches' 24-43
+# (0.92-1.30x fp16 eager); at 4096x16384 55.6-57.5 us at M <= 16 against 77-78, 83 and 107 us
+# at M = 32 and 64 against 139 and 169, and 206 at M = 128 against 124
+# (bench/probe_fused_configs.py, bench/RESULTS.md sections 18 and 19).
 FUSED_W8A16_SMALL_MAX_M = 128
 
 
@@ -348,7 +351,13 @@ FUSED_W8A16_CONFIGS = {
 # ones ran 74.9-77.2 (section 17), and w8a16 in 55.6-57.5 us where 128-deep K steps ran
 # 66-67 and 64-wide GEMM1 tiles 65-74 (section 18).
 FUSED_W8A8_LARGE_CONFIGS = {16: _fcfg(16, 128, 128, 256, 4)}
-FUSED_W8A16_LARGE_CONFIGS = {16: _fcfg(16, 128, 128, 256, 4)}
+# w8a16 from 17 to 64 rows at 4096x16384 (section 19, erf): 32-row tiles 82.9 us at M=32
+# (16-row ones 102.6), 64-row tiles 106.6 at M=64 (32-row ones 157.9)
+FUSED_W8A16_LARGE_CONFIGS = {16: _fcfg(16, 128, 128, 256, 4), 32: _fcfg(32, 64, 64, 256, 4),
+                             64: _fcfg(64, 64, 64, 256, 4)}  # fmt: skip
+# the most rows the one launch takes for weights above FUSED_MAX_WEIGHT elements
+FUSED_W8A8_MAX_M = max(FUSED_W8A8_LARGE_CONFIGS)
+FUSED_W8A16_MAX_M = max(FUSED_W8A16_LARGE_CONFIGS)
 
 
 def fused_bucket(m: int) -> int:
@@ -473,7 +482,7 @@ def fused_w8a8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight)
 def fused_w8a16_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
     """Whether the op runs a w8a16 MLP of m rows and d_model d in this one launch: both
     weights of one granularity, the row and weight bounds of fused_w8a8_applies with
-    FUSED_W8A16_SMALL_MAX_M and FUSED_W8A16_LARGE_CONFIGS."""
+    FUSED_W8A16_SMALL_MAX_M and FUSED_W8A16_MAX_M."""
     return w1.group_size == w2.group_size and _int8_applies(
         m, d, w1, w2, FUSED_W8A16_SMALL_MAX_M, FUSED_W8A16_LARGE_CONFIGS
     )
@@ -488,7 +497,7 @@ def _int8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight, smal
         tile = large[16].kwargs
         units1 = triton.cdiv(f, tile["BLOCK_F"])
         units2 = triton.cdiv(d, tile["BLOCK_D"]) * tile["SPLIT_F"]
-        max_m = FUSED_W8A8_MAX_M if min(units1, units2) >= FUSED_W8A8_MIN_UNITS else 0
+        max_m = max(large) if min(units1, units2) >= FUSED_W8A8_MIN_UNITS else 0
     return 0 < m <= max_m and largest <= FUSED_W8A8_MAX_WEIGHT and fused_mlp_enabled()
 
 
