@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -293,6 +293,14 @@ PY
         gg bench --shape 4096,16384 --dtype w8a16 --tokens 1,16,32,64 --peers eager
       } >"$OUT/w8a16-rows.txt" 2>&1 || status=1
       summary+=("w8a16-rows: see w8a16-rows.txt")
+      ;;
+    host-cost)
+      # The host's time per call, where the GPU waits on it (768x3072, M=1): torch eager's three
+      # ops against the op for each dtype and scheme, and the launcher piece by piece
+      # (bench/probe_overhead.py; its cProfile of the fp16 op follows the table in the file).
+      python3 bench/probe_overhead.py >"$OUT/host-cost.txt" 2>&1 || status=1
+      summary+=("host-cost: us a call (bench/probe_overhead.py, see host-cost.txt)")
+      while read -r line; do summary+=("  $line"); done < <(sed -n '/^host cost per call/,/^ *$/p' "$OUT/host-cost.txt" | head -n 9)
       ;;
     fused-sweep)
       # Issue 16's medium rows on small models and the one-launch w8a16: every candidate config
