@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -301,6 +301,12 @@ PY
       python3 bench/probe_overhead.py >"$OUT/host-cost.txt" 2>&1 || status=1
       summary+=("host-cost: us a call (bench/probe_overhead.py, see host-cost.txt)")
       while read -r line; do summary+=("  $line"); done < <(sed -n '/^host cost per call/,/^ *$/p' "$OUT/host-cost.txt" | head -n 9)
+      ;;
+    tables)
+      # Session 11 removed the configs that no dtype can launch (more shared memory than sm_90
+      # gives: the autotuner skipped them, bench/compile_check.py refuses them): the GPU tests of
+      # the float and gated GEMMs, whose tables lost them.
+      gpu_tests tables tests/test_gemm.py tests/test_gated.py
       ;;
     fused-sweep)
       # Issue 16's medium rows on small models and the one-launch w8a16: every candidate config

@@ -50,7 +50,7 @@ FLOAT_DECODE_LARGE_WEIGHT_MAX_M = 16
 # fits fp32 tiles.
 DECODE_CONFIGS = {
     16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4),
-         cfg(16, 128, 256, 4, 3), cfg(16, 64, 512, 4, 3), cfg(16, 64, 64, 4, 4)],
+         cfg(16, 128, 256, 4, 3), cfg(16, 64, 64, 4, 4)],
     64: [cfg(64, 64, 128, 4, 4), cfg(64, 128, 128, 4, 3), cfg(64, 64, 64, 4, 4)],
 }  # fmt: skip
 
@@ -95,8 +95,7 @@ TMA_CONFIGS = {
 # width, so the two [128, 128] accumulators of the large configs hold what one [128, 256]
 # does; the subtiled epilogue keeps the GELU and the product on [128, 64] halves.
 GATED_DECODE_CONFIGS = {
-    16: [cfg(16, 64, 256, 4, 4), cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4), cfg(16, 64, 512, 4, 3),
-         cfg(16, 64, 64, 4, 4)],
+    16: [cfg(16, 64, 128, 4, 6), cfg(16, 64, 64, 4, 4)],
     64: [cfg(64, 64, 128, 4, 4), cfg(64, 64, 64, 4, 4), cfg(64, 128, 64, 8, 3)],
     256: [cfg(128, 64, 64, 8, 3), cfg(128, 64, 128, 8, 3), cfg(128, 32, 64, 4, 3)],
 }  # fmt: skip
