@@ -1,7 +1,8 @@
-"""Where does a small launch's time go? Host-side cost per call of gelugemm's launcher,
-piece by piece, against Triton's own launch of the compiled kernel and torch's F.linear,
-plus a cProfile of the whole MLP. (Kernel-development probe; `gelugemm bench` is the
-user-facing benchmark.)"""
+"""Where does a small launch's time go? Host-side cost per call (768x3072, M=1: the GPU waits
+on the host) of torch's eager MLP, the op for each dtype and int8 scheme, and the launchers
+under it, then a cProfile of the fp16 op. (Kernel-development probe; `gelugemm bench` is the
+user-facing benchmark.) The launcher's pieces were timed here in session 2 (bench/RESULTS.md
+section 3); that part went when its hand-built kernel arguments fell behind the kernels'."""
 
 import cProfile
 import pstats
@@ -10,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import gemm, gemm_base, launch
+from kernels import gemm
 from kernels.w8a8 import quantize_activations, w8a8_linear
 from kernels.w8a16 import w8a16_linear
 from kernels.op import FusedMLP, MLPConfig
@@ -65,40 +66,6 @@ def main():
     for name, us in rows:
         print(f"{name:40s} {us:8.1f}", flush=True)
     print()
-    rows.clear()
-
-    # Triton's launcher alone: the cached compiled kernel, arguments prepared once.
-    plans = gemm._GEMM.plans
-    sig = next(s for s, p in plans.items() if p.path == "decode" and p.scalars[1] == f)
-    plan = plans[sig]
-    compiled, g, tail, _ = next(v for k, v in launch._compiled.items() if k[3] == plan.key)
-    out = torch.empty(1, f, device="cuda", dtype=torch.float16)
-    partial, arrivals = gemm_base._split_k_workspace(x.device, *plan.workspace)
-    args = (x, w1, out, b1, None, None, None, partial, arrivals, *plan.scalars)
-    stream = launch._stream(0)
-
-    def raw():
-        md = compiled.launch_metadata(g, stream, *args, *tail)
-        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, md, None, None, *args, *tail)
-
-    row("Triton compiled.run (args ready)", raw)
-    row("  launch_metadata only", lambda: compiled.launch_metadata(g, stream, *args, *tail))
-    row("  launch.launch (cache hit by key)", lambda: launch.launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key))
-    row("  launch.launch (plan's slot)", lambda: launch.launch(plan.kernel, plan.grid, args, plan.constexprs, plan.key, slot=plan.slot))
-    row("  signature tuple", lambda: (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
-                                      w1.shape, w1.stride(), w1.dtype, w1.device, w1.data_ptr() % 16 == 0,
-                                      gemm_base.tensor_signature(b1), None, None, None,
-                                      ("erf", "out_in", False, "auto")))  # fmt: skip
-    row("  plans.get(signature)", lambda: plans.get(sig))
-    row("  _split_k_workspace", lambda: gemm_base._split_k_workspace(x.device, *plan.workspace))
-    row("  aligned + full key + dict get", lambda: launch._compiled.get(
-        (id(plan.kernel), torch.cuda.current_device(), tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)), plan.key)))
-    row("  torch.cuda.current_device()", torch.cuda.current_device)
-    row("  launch._hooks()", launch._hooks)
-
-    print(f"{'the launcher piece by piece':40s} {'us':>8s}")
-    for name, us in rows:
-        print(f"{name:40s} {us:8.1f}")
 
     prof = cProfile.Profile()
     prof.enable()
