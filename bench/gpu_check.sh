@@ -282,7 +282,6 @@ PY
       python3 bench/probe_fused_configs.py --dtype w8a16 --gelu erf --shapes 4096x16384 --tokens 32,64,128 \
         --json "$OUT/sweep-w8a16-mid.json" >"$OUT/sweep-w8a16-mid.txt" 2>&1 || status=1
       summary+=("gelu-erf: see erf-bench.txt, erf-host-cost.txt, sweep-w8a16-mid.txt")
-      while read -r line; do summary+=("  $line"); done < <(grep -hE '^ *(4096x16384|768x3072) ' "$OUT/erf-bench.txt" "$OUT/erf-host-cost.txt")
       ;;
     w8a16-rows)
       # Issue 16, session 11: w8a16 group:128 at 4096x16384 through `gelugemm bench` (erf) from
@@ -296,7 +295,7 @@ PY
       ;;
     host-cost)
       # The host's time per call, where the GPU waits on it (768x3072, M=1): torch eager's three
-      # ops against the op for each dtype and scheme, and the launcher piece by piece
+      # ops against the op for each dtype and scheme, and the launchers under it
       # (bench/probe_overhead.py; its cProfile of the fp16 op follows the table in the file).
       python3 bench/probe_overhead.py >"$OUT/host-cost.txt" 2>&1 || status=1
       summary+=("host-cost: us a call (bench/probe_overhead.py, see host-cost.txt)")
