@@ -147,6 +147,14 @@ def choose_backend(config: MLPConfig, device: torch.device) -> tuple[str, str]:
     return "torch", f"no CUDA device ({device.type}): running the torch reference"
 
 
+def _check_static_scales_agree(w1: QuantizedWeight, w2: QuantizedWeight) -> None:
+    # GEMM2 reads the intermediate at w1.output_scale; a separate w2.input_scale must agree
+    # (compared on the device: a host sync, so only when they are different tensors).
+    if w2.input_scale is not None and w2.input_scale is not w1.output_scale:
+        if not torch.equal(w2.input_scale.reshape(-1).cpu(), w1.output_scale.reshape(-1).cpu()):
+            raise LaunchError("w2.input_scale differs from w1.output_scale, the scale GEMM1 requantizes to")
+
+
 class FusedMLP:
     """GELU(x @ W1^T + b1) @ W2^T + b2 (gated: (GELU(x Wg^T + bg) * (x Wu^T + bu)) W2^T + b2)
     with the implementation chosen at construction."""
@@ -181,10 +189,8 @@ class FusedMLP:
         """_check_int8, skipped when x's dtype and the very same weight objects and tensors
         passed it last call (a decode loop calls with the same weights: the checks were a
         quarter of a forward's host time). The objects are held, so no id is reused while it
-        is remembered. Not for static: it compares scale values, which can change in place."""
-        if self.config.activations.kind == "static" and self.config.dtype == "w8a8":
-            self._check_int8(x, w1, w2, w_up)
-            return
+        is remembered. static's comparison of two scales' values runs every call: values can
+        change in place."""
         parts = [x.dtype]
         for w in (w1, w2, w_up):
             if isinstance(w, QuantizedWeight):
@@ -193,6 +199,8 @@ class FusedMLP:
                 parts.append(w)
         ids = tuple(map(id, parts))
         if ids == self._checked[1]:
+            if self.config.dtype == "w8a8" and self.config.activations.kind == "static":
+                _check_static_scales_agree(w1, w2)
             return
         self._check_int8(x, w1, w2, w_up)
         self._checked = (tuple(parts), ids)
@@ -226,11 +234,7 @@ class FusedMLP:
                 f"activations='static' needs {missing}: the calibrated scales of x (w1.input_scale) and of "
                 "GELU's output (w1.output_scale); quantize with calibration data, or run activations='dynamic'"
             )
-        # GEMM2 reads the intermediate at w1.output_scale; a separate w2.input_scale must agree
-        # (compared on the device: a host sync, so only when they are different tensors).
-        if w2.input_scale is not None and w2.input_scale is not w1.output_scale:
-            if not torch.equal(w2.input_scale.reshape(-1).cpu(), w1.output_scale.reshape(-1).cpu()):
-                raise LaunchError("w2.input_scale differs from w1.output_scale, the scale GEMM1 requantizes to")
+        _check_static_scales_agree(w1, w2)
 
     def _gemm1_operands(self, w1, b1, w_up, b_up):
         """(w1, b1, {up, up_bias}) of GEMM1: the gate and its up projection for a gated MLP."""

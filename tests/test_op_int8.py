@@ -188,16 +188,23 @@ def test_repeated_calls_skip_the_checks_until_an_operand_changes(monkeypatch):
     assert len(checks) == 3
 
 
-def test_static_checks_every_call():
-    # static compares w2.input_scale with w1.output_scale by value, which can change in place
+def test_static_checks_once_but_compares_the_two_scales_every_call(monkeypatch):
+    # static compares w2.input_scale with w1.output_scale by value, which can change in
+    # place: that comparison runs every call, the rest of the checks once per operand set
     x = randn(5, 48, dtype=torch.float16)
     q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
     q2 = QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone())
     static = FusedMLP(MLPConfig(dtype="w8a8", activations="static", backend="triton"), device=DEVICE)
+    checks = []
+    real = static._check_int8
+    monkeypatch.setattr(static, "_check_int8", lambda *args: checks.append(1) or real(*args))
     static(x, q1, b1, q2, b2)
+    static(randn(5, 48, dtype=torch.float16), q1, b1, q2, b2)
+    assert len(checks) == 1
     q2.input_scale.mul_(2)
     with pytest.raises(LaunchError, match="differs from w1.output_scale"):
         static(x, q1, b1, q2, b2)
+    assert len(checks) == 1
 
 
 def test_torch_backend_runs_without_triton():
