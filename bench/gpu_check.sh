@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -196,6 +196,15 @@ PY
       python3 bench/probe_small_m.py >"$OUT/medium-m-paths.txt" 2>&1 || status=1
       summary+=("medium-m: see medium-m.txt; the paths, us:")
       while read -r line; do summary+=("  $line"); done <"$OUT/medium-m-paths.txt"
+      ;;
+    small-gemms)
+      # Issue 16's 768x3072 rows from 256 to 1024, where the one launch trails eager (0.72-0.89x,
+      # bench/RESULTS.md section 19): each GEMM alone, every candidate tile config against
+      # cuBLAS (bench/probe_medium_m.py), to tell a slow GEMM main loop from the one launch's
+      # GEMM2 waiting on GEMM1.
+      python3 bench/probe_medium_m.py --d 768 --f 3072 --tokens 256,512,1024 --kinds fp16,w8a8 \
+        --json "$OUT/small-gemms.json" >"$OUT/small-gemms.txt" 2>&1 || status=1
+      summary+=("small-gemms: see small-gemms.txt")
       ;;
     fused)
       # Issue 16's small model: the one-launch MLP (kernels/fused_mlp.py) against the two
