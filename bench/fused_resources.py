@@ -5,11 +5,16 @@ pointers and of the sizes and strides that are multiples of 16; arguments equal 
 constants; M never specialized, as the kernel says), and cuobjdump reads the cubin.
 
     python3 bench/fused_resources.py [--shape 4096x16384] [--m 16] [--dtype fp16|w8a16|w8a8] [--candidates]
+    python3 bench/fused_resources.py --gemm
+
 
 One row per config and GELU: REG (registers a thread), STACK (bytes of local memory a
 thread: spills), shared memory. A config with STACK > 0 spills, and a GELU that changes REG
 changes the schedule. --candidates compiles bench/probe_fused_configs.py's candidates
-instead of the tables' configs. (Kernel-development tool: the reading of a time.)
+instead of the tables' configs. --gemm reads the float GEMM kernels instead (kernels/gemm.py:
+every table config of the TMA, decode and strided kernels, fp16 with bias, as
+bench/compile_check.py compiles them, without a call's specialization). (Kernel-development
+tool: the reading of a time; bench/RESULTS.md section 19 has its tables.)
 """
 
 import argparse
@@ -35,13 +40,42 @@ def resources(compiled) -> dict:
     return {"REG": int(fields["REG"]), "STACK": int(fields["STACK"]), "shared": compiled.metadata.shared}
 
 
+def gemm_main() -> None:
+    print(f"float GEMM kernels, fp16, triton {triton.__version__}, sm_90")
+    seen = set()
+    for kernel, types, cx, config, label, *_ in cc.float_cases():
+        key = (id(kernel), cc.gemm_config_key(config))
+        if label != "fp16 erf" or key in seen:
+            continue
+        seen.add(key)
+        cells = []
+        for gelu in ("erf", "tanh"):
+            compiled, error = cc.compile_one(kernel, types, {**cx, "ACTIVATION": gelu}, config)
+            if error:
+                cells.append(f"{gelu} {error[:60]}")
+                continue
+            r = resources(compiled)
+            cells.append(f"{gelu} REG {r['REG']:3d} STACK {r['STACK']:4d}")
+        kw = config.kwargs
+        tile = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        flags = [k.lower() for k in ("EPILOGUE_SUBTILE", "FLATTEN", "WARP_SPECIALIZE") if kw.get(k)]
+        flags += [f"split<={kw['MAX_SPLIT_K']}"] if kw.get("MAX_SPLIT_K", 1) > 1 else []
+        name = cc._innermost(kernel).__name__
+        print(f"  {name:20s} {tile:12s} w{config.num_warps}s{config.num_stages} {' '.join(flags):36s} | " + " | ".join(cells),
+              flush=True)  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="4096x16384")
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--dtype", default="w8a16")
     parser.add_argument("--candidates", action="store_true")
+    parser.add_argument("--gemm", action="store_true", help="the float GEMM kernels' table configs instead")
     args = parser.parse_args()
+    if args.gemm:
+        gemm_main()
+        return
     d, f = map(int, args.shape.split("x"))
     m = args.m
     cases = {label: (kernel, types, cx) for kernel, types, cx, _, label in cc.fused_cases()}
