@@ -168,15 +168,21 @@ def test_int8_config_errors():
     static(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone()), b2)
 
 
+def count_checks(monkeypatch, op) -> list:
+    """A list that gains an entry each time `op` runs its full int8 operand checks."""
+    checks = []
+    real = op._check_int8
+    monkeypatch.setattr(op, "_check_int8", lambda *args: checks.append(1) or real(*args))
+    return checks
+
+
 def test_repeated_calls_skip_the_checks_until_an_operand_changes(monkeypatch):
     # a decode loop calls with the same weights: the op checks them once, and again as soon
     # as any weight, tensor or scale is another object (a wrong one must still be refused)
     x = randn(5, 48, dtype=torch.float16)
     q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a16", group_size=16)
     op = FusedMLP(MLPConfig(dtype="w8a16", backend="triton"), device=DEVICE)
-    checks = []
-    real = op._check_int8
-    monkeypatch.setattr(op, "_check_int8", lambda *args: checks.append(1) or real(*args))
+    checks = count_checks(monkeypatch, op)
     op(x, q1, b1, q2, b2)
     op(randn(5, 48, dtype=torch.float16), q1, b1, q2, b2)
     assert len(checks) == 1
@@ -195,9 +201,7 @@ def test_static_checks_once_but_compares_the_two_scales_every_call(monkeypatch):
     q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
     q2 = QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone())
     static = FusedMLP(MLPConfig(dtype="w8a8", activations="static", backend="triton"), device=DEVICE)
-    checks = []
-    real = static._check_int8
-    monkeypatch.setattr(static, "_check_int8", lambda *args: checks.append(1) or real(*args))
+    checks = count_checks(monkeypatch, static)
     static(x, q1, b1, q2, b2)
     static(randn(5, 48, dtype=torch.float16), q1, b1, q2, b2)
     assert len(checks) == 1
