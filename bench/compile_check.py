@@ -322,8 +322,9 @@ def fused_cases():
         return t
 
     absent = dict(w1_scale_ptr=None, w2_scale_ptr=None, smooth_ptr=None, absmax_ptr=None)
-    base = dict(HAS_B1=True, HAS_B2=True, ACTIVATION="erf", W8A8=False, HAS_SMOOTH=False, W8A16=False, GROUP_K=0,
-                DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False)  # fmt: skip
+    base = dict(HAS_B1=True, HAS_B2=True, ACTIVATION="erf", W8A8=False, HAS_SMOOTH=False, STATIC=False, A_GROUP=0,
+                W8A16=False, GROUP_K=0, DOT_F32=False, INPUT_PRECISION="ieee", INTERPRETER=False,
+                x_scale_ptr=None, h_scale_ptr=None)  # fmt: skip
     configs = unique(fused_mlp.FUSED_CONFIGS)
     for config in configs:
         yield kernel, types("fp16"), {**base, **absent}, config, "fused fp16 erf"
@@ -345,6 +346,17 @@ def fused_cases():
     types_bf16 = {k: v for k, v in types("bf16", True).items() if k != "smooth_ptr"}
     cx = {**w8a8, "HAS_SMOOTH": False, "smooth_ptr": None, "ACTIVATION": "tanh"}
     yield w8a8_kernel, types_bf16, cx, w8a8_configs[0], "fused w8a8 bf16 tanh"
+    # static and group: int8 h; static's two calibrated scales, group's h scales
+    int8_h = {**types("fp16", True), "h_ptr": "*i8", "h_scale_ptr": "*fp32"}
+    pointers = {k: v for k, v in w8a8.items() if k not in ("x_scale_ptr", "h_scale_ptr")}  # (typed, not None)
+    static = {**pointers, "STATIC": True, "absmax_ptr": None}
+    for config in w8a8_configs:
+        yield w8a8_kernel, {**int8_h, "x_scale_ptr": "*fp32"}, static, config, "fused w8a8 fp16 static smooth"
+    for group in (128, 64, 32):
+        group_cx = {**pointers, "A_GROUP": group, "absmax_ptr": None, "x_scale_ptr": None}
+        fitted = unique({i: fused_mlp.fit_group(c, group) for i, c in enumerate(w8a8_configs)})
+        for config in fitted if group == 128 else fitted[:1]:
+            yield fused_mlp._w8a8_group_dispatcher(group), int8_h, group_cx, config, f"fused w8a8 fp16 group:{group}"
 
 
 def main() -> int:

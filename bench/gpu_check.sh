@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -196,6 +196,27 @@ PY
       python3 bench/probe_small_m.py >"$OUT/medium-m-paths.txt" 2>&1 || status=1
       summary+=("medium-m: see medium-m.txt; the paths, us:")
       while read -r line; do summary+=("  $line"); done <"$OUT/medium-m-paths.txt"
+      ;;
+    w8a8-one)
+      # Session 12: w8a8 `static` and `group:G` in one launch (kernels/fused_mlp.py): their GPU
+      # tests, every candidate config against the three launches and eager (graph;
+      # bench/probe_fused_configs.py), then the host cost per call (probe_overhead.py).
+      gpu_tests w8a8-one tests/test_fused_mlp.py -k "static or group"
+      for act in static group:128; do
+        name=w8a8-one-${act/:/}
+        { python3 bench/probe_fused_configs.py --dtype w8a8 --activations "$act" --gelu erf --shapes 768x3072 \
+            --tokens 1,16,64,128 --json "$OUT/$name-768.json"
+          python3 bench/probe_fused_configs.py --dtype w8a8 --activations "$act" --gelu erf --shapes 4096x16384 \
+            --tokens 1,16 --json "$OUT/$name-4096.json"; } >"$OUT/$name.txt" 2>&1 || status=1
+        while read -r line; do summary+=("  $line"); done < <(grep -A2 '^w8a8' "$OUT/$name.txt" | grep -v '^--')
+      done
+      for mode in --cuda-graph ""; do  # the op through the bench, graph then calls
+        gg bench $mode --shape 4096,16384 --dtype w8a8 --activations static,group:128,dynamic --tokens 1,16 \
+          --peers eager >>"$OUT/w8a8-one-bench.txt" 2>&1 || status=1
+      done
+      summary+=("w8a8-one: bench graph/calls in w8a8-one-bench.txt")
+      python3 bench/probe_overhead.py >"$OUT/host-cost.txt" 2>&1 || status=1
+      while read -r line; do summary+=("  $line"); done < <(sed -n '/^host cost per call/,/^ *$/p' "$OUT/host-cost.txt" | head -n 9)
       ;;
     small-gemms)
       # Issue 16's 768x3072 rows from 256 to 1024, where the one launch trails eager (0.72-0.89x,

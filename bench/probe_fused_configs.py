@@ -4,11 +4,13 @@ against the op's other paths and eager on the same weights and inputs: CUDA-grap
 FUSED_W8A8_SMALL_MAX_M); a config that fails to compile or to match the reference says so.
 
     python3 bench/probe_fused_configs.py [--dtype fp16|bf16|w8a8|w8a16] [--shapes 768x3072] [--tokens 256,512,1024]
-        [--json FILE] [--gelu erf|tanh]
+        [--json FILE] [--gelu erf|tanh] [--activations dynamic|static|group:128]
 
 Each config runs alone (the one-launch kernel never autotunes: each row bucket has one config).
 "two" is the op's float or w8a16 path without the one launch (two GEMM launches; w8a16 with
-group:128 weights, its default), "four" the w8a8 `dynamic` path's four launches; "eager" is fp16/bf16 torch (F.linear, F.gelu, F.linear).
+group:128 weights, its default), "four" the w8a8 `dynamic` path's four launches, "three" the
+`static` and `group:G` paths' three; "eager" is fp16/bf16 torch (F.linear, F.gelu, F.linear).
+w8a8 `group:G` runs each candidate fitted to its groups (kernels/fused_mlp.py's fit_group).
 """
 
 import argparse
@@ -19,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import kernels.fused_mlp as fm
+import kernels.op as op_module
 from bench.probe_fused import float_weight_sets, quantized
 from kernels.bench import graph_time, rotation_sets
 from kernels.gemm import gemm_bias_act
 from kernels.reference import mlp_reference, w8a8_mlp_reference, w8a16_mlp_reference
+from kernels.op import FusedMLP, MLPConfig
+from kernels.schemes import ActivationScheme
 from kernels.w8a8 import quantize_activations, w8a8_linear
 from kernels.w8a16 import w8a16_linear
 
@@ -38,6 +43,9 @@ W8A8_CANDIDATES = [
     c(64, 64, 64, 128, 4), c(64, 64, 64, 256, 4), c(64, 64, 64, 128, 8), c(32, 64, 64, 256, 4),
     c(64, 128, 64, 128, 4), c(64, 128, 128, 128, 4), c(64, 128, 128, 128, 2), c(128, 128, 128, 128, 2, warps=8),
     c(128, 128, 64, 128, 4, warps=8), c(128, 64, 64, 128, 4, warps=8), c(64, 64, 64, 64, 4, stages=4),
+    # the decode configs (16-row blocks)
+    c(16, 64, 64, 256, 8), c(16, 64, 64, 256, 4), c(16, 128, 128, 256, 4), c(16, 128, 128, 128, 4), c(16, 64, 64, 128, 8),
+    c(16, 128, 64, 128, 8),
 ]  # fmt: skip
 W8A16_CANDIDATES = [
     c(16, 64, 64, 256, 8), c(16, 64, 64, 256, 4), c(16, 64, 64, 128, 8), c(16, 128, 128, 256, 4),
@@ -59,6 +67,7 @@ def force(cfg, scheme):
     if scheme == "w8a8":
         fm.FUSED_W8A8_CONFIGS, fm.FUSED_W8A8_LARGE_CONFIGS = table, {}
         fm._fused_w8a8_mlp = fm._dispatched(table, {})
+        fm._fused_w8a8_group_mlps.clear()  # group:G's dispatchers are made again from the tables
     elif scheme == "w8a16":
         fm.FUSED_W8A16_CONFIGS, fm.FUSED_W8A16_LARGE_CONFIGS = table, {}
         fm._fused_w8a16_mlp = fm._dispatched(table, {})
@@ -68,6 +77,22 @@ def force(cfg, scheme):
     fm._plans.clear()
 
 
+def three_launches(dtype, gelu, activations):
+    """The op's w8a8 static or group:G path as three launches (the one launch turned off)."""
+    op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16" if dtype == torch.bfloat16 else "fp16", gelu=gelu,
+                            activations=activations, backend="triton"), device="cuda")  # fmt: skip
+
+    def run(x, w1, b1, w2, b2):
+        applies = op_module.fused_w8a8_applies
+        op_module.fused_w8a8_applies = lambda *args: False
+        try:
+            return op(x, w1, b1, w2, b2)
+        finally:
+            op_module.fused_w8a8_applies = applies
+
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="768x3072")
@@ -75,13 +100,18 @@ def main():
     parser.add_argument("--dtype", default="fp16")
     parser.add_argument("--json", default=None)
     parser.add_argument("--gelu", default="tanh", help="erf or tanh (every path)")
+    parser.add_argument("--activations", default="dynamic", help="w8a8's scheme: dynamic, static or group:G")
     args = parser.parse_args()
+    activations = ActivationScheme.parse(args.activations)
     gelu = args.gelu
     scheme = args.dtype if args.dtype in ("w8a8", "w8a16") else None
     w8a8 = scheme == "w8a8"
     group_size = 128 if scheme == "w8a16" else None  # w8a16's default granularity
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    three = three_launches(dtype, gelu, activations)
     candidates = {"w8a8": W8A8_CANDIDATES, "w8a16": W8A16_CANDIDATES, None: FLOAT_CANDIDATES}[scheme]
+    if w8a8 and activations.group_size:  # fitted to the groups; the duplicates that makes dropped
+        candidates = list({label(fm.fit_group(cfg, activations.group_size)): cfg for cfg in candidates}.values())
     torch.manual_seed(0)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     records = []
@@ -95,16 +125,23 @@ def main():
             sets = float_sets
         for m in map(int, args.tokens.split(",")):
             xs = [torch.randn(m, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
+            if w8a8 and activations.kind == "static":
+                for i, (w1, b1, _, _) in enumerate(sets):  # calibrated on this set's input, a max observer
+                    h = F.gelu(xs[i].float() @ w1.dequantize().t() + b1.float())
+                    w1.input_scale = xs[i].float().abs().amax().reshape(1) / 127
+                    w1.output_scale = h.abs().amax().reshape(1) / 127
 
             def one(i):
                 if w8a8:
-                    return fm.fused_w8a8_mlp(xs[i], *sets[i], activation=gelu)
+                    return fm.fused_w8a8_mlp(xs[i], *sets[i], activation=gelu, activations=activations)
                 if scheme == "w8a16":
                     return fm.fused_w8a16_mlp(xs[i], *sets[i], activation=gelu)
                 return fm.fused_mlp(xs[i], *sets[i], activation=gelu)
 
             def other(i):
                 w1, b1, w2, b2 = sets[i]
+                if w8a8 and activations.kind != "dynamic":
+                    return three(xs[i], *sets[i])
                 if w8a8:
                     xq, x_scale = quantize_activations(xs[i])
                     h = w8a8_linear(xq, x_scale, w1, b1, activation=gelu, out_dtype=dtype)
@@ -119,7 +156,7 @@ def main():
                 return F.linear(F.gelu(F.linear(xs[i], w1, b1), approximate="tanh" if gelu == "tanh" else "none"), w2, b2)
 
             if w8a8:
-                exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour=gelu, activations="dynamic").double()
+                exact = w8a8_mlp_reference(xs[0], *sets[0], gelu_flavour=gelu, activations=activations).double()
                 limit = 1e-2  # the kernel equals the reference up to rounding order in GEMM2's split sums
             elif scheme == "w8a16":
                 exact = w8a16_mlp_reference(xs[0], *sets[0], gelu_flavour=gelu).double()
@@ -132,7 +169,8 @@ def main():
                 return ((y.double() - exact).norm() / exact.norm()).item()
 
             base = {}
-            for name, call in (("eager", eager), ("four" if w8a8 else "two", other)):
+            other_name = ("four" if activations.kind == "dynamic" else "three") if w8a8 else "two"
+            for name, call in (("eager", eager), (other_name, other)):
                 base[name] = graph_time(call, n_sets, 10, 50).median_us
             rows = []
             for cfg in candidates:
@@ -144,10 +182,10 @@ def main():
                 except Exception as exc:  # out of shared memory, a compile failure: say so, go on
                     t, e, note = float("nan"), float("nan"), f"FAILED {type(exc).__name__}: {str(exc)[:80]}"
                 rows.append((t, label(cfg), e, note))
-                records.append(dict(dtype=args.dtype, d=d, f=f, m=m, config=label(cfg), us=t, err=e, note=note, **base))
+                records.append(dict(dtype=args.dtype, activations=args.activations if w8a8 else None, d=d, f=f, m=m, config=label(cfg), us=t, err=e, note=note, **base))
             rows.sort(key=lambda r: (math.isnan(r[0]), r[0]))
             eager_us = base["eager"]
-            print(f"{args.dtype} {d}x{f} M={m}: eager {eager_us:.1f} us, "
+            print(f"{args.dtype}{' ' + args.activations if w8a8 else ''} {d}x{f} M={m}: eager {eager_us:.1f} us, "
                   + ", ".join(f"{k} {v:.1f}" for k, v in base.items() if k != "eager"), flush=True)  # fmt: skip
             for t, name, e, note in rows:
                 print(f"    {name:<26s} {t:7.1f} us  {eager_us / t:5.2f}x eager  err {e:.1e} {note}", flush=True)

@@ -73,7 +73,8 @@ from kernels.gemm_base import (
 from kernels.int8_gemm import check_weight_scales
 from kernels.launch import interpreting, launch, num_programs
 from kernels.quantized import QuantizedWeight
-from kernels.schemes import ACTIVATION_DTYPES, FLOAT_DTYPES, GELU_FLAVOURS, WeightLayout
+from kernels.schemes import ACTIVATION_DTYPES, FLOAT_DTYPES, GELU_FLAVOURS, ActivationScheme, WeightLayout
+from kernels.w8a8 import check_group_size, check_scalar_scale
 
 # The op runs the MLP in this one launch for float weights of at most FUSED_MAX_WEIGHT
 # elements each (1024x4096 and smaller) and at most FUSED_MAX_M rows; larger ones take the
@@ -123,68 +124,102 @@ def _row_scale(absmax):
 
 
 @triton.jit
-def _w8a8_out(acc, a_scale, offs_m, offs_n, M, N, w_scale_ptr, stride_ws, bias_ptr,
+def _w8a8_out(out, offs_m, offs_n, M, N, w_scale_ptr, stride_ws, bias_ptr, c_scale_ptr, C_GROUP_N: tl.constexpr,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
-    # int32 acc * a_scale[m] * w_scale[n] + bias[n], then GELU, in this order (kernels/gemm_base.py's
-    # _dequantize, with the row scales in registers), stored in OUT_DTYPE
-    out = acc.to(tl.float32) * a_scale[:, None]
+    # out (float32: the int32 acc times a's scale, or the per-group sum that already carries
+    # it) * w_scale[n] + bias[n], then GELU, in this order (kernels/gemm_base.py's _dequantize),
+    # stored in OUT_DTYPE (int8: requantized with c_scale, or per group of C_GROUP_N columns
+    # with the scales written to c_scale: _to_output)
     out = out * tl.load(w_scale_ptr + offs_n * stride_ws, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return _to_output(gelu(out, ACTIVATION), offs_m, offs_n, M, N, None, 0, OUT_DTYPE, INTERPRETER)
+    return _to_output(gelu(out, ACTIVATION), offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
 
 
 @triton.jit
-def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr, pid_m, pid_f, M, D, F,
-                stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w1s, stride_w1sg,
+def _group_dot(a, b, acc, scale):
+    # w8a8 group:G, one group per K step: the step's exact int32 product promoted into the
+    # float32 accumulator times its rows' group scales (kernels/gemm_base.py's _mma)
+    return acc + tl.dot(a, b, out_dtype=tl.int32).to(tl.float32) * scale[:, None]
+
+
+@triton.jit
+def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr, x_scale_ptr, h_scale_ptr,
+                pid_m, pid_f, M, D, F, stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w1s, stride_w1sg,
                 HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, W8A8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                W8A16: tl.constexpr, GROUP_K: tl.constexpr,
+                STATIC: tl.constexpr, A_GROUP: tl.constexpr, W8A16: tl.constexpr, GROUP_K: tl.constexpr,
                 DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    # h[rows, cols] = GELU(x[rows] @ W1[cols]^T + b1[cols]), stored in x's dtype; then
-    # counted into ready[pid_m]. w8a8: x's rows quantized per token first (a pass for their
-    # absmax, then each K step quantized as it is loaded), and each row's absmax of the
-    # stored h folded into absmax[row], from which GEMM2 quantizes h. w8a16: each int8
-    # weight tile dequantized in registers (kernels/gemm_base.py's _weight_tile: per group
-    # on the tile, per channel in the epilogue), as the two w8a16 launches do.
+    # h[rows, cols] = GELU(x[rows] @ W1[cols]^T + b1[cols]); then counted into ready[pid_m].
+    # w8a8, x quantized as kernels/w8a8.py's quantize_activations does it, per scheme:
+    #   dynamic  per token (a pass for each row's absmax, then each K step quantized as it
+    #            is loaded); h stored in x's dtype, each row's absmax of it folded into
+    #            absmax[row], from which GEMM2 quantizes h;
+    #   static   with the one calibrated scale (x_scale); h requantized to int8 with the
+    #            calibrated h_scale;
+    #   group    per token per A_GROUP columns (a K step is one group: its scale from its own
+    #            absmax); h requantized per token per A_GROUP columns, the scales written
+    #            to h_scale [M, cdiv(F, A_GROUP)].
+    # w8a16: each int8 weight tile dequantized in registers (kernels/gemm_base.py's
+    # _weight_tile: per group on the tile, per channel in the epilogue), as the two w8a16
+    # launches do. Float and w8a16: h stored in x's dtype.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_k = tl.arange(0, BLOCK_K)
     rows = tl.where(offs_m < M, offs_m, 0)
     cols = tl.where(offs_f < F, offs_f, 0)
-    if W8A8:
+    DYNAMIC: tl.constexpr = W8A8 and not STATIC and A_GROUP == 0
+    if DYNAMIC:
         absmax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             a = _x_tile(x_ptr, smooth_ptr, rows, k0 + offs_k, D, stride_xm, stride_xk, True, HAS_SMOOTH)
             absmax = tl.maximum(absmax, tl.abs(a))
         x_scale = _row_scale(tl.max(absmax, axis=1))
+        inv_x_scale = tl.math.div_rn(1.0, x_scale)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.int32)
+    elif STATIC:
+        x_scale = tl.load(x_scale_ptr)
         inv_x_scale = tl.math.div_rn(1.0, x_scale)
         acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.int32)
     else:
+        # float, w8a16, and w8a8 group (the scales promoted into it every K step)
         acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_in = (k0 + offs_k) < D
         a = _x_tile(x_ptr, smooth_ptr, rows, k0 + offs_k, D, stride_xm, stride_xk, W8A8, HAS_SMOOTH)
-        if W8A8:
-            a = round_to_int8(a * inv_x_scale[:, None])
         b = tl.load(w1_ptr + (k0 + offs_k)[:, None] * stride_w1k + cols[None, :] * stride_w1n, mask=k_in[:, None],
                     other=0.0)  # fmt: skip
-        if W8A16:
-            b = _weight_tile(b, a, w1_scale_ptr, k0, cols, D, stride_w1s, stride_w1sg, GROUP_K, BLOCK_K, 0, DOT_F32)
-        acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+        if A_GROUP > 0:
+            group_scale = _row_scale(tl.max(tl.abs(a), axis=1))
+            a = round_to_int8(a * tl.math.div_rn(1.0, group_scale)[:, None])
+            acc = _group_dot(a, b, acc, group_scale)
+        else:
+            if W8A8:
+                a = round_to_int8(a * inv_x_scale)
+            if W8A16:
+                b = _weight_tile(b, a, w1_scale_ptr, k0, cols, D, stride_w1s, stride_w1sg, GROUP_K, BLOCK_K, 0, DOT_F32)
+            acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
     h_mask = (offs_m[:, None] < M) & (offs_f[None, :] < F)
     if W8A8:
-        h = _w8a8_out(acc, x_scale, offs_m, offs_f, M, F, w1_scale_ptr, stride_w1s, b1_ptr, HAS_B1, ACTIVATION,
-                      h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
-        # h is quantized per token over all of d_ff, at 16 bits as stored (kernels/w8a8.py's
-        # dynamic scheme): absmax starts at zero, every value folded in is >= 0
-        magnitude = tl.where(h_mask, tl.abs(h.to(tl.float32)), 0.0)
-        tl.atomic_max(absmax_ptr + offs_m, tl.max(magnitude, axis=1), mask=offs_m < M, sem="relaxed")
+        if DYNAMIC:
+            out = acc.to(tl.float32) * x_scale[:, None]
+        elif STATIC:
+            out = acc.to(tl.float32) * x_scale
+        else:
+            out = acc
+        h = _w8a8_out(out, offs_m, offs_f, M, F, w1_scale_ptr, stride_w1s, b1_ptr, h_scale_ptr, A_GROUP, HAS_B1,
+                      ACTIVATION, h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+        if DYNAMIC:
+            # h is quantized per token over all of d_ff, at 16 bits as stored (kernels/w8a8.py's
+            # dynamic scheme): absmax starts at zero, every value folded in is >= 0
+            magnitude = tl.where(h_mask, tl.abs(h.to(tl.float32)), 0.0)
+            tl.atomic_max(absmax_ptr + offs_m, tl.max(magnitude, axis=1), mask=offs_m < M, sem="relaxed")
     else:
         h = _epilogue(acc, offs_m, offs_f, M, F, b1_ptr, w1_scale_ptr, None, None, stride_w1s, 0, W8A16, GROUP_K, 0,
                       HAS_B1, ACTIVATION, h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
     tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h, mask=h_mask)
-    # every thread's stores (and absmax atomics) before the one release that publishes them
+    # every thread's stores (and absmax atomics, group scales) before the one release that
+    # publishes them
     tl.debug_barrier()
     tl.atomic_add(ready_ptr + pid_m, 1, sem="release")
 
@@ -195,20 +230,22 @@ def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_pt
 @triton.jit(do_not_specialize=["M"])
 def fused_mlp_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, h_ptr, partial_ptr, counters_ptr,
-    w1_scale_ptr, w2_scale_ptr, smooth_ptr, absmax_ptr,
+    w1_scale_ptr, w2_scale_ptr, smooth_ptr, absmax_ptr, x_scale_ptr, h_scale_ptr,
     M, D, F, M_BUCKET, NUM_PROGRAMS,
     stride_xm, stride_xk, stride_w1k, stride_w1n, stride_w2k, stride_w2n, stride_ym, stride_w1s, stride_w2s,
     stride_w1sg, stride_w2sg,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACTIVATION: tl.constexpr, W8A8: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, W8A16: tl.constexpr, GROUP_K: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, A_GROUP: tl.constexpr, W8A16: tl.constexpr, GROUP_K: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_F: tl.constexpr,
 ):  # fmt: skip
     # x [M, D]; W1 as [K = D, N = F] through (stride_w1k, stride_w1n), W2 as [K = F, N = D]
     # (either layout); h [M, F] contiguous, the workspace; counters: ready[row blocks],
-    # consumed[row blocks], then the split-K arrivals of each y tile. w8a8 (dynamic): int8
-    # weights with per-channel scales (w1_scale, w2_scale), x divided by smooth where
-    # HAS_SMOOTH; absmax [M] float32, each row's h absmax, zero between launches. w8a16:
+    # consumed[row blocks], then the split-K arrivals of each y tile. w8a8: int8 weights with
+    # per-channel scales (w1_scale, w2_scale), x divided by smooth where HAS_SMOOTH; dynamic:
+    # absmax [M] float32, each row's h absmax, zero between launches; static (STATIC): the
+    # calibrated one-element x_scale and h_scale, h int8; group (A_GROUP = G): h int8 with
+    # its scales in h_scale [M, cdiv(F, G)], BLOCK_K = G and BLOCK_F a multiple of it. w8a16:
     # int8 weights with per-channel ([N], stride_w*s) or per-group scales ([N, K / GROUP_K],
     # strides stride_w*s and stride_w*sg).
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -220,15 +257,16 @@ def fused_mlp_kernel(
     consumed_ptr = counters_ptr + num_pid_m
     arrivals_ptr = counters_ptr + 2 * num_pid_m
     k_tiles = tl.cdiv(F, BLOCK_K)
+    DYNAMIC: tl.constexpr = W8A8 and not STATIC and A_GROUP == 0
     k_per_split = tl.cdiv(k_tiles, SPLIT_F)
     offs_k = tl.arange(0, BLOCK_K)
     for unit in range(tl.program_id(0), units, NUM_PROGRAMS):
         if unit < units1:
             # row-block-major: the first row block's h completes first
-            _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr,
-                        unit // num_pid_f, unit % num_pid_f, M, D, F, stride_xm, stride_xk, stride_w1k, stride_w1n,
-                        stride_w1s, stride_w1sg, HAS_B1, ACTIVATION, W8A8, HAS_SMOOTH, W8A16, GROUP_K, DOT_F32,
-                        INPUT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_F, BLOCK_K)  # fmt: skip
+            _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_ptr, absmax_ptr, x_scale_ptr,
+                        h_scale_ptr, unit // num_pid_f, unit % num_pid_f, M, D, F, stride_xm, stride_xk, stride_w1k,
+                        stride_w1n, stride_w1s, stride_w1sg, HAS_B1, ACTIVATION, W8A8, HAS_SMOOTH, STATIC, A_GROUP,
+                        W8A16, GROUP_K, DOT_F32, INPUT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_F, BLOCK_K)  # fmt: skip
         else:
             # the shares of one y tile are consecutive units: they run at once, and the
             # last one's reads of the others' partials hit L2
@@ -244,10 +282,13 @@ def fused_mlp_kernel(
             ready = tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire")
             while ready < num_pid_f:
                 ready = tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire")
-            if W8A8:
+            if DYNAMIC:
                 # h's per-token scale; each K step of h is quantized with it as it is loaded
                 h_scale = _row_scale(tl.load(absmax_ptr + rows, cache_modifier=".cg"))
                 inv_h_scale = tl.math.div_rn(1.0, h_scale)
+                acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
+            elif STATIC:
+                h_scale = tl.load(h_scale_ptr)  # h is int8 at this scale already
                 acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -257,21 +298,26 @@ def fused_mlp_kernel(
                 k_in = (ki * BLOCK_K + offs_k) < F
                 a = tl.load(h_ptr + rows[:, None] * F + (ki * BLOCK_K + offs_k)[None, :], mask=k_in[None, :],
                             other=0.0, cache_modifier=".cg")  # fmt: skip
-                if W8A8:
+                if DYNAMIC:
                     a = round_to_int8(a.to(tl.float32) * inv_h_scale[:, None])
                 b = tl.load(w2_ptr + (ki * BLOCK_K + offs_k)[:, None] * stride_w2k + cols[None, :] * stride_w2n,
                             mask=k_in[:, None], other=0.0)  # fmt: skip
-                if W8A16:
-                    b = _weight_tile(b, a, w2_scale_ptr, ki * BLOCK_K, cols, F, stride_w2s, stride_w2sg, GROUP_K,
-                                     BLOCK_K, 0, DOT_F32)  # fmt: skip
-                acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
-            # The last unit of the row block to have read h (and its absmax) leaves the
+                if A_GROUP > 0:
+                    # K step ki is h's group ki
+                    group_scale = tl.load(h_scale_ptr + rows * k_tiles + ki, cache_modifier=".cg")
+                    acc = _group_dot(a, b, acc, group_scale)
+                else:
+                    if W8A16:
+                        b = _weight_tile(b, a, w2_scale_ptr, ki * BLOCK_K, cols, F, stride_w2s, stride_w2sg, GROUP_K,
+                                         BLOCK_K, 0, DOT_F32)  # fmt: skip
+                    acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
+            # The last unit of the row block to have read h (and its scales) leaves the
             # counters and the absmax at zero for the next launch; acq_rel orders every
             # unit's reads before its count.
             tl.debug_barrier()
             consumed = tl.atomic_add(consumed_ptr + pid_m, 1, sem="acq_rel")
             if consumed == num_pid_d * SPLIT_F - 1:
-                if W8A8:
+                if DYNAMIC:
                     tl.store(absmax_ptr + offs_m, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=offs_m < M)
                 tl.atomic_xchg(ready_ptr + pid_m, 0, sem="relaxed")
                 tl.atomic_xchg(consumed_ptr + pid_m, 0, sem="relaxed")
@@ -283,7 +329,13 @@ def fused_mlp_kernel(
                 last, total, _ = _split_k_arrive(acc, acc, partial_ptr, arrivals_ptr, tile_id, share, SPLIT_F, False)
             if last:
                 if W8A8:
-                    y = _w8a8_out(total, h_scale, offs_m, offs_d, M, D, w2_scale_ptr, stride_w2s, b2_ptr, HAS_B2,
+                    if DYNAMIC:
+                        out = total.to(tl.float32) * h_scale[:, None]
+                    elif STATIC:
+                        out = total.to(tl.float32) * h_scale
+                    else:
+                        out = total
+                    y = _w8a8_out(out, offs_m, offs_d, M, D, w2_scale_ptr, stride_w2s, b2_ptr, None, 0, HAS_B2,
                                   "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
                 else:
                     y = _epilogue(total, offs_m, offs_d, M, D, b2_ptr, w2_scale_ptr, None, None, stride_w2s, 0, W8A16,
@@ -370,43 +422,62 @@ def fused_bucket(m: int) -> int:
 _INTERPRETER_CONFIG = _fcfg(16, 32, 32, 32, 2, stages=1)
 
 
-def _config_for(m: int, d: int, f: int, table: dict, large: dict | None) -> triton.Config:
+def fit_group(c: triton.Config, group: int) -> triton.Config:
+    """c for w8a8 `group:G` (group = G; 0 leaves c as it is): one activation group per K step
+    (BLOCK_K = G) and whole groups of h's columns in a GEMM1 tile (BLOCK_F at least G; both
+    are powers of two)."""
+    if not group:
+        return c
+    kw = {**c.kwargs, "BLOCK_K": group, "BLOCK_F": max(c.kwargs["BLOCK_F"], group)}
+    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _config_for(m: int, d: int, f: int, table: dict, large: dict | None, group: int = 0) -> triton.Config:
     """The config of m rows' bucket (tables end at their largest bucket); large: the one for
-    weights above FUSED_MAX_WEIGHT elements."""
+    weights above FUSED_MAX_WEIGHT elements; fitted to w8a8 `group:G` where group = G."""
     if interpreting():
-        return _INTERPRETER_CONFIG
+        return fit_group(_INTERPRETER_CONFIG, group)
     bucket = fused_bucket(m)
     if large is not None and d * f > FUSED_MAX_WEIGHT and bucket in large:
-        return large[bucket]
-    return table[min(bucket, max(table))]
+        return fit_group(large[bucket], group)
+    return fit_group(table[min(bucket, max(table))], group)
 
 
-def _pruner(table: dict, large: dict | None):
+def _pruner(table: dict, large: dict | None, group: int = 0):
     def prune(configs, named_args, **kwargs):
-        wanted = _config_key(_config_for(named_args["M"], named_args["D"], named_args["F"], table, large))
+        wanted = _config_key(_config_for(named_args["M"], named_args["D"], named_args["F"], table, large, group))
         return [c for c in configs if _config_key(c) == wanted]
 
     return prune
 
 
-def _dispatched(table: dict, large: dict | None = None):
+def _dispatched(table: dict, large: dict | None = None, group: int = 0):
     # Triton's autotuner as a dispatcher: its pruner keeps the one config of the call's bucket
     # (nothing is benchmarked)
     if interpreting():
         # a second (never chosen) config makes the autotuner consult the pruner
-        configs = [_INTERPRETER_CONFIG, _fcfg(16, 32, 32, 32, 1, stages=1)]
+        configs = [fit_group(c, group) for c in (_INTERPRETER_CONFIG, _fcfg(16, 32, 32, 32, 1, stages=1))]
     else:
-        configs = _unique(c for t in (table, large or {}) for c in t.values())
+        configs = _unique(fit_group(c, group) for t in (table, large or {}) for c in t.values())
     return triton.autotune(
         configs=configs,
         key=["M_BUCKET", "D", "F", "stride_w1k", "stride_w2k"],
-        prune_configs_by={"early_config_prune": _pruner(table, large)},
+        prune_configs_by={"early_config_prune": _pruner(table, large, group)},
     )(fused_mlp_kernel)
 
 
 _fused_mlp = _dispatched(FUSED_CONFIGS)
 _fused_w8a8_mlp = _dispatched(FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS)
 _fused_w8a16_mlp = _dispatched(FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)
+# w8a8 `group:G`, one dispatcher per G (the w8a8 tables fitted: fit_group), made on first use
+_fused_w8a8_group_mlps: dict = {}
+
+
+def _w8a8_group_dispatcher(group: int):
+    kernel = _fused_w8a8_group_mlps.get(group)
+    if kernel is None:
+        kernel = _fused_w8a8_group_mlps[group] = _dispatched(FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS, group)
+    return kernel
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,12 +487,15 @@ _fused_w8a16_mlp = _dispatched(FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)
 _workspaces: dict = {}
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_elems: int, counters: int, rows: int):
-    """(h, fp32 partials, int32 counters, fp32 h absmax per row) for one device and stream,
-    grown as needed and kept between launches: launches on one stream run in order, and
-    each leaves the counters and the absmax at zero."""
+def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_elems: int, counters: int, rows: int,
+               kind: str = ""):  # fmt: skip
+    """(h, fp32 partials, int32 counters, fp32 h scales) for one device, stream, h dtype and
+    kind of h scales, grown as needed and kept between launches: launches on one stream run
+    in order, and each leaves the counters at zero. The h scales: w8a8 dynamic's absmax per
+    row (kind "dynamic", left at zero by each launch, so no other kind may share it), or
+    group's [M, F / G] (kind "group", written before they are read); `rows` elements."""
     stream = torch._C._cuda_getCurrentRawStream(device.index or 0) if device.type == "cuda" else 0
-    key = (device, stream, dtype)
+    key = (device, stream, dtype, kind)
     h, partial, count, absmax = _workspaces.get(key, (None, None, None, None))
     if h is None or h.numel() < h_elems:
         h = torch.empty(max(h_elems, 1 << 16), dtype=dtype, device=device)
@@ -435,12 +509,12 @@ def _workspace(device: torch.device, dtype: torch.dtype, h_elems: int, partial_e
     return h, partial, count, absmax
 
 
-def _sizes(m: int, d: int, f: int, table: dict, large: dict | None) -> tuple[int, int, int, int]:
-    """(h elements, partial elements, counters, rows) for the layout m's config takes."""
-    c = _config_for(m, d, f, table, large)
+def _sizes(m: int, d: int, f: int, table: dict, large: dict | None, group: int) -> tuple[int, int, int, int]:
+    """(h elements, partial elements, counters, h scale elements) for the layout m's config takes."""
+    c = _config_for(m, d, f, table, large, group)
     bm, bd, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["SPLIT_F"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(d, bd)
-    return m * f, tiles * bm * bd * split, 2 * triton.cdiv(m, bm) + tiles, m
+    return m * f, tiles * bm * bd * split, 2 * triton.cdiv(m, bm) + tiles, m * (triton.cdiv(f, group) if group else 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -470,7 +544,7 @@ def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 
 def fused_w8a8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
-    """Whether the op runs a w8a8 `dynamic` MLP of m rows and d_model d in this one launch:
+    """Whether the op runs a w8a8 MLP (any activation scheme) of m rows and d_model d in this one launch:
     per-channel weights, at most FUSED_W8A8_SMALL_MAX_M rows for weights of at most
     FUSED_MAX_WEIGHT elements; at most FUSED_W8A8_MAX_M rows for larger ones of at most
     FUSED_W8A8_MAX_WEIGHT, where the pinned config gives each GEMM FUSED_W8A8_MIN_UNITS
@@ -539,14 +613,24 @@ def fused_w8a8_mlp(
     *,
     activation: str = "erf",
     weight_layout: str | WeightLayout = "out_in",
+    activations: str | ActivationScheme = "dynamic",
 ) -> torch.Tensor:
-    """The w8a8 `dynamic` MLP in one launch, as kernels/w8a8.py's four launches compute it:
-    x quantized per token (divided by w1.smooth_scale first, where there is one), GEMM1 on
-    the int8 tensor cores with GELU, h rounded to x's dtype, h quantized per token over all
-    of d_ff, GEMM2. x [..., d_model] fp16, bf16 or fp32; w1, w2 QuantizedWeights with
-    per-channel scales (data [d_ff, d_model] and [d_model, d_ff], or [in, out] with
-    weight_layout="in_out"); float biases. Returns [..., d_model] in x's dtype."""
-    return _int8_mlp("w8a8", x, w1, b1, w2, b2, activation, weight_layout)
+    """The w8a8 MLP in one launch, as kernels/w8a8.py's launches compute it for each
+    activation scheme (x divided by w1.smooth_scale first, where there is one; both GEMMs on
+    the int8 tensor cores):
+
+        dynamic   x quantized per token, GEMM1 with GELU, h rounded to x's dtype, h
+                  quantized per token over all of d_ff, GEMM2 (the four launches)
+        static    x quantized with w1.input_scale, GEMM1 with GELU requantizes h to int8
+                  with w1.output_scale, GEMM2 (the three launches)
+        group:G   x quantized per token per G columns, GEMM1 with GELU requantizes h per
+                  token per G columns, GEMM2 (the three launches)
+
+    x [..., d_model] fp16, bf16 or fp32; w1, w2 QuantizedWeights with per-channel scales
+    (data [d_ff, d_model] and [d_model, d_ff], or [in, out] with weight_layout="in_out");
+    float biases. Returns [..., d_model] in x's dtype."""
+    scheme = ActivationScheme.parse(activations)
+    return _int8_mlp(("w8a8", scheme.kind, scheme.group_size or 0), x, w1, b1, w2, b2, activation, weight_layout)
 
 
 def fused_w8a16_mlp(
@@ -565,10 +649,11 @@ def fused_w8a16_mlp(
     bf16; w1, w2 QuantizedWeights of one granularity (data [d_ff, d_model] and [d_model,
     d_ff], or [in, out] with weight_layout="in_out"); float biases. Returns [..., d_model] in
     x's dtype."""
-    return _int8_mlp("w8a16", x, w1, b1, w2, b2, activation, weight_layout)
+    return _int8_mlp(("w8a16", "", 0), x, w1, b1, w2, b2, activation, weight_layout)
 
 
 def _int8_mlp(scheme, x, w1, b1, w2, b2, activation, weight_layout):
+    # scheme: (dtype, w8a8's activation kind, its group size)
     for name, w in (("w1", w1), ("w2", w2)):
         if not isinstance(w, QuantizedWeight):
             raise LaunchError(f"{name} must be a QuantizedWeight (int8 data and its scales), got {type(w).__name__}")
@@ -578,23 +663,29 @@ def _int8_mlp(scheme, x, w1, b1, w2, b2, activation, weight_layout):
         tensor_signature(w2.scale), tensor_signature(w1.smooth_scale), tensor_signature(w2.smooth_scale),
         w1.group_size, w2.group_size,
     )  # fmt: skip
+    static = scheme[1] == "static"
+    if static:
+        signature += (tensor_signature(w1.input_scale), tensor_signature(w1.output_scale))
     plan = _plans.get(signature)
     if plan is None:
         plan = _plan(x, w1.data, b1, w2.data, b2, activation, WeightLayout.parse(weight_layout), False, (scheme, w1, w2))
         _plans[signature] = plan
-    smooth = w1.smooth_scale if scheme == "w8a8" else None
-    return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, smooth)
+    smooth = w1.smooth_scale if scheme[0] == "w8a8" else None
+    x_scale, h_scale = (w1.input_scale, w1.output_scale) if static else (None, None)
+    return _run(plan, x, w1.data, b1, w2.data, b2, w1.scale, w2.scale, smooth, x_scale, h_scale)
 
 
-def _run(plan, x, w1, b1, w2, b2, w1_scale, w2_scale, smooth):
-    kernel, grid, scalars, constexprs, key, sizes, slot, d = plan
+def _run(plan, x, w1, b1, w2, b2, w1_scale=None, w2_scale=None, smooth=None, x_scale=None, h_scale=None):
+    kernel, grid, scalars, constexprs, key, sizes, slot, d, h_dtype, scales = plan
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view where strides allow
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     if x2.shape[0] == 0:
         return y
-    h, partial, counters, absmax = _workspace(x.device, x.dtype, *sizes)
+    h, partial, counters, h_scales = _workspace(x.device, h_dtype, *sizes, scales)
+    if scales == "group":
+        h_scale = h_scales
     args = (x2, w1, b1, w2, b2, y, h, partial, counters, w1_scale, w2_scale, smooth,
-            absmax if constexprs["W8A8"] else None, *scalars)  # fmt: skip
+            h_scales if scales == "dynamic" else None, x_scale, h_scale, *scalars)  # fmt: skip
     launch(kernel, grid, args, constexprs, key, slot=slot)
     return y
 
@@ -603,7 +694,7 @@ def _check_scales(quantized, x, layout: WeightLayout) -> None:
     # w8a8's weights: per-channel float32 scales, one per output channel, on x's device;
     # a SmoothQuant scale on w1 only. w8a16's: per channel or per group, the same for both
     # weights, on x's device; no SmoothQuant scale.
-    scheme, w1, w2 = quantized
+    (scheme, kind, _), w1, w2 = quantized
     if scheme == "w8a16":
         for name, w in (("w1", w1), ("w2", w2)):
             if w.scale.device != x.device:
@@ -627,12 +718,20 @@ def _check_scales(quantized, x, layout: WeightLayout) -> None:
     s, d = w1.smooth_scale, x.shape[-1]
     if s is not None and (s.shape != (d,) or s.dtype != torch.float32 or s.device != x.device or s.stride(0) != 1):
         raise LaunchError(f"smooth_scale must be a contiguous float32 [{d}] vector on {x.device}")
+    if kind == "group":
+        check_group_size(quantized[0][2])
+    if kind == "static":
+        # GEMM2 reads h at w1.output_scale (kernels/op.py compares a separate w2.input_scale)
+        for what, scale in (("w1.input_scale", w1.input_scale), ("w1.output_scale", w1.output_scale)):
+            if scale is None:
+                raise LaunchError(f"w8a8 static needs {what}, the calibrated scale of x (input) or of GELU's output")
+            check_scalar_scale(scale, x.device, what)
 
 
 def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quantized):
     if activation not in GELU_FLAVOURS:
         raise LaunchError(f"activation must be one of {GELU_FLAVOURS}, got {activation!r}")
-    scheme = None if quantized is None else quantized[0]
+    scheme, kind, a_group = (None, "", 0) if quantized is None else quantized[0]
     if x.dtype not in FLOAT_DTYPES.values():
         raise LaunchError(f"input dtype must be fp16, bf16 or fp32, got {x.dtype}")
     if scheme == "w8a16" and x.dtype not in ACTIVATION_DTYPES.values():
@@ -684,6 +783,8 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
         ACTIVATION=activation,
         W8A8=scheme == "w8a8",
         HAS_SMOOTH=scheme == "w8a8" and quantized[1].smooth_scale is not None,
+        STATIC=kind == "static",
+        A_GROUP=a_group,
         W8A16=scheme == "w8a16",
         GROUP_K=group_k,
         DOT_F32=interpreting() and x.dtype == torch.bfloat16 and scheme != "w8a8",
@@ -702,4 +803,11 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
     tables = {None: (_fused_mlp, FUSED_CONFIGS, None), "w8a8": (_fused_w8a8_mlp, FUSED_W8A8_CONFIGS, FUSED_W8A8_LARGE_CONFIGS),
               "w8a16": (_fused_w8a16_mlp, FUSED_W8A16_CONFIGS, FUSED_W8A16_LARGE_CONFIGS)}  # fmt: skip
     kernel, configs, large = tables[scheme]
-    return kernel, grid, scalars, constexprs, key, _sizes(m, d, f, configs, large), [None], d
+    if a_group:
+        kernel = _w8a8_group_dispatcher(a_group)
+    # h: int8 where GEMM1 requantizes it (static, group), else in x's dtype; its scales: a
+    # workspace of their own for dynamic and group (see _workspace)
+    h_dtype = torch.int8 if kind in ("static", "group") else x.dtype
+    scales = kind if kind in ("dynamic", "group") else ""
+    sizes = _sizes(m, d, f, configs, large, a_group)
+    return kernel, grid, scalars, constexprs, key, sizes, [None], d, h_dtype, scales

@@ -20,12 +20,13 @@ activation scheme says (kernels/schemes.py's ActivationScheme; kernels/w8a8.py h
 launches of each):
 
     dynamic   per-token scales computed at run time: x quantized per row, GEMM1 writes h
-              in the activation dtype, h quantized per row (over all of d_ff), GEMM2 (at few
-              rows, all in one launch: kernels/fused_mlp.py)
+              in the activation dtype, h quantized per row (over all of d_ff), GEMM2
     group:N   per token per N columns, at run time: x per (row, N columns); GEMM1's
               epilogue requantizes h per (row, N columns) to int8 with scales it writes
     static    calibrated per-tensor scales: x with w1.input_scale; GEMM1's epilogue
               requantizes h with w1.output_scale; GEMM2 reads int8 h at that scale
+
+At few rows every scheme runs in one launch (kernels/fused_mlp.py), with the same arithmetic.
 
 A scale the scheme needs and the weights lack is an error.
 
@@ -282,11 +283,11 @@ class FusedMLP:
             return reference.w8a8_mlp_reference(
                 x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme, **gated
             )
+        if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), x.shape[-1], w1, w2):
+            # each scheme's launches below in one (kernels/fused_mlp.py): few rows, where host time rules
+            return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout, activations=scheme)
         # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
         if scheme.kind == "dynamic":
-            if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), x.shape[-1], w1, w2):
-                # the four launches below in one (kernels/fused_mlp.py): few rows, where host time rules
-                return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout)
             # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)
             xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
             h = w8a8_linear(xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype, **up)

@@ -55,14 +55,18 @@ def weights(d, f, dtype, layout="out_in", biases=(True, True), device=DEVICE):
 
 
 def poison_workspace(dtype):
-    # every h and partial element NaN: a tile the kernel fails to write (or reads before
-    # it is written) shows in the result. (Inference mode: a workspace an earlier test
-    # allocated under it is an inference tensor, which only takes writes there.)
+    # every h and partial element NaN (int8 h: -128, outside the symmetric int8 range), and
+    # group's h scales NaN: a tile the kernel fails to write (or reads before it is written)
+    # shows in the result. (dynamic's absmax is left alone: each launch starts from it at
+    # zero.) (Inference mode: a workspace an earlier test allocated under it is an inference
+    # tensor, which only takes writes there.)
     with torch.inference_mode():
-        for (_, _, ws_dtype), (h, partial, _, _) in fused_module._workspaces.items():
+        for (_, _, ws_dtype, kind), (h, partial, _, scales) in fused_module._workspaces.items():
             if ws_dtype == dtype:
-                h.fill_(float("nan"))
+                h.fill_(-128 if dtype == torch.int8 else float("nan"))
                 partial.fill_(float("nan"))
+                if kind == "group":
+                    scales.fill_(float("nan"))
 
 
 def check(x, w1, b1, w2, b2, gelu="erf", layout="out_in", allow_tf32=False):
@@ -126,10 +130,11 @@ def test_back_to_back_launches_each_see_only_their_own_input():
 
 
 def assert_workspace_at_rest(dtype):
-    for (_, _, ws_dtype), (_, _, counters, absmax) in fused_module._workspaces.items():
+    for (_, _, ws_dtype, kind), (_, _, counters, absmax) in fused_module._workspaces.items():
         if ws_dtype == dtype:
             assert int(counters.abs().sum()) == 0
-            assert float(absmax.abs().sum()) == 0.0
+            if kind != "group":  # group's scales are written before they are read
+                assert float(absmax.abs().sum()) == 0.0
 
 
 def test_zero_rows_give_an_empty_result():
@@ -327,6 +332,137 @@ def test_fused_w8a8_rejects_bad_operands(case, message):
         x = x.to(torch.int8)
     with pytest.raises(LaunchError, match=message):
         fused_w8a8_mlp(x, q1, b1, q2, b2)
+
+
+# ---------------------------------------------------------------------------------------
+# w8a8 `static` and `group:G` in one launch: the three launches' arithmetic (kernels/w8a8.py)
+# ---------------------------------------------------------------------------------------
+
+# group:32 and group:64 under the interpreter's 32-deep K steps: one group a K step either
+# way (fit_group deepens them to 64); both shapes' last group is short somewhere
+W8A8_SCHEMES = ["static", "group:32", "group:64"]
+
+
+def check_w8a8_scheme(x, q1, b1, q2, b2, scheme, gelu="erf", layout="out_in"):
+    y = fused_w8a8_mlp(x, q1, b1, q2, b2, activation=gelu, weight_layout=layout, activations=scheme)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    ref = w8a8_mlp_reference(x, q1, b1, q2, b2, gelu_flavour=gelu, weight_layout=layout, activations=scheme)
+    assert rel_err(y, ref) < TOL_VS_REFERENCE[x.dtype]
+    assert rel_err(y, float64_mlp(x, q1, b1, q2, b2, gelu, layout)) < TOL_W8A8_VS_FLOAT64
+    return y
+
+
+@pytest.mark.parametrize("scheme", W8A8_SCHEMES)
+@pytest.mark.parametrize("dtype,smooth", [("fp16", False), ("bf16", True), ("fp32", False)])
+@pytest.mark.parametrize("m,d,f", [(5, 48, 80), (37, 40, 100), (16, 64, 128)])
+def test_fused_w8a8_static_and_group_match_the_reference_and_float64(scheme, dtype, smooth, m, d, f):
+    torch.manual_seed(m * 1000 + d + f + smooth)
+    tdtype = FLOAT[dtype]
+    x = randn(m, d, dtype=tdtype)
+    q1, b1, q2, b2 = int8_mlp(d, f, tdtype, "w8a8", x=x, smooth=smooth)
+    fused_w8a8_mlp(x, q1, b1, q2, b2, activations=scheme)  # sizes the workspace, to poison it
+    poison_workspace(torch.int8)
+    check_w8a8_scheme(x, q1, b1, q2, b2, scheme)
+
+
+@pytest.mark.parametrize("scheme", W8A8_SCHEMES)
+def test_fused_w8a8_static_and_group_every_gelu_layout_and_bias(scheme):
+    torch.manual_seed(18)
+    x = randn(3, 7, 40, dtype=torch.float16)
+    for gelu, layout, bias2 in (("tanh", "in_out", True), ("quick", "out_in", False)):
+        q1, b1, q2, b2 = int8_mlp(40, 96, torch.float16, "w8a8", x=x, layout=layout, gelu=gelu, bias2=bias2)
+        check_w8a8_scheme(x, q1, b1, q2, b2, scheme, gelu=gelu, layout=layout)
+        check_w8a8_scheme(x, q1, None, q2, b2, scheme, gelu=gelu, layout=layout)
+
+
+def test_fused_w8a8_static_reads_the_scales_of_each_call():
+    # static's scales are the weights' tensors, read by the kernel at run time: a scale
+    # changed in place (a recalibration) changes the next result as the reference's
+    torch.manual_seed(19)
+    x = randn(9, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    y1 = check_w8a8_scheme(x, q1, b1, q2, b2, "static")
+    q1.input_scale.mul_(4)
+    q1.output_scale.mul_(0.5)
+    y2 = fused_w8a8_mlp(x, q1, b1, q2, b2, activations="static")
+    ref = w8a8_mlp_reference(x, q1, b1, q2, b2, activations="static")
+    assert rel_err(y2, ref) < TOL_VS_REFERENCE[x.dtype] and not torch.equal(y1, y2)
+
+
+def test_fused_w8a8_group_scales_are_per_row_and_group():
+    # a row 1000x larger, and one group of another row 100x larger, keep the others' scales
+    torch.manual_seed(20)
+    x = randn(6, 96, dtype=torch.float16)
+    x[2] *= 1000
+    x[4, 32:64] *= 100
+    x[5] = 0  # an all-zero row: its scales floor at SCALE_EPS
+    q1, b1, q2, b2 = int8_mlp(96, 128, torch.float16, "w8a8", x=x)
+    y = check_w8a8_scheme(x, q1, b1, q2, b2, "group:32")
+    for row in (0, 1, 3, 5):
+        want = float64_mlp(x[row : row + 1], q1, b1, q2, b2, "erf", "out_in")[0]
+        assert rel_err(y[row], want) < TOL_W8A8_VS_FLOAT64
+
+
+def test_fused_w8a8_group_back_to_back_launches():
+    # group's h scales are rewritten every launch (no stale scale from a larger input) and
+    # the counters left at zero
+    torch.manual_seed(21)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=randn(8, 48, dtype=torch.float16))
+    for m, scale in ((21, 100.0), (21, 1.0), (5, 1.0), (37, 0.01)):
+        check_w8a8_scheme(randn(m, 48, dtype=torch.float16, scale=scale), q1, b1, q2, b2, "group:32")
+    assert_workspace_at_rest(torch.int8)
+
+
+@pytest.mark.parametrize(
+    "scheme,case,message",
+    [
+        ("static", "no_input_scale", "w8a8 static needs w1.input_scale"),
+        ("static", "no_output_scale", "w8a8 static needs w1.output_scale"),
+        ("static", "scale_shape", "w1.output_scale must be a one-element float32 tensor"),
+        ("group:48", None, "group:48 is not supported"),
+        ("group:32", "group_weight", "w8a8 takes per-channel weight scales; w1 has group:32"),
+    ],
+)
+def test_fused_w8a8_static_and_group_reject_bad_operands(scheme, case, message):
+    x = randn(4, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    if case == "no_input_scale":
+        q1.input_scale = None
+    elif case == "no_output_scale":
+        q1.output_scale = None
+    elif case == "scale_shape":
+        q1.output_scale = torch.ones(2, device=DEVICE)
+    elif case == "group_weight":
+        q1 = quantize_weight(q1.dequantize(), group_size=32)
+    with pytest.raises(LaunchError, match=message):
+        fused_w8a8_mlp(x, q1, b1, q2, b2, activations=scheme)
+
+
+@pytest.mark.parametrize("scheme", ["static", "group:64"])
+def test_the_op_runs_w8a8_static_and_group_in_one_launch_with_the_three_launches_answer(monkeypatch, scheme):
+    torch.manual_seed(22)
+    x = randn(2, 5, 48, dtype=torch.bfloat16)
+    weights = int8_mlp(48, 80, torch.bfloat16, "w8a8", x=x, smooth=True)
+    op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", activations=scheme, backend="triton"), device=DEVICE)
+    calls = spy_on_op(monkeypatch, "fused_w8a8_mlp")
+    y = op(x, *weights)
+    assert calls == [x.shape]
+    monkeypatch.setattr(op_module, "fused_w8a8_applies", lambda *args: False)
+    y_three = op(x, *weights)
+    assert calls == [x.shape]
+    assert rel_err(y, y_three) < TOL_VS_REFERENCE[torch.bfloat16]
+
+
+def test_group_configs_hold_one_group_a_k_step_and_whole_groups_a_tile(monkeypatch):
+    monkeypatch.setattr(fused_module, "interpreting", lambda: False)
+    table, large = fused_module.FUSED_W8A8_CONFIGS, fused_module.FUSED_W8A8_LARGE_CONFIGS
+    for group in (32, 64, 128):
+        for m, d, f in ((1, 768, 3072), (100, 768, 3072), (16, 4096, 16384)):
+            c = fused_module._config_for(m, d, f, table, large, group).kwargs
+            plain = fused_module._config_for(m, d, f, table, large).kwargs
+            assert c["BLOCK_K"] == group and c["BLOCK_F"] % group == 0
+            assert c["BLOCK_F"] == max(plain["BLOCK_F"], group)
+            assert (c["BLOCK_M"], c["BLOCK_D"], c["SPLIT_F"]) == (plain["BLOCK_M"], plain["BLOCK_D"], plain["SPLIT_F"])
 
 
 def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
@@ -550,6 +686,23 @@ def test_fused_w8a8_real_sizes(dtype, d, f, m):
     for _ in range(3):  # a fresh input each launch: counters, partials and absmax reused
         check_w8a8(randn(m, d, dtype=tdtype), q1, b1, q2, b2, gelu="tanh")
     assert_workspace_at_rest(tdtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["static", "group:128", "group:32"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("d,f,m", [(768, 3072, 1), (768, 3072, 33), (768, 3072, 128), (384, 1536, 16), (4096, 16384, 1),
+                                   (4096, 16384, 16)])  # fmt: skip
+def test_fused_w8a8_static_and_group_real_sizes(scheme, dtype, d, f, m):
+    torch.manual_seed(m + d + 4)
+    tdtype = FLOAT[dtype]
+    # static's scales calibrated on more rows than a launch takes, as a real calibration set
+    q1, b1, q2, b2 = int8_mlp(d, f, tdtype, "w8a8", x=randn(256, d, dtype=tdtype), smooth=True)
+    fused_w8a8_mlp(randn(m, d, dtype=tdtype), q1, b1, q2, b2, activations=scheme)
+    poison_workspace(torch.int8)
+    for _ in range(3):  # a fresh input each launch: counters, partials and group scales reused
+        check_w8a8_scheme(randn(m, d, dtype=tdtype), q1, b1, q2, b2, scheme, gelu="tanh")
+    assert_workspace_at_rest(torch.int8)
 
 
 @pytest.mark.gpu
