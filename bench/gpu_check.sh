@@ -198,9 +198,12 @@ PY
       while read -r line; do summary+=("  $line"); done <"$OUT/medium-m-paths.txt"
       ;;
     w8a8-one)
-      # Session 12: w8a8 `static` and `group:G` in one launch (kernels/fused_mlp.py): their GPU
-      # tests, every candidate config against the three launches and eager (graph;
-      # bench/probe_fused_configs.py), then the host cost per call (probe_overhead.py).
+      # Session 12: w8a8 `static` and `group:G` in one launch (kernels/fused_mlp.py), not yet
+      # run on a GPU: their GPU tests, every candidate config against the three launches and
+      # eager (graph; bench/probe_fused_configs.py), the op (still three launches for them:
+      # FUSED_W8A8_OP_SCHEMES) through the bench, and the host cost per call of each path
+      # (probe_overhead.py: the op's rows and fused_w8a8_mlp's). Where the one launch leads,
+      # its kinds go into FUSED_W8A8_OP_SCHEMES.
       gpu_tests w8a8-one tests/test_fused_mlp.py -k "static or group"
       for act in static group:128; do
         name=w8a8-one-${act/:/}
@@ -216,7 +219,7 @@ PY
       done
       summary+=("w8a8-one: bench graph/calls in w8a8-one-bench.txt")
       python3 bench/probe_overhead.py >"$OUT/host-cost.txt" 2>&1 || status=1
-      while read -r line; do summary+=("  $line"); done < <(sed -n '/^host cost per call/,/^ *$/p' "$OUT/host-cost.txt" | head -n 9)
+      while read -r line; do summary+=("  $line"); done < <(sed -n '/^host cost per call/,/^ *$/p' "$OUT/host-cost.txt" | head -n 11)
       ;;
     small-gemms)
       # Issue 16's 768x3072 rows from 256 to 1024, where the one launch trails eager (0.72-0.89x,

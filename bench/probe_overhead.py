@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import gemm
+from kernels.fused_mlp import fused_w8a8_mlp
 from kernels.w8a8 import quantize_activations, w8a8_linear
 from kernels.w8a16 import w8a16_linear
 from kernels.op import FusedMLP, MLPConfig
@@ -55,6 +56,11 @@ def main():
         int8_op(x, q1, b1, q2, None)
         label = scheme if scheme == "w8a16" else f"{scheme} {activations}"
         row(f"FusedMLP {label}", lambda int8_op=int8_op: int8_op(x, q1, b1, q2, None))
+    # the one launch of every w8a8 scheme, called directly (the op sends only the schemes in
+    # kernels/fused_mlp.py's FUSED_W8A8_OP_SCHEMES there)
+    for activations in ("static", "group:128"):
+        fused_w8a8_mlp(x, q1, b1, q2, None, activations=activations)
+        row(f"fused_w8a8_mlp {activations}", lambda a=activations: fused_w8a8_mlp(x, q1, b1, q2, None, activations=a))
     row("gemm_bias_act decode", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf"))
     row("gemm_bias_act strided", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf", path="strided"))
     row("w8a16_linear decode", lambda: w8a16_linear(x, q1, b1, activation="erf"))

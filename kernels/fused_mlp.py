@@ -103,6 +103,11 @@ FUSED_W8A8_SMALL_MAX_M = 128  # weights of at most FUSED_MAX_WEIGHT elements
 # at M = 32 and 64 against 139 and 169, and 206 at M = 128 against 124
 # (bench/probe_fused_configs.py, bench/RESULTS.md sections 18 and 19).
 FUSED_W8A16_SMALL_MAX_M = 128
+# The w8a8 activation schemes the op runs in this one launch. fused_w8a8_mlp takes `static`
+# and `group:G` too (tested against the reference under the CPU interpreter, compiled for
+# sm_90 by bench/compile_check.py), but they have not run on a GPU yet: the op keeps their
+# three launches until `bash bench/gpu_check.sh w8a8-one` has checked and timed them.
+FUSED_W8A8_OP_SCHEMES = ("dynamic",)
 
 
 @triton.jit
@@ -543,14 +548,14 @@ def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     )
 
 
-def fused_w8a8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
-    """Whether the op runs a w8a8 MLP (any activation scheme) of m rows and d_model d in this one launch:
-    per-channel weights, at most FUSED_W8A8_SMALL_MAX_M rows for weights of at most
+def fused_w8a8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight, kind: str = "dynamic") -> bool:
+    """Whether the op runs a w8a8 MLP of m rows and d_model d, activations of this kind
+    (ActivationScheme.kind), in this one launch: a kind in FUSED_W8A8_OP_SCHEMES, per-channel weights, at most FUSED_W8A8_SMALL_MAX_M rows for weights of at most
     FUSED_MAX_WEIGHT elements; at most FUSED_W8A8_MAX_M rows for larger ones of at most
     FUSED_W8A8_MAX_WEIGHT, where the pinned config gives each GEMM FUSED_W8A8_MIN_UNITS
     units (as at 4096x16384, where it was measured: 128 each); not with GELUGEMM_FUSED_MLP=0."""
     per_channel = w1.group_size is None and w2.group_size is None
-    return per_channel and _int8_applies(m, d, w1, w2, FUSED_W8A8_SMALL_MAX_M, FUSED_W8A8_LARGE_CONFIGS)
+    return kind in FUSED_W8A8_OP_SCHEMES and per_channel and _int8_applies(m, d, w1, w2, FUSED_W8A8_SMALL_MAX_M, FUSED_W8A8_LARGE_CONFIGS)
 
 
 def fused_w8a16_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:

@@ -26,7 +26,9 @@ launches of each):
     static    calibrated per-tensor scales: x with w1.input_scale; GEMM1's epilogue
               requantizes h with w1.output_scale; GEMM2 reads int8 h at that scale
 
-At few rows every scheme runs in one launch (kernels/fused_mlp.py), with the same arithmetic.
+At few rows `dynamic` runs in one launch (kernels/fused_mlp.py), with the same arithmetic;
+that launch takes `static` and `group:N` too, which the op sends there once they are timed on
+a GPU (kernels/fused_mlp.py's FUSED_W8A8_OP_SCHEMES).
 
 A scale the scheme needs and the weights lack is an error.
 
@@ -283,8 +285,8 @@ class FusedMLP:
             return reference.w8a8_mlp_reference(
                 x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme, **gated
             )
-        if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), x.shape[-1], w1, w2):
-            # each scheme's launches below in one (kernels/fused_mlp.py): few rows, where host time rules
+        if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), x.shape[-1], w1, w2, scheme.kind):
+            # the scheme's launches below in one (kernels/fused_mlp.py): few rows, where host time rules
             return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout, activations=scheme)
         # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
         if scheme.kind == "dynamic":
