@@ -5,6 +5,7 @@ pointers and of the sizes and strides that are multiples of 16; arguments equal 
 constants; M never specialized, as the kernel says), and cuobjdump reads the cubin.
 
     python3 bench/fused_resources.py [--shape 4096x16384] [--m 16] [--dtype fp16|w8a16|w8a8] [--candidates]
+        [--activations dynamic|static|group:128]
     python3 bench/fused_resources.py --gemm
 
 
@@ -72,7 +73,9 @@ def main():
     parser.add_argument("--dtype", default="w8a16")
     parser.add_argument("--candidates", action="store_true")
     parser.add_argument("--gemm", action="store_true", help="the float GEMM kernels' table configs instead")
+    parser.add_argument("--activations", default="dynamic", help="w8a8's scheme: dynamic, static or group:G")
     args = parser.parse_args()
+    group = 0
     if args.gemm:
         gemm_main()
         return
@@ -87,14 +90,21 @@ def main():
         ints.update(stride_w1s=d // 128, stride_w2s=f // 128, stride_w1sg=1, stride_w2sg=1)
         table, large, pool = fm.FUSED_W8A16_CONFIGS, fm.FUSED_W8A16_LARGE_CONFIGS, candidates.W8A16_CANDIDATES
     elif args.dtype == "w8a8":
-        kernel, types, cx = cases["fused w8a8 fp16 erf smooth"]
+        if args.activations == "dynamic":
+            kernel, types, cx = cases["fused w8a8 fp16 erf smooth"]
+        elif args.activations == "static":
+            kernel, types, cx = cases["fused w8a8 fp16 static smooth"]
+        else:
+            group = int(args.activations.partition(":")[2])
+            kernel, types, cx = cases[f"fused w8a8 fp16 group:{group}"]
         cx = {**cx, "HAS_SMOOTH": False, "smooth_ptr": None}
         table, large, pool = fm.FUSED_W8A8_CONFIGS, fm.FUSED_W8A8_LARGE_CONFIGS, candidates.W8A8_CANDIDATES
     else:
         kernel, types, cx = cases["fused fp16 erf"]
         table, large, pool = fm.FUSED_CONFIGS, None, candidates.FLOAT_CANDIDATES
-    configs = pool if args.candidates else [fm._config_for(m, d, f, table, large)]
-    print(f"{args.dtype} {d}x{f} M={m}, triton {triton.__version__}, sm_90")
+    configs = [fm.fit_group(c, group) for c in pool] if args.candidates else [fm._config_for(m, d, f, table, large, group)]
+    scheme = f" {args.activations}" if args.dtype == "w8a8" else ""
+    print(f"{args.dtype}{scheme} {d}x{f} M={m}, triton {triton.__version__}, sm_90")
     for config in configs:
         for gelu in ("erf", "tanh"):
             compiled, error = cc.compile_one(kernel, types, {**cx, "ACTIVATION": gelu}, config, specialize=ints)
