@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kernels.fused_mlp as fused_module
 import kernels.op as op_module
@@ -465,6 +467,26 @@ def test_group_configs_hold_one_group_a_k_step_and_whole_groups_a_tile(monkeypat
             assert c["BLOCK_K"] == group and c["BLOCK_F"] % group == 0
             assert c["BLOCK_F"] == max(plain["BLOCK_F"], group)
             assert (c["BLOCK_M"], c["BLOCK_D"], c["SPLIT_F"]) == (plain["BLOCK_M"], plain["BLOCK_D"], plain["SPLIT_F"])
+
+
+@settings(max_examples=40, deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(1, 40), d=st.integers(1, 96), f=st.integers(1, 160), bias1=st.booleans(), smooth=st.booleans(),
+    scheme=st.sampled_from(["dynamic", "static", "group:32", "group:64"]), dtype=st.sampled_from(["fp16", "bf16"]),
+    seed=st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_fused_w8a8_any_shape_and_scheme_matches_the_reference(m, d, f, bias1, smooth, scheme, dtype, seed):
+    # shapes no tile divides (d or f below one K step or one group, short last groups, one
+    # row), each scheme: the one launch gives the reference's answer
+    torch.manual_seed(seed)
+    tdtype = FLOAT[dtype]
+    x = randn(m, d, dtype=tdtype)
+    q1, b1, q2, b2 = int8_mlp(d, f, tdtype, "w8a8", x=x, smooth=smooth)
+    b1 = b1 if bias1 else None
+    y = fused_w8a8_mlp(x, q1, b1, q2, b2, activations=scheme)
+    ref = w8a8_mlp_reference(x, q1, b1, q2, b2, activations=scheme)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL_VS_REFERENCE[tdtype]
 
 
 def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
