@@ -129,12 +129,19 @@ def _row_scale(absmax):
 
 
 @triton.jit
-def _w8a8_out(out, offs_m, offs_n, M, N, w_scale_ptr, stride_ws, bias_ptr, c_scale_ptr, C_GROUP_N: tl.constexpr,
-              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
-    # out (float32: the int32 acc times a's scale, or the per-group sum that already carries
-    # it) * w_scale[n] + bias[n], then GELU, in this order (kernels/gemm_base.py's _dequantize),
-    # stored in OUT_DTYPE (int8: requantized with c_scale, or per group of C_GROUP_N columns
-    # with the scales written to c_scale: _to_output)
+def _w8a8_out(acc, a_scale, offs_m, offs_n, M, N, w_scale_ptr, stride_ws, bias_ptr, c_scale_ptr,
+              A_PER_ROW: tl.constexpr, C_GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              OUT_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):  # fmt: skip
+    # acc * a_scale (per row where A_PER_ROW, else one) * w_scale[n] + bias[n], then GELU, in
+    # this order (kernels/gemm_base.py's _dequantize), stored in OUT_DTYPE (int8: requantized
+    # with c_scale, or per group of C_GROUP_N columns with the scales written to c_scale:
+    # _to_output). A float32 acc (group's) carries a's scales already.
+    out = acc.to(tl.float32)
+    if acc.dtype == tl.int32:
+        if A_PER_ROW:
+            out = out * a_scale[:, None]
+        else:
+            out = out * a_scale
     out = out * tl.load(w_scale_ptr + offs_n * stride_ws, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -188,6 +195,7 @@ def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_pt
         acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.int32)
     else:
         # float, w8a16, and w8a8 group (the scales promoted into it every K step)
+        x_scale = 1.0  # (not read)
         acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_in = (k0 + offs_k) < D
@@ -206,14 +214,8 @@ def _gemm1_unit(x_ptr, w1_ptr, b1_ptr, h_ptr, ready_ptr, w1_scale_ptr, smooth_pt
             acc = _dot(a, b, acc, DOT_F32, INPUT_PRECISION)
     h_mask = (offs_m[:, None] < M) & (offs_f[None, :] < F)
     if W8A8:
-        if DYNAMIC:
-            out = acc.to(tl.float32) * x_scale[:, None]
-        elif STATIC:
-            out = acc.to(tl.float32) * x_scale
-        else:
-            out = acc
-        h = _w8a8_out(out, offs_m, offs_f, M, F, w1_scale_ptr, stride_w1s, b1_ptr, h_scale_ptr, A_GROUP, HAS_B1,
-                      ACTIVATION, h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+        h = _w8a8_out(acc, x_scale, offs_m, offs_f, M, F, w1_scale_ptr, stride_w1s, b1_ptr, h_scale_ptr, DYNAMIC,
+                      A_GROUP, HAS_B1, ACTIVATION, h_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
         if DYNAMIC:
             # h is quantized per token over all of d_ff, at 16 bits as stored (kernels/w8a8.py's
             # dynamic scheme): absmax starts at zero, every value folded in is >= 0
@@ -296,6 +298,7 @@ def fused_mlp_kernel(
                 h_scale = tl.load(h_scale_ptr)  # h is int8 at this scale already
                 acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
             else:
+                h_scale = 1.0  # (not read)
                 acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             k_first = share * k_per_split
             k_last = tl.minimum(k_first + k_per_split, k_tiles)
@@ -334,14 +337,8 @@ def fused_mlp_kernel(
                 last, total, _ = _split_k_arrive(acc, acc, partial_ptr, arrivals_ptr, tile_id, share, SPLIT_F, False)
             if last:
                 if W8A8:
-                    if DYNAMIC:
-                        out = total.to(tl.float32) * h_scale[:, None]
-                    elif STATIC:
-                        out = total.to(tl.float32) * h_scale
-                    else:
-                        out = total
-                    y = _w8a8_out(out, offs_m, offs_d, M, D, w2_scale_ptr, stride_w2s, b2_ptr, None, 0, HAS_B2,
-                                  "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
+                    y = _w8a8_out(total, h_scale, offs_m, offs_d, M, D, w2_scale_ptr, stride_w2s, b2_ptr, None, DYNAMIC,
+                                  0, HAS_B2, "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
                 else:
                     y = _epilogue(total, offs_m, offs_d, M, D, b2_ptr, w2_scale_ptr, None, None, stride_w2s, 0, W8A16,
                                   GROUP_K, 0, HAS_B2, "none", y_ptr.dtype.element_ty, INTERPRETER)  # fmt: skip
