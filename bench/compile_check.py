@@ -77,6 +77,8 @@ def compile_one(kernel, types: dict, constexprs: dict, config: triton.Config, si
     )  # fmt: skip
     try:
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.maxnreg:  # as the autotuner compiles a config that sets it
+            options["maxnreg"] = config.maxnreg
         compiled = triton.compile(source, target=TARGET, options=options)
     except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1
         return None, " | ".join(str(exc).strip().splitlines()[-3:])[:300]

@@ -363,11 +363,12 @@ def fused_mlp_kernel(
 # reused at 64 ran 16.2 us where 64-row tiles ran 13.8 at 128 rows (section 16).
 
 
-def _fcfg(bm, bf, bd, bk, split, warps=4, stages=3) -> triton.Config:
+def _fcfg(bm, bf, bd, bk, split, warps=4, stages=3, maxnreg=None) -> triton.Config:
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_F": bf, "BLOCK_D": bd, "BLOCK_K": bk, "SPLIT_F": split},
         num_warps=warps,
         num_stages=stages,
+        maxnreg=maxnreg,
     )
 
 
@@ -431,7 +432,7 @@ def fit_group(c: triton.Config, group: int) -> triton.Config:
     if not group:
         return c
     kw = {**c.kwargs, "BLOCK_K": group, "BLOCK_F": max(c.kwargs["BLOCK_F"], group)}
-    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
 
 
 def _config_for(m: int, d: int, f: int, table: dict, large: dict | None, group: int = 0) -> triton.Config:

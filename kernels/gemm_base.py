@@ -845,7 +845,7 @@ def autotune_enabled() -> bool:
 
 
 def _config_key(c: triton.Config) -> tuple:
-    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages, c.maxnreg
 
 
 def operand_scheme(a_dtype: torch.dtype, b_dtype: torch.dtype, a_group_k: int = 0) -> str:
@@ -861,7 +861,7 @@ def _gather_config(c: triton.Config) -> triton.Config:
     # For group sizes no tile depth divides: the per-element scale gather is staged in
     # shared memory like a weight tile, four bytes an element: smaller tiles, fewer stages.
     kwargs = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], 64), "BLOCK_N": min(c.kwargs["BLOCK_N"], 128)}
-    return triton.Config(kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
+    return triton.Config(kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 3), maxnreg=c.maxnreg)
 
 
 def fit_groups(c: triton.Config, a_group_k: int, c_group_n: int) -> triton.Config:
@@ -880,7 +880,7 @@ def fit_groups(c: triton.Config, a_group_k: int, c_group_n: int) -> triton.Confi
                 kw["BLOCK_N"] = c_group_n * (2 if subtile else 1)
     if kw == c.kwargs:
         return c
-    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
 
 
 def _unique(configs) -> list:
