@@ -467,6 +467,11 @@ def test_group_configs_hold_one_group_a_k_step_and_whole_groups_a_tile(monkeypat
             assert c["BLOCK_K"] == group and c["BLOCK_F"] % group == 0
             assert c["BLOCK_F"] == max(plain["BLOCK_F"], group)
             assert (c["BLOCK_M"], c["BLOCK_D"], c["SPLIT_F"]) == (plain["BLOCK_M"], plain["BLOCK_D"], plain["SPLIT_F"])
+    # a register cap (maxnreg) stays with the config, and tells two configs apart
+    capped = fused_module._fcfg(16, 64, 64, 256, 8, maxnreg=168)
+    assert fused_module.fit_group(capped, 128).maxnreg == 168
+    prune = fused_module._pruner({16: capped}, None)
+    assert prune([fused_module._fcfg(16, 64, 64, 256, 8), capped], {"M": 1, "D": 768, "F": 3072}) == [capped]
 
 
 @settings(max_examples=40, deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
