@@ -7,12 +7,14 @@ K into shares to fill the SMs. This probe times every candidate tile config with
 without it, for fp16 (GEMM1 with erf, GEMM2 plain) and w8a8 (int8 x int8; GEMM1 with a
 16-bit output as the dynamic scheme runs it), plus the float decode kernel at M = 128,
 and prints the best per GEMM and M next to cuBLAS (F.linear; torch._int_mm for int8) and
-fp16 eager's GEMM1 (linear + GELU).
+fp16 eager's GEMM1 (linear + GELU). fp16 also runs the pointer-load (strided) kernel on the
+same tiles, and the 128-row tiles with the warp-specialized tile loop.
 
     PYTHONPATH=. python3 bench/probe_medium_m.py --json $OUT/probe-medium.json
 
-CUDA-graph replays (kernels.bench.graph_time): GPU time, no host launch cost. Weights are
-128 MB, larger than L2, so every call reads them from memory.
+CUDA-graph replays of one call (kernels.bench.graph_time with one input set): GPU time, no
+host launch cost. At 4096x16384 the weights are 128 MB, larger than L2, so every call reads
+them from memory; at 768x3072 (4.7 MB) they stay in L2 for every row, cuBLAS's included.
 """
 
 from __future__ import annotations
@@ -126,6 +128,28 @@ def main() -> None:
                 out = torch.empty(m, n, device=dev, dtype=torch.float16)
                 call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="tma", out=out)  # noqa: E731
                 record("fp16", g, m, f"tma {tile} split<={split}", timed(call, args.warmup_ms, args.rep_ms))
+    # Session 12's questions at 768x3072 (bench/RESULTS.md section 20), where the best TMA GEMM
+    # trailed cuBLAS 1.27-1.44x from 512 rows: does the pointer-load kernel (no tensor
+    # descriptors made on the device) do better at K = 768, and does the warp-specialized
+    # tile loop (the next tile's loads under this tile's epilogue)?
+    for tile in FLOAT_TILES if "fp16" in kinds else []:
+        c = cfg(*tile)
+        force(gemm._GEMM, gemm._gemm_strided_kernel, gemm.STRIDED_CONFIGS, c)
+        for m in tokens:
+            for g, (k, n, act) in gemms.items():
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
+                out = torch.empty(m, n, device=dev, dtype=torch.float16)
+                call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="strided", out=out)  # noqa: E731
+                record("fp16", g, m, f"strided {tile}", timed(call, args.warmup_ms, args.rep_ms))
+    for tile in [t for t in FLOAT_TILES if t[0] == 128 and t[1] >= 128] if "fp16" in kinds else []:
+        c = cfg(*tile, WARP_SPECIALIZE=True, **({"EPILOGUE_SUBTILE": True} if tile[1] == 256 else {}))
+        force(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c)
+        for m in tokens:
+            for g, (k, n, act) in gemms.items():
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
+                out = torch.empty(m, n, device=dev, dtype=torch.float16)
+                call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="tma", out=out)  # noqa: E731
+                record("fp16", g, m, f"tma {tile} warp-specialized", timed(call, args.warmup_ms, args.rep_ms))
     for tile in FLOAT_DECODE if "fp16" in kinds else []:
         c = config(tile, 1)
         force(gemm._GEMM, gemm._gemm_decode_kernel, gemm.DECODE_CONFIGS, c)
