@@ -118,47 +118,31 @@ def main() -> None:
                 record("int_mm", g, m, "torch._int_mm", timed(lambda i: torch._int_mm(xq, qw[g].data.t()), args.warmup_ms, args.rep_ms))
 
     kinds = args.kinds.split(",")
-    float_cands = [(t, s) for t in FLOAT_TILES for s in (1, 8)] if "fp16" in kinds else []
-    for tile, split in float_cands:
-        c = config(tile, split)
-        force(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c)
-        for m in tokens:
+
+    def sweep_fp16(kernel, table, c, path: str, label: str, rows_up_to: int | None = None) -> None:
+        """c forced on the fp16 kernel of `path`, each GEMM at each row count (up to rows_up_to)."""
+        force(gemm._GEMM, kernel, table, c)
+        for m in [t for t in tokens if rows_up_to is None or t <= rows_up_to]:
             for g, (k, n, act) in gemms.items():
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 out = torch.empty(m, n, device=dev, dtype=torch.float16)
-                call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="tma", out=out)  # noqa: E731
-                record("fp16", g, m, f"tma {tile} split<={split}", timed(call, args.warmup_ms, args.rep_ms))
+                call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path=path, out=out)  # noqa: E731
+                record("fp16", g, m, label, timed(call, args.warmup_ms, args.rep_ms))
+
+    fp16_tiles = FLOAT_TILES if "fp16" in kinds else []
+    for tile, split in [(t, s) for t in fp16_tiles for s in (1, 8)]:
+        sweep_fp16(gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, config(tile, split), "tma", f"tma {tile} split<={split}")
     # Session 12's questions at 768x3072 (bench/RESULTS.md section 20), where the best TMA GEMM
     # trailed cuBLAS 1.27-1.44x from 512 rows: does the pointer-load kernel (no tensor
     # descriptors made on the device) do better at K = 768, and does the warp-specialized
     # tile loop (the next tile's loads under this tile's epilogue)?
-    for tile in FLOAT_TILES if "fp16" in kinds else []:
-        c = cfg(*tile)
-        force(gemm._GEMM, gemm._gemm_strided_kernel, gemm.STRIDED_CONFIGS, c)
-        for m in tokens:
-            for g, (k, n, act) in gemms.items():
-                x = torch.randn(m, k, device=dev, dtype=torch.float16)
-                out = torch.empty(m, n, device=dev, dtype=torch.float16)
-                call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="strided", out=out)  # noqa: E731
-                record("fp16", g, m, f"strided {tile}", timed(call, args.warmup_ms, args.rep_ms))
-    for tile in [t for t in FLOAT_TILES if t[0] == 128 and t[1] >= 128] if "fp16" in kinds else []:
+    for tile in fp16_tiles:
+        sweep_fp16(gemm._gemm_strided_kernel, gemm.STRIDED_CONFIGS, cfg(*tile), "strided", f"strided {tile}")
+    for tile in [t for t in fp16_tiles if t[0] == 128 and t[1] >= 128]:
         c = cfg(*tile, WARP_SPECIALIZE=True, **({"EPILOGUE_SUBTILE": True} if tile[1] == 256 else {}))
-        force(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c)
-        for m in tokens:
-            for g, (k, n, act) in gemms.items():
-                x = torch.randn(m, k, device=dev, dtype=torch.float16)
-                out = torch.empty(m, n, device=dev, dtype=torch.float16)
-                call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="tma", out=out)  # noqa: E731
-                record("fp16", g, m, f"tma {tile} warp-specialized", timed(call, args.warmup_ms, args.rep_ms))
-    for tile in FLOAT_DECODE if "fp16" in kinds else []:
-        c = config(tile, 1)
-        force(gemm._GEMM, gemm._gemm_decode_kernel, gemm.DECODE_CONFIGS, c)
-        for m in [t for t in tokens if t <= 128]:  # the decode configs' BLOCK_M
-            for g, (k, n, act) in gemms.items():
-                x = torch.randn(m, k, device=dev, dtype=torch.float16)
-                out = torch.empty(m, n, device=dev, dtype=torch.float16)
-                call = lambda i: gemm.gemm_bias_act(x, w[g], b[g], activation=act, path="decode", out=out)  # noqa: E731
-                record("fp16", g, m, f"decode {tile}", timed(call, args.warmup_ms, args.rep_ms))
+        sweep_fp16(gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c, "tma", f"tma {tile} warp-specialized")
+    for tile in FLOAT_DECODE if "fp16" in kinds else []:  # up to the decode configs' BLOCK_M
+        sweep_fp16(gemm._gemm_decode_kernel, gemm.DECODE_CONFIGS, config(tile, 1), "decode", f"decode {tile}", 128)
 
     for tile, split in [(t, s) for t in INT8_TILES for s in (1, 8)] if "w8a8" in kinds else []:
         c = config(tile, split)
