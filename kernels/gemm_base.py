@@ -1334,9 +1334,11 @@ class GemmLauncher:
         out2 = output_buffer(out, (*a.shape[:-1], n), a, out_dtype)
         if a2.shape[0] == 0:
             return out2.reshape(*a.shape[:-1], n)
-        # An output we allocate is always 16-byte aligned with rows of n elements; a
-        # caller's may not be, and then takes a plan of its own that is not kept.
-        out_aligned = out is None or (out2.data_ptr() % 16 == 0 and (n * out2.element_size()) % 16 == 0)
+        # TMA stores need a 16-byte aligned output with 16-byte aligned rows. One we allocate
+        # has rows of n elements: aligned unless n is not (n * element size % 16, e.g. d_model
+        # = 20 in fp16). A caller's may not be. An unaligned output takes a plan of its own
+        # (the strided path) that is not kept.
+        out_aligned = out2.data_ptr() % 16 == 0 and (n * out2.element_size()) % 16 == 0
         if plan is None or not out_aligned:
             stride_as = 0 if a_scale is None or (a_scale.numel() == 1 and not a_group_k) else a_scale.stride(0)
             w_scale_strides = (0, 0) if w_scale is None else (w_scale.stride(0), w_scale.stride(1) if group_k else 0)

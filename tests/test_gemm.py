@@ -233,6 +233,20 @@ def test_a_misaligned_out_after_an_aligned_call_takes_the_strided_path(monkeypat
     assert launched[-1] is not gemm_module._gemm_strided_kernel
 
 
+@pytest.mark.parametrize("m", [1, 100])
+def test_an_output_with_rows_tma_cannot_store_takes_the_strided_path(m):
+    # n = 20 fp16: the output the launcher allocates has 40-byte rows, which the TMA path's
+    # store cannot take (at 100 rows auto would take it); the auto path must see that, not
+    # only in a caller's out
+    k, n = 72, 20
+    x = randn(m, k, dtype=torch.float16)
+    w = make_weight(k, n, torch.float16, "out_in")
+    b = randn(n, dtype=torch.float16)
+    for _ in range(2):  # and the plan it keeps
+        out = gemm_bias_act(x, w, b, activation="erf")
+        check_against_references(out, x, w, b, "erf", "out_in")
+
+
 @pytest.mark.parametrize("m", [1, 37])
 def test_repeated_calls_read_their_own_inputs(m):
     # After the first call, launches with the same shapes skip Triton's dispatch
