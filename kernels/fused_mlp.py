@@ -1,5 +1,5 @@
-"""The whole MLP in one launch, for small float models (up to 1024 rows) and for int8 (w8a8
-`dynamic`, w8a16) at few rows:
+"""The whole MLP in one launch, for small float models (up to 1024 rows) and for int8 (w8a8,
+w8a16) at few rows:
 
     y = GELU(x @ W1^T + b1) @ W2^T + b2
 
@@ -39,6 +39,13 @@ before the release); a GEMM2 unit reads its rows' absmax once the row block is c
 quantizes each K step of h as it loads it. The last reader of a row block zeroes its absmax
 with its counters. The arithmetic is kernels/w8a8.py's, so the result equals the four
 launches' (kernels/reference.py's w8a8_mlp_reference).
+
+w8a8 `static` and `group:G` (fused_w8a8_mlp's activations) keep h int8 in the workspace, as
+their three launches do: static quantizes x with w1.input_scale and requantizes h with
+w1.output_scale; group makes each K step one group of G columns, whose int32 product is
+added into a float32 sum times the rows' group scales, and GEMM1 writes h's per-(row, group)
+scales beside it for GEMM2. (The op sends them here only once timed on a GPU:
+FUSED_W8A8_OP_SCHEMES.)
 
 w8a16 (fused_w8a16_mlp) runs the float units with int8 weights: each weight tile is
 dequantized in registers as kernels/w8a16.py's two launches dequantize it (a per-group scale
