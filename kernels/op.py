@@ -76,7 +76,7 @@ from kernels.schemes import (
     ActivationScheme,
     WeightLayout,
 )
-from kernels.w8a8 import check_group_size, quantize_activations, w8a8_linear
+from kernels.w8a8 import check_group_size, w8a8_mlp
 from kernels.w8a16 import w8a16_linear
 
 __all__ = ["DTYPES", "FLOAT_DTYPES", "INT8_DTYPES", "FusedMLP", "MLPConfig", "choose_backend"]
@@ -289,25 +289,6 @@ class FusedMLP:
             # the scheme's launches below in one (kernels/fused_mlp.py): few rows, where host time rules
             return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout, activations=scheme)
         # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
-        if scheme.kind == "dynamic":
-            # h at 16 bits between GEMM1 and its per-row quantization (kernels/w8a8.py says why)
-            xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale)
-            h = w8a8_linear(xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, out_dtype=x.dtype, **up)
-            hq, h_scale = quantize_activations(h)
-            return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
-        if scheme.kind == "group":
-            g = scheme.group_size
-            xq, x_scale = quantize_activations(x, smooth_scale=gate.smooth_scale, group_size=g)
-            hq, h_scale = w8a8_linear(
-                xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, input_group_size=g,
-                output_group_size=g, **up,
-            )  # fmt: skip
-            return w8a8_linear(hq, h_scale, w2, b2, weight_layout=layout, input_group_size=g, out_dtype=x.dtype)
-        # static: three launches, int8 between each
-        xq, x_scale = quantize_activations(x, gate.input_scale, smooth_scale=gate.smooth_scale)
-        h = w8a8_linear(
-            xq, x_scale, gate, b_gate, activation=cfg.gelu, weight_layout=layout, output_scale=gate.output_scale, **up
-        )
-        return w8a8_linear(h, gate.output_scale, w2, b2, weight_layout=layout, out_dtype=x.dtype)
+        return w8a8_mlp(x, gate, b_gate, w2, b2, activations=scheme, activation=cfg.gelu, weight_layout=layout, **up)
 
     __call__ = forward

@@ -9,6 +9,8 @@ activation schemes (kernels/schemes.py's ActivationScheme); kernels/op.py runs t
                y = w8a8_linear(hq, hs, w2, b2, out_dtype=x.dtype)
                (at few rows the op runs these four in one launch: kernels/fused_mlp.py's
                fused_w8a8_mlp, the same arithmetic)
+
+w8a8_mlp runs these launches for a scheme; the op calls it where the one launch does not apply.
     group:G    xq, xs = quantize_activations(x, smooth_scale=s, group_size=G)   # xs [M, K/G]
                hq, hs = w8a8_linear(xq, xs, w1, b1, activation="erf", input_group_size=G,
                                     output_group_size=G)             # int8 h, hs [M, d_ff/G]
@@ -57,7 +59,7 @@ from kernels.int8 import SCALE_EPS
 from kernels.int8_gemm import int8_weight_gemm
 from kernels.launch import interpreting, launch
 from kernels.quantized import QuantizedWeight
-from kernels.schemes import FLOAT_DTYPES, WeightLayout
+from kernels.schemes import FLOAT_DTYPES, ActivationScheme, WeightLayout
 
 # The group sizes of w8a8 `group:N` the kernels run: N is the K tile of the int8 GEMMs
 # (the int8 MMA takes K in steps of 32; deeper than 128 the 128x256 tiles' stages no
@@ -342,3 +344,40 @@ def w8a8_linear(
         c_group_n=output_group_size or 0, up=up, up_bias=up_bias,
     )  # fmt: skip
     return (result, c_scale) if output_group_size is not None else result
+
+
+def w8a8_mlp(
+    x: torch.Tensor,
+    w1: QuantizedWeight,
+    b1: torch.Tensor | None,
+    w2: QuantizedWeight,
+    b2: torch.Tensor | None = None,
+    *,
+    activations: str | ActivationScheme = "dynamic",
+    activation: str = "erf",
+    weight_layout: str | WeightLayout = "out_in",
+    up: QuantizedWeight | None = None,
+    up_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GELU(x @ W1^T + b1) @ W2^T + b2 as the activation scheme's separate launches (the
+    module docstring's table): x quantized (divided by w1.smooth_scale first, where there is
+    one), GEMM1 with GELU, h quantized, GEMM2. x [..., d_model] fp16, bf16 or fp32; static
+    takes w1.input_scale and w1.output_scale. up, up_bias: a gated GEMM1's up projection
+    (w8a8_linear's). Returns [..., d_model] in x's dtype."""
+    scheme = ActivationScheme.parse(activations)
+    gemm1 = dict(activation=activation, weight_layout=weight_layout, up=up, up_bias=up_bias)
+    if scheme.kind == "dynamic":
+        # h at 16 bits between GEMM1 and its per-row quantization (the module docstring says why)
+        xq, x_scale = quantize_activations(x, smooth_scale=w1.smooth_scale)
+        h = w8a8_linear(xq, x_scale, w1, b1, out_dtype=x.dtype, **gemm1)
+        hq, h_scale = quantize_activations(h)
+        return w8a8_linear(hq, h_scale, w2, b2, weight_layout=weight_layout, out_dtype=x.dtype)
+    if scheme.kind == "group":
+        g = scheme.group_size
+        xq, x_scale = quantize_activations(x, smooth_scale=w1.smooth_scale, group_size=g)
+        hq, h_scale = w8a8_linear(xq, x_scale, w1, b1, input_group_size=g, output_group_size=g, **gemm1)
+        return w8a8_linear(hq, h_scale, w2, b2, weight_layout=weight_layout, input_group_size=g, out_dtype=x.dtype)
+    # static: int8 between each launch
+    xq, x_scale = quantize_activations(x, w1.input_scale, smooth_scale=w1.smooth_scale)
+    h = w8a8_linear(xq, x_scale, w1, b1, output_scale=w1.output_scale, **gemm1)
+    return w8a8_linear(h, w1.output_scale, w2, b2, weight_layout=weight_layout, out_dtype=x.dtype)

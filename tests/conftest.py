@@ -59,6 +59,13 @@ TOL_GATED_W8A8_STATIC_VS_FLOAT64 = 1e-1
 # int8 results against the step-by-step reference: at most this fraction of elements
 # off, each by at most 1 (rounding ties moved by float32 op order).
 MAX_TIE_FLIPS = 1e-3
+# A w8a8 MLP's output against its step-by-step reference, where such a flip (of x or h) is
+# not diluted: one flip moves a test-sized MLP's output by up to about 2e-3 relative. The
+# worst of 1,920 fp32 cases at tests/test_fused_mlp.py's shapes was 1.7e-3; 40x2x160 fp16 was
+# 1.8e-3. fp32's 1e-5 failed 9 of 480 such cases, fp16's 1e-3 one edge shape. So the kernels
+# are held to TOL_VS_REFERENCE against each other (the one launch against the separate
+# launches, whose rounding is the same), and to this against the torch reference.
+TOL_W8A8_VS_REFERENCE = {dtype: max(tol, 5e-3) for dtype, tol in TOL_VS_REFERENCE.items()}
 # A per-group scale of GEMM1's output, kernel against reference: the float32 value it is
 # the absmax of may differ in its last bits (another fma, erf, summation order).
 SCALE_RTOL = 1e-5

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernels.op as op_module
+import kernels.w8a8 as w8a8_module
 from conftest import DEVICE, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, randn, rel_err, tol_int8_vs_float64
 from int8_helpers import float64_mlp, int8_mlp, quantize_weight
 from kernels.errors import LaunchError
@@ -69,17 +70,18 @@ def test_decode_and_odd_sizes(scheme, activations):
 
 
 def record_w8a8_steps(monkeypatch) -> list:
-    """What the op passes between its launches: (launch, its inputs, its output) in order."""
+    """What the op's separate launches (kernels/w8a8.py's w8a8_mlp) pass between them:
+    (launch, its inputs, its output) in order."""
     calls = []
     for name in ("quantize_activations", "w8a8_linear"):
-        real = getattr(op_module, name)
+        real = getattr(w8a8_module, name)
 
         def recording(*args, _real=real, _name=name, **kwargs):
             out = _real(*args, **kwargs)
             calls.append((_name, args, out))
             return out
 
-        monkeypatch.setattr(op_module, name, recording)
+        monkeypatch.setattr(w8a8_module, name, recording)
     return calls
 
 
