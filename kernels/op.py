@@ -286,9 +286,9 @@ class FusedMLP:
                 x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme, **gated
             )
         if not cfg.gated and fused_w8a8_applies(x.numel() // max(x.shape[-1], 1), x.shape[-1], w1, w2, scheme.kind):
-            # the scheme's launches below in one (kernels/fused_mlp.py): few rows, where host time rules
+            # w8a8_mlp's launches in one (kernels/fused_mlp.py): few rows, where host time rules
             return fused_w8a8_mlp(x, w1, b1, w2, b2, activation=cfg.gelu, weight_layout=layout, activations=scheme)
-        # GEMM1 on the gate (and its up projection: `up`), as kernels/w8a8.py launches each scheme
+        # the scheme's separate launches; GEMM1 on the gate (and its up projection: `up`)
         return w8a8_mlp(x, gate, b_gate, w2, b2, activations=scheme, activation=cfg.gelu, weight_layout=layout, **up)
 
     __call__ = forward
