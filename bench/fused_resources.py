@@ -7,6 +7,7 @@ constants; M never specialized, as the kernel says), and cuobjdump reads the cub
     python3 bench/fused_resources.py [--shape 4096x16384] [--m 16] [--dtype fp16|w8a16|w8a8] [--candidates]
         [--activations dynamic|static|group:128]
     python3 bench/fused_resources.py --gemm
+    python3 bench/fused_resources.py --epilogue
 
 
 One row per config and GELU: REG (registers a thread), STACK (bytes of local memory a
@@ -14,12 +15,17 @@ thread: spills), shared memory. A config with STACK > 0 spills, and a GELU that 
 changes the schedule. --candidates compiles bench/probe_fused_configs.py's candidates
 instead of the tables' configs. --gemm reads the float GEMM kernels instead (kernels/gemm.py:
 every table config of the TMA, decode and strided kernels, fp16 with bias, as
-bench/compile_check.py compiles them, without a call's specialization). (Kernel-development
+bench/compile_check.py compiles them, without a call's specialization). --epilogue counts
+the GELU's cost in the TMA GEMM's table configs: the SASS instructions each flavour adds
+to the kernel with no activation, per output element a thread holds (the epilogue is
+unrolled, so the static count is what a thread runs per tile). (Kernel-development
 tool: the reading of a time; bench/RESULTS.md section 19 has its tables.)
 """
 
 import argparse
+import collections
 import os
+import re
 import subprocess
 import tempfile
 
@@ -57,13 +63,55 @@ def gemm_main() -> None:
                 continue
             r = resources(compiled)
             cells.append(f"{gelu} REG {r['REG']:3d} STACK {r['STACK']:4d}")
-        kw = config.kwargs
-        tile = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        flags = [k.lower() for k in ("EPILOGUE_SUBTILE", "FLATTEN", "WARP_SPECIALIZE") if kw.get(k)]
-        flags += [f"split<={kw['MAX_SPLIT_K']}"] if kw.get("MAX_SPLIT_K", 1) > 1 else []
         name = cc._innermost(kernel).__name__
-        print(f"  {name:20s} {tile:12s} w{config.num_warps}s{config.num_stages} {' '.join(flags):36s} | " + " | ".join(cells),
-              flush=True)  # fmt: skip
+        print(f"  {name:20s} {_gemm_label(config):55s} | " + " | ".join(cells), flush=True)
+
+
+def sass_counts(compiled) -> dict:
+    """{opcode: how many times it appears} in the cubin's SASS."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as fh:
+        fh.write(compiled.asm["cubin"])
+        fh.flush()
+        out = subprocess.run([CUOBJDUMP, "-sass", fh.name], capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out)
+    return collections.Counter(ops)
+
+
+def epilogue_main() -> None:
+    print(f"TMA GEMM, fp16 with bias, 1024x3072x768, triton {triton.__version__}, sm_90: SASS instructions a GELU "
+          "adds per output element a thread holds (MUFU of them)")  # fmt: skip
+    ints = dict(M=1024, N=3072, K=768, stride_am=768, stride_b=768, stride_cm=3072)
+    seen = set()
+    for kernel, types, cx, config, label, *_ in cc.float_cases():
+        key = cc.gemm_config_key(config)
+        if label != "fp16 erf" or cc._innermost(kernel).__name__ != "gemm_tma_kernel" or key in seen:
+            continue
+        seen.add(key)
+        counts = {}
+        for gelu in ("none", "erf", "tanh", "quick"):
+            compiled, error = cc.compile_one(kernel, types, {**cx, "ACTIVATION": gelu}, config, specialize=ints)
+            if error:
+                break
+            counts[gelu] = sass_counts(compiled)
+        else:
+            kw = config.kwargs
+            per_thread = kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * config.num_warps)
+            cells = [
+                f"{g} {(sum(counts[g].values()) - sum(counts['none'].values())) / per_thread:5.1f} "
+                f"({(counts[g]['MUFU'] - counts['none']['MUFU']) / per_thread:.1f})"
+                for g in ("erf", "tanh", "quick")
+            ]
+            print(f"  {_gemm_label(config):62s} | " + " | ".join(cells), flush=True)
+            continue
+        print(f"  {_gemm_label(config):62s} | {error[:80]}", flush=True)
+
+
+def _gemm_label(config) -> str:
+    kw = config.kwargs
+    tile = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    flags = [k.lower() for k in ("EPILOGUE_SUBTILE", "FLATTEN", "WARP_SPECIALIZE") if kw.get(k)]
+    flags += [f"split<={kw['MAX_SPLIT_K']}"] if kw.get("MAX_SPLIT_K", 1) > 1 else []
+    return f"{tile:12s} w{config.num_warps}s{config.num_stages} {' '.join(flags)}"
 
 
 def main():
@@ -73,11 +121,15 @@ def main():
     parser.add_argument("--dtype", default="w8a16")
     parser.add_argument("--candidates", action="store_true")
     parser.add_argument("--gemm", action="store_true", help="the float GEMM kernels' table configs instead")
+    parser.add_argument("--epilogue", action="store_true", help="SASS instructions each GELU adds, TMA GEMM configs")
     parser.add_argument("--activations", default="dynamic", help="w8a8's scheme: dynamic, static or group:G")
     args = parser.parse_args()
     group = 0
     if args.gemm:
         gemm_main()
+        return
+    if args.epilogue:
+        epilogue_main()
         return
     d, f = map(int, args.shape.split("x"))
     m = args.m

@@ -152,7 +152,8 @@ def _w8a8_out(acc, a_scale, offs_m, offs_n, M, N, w_scale_ptr, stride_ws, bias_p
     out = out * tl.load(w_scale_ptr + offs_n * stride_ws, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return _to_output(gelu(out, ACTIVATION), offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
+    out = gelu(out, ACTIVATION, INTERPRETER)
+    return _to_output(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
 
 
 @triton.jit

@@ -132,7 +132,31 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def gelu(x, ACTIVATION: tl.constexpr):
+def _rcp(x, INTERPRETER: tl.constexpr):
+    # 1 / x for x >= 1 by the special-function unit alone (rcp.approx.ftz.f32, within 1 ulp).
+    # Triton's "/" is div.full.f32, whose range handling for huge and tiny divisors costs six
+    # more instructions an element, a third of an erf GELU epilogue; no divisor here needs it.
+    if INTERPRETER:
+        r = 1.0 / x
+    else:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return r
+
+
+@triton.jit
+def _exp2(x, INTERPRETER: tl.constexpr):
+    # 2^x by the special-function unit alone (ex2.approx.ftz.f32): tl.exp's non-ftz ex2 adds
+    # three instructions an element to keep results below 2^-126, which GELU rounds away.
+    if INTERPRETER:
+        # capped where float32 overflows (numpy warns); GELU's 1 / (1 + 2^126) is as good as 0
+        r = tl.exp2(tl.minimum(x, 126.0))
+    else:
+        r = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return r
+
+
+@triton.jit
+def gelu(x, ACTIVATION: tl.constexpr, INTERPRETER: tl.constexpr):
     """x unchanged for "none", else the GELU flavour ACTIVATION of float32 x."""
     if ACTIVATION == "erf":
         # exact GELU: 0.5 * x * (1 + erf(z)), z = x / sqrt(2). erf(|z|) = 1 - q with
@@ -141,19 +165,19 @@ def gelu(x, ACTIVATION: tl.constexpr):
         # Not libdevice's erf: under triton 3.6 it made ptxas spill registers in measured
         # configs of the one-launch MLP and the TMA GEMM (bench/RESULTS.md section 19). This
         # GELU is within 6.4e-7 of float64, closer than torch's own float32 erf GELU.
-        z = tl.abs(x) * 0.7071067811865476
-        t = 1.0 / (1.0 + 0.3275911 * z)
+        # exp(-z^2) = 2^(x^2 * -log2(e) / 2).
+        t = _rcp(1.0 + 0.3275911 * 0.7071067811865476 * tl.abs(x), INTERPRETER)
         q = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-        q = q * tl.exp(-z * z)
+        q = q * _exp2(x * x * -0.7213475204444817, INTERPRETER)
         x = 0.5 * x * tl.where(x < 0, q, 2.0 - q)
     elif ACTIVATION == "tanh":
-        # tanh GELU: 0.5 * x * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3),
-        # which equals x * sigmoid(2u); written with sigmoid because libdevice's tanh
-        # does not run under the interpreter.
-        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        # tanh GELU: 0.5 * x * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3), which
+        # equals x * sigmoid(2u) = x / (1 + 2^(-2u log2(e))) (no libdevice tanh: it does not
+        # run under the interpreter).
+        x = x * _rcp(1.0 + _exp2(x * (-2.302208198144325 - 0.1029432395800235 * x * x), INTERPRETER), INTERPRETER)
     elif ACTIVATION == "quick":
-        # CLIP's quick GELU: x * sigmoid(1.702 x)
-        x = x * tl.sigmoid(1.702 * x)
+        # CLIP's quick GELU: x * sigmoid(1.702 x) = x / (1 + 2^(-1.702 x log2(e)))
+        x = x * _rcp(1.0 + _exp2(-2.4554669595930156 * x, INTERPRETER), INTERPRETER)
     return x
 
 
@@ -310,7 +334,8 @@ def _epilogue(acc, offs_m, offs_n, M, N,
     # kernels/reference.py computes it; then stored in OUT_DTYPE (int8: requantized).
     out = _dequantize(acc, offs_m, offs_n, M, N, bias_ptr, w_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
                       INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
-    return _to_output(gelu(out, ACTIVATION), offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
+    out = gelu(out, ACTIVATION, INTERPRETER)
+    return _to_output(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
 
 
 @triton.jit
@@ -325,7 +350,8 @@ def _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N,
                        INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
     up = _dequantize(acc_up, offs_m, offs_n, M, N, up_bias_ptr, up_scale_ptr, a_scale_ptr, stride_wsn, stride_as,
                      INT8_WEIGHT, GROUP_K, HAS_BIAS)  # fmt: skip
-    return _to_output(gelu(gate, ACTIVATION) * up, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
+    out = gelu(gate, ACTIVATION, INTERPRETER) * up
+    return _to_output(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N, OUT_DTYPE, INTERPRETER)
 
 
 @triton.jit
