@@ -7,7 +7,8 @@ compiler. Run this in an environment with the GPU's Triton to catch what it reje
     PYTHONPATH=. /tmp/t36/bin/python bench/compile_check.py [float|int8]
 
 Each kernel is compiled with every autotuning config for one representative dtype and
-layout, and with one config for the other dtypes, layouts and activations; the int8
+layout, and with one config for the other dtypes, layouts and activations (the float TMA
+kernel also with kernels/gemm.py's warp-specialized candidates); the int8
 kernels with every config of each scheme's table (w8a16 per channel and group:128 with
 the swap-AB schedule, w8a8 static, w8a8 group:128 in and out) and with one config for the
 rest (bf16, in_out, dynamic's 16-bit GEMM1 output, group:32 and group:64); the activation
@@ -140,6 +141,14 @@ def float_cases():
             t, cx = types(dt)
             cx.update(ACTIVATION=act, **({} if strided else {"B_IS_NK": b_is_nk}))
             yield kernel, t, cx, kernel.configs[-1], f"{dt} {act} b_is_nk={b_is_nk}"
+        if kernel is gemm._GEMM.kernels.tma:
+            # the warp-specialized candidates (not in the tables yet): fp16 in both layouts, bf16
+            for config, (dt, act, b_is_nk) in itertools.product(
+                gemm.TMA_WS_CANDIDATES, [("fp16", "erf", True), ("fp16", "erf", False), ("bf16", "tanh", True)]
+            ):
+                t, cx = types(dt)
+                cx.update(ACTIVATION=act, B_IS_NK=b_is_nk)
+                yield kernel, t, cx, config, f"{dt} {act} b_is_nk={b_is_nk} warp-specialized candidate"
 
 
 def _table_configs(table: dict) -> list:

@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -220,6 +220,28 @@ PY
       summary+=("w8a8-one: bench graph/calls in w8a8-one-bench.txt")
       python3 bench/probe_overhead.py >"$OUT/host-cost.txt" 2>&1 || status=1
       while read -r line; do summary+=("  $line"); done < <(sed -n '/^host cost per call/,/^ *$/p' "$OUT/host-cost.txt" | head -n 11)
+      ;;
+    ws-gelu)
+      # Session 13 (bench/RESULTS.md section 21), neither yet on a GPU: (1) the GELU epilogue on
+      # the special-function unit (15 instructions an element for erf, 7 for tanh; 27 and 16
+      # before): the bench's float rows where section 19 measured the GELU's cost, and the w8a16
+      # decode rows; (2) the warp-specialized TMA candidates (kernels/gemm.py
+      # TMA_WS_CANDIDATES, 12 warps): each one's GPU test, then every large-M config alone
+      # (probe_float.py --wide, the autotuner's per-config TIMING lines) next to eager and
+      # cuBLASLt. A candidate that passes and leads its bucket goes into the table.
+      gpu_tests ws tests/test_gemm.py -k "warp_specialized or float32_accurate"
+      {
+        gg bench --cuda-graph --shape 768,3072 --dtype fp16,bf16 --tokens 256,512,1024 --peers eager,cublaslt
+        gg bench --cuda-graph --shape 768,3072 --dtype fp16 --gelu tanh --tokens 512,1024 --peers eager,cublaslt
+        gg bench --cuda-graph --shape 4096,16384 --dtype fp16,bf16 --tokens 2048,8192 --peers eager,cublaslt
+        gg bench --cuda-graph --shape 4096,16384 --dtype fp16 --gelu tanh --tokens 2048 --peers eager,cublaslt
+        gg bench --cuda-graph --shape 4096,16384 --dtype w8a16 --tokens 1,16 --peers eager
+      } >"$OUT/ws-gelu-bench.txt" 2>&1 || status=1
+      python3 bench/probe_float.py --wide --dtype fp16,bf16 --shapes 4096x16384 --tokens 2048,8192 \
+        --json "$OUT/ws-probe-float.json" >"$OUT/ws-probe-float.txt" 2>&1 || status=1
+      summary+=("ws-gelu: see ws-gelu-bench.txt; per-config large-M timings (TIMING lines) in ws-probe-float.txt:")
+      while read -r line; do summary+=("  $line"); done < <(grep -E '^(DROP|fp16|bf16) ' "$OUT/ws-probe-float.txt" | cut -c1-100)
+      while read -r line; do summary+=("  $line"); done < <(grep -E 'WARP_SPECIALIZE: True' "$OUT/ws-probe-float.txt" | sed -E 's/BLOCK_|GROUP_M: 8, |num_ctas: 1, |, maxnreg: None//g' | cut -c1-120 | head -16)
       ;;
     small-gemms)
       # Issue 16's 768x3072 rows from 256 to 1024, where the one launch trails eager (0.72-0.89x,

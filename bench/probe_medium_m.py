@@ -8,7 +8,7 @@ without it, for fp16 (GEMM1 with erf, GEMM2 plain) and w8a8 (int8 x int8; GEMM1 
 16-bit output as the dynamic scheme runs it), plus the float decode kernel at M = 128,
 and prints the best per GEMM and M next to cuBLAS (F.linear; torch._int_mm for int8) and
 fp16 eager's GEMM1 (linear + GELU). fp16 also runs the pointer-load (strided) kernel on the
-same tiles, and the 128-row tiles with the warp-specialized tile loop.
+same tiles, and kernels/gemm.py's warp-specialized candidates (TMA_WS_CANDIDATES).
 
     PYTHONPATH=. python3 bench/probe_medium_m.py --json $OUT/probe-medium.json
 
@@ -138,8 +138,10 @@ def main() -> None:
     # tile loop (the next tile's loads under this tile's epilogue)?
     for tile in fp16_tiles:
         sweep_fp16(gemm._gemm_strided_kernel, gemm.STRIDED_CONFIGS, cfg(*tile), "strided", f"strided {tile}")
-    for tile in [t for t in fp16_tiles if t[0] == 128 and t[1] >= 128]:
-        c = cfg(*tile, WARP_SPECIALIZE=True, **({"EPILOGUE_SUBTILE": True} if tile[1] == 256 else {}))
+    # (Warp specialization happens only at 4 warps, and not with the subtiled epilogue:
+    # kernels/gemm.py's candidates; bench/ws_survey.py.)
+    for c in gemm.TMA_WS_CANDIDATES if fp16_tiles else []:
+        tile = tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (c.num_warps, c.num_stages)
         sweep_fp16(gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c, "tma", f"tma {tile} warp-specialized")
     for tile in FLOAT_DECODE if "fp16" in kinds else []:  # up to the decode configs' BLOCK_M
         sweep_fp16(gemm._gemm_decode_kernel, gemm.DECODE_CONFIGS, config(tile, 1), "decode", f"decode {tile}", 128)

@@ -63,7 +63,8 @@ STRIDED_CONFIGS = {
 
 # Each list ends or starts with a config small enough for fp32 tiles' shared memory.
 # Measured on the H100 (bench/RESULTS.md): 128x256x64 with the subtiled epilogue and a
-# flattened or warp-specialized tile loop led at M >= 2048. From 65 to 1024 rows, the
+# flattened or plain tile loop led at M >= 2048. (Those configs asked for warp
+# specialization too, but at 8 warps Triton compiles the plain loop: bench/ws_survey.py.) From 65 to 1024 rows, the
 # leaders of bench/probe_medium_m.py on an H200 (section 15), each allowed to split K:
 # GEMM2 of a 4096x16384 MLP has 32 to 128 output tiles there, and split-K took it from
 # 95 to 51 us at M = 128 and from 99 to 70 us at M = 256.
@@ -85,11 +86,23 @@ TMA_CONFIGS = {
     ],
     "large": [
         cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
-        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True),
         cfg(128, 256, 64, 8, 3, FLATTEN=True), cfg(128, 128, 64, 8, 4, FLATTEN=True),
         cfg(128, 128, 64, 4, 4, EPILOGUE_SUBTILE=True, FLATTEN=True), cfg(128, 128, 32, 8, 3),
     ],
 }  # fmt: skip
+# Warp-specialized tile loops: a producer warp group issues the TMA loads and two consumer
+# groups each take half of the tile's rows (the MMAs and the epilogue), so the next tile's
+# loads run under this tile's epilogue. Triton does this on sm_90 only for configs of 4
+# warps (a group's: 12 in all); at 8 warps the flag compiles to the plain loop, and with the
+# subtiled epilogue the compiler aborts (bench/ws_survey.py). These compile for sm_90 under
+# triton 3.6 and 3.9. They join a table once a GPU has run each (the `gpu` test
+# test_warp_specialized_candidates) and timed it ahead (bench/probe_float.py --wide,
+# bench/RESULTS.md section 21).
+TMA_WS_CANDIDATES = [
+    cfg(128, 128, 64, 4, 4, WARP_SPECIALIZE=True), cfg(128, 256, 64, 4, 3, WARP_SPECIALIZE=True),
+    cfg(128, 128, 128, 4, 3, WARP_SPECIALIZE=True), cfg(256, 128, 64, 4, 3, WARP_SPECIALIZE=True),
+]  # fmt: skip
 
 # Gated GEMM1 (two accumulators, gate and up): the plain tables' tiles at half the N
 # width, so the two [128, 128] accumulators of the large configs hold what one [128, 256]
@@ -109,7 +122,7 @@ GATED_TMA_CONFIGS = {
     256: [cfg(64, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3), cfg(64, 64, 32, 4, 3)],
     "large": [
         cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
-        cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True),
         cfg(128, 128, 64, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 64, 8, 3, FLATTEN=True),
         cfg(128, 64, 64, 4, 4, FLATTEN=True), cfg(128, 128, 32, 8, 3),
     ],

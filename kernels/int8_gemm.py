@@ -75,16 +75,17 @@ W8A8_STRIDED_CONFIGS = {
 # the MMA's register operand; bench/RESULTS.md section 8 measured it 1.2-2.4x faster than
 # converting the tile as the B operand, which wgmma reads from shared memory only), with
 # the plain schedule kept as an alternative for the autotuner. Large M: 128x256x64 with 4
-# stages and a warp-specialized tile loop was the probe's fastest.
+# stages and the plain tile loop was the probe's fastest (it asked for warp specialization,
+# which Triton does not do at 8 warps: bench/ws_survey.py).
 W8A16_TMA_CONFIGS = {
     64: [cfg(64, 128, 128, 4, 4, SWAP_AB=True), cfg(32, 128, 128, 4, 5, SWAP_AB=True), cfg(64, 64, 128, 4, 4)],
     256: [cfg(128, 128, 128, 8, 4, SWAP_AB=True, FLATTEN=True), cfg(64, 128, 128, 4, 4, SWAP_AB=True),
           cfg(64, 128, 128, 4, 4, SWAP_AB=True, MAX_SPLIT_K=8), cfg(64, 128, 64, 4, 4)],
     "large": [
-        cfg(128, 256, 64, 8, 4, SWAP_AB=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 64, 8, 4, SWAP_AB=True),
         cfg(128, 256, 64, 8, 4, SWAP_AB=True, FLATTEN=True),
         cfg(128, 128, 128, 8, 4, SWAP_AB=True, FLATTEN=True),
-        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 64, 8, 3, EPILOGUE_SUBTILE=True),
     ],
 }  # fmt: skip
 # 128x256x128: 48 KiB of int8 tiles a stage; the subtiled epilogue halves the output
@@ -106,7 +107,7 @@ W8A8_TMA_CONFIGS = {
     ],
     "large": [
         cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
-        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True),
         cfg(128, 256, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 128, 8, 4, FLATTEN=True),
         cfg(128, 256, 128, 8, 3), cfg(128, 128, 128, 4, 4, EPILOGUE_SUBTILE=True, FLATTEN=True),
         cfg(256, 128, 128, 8, 3, EPILOGUE_SUBTILE=True),
@@ -115,7 +116,8 @@ W8A8_TMA_CONFIGS = {
 # w8a8 group:N (written for N = 128; kernels/gemm_base.py's fit_groups sets BLOCK_K = N and
 # makes the epilogue tile hold whole groups for other N). Every K tile's partial is
 # promoted into the float32 accumulator, which waits on each MMA: the probe measured the
-# warp-specialized loop 5% ahead of the flattened one, and 64-row tiles far behind.
+# plain tile loop 5% ahead of the flattened one (it asked for warp specialization, which at
+# 8 warps compiles to the plain loop: bench/ws_survey.py), and 64-row tiles far behind.
 W8A8_GROUP_DECODE_CONFIGS = {
     16: [cfg(16, 128, 128, 4, 6), cfg(16, 64, 128, 4, 6), cfg(16, 128, 128, 4, 4)],
 }  # fmt: skip
@@ -126,12 +128,12 @@ W8A8_GROUP_STRIDED_CONFIGS = {
 }  # fmt: skip
 W8A8_GROUP_TMA_CONFIGS = {
     64: [cfg(64, 128, 128, 4, 4), cfg(64, 256, 128, 8, 3, EPILOGUE_SUBTILE=True)],
-    256: [cfg(128, 128, 128, 8, 4), cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+    256: [cfg(128, 128, 128, 8, 4), cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True),
           cfg(64, 128, 128, 4, 4)],
     "large": [
-        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True),
         cfg(128, 256, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
-        cfg(128, 128, 128, 8, 4, WARP_SPECIALIZE=True),
+        cfg(128, 128, 128, 8, 4),
         cfg(128, 256, 128, 8, 4, EPILOGUE_SUBTILE=True),
     ],
 }  # fmt: skip
@@ -167,7 +169,7 @@ W8A16_GATED_TMA_CONFIGS = {
     256: [cfg(128, 64, 128, 8, 4, SWAP_AB=True, FLATTEN=True), cfg(64, 128, 128, 4, 4, SWAP_AB=True),
           cfg(64, 64, 64, 4, 4)],
     "large": [
-        cfg(128, 128, 64, 8, 4, SWAP_AB=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 64, 8, 4, SWAP_AB=True),
         cfg(128, 128, 64, 8, 4, SWAP_AB=True, FLATTEN=True),
         cfg(128, 128, 64, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
     ],
@@ -178,7 +180,7 @@ W8A8_GATED_TMA_CONFIGS = {
     256: [cfg(128, 64, 128, 4, 4), cfg(64, 128, 128, 4, 4), cfg(128, 128, 128, 8, 3)],
     "large": [
         cfg(128, 128, 128, 8, 3, EPILOGUE_SUBTILE=True, FLATTEN=True),
-        cfg(128, 128, 128, 8, 3, EPILOGUE_SUBTILE=True, WARP_SPECIALIZE=True),
+        cfg(128, 128, 128, 8, 3, EPILOGUE_SUBTILE=True),
         cfg(128, 128, 128, 8, 4, EPILOGUE_SUBTILE=True), cfg(128, 128, 128, 8, 4, FLATTEN=True),
         cfg(128, 128, 128, 8, 3),
     ],
@@ -187,7 +189,7 @@ W8A8_GROUP_GATED_TMA_CONFIGS = {
     64: [cfg(64, 128, 128, 4, 4), cfg(64, 64, 128, 4, 4)],
     256: [cfg(128, 128, 128, 8, 3), cfg(64, 128, 128, 4, 4)],
     "large": [
-        cfg(128, 128, 128, 8, 3, WARP_SPECIALIZE=True), cfg(128, 128, 128, 8, 3, FLATTEN=True),
+        cfg(128, 128, 128, 8, 3), cfg(128, 128, 128, 8, 3, FLATTEN=True),
         cfg(128, 128, 128, 8, 4),
     ],
 }  # fmt: skip
