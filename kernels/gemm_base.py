@@ -174,7 +174,9 @@ def gelu(x, ACTIVATION: tl.constexpr, INTERPRETER: tl.constexpr):
         # tanh GELU: 0.5 * x * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3), which
         # equals x * sigmoid(2u) = x / (1 + 2^(-2u log2(e))) (no libdevice tanh: it does not
         # run under the interpreter).
-        x = x * _rcp(1.0 + _exp2(x * (-2.302208198144325 - 0.1029432395800235 * x * x), INTERPRETER), INTERPRETER)
+        # (the cubic written out: factored as x * (a + b x^2), ptxas spilled 16 B of the
+        # 1024-row one-launch config at 768x3072; bench/RESULTS.md section 21)
+        x = x * _rcp(1.0 + _exp2(-2.302208198144325 * x - 0.1029432395800235 * x * x * x, INTERPRETER), INTERPRETER)
     elif ACTIVATION == "quick":
         # CLIP's quick GELU: x * sigmoid(1.702 x) = x / (1 + 2^(-1.702 x log2(e)))
         x = x * _rcp(1.0 + _exp2(-2.4554669595930156 * x, INTERPRETER), INTERPRETER)
