@@ -223,7 +223,7 @@ PY
       ;;
     ws-gelu)
       # Session 13 (bench/RESULTS.md section 21), neither yet on a GPU: (1) the GELU epilogue on
-      # the special-function unit (15 instructions an element for erf, 7 for tanh; 27 and 16
+      # the special-function unit (15 instructions an element for erf, 8 for tanh; 27 and 16
       # before): the bench's float rows where section 19 measured the GELU's cost, and the w8a16
       # decode rows; (2) the warp-specialized TMA candidates (kernels/gemm.py
       # TMA_WS_CANDIDATES, 12 warps): each one's GPU test, then every large-M config alone
