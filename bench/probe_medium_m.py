@@ -8,7 +8,7 @@ without it, for fp16 (GEMM1 with erf, GEMM2 plain) and w8a8 (int8 x int8; GEMM1 
 16-bit output as the dynamic scheme runs it), plus the float decode kernel at M = 128,
 and prints the best per GEMM and M next to cuBLAS (F.linear; torch._int_mm for int8) and
 fp16 eager's GEMM1 (linear + GELU). fp16 also runs the pointer-load (strided) kernel on the
-same tiles, and kernels/gemm.py's warp-specialized candidates (TMA_WS_CANDIDATES).
+same tiles; both kinds also time their warp-specialized candidates (kernels/gemm.py, int8_gemm.py).
 
     PYTHONPATH=. python3 bench/probe_medium_m.py --json $OUT/probe-medium.json
 
@@ -50,6 +50,11 @@ def config(tile, split: int):
     if split > 1:
         extra["MAX_SPLIT_K"] = split
     return cfg(bm, bn, bk, warps, stages, **extra)
+
+
+def tile_of(c) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of a config, as the tile lists write them."""
+    return tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (c.num_warps, c.num_stages)
 
 
 def force(launcher, kernel, table: dict, c) -> None:
@@ -141,13 +146,13 @@ def main() -> None:
     # (Warp specialization happens only at 4 warps, and not with the subtiled epilogue:
     # kernels/gemm.py's candidates; bench/ws_survey.py.)
     for c in gemm.TMA_WS_CANDIDATES if fp16_tiles else []:
-        tile = tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (c.num_warps, c.num_stages)
-        sweep_fp16(gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c, "tma", f"tma {tile} warp-specialized")
+        sweep_fp16(gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, c, "tma", f"tma {tile_of(c)} warp-specialized")
     for tile in FLOAT_DECODE if "fp16" in kinds else []:  # up to the decode configs' BLOCK_M
         sweep_fp16(gemm._gemm_decode_kernel, gemm.DECODE_CONFIGS, config(tile, 1), "decode", f"decode {tile}", 128)
 
-    for tile, split in [(t, s) for t in INT8_TILES for s in (1, 8)] if "w8a8" in kinds else []:
-        c = config(tile, split)
+    int8_configs = [(config(t, s), f"tma {t} split<={s}") for t in INT8_TILES for s in (1, 8)]
+    int8_configs += [(c, f"tma {tile_of(c)} warp-specialized") for c in int8_gemm.W8A8_TMA_WS_CANDIDATES]
+    for c, label in int8_configs if "w8a8" in kinds else []:
         force(int8_gemm._GEMM, int8_gemm._int8_weight_tma_kernel, int8_gemm.W8A8_TMA_CONFIGS, c)
         for m in tokens:
             for g, (k, n, act) in gemms.items():
@@ -155,7 +160,7 @@ def main() -> None:
                 xs = torch.rand(m, device=dev, dtype=torch.float32) / 100 + 1e-3
                 out = torch.empty(m, n, device=dev, dtype=torch.float16)
                 call = lambda i: w8a8_linear(xq, xs, qw[g], b[g], activation=act, path="tma", out=out)  # noqa: E731
-                record("w8a8", g, m, f"tma {tile} split<={split}", timed(call, args.warmup_ms, args.rep_ms))
+                record("w8a8", g, m, label, timed(call, args.warmup_ms, args.rep_ms))
 
     print("\nbest per GEMM and M (us; cuBLAS = F.linear fp16, int_mm = torch._int_mm):")
     print(f"{'M':>5} {'gemm':5} {'cuBLAS':>7} {'eager':>7} {'fp16 best':>9} {'no split':>8}  {'int_mm':>7} {'w8a8 best':>9} {'no split':>8}  configs")

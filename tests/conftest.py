@@ -153,6 +153,39 @@ def quick_configs_for_small_shapes(request, monkeypatch):
 
 
 @pytest.fixture
+def forced_config(monkeypatch):
+    """force(launcher, kernel, table, config): the autotuned `kernel` of a GemmLauncher runs
+    `config` alone at every M bucket of its `table` (the autotuner's choices, the launcher's
+    plans and the launch cache cleared before and after)."""
+    from kernels import launch
+
+    forced = []
+
+    def clear():
+        for launcher, kernel in forced:
+            kernel.cache.clear()
+            launcher.plans.clear()
+        launch._compiled.clear()
+
+    def force(launcher, kernel, table, config):
+        forced.append((launcher, kernel))
+        clear()
+        for key in table:
+            monkeypatch.setitem(table, key, [config])
+        monkeypatch.setattr(kernel, "configs", [config])
+
+    yield force
+    clear()
+
+
+def config_id(c) -> str:
+    """A kernel config as a test id: 128x256x64-w4s3-warp_specialize."""
+    kw = c.kwargs
+    flags = "".join(f"-{k.lower()}" for k in ("EPILOGUE_SUBTILE", "FLATTEN", "WARP_SPECIALIZE") if kw.get(k))
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{c.num_warps}s{c.num_stages}{flags}"
+
+
+@pytest.fixture
 def cpu_run(monkeypatch):
     """run_bench on the CPU: Triton in its interpreter, fixed ceilings, a fake clock."""
     if HAS_CUDA:

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, poisoned, randn, rel_err
+from conftest import DEVICE, HAS_CUDA, TOL_TF32, TOL_VS_FLOAT64, TOL_VS_REFERENCE, config_id, poisoned, randn, rel_err
 from kernels.errors import LaunchError
 from kernels import gemm
 from kernels.gemm import gemm_bias_act
@@ -217,44 +217,15 @@ def test_gemm1_real_sizes(d, f, dtype, m):
         run_case("auto", (m,), d, f, dtype, layout, "erf")
 
 
-@pytest.fixture
-def forced_tma_config(monkeypatch):
-    """force(config): the float TMA kernel runs `config` alone at every M bucket (its
-    autotuner, plans and launch cache cleared before and after)."""
-    from kernels import launch
-
-    kernel = gemm._gemm_tma_kernel
-
-    def clear():
-        kernel.cache.clear()
-        gemm._GEMM.plans.clear()
-        launch._compiled.clear()
-
-    def force(config):
-        clear()
-        for key in gemm.TMA_CONFIGS:
-            monkeypatch.setitem(gemm.TMA_CONFIGS, key, [config])
-        monkeypatch.setattr(kernel, "configs", [config])
-
-    yield force
-    clear()
-
-
-def config_id(c) -> str:
-    kw = c.kwargs
-    flags = "".join(f"-{k.lower()}" for k in ("EPILOGUE_SUBTILE", "FLATTEN", "WARP_SPECIALIZE") if kw.get(k))
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{c.num_warps}s{c.num_stages}{flags}"
-
-
 @pytest.mark.gpu
 @pytest.mark.tma
 @pytest.mark.parametrize("config", gemm.TMA_WS_CANDIDATES, ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_warp_specialized_candidates(forced_tma_config, config, dtype):
+def test_warp_specialized_candidates(forced_config, config, dtype):
     # Each warp-specialized candidate alone (kernels/gemm.py: not in the tables until a GPU
     # has run it), on edge tiles in rows and columns and at a real size, both layouts,
     # against the references: wrong code from Triton's warp-specialization pass shows here.
-    forced_tma_config(config)
+    forced_config(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, config)
     for lead, k, n, activation in (((1000,), 768, 3000, "erf"), ((2, 1100), 4096, 4104, "tanh")):
         for layout in ("out_in", "in_out"):
             run_case("tma", lead, k, n, dtype, layout, activation)
