@@ -64,10 +64,10 @@ STRIDED_CONFIGS = {
 # Each list ends or starts with a config small enough for fp32 tiles' shared memory.
 # Measured on the H100 (bench/RESULTS.md): 128x256x64 with the subtiled epilogue and a
 # flattened or plain tile loop led at M >= 2048. (Those configs asked for warp
-# specialization too, but at 8 warps Triton compiles the plain loop: bench/ws_survey.py.) From 65 to 1024 rows, the
-# leaders of bench/probe_medium_m.py on an H200 (section 15), each allowed to split K:
-# GEMM2 of a 4096x16384 MLP has 32 to 128 output tiles there, and split-K took it from
-# 95 to 51 us at M = 128 and from 99 to 70 us at M = 256.
+# specialization too, but at 8 warps Triton compiles the plain loop: bench/ws_survey.py.)
+# From 65 to 1024 rows, the leaders of bench/probe_medium_m.py on an H200 (section 15),
+# each allowed to split K: GEMM2 of a 4096x16384 MLP has 32 to 128 output tiles there, and
+# split-K took it from 95 to 51 us at M = 128 and from 99 to 70 us at M = 256.
 # Small tiles without split-K stay in each list for small models (768x3072: the whole
 # GEMM is a few microseconds, and a split's reduction costs more than it spreads).
 TMA_CONFIGS = {
