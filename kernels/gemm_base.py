@@ -643,6 +643,9 @@ def gemm_tma_kernel(
     # kernel).
     tl.static_assert(A_GROUP_K == 0 or A_GROUP_K == BLOCK_K, "per-group A scales take one group per K tile")
     tl.static_assert(SPLIT_K == 1 or not (FLATTEN or WARP_SPECIALIZE), "split-K runs the plain tile loop")
+    # (triton 3.6's warp-specialization pass aborts the process on the subtiled epilogue:
+    # a clean compile error here instead; bench/ws_survey.py)
+    tl.static_assert(not (WARP_SPECIALIZE and EPILOGUE_SUBTILE), "no subtiled epilogue in a warp-specialized loop")
     INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = _weight_desc(b_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)

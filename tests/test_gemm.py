@@ -217,6 +217,24 @@ def test_gemm1_real_sizes(d, f, dtype, m):
         run_case("auto", (m,), d, f, dtype, layout, "erf")
 
 
+def test_configs_ask_for_warp_specialization_only_where_triton_does_it():
+    # On sm_90 Triton splits a tile loop into producer and consumer warp groups only at 4
+    # warps a group, without flatten; at 8 warps the flag is silently a no-op, and with the
+    # subtiled epilogue triton 3.6 aborts the process (bench/ws_survey.py). Every table and
+    # candidate of the TMA kernels, float and int8, keeps to that.
+    from kernels import int8_gemm
+
+    tables = [v for m in (gemm, int8_gemm) for k, v in vars(m).items() if k.endswith("TMA_CONFIGS")]
+    configs = [c for t in tables for cs in t.values() for c in cs]
+    configs += gemm.TMA_WS_CANDIDATES + int8_gemm.W8A8_TMA_WS_CANDIDATES
+    assert len(tables) >= 8 and gemm.TMA_WS_CANDIDATES and int8_gemm.W8A8_TMA_WS_CANDIDATES
+    for c in configs:
+        if c.kwargs.get("WARP_SPECIALIZE"):
+            kw = c.kwargs
+            assert c.num_warps == 4 and not kw.get("EPILOGUE_SUBTILE") and not kw.get("FLATTEN"), config_id(c)
+            assert kw.get("MAX_SPLIT_K", 1) == 1, config_id(c)
+
+
 @pytest.mark.gpu
 @pytest.mark.tma
 @pytest.mark.parametrize("config", gemm.TMA_WS_CANDIDATES, ids=config_id)
