@@ -17,9 +17,10 @@ instead of the tables' configs. --gemm reads the float GEMM kernels instead (ker
 every table config of the TMA, decode and strided kernels, fp16 with bias, as
 bench/compile_check.py compiles them, without a call's specialization). --epilogue counts
 the GELU's cost in the TMA GEMM's table configs: the SASS instructions each flavour adds
-to the kernel with no activation, per output element a thread holds (the epilogue is
-unrolled, so the static count is what a thread runs per tile). (Kernel-development
-tool: the reading of a time; bench/RESULTS.md section 19 has its tables.)
+to the kernel with no activation, per output element a thread holds, at a 1024x3072x768
+call's specialization (the epilogue is unrolled, so the static count is what a thread runs
+per tile; a flattened loop's peeled copy of the epilogue counts twice). (Kernel-development
+tool: the reading of a time; bench/RESULTS.md sections 19 and 21 have its tables.)
 """
 
 import argparse
