@@ -60,8 +60,11 @@ def widen():
     gemm.STRIDED_CONFIGS[16][:] = [cfg(16, bn, bk, w, s) for bn, bk, w, s in [
         (16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4), (64, 256, 8, 3),
         (128, 128, 4, 4), (32, 256, 4, 6)]]
-    for kern, table in ((gemm._gemm_tma_kernel, gemm.TMA_CONFIGS), (gemm._gemm_strided_kernel, gemm.STRIDED_CONFIGS)):
-        kern.configs = [c for cfgs in table.values() for c in cfgs]
+    # the gated GEMM1's large bucket gets its warp-specialized candidates (--gated)
+    gemm.GATED_TMA_CONFIGS["large"][:] = gemm.GATED_TMA_CONFIGS["large"] + list(gemm.GATED_TMA_WS_CANDIDATES)
+    for kern, tables in ((gemm._gemm_tma_kernel, (gemm.TMA_CONFIGS, gemm.GATED_TMA_CONFIGS)),
+                         (gemm._gemm_strided_kernel, (gemm.STRIDED_CONFIGS, gemm.GATED_STRIDED_CONFIGS))):  # fmt: skip
+        kern.configs = list({str(c): c for table in tables for cfgs in table.values() for c in cfgs}.values())
 
 
 def bench_ms(fn, warmup=50, rep=300):
@@ -79,6 +82,32 @@ def rotating(make, count):
     return next_set
 
 
+def print_timings(label: str, d: int, f: int, m: int) -> None:
+    # the autotuner's per-config times of its last search (then cleared for the next)
+    kern = gemm._gemm_tma_kernel
+    for c, t in (getattr(kern, "configs_timings", None) or {}).items():
+        print("TIMING", label, d, f, m, str(c).replace("num_ctas: 1, ", "").replace(", maxnreg: None", ""), f"{t[0] * 1e3:.1f}us")
+    if hasattr(kern, "configs_timings"):
+        kern.configs_timings = {}
+
+
+def gated_row(dtype_name: str, d: int, f: int, m: int, x: torch.Tensor) -> dict:
+    """The gated GEMM1 (erf GELU(x W^T + b) * (x U^T + c), two weights) autotuned, then
+    timed against eager's two F.linear + GELU + product."""
+    dt = DT[dtype_name]
+    wg, wu = (torch.randn(f, d, device="cuda", dtype=dt) / d**0.5 for _ in range(2))
+    bg, bu = (torch.randn(f, device="cuda", dtype=dt) * 0.1 for _ in range(2))
+    gemm.gemm_bias_act(x, wg, bg, activation="erf", w_up=wu, b_up=bu)  # autotune
+    print_timings("tma-gated", d, f, m)
+    res = {
+        "gelugemm_gated_gemm1": bench_ms(lambda: gemm.gemm_bias_act(x, wg, bg, activation="erf", w_up=wu, b_up=bu)),
+        "eager_gated_gemm1": bench_ms(lambda: F.gelu(F.linear(x, wg, bg)) * F.linear(x, wu, bu)),
+    }
+    row = dict(dtype=dtype_name, d=d, f=f, M=m, **{k: round(v * 1e3, 1) for k, v in res.items()})
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--wide", action="store_true")
@@ -86,6 +115,7 @@ def main():
     ap.add_argument("--shapes", default="768x3072,4096x16384")
     ap.add_argument("--tokens", default="1,16,128,2048,8192")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gated", action="store_true", help="also the gated GEMM1 (GeGLU) against eager, per config")
     args = ap.parse_args()
     if args.wide:
         widen()
@@ -111,11 +141,12 @@ def main():
                 t0 = time.time()
                 w1, b1, w2, b2 = weights()
                 op(x, w1, b1, w2, b2)  # autotune
-                for kname, kern in (("tma", gemm._gemm_tma_kernel), ("decode", gemm._gemm_decode_kernel)):
-                    for c, t in (getattr(kern, "configs_timings", None) or {}).items():
-                        print("TIMING", kname, d, f, m, str(c).replace("num_ctas: 1, ", "").replace(", maxnreg: None", ""), f"{t[0] * 1e3:.1f}us")
-                    if hasattr(kern, "configs_timings"):
-                        kern.configs_timings = {}
+                print_timings("tma", d, f, m)
+                kern = gemm._gemm_decode_kernel
+                for c, t in (getattr(kern, "configs_timings", None) or {}).items():
+                    print("TIMING", "decode", d, f, m, str(c).replace("num_ctas: 1, ", "").replace(", maxnreg: None", ""), f"{t[0] * 1e3:.1f}us")
+                if hasattr(kern, "configs_timings"):
+                    kern.configs_timings = {}
                 tune_s = time.time() - t0
                 impls = {
                     "gelugemm": lambda: op(x, *weights()),
@@ -130,6 +161,8 @@ def main():
                            tflops=round(flops / res["gelugemm"] / 1e6, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.gated:
+                    rows.append(gated_row(dtype_name, d, f, m, x))
     from kernels.launch import launch_cache_size
 
     print("launch cache entries:", launch_cache_size())
@@ -148,7 +181,12 @@ def main():
     print()
     print(f"{'dtype':5} {'d':>5} {'M':>5} {'ours':>8} {'g1':>8} {'g2':>8} {'eager':>8} {'cublt':>8} {'TF/s':>6}")
     for r in rows:
-        print(f"{r['dtype']:5} {r['d']:5} {r['M']:5} {r['gelugemm']:8.1f} {r['gelugemm_gemm1']:8.1f} {r['gelugemm_gemm2']:8.1f} {r['eager']:8.1f} {r['cublaslt_tanh']:8.1f} {r['tflops']:6.1f}")
+        if "gelugemm" in r:
+            print(f"{r['dtype']:5} {r['d']:5} {r['M']:5} {r['gelugemm']:8.1f} {r['gelugemm_gemm1']:8.1f} {r['gelugemm_gemm2']:8.1f} {r['eager']:8.1f} {r['cublaslt_tanh']:8.1f} {r['tflops']:6.1f}")
+    for r in rows:
+        if "gelugemm_gated_gemm1" in r:
+            print(f"{r['dtype']:5} {r['d']:5} {r['M']:5} gated GEMM1 {r['gelugemm_gated_gemm1']:8.1f} eager {r['eager_gated_gemm1']:8.1f} "
+                  f"({r['eager_gated_gemm1'] / r['gelugemm_gated_gemm1']:.2f}x)")
 
 
 if __name__ == "__main__":

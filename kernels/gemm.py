@@ -127,6 +127,14 @@ GATED_TMA_CONFIGS = {
         cfg(128, 64, 64, 4, 4, FLATTEN=True), cfg(128, 128, 32, 8, 3),
     ],
 }  # fmt: skip
+# The gated GEMM1's warp-specialized candidates (as TMA_WS_CANDIDATES; both accumulators in
+# each consumer group): compiled without spills for sm_90 (bench/ws_survey.py), not in the
+# table until a GPU has run each (tests/test_gated.py) and timed it ahead (bench/probe_float.py
+# --gated --wide).
+GATED_TMA_WS_CANDIDATES = [
+    cfg(128, 128, 64, 4, 3, WARP_SPECIALIZE=True), cfg(128, 128, 64, 4, 4, WARP_SPECIALIZE=True),
+    cfg(256, 64, 64, 4, 3, WARP_SPECIALIZE=True),
+]  # fmt: skip
 
 _GEMM = GemmLauncher(
     gemm_kernels(
