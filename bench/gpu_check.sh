@@ -268,7 +268,11 @@ PY
       # GEMM2 waiting on GEMM1.
       python3 bench/probe_medium_m.py --d 768 --f 3072 --tokens 256,512,1024 --kinds fp16,w8a8 \
         --json "$OUT/small-gemms.json" >"$OUT/small-gemms.txt" 2>&1 || status=1
-      summary+=("small-gemms: see small-gemms.txt")
+      # Session 13: one matmul body with descriptors made on the device, on the host, and with
+      # pointer loads (bench/probe_descriptors.py): the device-side descriptors' fixed cost
+      python3 bench/probe_descriptors.py >"$OUT/descriptors.txt" 2>&1 || status=1
+      summary+=("small-gemms: see small-gemms.txt; descriptors (us, graph):")
+      while read -r line; do summary+=("  $line"); done < <(sed -n '/^ *K  *N  *M/,$p' "$OUT/descriptors.txt")
       ;;
     fused)
       # Issue 16's small model: the one-launch MLP (kernels/fused_mlp.py) against the two
