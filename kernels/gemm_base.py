@@ -148,8 +148,8 @@ def _exp2(x, INTERPRETER: tl.constexpr):
     # 2^x by the special-function unit alone (ex2.approx.ftz.f32): tl.exp's non-ftz ex2 adds
     # three instructions an element to keep results below 2^-126, which GELU rounds away.
     if INTERPRETER:
-        # capped where float32 overflows (numpy warns); GELU's 1 / (1 + 2^126) is as good as 0
-        r = tl.exp2(tl.minimum(x, 126.0))
+        # inf past float32's range, as on the GPU, without numpy's overflow warning
+        r = tl.where(x < 128.0, tl.exp2(tl.minimum(x, 127.0)), float("inf"))
     else:
         r = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
     return r

@@ -150,6 +150,24 @@ def test_gelu_is_float32_accurate_and_keeps_the_negative_tail(path, flavour):
     assert (err[tail] / exact[tail].abs()).max().item() < GELU_TAIL_TOL[flavour]
 
 
+# (the interpreter's numpy warns where float32 overflows to inf, as x^3 does at 1e20)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("flavour", ["erf", "tanh", "quick"])
+@pytest.mark.parametrize("path", ["strided", "tma", "decode"])
+def test_gelu_saturates_at_large_inputs(path, flavour):
+    # Far out, GELU is x (positive) or next to 0 (negative). The kernels' exp2 overflows to
+    # inf or underflows to 0 there (on the GPU the special-function unit's, flushing to zero),
+    # and the reciprocal of inf is 0: finite and right for |x| up to float32's largest.
+    big = [30.0, 100.0, 1e3, 1e4, 1e6, 1e20, 1e30, 3e38]
+    x = torch.tensor([big + [-v for v in big]] * 16, dtype=torch.float32, device=DEVICE)
+    eye = torch.eye(x.shape[1], device=DEVICE)
+    out = poisoned(x.shape, torch.float32)
+    gemm_bias_act(x, eye, None, activation=flavour, path=path, out=out)
+    exact = linear_reference(x.double(), eye.double(), None, activation=flavour)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-30).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_input_and_weight(dtype):
     # x: every other column of a wider tensor; w: a transposed view of the other layout;
