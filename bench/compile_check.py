@@ -8,7 +8,7 @@ compiler. Run this in an environment with the GPU's Triton to catch what it reje
 
 Each kernel is compiled with every autotuning config for one representative dtype and
 layout, and with one config for the other dtypes, layouts and activations (the TMA
-kernel also with the warp-specialized candidates: float, gated float and w8a8); the int8
+kernel also with the warp-specialized candidates: float and gated float); the int8
 kernels with every config of each scheme's table (w8a16 per channel and group:128 with
 the swap-AB schedule, w8a8 static, w8a8 group:128 in and out) and with one config for the
 rest (bf16, in_out, dynamic's 16-bit GEMM1 output, group:32 and group:64); the activation
@@ -207,9 +207,6 @@ def int8_cases():
             configs = configs if every else [_smallest(configs)]
             for config in {gemm_config_key(c): c for c in (fit_groups(c, a_group, c_group) for c in configs)}.values():
                 yield kernel, t, cx, config, label
-            if path == "tma" and scheme == "w8a8":  # the warp-specialized candidates (not in the table yet)
-                for config in int8_gemm.W8A8_TMA_WS_CANDIDATES:
-                    yield kernel, t, cx, config, f"{label} warp-specialized candidate"
             if not strided and scheme in ("w8a16", "w8a8-group") and every and group in (0, 128) and a_dtype != "bf16":
                 # the weight stored [K, N] (Conv1D): one config
                 yield kernel, t, {**cx, "B_IS_NK": False}, fit_groups(configs[0], a_group, c_group), f"{label} in_out"

@@ -228,9 +228,9 @@ PY
       # decode rows; (2) the warp-specialized TMA candidates (kernels/gemm.py
       # TMA_WS_CANDIDATES, 12 warps): each one's GPU test, then every large-M config alone
       # (probe_float.py --wide, the autotuner's per-config TIMING lines) next to eager and
-      # cuBLASLt; the w8a8 candidates (kernels/int8_gemm.py) the same way at 2048 rows
-      # (probe_medium_m.py). A candidate that passes and leads its bucket goes into the table.
-      gpu_tests ws tests/test_gemm.py tests/test_w8a8.py -k "warp_specialized or float32_accurate"
+      # cuBLASLt. A candidate that passes and leads its bucket goes into the table. (Session 13's
+      # w8a8 candidates gave wrong int8 results on the GPU and were dropped: section 21.)
+      gpu_tests ws tests/test_gemm.py -k "warp_specialized"
       {
         gg bench --cuda-graph --shape 768,3072 --dtype fp16,bf16 --tokens 256,512,1024 --peers eager,cublaslt
         gg bench --cuda-graph --shape 768,3072 --dtype fp16 --gelu tanh --tokens 512,1024 --peers eager,cublaslt
@@ -240,11 +240,7 @@ PY
       } >"$OUT/ws-gelu-bench.txt" 2>&1 || status=1
       python3 bench/probe_float.py --wide --dtype fp16,bf16 --shapes 4096x16384 --tokens 2048,8192 \
         --json "$OUT/ws-probe-float.json" >"$OUT/ws-probe-float.txt" 2>&1 || status=1
-      python3 bench/probe_medium_m.py --d 4096 --f 16384 --tokens 2048 --kinds w8a8 \
-        --json "$OUT/ws-probe-w8a8.json" >"$OUT/ws-probe-w8a8.txt" 2>&1 || status=1
-      summary+=("ws-gelu: see ws-gelu-bench.txt; w8a8 at 2048 rows per config in ws-probe-w8a8.txt:")
-      while read -r line; do summary+=("  $line"); done < <(grep -E 'warp-specialized|^ *2048 ' "$OUT/ws-probe-w8a8.txt" | cut -c1-110)
-      summary+=("per-config large-M float timings (TIMING lines) in ws-probe-float.txt:")
+      summary+=("ws-gelu: see ws-gelu-bench.txt; per-config large-M float timings (TIMING lines) in ws-probe-float.txt:")
       while read -r line; do summary+=("  $line"); done < <(grep -E '^(DROP|fp16|bf16) ' "$OUT/ws-probe-float.txt" | cut -c1-100)
       while read -r line; do summary+=("  $line"); done < <(grep -E 'WARP_SPECIALIZE: True' "$OUT/ws-probe-float.txt" | sed -E 's/BLOCK_|GROUP_M: 8, |num_ctas: 1, |, maxnreg: None//g' | cut -c1-120 | head -16)
       ;;

@@ -8,7 +8,7 @@ without it, for fp16 (GEMM1 with erf, GEMM2 plain) and w8a8 (int8 x int8; GEMM1 
 16-bit output as the dynamic scheme runs it), plus the float decode kernel at M = 128,
 and prints the best per GEMM and M next to cuBLAS (F.linear; torch._int_mm for int8) and
 fp16 eager's GEMM1 (linear + GELU). fp16 also runs the pointer-load (strided) kernel on the
-same tiles; both kinds also time their warp-specialized candidates (kernels/gemm.py, int8_gemm.py).
+same tiles, and kernels/gemm.py's warp-specialized candidates.
 
     PYTHONPATH=. python3 bench/probe_medium_m.py --json $OUT/probe-medium.json
 
@@ -151,7 +151,6 @@ def main() -> None:
         sweep_fp16(gemm._gemm_decode_kernel, gemm.DECODE_CONFIGS, config(tile, 1), "decode", f"decode {tile}", 128)
 
     int8_configs = [(config(t, s), f"tma {t} split<={s}") for t in INT8_TILES for s in (1, 8)]
-    int8_configs += [(c, f"tma {tile_of(c)} warp-specialized") for c in int8_gemm.W8A8_TMA_WS_CANDIDATES]
     for c, label in int8_configs if "w8a8" in kinds else []:
         force(int8_gemm._GEMM, int8_gemm._int8_weight_tma_kernel, int8_gemm.W8A8_TMA_CONFIGS, c)
         for m in tokens:

@@ -113,12 +113,9 @@ W8A8_TMA_CONFIGS = {
         cfg(256, 128, 128, 8, 3, EPILOGUE_SUBTILE=True),
     ],
 }  # fmt: skip
-# Warp-specialized w8a8 tile loops (a TMA producer group, two consumer groups: 4 warps a
-# group, kernels/gemm.py's TMA_WS_CANDIDATES says why). They compile for sm_90 under triton
-# 3.6 and 3.9 without spills (bench/ws_survey.py); a table takes one once a GPU has run each
-# (tests/test_w8a8.py's `gpu` test_warp_specialized_candidates) and timed it ahead
-# (bench/probe_medium_m.py --kinds w8a8).
-W8A8_TMA_WS_CANDIDATES = [cfg(128, 128, 128, 4, 4, WARP_SPECIALIZE=True), cfg(128, 256, 128, 4, 3, WARP_SPECIALIZE=True)]
+# No warp-specialized w8a8 configs: on an H200 with triton 3.6, 128x128x128 and 128x256x128
+# at 4 warps compiled without error and then gave int8 results off by up to 92 from the
+# reference (bench/RESULTS.md section 21).
 # w8a8 group:N (written for N = 128; kernels/gemm_base.py's fit_groups sets BLOCK_K = N and
 # makes the epilogue tile hold whole groups for other N). Every K tile's partial is
 # promoted into the float32 accumulator, which waits on each MMA: the probe measured the

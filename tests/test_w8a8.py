@@ -18,11 +18,8 @@ import math
 import pytest
 import torch
 
-from conftest import (
-    DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, config_id, on_paths, poisoned, randn, rel_err,
-)  # fmt: skip
+from conftest import DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_VS_REFERENCE, TOL_W8A8_VS_FLOAT64, on_paths, poisoned, randn, rel_err
 from int8_helpers import assert_int8_matches, calibrate, quantize_weight, random_quantized_weight
-from kernels import int8_gemm
 from kernels.errors import LaunchError
 from kernels.reference import (
     linear_reference,
@@ -282,23 +279,6 @@ def test_launcher_rejects_bad_operands_before_launch():
 # ---------------------------------------------------------------------------------------
 # GPU: real sizes
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.tma
-@pytest.mark.parametrize("config", int8_gemm.W8A8_TMA_WS_CANDIDATES, ids=config_id)
-def test_warp_specialized_candidates(forced_config, config):
-    # Each warp-specialized w8a8 candidate alone (kernels/int8_gemm.py: not in the table until
-    # a GPU has run it): GEMM1 requantized to int8 and GEMM2 in fp16 and bf16, per-token and
-    # static x scales, both layouts, edge tiles in rows and columns, against the references.
-    kernel = int8_gemm._int8_weight_tma_kernel
-    forced_config(int8_gemm._GEMM, kernel, int8_gemm.W8A8_TMA_CONFIGS, config)
-    for lead, k, n in (((1000,), 768, 3008), ((2, 1100), 4096, 4112)):
-        run_gemm1("tma", lead, k, n, "out_in", "erf", "per-token")
-        run_gemm1("tma", lead, k, n, "in_out", "tanh", "static")
-        run_gemm2("tma", lead, k, n, "out_in", torch.float16, "per-token")
-        run_gemm2("tma", lead, k, n, "in_out", torch.bfloat16, "static")
-    assert config_id(kernel.best_config) == config_id(config)
 
 
 @pytest.mark.gpu
