@@ -242,7 +242,7 @@ PY
         --json "$OUT/ws-probe-float.json" >"$OUT/ws-probe-float.txt" 2>&1 || status=1
       summary+=("ws-gelu: see ws-gelu-bench.txt; per-config large-M float timings (TIMING lines) in ws-probe-float.txt:")
       while read -r line; do summary+=("  $line"); done < <(grep -E '^(DROP|fp16|bf16) ' "$OUT/ws-probe-float.txt" | cut -c1-100)
-      while read -r line; do summary+=("  $line"); done < <(grep -E 'WARP_SPECIALIZE: True' "$OUT/ws-probe-float.txt" | sed -E 's/BLOCK_|GROUP_M: 8, |num_ctas: 1, |, maxnreg: None//g' | cut -c1-120 | head -16)
+      while read -r line; do summary+=("  $line"); done < <(grep -E 'WARP_SPECIALIZE: True' "$OUT/ws-probe-float.txt" | sed -E 's/BLOCK_|GROUP_M: 8, |num_ctas: 1, |, maxnreg: None//g' | cut -c1-120 | head -32)
       ;;
     ws-gated)
       # Session 13: the gated GEMM1's warp-specialized candidates (kernels/gemm.py
