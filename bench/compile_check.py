@@ -7,8 +7,8 @@ compiler. Run this in an environment with the GPU's Triton to catch what it reje
     PYTHONPATH=. /tmp/t36/bin/python bench/compile_check.py [float|int8]
 
 Each kernel is compiled with every autotuning config for one representative dtype and
-layout, and with one config for the other dtypes, layouts and activations (the TMA
-kernel also with the warp-specialized candidates: float and gated float); the int8
+layout, and with one config for the other dtypes, layouts and activations (the float TMA
+kernel also with its warp-specialized candidates); the int8
 kernels with every config of each scheme's table (w8a16 per channel and group:128 with
 the swap-AB schedule, w8a8 static, w8a8 group:128 in and out) and with one config for the
 rest (bf16, in_out, dynamic's 16-bit GEMM1 output, group:32 and group:64); the activation
@@ -271,9 +271,6 @@ def gated_cases():
                 configs = configs if every else [_smallest(configs)]
                 for config in {gemm_config_key(c): c for c in (fit_groups(c, a_group, c_group) for c in configs)}.values():
                     yield kernel, t, cx, config, label
-                if path == "tma" and label in ("gated fp16", "gated bf16"):  # the warp-specialized candidates
-                    for config in gemm.GATED_TMA_WS_CANDIDATES:
-                        yield kernel, t, cx, config, f"{label} warp-specialized candidate"
                 if not strided and every:
                     yield kernel, t, {**cx, "B_IS_NK": False}, fit_groups(configs[0], a_group, c_group), f"{label} in_out"
 

@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, ws-gated, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -243,19 +243,6 @@ PY
       summary+=("ws-gelu: see ws-gelu-bench.txt; per-config large-M float timings (TIMING lines) in ws-probe-float.txt:")
       while read -r line; do summary+=("  $line"); done < <(grep -E '^(DROP|fp16|bf16) ' "$OUT/ws-probe-float.txt" | cut -c1-100)
       while read -r line; do summary+=("  $line"); done < <(grep -E 'WARP_SPECIALIZE: True' "$OUT/ws-probe-float.txt" | sed -E 's/BLOCK_|GROUP_M: 8, |num_ctas: 1, |, maxnreg: None//g' | cut -c1-120 | head -32)
-      ;;
-    ws-gated)
-      # Session 13: the gated GEMM1's warp-specialized candidates (kernels/gemm.py
-      # GATED_TMA_WS_CANDIDATES): each one's GPU test, then every large-M gated config alone
-      # (probe_float.py --gated --wide: TIMING tma-gated lines) against eager's two linears,
-      # GELU and product, at Gemma-2B's 2048x16384, where issue 17's fp16 target (1.15x eager)
-      # was missed at 1.08-1.09x (bench/RESULTS.md section 13).
-      gpu_tests ws-gated tests/test_gated.py -k warp_specialized
-      python3 bench/probe_float.py --wide --gated --dtype fp16 --shapes 2048x16384 --tokens 2048,8192 \
-        --json "$OUT/ws-gated.json" >"$OUT/ws-gated.txt" 2>&1 || status=1
-      summary+=("ws-gated: see ws-gated.txt:")
-      while read -r line; do summary+=("  $line"); done < <(grep -E 'gated GEMM1|DROP' "$OUT/ws-gated.txt")
-      while read -r line; do summary+=("  $line"); done < <(grep -E 'TIMING tma-gated' "$OUT/ws-gated.txt" | sed -E 's/BLOCK_|GROUP_M: 8, //g' | cut -c1-130 | head -24)
       ;;
     small-gemms)
       # Issue 16's 768x3072 rows from 256 to 1024, where the one launch trails eager (0.72-0.89x,

@@ -60,8 +60,6 @@ def widen():
     gemm.STRIDED_CONFIGS[16][:] = [cfg(16, bn, bk, w, s) for bn, bk, w, s in [
         (16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4), (64, 256, 8, 3),
         (128, 128, 4, 4), (32, 256, 4, 6)]]
-    # the gated GEMM1's large bucket gets its warp-specialized candidates (--gated)
-    gemm.GATED_TMA_CONFIGS["large"][:] = gemm.GATED_TMA_CONFIGS["large"] + list(gemm.GATED_TMA_WS_CANDIDATES)
     for kern, tables in ((gemm._gemm_tma_kernel, (gemm.TMA_CONFIGS, gemm.GATED_TMA_CONFIGS)),
                          (gemm._gemm_strided_kernel, (gemm.STRIDED_CONFIGS, gemm.GATED_STRIDED_CONFIGS))):  # fmt: skip
         kern.configs = list({str(c): c for table in tables for cfgs in table.values() for c in cfgs}.values())

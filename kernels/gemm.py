@@ -127,14 +127,9 @@ GATED_TMA_CONFIGS = {
         cfg(128, 64, 64, 4, 4, FLATTEN=True), cfg(128, 128, 32, 8, 3),
     ],
 }  # fmt: skip
-# The gated GEMM1's warp-specialized candidates (as TMA_WS_CANDIDATES; both accumulators in
-# each consumer group): compiled without spills for sm_90 (bench/ws_survey.py), not in the
-# table until a GPU has run each (tests/test_gated.py) and timed it ahead (bench/probe_float.py
-# --gated --wide).
-GATED_TMA_WS_CANDIDATES = [
-    cfg(128, 128, 64, 4, 3, WARP_SPECIALIZE=True), cfg(128, 128, 64, 4, 4, WARP_SPECIALIZE=True),
-    cfg(256, 64, 64, 4, 3, WARP_SPECIALIZE=True),
-]  # fmt: skip
+# No warp-specialized gated configs: on an H200 with triton 3.6, 128x128x64 (3 and 4 stages)
+# and 256x64x64 at 4 warps compiled without error and then left outputs unwritten or wrong
+# (NaN from the poisoned output; bench/RESULTS.md section 21).
 
 _GEMM = GemmLauncher(
     gemm_kernels(

@@ -16,11 +16,9 @@ import pytest
 import torch
 
 from conftest import (
-    DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_GATED_W8A8_STATIC_VS_FLOAT64, TOL_GATED_W8A8_VS_FLOAT64, TOL_VS_REFERENCE, config_id,
-    on_paths, poisoned, randn, rel_err,
+    DEVICE, SCALE_RTOL, TOL_VS_FLOAT64, TOL_GATED_W8A8_STATIC_VS_FLOAT64, TOL_GATED_W8A8_VS_FLOAT64, TOL_VS_REFERENCE, on_paths, poisoned, randn, rel_err,
 )  # fmt: skip
 from int8_helpers import assert_int8_matches, quantize_weight
-from kernels import gemm
 from kernels.errors import LaunchError
 from kernels.gated import gate_and_up
 from kernels.gemm import gemm_bias_act
@@ -94,21 +92,6 @@ def run_float_gated(path, lead, k, n, dtype, layout, form, bias):
     ref = linear_reference(x, gate, b_gate, activation="tanh", weight_layout=layout, up=up, up_bias=b_upper)
     assert rel_err(out, float64_gemm1(x, gate, b_gate, up, b_upper, "tanh", layout)) < TOL_VS_FLOAT64[dtype]
     assert rel_err(out, ref) < TOL_VS_REFERENCE[dtype]
-
-
-@pytest.mark.gpu
-@pytest.mark.tma
-@pytest.mark.parametrize("config", gemm.GATED_TMA_WS_CANDIDATES, ids=config_id)
-@pytest.mark.parametrize("dtype", list(ACT.values()), ids=str)
-def test_warp_specialized_candidates(forced_config, config, dtype):
-    # Each warp-specialized candidate of the gated GEMM1 alone (kernels/gemm.py: not in the
-    # table until a GPU has run it): both weight forms in both layouts, with and without
-    # biases, edge tiles in rows and columns, against float64 and the reference.
-    forced_config(gemm._GEMM, gemm._gemm_tma_kernel, gemm.GATED_TMA_CONFIGS, config)
-    for lead, k, n in (((1000,), 2048, 3000), ((2, 1100), 3072, 4104)):
-        for layout, form, bias in FORMS:
-            run_float_gated("tma", lead, k, n, dtype, layout, form, bias)
-    assert config_id(gemm._gemm_tma_kernel.best_config) == config_id(config)
 
 
 @pytest.mark.parametrize("activation", ["erf", "quick"])

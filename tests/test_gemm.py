@@ -244,7 +244,7 @@ def test_configs_ask_for_warp_specialization_only_where_triton_does_it():
 
     tables = [v for m in (gemm, int8_gemm) for k, v in vars(m).items() if k.endswith("TMA_CONFIGS")]
     configs = [c for t in tables for cs in t.values() for c in cs]
-    candidates = [gemm.TMA_WS_CANDIDATES, gemm.GATED_TMA_WS_CANDIDATES]
+    candidates = [gemm.TMA_WS_CANDIDATES]
     configs += [c for cs in candidates for c in cs]
     assert len(tables) >= 8 and all(candidates)
     for c in configs:
