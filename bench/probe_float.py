@@ -80,9 +80,9 @@ def rotating(make, count):
     return next_set
 
 
-def print_timings(label: str, d: int, f: int, m: int) -> None:
-    # the autotuner's per-config times of its last search (then cleared for the next)
-    kern = gemm._gemm_tma_kernel
+def print_timings(label: str, d: int, f: int, m: int, kern=None) -> None:
+    # an autotuned kernel's per-config times of its last search (then cleared for the next)
+    kern = kern or gemm._gemm_tma_kernel
     for c, t in (getattr(kern, "configs_timings", None) or {}).items():
         print("TIMING", label, d, f, m, str(c).replace("num_ctas: 1, ", "").replace(", maxnreg: None", ""), f"{t[0] * 1e3:.1f}us")
     if hasattr(kern, "configs_timings"):
@@ -143,11 +143,7 @@ def main():
                 print_timings("tma-gemm1", d, f, m)
                 op(x, w1, b1, w2, b2)  # autotune (GEMM2; GEMM1's choice is cached)
                 print_timings("tma-gemm2", d, f, m)
-                kern = gemm._gemm_decode_kernel
-                for c, t in (getattr(kern, "configs_timings", None) or {}).items():
-                    print("TIMING", "decode", d, f, m, str(c).replace("num_ctas: 1, ", "").replace(", maxnreg: None", ""), f"{t[0] * 1e3:.1f}us")
-                if hasattr(kern, "configs_timings"):
-                    kern.configs_timings = {}
+                print_timings("decode", d, f, m, gemm._gemm_decode_kernel)
                 tune_s = time.time() - t0
                 impls = {
                     "gelugemm": lambda: op(x, *weights()),
