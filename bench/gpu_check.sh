@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, ncu, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -387,6 +387,24 @@ PY
       summary+=("w8a8 4096x16384 decode, probe (graph | calls):")
       while read -r line; do summary+=("  $line"); done <"$OUT/fused-w8a8-probe.txt"
       while read -r line; do summary+=("  $line"); done < <(grep -E '│ +(4096|  )' "$OUT/fused-w8a8-host-cost.txt" | grep -E 'gelugemm|eager' | cut -c1-80)
+      ;;
+    ncu)
+      # Issue 16's profile (session 14): Nsight Compute's counters for gelugemm's GEMMs next to
+      # cuBLAS's at the rows where a target is missed (bench/profile_ncu.py). The clocks are
+      # left alone (--clock-control none, METHOD.md); the full report is kept as CSV.
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+      for dt in fp16 bf16; do
+        rep="$OUT/ncu-$dt"
+        timeout 240 "$NCU" --profile-from-start off --clock-control none --target-processes all \
+          --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+          --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --export "$rep" --force-overwrite \
+          python3 bench/profile_ncu.py --dtype $dt --shapes 4096x16384,768x3072 --tokens 2048,1024 \
+          >"$rep.log" 2>&1 || status=1
+        "$NCU" --import "$rep.ncu-rep" --csv --page raw >"$rep.csv" 2>>"$rep.log" || status=1
+        python3 bench/profile_ncu.py --parse "$rep.csv" >"$rep.txt" 2>&1 || status=1
+        summary+=("ncu $dt (grep CASE $rep.log for the launch order):")
+        while read -r line; do summary+=("  $line"); done <"$rep.txt"
+      done
       ;;
     tp)
       # Issue 18 on every GPU of this host (two or more): BLOOM-176B's MLP split across them
