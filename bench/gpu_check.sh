@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, ncu, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, ncu, w8a8-route, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -387,6 +387,26 @@ PY
       summary+=("w8a8 4096x16384 decode, probe (graph | calls):")
       while read -r line; do summary+=("  $line"); done <"$OUT/fused-w8a8-probe.txt"
       while read -r line; do summary+=("  $line"); done < <(grep -E '│ +(4096|  )' "$OUT/fused-w8a8-host-cost.txt" | grep -E 'gelugemm|eager' | cut -c1-80)
+      ;;
+    w8a8-route)
+      # Session 14: the op sends w8a8 static (and group:G for small weights) to the one launch,
+      # and GEMM1's "large" table holds a warp-specialized config: the GPU tests of both, the op
+      # through the bench (graph, then calls) at the rows that moved, the host cost per call,
+      # and the float rows at 4096x16384 (graph).
+      gpu_tests w8a8-route tests/test_op_int8.py tests/test_cuda_graph.py tests/test_fused_mlp.py \
+        -k "op and (static or group)"
+      gpu_tests gemm-large tests/test_gemm.py -k "warp or large"
+      for mode in --cuda-graph ""; do
+        gg bench $mode --shape 768,3072 --dtype w8a8 --activations static,group:128 --tokens 1,16,64,128 \
+          --peers eager >>"$OUT/w8a8-route-bench.txt" 2>&1 || status=1
+        gg bench $mode --shape 4096,16384 --dtype w8a8 --activations static,group:128 --tokens 1,16 \
+          --peers eager >>"$OUT/w8a8-route-bench.txt" 2>&1 || status=1
+      done
+      python3 bench/probe_overhead.py >"$OUT/host-cost.txt" 2>&1 || status=1
+      while read -r line; do summary+=("  $line"); done < <(sed -n '/^host cost per call/,/^ *$/p' "$OUT/host-cost.txt" | head -n 11)
+      gg bench --cuda-graph --shape 4096,16384 --dtype fp16,bf16 --tokens 2048,8192 --peers eager,cublaslt \
+        >"$OUT/w8a8-route-float.txt" 2>&1 || status=1
+      summary+=("w8a8-route: bench in w8a8-route-bench.txt, float rows in w8a8-route-float.txt")
       ;;
     ncu)
       # Issue 16's profile (session 14): Nsight Compute's counters for gelugemm's GEMMs next to

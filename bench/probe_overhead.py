@@ -56,8 +56,8 @@ def main():
         int8_op(x, q1, b1, q2, None)
         label = scheme if scheme == "w8a16" else f"{scheme} {activations}"
         row(f"FusedMLP {label}", lambda int8_op=int8_op: int8_op(x, q1, b1, q2, None))
-    # the one launch of every w8a8 scheme, called directly (the op sends only the schemes in
-    # kernels/fused_mlp.py's FUSED_W8A8_OP_SCHEMES there)
+    # the one launch of every w8a8 scheme, called directly (the op sends the schemes in
+    # kernels/fused_mlp.py's FUSED_W8A8_OP_SCHEMES there, group only for small weights)
     for activations in ("static", "group:128"):
         fused_w8a8_mlp(x, q1, b1, q2, None, activations=activations)
         row(f"fused_w8a8_mlp {activations}", lambda a=activations: fused_w8a8_mlp(x, q1, b1, q2, None, activations=a))

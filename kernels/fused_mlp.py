@@ -44,8 +44,8 @@ w8a8 `static` and `group:G` (fused_w8a8_mlp's activations) keep h int8 in the wo
 their three launches do: static quantizes x with w1.input_scale and requantizes h with
 w1.output_scale; group makes each K step one group of G columns, whose int32 product is
 added into a float32 sum times the rows' group scales, and GEMM1 writes h's per-(row, group)
-scales beside it for GEMM2. (The op sends them here only once timed on a GPU:
-FUSED_W8A8_OP_SCHEMES.)
+scales beside it for GEMM2. (The op sends group here for small weights only, where it was
+timed ahead: FUSED_W8A8_OP_SCHEMES.)
 
 w8a16 (fused_w8a16_mlp) runs the float units with int8 weights: each weight tile is
 dequantized in registers as kernels/w8a16.py's two launches dequantize it (a per-group scale
@@ -110,11 +110,16 @@ FUSED_W8A8_SMALL_MAX_M = 128  # weights of at most FUSED_MAX_WEIGHT elements
 # at M = 32 and 64 against 139 and 169, and 206 at M = 128 against 124
 # (bench/probe_fused_configs.py, bench/RESULTS.md sections 18 and 19).
 FUSED_W8A16_SMALL_MAX_M = 128
-# The w8a8 activation schemes the op runs in this one launch. fused_w8a8_mlp takes `static`
-# and `group:G` too (tested against the reference under the CPU interpreter, compiled for
-# sm_90 by bench/compile_check.py), but they have not run on a GPU yet: the op keeps their
-# three launches until `bash bench/gpu_check.sh w8a8-one` has checked and timed them.
-FUSED_W8A8_OP_SCHEMES = ("dynamic",)
+# The w8a8 activation schemes the op runs in this one launch (ActivationScheme.kind), and
+# those of them that take it for weights above FUSED_MAX_WEIGHT elements too. H200, graph,
+# us, one launch against the scheme's three (bench/probe_fused_configs.py, section 22):
+# static at 768x3072 M=1-128 10.3-17.8 against 14.0-25.1, at 4096x16384 M=1 and 16 55.8
+# and 44.5 against 56.1 and 55.6; group:128 at 768x3072 14.0-22.8 against 16.3-43.0, but at
+# 4096x16384 M=1 76.2 against 57.5 (its K step is one group, 128 deep) and at M=16 57.7
+# against 56.9. From Python the one launch costs 36-44 us of host time a call where the
+# three cost 133-162 (bench/probe_overhead.py).
+FUSED_W8A8_OP_SCHEMES = ("dynamic", "static", "group")
+FUSED_W8A8_LARGE_WEIGHT_SCHEMES = ("dynamic", "static")
 
 
 @triton.jit
@@ -556,12 +561,16 @@ def fused_mlp_applies(m: int, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 def fused_w8a8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight, kind: str = "dynamic") -> bool:
     """Whether the op runs a w8a8 MLP of m rows and d_model d, activations of this kind
-    (ActivationScheme.kind), in this one launch: a kind in FUSED_W8A8_OP_SCHEMES, per-channel weights, at most FUSED_W8A8_SMALL_MAX_M rows for weights of at most
-    FUSED_MAX_WEIGHT elements; at most FUSED_W8A8_MAX_M rows for larger ones of at most
-    FUSED_W8A8_MAX_WEIGHT, where the pinned config gives each GEMM FUSED_W8A8_MIN_UNITS
-    units (as at 4096x16384, where it was measured: 128 each); not with GELUGEMM_FUSED_MLP=0."""
-    per_channel = w1.group_size is None and w2.group_size is None
-    return kind in FUSED_W8A8_OP_SCHEMES and per_channel and _int8_applies(m, d, w1, w2, FUSED_W8A8_SMALL_MAX_M, FUSED_W8A8_LARGE_CONFIGS)
+    (ActivationScheme.kind), in this one launch: a kind in FUSED_W8A8_OP_SCHEMES, per-channel
+    weights, at most FUSED_W8A8_SMALL_MAX_M rows for weights of at most FUSED_MAX_WEIGHT
+    elements; for a kind in FUSED_W8A8_LARGE_WEIGHT_SCHEMES, at most FUSED_W8A8_MAX_M rows
+    for larger ones of at most FUSED_W8A8_MAX_WEIGHT, where the pinned config gives each GEMM
+    FUSED_W8A8_MIN_UNITS units (as at 4096x16384, where it was measured: 128 each); not with
+    GELUGEMM_FUSED_MLP=0."""
+    if kind not in FUSED_W8A8_OP_SCHEMES or w1.group_size is not None or w2.group_size is not None:
+        return False
+    large = FUSED_W8A8_LARGE_CONFIGS if kind in FUSED_W8A8_LARGE_WEIGHT_SCHEMES else None
+    return _int8_applies(m, d, w1, w2, FUSED_W8A8_SMALL_MAX_M, large)
 
 
 def fused_w8a16_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight) -> bool:
@@ -573,10 +582,14 @@ def fused_w8a16_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight
     )
 
 
-def _int8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight, small_max_m: int, large: dict) -> bool:
+def _int8_applies(m: int, d: int, w1: QuantizedWeight, w2: QuantizedWeight, small_max_m: int,
+                  large: dict | None) -> bool:  # fmt: skip
+    # large: the pinned configs for weights above FUSED_MAX_WEIGHT (None: small weights only)
     largest = max(w1.data.numel(), w2.data.numel())
     if largest <= FUSED_MAX_WEIGHT:
         max_m = small_max_m
+    elif large is None:
+        max_m = 0
     else:
         f = w1.data.numel() // max(d, 1)
         tile = large[16].kwargs

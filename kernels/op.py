@@ -26,9 +26,9 @@ launches of each):
     static    calibrated per-tensor scales: x with w1.input_scale; GEMM1's epilogue
               requantizes h with w1.output_scale; GEMM2 reads int8 h at that scale
 
-At few rows `dynamic` runs in one launch (kernels/fused_mlp.py), with the same arithmetic;
-that launch takes `static` and `group:N` too, which the op sends there once they are timed on
-a GPU (kernels/fused_mlp.py's FUSED_W8A8_OP_SCHEMES).
+At few rows `dynamic` and `static` run in one launch (kernels/fused_mlp.py), with the same
+arithmetic; `group:N` too for small models (weights up to 1024x4096), where the GPU timed it
+ahead of its three launches (kernels/fused_mlp.py's FUSED_W8A8_OP_SCHEMES).
 
 A scale the scheme needs and the weights lack is an error.
 

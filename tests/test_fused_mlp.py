@@ -426,18 +426,16 @@ def test_fused_w8a8_static_and_group_reject_bad_operands(scheme, case, message):
 
 
 @pytest.mark.parametrize("scheme", ["static", "group:64"])
-def test_the_op_keeps_static_and_group_on_three_launches_until_they_are_timed(monkeypatch, scheme):
-    # FUSED_W8A8_OP_SCHEMES: the op sends a scheme to the one launch only once it is in there;
-    # with it there, the one launch gives the three launches' answer
+def test_the_op_runs_static_and_group_in_one_launch_with_the_three_launches_answer(monkeypatch, scheme):
     torch.manual_seed(22)
     x = randn(2, 5, 48, dtype=torch.bfloat16)
     weights = int8_mlp(48, 80, torch.bfloat16, "w8a8", x=x, smooth=True)
     op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", activations=scheme, backend="triton"), device=DEVICE)
     calls = spy_on_op(monkeypatch, "fused_w8a8_mlp")
-    y_three = op(x, *weights)
-    assert calls == []
-    monkeypatch.setattr(fused_module, "FUSED_W8A8_OP_SCHEMES", ("dynamic", "static", "group"))
     y = op(x, *weights)
+    assert calls == [x.shape]
+    monkeypatch.setattr(op_module, "fused_w8a8_applies", lambda *args: False)
+    y_three = op(x, *weights)
     assert calls == [x.shape]
     assert rel_err(y, y_three) < TOL_VS_REFERENCE[torch.bfloat16]
 
@@ -500,10 +498,12 @@ def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
     assert fused_w8a8_applies(1, 5120, qw(12800, 5120), qw(5120, 12800))  # 100 and 160
     # the layout does not matter: d_ff is the weight's size over d_model
     assert fused_w8a8_applies(1, 4096, qw(4096, 16384), qw(16384, 4096))
-    # only the activation schemes timed on a GPU (FUSED_W8A8_OP_SCHEMES)
-    assert fused_module.FUSED_W8A8_OP_SCHEMES == ("dynamic",)
-    assert not fused_w8a8_applies(1, 768, small, small, "static")
-    assert not fused_w8a8_applies(1, 768, small, small, "group")
+    # static as dynamic; group (128-deep K steps) only for small weights, where it was timed ahead
+    assert fused_w8a8_applies(1, 768, small, small, "static") and fused_w8a8_applies(FUSED_W8A8_MAX_M, 4096, large, large, "static")
+    assert fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M, 768, small, small, "group")
+    assert not fused_w8a8_applies(FUSED_W8A8_SMALL_MAX_M + 1, 768, small, small, "group")
+    assert not fused_w8a8_applies(1, 4096, large, large, "group")
+    assert not fused_w8a8_applies(1, 768, small, small, "per-tensor")
 
 
 def test_the_op_runs_w8a8_dynamic_in_one_launch_with_the_four_launches_answer(monkeypatch):
