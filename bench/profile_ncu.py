@@ -59,6 +59,11 @@ def run_cases(dtype_name: str, shapes: list[tuple[int, int]], tokens: list[int])
         for _ in range(3):
             fn()
     torch.cuda.synchronize()
+    # the config each autotuned GEMM kept (its key: M bucket, N, K, ...; the profile's
+    # kernel names do not say which tile ran)
+    for name, kern in (("tma", gemm._gemm_tma_kernel), ("decode", gemm._gemm_decode_kernel)):
+        for key, chosen in kern.cache.items():
+            print("BEST", name, key[:4], str(chosen).replace(", num_ctas: 1", "").replace(", maxnreg: None", ""))
     torch.cuda.profiler.start()
     for label, fn in cases:
         print("CASE", label, flush=True)
