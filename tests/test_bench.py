@@ -423,6 +423,27 @@ def test_run_bench_on_cpu_plans_checks_and_shares_float_peers(cpu_run):
     assert result.failed(None) == []
 
 
+def test_gelugemm_gets_an_op_per_weight_set_as_a_models_layers_do(cpu_run, monkeypatch):
+    # The op skips its checks for the weights of its last call; a bench cycling one op through
+    # every rotation set would time the checks on every call, which a model (an op per layer)
+    # never runs.
+    made, used = [], []
+    make_op = bench._gelugemm_op
+
+    def recording_op(*args):
+        op = make_op(*args)
+        made.append(op)
+        return lambda *a, **k: used.append(op) or op(*a, **k)
+
+    monkeypatch.setattr(bench, "_gelugemm_op", recording_op)
+    result = bench.run_bench([MLPShape(32, 64)], ["w8a8"], [3], ["eager"], activations=["static"], progress=None)
+    assert all(r.status == "ok" for r in result.rows), [(r.impl, r.error) for r in result.rows]
+    n_sets = next(r.rotation_sets for r in result.rows if r.impl == "gelugemm")
+    assert n_sets > 1 and len(made) == n_sets and len(set(map(id, made))) == n_sets
+    # the timed calls (the last set, then the first: cpu_run's clock) ran two different ops
+    assert used[-1] is not used[-2]
+
+
 def best_measured_peer(result, row):
     """The fastest peer row measured right in gelugemm row's group, found from the rows."""
     group = [r for r in result.rows if (r.d_model, r.d_ff, r.variant, r.tokens) == (row.d_model, row.d_ff, row.variant, row.tokens)]
