@@ -16,9 +16,10 @@ quantizer per token, static and per group. Exit 1 if any compile fails.
 The gated GEMM1 (GATED: gate and up accumulators) with every config of its "-gated"
 tables for fp16 and for each int8 scheme, and one config for the rest.
 
-    PYTHONPATH=. python bench/compile_check.py [float|int8|gated|split|fused]
+    PYTHONPATH=. python bench/compile_check.py [float|int8|gated|split|host|fused]
 
-`split`: the TMA kernel's split-K tile loop, one config per variant above. `fused`: the
+`split`: the TMA kernel's split-K tile loop, one config per variant above. `host`: the TMA
+kernel with descriptors made on the host, every TMA case above but fp32's. `fused`: the
 one-launch MLP (kernels/fused_mlp.py).
 """
 
@@ -309,6 +310,41 @@ def split_k_cases():
                 yield kernel, types, cx, config, f"{label} split-K (table)", SPLIT_SIZES
 
 
+_TORCH = {"fp16": "float16", "bf16": "bfloat16", "i8": "int8", "fp32": "float32"}
+
+
+def _descriptor_type(pointer_type: str, block_shape: list) -> str:
+    # the signature Triton gives a host TensorDescriptor argument of this dtype and block shape
+    import torch
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    base = torch.empty(256, 256, dtype=getattr(torch, _TORCH[pointer_type.lstrip("*")]))
+    return mangle_type(TensorDescriptor(base, [256, 256], [256, 1], block_shape))
+
+
+def host_descriptor_cases():
+    """The TMA kernel with its descriptors made on the host (HOST_DESC; kernels/gemm_base.py's
+    HOST_DESCRIPTORS): every float, int8 and gated TMA case above but fp32's (which keeps
+    device descriptors) and the warp-specialized configs' (which the pruner keeps from them:
+    triton 3.6 rejects the split stores), its a, weight(s) and output passed as
+    TensorDescriptors whose block shapes are the config's."""
+    tma = {gemm._GEMM.kernels.tma, int8_gemm._GEMM.kernels.tma}
+    for gen in (float_cases, int8_cases, gated_cases):
+        for kernel, types, cx, config, label in gen():
+            if kernel not in tma or types["a_ptr"] == "*fp32" or config.kwargs.get("WARP_SPECIALIZE"):
+                continue  # (the pruner keeps warp-specialized configs from host descriptors)
+            kw = config.kwargs
+            bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+            weight = [bn, bk] if cx["B_IS_NK"] else [bk, bn]
+            t = dict(types, a_ptr=_descriptor_type(types["a_ptr"], [bm, bk]),
+                     b_ptr=_descriptor_type(types["b_ptr"], weight),
+                     c_ptr=_descriptor_type(types["c_ptr"], [bm, bn // 2 if kw.get("EPILOGUE_SUBTILE") else bn]))  # fmt: skip
+            if "u_ptr" in t:
+                t["u_ptr"] = _descriptor_type(types["u_ptr"], weight)
+            yield kernel, t, {**cx, "HOST_DESC": "host"}, config, f"{label} host descriptors"
+
+
 def fused_cases():
     """The one-launch MLP (kernels/fused_mlp.py): every float config for fp16 with both
     biases and for fp32 (every one within the shared memory limit), one config for bf16 and the layouts and
@@ -371,9 +407,9 @@ def fused_cases():
 
 
 def main() -> int:
-    which = sys.argv[1:] or ["float", "int8", "gated", "split", "fused"]
+    which = sys.argv[1:] or ["float", "int8", "gated", "split", "host", "fused"]
     generators = (("float", float_cases), ("int8", int8_cases), ("int8", dequant_cases), ("gated", gated_cases),
-                  ("split", split_k_cases), ("fused", fused_cases))  # fmt: skip
+                  ("split", split_k_cases), ("host", host_descriptor_cases), ("fused", fused_cases))  # fmt: skip
     cases = [c for name, gen in generators if name in which for c in gen()]
     failures = []
     for kernel, types, constexprs, config, label, *sizes in cases:

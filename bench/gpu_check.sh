@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh [STAGE ...]    stages: tests bench-float bench-int8 bench-graph int8-schemes gated verify
 #                                          eval (default: all), and verify-dir, w8a16-dequant, quantize-speed,
-#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, ncu, w8a8-route, tp, tests-a, tests-b (not in the default; tests-a + tests-b
+#                                          medium-m, fused, fused-w8a8, fused-sweep, fused-medium, fused-final, gelu-erf, w8a16-rows, host-cost, tables, small-gemms, w8a8-one, ws-gelu, ncu, w8a8-route, host-desc, tp, tests-a, tests-b (not in the default; tests-a + tests-b
 #                                          = tests, in two device calls; tp needs a host with two or more GPUs)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short summary is printed last.
@@ -407,6 +407,23 @@ PY
       gg bench --cuda-graph --shape 4096,16384 --dtype fp16,bf16 --tokens 2048,8192 --peers eager,cublaslt \
         >"$OUT/w8a8-route-float.txt" 2>&1 || status=1
       summary+=("w8a8-route: bench in w8a8-route-bench.txt, float rows in w8a8-route-float.txt")
+      ;;
+    host-desc)
+      # Session 14: the TMA GEMM with descriptors made on the host (GELUGEMM_HOST_DESCRIPTORS=1,
+      # off by default): its tests on the GPU (the second call of each signature is a direct
+      # launch), the host cost per call, and the op's GPU time with and without them where
+      # the TMA GEMM runs (768x3072 from 1025 rows, 4096x16384 from 65).
+      GELUGEMM_HOST_DESCRIPTORS=1 python3 -m pytest -q -rf -p no:cacheprovider -n 8 tests/test_host_descriptors.py \
+        tests/test_gemm.py -k "tma or real or repeated or split" >"$OUT/host-desc-tests.log" 2>&1 || status=1
+      summary+=("host-desc tests: $(tail -n 1 "$OUT/host-desc-tests.log")")
+      for flag in 0 1; do
+        GELUGEMM_HOST_DESCRIPTORS=$flag python3 bench/probe_overhead.py >"$OUT/host-cost-desc$flag.txt" 2>&1 || status=1
+        GELUGEMM_HOST_DESCRIPTORS=$flag gg bench --cuda-graph --shape 768,3072 --dtype fp16,bf16 --tokens 2048,4096 \
+          --peers eager,cublaslt >"$OUT/host-desc$flag-768.txt" 2>&1 || status=1
+        GELUGEMM_HOST_DESCRIPTORS=$flag gg bench --cuda-graph --shape 4096,16384 --dtype fp16,w8a8 \
+          --tokens 128,512,2048 --peers eager >"$OUT/host-desc$flag-4096.txt" 2>&1 || status=1
+      done
+      summary+=("host-desc: bench rows in host-desc{0,1}-*.txt, host cost in host-cost-desc{0,1}.txt")
       ;;
     ncu)
       # Issue 16's profile (session 14): Nsight Compute's counters for gelugemm's GEMMs next to

@@ -63,6 +63,10 @@ def main():
         row(f"fused_w8a8_mlp {activations}", lambda a=activations: fused_w8a8_mlp(x, q1, b1, q2, None, activations=a))
     row("gemm_bias_act decode", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf"))
     row("gemm_bias_act strided", lambda: gemm.gemm_bias_act(x, w1, b1, activation="erf", path="strided"))
+    # the TMA kernel (its descriptors made on the device, or on the host with
+    # GELUGEMM_HOST_DESCRIPTORS=1: Triton then encodes them at every launch)
+    x128 = torch.randn(128, d, device="cuda", dtype=torch.float16)
+    row("gemm_bias_act tma, 128 rows", lambda: gemm.gemm_bias_act(x128, w1, b1, activation="erf", path="tma"))
     row("w8a16_linear decode", lambda: w8a16_linear(x, q1, b1, activation="erf"))
     xq, x_scale = quantize_activations(x)
     row("quantize_activations (per token)", lambda: quantize_activations(x))

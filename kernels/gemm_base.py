@@ -73,6 +73,7 @@ from typing import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.errors import LaunchError
 from kernels.int8 import INT8_MAX, SCALE_EPS
@@ -444,10 +445,10 @@ def _requantize_groups(out, offs_m, offs_n, M, N, c_scale_ptr, C_GROUP_N: tl.con
 
 
 @triton.jit
-def _zero_acc(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.constexpr):
+def _zero_acc(A_TYPE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.constexpr):
     # int32 for int8 x int8 (exact), float32 otherwise and when per-group A scales are
     # promoted into it every K tile
-    if a_ptr.dtype.element_ty == tl.int8 and A_GROUP_K == 0:
+    if A_TYPE == tl.int8 and A_GROUP_K == 0:
         acc = tl.zeros((ROWS, COLS), dtype=tl.int32)
     else:
         acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
@@ -455,11 +456,12 @@ def _zero_acc(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.const
 
 
 @triton.jit
-def _accumulators(a_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.constexpr, GATED: tl.constexpr):
+def _accumulators(A_TYPE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, A_GROUP_K: tl.constexpr,
+                  GATED: tl.constexpr):  # fmt: skip
     # (acc, acc_up): acc_up, the up projection's, only when GATED (else acc again, never read)
-    acc = _zero_acc(a_ptr, ROWS, COLS, A_GROUP_K)
+    acc = _zero_acc(A_TYPE, ROWS, COLS, A_GROUP_K)
     if GATED:
-        acc_up = _zero_acc(a_ptr, ROWS, COLS, A_GROUP_K)
+        acc_up = _zero_acc(A_TYPE, ROWS, COLS, A_GROUP_K)
     else:
         acc_up = acc
     return acc, acc_up
@@ -582,7 +584,7 @@ def gemm_strided_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
 
-    acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
+    acc, acc_up = _accumulators(a_ptr.dtype.element_ty, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
     if GATED:
         u_ptrs = u_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     for ki in range(tl.cdiv(K, BLOCK_K)):
@@ -627,7 +629,13 @@ def gemm_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, EPILOGUE_SUBTILE: tl.constexpr = False,
     SWAP_AB: tl.constexpr = False, MAX_SPLIT_K: tl.constexpr = 1, SPLIT_K: tl.constexpr = 1,
+    HOST_DESC: tl.constexpr = "",
 ):  # fmt: skip
+    # HOST_DESC (not empty: the operands' dtypes, which the autotuner's key cannot see in a
+    # descriptor): a_ptr, b_ptr, c_ptr (and u_ptr) are tensor descriptors made on the host
+    # (TensorDescriptor, their block shapes set for the config by host_block_shapes), passed
+    # as kernel parameters; empty: pointers, and the descriptors are made here, on the
+    # device (a tensor map written to global scratch and fenced before the first load).
     # B_IS_NK: the weight is stored [N, K] (nn.Linear), read as [BLOCK_N, BLOCK_K] tiles
     # (transposed in registers where the dot wants [K, N]: K-major, the layout the int8
     # wgmma wants); otherwise it is [K, N] (Conv1D), read as is.
@@ -646,18 +654,30 @@ def gemm_tma_kernel(
     # (triton 3.6's warp-specialization pass aborts the process on the subtiled epilogue:
     # a clean compile error here instead; bench/ws_survey.py)
     tl.static_assert(not (WARP_SPECIALIZE and EPILOGUE_SUBTILE), "no subtiled epilogue in a warp-specialized loop")
-    INT8_WEIGHT: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    b_desc = _weight_desc(b_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
-    if GATED:  # the up weight: b's shape and strides
-        u_desc = _weight_desc(u_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
-    # EPILOGUE_SUBTILE runs the epilogue and the store on two [BLOCK_M, BLOCK_N / 2]
-    # halves: fewer live registers in the GELU and half the output staging buffer, which
-    # leaves shared memory for a deeper pipeline.
-    if EPILOGUE_SUBTILE:
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N // 2])
+    # (and its consumer groups' stores to a host descriptor fail to compile: "descriptor block
+    # and tensor types must match", triton 3.6; bench/compile_check.py host)
+    tl.static_assert(not (WARP_SPECIALIZE and HOST_DESC != ""), "no host descriptors in a warp-specialized loop")
+    if HOST_DESC != "":  # (the compiler takes no str as an `if` condition)
+        a_desc = a_ptr
+        b_desc = b_ptr
+        c_desc = c_ptr
+        u_desc = u_ptr
     else:
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = _weight_desc(b_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
+        if GATED:  # the up weight: b's shape and strides
+            u_desc = _weight_desc(u_ptr, N, K, stride_b, BLOCK_N, BLOCK_K, B_IS_NK)
+        # EPILOGUE_SUBTILE runs the epilogue and the store on two [BLOCK_M, BLOCK_N / 2]
+        # halves: fewer live registers in the GELU and half the output staging buffer, which
+        # leaves shared memory for a deeper pipeline.
+        if EPILOGUE_SUBTILE:
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N // 2])  # fmt: skip
+        else:
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    A_TYPE: tl.constexpr = a_desc.dtype
+    INT8_WEIGHT: tl.constexpr = b_desc.dtype == tl.int8
+    OUT_TYPE: tl.constexpr = c_desc.dtype
 
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -679,9 +699,9 @@ def gemm_tma_kernel(
         rows = tl.where(offs_m < M, offs_m, 0)  # in-bounds scale reads for the edge tiles
         cols = tl.where(offs_n < N, offs_n, 0)
         if SWAP_AB:
-            acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
+            acc, acc_up = _accumulators(A_TYPE, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
         else:
-            acc, acc_up = _accumulators(a_ptr, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
+            acc, acc_up = _accumulators(A_TYPE, BLOCK_M, BLOCK_N, A_GROUP_K, GATED)
         for ki in range(k_first, k_last):
             # TMA fills reads past the tensor's edge with zeros: no K mask needed.
             a = a_desc.load([off_m, ki * BLOCK_K])
@@ -705,13 +725,13 @@ def gemm_tma_kernel(
                 _tma_store_tile(
                     c_desc, total, total_up, off_m, off_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr,
                     a_scale_ptr, c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS,
-                    ACTIVATION, GATED, EPILOGUE_SUBTILE, c_ptr.dtype.element_ty, INTERPRETER,
+                    ACTIVATION, GATED, EPILOGUE_SUBTILE, OUT_TYPE, INTERPRETER,
                 )  # fmt: skip
         else:
             _tma_store_tile(
                 c_desc, acc, acc_up, off_m, off_n, M, N, bias_ptr, u_bias_ptr, w_scale_ptr, u_scale_ptr, a_scale_ptr,
                 c_scale_ptr, stride_wsn, stride_as, INT8_WEIGHT, GROUP_K, C_GROUP_N, HAS_BIAS, ACTIVATION, GATED,
-                EPILOGUE_SUBTILE, c_ptr.dtype.element_ty, INTERPRETER,
+                EPILOGUE_SUBTILE, OUT_TYPE, INTERPRETER,
             )  # fmt: skip
 
 
@@ -809,7 +829,7 @@ def gemm_decode_kernel(
     k_first = pid_k * k_per_split
     k_last = tl.minimum(k_first + k_per_split, k_tiles)
 
-    acc, acc_up = _accumulators(a_ptr, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
+    acc, acc_up = _accumulators(a_ptr.dtype.element_ty, BLOCK_N, BLOCK_M, A_GROUP_K, GATED)
     for ki in range(k_first, k_last):
         a = a_desc.load([0, ki * BLOCK_K])
         acc = _tma_mma(b_desc, a, acc, off_n, ki, cols, rows, K, w_scale_ptr, a_scale_ptr, stride_wsn, stride_wsg,
@@ -926,7 +946,15 @@ def _pruner(tables: dict, interpreter_extra: dict):
     # gather. Under the interpreter: its one config, with the scheme's extras
     # (interpreter_extra: {scheme: {constexpr: value}}) and fitted to the groups.
     def prune(configs, named_args, **kwargs):
-        a, b = named_args["a_ptr"], named_args["b_ptr"]
+        a, b = _operand(named_args["a_ptr"]), _operand(named_args["b_ptr"])
+        if kwargs.get("HOST_DESC"):
+            # (no warp-specialized loop: triton 3.6 rejects its split stores to a host descriptor)
+            keep = _prune(configs, a, b, named_args, kwargs)
+            keep = [c for c in keep if not c.kwargs.get("WARP_SPECIALIZE")] or [_plain(keep[0])]
+            return [_with_block_shapes(c) for c in keep]
+        return _prune(configs, a, b, named_args, kwargs)
+
+    def _prune(configs, a, b, named_args, kwargs):
         a_group_k = kwargs.get("A_GROUP_K", 0)
         c_group_n = kwargs.get("C_GROUP_N", 0)
         gated = bool(kwargs.get("GATED", False))
@@ -952,6 +980,34 @@ def _pruner(tables: dict, interpreter_extra: dict):
         return keep
 
     return prune
+
+
+def _operand(x):
+    # the tensor behind a host descriptor (TensorDescriptor.base), or the tensor
+    return x.base if isinstance(x, TensorDescriptor) else x
+
+
+def host_block_shapes(nargs: dict) -> None:
+    """Set the block shapes of a TMA call's host descriptors (HOST_DESC) for the config in
+    nargs (its BLOCK_M, BLOCK_N, BLOCK_K and EPILOGUE_SUBTILE, the weight's B_IS_NK), as the
+    kernel would make them on the device: the autotuner's pre_hook."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    weight = [bn, bk] if nargs["B_IS_NK"] else [bk, bn]
+    nargs["a_ptr"].block_shape = [bm, bk]
+    nargs["b_ptr"].block_shape = weight
+    if isinstance(nargs.get("u_ptr"), TensorDescriptor):
+        nargs["u_ptr"].block_shape = list(weight)
+    nargs["c_ptr"].block_shape = [bm, bn // 2 if nargs.get("EPILOGUE_SUBTILE") else bn]
+
+
+def _plain(c: triton.Config) -> triton.Config:
+    kwargs = {k: v for k, v in c.kwargs.items() if k != "WARP_SPECIALIZE"}
+    return triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+
+
+def _with_block_shapes(c: triton.Config) -> triton.Config:
+    return triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg,
+                         pre_hook=host_block_shapes)  # fmt: skip
 
 
 def _autotune_kwargs() -> dict:
@@ -1013,7 +1069,7 @@ def gemm_kernels(strided: dict, tma: dict, decode: dict, decode_max_m: int, larg
         # the interpreter runs the subtiled epilogue that most large-M configs use, w8a16's
         # swap-AB schedule, and split-K where a call has fewer tiles than its 4 programs
         tma=_autotuned(
-            gemm_tma_kernel, tma, ["M_BUCKET", "N", "K", "B_IS_NK", *groups], {"SPLIT_K": tma_split_k},
+            gemm_tma_kernel, tma, ["M_BUCKET", "N", "K", "B_IS_NK", *groups, "HOST_DESC"], {"SPLIT_K": tma_split_k},
             interpreter_extra={"w8a16": {"SWAP_AB": True}}, EPILOGUE_SUBTILE=True, MAX_SPLIT_K=4,
         ),  # fmt: skip
         decode=_autotuned(
@@ -1220,6 +1276,7 @@ def _plan(
     m, k = a.shape
     n = layout.kn_shape(w)[1]
     stride_bk, stride_bn = layout.kn_strides(w)
+    caller_key = key
     path = _path(kernels, path, m, a, w, stride_bk, stride_bn, out_aligned, w_up)
     gated = w_up is not None
     constexprs = dict(
@@ -1272,12 +1329,43 @@ def _plan(
             tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
             return (min(sms, tiles * meta["SPLIT_K"]),)
 
-        return GemmPlan(path, kernels.tma, grid, scalars, constexprs, key, workspace)
+        # descriptors made on the host, for 16-bit and int8 operands (fp32 keeps the device's)
+        host = HOST_DESCRIPTORS and a.dtype != torch.float32
+        constexprs["HOST_DESC"] = f"{a.dtype}/{w.dtype}/{caller_key}" if host else ""
+        return GemmPlan(path, kernels.tma, grid, scalars, constexprs, (*key, constexprs["HOST_DESC"]), workspace)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     return GemmPlan(path, kernels.decode, grid, scalars, constexprs, key, workspace)
+
+
+# Descriptors made on the host for the TMA kernel (HOST_DESC), for 16-bit and int8 operands.
+# Off unless GELUGEMM_HOST_DESCRIPTORS=1 until a GPU has timed the op with them: in
+# bench/probe_descriptors.py they saved small GEMMs 1-7.5 us of GPU time (bench/RESULTS.md
+# section 22), and Triton encodes each at every launch, on the host. Read when a call
+# signature's launch plan is made.
+HOST_DESCRIPTORS = os.environ.get("GELUGEMM_HOST_DESCRIPTORS", "0") not in ("", "0")
+
+
+def _host_descriptors(plan: GemmPlan, a2, w, out2, w_up) -> tuple:
+    """(a, w, out, w_up) as TensorDescriptors for a HOST_DESC plan, with the shapes and
+    strides the kernel would give its own. Their block shapes matter only where Triton
+    specializes the call (the launch through the autotuner, whose pre_hook sets the
+    config's: host_block_shapes): a direct launch runs the kept compiled kernel, and
+    Triton's launcher encodes each descriptor with that kernel's block shape (triton 3.6,
+    backends/nvidia/driver.py make_tensordesc_arg), not the object's."""
+    m, n, k = plan.scalars[:3]
+    stride_am, stride_b, stride_cm = plan.scalars[4:7]
+    b_is_nk = plan.constexprs["B_IS_NK"]
+    w_shape = [n, k] if b_is_nk else [k, n]
+    square = [16, 16]  # a placeholder of the right rank
+    return (
+        TensorDescriptor(a2, [m, k], [stride_am, 1], square),
+        TensorDescriptor(w, w_shape, [stride_b, 1], square),
+        TensorDescriptor(out2, [m, n], [stride_cm, 1], square),
+        None if w_up is None else TensorDescriptor(w_up, w_shape, [stride_b, 1], square),
+    )
 
 
 class GemmLauncher:
@@ -1383,7 +1471,11 @@ class GemmLauncher:
                 self.plans[signature] = plan
         if plan.path != "strided":
             ensure_tma_allocator()
-        tensors = (a2, w, out2, bias, w_scale, a_scale, c_scale, w_up, up_bias, up_scale)
+        if plan.constexprs.get("HOST_DESC"):
+            a2, w_arg, out_arg, up_arg = _host_descriptors(plan, a2, w, out2, w_up)
+        else:
+            w_arg, out_arg, up_arg = w, out2, w_up
+        tensors = (a2, w_arg, out_arg, bias, w_scale, a_scale, c_scale, up_arg, up_bias, up_scale)
         if plan.workspace is None:
             args = (*tensors, *plan.scalars)
         elif plan.workspace[0] == 0:
