@@ -72,13 +72,14 @@ def run_cases(dtype_name: str, shapes: list[tuple[int, int]], tokens: list[int])
     torch.cuda.profiler.stop()
 
 
-# raw-page metric names -> column titles; a metric the report lacks prints as "-"
+# raw-page metric names (as ncu 2025.3 names them on sm_90) -> column titles; a metric the
+# report lacks prints as "-"
 COLUMNS = [
     ("gpu__time_duration.sum", "us"),
     ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "SM%"),
-    ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "DRAM%"),
-    ("sm__instruction_throughput.avg.pct_of_peak_sustained_active", "inst%"),
-    ("smsp__issue_active.avg.pct_of_peak_sustained_active", "issue%"),
+    ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "DRAM%"),
+    ("sm__instruction_throughput.avg.pct_of_peak_sustained_elapsed", "inst%"),
+    ("sm__issue_active.avg.pct_of_peak_sustained_elapsed", "issue%"),
     ("launch__registers_per_thread", "regs"),
     ("launch__grid_size", "grid"),
     ("launch__block_size", "block"),
