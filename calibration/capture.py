@@ -30,7 +30,7 @@ from safetensors.torch import save
 
 from calibration.data import HELD_OUT_FRACTION, split_rows
 from calibration import outputs
-from calibration.errors import CheckpointError, ModelError, OptionError
+from calibration.errors import ModelError, OptionError
 from calibration.hf import (
     HFModel,
     Lines,

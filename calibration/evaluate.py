@@ -48,6 +48,7 @@ from calibration.hf import (
     real_rows,
     text_batches,
 )
+from calibration.metrics import json_safe
 from calibration.model import load_mlps, plan_swaps
 from calibration.quantized_file import read_quantized, resolve_source
 from kernels.schemes import Granularity, closest_key, scheme_key
@@ -118,19 +119,9 @@ class EvalReport:
         return bool(self.gate["passed"])
 
     def to_dict(self) -> dict:
-        out = _json_safe(asdict(self))
+        out = json_safe(asdict(self))
         out["passed"] = self.passed
         return out
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ---- the model the quantized file came from -------------------------------------------------

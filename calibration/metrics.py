@@ -66,3 +66,15 @@ def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> ErrorMetrics:
     else:
         sqnr = 20 * math.log10(ref_norm / err)
     return ErrorMetrics(diff.abs().max().item() if diff.numel() else 0.0, rel, cosine, sqnr)
+
+
+def json_safe(value):
+    """A report's dict (dataclasses.asdict's output) with every non-finite float as None:
+    JSON has no inf or NaN."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from kernels.int8 import INT8_MAX, expand_scale, quantize_weight, scale_from_absmax
+from kernels.int8 import INT8_MAX, expand_scale, scale_from_absmax
 from kernels.quantized import QuantizedWeight
 from kernels.reference import as_out_in
 

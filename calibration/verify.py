@@ -66,7 +66,7 @@ from calibration.checkpoint import (
 from calibration.data import calibration_inputs, check_calibration_file, describe_source
 from calibration.errors import CheckpointError, OptionError
 from calibration.families import check_asked_activation_dtype
-from calibration.metrics import ErrorMetrics, error_metrics
+from calibration.metrics import ErrorMetrics, error_metrics, json_safe
 from calibration.model import int8_op_fields
 from calibration.options import QuantizeOptions
 from calibration.ranks import current as current_ranks
@@ -84,7 +84,6 @@ from calibration.quantized_file import (
     sha256_file,
 )
 from kernels.op import DTYPES, FLOAT_DTYPES, INT8_DTYPES, FusedMLP, MLPConfig, choose_backend
-from kernels.quantized import QuantizedWeight
 from kernels.version import __version__
 from kernels.reference import as_out_in, eager_gelu
 from kernels.schemes import ActivationScheme, Granularity, SchemeError, closest_key
@@ -340,20 +339,9 @@ class VerifyReport:
         return not self.failures
 
     def to_dict(self) -> dict:
-        out = _json_safe(asdict(self))
+        out = json_safe(asdict(self))
         out["passed"], out["failed"] = self.passed, len(self.failures)
         return out
-
-
-def _json_safe(value):
-    """asdict's output with every non-finite float as None (JSON has no inf or NaN)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ---- the run -----------------------------------------------------------------------------------
