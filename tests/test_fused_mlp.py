@@ -425,21 +425,6 @@ def test_fused_w8a8_static_and_group_reject_bad_operands(scheme, case, message):
         fused_w8a8_mlp(x, q1, b1, q2, b2, activations=scheme)
 
 
-@pytest.mark.parametrize("scheme", ["static", "group:64"])
-def test_the_op_runs_static_and_group_in_one_launch_with_the_three_launches_answer(monkeypatch, scheme):
-    torch.manual_seed(22)
-    x = randn(2, 5, 48, dtype=torch.bfloat16)
-    weights = int8_mlp(48, 80, torch.bfloat16, "w8a8", x=x, smooth=True)
-    op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype="bf16", activations=scheme, backend="triton"), device=DEVICE)
-    calls = spy_on_op(monkeypatch, "fused_w8a8_mlp")
-    y = op(x, *weights)
-    assert calls == [x.shape]
-    monkeypatch.setattr(op_module, "fused_w8a8_applies", lambda *args: False)
-    y_three = op(x, *weights)
-    assert calls == [x.shape]
-    assert rel_err(y, y_three) < TOL_VS_REFERENCE[torch.bfloat16]
-
-
 def test_group_configs_hold_one_group_a_k_step_and_whole_groups_a_tile(monkeypatch):
     monkeypatch.setattr(fused_module, "interpreting", lambda: False)
     table, large = fused_module.FUSED_W8A8_CONFIGS, fused_module.FUSED_W8A8_LARGE_CONFIGS
@@ -506,18 +491,20 @@ def test_the_op_takes_one_w8a8_launch_for_small_models_and_for_decode():
     assert not fused_w8a8_applies(1, 768, small, small, "per-tensor")
 
 
-def test_the_op_runs_w8a8_dynamic_in_one_launch_with_the_four_launches_answer(monkeypatch):
-    torch.manual_seed(12)
-    x = randn(2, 5, 48, dtype=torch.float16)
-    weights = int8_mlp(48, 80, torch.float16, "w8a8", x=x, smooth=True)
-    op = FusedMLP(MLPConfig(dtype="w8a8", activations="dynamic", backend="triton"), device=DEVICE)
+@pytest.mark.parametrize("scheme,dtype", [("dynamic", "fp16"), ("static", "bf16"), ("group:64", "bf16")])
+def test_the_op_runs_w8a8_in_one_launch_with_the_separate_launches_answer(monkeypatch, scheme, dtype):
+    # every activation scheme (FUSED_W8A8_OP_SCHEMES) at a small model's size
+    tdtype = FLOAT[dtype]
+    x = randn(2, 5, 48, dtype=tdtype)
+    weights = int8_mlp(48, 80, tdtype, "w8a8", x=x, smooth=True)
+    op = FusedMLP(MLPConfig(dtype="w8a8", activation_dtype=dtype, activations=scheme, backend="triton"), device=DEVICE)
     calls = spy_on_op(monkeypatch, "fused_w8a8_mlp")
     y = op(x, *weights)
     assert calls == [x.shape]
     monkeypatch.setattr(op_module, "fused_w8a8_applies", lambda *args: False)
-    y_four = op(x, *weights)
+    y_separate = op(x, *weights)
     assert calls == [x.shape]
-    assert rel_err(y, y_four) < TOL_VS_REFERENCE[torch.float16]
+    assert rel_err(y, y_separate) < TOL_VS_REFERENCE[tdtype]
 
 
 def test_each_row_bucket_runs_its_one_measured_config(monkeypatch):
