@@ -39,7 +39,9 @@ def on_and_off(monkeypatch, call):
         monkeypatch.setattr(int8_gemm._GEMM, "plans", {})
 
     fresh_plans()
+    monkeypatch.setattr(gemm_base, "HOST_DESCRIPTORS", False)  # (whatever the environment says)
     device = call()
+    assert all(not p.constexprs["HOST_DESC"] for p in gemm._GEMM.plans.values() if p.path == "tma")
     fresh_plans()
     monkeypatch.setattr(gemm_base, "HOST_DESCRIPTORS", True)
     host = [call(), call()]
