@@ -143,7 +143,8 @@ def float_cases():
             cx.update(ACTIVATION=act, **({} if strided else {"B_IS_NK": b_is_nk}))
             yield kernel, t, cx, kernel.configs[-1], f"{dt} {act} b_is_nk={b_is_nk}"
         if kernel is gemm._GEMM.kernels.tma:
-            # the warp-specialized candidates (not in the tables yet): fp16 in both layouts, bf16
+            # the warp-specialized candidates (kernels/gemm.py; one is in the large table too):
+            # fp16 in both layouts, bf16
             for config, (dt, act, b_is_nk) in itertools.product(
                 gemm.TMA_WS_CANDIDATES, [("fp16", "erf", True), ("fp16", "erf", False), ("bf16", "tanh", True)]
             ):

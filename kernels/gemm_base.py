@@ -950,8 +950,8 @@ def _pruner(tables: dict, interpreter_extra: dict):
         if kwargs.get("HOST_DESC"):
             # (no warp-specialized loop: triton 3.6 rejects its split stores to a host descriptor)
             keep = _prune(configs, a, b, named_args, kwargs)
-            keep = [c for c in keep if not c.kwargs.get("WARP_SPECIALIZE")] or [_plain(keep[0])]
-            return [_with_block_shapes(c) for c in keep]
+            keep = [c for c in keep if not c.kwargs.get("WARP_SPECIALIZE")] or keep[:1]
+            return [_for_host_descriptors(c) for c in keep]
         return _prune(configs, a, b, named_args, kwargs)
 
     def _prune(configs, a, b, named_args, kwargs):
@@ -1000,13 +1000,10 @@ def host_block_shapes(nargs: dict) -> None:
     nargs["c_ptr"].block_shape = [bm, bn // 2 if nargs.get("EPILOGUE_SUBTILE") else bn]
 
 
-def _plain(c: triton.Config) -> triton.Config:
+def _for_host_descriptors(c: triton.Config) -> triton.Config:
+    # c with the plain tile loop and the pre_hook that gives the descriptors its block shapes
     kwargs = {k: v for k, v in c.kwargs.items() if k != "WARP_SPECIALIZE"}
-    return triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
-
-
-def _with_block_shapes(c: triton.Config) -> triton.Config:
-    return triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg,
+    return triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg,
                          pre_hook=host_block_shapes)  # fmt: skip
 
 

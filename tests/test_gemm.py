@@ -243,10 +243,8 @@ def test_configs_ask_for_warp_specialization_only_where_triton_does_it():
     from kernels import int8_gemm
 
     tables = [v for m in (gemm, int8_gemm) for k, v in vars(m).items() if k.endswith("TMA_CONFIGS")]
-    configs = [c for t in tables for cs in t.values() for c in cs]
-    candidates = [gemm.TMA_WS_CANDIDATES]
-    configs += [c for cs in candidates for c in cs]
-    assert len(tables) >= 8 and all(candidates)
+    configs = [c for t in tables for cs in t.values() for c in cs] + gemm.TMA_WS_CANDIDATES
+    assert len(tables) >= 8 and gemm.TMA_WS_CANDIDATES
     for c in configs:
         if c.kwargs.get("WARP_SPECIALIZE"):
             kw = c.kwargs
@@ -259,8 +257,8 @@ def test_configs_ask_for_warp_specialization_only_where_triton_does_it():
 @pytest.mark.parametrize("config", gemm.TMA_WS_CANDIDATES, ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_warp_specialized_candidates(forced_config, config, dtype):
-    # Each warp-specialized candidate alone (kernels/gemm.py: not in the tables until a GPU
-    # has run it), on edge tiles in rows and columns and at a real size, both layouts,
+    # Each warp-specialized candidate alone (kernels/gemm.py: one joins a table only once a
+    # GPU has run it), on edge tiles in rows and columns and at a real size, both layouts,
     # against the references: wrong code from Triton's warp-specialization pass shows here.
     forced_config(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, config)
     for lead, k, n, activation in (((1000,), 768, 3000, "erf"), ((2, 1100), 4096, 4104, "tanh")):
