@@ -1338,10 +1338,10 @@ def _plan(
 
 
 # Descriptors made on the host for the TMA kernel (HOST_DESC), for 16-bit and int8 operands.
-# Off unless GELUGEMM_HOST_DESCRIPTORS=1 until a GPU has timed the op with them: in
-# bench/probe_descriptors.py they saved small GEMMs 1-7.5 us of GPU time (bench/RESULTS.md
-# section 22), and Triton encodes each at every launch, on the host. Read when a call
-# signature's launch plan is made.
+# Off unless GELUGEMM_HOST_DESCRIPTORS=1: through the op they saved 0-7 us of GPU time a MLP
+# (and lost up to 3 in some rows), while Triton's encoding of three descriptors at every
+# launch took a TMA GEMM call's host time from 21.8 to 57.9 us (H100, bench/RESULTS.md
+# section 23). Read when a call signature's launch plan is made.
 HOST_DESCRIPTORS = os.environ.get("GELUGEMM_HOST_DESCRIPTORS", "0") not in ("", "0")
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import randn
 from int8_helpers import int8_mlp
 from kernels.op import FusedMLP, MLPConfig
+from kernels.quantized import QuantizedWeight
 
 pytestmark = pytest.mark.gpu
 
@@ -58,3 +59,14 @@ def test_int8_op_replays_in_a_cuda_graph(scheme, activations, m):
     weights = int8_mlp(D, F, torch.float16, scheme, x=x_cal)
     op = FusedMLP(MLPConfig(dtype=scheme, activations=activations, backend="triton"), device="cuda")
     replayed_equals_direct(op, m, torch.float16, weights)
+
+
+@pytest.mark.parametrize("m", [1, 256])  # the one launch and the three launches
+def test_static_op_replays_with_w2_input_scale_a_copy_of_w1_output_scale(m):
+    # As calibration writes them (calibration/quantize_mlp.py's quantize_gemm2), w2's input
+    # scale is its own tensor, equal to w1.output_scale. The op compares the two (a host
+    # sync) when it first sees them, outside the capture; inside it, nothing syncs.
+    q1, b1, q2, b2 = int8_mlp(D, F, torch.float16, "w8a8", x=randn(256, D, dtype=torch.float16))
+    q2 = QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone())
+    op = FusedMLP(MLPConfig(dtype="w8a8", activations="static", backend="triton"), device="cuda")
+    replayed_equals_direct(op, m, torch.float16, (q1, b1, q2, b2))
