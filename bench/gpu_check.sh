@@ -36,6 +36,10 @@ gpu_tests() {
 }
 status=0
 summary=()
+# pytest workers for the whole suite: one per 8 GiB of GPU memory, at most 12 (15 workers
+# on an 80 GB H100 ran one real-size test out of memory, session 15)
+gpu_gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+suite_workers=$(( ${gpu_gib:-81920} / 8192 )); (( suite_workers > 12 )) && suite_workers=12
 
 {
   date -u +%FT%TZ
@@ -47,7 +51,7 @@ for stage in "${stages[@]}"; do
   t0=$SECONDS
   case $stage in
     tests|tests-a|tests-b)
-      # -n: compiles run in parallel; the autotuner's choices under that load are not
+      # -n (suite_workers, above): compiles run in parallel; the autotuner's choices under that load are not
       # kept (the benchmark stages tune again, alone). tests-a and tests-b are the suite's
       # two halves by file name (test_a* .. test_gemm, the rest), each inside one device
       # call's limit; -rf names every failure in the log.
@@ -56,7 +60,7 @@ for stage in "${stages[@]}"; do
         tests-a) files=($(printf '%s\n' "${files[@]}" | awk '$0 <= "tests/test_gemm.py"')) ;;
         tests-b) files=($(printf '%s\n' "${files[@]}" | awk '$0 > "tests/test_gemm.py"')) ;;
       esac
-      python3 -m pytest -q -rf -p no:cacheprovider -n 12 --junitxml="$OUT/junit-$stage.xml" "${files[@]}" \
+      python3 -m pytest -q -rf -p no:cacheprovider -n "$suite_workers" --junitxml="$OUT/junit-$stage.xml" "${files[@]}" \
         >"$OUT/pytest-$stage.log" 2>&1 || status=1
       find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete 2>/dev/null
       summary+=("$stage: $(tail -n 1 "$OUT/pytest-$stage.log")")
