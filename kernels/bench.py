@@ -49,6 +49,7 @@ import torch
 from kernels import peers
 from kernels.errors import BackendUnavailable, GelugemmError
 from kernels.int8 import quantize_weight, scale_from_absmax
+from kernels.launch import recorded_launches
 from kernels.op import FusedMLP, MLPConfig
 from kernels.quantized import QuantizedWeight
 from kernels.reference import mlp_reference
@@ -293,6 +294,9 @@ class BenchRow:
     granularity: str | None = None  # int8 rows: the weight scales, per-channel | group:N
     activations: str | None = None  # w8a8 rows: the activation scheme, dynamic | group:N | static
     gated: bool = False  # a gated MLP (GeGLU): gate, up and down weights, no biases
+    # gelugemm rows: the kernels one call launches, in order, each with the config it ran
+    # (the autotuner's choice for this row: "gemm_tma_kernel BLOCK_M=128 ... warps=8 stages=3")
+    kernels: list[str] | None = None
 
     @property
     def shape(self) -> MLPShape:
@@ -483,6 +487,7 @@ class _Case:
     relerr: float | None = None
     timing: Timing | None = None
     error: str | None = None
+    kernels: list[str] | None = None  # gelugemm: what one call launches (see BenchRow.kernels)
 
 
 class _Workloads:
@@ -775,7 +780,7 @@ def run_bench(
                 "int8" if c.weights in INT8_DTYPES else c.weights, c.status, flops, nbytes, floor_us, bound,
                 time_us=t and t.median_us, p20_us=t and t.p20_us, p80_us=t and t.p80_us, reps=t and t.reps,
                 rotation_sets=c.n_sets, relerr=c.relerr, relerr_limit=c.relerr_limit, note=c.note, error=c.error,
-                granularity=granularity, activations=scheme, gated=gated,
+                granularity=granularity, activations=scheme, gated=gated, kernels=c.kernels,
             )  # fmt: skip
             fill_metrics(row)
             rows.append(row)
@@ -798,6 +803,11 @@ def _prepare(case: _Case, work: _Workloads, raise_errors: bool) -> None:
         torch.cuda.synchronize()
         case.relerr = work.relerr(case, out)
         case.status = "ok" if case.relerr <= case.relerr_limit else "wrong"
+        if case.impl == "gelugemm":
+            # one more call, recorded: the kernels and the configs the timed calls run
+            with recorded_launches() as launched:
+                case.call(0)
+            case.kernels = [f"{name} {config}".strip() for name, config in launched]
     except GelugemmError as exc:
         # The op refusing a config (a dtype whose kernels have not landed) is not a crash.
         if raise_errors:

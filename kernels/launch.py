@@ -11,6 +11,7 @@ here) the device and the 16-byte alignment of every tensor argument.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -95,6 +96,34 @@ def _heuristic_layers(kernel):
 
 _compiled: dict = {}
 _MAX_REMEMBERED = 4096
+# the list recorded_launches() fills while its block runs (None: nothing is recorded)
+_recording: list | None = None
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Every launch made through `launch` inside the block, in order, as (kernel name,
+    config): the config the autotuner kept for that call, as text (config_text). The
+    benchmark reports with it which tile each timed kernel ran."""
+    global _recording
+    outer, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = outer
+
+
+def config_text(config) -> str:
+    """A triton.Config as one line: its compile-time values, warps, stages ("" for None)."""
+    if config is None:
+        return ""
+    values = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    extra = f" maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else ""
+    return f"{values} warps={config.num_warps} stages={config.num_stages}{extra}".strip()
+
+
+def _record(kernel, config) -> None:
+    _recording.append((_innermost(kernel).__name__, config_text(config)))
 
 
 def _stream(device_index: int) -> int:
@@ -120,11 +149,15 @@ def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple, slot: list |
     """
     if interpreting():
         kernel[grid](*args, **constexprs)
+        if _recording is not None:
+            _record(kernel, getattr(kernel, "best_config", None))
         return
     if slot is not None and slot[0] is not None:
         device_index, hit = slot[0]
         if device_index == torch._C._cuda_getDevice():
             _run(hit, args, device_index)
+            if _recording is not None:
+                _record(kernel, hit[4])
             return
     aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
     device_index = torch.cuda.current_device()
@@ -137,13 +170,15 @@ def launch(kernel, grid, args: tuple, constexprs: dict, key: tuple, slot: list |
         hit = _compiled.get(full_key)
     else:
         _run(hit, args, device_index)
+    if _recording is not None:
+        _record(kernel, hit[4] if hit is not None else getattr(kernel, "best_config", None))
     if slot is not None and hit is not None:
         slot[0] = (device_index, hit)
 
 
 def _run(hit, args, device_index) -> None:
     # The same call Triton's JITFunction.run makes once it has the compiled kernel.
-    compiled, g, tail, _ = hit
+    compiled, g, tail = hit[:3]
     stream = _stream(device_index)
     enter, exit_ = _hooks()
     metadata = None if enter is None else compiled.launch_metadata(g, stream, *args, *tail)
@@ -176,7 +211,9 @@ def _remember(kernel, grid, args, constexprs, full_key) -> None:
     # The entry holds the kernel object too: its id is in the key, and a freed kernel's id
     # can be another kernel's (a config-sweeping probe that builds an autotuner per config
     # got the previous one's compiled kernel, for the new one's workspace: an illegal address).
-    _compiled[full_key] = (compiled, g, tuple(values[name] for name in jit.arg_names[len(args) :]), kernel)
+    # The config is kept for recorded_launches.
+    tail = tuple(values[name] for name in jit.arg_names[len(args) :])
+    _compiled[full_key] = (compiled, g, tail, kernel, config)
 
 
 def launch_cache_size() -> int:

@@ -444,6 +444,27 @@ def test_gelugemm_gets_an_op_per_weight_set_as_a_models_layers_do(cpu_run, monke
     assert used[-1] is not used[-2]
 
 
+def test_gelugemm_rows_name_the_kernels_and_configs_they_ran(cpu_run, monkeypatch):
+    # The autotuner's pick can differ between processes: each gelugemm row (and its JSON)
+    # says which kernels one call launched and the config each ran; peers' rows say nothing.
+    def ran(rows):
+        return {r.tokens: r.kernels for r in rows if r.impl == "gelugemm" and r.gelu == "erf"}
+
+    result = bench.run_bench([MLPShape(32, 64)], ["fp16"], [3, 80], ["eager"], progress=None)
+    launched = ran(result.rows)
+    assert [k.split()[0] for k in launched[3]] == ["fused_mlp_kernel"]  # the one launch
+    assert all(r.kernels is None for r in result.rows if r.impl != "gelugemm")
+    from kernels import fused_mlp
+
+    monkeypatch.setattr(fused_mlp, "fused_mlp_enabled", lambda: False)  # as GELUGEMM_FUSED_MLP=0
+    result = bench.run_bench([MLPShape(32, 64)], ["fp16"], [80], ["eager"], progress=None)
+    launched = ran(result.rows)[80]
+    assert [k.split()[0] for k in launched] == ["gemm_tma_kernel", "gemm_tma_kernel"]  # GEMM1, GEMM2
+    assert all(" BLOCK_M=" in k and " warps=" in k and " stages=" in k for k in launched)
+    in_json = [r["kernels"] for r in result.to_dict()["rows"] if r["impl"] == "gelugemm" and r["gelu"] == "erf"]
+    assert in_json == [launched]
+
+
 def best_measured_peer(result, row):
     """The fastest peer row measured right in gelugemm row's group, found from the rows."""
     group = [r for r in result.rows if (r.d_model, r.d_ff, r.variant, r.tokens) == (row.d_model, row.d_ff, row.variant, row.tokens)]

@@ -272,6 +272,25 @@ def test_warp_specialized_candidates(forced_config, monkeypatch, config, dtype):
     assert config_id(gemm._gemm_tma_kernel.best_config) == config_id(config)
 
 
+@pytest.mark.tma
+def test_recorded_launches_name_the_kernel_and_the_config_it_ran(forced_config):
+    # What `gelugemm bench` reports for each gelugemm row: on the first call (through the
+    # autotuner) and on later ones (the direct launch, on a GPU) the config the call ran.
+    from kernels.gemm_base import cfg
+    from kernels.launch import config_text, recorded_launches
+
+    config = cfg(64, 32, 32, 4, 2, group_m=4)
+    forced_config(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, config)
+    x, w = randn(80, 48, dtype=torch.float16), make_weight(48, 40, torch.float16, "out_in")
+    for _ in range(2):
+        with recorded_launches() as launched:
+            gemm_bias_act(x, w, None, activation="erf", path="tma")
+        assert launched == [("gemm_tma_kernel", config_text(config))]
+    assert config_text(config).startswith("BLOCK_M=64 BLOCK_N=32 BLOCK_K=32 GROUP_M=4") and "warps=4 stages=2" in config_text(config)
+    gemm_bias_act(x, w, None, activation="erf", path="tma")  # outside the block: nothing recorded
+    assert len(launched) == 1
+
+
 @pytest.mark.parametrize("m", [1, 37])
 @pytest.mark.tma
 def test_a_misaligned_out_after_an_aligned_call_takes_the_strided_path(monkeypatch, m):
