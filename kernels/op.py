@@ -189,9 +189,9 @@ class FusedMLP:
             raise LaunchError(f"op was built for {self.device} but input is on {x.device}")
 
     def _check_int8_once(self, x, w1, w2, w_up=None):
-        """_check_int8, skipped when x's dtype and the very same weight objects and tensors
-        passed it last call (a decode loop calls with the same weights: the checks were a
-        quarter of a forward's host time). The objects are held, so no id is reused while it
+        """_check_int8, skipped when x's dtype and the very same weight tensors, scales and
+        group sizes passed it last call (a decode loop calls with the same weights: the checks
+        were a quarter of a forward's host time). They are held, so no id is reused while it
         is remembered. static's comparison of w2.input_scale with w1.output_scale by value
         (a host sync where they are two tensors) runs with the other checks, once per operand
         set: every call, it cost a device round trip and made the op impossible to capture in
@@ -199,7 +199,9 @@ class FusedMLP:
         parts = [x.dtype]
         for w in (w1, w2, w_up):
             if isinstance(w, QuantizedWeight):
-                parts += [w, w.data, w.scale, w.group_size, w.smooth_scale, w.input_scale, w.output_scale]
+                # its fields, not the object: FusedGeluMLP builds new QuantizedWeights around
+                # the same buffers every forward
+                parts += [w.data, w.scale, w.group_size, w.smooth_scale, w.input_scale, w.output_scale]
             else:
                 parts.append(w)
         ids = tuple(map(id, parts))

@@ -93,6 +93,28 @@ def test_int8_module_is_the_reference_mlp(scheme, options, activations, layout, 
     assert rel_err(y, float_y) < TOL_QUANTIZED_VS_FLOAT[scheme]
 
 
+@pytest.mark.parametrize("scheme,activations", [("w8a16", "dynamic"), ("w8a8", "static")])
+def test_a_quantized_module_checks_its_weights_once_not_every_forward(monkeypatch, scheme, activations):
+    # The module hands the op QuantizedWeights rebuilt from its buffers on every forward; the
+    # op's operand checks (a quarter of a small forward's host time) must still run once for
+    # the same buffers, and again when a buffer is replaced.
+    w1, b1, w2, b2 = float_weights("out_in")
+    x = torch.randn(5, D_MODEL)
+    options = dict(activations="static") if activations == "static" else {}
+    q1, q2 = quantize_mlp(w1, b1, w2, x, scheme=scheme, **options)
+    config = MLPConfig(dtype=scheme, backend="torch", activations=activations)
+    module = FusedGeluMLP(q1, b1, q2, b2, config)
+    checks = []
+    real = module.op._check_int8
+    monkeypatch.setattr(module.op, "_check_int8", lambda *a: checks.append(1) or real(*a))
+    first = module(x)
+    for _ in range(3):
+        assert torch.equal(module(x), first)
+    assert len(checks) == 1
+    module.w2_scale = module.w2_scale * 2  # another tensor: checked again, and used
+    assert not torch.equal(module(x), first) and len(checks) == 2
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_from_linears_runs_the_models_own_mlp(approximate):
     fc1, act, fc2 = nn.Linear(D_MODEL, D_FF), nn.GELU(approximate=approximate), nn.Linear(D_FF, D_MODEL)
