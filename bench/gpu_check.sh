@@ -55,8 +55,8 @@ for stage in "${stages[@]}"; do
       # kept (the benchmark stages tune again, alone). tests-a and tests-b are the suite's
       # two halves by file name (test_a* .. test_fuzz, the rest: 2470 and 3210 test-seconds on
       # an H100, session 15), each inside one device call's limit. The whole suite (5690
-      # test-seconds) fits one call on an H200's 12 workers (about 470 s), not on an H100's 9:
-      # there, run tests-a and tests-b. -rf names every failure in the log.
+      # test-seconds) took 409 s on 15 workers; on an H100's 9 it would pass the limit, so
+      # there run tests-a and tests-b. -rf names every failure in the log.
       files=(tests/test_*.py)
       case $stage in
         tests-a) files=($(printf '%s\n' "${files[@]}" | awk '$0 <= "tests/test_fuzz.py"')) ;;
