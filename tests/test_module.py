@@ -111,7 +111,9 @@ def test_a_quantized_module_checks_its_weights_once_not_every_forward(monkeypatc
     for _ in range(3):
         assert torch.equal(module(x), first)
     assert len(checks) == 1
+    assert module.weights()[2] is module.weights()[2]  # built once, not every forward
     module.w2_scale = module.w2_scale * 2  # another tensor: checked again, and used
+    assert module.weights()[2].scale is module.w2_scale
     assert not torch.equal(module(x), first) and len(checks) == 2
 
 
