@@ -295,7 +295,8 @@ class BenchRow:
     activations: str | None = None  # w8a8 rows: the activation scheme, dynamic | group:N | static
     gated: bool = False  # a gated MLP (GeGLU): gate, up and down weights, no biases
     # gelugemm rows: the kernels one call launches, in order, each with the config it ran
-    # (the autotuner's choice for this row: "gemm_tma_kernel BLOCK_M=128 ... warps=8 stages=3")
+    # (the autotuner's choice for this row, as Triton prints a config:
+    # "gemm_tma_kernel BLOCK_M: 128, BLOCK_N: 256, ..., num_warps: 8, ...")
     kernels: list[str] | None = None
 
     @property

@@ -103,8 +103,8 @@ _recording: list | None = None
 @contextlib.contextmanager
 def recorded_launches():
     """Every launch made through `launch` inside the block, in order, as (kernel name,
-    config): the config the autotuner kept for that call, as text (config_text). The
-    benchmark reports with it which tile each timed kernel ran."""
+    config): the config the autotuner kept for that call, as Triton prints it ("" for a
+    kernel without one). The benchmark reports with it which tile each timed kernel ran."""
     global _recording
     outer, _recording = _recording, []
     try:
@@ -113,17 +113,8 @@ def recorded_launches():
         _recording = outer
 
 
-def config_text(config) -> str:
-    """A triton.Config as one line: its compile-time values, warps, stages ("" for None)."""
-    if config is None:
-        return ""
-    values = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    extra = f" maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else ""
-    return f"{values} warps={config.num_warps} stages={config.num_stages}{extra}".strip()
-
-
 def _record(kernel, config) -> None:
-    _recording.append((_innermost(kernel).__name__, config_text(config)))
+    _recording.append((_innermost(kernel).__name__, "" if config is None else str(config)))
 
 
 def _stream(device_index: int) -> int:

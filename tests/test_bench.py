@@ -460,7 +460,7 @@ def test_gelugemm_rows_name_the_kernels_and_configs_they_ran(cpu_run, monkeypatc
     result = bench.run_bench([MLPShape(32, 64)], ["fp16"], [80], ["eager"], progress=None)
     launched = ran(result.rows)[80]
     assert [k.split()[0] for k in launched] == ["gemm_tma_kernel", "gemm_tma_kernel"]  # GEMM1, GEMM2
-    assert all(" BLOCK_M=" in k and " warps=" in k and " stages=" in k for k in launched)
+    assert all(" BLOCK_M: " in k and " num_warps: " in k and " num_stages: " in k for k in launched)
     in_json = [r["kernels"] for r in result.to_dict()["rows"] if r["impl"] == "gelugemm" and r["gelu"] == "erf"]
     assert in_json == [launched]
 

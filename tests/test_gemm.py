@@ -277,7 +277,7 @@ def test_recorded_launches_name_the_kernel_and_the_config_it_ran(forced_config):
     # What `gelugemm bench` reports for each gelugemm row: on the first call (through the
     # autotuner) and on later ones (the direct launch, on a GPU) the config the call ran.
     from kernels.gemm_base import cfg
-    from kernels.launch import config_text, recorded_launches
+    from kernels.launch import recorded_launches
 
     config = cfg(64, 32, 32, 4, 2, group_m=4)
     forced_config(gemm._GEMM, gemm._gemm_tma_kernel, gemm.TMA_CONFIGS, config)
@@ -285,8 +285,8 @@ def test_recorded_launches_name_the_kernel_and_the_config_it_ran(forced_config):
     for _ in range(2):
         with recorded_launches() as launched:
             gemm_bias_act(x, w, None, activation="erf", path="tma")
-        assert launched == [("gemm_tma_kernel", config_text(config))]
-    assert config_text(config).startswith("BLOCK_M=64 BLOCK_N=32 BLOCK_K=32 GROUP_M=4") and "warps=4 stages=2" in config_text(config)
+        assert launched == [("gemm_tma_kernel", str(config))]
+    assert str(config).startswith("BLOCK_M: 64, BLOCK_N: 32, BLOCK_K: 32, GROUP_M: 4") and "num_warps: 4" in str(config)
     gemm_bias_act(x, w, None, activation="erf", path="tma")  # outside the block: nothing recorded
     assert len(launched) == 1
 
