@@ -22,10 +22,10 @@ from calibration.outputs import atomic_output
 from gelugemm_cli.common import (
     PLOT_BYTES,
     check_json_output,
-    console,
     err_console,
     for_log,
     input_files,
+    report_console,
     state,
     user_errors,
     write_json,
@@ -384,7 +384,7 @@ def bench(
         outputs.set_result(1 if failed else 0)  # kept by a signal that lands after the outputs are written
         if json_path is not None:
             write_json(json_path, result.to_dict())
-        out = for_log(err_console if str(json_path) == "-" else console)
+        out = for_log(report_console(json_path))
         out.print(bench_table(result))
         for line in problems(result):
             out.print(line, highlight=False)

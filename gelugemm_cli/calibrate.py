@@ -12,11 +12,18 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from calibration.capture import DEFAULT_BATCH_SIZE, CalibrateReport, calibrate_model
-from gelugemm_cli.common import check_json_output, console, err_console, for_log, input_files, user_errors, write_json
+from gelugemm_cli.common import (
+    check_json_output,
+    for_log,
+    input_files,
+    progress_bar,
+    report_console,
+    user_errors,
+    write_json,
+)
 
 
 # Help strings are Rich markup: a literal "[" is written "\\[".
@@ -36,14 +43,8 @@ def calibrate(
     """Run MODEL_DIR over real text or images and write what each MLP reads, the --calib file of quantize and verify."""
     with user_errors():
         check_json_output(json_path, inputs=input_files(text, model_dir / "config.json"), others=[("-o", output)], force=force)
-        out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
-            task = bar.add_task(f"loading {model_dir.name}", total=None)
-
-            def progress(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=f"calibrating on {what.split(':')[0]}")
-
+        out = report_console(json_path)
+        with progress_bar(out, f"loading {model_dir.name}", lambda what: f"calibrating on {what.split(':')[0]}") as progress:
             report = calibrate_model(
                 model_dir, output, text=text, images=images, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, device=device, layers=layers, force=force, progress=progress,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from calibration import outputs, ranks
@@ -171,6 +172,27 @@ def join_torchrun() -> None:
     if not ranks.init_from_env().root:
         console.quiet = err_console.quiet = True
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def report_console(json_path: Path | None) -> Console:
+    """Where a command prints its report: stderr when --json is '-', so stdout stays pure JSON."""
+    return err_console if str(json_path) == "-" else console
+
+
+@contextmanager
+def progress_bar(out: Console, start: str, describe=None):
+    """A transient bar on `out` (none when `out` is not a terminal) and the callback a library
+    function moves it with, progress(done, total, what); `describe(what)` words the bar, which
+    otherwise keeps `start`."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
+        task = bar.add_task(start, total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            words = {} if describe is None else {"description": describe(what)}
+            bar.update(task, completed=done, total=total, **words)
+
+        yield progress
 
 
 def check_json_output(json_path: Path | None, *, inputs, others=(), force: bool) -> None:

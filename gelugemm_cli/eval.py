@@ -12,12 +12,20 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from calibration.evaluate import DEFAULT_BATCH_SIZE, EvalReport, evaluate_quantized
 from calibration import outputs
-from gelugemm_cli.common import check_json_output, recorded_inputs, console, err_console, for_log, input_files, user_errors, write_json
+from gelugemm_cli.common import (
+    check_json_output,
+    for_log,
+    input_files,
+    progress_bar,
+    recorded_inputs,
+    report_console,
+    user_errors,
+    write_json,
+)
 
 # How each metric is named and printed.
 _METRICS = {
@@ -55,14 +63,8 @@ def evaluate(
     """Run the original model and the model with QUANTIZED's MLPs over the same inputs; exit 1 past tolerance."""
     with user_errors():
         check_json_output(json_path, inputs=input_files(quantized, model, text) + recorded_inputs(quantized), force=force)
-        out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
-            task = bar.add_task(f"loading {quantized.name}", total=None)
-
-            def progress(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=f"evaluating on {what.split(':')[0]}")
-
+        out = report_console(json_path)
+        with progress_bar(out, f"loading {quantized.name}", lambda what: f"evaluating on {what.split(':')[0]}") as progress:
             report = evaluate_quantized(
                 quantized, model_dir=model, text=text, images=images, tol=tol, max_length=max_length,
                 batch_size=batch_size, device=device, backend=backend, progress=progress,

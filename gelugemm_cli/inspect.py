@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from calibration.inspect import InspectReport, inspect_checkpoint
-from gelugemm_cli.common import console, err_console, user_errors, write_json
+from gelugemm_cli.common import report_console, user_errors, write_json
 
 LOG_WIDTH = 160  # columns the table is printed in when stdout is not a terminal
 
@@ -27,7 +27,7 @@ def inspect(
     """List each GELU MLP (plain or gated) of CHECKPOINT: prefixes, family, layout, sizes, GELU flavour and where each came from."""
     with user_errors():
         report = inspect_checkpoint(checkpoint, layers=layers, gelu=gelu, activation_dtype=activation_dtype)
-        out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
+        out = report_console(json_path)
         render(report, out)
         if json_path is not None:
             write_json(json_path, report.to_dict())

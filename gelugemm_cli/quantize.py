@@ -9,14 +9,23 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from calibration.options import QuantizeOptions
 from calibration.outputs import size_text
 from calibration.quantize import QuantizeReport, default_output, quantize_checkpoint
 from calibration.timing import phases_text
-from gelugemm_cli.common import check_json_output, console, err_console, for_log, input_files, plural, user_errors, write_json
+from gelugemm_cli.common import (
+    check_json_output,
+    err_console,
+    for_log,
+    input_files,
+    plural,
+    progress_bar,
+    report_console,
+    user_errors,
+    write_json,
+)
 
 
 def quantize(
@@ -62,11 +71,8 @@ def quantize(
         check_json_output(
             json_path, inputs=input_files(checkpoint, options.calib_file), others=[("-o" if output else "checkpoint", output_path)], force=force
         )
-        out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
-            task = bar.add_task(f"quantizing {checkpoint.name} ({scheme})", total=None)
-            progress = lambda done, total, layer: bar.update(task, completed=done, total=total)  # noqa: E731
+        out = report_console(json_path)
+        with progress_bar(out, f"quantizing {checkpoint.name} ({scheme})") as progress:
             report = quantize_checkpoint(checkpoint, output, options, progress=progress)
         render(report, for_log(out))
         for warning in report.warnings:

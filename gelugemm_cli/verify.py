@@ -12,7 +12,6 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from calibration.timing import phases_text
@@ -20,12 +19,12 @@ from calibration.verify import VerifyReport, VerifyRow, parse_dtypes, parse_tole
 from calibration import outputs
 from gelugemm_cli.common import (
     check_json_output,
-    console,
-    err_console,
     for_log,
     input_files,
     plural,
+    progress_bar,
     recorded_inputs,
+    report_console,
     user_errors,
     write_json,
 )
@@ -61,14 +60,8 @@ def verify(
         tolerances = parse_tolerances(tol) if tol is not None else None
         inputs = input_files(checkpoint, calib, reference) + recorded_inputs(checkpoint)
         check_json_output(json_path, inputs=inputs, force=force)
-        out = err_console if str(json_path) == "-" else console  # keep stdout pure JSON
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out, transient=True, disable=not out.is_terminal) as bar:  # fmt: skip
-            task = bar.add_task(f"verifying {checkpoint.name}", total=None)
-
-            def progress(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=f"verifying {what}")
-
+        out = report_console(json_path)
+        with progress_bar(out, f"verifying {checkpoint.name}", lambda what: f"verifying {what}") as progress:
             report = verify_checkpoint(
                 checkpoint, dtypes, calib=calib, tokens=tokens, layers=layers, tol=tolerances,
                 backend=backend, reference=reference, gelu=gelu, seed=seed, progress=progress, activation_dtype=activation_dtype,

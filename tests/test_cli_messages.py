@@ -1,9 +1,11 @@
 """What the commands say, as a reader in a terminal, a pipe or a CI log sees it (issue 11, item 7)."""
 
+import io
 import json
 import re
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from checkpoints import write_checkpoint
@@ -93,3 +95,16 @@ def test_usage_errors_are_one_line_not_a_box(args, message, ci_width):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "--help" in lines[0] and "╭" not in result.output
+
+
+def test_a_terminal_sees_the_work_named_as_it_goes_and_a_pipe_sees_no_bar():
+    terminal = io.StringIO()
+    with common.progress_bar(Console(file=terminal, force_terminal=True, width=100), "loading m", lambda what: f"verifying {what}") as progress:
+        progress(3, 8, "fc1:fp16")
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())  # the bar's cursor moves and colours
+    assert "verifying fc1:fp16" in shown and "3/8" in shown
+
+    pipe = io.StringIO()
+    with common.progress_bar(Console(file=pipe, width=100), "loading m", lambda what: f"verifying {what}") as progress:
+        progress(3, 8, "fc1:fp16")
+    assert pipe.getvalue() == ""  # a log keeps only the report
