@@ -50,6 +50,7 @@ from calibration.hf import (
 )
 from calibration.metrics import json_safe
 from calibration.model import load_mlps, plan_swaps
+from calibration.options import positive_number
 from calibration.quantized_file import read_quantized, resolve_source
 from kernels.schemes import Granularity, closest_key, scheme_key
 from kernels.version import __version__
@@ -284,15 +285,7 @@ class _NextToken:
 
 
 def parse_tolerance(text: str | float | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise OptionError(f"--tol must be a positive number (the gate metric's limit); got {text!r}")
-    return value
+    return None if text is None else positive_number(text, "--tol")
 
 
 def _gate(kind: str, scheme: str, metrics: dict, tol: float | None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,17 @@ SYNTHETIC_WARNING = (
     "the static scales set from them can be several times off; calibrate on real text or images "
     "(gelugemm calibrate MODEL_DIR --text FILE -o calib.safetensors, then --calib calib.safetensors)"
 )
+
+
+def positive_number(text: str | float, what: str) -> float:
+    """`text` as a finite number above zero, or an OptionError naming `what` (e.g. "--tol")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise OptionError(f"{what} must be a positive number; got {text!r}")
+    return value
 
 
 def parse_granularity(granularity: str) -> int | None:

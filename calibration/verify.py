@@ -68,7 +68,7 @@ from calibration.errors import CheckpointError, OptionError
 from calibration.families import check_asked_activation_dtype
 from calibration.metrics import ErrorMetrics, error_metrics, json_safe
 from calibration.model import int8_op_fields
-from calibration.options import QuantizeOptions
+from calibration.options import QuantizeOptions, positive_number
 from calibration.ranks import current as current_ranks
 from calibration.ranks import together
 from calibration.safetensors_stream import ReadBuffer
@@ -140,16 +140,6 @@ def parse_dtypes(text: str) -> list[str]:
     return names
 
 
-def _positive(value: str, what: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not (math.isfinite(number) and number > 0):
-        raise OptionError(f"--tol: {what} must be a positive number; got {value!r}")
-    return number
-
-
 def _row_key(dtype: str, scheme: FormatScheme | None = None) -> str:
     """What a row runs, as tolerances are keyed: "fp16", "w8a16:group:128", "w8a8:dynamic"."""
     if dtype in FLOAT_DTYPES:
@@ -185,14 +175,14 @@ def parse_tolerances(text: str) -> float | dict[str, float]:
     """'0.02' (every row) or 'bf16=0.01,w8a8=0.05,w8a8:static=0.2' (those dtypes, or one int8
     scheme of a dtype; the rest keep their default)."""
     if "=" not in text:
-        return _positive(text.strip(), "the tolerance")
+        return positive_number(text.strip(), "--tol: the tolerance")
     tolerances = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep:
             _tolerance_key("")  # the message says what --tol takes
         key = _tolerance_key(name.strip())
-        tolerances[key] = _positive(value.strip(), key)
+        tolerances[key] = positive_number(value.strip(), f"--tol: {key}")
     return tolerances
 
 
