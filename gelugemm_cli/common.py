@@ -132,12 +132,15 @@ def plural(n: int, word: str) -> str:
 
 
 def input_files(*paths: str | Path | None) -> list[Path]:
-    """The files a command reads from these paths: each one, and the config.json beside each
-    (read for the GELU flavour), so that no output can replace any of them."""
+    """The files a command reads from these paths, so that no output can replace any of them:
+    each one and the config.json beside it (read for the GELU flavour), and for a model
+    directory every file in it (its shards, index, config)."""
     found = []
     for path in filter(None, paths):
         path = Path(path)
         found += [path, path.parent / "config.json"]
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file())
     return found
 
 

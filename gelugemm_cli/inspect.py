@@ -1,4 +1,4 @@
-"""`gelugemm inspect`: what quantize would act on in a checkpoint, and why; writes nothing."""
+"""`gelugemm inspect`: what quantize would act on in a checkpoint, and why; writes nothing but its --json."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from calibration.inspect import InspectReport, inspect_checkpoint
-from gelugemm_cli.common import report_console, user_errors, write_json
+from gelugemm_cli.common import check_json_output, input_files, report_console, user_errors, write_json
 
 LOG_WIDTH = 160  # columns the table is printed in when stdout is not a terminal
 
@@ -23,9 +23,11 @@ def inspect(
     gelu: str | None = typer.Option(None, help="erf, tanh or quick, overriding config.json (as quantize would)."),
     activation_dtype: str | None = typer.Option(None, "--activation-dtype", help="fp16 or bf16, overriding config.json (as quantize would)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file that gelugemm did not write."),
 ):
     """List each GELU MLP (plain or gated) of CHECKPOINT: prefixes, family, layout, sizes, GELU flavour and where each came from."""
     with user_errors():
+        check_json_output(json_path, inputs=input_files(checkpoint), force=force)
         report = inspect_checkpoint(checkpoint, layers=layers, gelu=gelu, activation_dtype=activation_dtype)
         out = report_console(json_path)
         render(report, out)

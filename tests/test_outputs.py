@@ -85,6 +85,33 @@ def test_json_never_replaces_an_input(tmp_path, model, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
+def test_no_json_replaces_a_file_of_a_model_directory(tmp_path, model, monkeypatch):
+    """`verify DIR --json DIR/model.safetensors --force` used to replace the weights, and
+    `inspect --json` was not checked at all: every file of an input directory is an input."""
+    no_work(monkeypatch)
+    model_dir = tmp_path / "dir"
+    model_dir.mkdir()
+    shutil.copy(model, model_dir / "model.safetensors")
+    shutil.copy(tmp_path / "config.json", model_dir / "config.json")
+    before = snapshot(tmp_path)
+    for command in ("quantize", "verify", "inspect"):
+        for target in (model_dir / "model.safetensors", model_dir / "config.json"):
+            line = one_line_error(invoke(command, model_dir, "--json", target, "--force"))
+            assert "never overwrites its input" in line, (command, target)
+    assert "never overwrites its input" in one_line_error(invoke("inspect", model, "--json", model, "--force"))
+    assert snapshot(tmp_path) == before
+
+
+def test_inspect_json_replaces_only_what_gelugemm_wrote_unless_forced(tmp_path, model):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    assert "not written by gelugemm; pass --force" in one_line_error(invoke("inspect", model, "--json", notes))
+    assert notes.read_text() == '{"mine": true}\n'
+    assert invoke("inspect", model, "--json", notes, "--force").exit_code == 0
+    assert json.loads(notes.read_text())["tool"] == "gelugemm"
+    assert invoke("inspect", model, "--json", notes).exit_code == 0  # its own JSON: a re-run replaces it
+
+
 def test_an_input_is_known_by_inode_not_by_name(tmp_path, model, monkeypatch):
     no_work(monkeypatch)
     os.link(model, tmp_path / "hardlink.safetensors")
