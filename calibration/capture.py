@@ -271,7 +271,7 @@ def calibrate_model(
     started = time.perf_counter()
     _check_options(text, images, max_length, max_tokens, batch_size)
     output = Path(output)
-    outputs.check_output(output, option="-o", inputs=[text, Path(model_dir) / "config.json"], force=force)
+    outputs.check_output(output, option="-o", inputs=[text, images, Path(model_dir)], force=force)
     lines = read_lines(text) if text is not None else None
     pictures = image_files(images) if images is not None else None
     hf = load_model(model_dir, device, layers=layers)

@@ -248,6 +248,11 @@ def check_output(
                 raise OutputError(f"{option} {path} is the input{same}; gelugemm never overwrites its input")
             if directory and stat.S_ISDIR(st.st_mode) and _is_within(Path(source), path):
                 raise OutputError(f"{option} {path} holds the input {source}; gelugemm never overwrites its input")
+            # A file inside an input directory (a model's shard, index or config, an image) is
+            # read as part of it; only a file gelugemm wrote there itself may be replaced.
+            if (source_st is not None and stat.S_ISDIR(source_st.st_mode) and not stat.S_ISDIR(st.st_mode)
+                    and _is_within(path, Path(source)) and not is_own_file(path)):  # fmt: skip
+                raise OutputError(f"{option} {path} is in the input directory {source}; gelugemm never overwrites its input")
         if directory and not stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{option} {path} exists and is not a directory")
         if not directory and stat.S_ISDIR(st.st_mode):

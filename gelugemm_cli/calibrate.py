@@ -42,7 +42,7 @@ def calibrate(
 ):
     """Run MODEL_DIR over real text or images and write what each MLP reads, the --calib file of quantize and verify."""
     with user_errors():
-        check_json_output(json_path, inputs=input_files(text, model_dir / "config.json"), others=[("-o", output)], force=force)
+        check_json_output(json_path, inputs=input_files(text, images, model_dir), others=[("-o", output)], force=force)
         out = report_console(json_path)
         with progress_bar(out, f"loading {model_dir.name}", lambda what: f"calibrating on {what.split(':')[0]}") as progress:
             report = calibrate_model(

@@ -133,14 +133,12 @@ def plural(n: int, word: str) -> str:
 
 def input_files(*paths: str | Path | None) -> list[Path]:
     """The files a command reads from these paths, so that no output can replace any of them:
-    each one and the config.json beside it (read for the GELU flavour), and for a model
-    directory every file in it (its shards, index, config)."""
+    each one (a model directory: every file in it, calibration.outputs.check_output) and the
+    config.json beside it (read for the GELU flavour)."""
     found = []
     for path in filter(None, paths):
         path = Path(path)
-        found += [path, path.parent / "config.json"]
-        if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file())
+        found += [path] if path.is_dir() else [path, path.parent / "config.json"]
     return found
 
 

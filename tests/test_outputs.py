@@ -100,6 +100,13 @@ def test_no_json_replaces_a_file_of_a_model_directory(tmp_path, model, monkeypat
             assert "never overwrites its input" in line, (command, target)
     assert "never overwrites its input" in one_line_error(invoke("inspect", model, "--json", model, "--force"))
     assert snapshot(tmp_path) == before
+    # calibrate's -o and images are checked the same way (its model run needs transformers)
+    with pytest.raises(OutputError, match="in the input directory"):
+        outputs.check_output(model_dir / "model.safetensors", option="-o", inputs=[model_dir], force=True)
+    # a report gelugemm wrote into the directory is its own: a re-run replaces it
+    report = model_dir / "inspect.json"
+    assert invoke("inspect", model_dir, "--json", report).exit_code == 0
+    assert invoke("inspect", model_dir, "--json", report).exit_code == 0
 
 
 def test_inspect_json_replaces_only_what_gelugemm_wrote_unless_forced(tmp_path, model):
