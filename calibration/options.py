@@ -124,7 +124,11 @@ class QuantizeOptions:
             ("--calib", self.calib), ("--tokens", self.tokens),
         ) if value is not None]  # fmt: skip
         if given:
-            raise OptionError(f"{', '.join(given)} set activation scales, which w8a16 does not have; use --scheme w8a8")
+            verb, it = ("is", "it") if len(given) == 1 else ("are", "them")
+            raise OptionError(
+                f"{', '.join(given)} {verb} for w8a8's activation scales; w8a16 quantizes the weights alone "
+                f"(drop {it}, or use --scheme w8a8)"
+            )
 
     def _check_w8a8(self) -> None:
         try:

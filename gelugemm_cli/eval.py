@@ -45,7 +45,7 @@ _METRICS = {
 
 
 def evaluate(
-    quantized: Path = typer.Argument(..., help="A file written by `gelugemm quantize`."),
+    quantized: Path = typer.Argument(..., help="A file or directory written by `gelugemm quantize`."),
     model: Path | None = typer.Option(None, "--model", help="The original model directory \\[default: the source recorded in QUANTIZED]."),
     text: Path | None = typer.Option(None, "--text", help="A text file: one sample per non-empty line (held out from calibration)."),
     images: Path | None = typer.Option(None, "--images", help="A folder of images (ViT, CLIP), through the model's own image processor."),

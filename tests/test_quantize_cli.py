@@ -89,7 +89,7 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list, str]]:
         "bad granularity": ([good, "--granularity", "group:x"], "--granularity"),
         "bad method": ([good, "--scheme", "w8a8", "--method", "percentile:150"], "--method"),
         "bad smooth": ([good, "--scheme", "w8a8", "--smooth", "1.5"], "--smooth"),
-        "method without w8a8": ([good, "--method", "mse"], "w8a16 does not have"),
+        "method without w8a8": ([good, "--method", "mse"], "w8a16 quantizes the weights alone"),
         "bad gelu": ([good, "--gelu", "relu"], "--gelu"),
         "missing calib": ([good, "--scheme", "w8a8", "--activations", "static", "--calib", tmp_path / "nope.safetensors"], "no such file"),
         "calib without a layer": ([good, "--scheme", "w8a8", "--smooth", "0.5", "--calib", calib], "has no tensor 'encoder.layer.1.intermediate.dense'"),
