@@ -136,6 +136,11 @@ def recorded_model_dir(quantized: Path) -> Path:
         source = resolve_source(quantized, record)
     except CheckpointError as exc:
         raise CheckpointError(f"{str(exc).replace('pass --reference PATH', '').rstrip('; ')}; pass --model MODEL_DIR") from None
+    if not source.is_dir() and source.name != "model.safetensors":
+        raise ModelError(
+            f"the source recorded in {quantized}, {source}, is a safetensors file, not a model directory "
+            "transformers can run; pass --model MODEL_DIR"
+        )
     model_dir = source if source.is_dir() else source.parent
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"the source recorded in {quantized}, {source}, has no config.json beside it; pass --model MODEL_DIR")
@@ -157,7 +162,7 @@ def pooling_modes(model_dir: Path) -> tuple[list[str], str]:
             for module in json.loads(modules.read_text()):
                 if str(module.get("type", "")).endswith("Pooling"):
                     folder = model_dir / module.get("path", "")
-        except (json.JSONDecodeError, AttributeError) as exc:
+        except (ValueError, RecursionError, AttributeError, TypeError) as exc:
             raise ModelError(f"{modules}: not a sentence-transformers modules list ({exc})") from None
     elif (model_dir / "1_Pooling").is_dir():
         folder = model_dir / "1_Pooling"
@@ -166,8 +171,10 @@ def pooling_modes(model_dir: Path) -> tuple[list[str], str]:
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_path}: not a JSON object")
     modes = [m for m in POOLING_MODES if config.get(f"pooling_mode_{m}")]
     if not modes:
         raise ModelError(f"{config_path} sets no pooling mode gelugemm knows ({', '.join(POOLING_MODES)})")

@@ -207,7 +207,7 @@ def _stored_rows(model_dir: Path, name: str) -> tuple[tuple[int, ...], torch.Ten
         index = model_dir / "model.safetensors.index.json"
         try:
             path = model_dir / json.loads(index.read_text())["weight_map"][name]
-        except (OSError, KeyError, json.JSONDecodeError) as exc:
+        except (OSError, KeyError, TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise ModelError(f"{model_dir}: cannot find the shard holding {name} ({exc})") from None
     with open_checkpoint(path) as handle:
         sl = handle.get_slice(name)
@@ -274,7 +274,8 @@ class Lines:
 def read_lines(path: str | Path) -> Lines:
     path = Path(path)
     if not path.is_file():
-        raise OptionError(f"--text {path}: no such file")
+        what = "no such file" if not path.exists() else "a directory" if path.is_dir() else "not a regular file"
+        raise OptionError(f"--text {path}: {what}; give a text file, one sample per line")
     try:
         raw = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -292,7 +293,7 @@ def sentence_transformers_config(model_dir: Path) -> dict:
         return {}
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from None
 
 

@@ -202,6 +202,17 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
+def _lstat(path: Path, option: str) -> os.stat_result | None:
+    """The output path's own entry (a dangling symlink exists), None where there is none; a
+    name the file system cannot hold is refused here, before any work."""
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, ENOTDIR, EACCES: it could not be written either
+        raise OutputError(f"{option} {path}: {exc.strerror}") from None
+
+
 def _where(path: Path) -> Path:
     """The absolute path a not-yet-existing output will have (its directory resolved)."""
     path = Path(os.path.abspath(path))
@@ -239,7 +250,11 @@ def check_output(
         raise OutputError(f"{option} {str(path) or repr('')}: give a file name (gelugemm does not write this output to stdout)")
     path = Path(path)
     what = "directory" if directory else "file"
-    st = _stat(path)
+    entry = _lstat(path, option)
+    st = _stat(path) if entry is not None else None
+    if entry is not None and st is None:  # a symlink to nothing: writing replaces the link
+        if not force:
+            raise OutputError(f"{option} {path} exists (a symlink to a missing file); pass --force to replace it")
     if st is not None:
         for source in filter(None, inputs):
             source_st = _stat(Path(source))
@@ -257,6 +272,17 @@ def check_output(
             raise OutputError(f"{option} {path} exists and is not a directory")
         if not directory and stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{option} {path} is a directory; give a file name")
+        if not directory and not stat.S_ISREG(st.st_mode):
+            # A device, FIFO or socket: the write's final rename would replace the node itself.
+            raise OutputError(
+                f"{option} {path} is not a regular file (a device, FIFO or socket); give a file name "
+                "('-' for stdout, where the option takes it)"
+            )
+        if directory and not _is_own_directory(path):
+            raise OutputError(
+                f"{option} {path} exists and is not a checkpoint directory gelugemm wrote; it is never replaced, "
+                "with or without --force: remove it yourself or choose another output"
+            )
         if not force:
             if replace == "own" and is_own_file(path):
                 pass  # a JSON or PNG gelugemm wrote: replaced as a re-run expects
@@ -427,6 +453,29 @@ def write_json(path: str | Path, payload: dict) -> None:
         f.write(json_text(payload))
 
 
+def _is_own_directory(path: Path) -> bool:
+    """An empty directory, or one that `gelugemm quantize` wrote: a shard in it carries the
+    gelugemm record. Only those are replaced whole by --force."""
+    from calibration.quantized_file import RECORD_KEY  # here: quantized_file imports torch
+
+    try:
+        entries = list(path.iterdir())
+        if not entries:
+            return True
+        for entry in entries:
+            if entry.suffix == ".safetensors" and entry.is_file():
+                with open(entry, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    if n > _OWN_FILE_LIMIT:
+                        continue
+                    header = json.loads(f.read(n).decode("utf-8"))
+                if isinstance(header, dict) and RECORD_KEY in (header.get("__metadata__") or {}):
+                    return True
+    except (OSError, ValueError, RecursionError, TypeError):
+        return False
+    return False
+
+
 def is_own_file(path: str | Path) -> bool:
     """A JSON document stamped by `json_document`, or a PNG tagged "Software: gelugemm ..."."""
     path = Path(path)
@@ -439,7 +488,7 @@ def is_own_file(path: str | Path) -> bool:
                 return _png_software(f).startswith(TOOL + " ")
             data = head + f.read()
         document = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return (
         isinstance(document, dict)

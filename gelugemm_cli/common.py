@@ -101,7 +101,9 @@ def _flush() -> None:
 
 
 def print_line(label: str, style: str, message: str) -> None:
-    """`label: message` on stderr, one line whatever its length; the message is not markup."""
+    """`label: message` on stderr, one line whatever its length (a line break in a file name
+    shown as \\n); the message is not markup."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     err_console.print(Text.assemble((f"{label}:", style), " ", message), highlight=False, soft_wrap=True)
 
 
@@ -115,6 +117,12 @@ def user_errors():
             err_console.print_exception()
         print_line("error", "bold red", str(exc))
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:  # the file system's answer about a path given (a name too long, a loop)
+        if state["debug"]:
+            err_console.print_exception()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print_line("error", "bold red", f"{where}{exc.strerror or exc}")
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:  # SIGINT where the handlers are not installed (in-process use)
         raise Interrupted(signal.SIGINT) from None
 

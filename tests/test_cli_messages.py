@@ -108,3 +108,13 @@ def test_a_terminal_sees_the_work_named_as_it_goes_and_a_pipe_sees_no_bar():
     with common.progress_bar(Console(file=pipe, width=100), "loading m", lambda what: f"verifying {what}") as progress:
         progress(3, 8, "fc1:fp16")
     assert pipe.getvalue() == ""  # a log keeps only the report
+
+
+def test_an_error_about_a_path_is_one_line_whatever_the_name(tmp_path):
+    """A file name with a line break, or one the file system cannot hold, used to give two
+    lines or an OSError traceback."""
+    for name in ("bad\nname.safetensors", "a" * 300 + ".safetensors"):
+        result = invoke("inspect", tmp_path / name)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr

@@ -11,6 +11,7 @@ in test_minilm_e2e.py.
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import traceback
 from pathlib import Path
@@ -159,6 +160,13 @@ def test_pooling_follows_the_sentence_transformers_config(setup, tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(setup, tmp_path):
+    # quantized from a lone file whose directory is not the model (config.json beside it, no model.safetensors)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(setup["bert"] / "config.json", lone / "config.json")
+    shutil.copy(setup["bert"] / "model.safetensors", lone / "weights.safetensors")
+    lone_int8 = tmp_path / "lone.int8.safetensors"
+    quantize_checkpoint(lone / "weights.safetensors", lone_int8, QuantizeOptions(scheme="w8a16"))
     cases = [
         ((setup["bert.int8"],), "--text FILE"),
         ((setup["bert.int8"], "--text", tmp_path / "missing.txt"), "no such file"),
@@ -167,6 +175,8 @@ def test_bad_input_is_one_line_and_exit_2(setup, tmp_path):
         ((setup["bert.int8"], "--text", setup["text"], "--model", setup["gpt2"]), "names no module"),
         ((setup["vit.int8"], "--text", setup["text"]), "vision model; it takes images"),
         ((setup["bert.int8"], "--text", setup["text"], "--model", tmp_path), "no config.json"),
+        ((setup["bert.int8"], "--text", tmp_path), "--text " + str(tmp_path) + ": a directory"),
+        ((lone_int8, "--text", setup["text"]), "is a safetensors file, not a model directory transformers can run; pass --model"),
     ]
     for args, message in cases:
         code, report, output = eval_cli(tmp_path, *args)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import calibration.outputs as outputs
@@ -162,6 +163,42 @@ def test_output_that_is_a_directory_or_stdout_is_refused(tmp_path, model, monkey
     # `-o -` used to write a file named "-"
     assert "give a file name" in one_line_error(invoke("quantize", model, "-o", "-"))
     assert snapshot(tmp_path) == before and not Path("-").exists()
+
+
+def test_force_never_replaces_a_device_a_fifo_or_a_directory_gelugemm_did_not_write(tmp_path, model, monkeypatch):
+    """The final rename used to replace a FIFO or a device node (as root, `--json /dev/null
+    --force` would have destroyed /dev/null), and `-o DIR --force` a user's whole directory."""
+    no_work(monkeypatch)
+    os.mkfifo(tmp_path / "fifo")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    before = snapshot(tmp_path)
+    for args in (["quantize", model, "-o", tmp_path / "fifo", "--force"], ["verify", model, "--json", tmp_path / "fifo", "--force"],
+                 ["verify", model, "--json", "/dev/null", "--force"]):  # fmt: skip
+        assert "is not a regular file" in one_line_error(invoke(*args)), args
+    model_dir = tmp_path / "dir"
+    model_dir.mkdir()
+    shutil.copy(model, model_dir / "model.safetensors")
+    shutil.copy(tmp_path / "config.json", model_dir / "config.json")
+    line = one_line_error(invoke("quantize", model_dir, "-o", mine, "--force"))
+    assert "is not a checkpoint directory gelugemm wrote" in line
+    assert (mine / "notes.txt").read_text() == "keep" and (tmp_path / "fifo").is_fifo()
+    assert {k: v for k, v in snapshot(tmp_path).items() if k.parts[0] != "dir"} == before
+    # an empty directory, or one quantize wrote, is replaced
+    (tmp_path / "empty").mkdir()
+    monkeypatch.undo()
+    assert invoke("quantize", model_dir, "-o", tmp_path / "empty", "--force").exit_code == 0
+    assert invoke("quantize", model_dir, "-o", tmp_path / "empty", "--force", "--scheme", "w8a8").exit_code == 0
+
+
+def test_a_dangling_symlink_needs_force_and_a_name_too_long_is_refused_before_the_work(tmp_path, model, monkeypatch):
+    no_work(monkeypatch)
+    (tmp_path / "link.json").symlink_to(tmp_path / "nowhere")
+    line = one_line_error(invoke("verify", model, "--json", tmp_path / "link.json"))
+    assert "a symlink to a missing file" in line and "--force" in line
+    line = one_line_error(invoke("verify", model, "--json", tmp_path / ("a" * 300 + ".json")))
+    assert "File name too long" in line
 
 
 def test_json_replaces_only_what_gelugemm_wrote_unless_forced(tmp_path, model):
@@ -359,25 +396,35 @@ def _umask() -> int:
 
 def test_atomic_output_writes_and_replaces_a_directory(tmp_path):
     """For directory outputs (a model directory): filled under a temporary name, renamed at the end;
-    with force an existing one is replaced, and kept whole when the new one fails."""
+    with force an existing one that gelugemm wrote is replaced, and kept whole when the new one fails."""
+    from safetensors.torch import save_file
+
+    def shard(folder: Path, name: str) -> None:  # what makes a directory gelugemm's: its record
+        save_file({"t": torch.ones(2)}, folder / name, metadata={"gelugemm": "{}"})
+
     out = tmp_path / "model-int8"
     outputs.check_output(out, directory=True)
     with outputs.atomic_output(out, directory=True) as tmp:
-        (tmp / "a.txt").write_text("first")
+        shard(tmp, "a.safetensors")
         assert not out.exists()
-    assert (out / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors"]
     with pytest.raises(CheckpointError, match="exists; pass --force"):
         outputs.check_output(out, directory=True)
     outputs.check_output(out, directory=True, force=True)
     with pytest.raises(RuntimeError):
         with outputs.atomic_output(out, directory=True) as tmp:
-            (tmp / "b.txt").write_text("second")
+            shard(tmp, "b.safetensors")
             raise RuntimeError("failed")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors"]
     with outputs.atomic_output(out, directory=True) as tmp:
-        (tmp / "b.txt").write_text("second")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+        shard(tmp, "b.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["b.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8"]
+    # a directory of anything else is never replaced
+    (out / "b.safetensors").unlink()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory gelugemm wrote"):
+        outputs.check_output(out, directory=True, force=True)
 
 
 def test_a_directory_output_never_holds_an_input(tmp_path):
