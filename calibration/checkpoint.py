@@ -23,7 +23,6 @@ half of fc1's own output (`gated="concatenated"`).
 
 from __future__ import annotations
 
-import json
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from calibration.errors import CheckpointError, OptionError
-from calibration.safetensors_header import HeaderError
+from calibration.safetensors_header import HeaderError, JSONTextError, parse_json
 from calibration.families import (
     CONVENTION_NAMES,
     CONVENTIONS,
@@ -203,10 +202,11 @@ def _open_shard(path: Path, name: str) -> Shard:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object file (config.json, an index): anything else is one CheckpointError."""
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        data = parse_json(path.read_bytes())
+    except JSONTextError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
@@ -225,6 +225,8 @@ def _index_shards(directory: Path, index_path: Path) -> tuple[dict, list[Shard]]
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index_path}: no weight_map of tensor name -> shard file")
+    if not weight_map:
+        raise CheckpointError(f"{index_path}: the index lists no tensors (its weight_map is empty)")
     names = sorted(set(weight_map.values()), key=_natural_key)
     shards = []
     for name in names:
@@ -444,6 +446,8 @@ def _pair_dims(block: str, w1: TensorInfo, w2: TensorInfo, w1_name: str, w2_name
             raise CheckpointError(f"{name} has shape {list(info.shape)}; an MLP weight must be 2-D")
         if info.dtype not in weight_dtypes:
             raise CheckpointError(f"{name} is {info.dtype}; quantize takes float weights ({', '.join(FLOAT_DTYPES)})")
+        if 0 in info.shape:
+            raise CheckpointError(f"{name} has shape {list(info.shape)}; an MLP weight cannot have a dimension of size 0")
     rows, d_model = w1.shape if layout == "out_in" else w1.shape[::-1]
     d_ff = rows
     if gated == "concatenated":
@@ -456,9 +460,14 @@ def _pair_dims(block: str, w1: TensorInfo, w2: TensorInfo, w1_name: str, w2_name
     return d_model, d_ff
 
 
-def _check_vector(block: str, infos: dict[str, TensorInfo], name: str | None, size: int) -> None:
-    if name is not None and infos[name].shape != (size,):
+def _check_vector(block: str, infos: dict[str, TensorInfo], name: str | None, size: int, what: str = "biases") -> None:
+    """A bias (or LayerNorm vector) `name`, where there is one: float, of shape [size]."""
+    if name is None:
+        return
+    if infos[name].shape != (size,):
         raise _shape_error(block, name, infos[name].shape, (size,))
+    if infos[name].dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{name} is {infos[name].dtype}; quantize takes float {what} ({', '.join(FLOAT_DTYPES)})")
 
 
 @dataclass(frozen=True)
@@ -510,8 +519,8 @@ def _convention_layers(convention: Convention, ctx: _Context, claimed: set[str])
             _check_vector(block, infos, b_up, d_ff)
         norm = next((block + n for n, _ in family.norms if f"{block}{n}.weight" in infos), None)
         if norm is not None:
-            _check_vector(block, infos, f"{norm}.weight", d_model)
-            _check_vector(block, infos, f"{norm}.bias" if f"{norm}.bias" in infos else None, d_model)
+            _check_vector(block, infos, f"{norm}.weight", d_model, "LayerNorm weights")
+            _check_vector(block, infos, f"{norm}.bias" if f"{norm}.bias" in infos else None, d_model, "LayerNorm weights")
         by_model_type = family_source.startswith("config.json")
         gelu, gelu_source = gelu_for(ctx.config, ctx.config_path, block, convention, family, by_model_type, ctx.gelu)
         act_dtype, act_dtype_source = activation_dtype_for(ctx.config, block, family, ctx.activation_dtype)

@@ -24,6 +24,10 @@ SYNTHETIC = "synthetic"
 # dynamic activations).
 DEFAULT_GRANULARITY = {"w8a16": "group:128", "w8a8": "per-channel"}
 DEFAULT_ACTIVATIONS = "dynamic"
+# The largest --granularity group:N: past any model's K (a group as wide as K is one scale
+# per row, as per-channel), and small enough for the quantizer, which pads each group to N
+# columns (quantize_weights._Blocks: time grows with N, minutes at 2**20 on a large layer).
+MAX_GROUP_SIZE = 1 << 16
 SYNTHETIC_WARNING = (
     "synthetic calibration rows (--calib synthetic) miss the outlier channels of real activations: "
     "the static scales set from them can be several times off; calibrate on real text or images "
@@ -43,11 +47,16 @@ def positive_number(text: str | float, what: str) -> float:
 
 
 def parse_granularity(granularity: str) -> int | None:
-    """"per-channel" -> None, "group:N" -> N (a group of N input channels shares a scale)."""
+    """"per-channel" -> None, "group:N" -> N (a group of N input channels shares a scale),
+    1 <= N <= MAX_GROUP_SIZE."""
+    shown = granularity if len(str(granularity)) <= 40 else str(granularity)[:37] + "..."
     try:
-        return Granularity.parse(granularity).group_size
-    except SchemeError:
-        raise OptionError(f"--granularity must be per-channel or group:N with N > 0; got {granularity!r}") from None
+        group_size = Granularity.parse(granularity).group_size
+    except (SchemeError, ValueError):  # ValueError: int() of a digit it cannot take ('²', 5000 digits)
+        raise OptionError(f"--granularity must be per-channel or group:N with N > 0; got {shown!r}") from None
+    if group_size is not None and group_size > MAX_GROUP_SIZE:
+        raise OptionError(f"--granularity group:N takes N from 1 to {MAX_GROUP_SIZE}; got {shown!r}")
+    return group_size
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from calibration.errors import OutputError
+from calibration.quantized_file import RECORD_KEY
 from kernels.version import __version__
 
 TOOL = "gelugemm"
@@ -456,8 +457,6 @@ def write_json(path: str | Path, payload: dict) -> None:
 def _is_own_directory(path: Path) -> bool:
     """An empty directory, or one that `gelugemm quantize` wrote: a shard in it carries the
     gelugemm record. Only those are replaced whole by --force."""
-    from calibration.quantized_file import RECORD_KEY  # here: quantized_file imports torch
-
     try:
         entries = list(path.iterdir())
         if not entries:

@@ -38,10 +38,12 @@ so an engine fails to load it rather than running it without the division.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
-import threading
 import json
+import math
 import os
+import threading
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,10 +60,11 @@ from calibration.checkpoint import (
     open_checkpoint,
 )
 from calibration.errors import CheckpointError
+from calibration.safetensors_header import JSONTextError, parse_json
 from calibration.safetensors_stream import TensorInfo, tensor_bytes
 from kernels.errors import LaunchError
 from kernels.quantized import QuantizedWeight
-from kernels.schemes import GELU_FLAVOURS, ActivationScheme, Granularity, SchemeError
+from kernels.schemes import ACTIVATION_DTYPES, GELU_FLAVOURS, ActivationScheme, Granularity, SchemeError
 from kernels.version import __version__
 
 RECORD_KEY = "gelugemm"
@@ -453,46 +456,151 @@ def build_record(
 
 
 def read_record_from(metadata: dict[str, str], where: Path) -> dict | None:
-    """The gelugemm record in one shard's metadata, or None."""
+    """The gelugemm record in one shard's metadata, or None; checked field by field (what
+    gelugemm reads of it: its MLPs, source, calibration file, smoothing), so that a damaged
+    or edited record is one CheckpointError here, never an error where a field is used."""
     text = metadata.get(RECORD_KEY)
     if text is None:
         return None
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{where}: its {RECORD_KEY!r} metadata is not valid JSON ({exc})") from None
+        record = parse_json(text)
+    except JSONTextError as exc:
+        raise CheckpointError(f"{where}: its {RECORD_KEY!r} metadata is {exc}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{where}: its {RECORD_KEY!r} metadata is not a {FORMAT} record")
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{where}: {FORMAT} version {record.get('format_version')}; this gelugemm reads version {FORMAT_VERSION} "
+            f"{where}: {FORMAT} version {_shown(record.get('format_version'))}; this gelugemm reads version {FORMAT_VERSION} "
             "(quantize the original checkpoint again)"
         )
     _record_layers(record, where)  # a record whose MLPs cannot be read is refused here, in one line
-    if not isinstance(record.get("source"), dict) or not isinstance(record.get("smoothing", {}), dict):
-        raise CheckpointError(f"{where}: its {RECORD_KEY!r} record has no readable source")
+    _check_source(record, where)
+    _check_calibration(record, where)
+    smoothing = _field(record, "smoothing", "smoothing", where, "object", required=False)
+    for fc1, how in (smoothing or {}).items():
+        _field(smoothing, fc1, f"smoothing[{fc1!r}]", where, "text", allowed=("folded", "run-time"))
     return record
 
 
+# ---- checking the record: each field gelugemm reads, its type and allowed values ----------------
+
+_KINDS = {
+    "text": ((str,), "a string"),
+    "text or null": ((str, type(None)), "a string or null"),
+    "object": ((dict,), "an object"),
+    "object or null": ((dict, type(None)), "an object or null"),
+    "list": ((list,), "a list"),
+    "positive integer": ((int,), "a positive integer"),
+    "boolean": ((bool,), "true or false"),
+    "number": ((int, float), "a number"),
+}
+# MLPLayer's annotations (strings: `from __future__ import annotations`) -> a kind above.
+_ANNOTATION_KINDS = {"str": "text", "str | None": "text or null", "int": "positive integer", "bool": "boolean", "float": "number"}
+# The MLPLayer fields that take one of a few values.
+_LAYER_VALUES = {
+    "weight_layout": ("out_in", "in_out"),
+    "gelu": GELU_FLAVOURS,
+    "gated": (None, "separate", "concatenated"),
+    "activation_dtype": tuple(ACTIVATION_DTYPES),
+}
+
+
+def _shown(value) -> str:
+    """A record value as the one line shows it: short JSON, or the kind of a container."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _malformed(where, what: str) -> CheckpointError:
+    return CheckpointError(f"{where}: its {RECORD_KEY} record is malformed: {what}")
+
+
+def _field(owner: dict, key: str, label: str, where, kind: str, *, allowed: tuple | None = None, required: bool = True):
+    """owner[key], checked to be of `kind` (a _KINDS key) and, where given, one of `allowed`."""
+    if key not in owner:
+        if required:
+            raise _malformed(where, f"{label} is missing")
+        return None
+    value = owner[key]
+    types, words = _KINDS[kind]
+    if allowed is not None:
+        words = "one of " + ", ".join(_shown(v) for v in allowed)
+    ok = isinstance(value, types) and isinstance(value, bool) == (bool in types)
+    if ok and kind == "positive integer":
+        ok = value > 0
+    if ok and kind == "number":
+        ok = isinstance(value, int) or math.isfinite(value)
+    if ok and allowed is not None:
+        ok = value in allowed
+    if not ok:
+        raise _malformed(where, f"{label} is {_shown(value)}, expected {words}")
+    if isinstance(value, str) and "\x00" in value:
+        raise _malformed(where, f"{label} holds a NUL character")
+    return value
+
+
+def _file_name(entry, label: str, where) -> None:
+    """{"name": a file in the model directory, "sha256": str}, as source_facts writes it."""
+    if not isinstance(entry, dict):
+        raise _malformed(where, f"{label} is {_shown(entry)}, expected an object")
+    name = _field(entry, "name", f"{label}.name", where, "text")
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise _malformed(where, f"{label}.name is {_shown(name)}, expected a file name in the model directory")
+    _field(entry, "sha256", f"{label}.sha256", where, "text")
+
+
+def _check_source(record: dict, where) -> None:
+    """The source checkpoint: what resolve_source and compare_with_source read."""
+    source = _field(record, "source", "source", where, "object")
+    kind = _field(source, "kind", "source.kind", where, "text", allowed=("file", "directory"))
+    _field(source, "path", "source.path", where, "text")
+    _field(source, "relative_path", "source.relative_path", where, "text or null", required=False)
+    if kind == "file":
+        _field(source, "sha256", "source.sha256", where, "text")
+        return
+    files = _field(source, "files", "source.files", where, "list")
+    if not files:
+        raise _malformed(where, "source.files is empty, expected the model directory's shards")
+    for i, entry in enumerate(files):
+        _file_name(entry, f"source.files[{i}]", where)
+    if _field(source, "index", "source.index", where, "object or null", required=False) is not None:
+        _file_name(source["index"], "source.index", where)
+
+
+def _check_calibration(record: dict, where) -> None:
+    """The calibration source: a file's path and sha256 are read back (verify's default input)."""
+    calibration = _field(record, "calibration", "calibration", where, "object or null", required=False)
+    if calibration is not None and calibration.get("kind") == "file":
+        _field(calibration, "path", "calibration.path", where, "text")
+        _field(calibration, "sha256", "calibration.sha256", where, "text", required=False)
+
+
 def _record_layers(record: dict, where) -> list[MLPLayer]:
-    """The MLPs a record lists, each field present with its type; else a CheckpointError."""
+    """The MLPs a record lists, each field present with its type and an allowed value; else a CheckpointError."""
     layers = record.get("layers")
     fields = MLPLayer.__dataclass_fields__
     if not isinstance(layers, list) or not layers:
-        raise CheckpointError(f"{where}: its {RECORD_KEY!r} record lists no MLPs")
+        raise _malformed(where, "it lists no MLPs" if "layers" not in record or layers == [] else f"layers is {_shown(layers)}, expected a list of MLPs")
     out = []
-    for entry in layers:
-        if not isinstance(entry, dict) or not set(entry) <= set(fields):
-            raise CheckpointError(f"{where}: its {RECORD_KEY!r} record has an MLP entry gelugemm cannot read")
-        try:
-            layer = MLPLayer.from_record(entry)
-        except TypeError as exc:
-            raise CheckpointError(f"{where}: its {RECORD_KEY!r} record has an MLP entry gelugemm cannot read ({exc})") from None
-        ints = (layer.d_model, layer.d_ff)
-        names = (layer.fc1, layer.fc2, layer.w1, layer.w2)
-        if not all(isinstance(v, int) and v > 0 for v in ints) or not all(isinstance(n, str) for n in names) \
-                or layer.weight_layout not in ("out_in", "in_out") or layer.gelu not in GELU_FLAVOURS:
-            raise CheckpointError(f"{where}: its {RECORD_KEY!r} record describes MLP {layer.fc1!r} with values gelugemm cannot use")
+    for i, entry in enumerate(layers):
+        label = f"layers[{i}]"
+        if not isinstance(entry, dict):
+            raise _malformed(where, f"{label} is {_shown(entry)}, expected an object")
+        unknown = sorted(set(entry) - set(fields))
+        if unknown:
+            raise _malformed(where, f"{label} has the unknown field {unknown[0]!r}")
+        for name, field in fields.items():
+            required = field.default is dataclasses.MISSING
+            kind = _ANNOTATION_KINDS[field.type]
+            _field(entry, name, f"{label}.{name}", where, kind, allowed=_LAYER_VALUES.get(name), required=required)
+        layer = MLPLayer.from_record(entry)
+        if layer.gated == "separate":
+            for name in ("up", "w_up"):
+                _field(entry, name, f"{label}.{name} (a separate up projection's)", where, "text")
         out.append(layer)
     return out
 

@@ -27,6 +27,37 @@ class HeaderError(ValueError):
     """What is wrong with a header, in words for the one line the user sees."""
 
 
+class JSONTextError(ValueError):
+    """JSON text that cannot be parsed, in words: what follows "FILE: " in the one line."""
+
+
+def _json_int(text: str) -> int:
+    # int() refuses a literal longer than sys.get_int_max_str_digits() (4300 by default) with
+    # a ValueError that json.loads lets through as it is; the only way a JSON integer fails.
+    try:
+        return int(text)
+    except ValueError:
+        raise JSONTextError(f"not usable JSON (an integer of {len(text.lstrip('-'))} digits, more than Python converts)") from None
+
+
+def parse_json(text: str | bytes, object_pairs_hook=None):
+    """json.loads for a file's JSON (a safetensors header, config.json, an index, gelugemm's
+    record): every way the text itself is bad is one JSONTextError, worded for the user:
+    not UTF-8, not JSON, nested too deep for the parser (RecursionError), an integer too long
+    for Python to convert. An error raised by object_pairs_hook passes through as it is."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JSONTextError(f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=object_pairs_hook, parse_int=_json_int)
+    except json.JSONDecodeError as exc:
+        raise JSONTextError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise JSONTextError("not usable JSON (nested too deeply to parse)") from None
+
+
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     seen = {}
     for key, value in pairs:
@@ -60,11 +91,9 @@ def read_header(path: str | Path) -> dict:
             raise HeaderError(f"header length {length} runs past the end of the {size}-byte file (truncated?)")
         raw = f.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except UnicodeDecodeError:
-        raise HeaderError("the header is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise HeaderError(f"the header is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+        header = parse_json(raw, object_pairs_hook=_no_duplicates)
+    except JSONTextError as exc:
+        raise HeaderError(f"the header is {exc}") from None
     if not isinstance(header, dict):
         raise HeaderError("the header is not a JSON object")
     metadata = header.get("__metadata__", {})

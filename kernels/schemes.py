@@ -92,9 +92,14 @@ class WeightLayout(str, enum.Enum):
 
 
 def _positive_group(text: str, what: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise SchemeError(f"{what}: group:N needs a positive integer N, got 'group:{text}'")
-    return int(text)
+    # isascii: "²".isdigit() is True, but int("²") fails; so does int() of 5000 digits.
+    try:
+        n = int(text) if text.isascii() and text.isdigit() else 0
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise SchemeError(f"{what}: group:N needs a positive integer N, got 'group:{text[:40]}'")
+    return n
 
 
 @dataclass(frozen=True)

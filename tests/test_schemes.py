@@ -19,13 +19,13 @@ def test_activation_scheme_round_trips(text):
     assert str(ActivationScheme.parse(text)) == text
 
 
-@pytest.mark.parametrize("bad", ["group:0", "group:-1", "group:x", "group", "per-row", ""])
+@pytest.mark.parametrize("bad", ["group:0", "group:-1", "group:x", "group", "per-row", "", "group:²", "group:" + "9" * 5000])
 def test_bad_granularity_is_one_clear_error(bad):
     with pytest.raises(SchemeError, match="granularity"):
         Granularity.parse(bad)
 
 
-@pytest.mark.parametrize("bad", ["token", "group:0", "group:", "Dynamic"])
+@pytest.mark.parametrize("bad", ["token", "group:0", "group:", "Dynamic", "group:²", "group:" + "9" * 5000])
 def test_bad_activation_scheme_is_one_clear_error(bad):
     with pytest.raises(SchemeError, match="activations"):
         ActivationScheme.parse(bad)
