@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 import sys
 
@@ -31,6 +32,36 @@ def _proc_status() -> dict[str, int]:
     except OSError:
         return {}
     return fields
+
+
+def available_memory() -> int | None:
+    """Bytes this process could allocate now: MemAvailable plus free swap (Linux /proc/meminfo),
+    else the physical memory (sysconf), else None (unknown). A bound for refusing up front
+    what cannot fit (calibration.data.check_tokens_fit), not a promise that less will."""
+    fields = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("MemAvailable", "SwapFree"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        fields = {}
+    if "MemAvailable" in fields:
+        return fields["MemAvailable"] + fields.get("SwapFree", 0)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB"; GiB and TiB for what a --tokens asks."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _reset_high_water_mark() -> bool:

@@ -41,7 +41,7 @@ from calibration.checkpoint import (
     open_checkpoint,
     read_tensor,
 )
-from calibration.data import calibration_inputs, check_calibration_file, describe_source
+from calibration.data import DEFAULT_TOKENS, calibration_inputs, check_calibration_file, check_tokens_fit, describe_source
 from calibration.devices import device_name
 from calibration.errors import CheckpointError
 from calibration.families import FAMILIES
@@ -600,8 +600,10 @@ def _quantize_open_checkpoint(ckpt, source, output, options, progress) -> Quanti
             calibration = describe_source(calib=options.calib_file, tokens=options.tokens, seed=options.seed)
         with timer.phase("sha256"):  # of the calibration file, for the record (the source's: _SourceHashes)
             if calibration and calibration["kind"] == "file":
-                check_calibration_file(options.calib_file, layers)
+                check_calibration_file(options.calib_file, layers)  # every row: floats, finite, not all zero
                 calibration["sha256"] = sha256_file(options.calib_file)
+            elif calibration:
+                check_tokens_fit(options.tokens or DEFAULT_TOKENS, layers)  # before any row is drawn
         qconfig, record, runs_on = _config_and_record(
             ckpt, output, layers, options, scheme, calibration, plan.smoothing, hashes.pending()
         )  # fmt: skip

@@ -57,13 +57,14 @@ from calibration.checkpoint import (
     Checkpoint,
     MLPLayer,
     MLPTensors,
+    all_finite,
     mlps_in,
     open_checkpoint,
     read_mlp,
     read_tensor,
     select_layers,
 )
-from calibration.data import calibration_inputs, check_calibration_file, describe_source
+from calibration.data import DEFAULT_TOKENS, calibration_inputs, check_calibration_file, check_tokens_fit, describe_source
 from calibration.errors import CheckpointError, OptionError
 from calibration.families import check_asked_activation_dtype
 from calibration.metrics import ErrorMetrics, error_metrics, json_safe
@@ -598,13 +599,30 @@ def _plan_quantized(q: QuantizedCheckpoint, stack: ExitStack, dtypes, layers, ge
     def int8(ckpt, layer, ref_layer, floats) -> dict[str, _Operands]:
         if scheme not in asked:
             return {}
-        return {scheme: _Operands(q.load(layer), layer.gelu, f"{q.path.name} as written", _row_key(scheme, q.scheme), op_fields)}
+        loaded = _checked_finite(q, layer, q.load(layer))
+        return {scheme: _Operands(loaded, layer.gelu, f"{q.path.name} as written", _row_key(scheme, q.scheme), op_fields)}
 
     facts = {k: (record or {}).get(k) for k in ("scheme", "granularity", "method", "smooth", "calibration")}
     facts.update(scheme=scheme, granularity=str(q.scheme.granularity),
                  activations=None if q.scheme.activations is None else str(q.scheme.activations), made_by=q.made_by)  # fmt: skip
     keys = [d if d in FLOAT_DTYPES else _row_key(d, q.scheme) for d in asked]
     return _Plan(chosen, ref_layers, ref_ckpt, ref_facts, asked, calib, calib_from, facts, int8, keys, int8_phase="read")
+
+
+def _checked_finite(q: QuantizedCheckpoint, layer: MLPLayer, tensors: MLPTensors) -> MLPTensors:
+    """A quantized file's MLP as loaded, its float tensors (the biases; the int8 weights' scales
+    are checked as they are read) and its smoothing scale checked finite as an original
+    checkpoint's tensors are (calibration.checkpoint's all_finite, read_tensor's check): a NaN
+    in the file is bad input (exit 2), not a row past tolerance."""
+    names = MLPTensors(layer.w1, layer.b1, layer.w2, layer.b2, layer.w_up, layer.b_up)
+    for name, t in zip(names, tensors):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{q.path}: {name} holds {bad} NaN/Inf value(s); cannot verify it")
+    s = getattr(tensors.w1, "smooth_scale", None)  # from the file's metadata
+    if s is not None and not (all_finite(s) and bool((s > 0).all())):
+        raise CheckpointError(f"{q.path}: {layer.fc1}'s smoothing scale holds a value that is not a positive finite number")
+    return tensors
 
 
 def verify_checkpoint(
@@ -669,7 +687,10 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
          progress, activation_dtype) -> VerifyReport:  # fmt: skip
     tolerances, origin = _tolerances(tol, plan.keys)
     if plan.calib is not None:
-        check_calibration_file(plan.calib, plan.layers)
+        # every row (floats, finite, not all zero), and enough held-out rows to grade on
+        check_calibration_file(plan.calib, plan.layers, split="verify")
+    else:
+        check_tokens_fit(tokens or DEFAULT_TOKENS, plan.ref_layers)  # before any row is drawn
 
     # Under torchrun each rank verifies every world-th MLP; the results are gathered in order.
     ranks = current_ranks()
