@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -101,12 +101,14 @@ class QuantizeOptions:
     activations: str | None = None
     activation_dtype: str | None = None
     device: str = AUTO
+    granularity_given: bool = field(default=False, init=False, compare=False)  # asked, not the scheme's default
 
     def __post_init__(self):
         if self.device != AUTO:  # (auto is always valid; resolved when the run starts)
             resolve_device(self.device)  # cuda without a CUDA device fails here, before any work
         if self.scheme not in SCHEMES:
             raise OptionError(f"--scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        object.__setattr__(self, "granularity_given", self.granularity is not None)
         granularity = str(Granularity(parse_granularity(self.granularity or DEFAULT_GRANULARITY[self.scheme])))
         object.__setattr__(self, "granularity", granularity)
         if self.calib is not None and str(self.calib) == SYNTHETIC:

@@ -43,7 +43,7 @@ from calibration.checkpoint import (
 )
 from calibration.data import DEFAULT_TOKENS, calibration_inputs, check_calibration_file, check_tokens_fit, describe_source
 from calibration.devices import device_name
-from calibration.errors import CheckpointError
+from calibration.errors import CheckpointError, OptionError
 from calibration.families import FAMILIES
 from calibration.memory import MemoryMeter, release_free_memory
 from calibration.timing import PhaseTimer
@@ -419,6 +419,32 @@ def _aliases(layers: list[MLPLayer]) -> list[str]:
             for prefix, *_ in layer.linears() for alias in FAMILIES[layer.family].module_names(prefix)]  # fmt: skip
 
 
+# The weight-group sizes vLLM's int8 weight-only kernels (Marlin) take.
+VLLM_GROUP_SIZES = (32, 64, 128)
+
+
+def _group_not_dividing(layers: list[MLPLayer], group_size: int | None) -> tuple[str, int] | None:
+    """(a quantized weight's prefix, its input width) that `group_size` does not divide, or None."""
+    if group_size is None:
+        return None
+    for layer in layers:
+        for prefix, k in ((layer.fc1, layer.d_model), (layer.fc2, layer.d_ff)):
+            if k % group_size:
+                return prefix, k
+    return None
+
+
+def _refuse_ragged(layers: list[MLPLayer], group_size: int, prefix: str, k: int) -> None:
+    """compressed-tensors (and so every loader of the format) refuses a group size that does
+    not divide a weight's input width: an asked one is refused, with the sizes that fit."""
+    fits = [g for g in VLLM_GROUP_SIZES if all(m.d_model % g == 0 and m.d_ff % g == 0 for m in layers)]
+    hint = f"; group:{' or group:'.join(map(str, fits))} divides every one" if fits else "; use per-channel"
+    raise OptionError(
+        f"--granularity group:{group_size} does not divide {prefix}'s input width {k}: compressed-tensors "
+        f"loaders need a group size that divides each quantized weight's input width{hint}"
+    )
+
+
 def _config_and_record(ckpt, output, layers, options, scheme, calibration, smoothing, digests):
     quantized = [prefix for layer in layers for prefix, *_ in layer.linears()]
     linears = _linear_prefixes(ckpt.infos) + [p for p in quantized if p in ("w1", "w2")]
@@ -434,6 +460,11 @@ def _config_and_record(ckpt, output, layers, options, scheme, calibration, smoot
                    "(marked gelugemm_run_time_smoothing in config.json, which other loaders refuse)")  # fmt: skip
     elif scheme.activations is not None and scheme.activations.kind == "group":
         runs_on = "gelugemm and transformers (compressed-tensors); vLLM's int8 W8A8 takes token or tensor activations only"
+    elif _group_not_dividing(layers, scheme.granularity.group_size) is not None:
+        runs_on = "gelugemm only: a weight group is partial (compressed-tensors' loaders refuse it); --granularity per-channel loads anywhere"
+    elif scheme.granularity.group_size not in (None, *VLLM_GROUP_SIZES):
+        runs_on = (f"gelugemm and transformers (compressed-tensors); vLLM's int8 weight-only kernels take group sizes "
+                   f"{', '.join(map(str, VLLM_GROUP_SIZES))} or per-channel, not {scheme.granularity.group_size}")  # fmt: skip
     elif any(layer.family == "t5" for layer in layers):
         # transformers' compressed-tensors loader leaves T5's _keep_in_fp32_modules (wo) as
         # float nn.Linear, which cannot run an int8 wo; vLLM has no T5.
@@ -588,6 +619,15 @@ def _quantize_open_checkpoint(ckpt, source, output, options, progress) -> Quanti
     is_dir = ckpt.kind == "directory"
     output = default_output(source) if output is None else Path(output)
     scheme = scheme_from_options(options.scheme, options.granularity, options.activation_scheme)
+    warnings = [SYNTHETIC_WARNING] if options.synthetic else []
+    ragged = _group_not_dividing(layers, scheme.granularity.group_size)
+    if ragged is not None and options.granularity_given:
+        _refuse_ragged(layers, scheme.granularity.group_size, *ragged)
+    elif ragged is not None:  # the default group:128 on a small model (a toy, a test): written, and said
+        warnings.append(
+            f"{scheme.granularity} (the default) does not divide {ragged[0]}'s input width {ragged[1]}: the file runs on "
+            "gelugemm only (compressed-tensors' loaders refuse a partial group); --granularity per-channel loads anywhere"
+        )
     plan = _plan(ckpt, layers, scheme, options)  # from the headers alone
     copy, files_skipped = _other_files(ckpt) if is_dir else ([], [])
     if ranks.root:  # the one rank that creates, renames and reports the output
@@ -717,7 +757,7 @@ def _quantize_open_checkpoint(ckpt, source, output, options, progress) -> Quanti
             layers=[reports[i] for i in range(len(layers))], tensors_copied=len(plan.copies), shards=list(plan.shards),
             files_copied=files_copied, files_skipped=files_skipped, runs_on=runs_on, source_bytes=source_bytes,
             output_bytes=written, largest_tensor_bytes=largest, largest_shard_bytes=largest_shard, memory=meter.facts(),
-            seconds=timing["seconds"], device=device_name(device), device_asked=str(options.device), timing=timing, warnings=[SYNTHETIC_WARNING] if options.synthetic else [], record=record,
+            seconds=timing["seconds"], device=device_name(device), device_asked=str(options.device), timing=timing, warnings=warnings, record=record,
         )  # fmt: skip
     finally:
         hashes.close()

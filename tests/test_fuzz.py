@@ -95,7 +95,9 @@ def checkpoints(draw) -> dict:
         "scheme": draw(st.sampled_from(["w8a16", "w8a8"])),
     }
     if spec["scheme"] == "w8a16":
-        spec["options"] = draw(st.sampled_from([[], ["--granularity", f"group:{draw(st.integers(1, 80))}"]]))
+        # a group size dividing both input widths: the format's loaders refuse any other (quantize too)
+        divides = [g for g in range(1, 81) if spec["d_model"] % g == 0 and spec["d_ff"] % g == 0]
+        spec["options"] = draw(st.sampled_from([[], ["--granularity", f"group:{draw(st.sampled_from(divides))}"]]))
     else:
         activations = draw(st.sampled_from(["dynamic", "group:32", "group:64", "group:128", "static"]))
         method = []

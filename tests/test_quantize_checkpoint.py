@@ -159,15 +159,35 @@ def test_group_scales_are_written_and_read_back(tmp_path, layout_family):
     source = write_checkpoint(tmp_path / "model.safetensors", layout_family, d_model=20, d_ff=40)
     tensors = checkpoint_tensors(layout_family, d_model=20, d_ff=40)
     output = tmp_path / "q.safetensors"
-    quantize_checkpoint(source, output, QuantizeOptions(granularity="group:8"))
+    report = quantize_checkpoint(source, output, QuantizeOptions(granularity="group:4"))
+    assert report.runs_on.startswith("gelugemm and transformers") and "not 4" in report.runs_on  # vLLM: 32, 64, 128
     record, layers = read_quantized(output)
-    assert (record["granularity"], record["group_size"]) == ("group:8", 8)
+    assert (record["granularity"], record["group_size"]) == ("group:4", 4)
     for layer in layers:
         w1, _, w2, _, *_ = load_quantized_mlp(output, layer)
-        assert w1.group_size == 8 and w1.scale.shape == (40, 3)  # K = 20: groups of 8, 8, 4
-        assert w2.scale.shape == (20, 5)
+        assert w1.group_size == 4 and w1.scale.shape == (40, 5) and w2.scale.shape == (20, 10)
         check_weight(tensors[layer.w1], w1, layer.weight_layout)
         check_weight(tensors[layer.w2], w2, layer.weight_layout)
+
+
+@pytest.mark.parametrize("layout_family", ["vit", "gpt2"])
+def test_the_default_group_on_a_width_it_does_not_divide_is_written_partial_and_said(tmp_path, layout_family):
+    """group:128 on d_ff = 160: groups of 128 and 32. compressed-tensors refuses a partial group,
+    so the file runs on gelugemm only, and the report says so; an asked group:N is refused."""
+    source = write_checkpoint(tmp_path / "model.safetensors", layout_family, d_model=20, d_ff=160)
+    tensors = checkpoint_tensors(layout_family, d_model=20, d_ff=160)
+    output = tmp_path / "q.safetensors"
+    report = quantize_checkpoint(source, output, QuantizeOptions())
+    assert report.runs_on.startswith("gelugemm only") and any("per-channel loads anywhere" in w for w in report.warnings)
+    record, layers = read_quantized(output)
+    for layer in layers:
+        w1, _, w2, _, *_ = load_quantized_mlp(output, layer)
+        assert w1.scale.shape == (160, 1) and w2.scale.shape == (20, 2)
+        check_weight(tensors[layer.w1], w1, layer.weight_layout)
+        check_weight(tensors[layer.w2], w2, layer.weight_layout)
+    with pytest.raises(OptionError, match="does not divide"):
+        quantize_checkpoint(source, tmp_path / "asked.safetensors", QuantizeOptions(granularity="group:128"))
+    assert not (tmp_path / "asked.safetensors").exists()
 
 
 @pytest.mark.parametrize("layout_family", ["vit", "gpt2"])

@@ -99,6 +99,7 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list, str]]:
         "calib with dynamic": ([good, "--scheme", "w8a8", "--calib", calib], "--activations dynamic computes its scales at run time"),
         "unsupported group": ([good, "--scheme", "w8a8", "--activations", "group:100"], "the int8 kernels run group:32, group:64, group:128"),
         "w8a8 group weights": ([good, "--scheme", "w8a8", "--granularity", "group:128"], "w8a8 takes per-channel weight scales"),
+        "group not dividing K": ([good, "--granularity", "group:7"], "does not divide encoder.layer.0.intermediate.dense's input width"),
         "existing output": ([good, "-o", tmp_path / "taken.safetensors"], "pass --force"),
         "output is input": ([good, "-o", good, "--force"], "never overwrites its input"),
         "output dir missing": ([good, "-o", tmp_path / "no" / "q.safetensors"], "does not exist"),
