@@ -153,6 +153,16 @@ def quick_configs_for_small_shapes(request, monkeypatch):
 
 
 @pytest.fixture
+def wide_consoles(monkeypatch):
+    """The commands' consoles 400 columns wide, so one message is one line whatever its length
+    (modules that check printed lines use it: `pytestmark = pytest.mark.usefixtures(...)`)."""
+    from gelugemm_cli import common
+
+    monkeypatch.setattr(common.console, "width", 400)
+    monkeypatch.setattr(common.err_console, "width", 400)
+
+
+@pytest.fixture
 def forced_config(monkeypatch):
     """force(launcher, kernel, table, config): the autotuned `kernel` of a GemmLauncher runs
     `config` alone at every M bucket of its `table` (the autotuner's choices, the launcher's

@@ -11,37 +11,18 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from calibration.data import MIN_HELD_OUT_ROWS, min_rows_for_verify, split_rows
 from checkpoints import write_calibration, write_checkpoint
-from gelugemm_cli import common
-from gelugemm_cli.app import app
+from cli_helpers import invoke, one_line_error
 
-runner = CliRunner()
 LAYERS = [f"encoder.layer.{i}.intermediate.dense" for i in (0, 1)]  # the bert checkpoint's fc1 prefixes
 D_MODEL = 16
 STATIC = ["--scheme", "w8a8", "--activations", "static"]
 SMOOTH = ["--scheme", "w8a8", "--smooth", "0.5"]
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", 400)
-    monkeypatch.setattr(common.err_console, "width", 400)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code=2) -> str:
-    """The one `error:` line a refused command prints (and nothing else on stderr)."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 @pytest.fixture

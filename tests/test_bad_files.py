@@ -14,40 +14,21 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from calibration.errors import CheckpointError
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import RECORD_KEY, read_quantized, sha256_file
 from checkpoints import FAMILIES, checkpoint_tensors, write_checkpoint, write_sharded
+from cli_helpers import invoke, one_line_error
 from gelugemm_cli import common
-from gelugemm_cli.app import app
 
-runner = CliRunner()
 BERT = FAMILIES["bert"]
 DEEP = "[" * 100_000 + "]" * 100_000
 LONG_INT = "9" * 5000
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", 400)
-    monkeypatch.setattr(common.err_console, "width", 400)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code=2) -> str:
-    """The one `error:` line a refused command prints (and nothing else on stderr)."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 def snapshot(folder: Path) -> dict:

@@ -27,7 +27,6 @@ from calibration.data import split_rows
 from calibration.errors import CheckpointError, ModelError, OptionError
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
-from gelugemm_cli import common
 from gelugemm_cli.app import app
 from hf_models import LINES, build, write_images, write_lines
 
@@ -36,10 +35,7 @@ runner = CliRunner()
 TOL_BATCHED_VS_ALONE = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", 400)
-    monkeypatch.setattr(common.err_console, "width", 400)
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 @pytest.fixture(scope="module")

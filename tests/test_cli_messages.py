@@ -6,17 +6,10 @@ import re
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
 from checkpoints import write_checkpoint
+from cli_helpers import invoke
 from gelugemm_cli import common
-from gelugemm_cli.app import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

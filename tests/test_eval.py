@@ -25,17 +25,13 @@ from typer.testing import CliRunner
 from calibration.evaluate import DEFAULT_LIMITS, evaluate_quantized, pool
 from calibration.options import QuantizeOptions
 from calibration.quantize import quantize_checkpoint
-from gelugemm_cli import common
 from gelugemm_cli.app import app
 from hf_models import build, write_images, write_lines
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", 400)
-    monkeypatch.setattr(common.err_console, "width", 400)
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 @pytest.fixture(scope="module")

@@ -30,18 +30,14 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
-from typer.testing import CliRunner
 
 from calibration.checkpoint import open_checkpoint, tensor_infos
 from calibration.errors import CheckpointError
 from calibration.quantized_file import is_quantized_file
 from calibration.safetensors_header import MAX_HEADER_BYTES
 from checkpoints import FAMILIES, checkpoint_tensors
-from gelugemm_cli import common
-from gelugemm_cli.app import app
+from cli_helpers import invoke
 from kernels.schemes import HIDDEN_ACT_GELU
-
-runner = CliRunner()
 
 LONG = int(os.environ.get("GELUGEMM_FUZZ_EXAMPLES", "0"))
 VALID_EXAMPLES = LONG // 10 if LONG else 80
@@ -50,14 +46,7 @@ READER_EXAMPLES = LONG if LONG else 3000
 FUZZ = settings(deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", 400)
-    monkeypatch.setattr(common.err_console, "width", 400)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 def files_in(folder: Path) -> dict[str, bytes]:

@@ -20,18 +20,13 @@ from calibration.quantize import quantize_checkpoint
 from calibration.quantized_file import RECORD_KEY, SMOOTH_KEY, open_quantized, read_quantized, sha256_file
 from calibration.verify import verify_checkpoint
 from checkpoints import all_tensors, checkpoint_tensors, track_weight_reads, write_checkpoint, write_sharded
-from gelugemm_cli import common
 from gelugemm_cli.app import app
 
 runner = CliRunner()
-WIDE = 400
 BERT_CONFIG = {"model_type": "bert", "hidden_act": "gelu", "architectures": ["BertModel"]}
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", WIDE)
-    monkeypatch.setattr(common.err_console, "width", WIDE)
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 def model_dir(path: Path, family="bert", shards=3, config=BERT_CONFIG, n_layers=3, **kwargs) -> Path:

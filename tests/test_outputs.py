@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import calibration.outputs as outputs
 import calibration.quantize as quantize_module
@@ -26,30 +25,12 @@ from bench_helpers import synthetic_result
 from calibration.errors import CheckpointError, OutputError
 from calibration.quantized_file import is_quantized_file, sha256_file
 from checkpoints import write_checkpoint
-from gelugemm_cli import common
-from gelugemm_cli.app import app
+from cli_helpers import invoke, one_line_error
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", 400)
-    monkeypatch.setattr(common.err_console, "width", 400)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code=2) -> str:
-    """The one `error:` line a refused command prints (and nothing else on stderr)."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 def snapshot(folder: Path) -> dict:

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from calibration.quantized_file import is_quantized_file, read_quantized, sha256_file
 from checkpoints import checkpoint_tensors, corrupt_files, write_calibration, write_checkpoint
-from gelugemm_cli import common
 from gelugemm_cli.app import app
 
 runner = CliRunner()
@@ -20,10 +19,7 @@ runner = CliRunner()
 WIDE = 400
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", WIDE)
-    monkeypatch.setattr(common.err_console, "width", WIDE)
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 def run(*args):

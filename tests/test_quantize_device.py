@@ -17,16 +17,12 @@ from calibration.options import QuantizeOptions
 from calibration.quantized_file import sha256_file
 from checkpoints import checkpoint_tensors, write_checkpoint
 from conftest import HAS_CUDA
-from gelugemm_cli import common
 from gelugemm_cli.app import app
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", 400)
-    monkeypatch.setattr(common.err_console, "width", 400)
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 def quantize(*args):

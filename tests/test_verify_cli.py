@@ -19,19 +19,14 @@ from calibration.quantized_file import RECORD_KEY
 from calibration.verify import DEFAULT_TOLERANCES, default_key
 from checkpoints import checkpoint_tensors, corrupt_files, write_calibration, write_checkpoint
 from conftest import AUTO_BACKEND, AUTO_BACKEND_REASON
-from gelugemm_cli import common
 from gelugemm_cli.app import app
 from kernels.op import DTYPES, FusedMLP
 
 runner = CliRunner()
-WIDE = 400  # one message, one line (see test_quantize_cli.py)
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(common.console, "width", WIDE)
-    monkeypatch.setattr(common.err_console, "width", WIDE)
+pytestmark = pytest.mark.usefixtures("wide_consoles")
 
 
 def verify(*args):
