@@ -765,12 +765,15 @@ def _plan(x, w1, b1, w2, b2, activation, layout: WeightLayout, allow_tf32, quant
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is None:
             continue
-        if name[0] == "w" and t.dtype != weight_dtype:
-            raise LaunchError(f"{name} dtype {t.dtype} differs from {weight_what} {weight_dtype}")
-        if name[0] == "b" and t.dtype != x.dtype and (quantized is None or not t.dtype.is_floating_point):
-            raise LaunchError(f"{name} dtype {t.dtype} differs from input dtype {x.dtype}")
-        if t.device != x.device:
-            raise LaunchError(f"{name} is on {t.device} but x is on {x.device}")
+        try:
+            if name[0] == "w" and t.dtype != weight_dtype:
+                raise LaunchError(f"{name} dtype {t.dtype} differs from {weight_what} {weight_dtype}")
+            if name[0] == "b" and t.dtype != x.dtype and (quantized is None or not t.dtype.is_floating_point):
+                raise LaunchError(f"{name} dtype {t.dtype} differs from input dtype {x.dtype}")
+            if t.device != x.device:
+                raise LaunchError(f"{name} is on {t.device} but x is on {x.device}")
+        except AttributeError:  # a Python number or a list: said here, at no cost to a tensor
+            raise LaunchError(f"{name} must be a torch.Tensor{' or None' if name[0] == 'b' else ''}, got {type(t).__name__}") from None
     for name, w in (("w1", w1), ("w2", w2)):
         if w.dim() != 2:
             raise LaunchError(f"{name} must be 2-D, got shape {tuple(w.shape)}")

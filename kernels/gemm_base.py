@@ -1089,9 +1089,22 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
-def check_operands(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layout, name: str = "weight"):
-    """Shape and device checks shared by every launcher; returns (K, N). `layout` is a
-    kernels.schemes.WeightLayout."""
+def check_shapes(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layout, name: str = "weight",
+                 bias_name: str = "bias", input_name: str = "input") -> tuple[int, int]:  # fmt: skip
+    """The shape, type and device checks of a GEMM's operands, (K, N): `w` 2-D with K = a's
+    last dim, `bias` None or a float [N] vector, all on a's device. The launchers' first check,
+    and the op's torch backend's. `layout` is a kernels.schemes.WeightLayout."""
+    try:
+        return _check_shapes(a, w, bias, layout, name, bias_name, input_name)
+    except AttributeError:  # not a tensor (a float bias, a list): said here, not found on the hot path
+        for what, t in ((input_name, a), (name, w), (bias_name, bias)):
+            if not isinstance(t, torch.Tensor) and not (t is None and what == bias_name):
+                optional = " or None" if what == bias_name else ""
+                raise LaunchError(f"{what} must be a torch.Tensor{optional}, got {type(t).__name__}") from None
+        raise
+
+
+def _check_shapes(a, w, bias, layout, name, bias_name, input_name) -> tuple[int, int]:
     if w.dim() != 2:
         raise LaunchError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
     k, n = layout.kn_shape(w)
@@ -1099,18 +1112,25 @@ def check_operands(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
         raise LaunchError(f"{name} has an empty dim: {tuple(w.shape)}")
     if a.dim() < 1 or a.shape[-1] != k:
         raise LaunchError(
-            f"input's last dim is {a.shape[-1] if a.dim() else 'missing'} but {name} "
+            f"{input_name}'s last dim is {a.shape[-1] if a.dim() else 'missing'} but {name} "
             f"{tuple(w.shape)} ({layout}) expects {k}"
         )
     if w.device != a.device:
-        raise LaunchError(f"input is on {a.device} but {name} is on {w.device}")
+        raise LaunchError(f"{input_name} is on {a.device} but {name} is on {w.device}")
     if bias is not None:
         if bias.shape != (n,):
-            raise LaunchError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+            raise LaunchError(f"{bias_name} must have shape ({n},), got {tuple(bias.shape)}")
         if bias.device != a.device:
-            raise LaunchError(f"input is on {a.device} but bias is on {bias.device}")
+            raise LaunchError(f"{input_name} is on {a.device} but {bias_name} is on {bias.device}")
         if not bias.dtype.is_floating_point:
-            raise LaunchError(f"bias must be floating point, got {bias.dtype}")
+            raise LaunchError(f"{bias_name} must be floating point, got {bias.dtype}")
+    return k, n
+
+
+def check_operands(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layout, name: str = "weight"):
+    """Shape and device checks shared by every launcher (check_shapes), and that Triton can
+    run on a's device; returns (K, N)."""
+    k, n = check_shapes(a, w, bias, layout, name)
     if not triton_can_run(a.device):
         raise LaunchError(f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU); input is on {a.device}")
     return k, n
@@ -1159,7 +1179,10 @@ def tensor_signature(t: torch.Tensor | None) -> tuple | None:
     16-byte alignment (which Triton specializes on)."""
     if t is None:
         return None
-    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0
+    try:
+        return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0
+    except AttributeError:  # not a tensor: no plan matches it, and planning's checks say what it is
+        return ("not a tensor", type(t))
 
 
 def _tma_supported(device: torch.device) -> bool:

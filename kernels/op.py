@@ -63,7 +63,7 @@ from kernels.fused_mlp import (
 )
 from kernels.gemm import gemm_bias_act
 from kernels.gated import gate_and_up
-from kernels.gemm_base import triton_can_run
+from kernels.gemm_base import check_shapes, triton_can_run
 from kernels.int8_gemm import check_weight_scales
 from kernels.quantized import QuantizedWeight
 from kernels.schemes import (
@@ -126,8 +126,9 @@ class MLPConfig:
         object.__setattr__(self, "activations", ActivationScheme.parse(self.activations))
         if self.dtype == "w8a8" and self.activations.kind == "group":
             check_group_size(self.activations.group_size)
-        if not isinstance(self.gated, bool):
-            raise LaunchError(f"gated must be True or False; got {self.gated!r}")
+        for name in ("gated", "allow_tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise LaunchError(f"{name} must be True or False; got {getattr(self, name)!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -158,15 +159,34 @@ def _check_static_scales_agree(w1: QuantizedWeight, w2: QuantizedWeight) -> None
             raise LaunchError("w2.input_scale differs from w1.output_scale, the scale GEMM1 requantizes to")
 
 
+def _check_scale_values(w: QuantizedWeight, name: str) -> None:
+    """Every scale a QuantizedWeight carries finite and positive (quantization clamps them to
+    at least float32's eps): a zero, negative or NaN scale gives a wrong result, not an error.
+    It reads the values (a host sync), so it runs once per operand set (_check_int8_once), and
+    not while a CUDA graph is being captured, where a sync is not allowed (nor on meta tensors,
+    which have no values)."""
+    for field in ("scale", "input_scale", "output_scale", "smooth_scale"):
+        t = getattr(w, field)
+        if t is None or t.is_meta or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            continue
+        if not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise LaunchError(f"{name}.{field} holds a value that is not a positive finite number (zero, negative, NaN or inf)")
+
+
 class FusedMLP:
     """GELU(x @ W1^T + b1) @ W2^T + b2 (gated: (GELU(x Wg^T + bg) * (x Wu^T + bu)) W2^T + b2)
     with the implementation chosen at construction."""
 
     def __init__(self, config: MLPConfig | None = None, device: str | torch.device | None = None):
         self.config = config or MLPConfig()
+        if not isinstance(self.config, MLPConfig):
+            raise LaunchError(f"config must be an MLPConfig, got {type(self.config).__name__}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise LaunchError(f"device must be a torch device or its name ('cuda', 'cuda:1', 'cpu'); got {device!r}") from None
         self.backend, self.backend_reason = choose_backend(self.config, self.device)
         # the int8 operands that last passed _check_int8, and their ids (see _check_int8_once)
         self._checked: tuple = ((), ())
@@ -181,12 +201,30 @@ class FusedMLP:
         for name, w in weights:
             if isinstance(w, QuantizedWeight):
                 raise LaunchError(f"{name} is quantized but the op is configured for {self.config.dtype}")
+            if not isinstance(w, torch.Tensor):
+                raise LaunchError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
             if w.dtype != want:
                 raise LaunchError(f"op is configured for {self.config.dtype} but {name} is {w.dtype}")
 
-    def _check_device(self, x):
-        if x.device.type != self.device.type:
-            raise LaunchError(f"op was built for {self.device} but input is on {x.device}")
+    def _check_input(self, x):
+        try:
+            if x.device.type != self.device.type:
+                raise LaunchError(f"op was built for {self.device} but input is on {x.device}")
+            if x.dim() == 0:
+                raise LaunchError("x must have at least one dim ([..., d_model]); got a 0-dim tensor")
+        except AttributeError:
+            raise LaunchError(f"x must be a torch.Tensor, got {type(x).__name__}") from None
+
+    def _check_reference_operands(self, x, gate, b_gate, up, w2, b2):
+        """The torch backend's launcher checks: the shapes, types and devices the Triton
+        launchers check (gemm_base.check_shapes), so both backends refuse the same operands."""
+        layout = self.config.weight_layout
+        data = lambda w: w.data if isinstance(w, QuantizedWeight) else w  # noqa: E731
+        _, d_ff = check_shapes(x, data(gate), b_gate, layout, "w1", "b1", "x")
+        if up:
+            check_shapes(x, data(up["up"]), up["up_bias"], layout, "w_up", "b_up", "x")
+        h = x.new_empty((0, d_ff))  # GEMM2's input, no data: its width is what is checked
+        check_shapes(h, data(w2), b2, layout, "w2", "b2", f"GELU's output (d_ff from w1: {d_ff})")
 
     def _check_int8_once(self, x, w1, w2, w_up=None):
         """_check_int8, skipped when x's dtype and the very same weight tensors, scales and
@@ -222,6 +260,7 @@ class FusedMLP:
                 raise LaunchError(f"{name} must be a QuantizedWeight for {cfg.dtype}, got {type(w).__name__}")
             k, n = cfg.weight_layout.kn_shape(w.data)
             check_weight_scales(w, k, n, name)
+            _check_scale_values(w, name)
         if w2.smooth_scale is not None or (cfg.dtype == "w8a16" and w1.smooth_scale is not None):
             raise LaunchError("a SmoothQuant smooth_scale applies to w8a8's GEMM1 input only (w1)")
         if w_up is not None and w_up.smooth_scale is not None and w_up.smooth_scale is not w1.smooth_scale:
@@ -253,13 +292,14 @@ class FusedMLP:
     def forward(self, x, w1, b1, w2, b2=None, w_up=None, b_up=None) -> torch.Tensor:
         """y for x [..., d_model]. A gated op takes the up projection as w_up and b_up, or
         w1 and b1 holding gate (first half of the outputs) and up (second half)."""
-        self._check_device(x)
+        self._check_input(x)
         cfg = self.config
         gate, b_gate, up = self._gemm1_operands(w1, b1, w_up, b_up)
         gated = dict(gated=cfg.gated, w_up=w_up, b_up=b_up)
         if cfg.dtype in FLOAT_DTYPES:
             self._check_float(x, (("w1", w1), ("w2", w2)) + ((("w_up", w_up),) if w_up is not None else ()))
             if self.backend == "torch":
+                self._check_reference_operands(x, gate, b_gate, up, w2, b2)
                 return reference.mlp_reference(
                     x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=cfg.weight_layout, dtype=x.dtype, **gated
                 )
@@ -273,6 +313,7 @@ class FusedMLP:
         layout = cfg.weight_layout
         if cfg.dtype == "w8a16":
             if self.backend == "torch":
+                self._check_reference_operands(x, gate, b_gate, up, w2, b2)
                 return reference.w8a16_mlp_reference(
                     x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, **gated
                 )
@@ -284,6 +325,7 @@ class FusedMLP:
 
         scheme = cfg.activations
         if self.backend == "torch":
+            self._check_reference_operands(x, gate, b_gate, up, w2, b2)
             return reference.w8a8_mlp_reference(
                 x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme, **gated
             )

@@ -75,6 +75,44 @@ def test_forward_rejects_mismatched_dtype():
         op(randn(2, 16, device="cpu"), w1.cpu(), b1.cpu(), w2.cpu(), b2.cpu())
 
 
+def bad_operands(w1, b1, w2, b2):
+    """(what, forward's arguments past x, message): operands either backend must refuse."""
+    x = randn(4, 16, dtype=torch.float16)
+    return [  # the messages' shared words: the two backends' launchers word them their own way
+        ("x one feature short", (x[:, :15], w1, b1, w2, b2), r"\b15\b.*\b16\b|\b16\b.*\b15\b"),
+        ("w1 transposed", (x, w1.t().contiguous(), b1, w2, b2), r"w1.*32|32.*w1"),
+        ("b1 one short", (x, w1, b1[:-1], w2, b2), r"b1 must .*\[?\(?32"),
+        ("b1 of one value, which torch would broadcast", (x, w1, b1[:1], w2, b2), r"b1 must .*\[?\(?32"),
+        ("b2 one short", (x, w1, b1, w2, b2[:-1]), r"b2 must .*\[?\(?16"),
+        ("w2 reading another width", (x, w1, b1, torch.cat([w2, w2[:, :1]], 1), b2), r"d_ff.*32.*\(16, 33\)"),
+        ("b2 a Python number", (x, w1, b1, w2, 0.5), r"b2 must be a torch\.Tensor or None, got float"),
+        ("x 0-dim", (x[0, 0], w1, b1, w2, b2), r"at least one dim"),
+        ("x a list", (x.tolist(), w1, b1, w2, b2), r"x must be a torch\.Tensor, got list"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_both_backends_refuse_the_same_bad_operands_before_any_math(backend):
+    """The torch backend used to take them to torch: a shape error from deep in F.linear, or
+    with b1[:1] a silently broadcast bias and a wrong result."""
+    w1, b1, w2, b2 = (t.to(DEVICE) for t in mlp_weights(16, 32, torch.float16))
+    op = FusedMLP(MLPConfig(dtype="fp16", backend=backend), device=DEVICE)
+    for what, (x, *weights), message in bad_operands(w1, b1, w2, b2):
+        x = x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+        with pytest.raises(LaunchError, match=message):
+            op(x, *weights)
+            pytest.fail(what)
+
+
+def test_config_and_device_mistakes_are_launch_errors():
+    with pytest.raises(LaunchError, match="allow_tf32 must be True or False"):
+        MLPConfig(dtype="fp32", allow_tf32="no")
+    with pytest.raises(LaunchError, match="device must be a torch device"):
+        FusedMLP(MLPConfig(), device="banana")
+    with pytest.raises(LaunchError, match="config must be an MLPConfig"):
+        FusedMLP("fp16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 128, 2048])
 @pytest.mark.parametrize("dtype", list(FLOAT))

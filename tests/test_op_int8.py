@@ -5,6 +5,8 @@ static; with and without SmoothQuant); what each scheme hands GEMM2; the errors 
 gets for missing scales and unsupported group sizes.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -170,6 +172,28 @@ def test_int8_config_errors():
         MLPConfig(dtype="w8a8", activations="group:48")
     # A matching w2.input_scale is fine, as is the same tensor.
     static(x, q1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=q1.output_scale.clone()), b2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_scale_that_is_not_positive_and_finite_is_refused(backend):
+    """A zero, negative or NaN scale used to give a wrong result (a flipped sign, a b2-only
+    output, NaN everywhere on one backend and nowhere on the other), not an error."""
+    x = randn(5, 48, dtype=torch.float16)
+    q1, b1, q2, b2 = int8_mlp(48, 80, torch.float16, "w8a8", x=x)
+    dynamic = FusedMLP(MLPConfig(dtype="w8a8", backend=backend), device=DEVICE)
+    static = FusedMLP(MLPConfig(dtype="w8a8", activations="static", backend=backend), device=DEVICE)
+    nan_one = q1.scale.clone()
+    nan_one[3] = float("nan")
+    for op, w1, field in (
+        (dynamic, QuantizedWeight(q1.data, -q1.scale), "w1.scale"),
+        (dynamic, QuantizedWeight(q1.data, q1.scale * 0), "w1.scale"),
+        (dynamic, QuantizedWeight(q1.data, nan_one), "w1.scale"),
+        (dynamic, QuantizedWeight(q1.data, q1.scale, smooth_scale=torch.zeros(48, device=DEVICE)), "w1.smooth_scale"),
+        (static, QuantizedWeight(q1.data, q1.scale, input_scale=q1.input_scale * 0, output_scale=q1.output_scale), "w1.input_scale"),
+        (static, QuantizedWeight(q1.data, q1.scale, input_scale=q1.input_scale, output_scale=-q1.output_scale), "w1.output_scale"),
+    ):
+        with pytest.raises(LaunchError, match=re.escape(field) + " holds a value that is not a positive finite number"):
+            op(x, w1, b1, QuantizedWeight(q2.data, q2.scale, input_scale=w1.output_scale), b2)
 
 
 def count_checks(monkeypatch, op) -> list:
