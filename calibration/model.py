@@ -270,20 +270,42 @@ def _in_out(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _check_sizes(prefix: str, path: str, fc1: nn.Module | None, new: nn.Module) -> None:
-    """Where both sides say their sizes (the model's fc1, the new MLP's d_model/d_ff), they must
-    agree (a concatenated gated fc1 is twice d_ff wide)."""
-    sizes = None if fc1 is None else _in_out(fc1)
-    if sizes is None or not hasattr(new, "d_model"):
+def _check_sizes(prefix: str, path: str, linears: Mapping[str, tuple[str, nn.Module | None]], new: nn.Module) -> None:
+    """Where both sides say their sizes (the model's linears {"fc1"|"fc2"|"up": (path, module)},
+    the new MLP's d_model/d_ff), they must agree: fc1 (and a gated MLP's up) takes d_model and
+    gives d_ff (a concatenated gated fc1 twice d_ff), fc2 takes d_ff and gives the width the
+    model reads after the MLP, which is the new MLP's output width, d_model."""
+    if not hasattr(new, "d_model") or not hasattr(new, "d_ff"):
         return
     config = getattr(new, "config", None)
     concatenated = getattr(config, "gated", False) and "w_up" not in getattr(new, "weight_names", ())
-    want = (new.d_model, new.d_ff * (2 if concatenated else 1))
-    if sizes != want:
-        raise SwapError(
-            f"{prefix!r}: the model's {path} is d_model={sizes[0]}, {'2 x d_ff' if concatenated else 'd_ff'}={sizes[1]} "
-            f"but the new MLP is d_model={new.d_model}, d_ff={new.d_ff}"
-        )
+    d_model, d_ff = new.d_model, new.d_ff
+    ff = "2 x d_ff" if concatenated else "d_ff"
+    for role, (where, linear) in linears.items():
+        sizes = None if linear is None else _in_out(linear)
+        if sizes is None:
+            continue
+        if role == "whole":
+            if sizes != (d_model, d_model):
+                raise SwapError(
+                    f"{prefix!r}: the model's {where} takes {sizes[0]} and outputs {sizes[1]} features, but the new MLP "
+                    f"takes and outputs d_model={d_model}"
+                )
+            continue
+        if role == "fc2":
+            if sizes != (d_ff, d_model):
+                raise SwapError(
+                    f"{prefix!r}: the model's {where} (fc2) takes d_ff={sizes[0]} and outputs {sizes[1]} features, "
+                    f"but the new MLP is d_ff={d_ff} and outputs d_model={d_model}"
+                )
+            continue
+        want = (d_model, d_ff * (2 if concatenated and role == "fc1" else 1))
+        if sizes != want:
+            label = ff if role == "fc1" else "d_ff"
+            raise SwapError(
+                f"{prefix!r}: the model's {path if role == 'fc1' else where} is d_model={sizes[0]}, {label}={sizes[1]} "
+                f"but the new MLP is d_model={d_model}, d_ff={d_ff}"
+            )
 
 
 @dataclass
@@ -315,9 +337,16 @@ class Swaps:
 
     def apply(self) -> "Swaps":
         if not self.applied:
-            for seam in self.seams:
-                for path in (seam.path, *seam.identities):
-                    self._set(path, seam.new if path == seam.path else _Identity())
+            done = []
+            try:
+                for seam in self.seams:
+                    for path in (seam.path, *seam.identities):
+                        self._set(path, seam.new if path == seam.path else _Identity())
+                        done.append((path, seam.originals[path]))
+            except BaseException:
+                for path, module in reversed(done):  # all or nothing: put back what was replaced
+                    self._set(path, module)
+                raise
             self.applied = True
         return self
 
@@ -356,33 +385,54 @@ def plan_swaps(
         None)} where the caller has matched them already (`calibration.hf` does, by weights,
         where a model class renames its checkpoint's tensors); the seam is then picked from
         those modules.
-    Raises SwapError, before anything is replaced, when a prefix has no home or the sizes differ.
+    Raises SwapError, before anything is replaced, when a prefix has no home, a replacement is
+    not a module, or the sizes differ.
     """
+    if not isinstance(model, nn.Module):
+        raise SwapError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(mlps, Mapping):
+        raise SwapError(f"mlps must be a mapping {{fc1 prefix: module}} (as load_mlps returns), got {type(mlps).__name__}")
+    if find is not None and not isinstance(find, Mapping) and not callable(find):
+        raise SwapError(f"find= must be a function or a dict {{fc1 prefix: module path}}, got {type(find).__name__}")
+    for prefix, new in mlps.items():
+        if not isinstance(new, nn.Module):
+            raise SwapError(
+                f"{prefix!r}: the replacement must be a torch.nn.Module (a FusedGeluMLP from load_mlps or "
+                f"FusedGeluMLP(...)), got {type(new).__name__}"
+            )
     modules = dict(model.named_modules())
     seams = []
     for prefix, new in mlps.items():
         if find is None and linears is not None and prefix in linears:
             fc1_path, fc2_path, up_path = linears[prefix]
             path, identities = find_seam(model, fc1_path, fc2_path, up_path)
-            fc1 = modules[fc1_path]
         elif find is None:
             fc1_path = module_path(model, prefix, modules)
             fc2_prefix, up_prefix = _sibling_prefixes(prefix)
             fc2_path = module_path(model, fc2_prefix, modules)
             up_path = None if up_prefix is None else module_path(model, up_prefix, modules)
             path, identities = find_seam(model, fc1_path, fc2_path, up_path)
-            fc1 = modules[fc1_path]
         else:
             if isinstance(find, Mapping):
                 if prefix not in find:
-                    raise SwapError(f"{prefix!r} has no entry in find=; it maps {', '.join(find) or 'nothing'}")
+                    raise SwapError(f"{prefix!r} has no entry in find=; it maps {', '.join(map(str, find)) or 'nothing'}")
                 path = find[prefix]
             else:
                 path = find(prefix)
-            if path not in modules or not path:
+            if not isinstance(path, str) or path not in modules or not path:
                 raise SwapError(f"{prefix!r} maps to {path!r}, which {type(model).__name__} does not have")
-            identities, fc1 = (), getattr(modules[path], "fc1", None)
-        _check_sizes(prefix, path, fc1, new)
+            identities = ()
+            if _in_out(modules[path]) is not None:
+                # a linear replaced whole: it takes and gives what the MLP takes and gives
+                found = {"whole": (path, modules[path])}
+            else:
+                # a module replaced whole: its own fc1 and fc2, where it names them so
+                found = {role: (f"{path}.{role}", modules.get(f"{path}.{role}")) for role in ("fc1", "fc2")}
+        if find is None:
+            found = {"fc1": (fc1_path, modules[fc1_path]), "fc2": (fc2_path, modules[fc2_path])}
+            if up_path is not None:
+                found["up"] = (up_path, modules[up_path])
+        _check_sizes(prefix, path, found, new)
         originals = {p: modules[p] for p in (path, *identities)}
         seams.append(Seam(prefix, path, identities, new, originals))
     taken = [p for seam in seams for p in seam.originals]

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.errors import LaunchError
 from kernels.quantized import QuantizedWeight, expand_scale
-from kernels.schemes import WeightLayout
+from kernels.schemes import Granularity, SchemeError, WeightLayout
 
 INT8_MAX = 127
 # The floor on every scale, weights' and activations' alike (static or per token): an
@@ -68,8 +69,20 @@ def _per_group(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, groups * group_size - k)).view(n, groups, group_size)
 
 
+def _check_weight(w, group_size) -> None:
+    """A 2-D float weight and a group size of None or a positive int (else a SchemeError, as
+    QuantizedWeight raises), checked before any arithmetic divides by it."""
+    if isinstance(group_size, bool):
+        raise SchemeError(f"group_size must be a positive int or None, got {group_size!r}")
+    Granularity(group_size)
+    if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point or w.dim() != 2:
+        what = f"a {w.dtype} tensor of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise LaunchError(f"the weight to quantize must be a 2-D floating-point tensor, got {what}")
+
+
 def weight_scale(w_out_in: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
     """absmax scales of W as [N, K]: [N] per channel, [N, ceil(K / group_size)] per group."""
+    _check_weight(w_out_in, group_size)
     w = w_out_in.to(torch.float32)
     absmax = w.abs().amax(dim=1) if group_size is None else _per_group(w, group_size).abs().amax(dim=2)
     return scale_from_absmax(absmax)
@@ -79,6 +92,7 @@ def quantize_weight(
     w: torch.Tensor, *, weight_layout: str | WeightLayout = "out_in", group_size: int | None = None
 ) -> QuantizedWeight:
     """int8 W in its stored layout with float32 scales per output channel or per group along K."""
+    _check_weight(w, group_size)
     layout = WeightLayout.parse(weight_layout)
     w_nk = layout.as_out_in(w).to(torch.float32)
     scale = weight_scale(w_nk, group_size)
