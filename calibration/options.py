@@ -35,6 +35,17 @@ SYNTHETIC_WARNING = (
 )
 
 
+def comma_list(text: str, what: str) -> list[str]:
+    """'a, b,a' -> ['a', 'b']: an option's comma list, in order, each item once; an empty item
+    ('a,,b', a trailing comma) is refused rather than dropped, and so is an empty list."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise OptionError(f"{what}: nothing given")
+    if not all(items):
+        raise OptionError(f"{what} {text!r}: an empty item between commas")
+    return list(dict.fromkeys(items))
+
+
 def positive_number(text: str | float, what: str) -> float:
     """`text` as a finite number above zero, or an OptionError naming `what` (e.g. "--tol")."""
     try:
@@ -42,7 +53,7 @@ def positive_number(text: str | float, what: str) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise OptionError(f"{what} must be a positive number; got {text!r}")
+        raise OptionError(f"{what} must be a positive finite number; got {text!r}")
     return value
 
 

@@ -413,7 +413,8 @@ def resolve_source(path: str | Path, record: dict) -> Path:
             if not _matches(candidate, source):
                 raise CheckpointError(f"source checkpoint {candidate} has changed since {path} was quantized (sha256 differs)")
             return candidate
-    raise CheckpointError(f"source checkpoint of {path} not found (tried {', '.join(map(str, candidates))}); pass --reference PATH")
+    tried = ", ".join(dict.fromkeys(map(str, candidates)))
+    raise CheckpointError(f"source checkpoint of {path} not found (tried {tried}); pass --reference PATH")
 
 
 # ---- the record -----------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ from calibration.errors import CheckpointError, OptionError
 from calibration.families import check_asked_activation_dtype
 from calibration.metrics import ErrorMetrics, error_metrics, json_safe
 from calibration.model import int8_op_fields
-from calibration.options import QuantizeOptions, positive_number
+from calibration.options import QuantizeOptions, comma_list, positive_number
 from calibration.ranks import current as current_ranks
 from calibration.ranks import together
 from calibration.safetensors_stream import ReadBuffer
@@ -132,9 +132,7 @@ Progress = Callable[[int, int, str], None]  # (done, total, what was just verifi
 
 def parse_dtypes(text: str) -> list[str]:
     """'bf16,w8a8' -> ['bf16', 'w8a8']; 'all' stays 'all' (which dtypes apply depends on the file)."""
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names:
-        raise OptionError("--dtype: nothing given")
+    names = comma_list(text, "--dtype")
     for name in names:
         if name not in DTYPES and name != "all":
             raise OptionError(f"--dtype: unknown {name!r}; choose from {', '.join(DTYPES)}, all (or a comma list)")

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from calibration import outputs
+from calibration.options import comma_list, positive_number
 from calibration.outputs import atomic_output
 from gelugemm_cli.common import (
     PLOT_BYTES,
@@ -57,23 +58,18 @@ QUICK_WARMUP_MS, QUICK_REP_MS = 5.0, 20.0
 
 def parse_names(text: str, allowed: tuple, what: str) -> list[str]:
     """'a,b' -> ['a', 'b'], each one of `allowed`; 'none' -> []."""
-    names = [n.strip() for n in text.split(",") if n.strip()]  # what: the option's name
+    names = comma_list(text, f"--{what}")  # what: the option's name
     if names == ["none"]:
         return []
     for name in names:
         if name not in allowed:
             raise GelugemmError(f"--{what}: unknown {name!r} ({', '.join(allowed)})")
-    if not names:
-        raise GelugemmError(f"--{what}: nothing given")
-    return list(dict.fromkeys(names))
+    return names
 
 
 def parse_list(text: str, what: str) -> list[str]:
     """'dynamic,group:128' -> ['dynamic', 'group:128'] (each checked by run_bench)."""
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names:
-        raise GelugemmError(f"--{what}: nothing given")
-    return names
+    return comma_list(text, f"--{what}")
 
 
 def parse_shape(text: str) -> MLPShape:
@@ -91,7 +87,7 @@ def parse_shape(text: str) -> MLPShape:
 def parse_tokens(text: str) -> list[int]:
     """'1,16,128' -> [1, 16, 128]."""
     try:
-        tokens = [int(t) for t in text.split(",") if t.strip()]
+        tokens = [int(t) for t in comma_list(text, "--tokens")]
     except ValueError:
         raise GelugemmError(f"--tokens takes positive integers, e.g. 1,16,2048; got {text!r}") from None
     if not tokens or min(tokens) <= 0:
@@ -356,6 +352,9 @@ def bench(
         dtypes = parse_names(dtype, BENCH_DTYPES, "dtype")
         chosen_peers = parse_names(peer_names, peers.PEERS, "peers")
         token_counts = parse_tokens(tokens) if tokens else list(QUICK_TOKENS if quick else DEFAULT_TOKENS)
+        for option, value in (("--warmup-ms", warmup_ms), ("--rep-ms", rep_ms)):
+            if value is not None:
+                positive_number(value, option)
         if gelu is not None and gelu not in ("erf", "tanh"):
             raise GelugemmError(f"--gelu must be erf or tanh; got {gelu!r}")
         if plot_path is not None:

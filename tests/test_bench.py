@@ -259,6 +259,11 @@ def one_line_error(result, code=2) -> str:
         (["--activations", "dynamic,per-tensor"], "activations must be dynamic, group:N or static"),
         (["--activations", "group:48"], "group:48 is not supported"),
         (["--granularity", "group:0"], "group:N needs a positive integer N"),
+        (["--dtype", "fp16,,bf16"], "--dtype 'fp16,,bf16': an empty item between commas"),
+        (["--peers", "eager,"], "--peers 'eager,': an empty item between commas"),
+        (["--warmup-ms", "-1"], "--warmup-ms must be a positive finite number"),
+        (["--rep-ms", "0"], "--rep-ms must be a positive finite number"),
+        (["--rep-ms", "nan"], "--rep-ms must be a positive finite number"),
         (["missing.safetensors"], "no such file"),
     ],
 )

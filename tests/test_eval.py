@@ -166,7 +166,7 @@ def test_bad_input_is_one_line_and_exit_2(setup, tmp_path):
     cases = [
         ((setup["bert.int8"],), "--text FILE"),
         ((setup["bert.int8"], "--text", tmp_path / "missing.txt"), "no such file"),
-        ((setup["bert.int8"], "--text", setup["text"], "--tol", "-1"), "--tol must be a positive number"),
+        ((setup["bert.int8"], "--text", setup["text"], "--tol", "-1"), "--tol must be a positive finite number"),
         ((setup["bert"] / "model.safetensors", "--text", setup["text"]), "not written by gelugemm quantize"),
         ((setup["bert.int8"], "--text", setup["text"], "--model", setup["gpt2"]), "names no module"),
         ((setup["vit.int8"], "--text", setup["text"]), "vision model; it takes images"),

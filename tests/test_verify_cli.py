@@ -398,6 +398,8 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list, str]]:
         "--reference is quantized": ([q, "--reference", q], "was written by gelugemm quantize"),
         "--reference with an original": ([good, "--reference", good], "--reference is for a file written by quantize"),
         "unknown dtype": ([good, "--dtype", "int4"], "--dtype: unknown 'int4'"),
+        "an empty dtype between commas": ([good, "--dtype", "fp16,,bf16"], "an empty item between commas"),
+        "an infinite tol": ([good, "--tol", "inf"], "must be a positive finite number"),
         "the other int8 scheme": ([q, "--dtype", "w8a8"], "cannot be verified as w8a8"),
         "layers matching nothing": ([good, "--layers", "decoder"], "matches none of the 2 MLPs"),
         "bad regex": ([good, "--layers", "("], "not a valid regular expression"),
