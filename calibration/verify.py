@@ -731,6 +731,12 @@ def _run(plan: _Plan, path: Path, tokens, tol, backend, device, ran_backend, bac
     rows = [row for _, _, layer_rows in verified for row in layer_rows]
 
     calibration = {**describe_source(calib=plan.calib, tokens=tokens, seed=seed, split="verify"), "from": plan.calib_from}
+    short = sorted({result.tokens for result in results if tokens is not None and result.tokens < tokens})
+    if short:
+        notes.append(
+            f"--tokens {tokens} asked for more rows than the calibration file's verify split holds: "
+            f"verified on {', '.join(map(str, short))} rows (all of it)"
+        )
     paths = sorted({result.reference_dtype for result in results})
     against = f"{'/'.join(paths)} path" if paths else GATE_REFERENCE
     if paths != ["fp16"] and paths:

@@ -428,3 +428,14 @@ def test_triton_where_it_cannot_run_is_exit_2(tmp_path, monkeypatch):
     monkeypatch.setattr(op_module, "triton_can_run", lambda device: False)
     result = verify(write_checkpoint(tmp_path / "m.safetensors", "bert"), "--backend", "triton")
     assert result.exit_code == 2 and "needs a CUDA device" in result.stderr
+
+
+def test_more_tokens_than_the_verify_split_holds_is_said(tmp_path):
+    """--tokens past the file's verify split used to be capped without a word."""
+    code, report, _ = verify_json(
+        tmp_path, SAMPLES / "minilm-mlp.safetensors", "--calib", SAMPLES / "minilm-calib.safetensors", "--dtype", "fp16",
+        "--tokens", "100000",
+    )  # fmt: skip
+    held_out = {layer["tokens"] for layer in report["layers"]}
+    assert code == 0 and max(held_out) < 100000
+    assert any(f"verified on {max(held_out)} rows" in note and "--tokens 100000" in note for note in report["notes"])
