@@ -23,6 +23,7 @@ half of fc1's own output (`gated="concatenated"`).
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -298,7 +299,9 @@ class Checkpoint:
     def config(self) -> dict | None:
         """config.json (in the model directory, or beside a lone file), or None where there is none."""
         if self._config is False:
-            self._config = _read_json(self.config_path) if self.config_path.is_file() else None
+            # lexists: a config.json that is there but cannot be read (a directory, a symlink
+            # loop, no permission) is an error, not a missing file whose defaults would apply
+            self._config = _read_json(self.config_path) if os.path.lexists(self.config_path) else None
         return self._config
 
     def keys(self) -> list[str]:

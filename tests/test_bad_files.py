@@ -76,6 +76,17 @@ def test_a_config_json_the_parser_cannot_take_is_one_line(tmp_path, content, wor
         assert "config.json" in line and words in line, line
 
 
+@pytest.mark.parametrize("make", ["symlink loop", "directory"])
+def test_a_config_json_that_cannot_be_read_is_one_line_not_a_missing_file(tmp_path, make):
+    """It used to be taken as absent: the family's default GELU, and "config.json does not say"."""
+    path = write_checkpoint(tmp_path / "model.safetensors", "bert", config=None)
+    config = tmp_path / "config.json"
+    config.symlink_to(config) if make == "symlink loop" else config.mkdir()
+    for command in ("quantize", "inspect", "verify"):
+        line = refused(tmp_path, command, path)
+        assert "config.json: cannot read" in line, line
+
+
 @pytest.mark.parametrize("content, words", [
     (DEEP, "nested too deeply"),
     ('{"hidden_size": ' + LONG_INT + "}", "5000 digits"),
