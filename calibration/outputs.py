@@ -51,6 +51,7 @@ from typing import IO, Iterable, Iterator
 
 from calibration.errors import OutputError
 from calibration.quantized_file import RECORD_KEY
+from calibration.safetensors_header import HeaderError, read_header
 from kernels.version import __version__
 
 TOOL = "gelugemm"
@@ -459,20 +460,17 @@ def _is_own_directory(path: Path) -> bool:
     gelugemm record. Only those are replaced whole by --force."""
     try:
         entries = list(path.iterdir())
-        if not entries:
-            return True
-        for entry in entries:
-            if entry.suffix == ".safetensors" and entry.is_file():
-                with open(entry, "rb") as f:
-                    n = int.from_bytes(f.read(8), "little")
-                    if n > _OWN_FILE_LIMIT:
-                        continue
-                    header = json.loads(f.read(n).decode("utf-8"))
-                if isinstance(header, dict) and RECORD_KEY in (header.get("__metadata__") or {}):
-                    return True
-    except (OSError, ValueError, RecursionError, TypeError):
+        shards = [e for e in entries if e.suffix == ".safetensors" and e.is_file()]
+        return not entries or any(RECORD_KEY in (_header_or_none(e) or {}).get("__metadata__", {}) for e in shards)
+    except OSError:
         return False
-    return False
+
+
+def _header_or_none(path: Path) -> dict | None:
+    try:
+        return read_header(path)
+    except (OSError, HeaderError):
+        return None
 
 
 def is_own_file(path: str | Path) -> bool:

@@ -295,11 +295,12 @@ class FusedMLP:
         self._check_input(x)
         cfg = self.config
         gate, b_gate, up = self._gemm1_operands(w1, b1, w_up, b_up)
+        if self.backend == "torch":  # (the Triton launchers run the same checks themselves)
+            self._check_reference_operands(x, gate, b_gate, up, w2, b2)
         gated = dict(gated=cfg.gated, w_up=w_up, b_up=b_up)
         if cfg.dtype in FLOAT_DTYPES:
             self._check_float(x, (("w1", w1), ("w2", w2)) + ((("w_up", w_up),) if w_up is not None else ()))
             if self.backend == "torch":
-                self._check_reference_operands(x, gate, b_gate, up, w2, b2)
                 return reference.mlp_reference(
                     x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=cfg.weight_layout, dtype=x.dtype, **gated
                 )
@@ -313,7 +314,6 @@ class FusedMLP:
         layout = cfg.weight_layout
         if cfg.dtype == "w8a16":
             if self.backend == "torch":
-                self._check_reference_operands(x, gate, b_gate, up, w2, b2)
                 return reference.w8a16_mlp_reference(
                     x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, **gated
                 )
@@ -325,7 +325,6 @@ class FusedMLP:
 
         scheme = cfg.activations
         if self.backend == "torch":
-            self._check_reference_operands(x, gate, b_gate, up, w2, b2)
             return reference.w8a8_mlp_reference(
                 x, w1, b1, w2, b2, gelu_flavour=cfg.gelu, weight_layout=layout, activations=scheme, **gated
             )
