@@ -92,24 +92,26 @@ def gated_checkpoint(path, dtype, d_model=256, d_ff=640):
 
 
 SYNTHETIC = ("--calib", "synthetic", "--tokens", "64")
-# (family, dtype, quantize's arguments): every scheme, both layouts, the three float dtypes,
-# a group that does not divide K, SmoothQuant's multiplier (applied on the GPU), a gated MLP.
+# (family, dtype, quantize's arguments, d_model): every scheme, both layouts, the three float
+# dtypes, a last group cut short (the default group:128 over K = 320: an explicit group:N that
+# does not divide K is refused, the default only warns), SmoothQuant's multiplier (applied on
+# the GPU), a gated MLP.
 CASES = [
-    ("bert", torch.float16, ("--scheme", "w8a16")),  # group:128
-    ("gpt2", torch.bfloat16, ("--scheme", "w8a16", "--granularity", "group:96")),
-    ("gpt2", torch.float32, ("--scheme", "w8a16", "--granularity", "per-channel")),
-    ("bert", torch.float16, ("--scheme", "w8a8")),  # dynamic
-    ("gpt2", torch.float16, ("--scheme", "w8a8", "--smooth", "0.5", *SYNTHETIC)),
-    ("bert", torch.float32, ("--scheme", "w8a8", "--activations", "static", *SYNTHETIC)),
-    ("gemma", torch.bfloat16, ("--scheme", "w8a8", "--activations", "static", "--smooth", "0.5", *SYNTHETIC)),
-    ("gemma", torch.float16, ("--scheme", "w8a16",)),
+    ("bert", torch.float16, ("--scheme", "w8a16"), 256),  # group:128
+    ("gpt2", torch.bfloat16, ("--scheme", "w8a16"), 320),  # group:128, 64 columns in the last group
+    ("gpt2", torch.float32, ("--scheme", "w8a16", "--granularity", "per-channel"), 256),
+    ("bert", torch.float16, ("--scheme", "w8a8"), 256),  # dynamic
+    ("gpt2", torch.float16, ("--scheme", "w8a8", "--smooth", "0.5", *SYNTHETIC), 256),
+    ("bert", torch.float32, ("--scheme", "w8a8", "--activations", "static", *SYNTHETIC), 256),
+    ("gemma", torch.bfloat16, ("--scheme", "w8a8", "--activations", "static", "--smooth", "0.5", *SYNTHETIC), 256),
+    ("gemma", torch.float16, ("--scheme", "w8a16",), 256),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("small_blocks", [False, True], ids=["blocks", "small-blocks"])
-@pytest.mark.parametrize("family, dtype, args", CASES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else str(v))
-def test_quantizing_on_the_gpu_writes_the_cpu_s_file(tmp_path, monkeypatch, family, dtype, args, small_blocks):
+@pytest.mark.parametrize("family, dtype, args, d_model", CASES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else str(v))
+def test_quantizing_on_the_gpu_writes_the_cpu_s_file(tmp_path, monkeypatch, family, dtype, args, d_model, small_blocks):
     """--device cuda and --device cpu write the same tensors (int8 values, weight scales, static
     scales, biases, folded LayerNorms) bit for bit: the same IEEE float32 steps on both. The
     weight-error report's float64 sums run in another order on the GPU: close, not equal."""
@@ -118,7 +120,7 @@ def test_quantizing_on_the_gpu_writes_the_cpu_s_file(tmp_path, monkeypatch, fami
     if family == "gemma":
         source = gated_checkpoint(tmp_path / "model.safetensors", dtype)
     else:
-        tensors = checkpoint_tensors(family, d_model=256, d_ff=1024, dtype=dtype)
+        tensors = checkpoint_tensors(family, d_model=d_model, d_ff=4 * d_model, dtype=dtype)
         source = write_checkpoint(tmp_path / "model.safetensors", tensors=tensors)
     reports, files = {}, {}
     for device in ("cpu", "cuda"):
