@@ -286,26 +286,19 @@ def _check_sizes(prefix: str, path: str, linears: Mapping[str, tuple[str, nn.Mod
         if sizes is None:
             continue
         if role == "whole":
-            if sizes != (d_model, d_model):
-                raise SwapError(
-                    f"{prefix!r}: the model's {where} takes {sizes[0]} and outputs {sizes[1]} features, but the new MLP "
-                    f"takes and outputs d_model={d_model}"
-                )
-            continue
-        if role == "fc2":
-            if sizes != (d_ff, d_model):
-                raise SwapError(
-                    f"{prefix!r}: the model's {where} (fc2) takes d_ff={sizes[0]} and outputs {sizes[1]} features, "
-                    f"but the new MLP is d_ff={d_ff} and outputs d_model={d_model}"
-                )
-            continue
-        want = (d_model, d_ff * (2 if concatenated and role == "fc1" else 1))
+            want = (d_model, d_model)
+            said = (f"{where} takes {sizes[0]} and outputs {sizes[1]} features, "
+                    f"but the new MLP takes and outputs d_model={d_model}")  # fmt: skip
+        elif role == "fc2":
+            want = (d_ff, d_model)
+            said = (f"{where} (fc2) takes d_ff={sizes[0]} and outputs {sizes[1]} features, "
+                    f"but the new MLP is d_ff={d_ff} and outputs d_model={d_model}")  # fmt: skip
+        else:
+            want = (d_model, d_ff * (2 if concatenated and role == "fc1" else 1))
+            said = (f"{path if role == 'fc1' else where} is d_model={sizes[0]}, {ff if role == 'fc1' else 'd_ff'}={sizes[1]} "
+                    f"but the new MLP is d_model={d_model}, d_ff={d_ff}")  # fmt: skip
         if sizes != want:
-            label = ff if role == "fc1" else "d_ff"
-            raise SwapError(
-                f"{prefix!r}: the model's {path if role == 'fc1' else where} is d_model={sizes[0]}, {label}={sizes[1]} "
-                f"but the new MLP is d_model={d_model}, d_ff={d_ff}"
-            )
+            raise SwapError(f"{prefix!r}: the model's {said}")
 
 
 @dataclass
