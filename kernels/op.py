@@ -219,7 +219,9 @@ class FusedMLP:
         """The torch backend's launcher checks: the shapes, types and devices the Triton
         launchers check (gemm_base.check_shapes), so both backends refuse the same operands."""
         layout = self.config.weight_layout
-        data = lambda w: w.data if isinstance(w, QuantizedWeight) else w  # noqa: E731
+        def data(w):
+            return w.data if isinstance(w, QuantizedWeight) else w
+
         _, d_ff = check_shapes(x, data(gate), b_gate, layout, "w1", "b1", "x")
         if up:
             check_shapes(x, data(up["up"]), up["up_bias"], layout, "w_up", "b_up", "x")

@@ -26,10 +26,6 @@ def _described(value) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
-def _per_tensor_error(field: str, t) -> LaunchError:
-    return LaunchError(f"{field} must be None or a one-element float32 tensor (a per-tensor scale, torch.tensor(0.03)), got {_described(t)}")
-
-
 @dataclass
 class QuantizedWeight:
     """W ~= data * scale, symmetric int8 in [-127, 127].
@@ -69,11 +65,10 @@ class QuantizedWeight:
                 f"weight scale must be a float32 tensor ([N] per channel, [N, ceil(K / group_size)] per group), "
                 f"got {_described(scale)}"
             )
-        inp, out = self.input_scale, self.output_scale
-        if inp is not None and (not isinstance(inp, torch.Tensor) or inp.dtype is not torch.float32 or inp.numel() != 1):
-            raise _per_tensor_error("input_scale", inp)
-        if out is not None and (not isinstance(out, torch.Tensor) or out.dtype is not torch.float32 or out.numel() != 1):
-            raise _per_tensor_error("output_scale", out)
+        for field, t in (("input_scale", self.input_scale), ("output_scale", self.output_scale)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype is not torch.float32 or t.numel() != 1):
+                raise LaunchError(f"{field} must be None or a one-element float32 tensor (a per-tensor scale, "
+                                  f"torch.tensor(0.03)), got {_described(t)}")  # fmt: skip
         if smooth is not None and (not isinstance(smooth, torch.Tensor) or smooth.dtype is not torch.float32 or smooth.dim() != 1):
             raise LaunchError(f"smooth_scale must be None or a float32 [K] tensor, got {_described(smooth)}")
         # Granularity's rule (a positive int or None; not a bool), inline: building one costs 0.4 us
